@@ -1,0 +1,104 @@
+"""Size, parameter, MAC and CPU-latency measurements shared by tests, stages and benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def model_size_bytes(path: str | Path) -> int:
+    """Bytes on disk of a checkpoint or ONNX file (plus an ONNX external-data sidecar if any)."""
+    path = Path(path)
+    size = path.stat().st_size
+    sidecar = path.with_name(path.name + ".data")
+    return size + (sidecar.stat().st_size if sidecar.exists() else 0)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass at `input_shape` (N x C x H x W), by torch-pruning.
+
+    torch-pruning's counter (from ptflops) reports MACs for conv/linear/bn/pooling layers.
+    """
+    import torch_pruning as tp
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(*input_shape, device=device)
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    model.train(was_training)
+    return int(macs)
+
+
+def batch_of(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat one example (C x H x W or 1 x C x H x W) into a contiguous batch."""
+    one = example if example.dim() == 4 else example.unsqueeze(0)
+    return one[:1].expand(batch, *one.shape[1:]).contiguous()
+
+
+def _time_calls(call: Callable[[], Any], reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _summary(times: list[float], threads: int, batch: int) -> dict[str, Any]:
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": float(np.percentile(times, 90)),
+        "threads": threads,
+        "batch": batch,
+        "reps": len(times),
+    }
+
+
+def cpu_latency_ms(
+    fn: Callable[[torch.Tensor], Any],
+    example: torch.Tensor,
+    batch: int = 1,
+    reps: int = 30,
+    warmup: int = 5,
+) -> dict[str, Any]:
+    """Median / p90 wall time (ms) of `fn(batch tensor)` under `torch.inference_mode`.
+
+    Warm-up calls are excluded; `threads` is `torch.get_num_threads()` at measurement time.
+    """
+    x = batch_of(example.cpu(), batch)
+    with torch.inference_mode():
+        times = _time_calls(lambda: fn(x), reps, warmup)
+    return _summary(times, torch.get_num_threads(), batch)
+
+
+def ort_latency_ms(
+    session: Any,
+    example: torch.Tensor | np.ndarray,
+    batch: int = 1,
+    reps: int = 30,
+    warmup: int = 5,
+) -> dict[str, Any]:
+    """Same as `cpu_latency_ms` for an `onnxruntime.InferenceSession` or an `OrtClassifier`.
+
+    Times `session.run` directly on a prepared float32 array (no conversion inside the loop).
+    """
+    sess = getattr(session, "session", session)
+    x = batch_of(torch.as_tensor(example).float(), batch).numpy()
+    feed = {sess.get_inputs()[0].name: x}
+    times = _time_calls(lambda: sess.run(None, feed), reps, warmup)
+    threads = sess.get_session_options().intra_op_num_threads
+    return _summary(times, threads, batch)

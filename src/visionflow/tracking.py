@@ -1,0 +1,109 @@
+"""MLflow wiring: one sqlite store under `mlruns/`, one run per pipeline execution.
+
+train opens the run and records its id in `outputs/train/run.json`; evaluate, compress
+and register log into the same run, so a pipeline is one row in `mlflow ui`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from visionflow.atomic import write_json
+from visionflow.layout import Layout
+
+EXPERIMENT = "visionflow"
+
+
+def quiet_env() -> None:
+    """Telemetry off for every tool we drive."""
+    for key, value in {
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GX_ANALYTICS_ENABLED": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def tracking_uri(layout: Layout) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlruns' / 'mlflow.db'}"
+
+
+def ui_command(layout: Layout) -> str:
+    uri = tracking_uri(layout)
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def setup(layout: Layout) -> str:
+    """Point MLflow at the project store and make sure the experiment exists."""
+    quiet_env()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        artifacts = (layout.root / "mlruns" / "artifacts").as_uri()
+        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextmanager
+def new_run(layout: Layout, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Start a pipeline run and remember its id for the later stages."""
+    import mlflow
+
+    setup(layout)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        write_json(layout.run_info, {"run_id": run.info.run_id,
+                                     "experiment_id": run.info.experiment_id})
+        yield run
+
+
+@contextmanager
+def stage_run(layout: Layout) -> Iterator[Any]:
+    """Re-open the pipeline run recorded by train (a new run if it is gone)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    setup(layout)
+    run_id = None
+    if layout.run_info.is_file():
+        run_id = json.loads(layout.run_info.read_text()).get("run_id")
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException:
+            run_id = None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_dir_or_file(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,121 @@
+"""Shared fixtures: every test runs in temp dirs with its own HOME, Prefect home, DVC site
+cache and MLflow store, no network, telemetry off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+_SANDBOX = Path(tempfile.mkdtemp(prefix="vflow-tests-"))
+for _key, _value in {
+    "HOME": str(_SANDBOX / "home"),
+    "XDG_CONFIG_HOME": str(_SANDBOX / "home" / ".config"),
+    "XDG_CACHE_HOME": str(_SANDBOX / "home" / ".cache"),
+    "MPLCONFIGDIR": str(_SANDBOX / "mpl"),
+    "PREFECT_HOME": str(_SANDBOX / "prefect"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SANDBOX / "prefect" / "results"),
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DVC_SITE_CACHE_DIR": str(_SANDBOX / "dvc-site"),
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "GIT_AUTHOR_NAME": "vflow-test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "vflow-test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+}.items():
+    os.environ[_key] = _value
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+(_SANDBOX / "home").mkdir(parents=True, exist_ok=True)
+
+# Small and fast: the whole pipeline on a digits subset in seconds.
+TINY = {
+    "data.image_size": 16,
+    "data.limit_per_class": 30,
+    "train.model": "alexnet",
+    "train.epochs": 2,
+    "train.batch_size": 64,
+    "train.threads": 2,
+    "train.deterministic": True,
+    "compress.calibration_images": 64,
+}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SANDBOX, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def digits_dir() -> Path:
+    from visionflow.digits import materialize_digits
+
+    return materialize_digits(_SANDBOX / "digits")
+
+
+def write_params(path: Path, overrides: dict) -> None:
+    from visionflow.config import apply_overrides, read_params_file
+
+    raw = apply_overrides(read_params_file(REPO / "params.yaml"), overrides)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def make_project(
+    root: Path, data_src: Path, overrides: dict | None = None, git: bool = False
+) -> Path:
+    """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "flows", "src"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(
+            src,
+            root / name,
+            **(
+                {"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")}
+                if src.is_dir()
+                else {}
+            ),
+        )
+    if data_src.is_dir():
+        shutil.copytree(data_src, root / "data")
+        source = "data"
+    else:
+        source = str(data_src)
+    write_params(root / "params.yaml", {**TINY, "data.source": source, **(overrides or {})})
+    (root / "mlruns").mkdir()
+    if git:
+        run(["git", "init", "-q", "-b", "main"], root)
+        (root / ".gitignore").write_text("/outputs/\n/mlruns/\n/.cache/\n")
+        run([str(BIN / "dvc"), "init", "-q"], root)
+        if (root / "data").is_dir():
+            run([str(BIN / "dvc"), "add", "-q", "data"], root)
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-q", "-m", "init"], root)
+    return root
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def project(tmp_path: Path, digits_dir: Path) -> Path:
+    return make_project(tmp_path / "proj", digits_dir)

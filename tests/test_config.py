@@ -1,0 +1,82 @@
+"""params.yaml errors stop with one line naming the key and value, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO, run
+
+from visionflow.config import load_params, parse_params
+from visionflow.errors import ConfigError
+
+
+def test_repo_params_are_valid():
+    params = (
+        load_params(REPO / "params.yaml", root=REPO)
+        if (REPO / "data").exists()
+        else parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    )
+    assert params.train.epochs > 0
+    assert params.register_.alias == "champion"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"lr": -0.1}}, "train.lr=-0.1"),
+        ({"train": {"epochs": 0}}, "train.epochs=0"),
+        ({"train": {"model": "vgg99"}}, "train.model='vgg99': unknown model"),
+        ({"train": {"epochs": "many"}}, "train.epochs='many'"),
+        ({"train": {"learning_rate": 0.1}}, "unknown key 'train.learning_rate'"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"data": {"image_size": -4}}, "data.image_size=-4"),
+        ({"evaluate": {"topk": [0]}}, "evaluate.topk=[0]"),
+    ],
+)
+def test_bad_values_name_key_and_value(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_missing_dataset_path(tmp_path: Path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"data": {"source": "nowhere/images"}}))
+    with pytest.raises(ConfigError, match="data.source='nowhere/images': path does not exist"):
+        load_params(p)
+
+
+def test_overrides_are_validated(tmp_path: Path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"data": {"source": "."}}))
+    assert load_params(p, ["train.epochs=3"]).train.epochs == 3
+    with pytest.raises(ConfigError, match="train.epochs=0"):
+        load_params(p, ["train.epochs=0"])
+
+
+def test_cli_exits_nonzero_with_one_line(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    proc = run([str(BIN / "vflow"), "stage", "train"], tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: params.yaml: train.lr=-1: Input should be greater than 0"] or (
+        len(lines) == 1 and "train.lr=-1" in lines[0]
+    ), proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_is_light():
+    """`vflow --help` must not import torch, mlflow, GX or Prefect."""
+    code = (
+        "import sys, runpy; sys.argv=['vflow','--help']\n"
+        "from visionflow import cli\n"
+        "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
+        "heavy=[m for m in ('torch','mlflow','great_expectations','prefect') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    proc = run([str(BIN / "python"), "-c", code], REPO)
+    assert "HEAVY []" in proc.stdout

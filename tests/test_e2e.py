@@ -1,0 +1,83 @@
+"""End to end: `dvc repro` in a temporary git+DVC repo, then the Prefect flow on the same
+project; both drivers must write the same files and (deterministic CPU) the same metrics."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, make_project, run
+
+STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
+pytestmark = pytest.mark.slow
+
+
+def _ran(stdout: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in stdout]
+
+
+def _outputs(root: Path) -> set[str]:
+    return {
+        str(p.relative_to(root))
+        for p in (root / "outputs").rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
+    root = make_project(tmp_path / "proj", digits_dir, git=True)
+    dvc = str(BIN / "dvc")
+
+    first = run([dvc, "repro"], root)
+    assert _ran(first.stdout) == list(STAGES), first.stdout
+
+    again = run([dvc, "repro"], root)
+    assert _ran(again.stdout) == [], again.stdout
+    assert "up to date" in again.stdout.lower()
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run([dvc, "repro"], root)
+    assert _ran(third.stdout) == ["train", "evaluate", "compress", "register"], third.stdout
+
+    metrics = run([dvc, "metrics", "show", "--json"], root)
+    assert "top1" in metrics.stdout
+    dvc_files = _outputs(root)
+    dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    flow_mod = runpy.run_path(str(root / "flows" / "retrain.py"))
+    with prefect_test_harness(server_startup_timeout=120):
+        result = flow_mod["retrain"](root=str(root))
+    assert _outputs(root) == dvc_files
+    flow_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
+    assert flow_metrics["top1"] == pytest.approx(dvc_metrics["top1"])
+    assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
+
+    # Registry: v1 promoted (no champion), v2 (1 epoch) and v3 (same) judged against it.
+    from mlflow import MlflowClient
+
+    from visionflow import tracking
+    from visionflow.layout import Layout
+
+    tracking.setup(Layout.at(root))
+    client = MlflowClient()
+    name = result["model_name"]
+    assert result["version"] == "3"
+    versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    assert versions == {"1", "2", "3"}
+    tags = client.get_model_version(name, "3").tags
+    # v3 equals v2 (same params, deterministic), and the champion is at least as good as v2
+    assert tags["gate_decision"] == "rejected", tags["gate_reason"]
+    assert result["alias"] is None
+    assert tags["data_hash"] and tags["params_hash"]
+    assert len(tags["dvc_data_md5"]) == 32  # the hash data.dvc records
+    assert tags["git_commit"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version in ("1", "2")
+    assert client.get_model_version(name, champion.version).tags["gate_decision"] == "promoted"
