@@ -4,7 +4,10 @@ resnet18 (small-image stem, 10 classes, 32x32 input, random weights: latency onl
 project's classifier (normalisation first). Variants: fp32 eager, fp32 ONNX Runtime, int8 QDQ
 ONNX Runtime (per-channel, calibrated on random images), 50% channel-pruned eager and ORT,
 and, when torchao is installed, fp32 torch.compile vs int8 PT2E X86Inductor torch.compile.
-Each latency is the median of `--reps` timed calls after `--warmup` untimed ones.
+
+Per batch size, all variants are timed round-robin (one call each per round) after `--warmup`
+untimed calls each (this is where torch.compile compiles), so load from other processes on a
+shared CPU hits every variant alike; the median of `--reps` rounds is reported.
 
     PYTHONPATH=src .venv/bin/python bench/bench_compress.py --reps 30 --json /tmp/bench.json
 """
@@ -16,18 +19,22 @@ import json
 import os
 import platform
 import tempfile
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from visionflow.atomic import torch_save
 from visionflow.classifier import Arch, build_classifier
 from visionflow.compression.measure import (
+    batch_of,
     count_macs,
     count_params,
-    cpu_latency_ms,
-    ort_latency_ms,
+    interleaved_latency_ms,
+    model_size_bytes,
 )
 from visionflow.compression.onnx_export import OrtClassifier, export_onnx
 from visionflow.compression.prune import save_pruned, structured_prune
@@ -35,11 +42,89 @@ from visionflow.compression.pt2e import quantize_pt2e_x86, torchao_available
 from visionflow.compression.quantize import quantize_int8_onnx
 
 SHAPE = (1, 3, 32, 32)
+Runner = Callable[[torch.Tensor], Callable[[], Any]]  # input batch -> timed zero-arg call
 
 
-def _latencies(run, example, batches, reps, warmup, ort: bool) -> dict[int, dict]:
-    timer = ort_latency_ms if ort else cpu_latency_ms
-    return {b: timer(run, example, batch=b, reps=reps, warmup=warmup) for b in batches}
+@dataclass
+class Variant:
+    name: str
+    file: Path | None
+    macs: int
+    params: int
+    runner: Runner
+
+
+def eager(model: nn.Module) -> Runner:
+    return lambda x: lambda: model(x)
+
+
+def ort(path: Path) -> Runner:
+    clf = OrtClassifier(path)  # intra-op threads = torch.get_num_threads()
+
+    def make(x: torch.Tensor) -> Callable[[], Any]:
+        feed = {clf.input_name: x.numpy()}
+        return lambda: clf.session.run(None, feed)
+
+    return make
+
+
+def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
+    arch = Arch(name="resnet18", num_classes=10, image_size=32)
+    model = build_classifier(arch).eval()
+    example, calib = torch.rand(*SHAPE), torch.rand(128, *SHAPE[1:])
+    pruned = structured_prune(model, example, ratio=args.prune_ratio)
+
+    fp32_pt, pruned_pt = out / "fp32.pt", out / "pruned.pt"
+    torch_save({"arch": vars(arch), "state_dict": model.state_dict()}, fp32_pt)
+    save_pruned(pruned_pt, pruned, vars(arch))
+    fp32_onnx = export_onnx(model, example, out / "fp32.onnx")
+    pruned_onnx = export_onnx(pruned, example, out / "pruned.onnx")
+    int8_onnx = quantize_int8_onnx(fp32_onnx, calib, out / "int8.onnx")
+
+    full = (count_macs(model, SHAPE), count_params(model))
+    small = (count_macs(pruned, SHAPE), count_params(pruned))
+    pct = f"{args.prune_ratio:.0%}"
+    variants = [
+        Variant("fp32 eager", fp32_pt, *full, eager(model)),
+        Variant("fp32 ORT", fp32_onnx, *full, ort(fp32_onnx)),
+        Variant("int8 QDQ ORT", int8_onnx, *full, ort(int8_onnx)),
+        Variant(f"pruned {pct} eager", pruned_pt, *small, eager(pruned)),
+        Variant(f"pruned {pct} ORT", pruned_onnx, *small, ort(pruned_onnx)),
+    ]
+    if torchao_available() and not args.no_torchao:
+        import torch._inductor.config as inductor_config
+
+        # freezing: weights become constants so Inductor can prepack them (int8 needs it);
+        # dynamic=False: one graph per batch size, compiled in the (untimed) warm-up
+        inductor_config.freezing = True
+        int8_pt2e = quantize_pt2e_x86(model, calib)
+        variants += [
+            Variant("fp32 torch.compile", None, *full, eager(torch.compile(model, dynamic=False))),
+            Variant(
+                "int8 PT2E X86Inductor compile",
+                None,
+                *full,
+                eager(torch.compile(int8_pt2e, dynamic=False)),
+            ),
+        ]
+    return variants
+
+
+def markdown(
+    variants: list[Variant], sizes: dict[str, int | None], results: dict[int, dict[str, dict]]
+) -> str:
+    batches = list(results)
+    head = ["variant", "file MB", "MMACs/img", "params M"]
+    head += [f"b={b} median ms (p90)" for b in batches] + [f"b={b} img/s" for b in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        size = f"{sizes[v.name] / 1e6:.1f}" if sizes[v.name] else "-"
+        cells = [v.name, size, f"{v.macs / 1e6:.0f}", f"{v.params / 1e6:.2f}"]
+        lat = {b: results[b][v.name] for b in batches}
+        cells += [f"{lat[b]['median_ms']:.2f} ({lat[b]['p90_ms']:.2f})" for b in batches]
+        cells += [f"{b / lat[b]['median_ms'] * 1e3:.0f}" for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -56,103 +141,42 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    arch = Arch(name="resnet18", num_classes=10, image_size=32)
-    model = build_classifier(arch).eval()
+    with tempfile.TemporaryDirectory(prefix="vf-bench-") as tmp:
+        variants = build_variants(args, Path(tmp))
+        sizes = {v.name: model_size_bytes(v.file) if v.file else None for v in variants}
+    load_before = os.getloadavg()
+    results: dict[int, dict[str, dict]] = {}
     example = torch.rand(*SHAPE)
-    calib = torch.rand(128, *SHAPE[1:])
-    pruned = structured_prune(model, example, ratio=args.prune_ratio)
-    out = Path(tempfile.mkdtemp(prefix="vf-bench-"))
-    paths = {
-        "fp32.pt": out / "fp32.pt",
-        "pruned.pt": out / "pruned.pt",
-        "fp32.onnx": export_onnx(model, example, out / "fp32.onnx"),
-        "pruned.onnx": export_onnx(pruned, example, out / "pruned.onnx"),
-    }
-    torch_save({"arch": vars(arch), "state_dict": model.state_dict()}, paths["fp32.pt"])
-    save_pruned(paths["pruned.pt"], pruned, vars(arch))
-    paths["int8.onnx"] = quantize_int8_onnx(paths["fp32.onnx"], calib, out / "int8.onnx")
-
-    macs_fp32, macs_pruned = count_macs(model, SHAPE), count_macs(pruned, SHAPE)
-    rows: list[dict] = []
-
-    def add(name, file, macs, params, run, ort=False):
-        lat = _latencies(run, example, args.batches, args.reps, args.warmup, ort)
-        size = Path(file).stat().st_size if file else None
-        rows.append(
-            {"variant": name, "size_bytes": size, "macs": macs, "params": params, "latency": lat}
-        )
-        print(name, {b: round(v["median_ms"], 2) for b, v in lat.items()}, flush=True)
-
-    load0 = os.getloadavg()
-    n_fp32, n_pruned = count_params(model), count_params(pruned)
-    add("fp32 eager", paths["fp32.pt"], macs_fp32, n_fp32, model)
-    add(
-        "fp32 ORT",
-        paths["fp32.onnx"],
-        macs_fp32,
-        n_fp32,
-        OrtClassifier(paths["fp32.onnx"]),
-        ort=True,
-    )
-    add(
-        "int8 QDQ ORT",
-        paths["int8.onnx"],
-        macs_fp32,
-        n_fp32,
-        OrtClassifier(paths["int8.onnx"]),
-        ort=True,
-    )
-    add(f"pruned {args.prune_ratio:.0%} eager", paths["pruned.pt"], macs_pruned, n_pruned, pruned)
-    add(
-        f"pruned {args.prune_ratio:.0%} ORT",
-        paths["pruned.onnx"],
-        macs_pruned,
-        n_pruned,
-        OrtClassifier(paths["pruned.onnx"]),
-        ort=True,
-    )
-    if torchao_available() and not args.no_torchao:
-        # dynamic=False: one graph per batch size, compiled during warm-up (not timed)
-        start = time.perf_counter()
-        add("fp32 torch.compile", None, macs_fp32, n_fp32, torch.compile(model, dynamic=False))
-        add(
-            "int8 PT2E X86Inductor compile",
-            None,
-            macs_fp32,
-            n_fp32,
-            torch.compile(quantize_pt2e_x86(model, calib), dynamic=False),
-        )
-        print(f"torch.compile rows incl. compilation: {time.perf_counter() - start:.0f}s")
-
+    with torch.inference_mode():
+        for b in args.batches:
+            x = batch_of(example, b)
+            runners = {v.name: v.runner(x) for v in variants}
+            results[b] = interleaved_latency_ms(runners, args.reps, args.warmup)
     meta = {
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "reps": args.reps,
         "warmup": args.warmup,
-        "loadavg_before": load0,
-        "loadavg_after": os.getloadavg(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(meta))
-    print(markdown(rows, args.batches, paths))
+    print(markdown(variants, sizes, results))
     if args.json:
+        rows = [
+            {
+                "variant": v.name,
+                "size_bytes": sizes[v.name],
+                "macs": v.macs,
+                "params": v.params,
+                "latency": {b: results[b][v.name] for b in results},
+            }
+            for v in variants
+        ]
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-
-
-def markdown(rows: list[dict], batches: list[int], paths: dict[str, Path]) -> str:
-    head = ["variant", "file MB", "MMACs/img", "params M"]
-    head += [f"b={b} median ms (p90)" for b in batches]
-    head += [f"b={b} img/s" for b in batches]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
-        cells = [r["variant"], size, f"{r['macs'] / 1e6:.0f}", f"{r['params'] / 1e6:.2f}"]
-        lat = r["latency"]
-        cells += [f"{lat[b]['median_ms']:.2f} ({lat[b]['p90_ms']:.2f})" for b in batches]
-        cells += [f"{b / lat[b]['median_ms'] * 1e3:.0f}" for b in batches]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ os.environ.pop("PREFECT_API_URL", None)
 # Small and fast: the whole pipeline on a digits subset in seconds.
 TINY = {
     "data.image_size": 16,
-    "data.limit_per_class": 30,
-    "train.model": "alexnet",
+    "train.model": "fast",
+    "train.lr": 0.05,
     "train.epochs": 2,
     "train.batch_size": 64,
     "train.threads": 2,

@@ -61,6 +61,13 @@ def test_augment_deterministic_per_generator() -> None:
     assert not torch.equal(a, augment_batch(x, policy, _gen(2)))
 
 
+@pytest.mark.parametrize("policy", [POLICIES["jitter"], AugmentConfig(translate=0)])
+def test_augment_channels_last_input(policy) -> None:
+    x = _images()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(augment_batch(cl, policy, _gen()), augment_batch(x, policy, _gen()))
+
+
 def test_augment_is_per_sample() -> None:
     x = _images(1).expand(64, C, H, W)  # the same image 64 times
     out = augment_batch(x, AugmentConfig(hflip=0.5, translate=2), _gen())

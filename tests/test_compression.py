@@ -2,12 +2,14 @@
 
 A tiny residual CNN (normalisation first, BN, a downsampling block, linear head) is trained
 once per module on sklearn digits (8x8 upsampled to 16x16, 3 channels) in a few seconds, so
-accuracies mean something. Structured pruning is also checked on a resnet18 (small stem).
+accuracies mean something. Structured pruning is also checked on the project's resnet18
+(small-image stem) with the default loader.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from visionflow.compression.measure import (
     count_macs,
     count_params,
     cpu_latency_ms,
+    interleaved_latency_ms,
     model_size_bytes,
     ort_latency_ms,
 )
@@ -79,15 +82,6 @@ def build(arch: dict[str, Any]) -> nn.Module:
             fc=nn.Linear(2 * w, arch["num_classes"]),
         )
     )
-
-
-def resnet18_small() -> nn.Module:
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,6 +146,9 @@ def test_measure_helpers(teacher, fp32_onnx):
     for result in (eager, ort):
         assert result["median_ms"] > 0 and result["p90_ms"] >= result["median_ms"]
         assert result["threads"] == torch.get_num_threads() and result["reps"] == 5
+    both = interleaved_latency_ms({"a": lambda: None, "b": lambda: teacher(example)}, reps=4)
+    assert set(both) == {"a", "b"} and both["b"]["reps"] == 4
+    assert both["b"]["median_ms"] > both["a"]["median_ms"]
 
 
 def test_onnx_export_dynamic_batch_matches_eager(teacher, fp32_onnx, data, teacher_acc):
@@ -214,8 +211,13 @@ def test_structured_prune_shrinks_macs_and_reloads(teacher, data, teacher_acc, t
     assert accuracy(reloaded, x, data["y_test"]) >= teacher_acc - 0.1
 
 
-def test_structured_prune_resnet18_iterative(tmp_path):
-    model = resnet18_small()
+def test_structured_prune_project_resnet18_iterative(tmp_path):
+    """The project's classifier (normalisation + registry resnet18, small stem), reloaded by
+    `load_pruned` with its default builder from the stored `Arch` dict."""
+    from visionflow.classifier import Arch, build_classifier
+
+    arch = asdict(Arch(name="resnet18", num_classes=10, image_size=32))
+    model = build_classifier(Arch(**arch)).eval()
     example = torch.rand(2, 3, 32, 32)
     steps: list[int] = []
     pruned = structured_prune(
@@ -228,13 +230,15 @@ def test_structured_prune_resnet18_iterative(tmp_path):
     assert steps == [0, 1]
     mac_ratio = count_macs(pruned, (1, 3, 32, 32)) / count_macs(model, (1, 3, 32, 32))
     assert 0.2 <= mac_ratio <= 0.35
-    assert pruned.fc.out_features == 10 and pruned.layer1[0].conv1.out_channels == 32
+    assert pruned.net.fc.out_features == 10 and pruned.net.layer1[0].conv1.out_channels == 32
 
     path = tmp_path / "r18_pruned.pt"
-    save_pruned(path, pruned, {"name": "resnet18"})
+    save_pruned(path, pruned, arch)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        resnet18_small().load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-    reloaded = load_pruned(path, build=lambda arch: resnet18_small())
+        build_classifier(Arch(**arch)).load_state_dict(
+            torch.load(path, weights_only=True)["state_dict"]
+        )
+    reloaded = load_pruned(path)
     torch.testing.assert_close(torch_logits(reloaded, example), torch_logits(pruned, example))
 
 

@@ -69,7 +69,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     client = MlflowClient()
     name = result["model_name"]
     assert result["version"] == "3"
-    versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
     assert versions == {"1", "2", "3"}
     tags = client.get_model_version(name, "3").tags
     # v3 equals v2 (same params, deterministic), and the champion is at least as good as v2
@@ -79,5 +79,5 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     assert len(tags["dvc_data_md5"]) == 32  # the hash data.dvc records
     assert tags["git_commit"]
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version in ("1", "2")
+    assert str(champion.version) in ("1", "2")
     assert client.get_model_version(name, champion.version).tags["gate_decision"] == "promoted"

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.fx
 from torch import nn
 
 from visionflow.config import MODEL_NAMES
@@ -92,6 +93,10 @@ def test_every_module_runs_once_per_forward(name: str) -> None:
     counts = _call_counts(model, torch.randn(1, 3, 16, 16))
     assert counts, "no leaf module ran"
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
+    # FX-traceable (graph-mode quantization) with one call_module node per module
+    graph = torch.fx.symbolic_trace(model).graph
+    targets = [node.target for node in graph.nodes if node.op == "call_module"]
+    assert len(targets) == len(set(targets))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

@@ -60,7 +60,7 @@ def test_train_writes_loadable_weights(done):
 
     layout, results = done
     model, arch = load_classifier(layout.model)
-    assert arch.name == "alexnet" and arch.num_classes == 10
+    assert arch.name == "fast" and arch.num_classes == 10
     assert results["train"].epochs_run == 2
     history = list(csv.DictReader(layout.history.open()))
     assert [int(r["epoch"]) for r in history] == [1, 2]
@@ -108,7 +108,7 @@ def test_register_promotes_first_then_keeps_on_tie(done):
     tracking.setup(layout)
     client = MlflowClient()
     champ = client.get_model_version_by_alias(first.model_name, "champion")
-    assert champ.version == first.version
+    assert str(champ.version) == first.version
     tags = client.get_model_version(first.model_name, second.version).tags
     assert tags["gate_decision"] == "rejected"
     assert len(tags["data_hash"]) == 32 and "params_hash" in tags and "git_commit" in tags

@@ -46,30 +46,33 @@ def _flip_translate(
     generator: torch.Generator | None,
     pad_mode: PadMode = "reflect",
 ) -> Tensor:
-    """Random horizontal flip then pad-and-random-crop translation as ONE gather (any dtype)."""
+    """Random horizontal flip then pad-and-random-crop translation as ONE gather (any dtype).
+
+    Output pixel (i, j) of a sample shifted by (dy, dx) reads source pixel (i + dy, j + dx),
+    out-of-range indices mirrored (reflect) or masked to 0 (zeros); the flip just reverses j.
+    """
     n, c, h, w = x.shape
     dev = x.device
-    rows = torch.arange(h, device=dev).expand(n, h)
     cols = torch.arange(w, device=dev).expand(n, w)
     if p_flip > 0:
         flip = _rand(n, x, generator) < p_flip
         cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    if max_shift <= 0:  # flip only: a gather along W with an (N, W) index is cheaper
+        return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    if pad_mode == "reflect" and max_shift >= min(h, w):
+        raise ValueError(f"reflect translate needs max_shift < {min(h, w)}, got {max_shift}")
+    shift = torch.randint(-max_shift, max_shift + 1, (2, n, 1), generator=generator, device=dev)
+    rows = torch.arange(h, device=dev) + shift[0]
+    cols = cols + shift[1]
     valid = None
-    if max_shift > 0:
-        if pad_mode == "reflect" and max_shift >= min(h, w):
-            raise ValueError(f"reflect translate needs max_shift < {min(h, w)}, got {max_shift}")
-        shift = torch.randint(-max_shift, max_shift + 1, (2, n, 1), generator=generator, device=dev)
-        rows, cols = rows + shift[0], cols + shift[1]
-        if pad_mode == "reflect":
-            rows, cols = _reflect(rows, h), _reflect(cols, w)
-        else:
-            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None]
-            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    if pad_mode == "reflect":
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    else:
+        valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
     flat = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     out = x.reshape(n, c, h * w).gather(2, flat).view(n, c, h, w)
-    if valid is not None:
-        out = out.masked_fill_(~valid[:, None], 0)
-    return out
+    return out if valid is None else out.masked_fill_(~valid[:, None], 0)
 
 
 def _cutout_keep(x: Tensor, size: int, p: float, generator: torch.Generator | None) -> Tensor:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from visionflow.cli_data import data_app
+from visionflow.cli_models import models_app, predict_command
+from visionflow.cli_server import schedule_command, server_app, ui_app
 from visionflow.errors import VisionflowError
 
 app = typer.Typer(help="visionflow: validate, augment, train, evaluate, compress, register.",
@@ -16,9 +20,13 @@ app = typer.Typer(help="visionflow: validate, augment, train, evaluate, compress
                   context_settings={"help_option_names": ["-h", "--help"]})
 stage_app = typer.Typer(help="Run one pipeline stage (what dvc.yaml calls).",
                         no_args_is_help=True)
-data_app = typer.Typer(help="Dataset versioning with DVC.", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.command("predict")(predict_command)
+app.add_typer(server_app, name="server")
+app.add_typer(ui_app, name="ui")
+app.command("schedule")(schedule_command)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
@@ -56,6 +64,8 @@ def _print_stage_result(name: str, result) -> None:
 
     from rich.console import Console
 
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all
+        return
     payload = asdict(result) if is_dataclass(result) else result
     if name == "validate":
         payload = {k: v for k, v in payload["summary"].items() if k != "expectations"}
@@ -75,16 +85,6 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         raise VisionflowError(f"{flow_file}: flow file not found")
     mod = runpy.run_path(str(flow_file))
     mod["main"](params=str(params), overrides=set_ or [], root=str(layout_root), force=force)
-
-
-@data_app.command("init")
-def data_init(root: RootOpt = Path(".")) -> None:
-    """Write the built-in digits dataset to data/ (if absent) and track it with DVC."""
-    from visionflow.dataops import init_default_data
-    from visionflow.layout import Layout
-
-    path = init_default_data(Layout.at(root))
-    typer.echo(f"data ready: {path} (tracked by data.dvc)")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from visionflow.errors import ConfigError
 
@@ -37,6 +37,19 @@ class DataConfig(_Section):
     limit_per_class: int | None = Field(None, gt=0, description="stratified subset per split")
     split_seed: int = 0
 
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_train(cls, v: float, info: ValidationInfo) -> float:
+        val = info.data.get("val_fraction")
+        if val is not None and val + v >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction must be < 1 (val {val})")
+        return v
+
+
+# Pillow image modes (as stored in the file) that `validate.allowed_modes` may name
+IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+               "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
 
 class ValidateConfig(_Section):
     labels: list[str] | None = None
@@ -48,9 +61,44 @@ class ValidateConfig(_Section):
     max_height: int = Field(8192, ge=1)
     allowed_modes: list[str] = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16"]
     max_bytes: int = Field(50_000_000, gt=0)
+    max_pixels: int = Field(89_478_485, gt=0, description="decompression-bomb guard")
     max_duplicate_rate: float = Field(0.05, ge=0, le=1)
-    max_quarantine_fraction: float = Field(0.01, ge=0, le=1)
+    max_quarantine_fraction: float = Field(0.0, ge=0, le=1)
     workers: int = Field(0, ge=0, description="0 = all cores")
+    cache: bool = Field(True, description="reuse manifest rows and suite results if unchanged")
+    drift: Literal["warn", "fail", "off"] = "warn"
+    drift_class_psi: float = Field(0.2, gt=0, description="max PSI of the train class mix")
+    drift_pixel_shift: float = Field(0.05, gt=0, description="max change of channel mean/std")
+    drift_size_psi: float = Field(0.2, gt=0, description="max PSI of the image-size mix")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must be null (take labels from train) or a non-empty list")
+            if len(set(v)) != len(v):
+                raise ValueError("labels must be unique")
+        return v
+
+    @field_validator("max_width", "max_height")
+    @classmethod
+    def _max_not_below_min(cls, v: int, info: ValidationInfo) -> int:
+        low_key = "min_" + info.field_name.removeprefix("max_")
+        low = info.data.get(low_key)
+        if low is not None and v < low:
+            raise ValueError(f"must be >= validate.{low_key} ({low})")
+        return v
+
+    @field_validator("allowed_modes")
+    @classmethod
+    def _known_modes(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in IMAGE_MODES]
+        if unknown:
+            raise ValueError(f"unknown image mode(s) {unknown}, use {', '.join(IMAGE_MODES)}")
+        if not v:
+            raise ValueError("must name at least one image mode")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -87,9 +135,12 @@ class TrainConfig(_Section):
     compile: bool = False
     deterministic: bool = False
     threads: int = Field(0, ge=0, description="CPU threads, 0 = torch default")
-    pretrained: str | None = None
-    freeze_epochs: int = Field(0, ge=0)
+    pretrained: str | None = Field(None, description="local weights file, or torchvision:NAME")
+    freeze_epochs: int = Field(0, ge=0, description="epochs with the pretrained backbone frozen")
+    backbone_lr_mult: float = Field(0.1, gt=0, description="backbone lr factor when fine-tuning")
+    early_stop_patience: int | None = Field(None, gt=0, description="epochs without val gain")
     time_budget_s: float | None = Field(None, gt=0)
+    progress: bool = True
 
     @field_validator("model")
     @classmethod
@@ -102,6 +153,9 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     topk: list[int] = [1, 3, 5]
     batch_size: int = Field(512, gt=0)
+    tta: bool = Field(False, description="flip-TTA: average softmax of the image and its mirror")
+    calibration_bins: int = Field(15, ge=2, le=100, description="bins for ECE / reliability")
+    mistakes: int = Field(16, ge=0, le=100, description="most confident mistakes in the grid")
 
     @field_validator("topk")
     @classmethod
@@ -121,6 +175,66 @@ class RegisterConfig(_Section):
     model_name: str = Field("visionflow-classifier", min_length=1)
     min_delta: float = Field(0.0, ge=0, description="top-1 gain needed over the champion")
     alias: str = "champion"
+    min_top1: float = Field(0.0, ge=0, le=1, description="absolute top-1 floor to be promoted")
+    mcnemar: bool = Field(False, description="also require McNemar's exact test p <= alpha")
+    alpha: float = Field(0.05, gt=0, le=1, description="McNemar significance level")
+
+
+class ScheduleConfig(_Section):
+    """`vflow schedule`: when the `retrain` deployment runs (owned by flows/, #7)."""
+
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    deployment: str = Field("nightly", min_length=1)
+    max_lateness_s: float | None = Field(
+        21600, gt=0, description="a scheduled run that starts later than this is skipped")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        import re  # the full check happens when Prefect builds the schedule
+
+        if not re.fullmatch(r"\s*(@\w+|([\w*/,?-]+\s+){4}[\w*/,?-]+)\s*", v):
+            raise ValueError("not a cron expression (five fields, e.g. '0 3 * * *')")
+        return v.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(v)
+        except (KeyError, ValueError):
+            raise ValueError("unknown time zone (e.g. UTC, Europe/Paris)") from None
+        return v
+
+
+class FlowConfig(_Section):
+    """The Prefect flow (flows/retrain.py): retries, timeouts, task cache, schedule."""
+
+    retries: int = Field(2, ge=0, description="per stage, on transient errors only")
+    retry_delay_s: float = Field(10.0, ge=0, description="first back-off, doubled each retry")
+    retry_jitter: float = Field(0.5, ge=0, description="random extra delay, fraction of it")
+    timeout_s: dict[str, float | None] = Field(
+        {"validate": 3600, "augment": 3600, "train": 86400, "evaluate": 3600,
+         "compress": 7200, "register": 3600},
+        description="per-stage Prefect task timeout in seconds, null = none")
+    cache: bool = Field(True, description="reuse finished stages: resume at the failed one")
+    cache_days: float = Field(30, gt=0)
+    mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="for run summary links")
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeouts(cls, v: dict[str, float | None]) -> dict[str, float | None]:
+        stages = ("validate", "augment", "train", "evaluate", "compress", "register")
+        unknown = sorted(set(v) - set(stages))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}, use {', '.join(stages)}")
+        if any(t is not None and t <= 0 for t in v.values()):
+            raise ValueError("timeouts must be > 0 seconds (or null for none)")
+        return v
 
 
 class Params(_Section):
@@ -132,6 +246,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     compress: CompressConfig = CompressConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    flow: FlowConfig = FlowConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

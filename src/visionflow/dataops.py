@@ -1,14 +1,24 @@
-"""Dataset versioning with DVC: materialise the default dataset and track `data/`."""
+"""Dataset versioning with DVC: materialise the default dataset, import new versions into
+`data/`, report the data version next to the champion's, keep a default DVC remote.
+
+The default remote is `local` -> `<project>/.dvc-storage`, so `dvc push` / `dvc pull` work
+out of the box; point it elsewhere with `dvc remote add -d s3 s3://bucket/path`.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from visionflow.errors import DataError
 from visionflow.layout import Layout
+
+DEFAULT_REMOTE = ("local", ".dvc-storage")
 
 
 def dvc_bin() -> str:
@@ -28,10 +38,42 @@ def dvc(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedP
 
 
 def ensure_dvc_repo(layout: Layout) -> None:
-    if (layout.root / ".dvc").is_dir():
-        return
-    scm = (layout.root / ".git").exists()
-    dvc(layout, "init", *([] if scm else ["--no-scm"]), "-q")
+    if not (layout.root / ".dvc").is_dir():
+        scm = (layout.root / ".git").exists()
+        dvc(layout, "init", *([] if scm else ["--no-scm"]), "-q")
+    ensure_default_remote(layout)
+
+
+def default_remote(layout: Layout) -> str | None:
+    """Name of the default remote from .dvc/config(.local), without starting dvc."""
+    name = None
+    for cfg in (layout.root / ".dvc" / "config", layout.root / ".dvc" / "config.local"):
+        if not cfg.is_file():
+            continue
+        section = ""
+        for line in cfg.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]'\" ").lower()
+            elif section == "core" and (m := re.match(r"remote\s*=\s*(\S+)", line)):
+                name = m.group(1)
+    return name
+
+
+def ensure_default_remote(layout: Layout) -> str:
+    """Add the remote `local` -> `.dvc-storage` (git-ignored) when none is the default."""
+    name = default_remote(layout)
+    if name:
+        return name
+    name, url = DEFAULT_REMOTE
+    dvc(layout, "remote", "add", "-d", "-f", name, url)
+    gitignore = layout.root / ".gitignore"
+    if (layout.root / ".git").exists():
+        lines = gitignore.read_text().splitlines() if gitignore.is_file() else []
+        if f"/{url}/" not in lines and f"/{url}" not in lines:
+            with gitignore.open("a") as f:
+                f.write(("\n" if lines and lines[-1] else "") + f"/{url}/\n")
+    return name
 
 
 def init_default_data(layout: Layout, target: str = "data") -> Path:
@@ -52,3 +94,169 @@ def init_default_data(layout: Layout, target: str = "data") -> Path:
 def _dvc_changed(layout: Layout, dvc_file: Path) -> bool:
     proc = dvc(layout, "status", "--json", str(dvc_file.name), check=False)
     return proc.returncode != 0 or proc.stdout.strip() not in ("{}", "")
+
+
+def dvc_out(dvc_file: Path) -> dict[str, Any]:
+    """The first `outs` entry of a .dvc file ({} when absent or unreadable)."""
+    import yaml
+
+    if not dvc_file.is_file():
+        return {}
+    try:
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        return dict(outs[0]) if isinstance(outs[0], dict) else {}
+    except (yaml.YAMLError, AttributeError):
+        return {}
+
+
+def workspace_state(layout: Layout, target: str = "data") -> str:
+    """in sync | modified | deleted | not tracked | missing (per `dvc status`)."""
+    path, dvc_file = layout.root / target, layout.root / f"{target}.dvc"
+    if not dvc_file.is_file():
+        return "not tracked" if path.exists() else "missing"
+    proc = dvc(layout, "status", "--json", dvc_file.name, check=False)
+    out = proc.stdout.strip()
+    if proc.returncode == 0 and out in ("{}", ""):
+        return "in sync"
+    return "deleted" if '"deleted"' in out else "modified"
+
+
+def import_data(layout: Layout, source: str | Path, target: str = "data", force: bool = False,
+                push: bool = False) -> dict[str, Any]:
+    """Import a folder or an archive as the new content of `target/`, then `dvc add` it.
+
+    The source is only read (archives are checked member by member, see
+    `ingest.import_dataset`). The current `target/` is replaced only when its content is
+    recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`.
+    The new content must be an ImageFolder with at least one image, or nothing changes."""
+    from visionflow import ingest
+
+    root = layout.root
+    src = Path(source).expanduser().resolve()
+    dest = root / target
+    if not src.exists():
+        raise DataError(f"data add: {source}: no such file or directory")
+    if src == dest or src.is_relative_to(dest) or dest.is_relative_to(src):
+        raise DataError(f"data add: {source}: overlaps the target {dest}")
+    dvc_file = root / f"{target}.dvc"
+    ensure_dvc_repo(layout)
+    if dest.exists() and not force:
+        if not dvc_file.is_file():
+            raise DataError(f"data add: {dest} exists and is not tracked by DVC ({dvc_file.name} "
+                            "missing): move it away, or pass --force to replace it")
+        if _dvc_changed(layout, dvc_file):
+            raise DataError(f"data add: {dest} has changes not recorded in {dvc_file.name}: "
+                            f"run `dvc add {target}` to keep them, or pass --force to replace "
+                            "them")
+    staged = root / f".{target}.new-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    report = ingest.import_dataset(src, staged)
+    old = root / f".{target}.old-{os.getpid()}"
+    try:
+        scan = ingest.scan_imagefolder(staged)
+        if not scan.entries:
+            raise DataError(f"data add: {source}: no images in class folders (expected "
+                            "<class>/<image> or train/<class>/<image>)")
+        if dest.exists() or dest.is_symlink():
+            dest.rename(old)
+        staged.rename(dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            old.rename(dest)
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    dvc(layout, "add", target, "-q")
+    remote = ensure_default_remote(layout)
+    if push:
+        dvc(layout, "push", "-q", dvc_file.name)
+    out = dvc_out(dvc_file)
+    return {
+        "source": str(src), "kind": report.kind, "target": str(dest), "files": report.files,
+        "images": len(scan.entries), "layout": scan.layout,
+        "skipped": [f"{r.relpath} ({r.reason})" for r in report.skipped],
+        "dvc_file": dvc_file.name, "dvc_data_md5": str(out.get("md5", "")),
+        "remote": remote, "pushed": push,
+    }
+
+
+def _remote_url(layout: Layout, name: str | None) -> str:
+    if not name:
+        return ""
+    proc = dvc(layout, "remote", "list", check=False)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == name:
+            return parts[1]
+    return ""
+
+
+def champion_tags(layout: Layout, model_name: str, alias: str) -> dict[str, Any]:
+    """The champion's version and data tags, without importing mlflow when no registry
+    can exist."""
+    from visionflow.drift import _registry_may_exist
+
+    info: dict[str, Any] = {"model": model_name, "alias": alias}
+    uri = _registry_may_exist(layout)
+    if uri is None:
+        return {**info, "status": "no registry"}
+    try:
+        from visionflow.tracking import quiet_env
+
+        quiet_env()
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        try:
+            mv = client.get_model_version_by_alias(model_name, alias)
+        except MlflowException:
+            return {**info, "status": "no champion"}
+        tags = mv.tags or {}
+        return {**info, "status": "ok", "version": str(mv.version),
+                "data_hash": tags.get("data_hash", ""),
+                "dvc_data_md5": tags.get("dvc_data_md5", ""), "run_id": mv.run_id}
+    except Exception as e:  # status is a report: never crash on the registry
+        return {**info, "status": f"unavailable: {' '.join(str(e).split())[:160]}"}
+
+
+def data_status(layout: Layout, params: Any, target: str = "data",
+                compute_hash: bool = True) -> dict[str, Any]:
+    """The current data version next to the champion's (see `vflow data status`)."""
+    import json
+
+    dvc_file = layout.root / f"{target}.dvc"
+    out = dvc_out(dvc_file)
+    current: dict[str, Any] = {
+        "source": params.data.source,
+        "dvc_file": dvc_file.name if dvc_file.is_file() else "",
+        "dvc_data_md5": str(out.get("md5", "")),
+        "nfiles": out.get("nfiles"), "size": out.get("size"),
+        "workspace": workspace_state(layout, target) if (layout.root / ".dvc").is_dir()
+        else "no DVC repo",
+        "data_hash": "",
+    }
+    if compute_hash:
+        from visionflow.manifest import build_manifest, data_hash
+
+        _, rows, _ = build_manifest(params, layout)
+        current["data_hash"] = data_hash(rows)
+    validated: dict[str, Any] = {}
+    if layout.validation.is_file():
+        try:
+            v = json.loads(layout.validation.read_text())
+            validated = {"data_hash": v.get("data_hash", ""), "success": v.get("success")}
+        except ValueError:
+            validated = {}
+    reg = params.register_
+    champ = champion_tags(layout, reg.model_name, reg.alias)
+    name = default_remote(layout)
+    same = None
+    if champ.get("status") == "ok":
+        pairs = [(current["data_hash"], champ["data_hash"]),
+                 (current["dvc_data_md5"], champ["dvc_data_md5"])]
+        known = [a == b for a, b in pairs if a and b]
+        same = all(known) if known else None
+    return {"current": current, "last_validated": validated, "champion": champ,
+            "same_as_champion": same,
+            "remote": {"name": name or "", "url": _remote_url(layout, name)}}

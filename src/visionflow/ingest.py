@@ -31,7 +31,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -67,12 +67,41 @@ _READ_WHOLE_BELOW = 64 << 20  # files smaller than this are read into memory onc
 # data classes
 
 
-@dataclass(frozen=True, slots=True)
 class FileEntry:
-    path: Path  # absolute
-    relpath: str  # posix, relative to the dataset root
-    split: str | None  # train/val/test, None = to be assigned
-    label: str
+    """One file of the dataset: absolute path, posix relpath under the dataset root, split
+    (train/val/test, None = to be assigned) and label. An immutable value; the `Path` is
+    built on first use (a scan makes 10^5 of these and mostly needs the string)."""
+
+    __slots__ = ("_path", "relpath", "split", "label")
+
+    def __init__(self, path: Path | str, relpath: str, split: str | None, label: str) -> None:
+        self._path, self.relpath, self.split, self.label = path, relpath, split, label
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
+
+    @property
+    def fspath(self) -> str:
+        return self._path if isinstance(self._path, str) else str(self._path)
+
+    def with_split(self, split: str | None) -> FileEntry:
+        return FileEntry(self._path, self.relpath, split, self.label)
+
+    def _key(self) -> tuple[str, str, str | None, str]:
+        return self.fspath, self.relpath, self.split, self.label
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileEntry) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"FileEntry(path={self.fspath!r}, relpath={self.relpath!r}, "
+                f"split={self.split!r}, label={self.label!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +338,96 @@ def _dataset_root(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------
+# importing a dataset into the project (`vflow data add`)
+
+
+@dataclass(slots=True)
+class ImportReport:
+    source: str
+    kind: str  # "folder", "tar" or "zip"
+    files: int = 0
+    skipped: list[Reject] = field(default_factory=list)  # not copied, with the reason
+
+
+def import_dataset(source: Path, target: Path) -> ImportReport:
+    """Copy a folder, or safely extract an archive, into `target` (which must not exist).
+
+    Archives get the checks of `resolve_source` (absolute paths, '..', links out of the
+    target, device files: refused with an error naming the member; links inside are
+    skipped). From a folder, regular files are copied with their mtimes; hidden files and
+    OS clutter, links resolving outside the source, broken links and special files are
+    skipped and reported. Single wrapper folders (`cifar10/train/...`) are unwrapped.
+    The source is only read. On error nothing is left at `target`.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists() or target.is_symlink():
+        raise DataError(f"import target already exists: {target}")
+    if not source.exists():
+        raise DataError(f"data source not found: {source}")
+    kind = "folder" if source.is_dir() else _archive_kind(source)
+    if kind is None or (kind != "folder" and not source.is_file()):
+        raise DataError(
+            f"data source is neither a directory nor a .tar/.tar.gz/.tgz/.zip archive: {source}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.import-", dir=target.parent))
+    report = ImportReport(str(source), kind)
+    try:
+        tmp.chmod(0o755)
+        if kind == "folder":
+            root = _dataset_root(source)
+            report.files = _copy_tree(root, tmp / "d", report.skipped)
+            if not report.files:
+                raise DataError(f"{source}: no files to import")
+            (tmp / "d").rename(target)
+        else:
+            out = tmp / "x"
+            out.mkdir()
+            n = _extract_tar(source, out) if kind == "tar" else _extract_zip(source, out)
+            if not n:
+                raise DataError(f"{source}: archive is empty")
+            _dataset_root(out).rename(target)
+            report.files = sum(len(files) for _, _, files in os.walk(target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _copy_tree(src_root: Path, dst: Path, skipped: list[Reject]) -> int:
+    src_root = Path(src_root).resolve()
+    copied = 0
+    seen = {str(src_root)}
+    stack = [src_root]
+    cut = len(os.path.join(str(src_root), ""))
+    dst.mkdir()
+    while stack:
+        folder = stack.pop()
+        for e in _visible(folder):
+            path, rel = Path(e.path), e.path[cut:].replace(os.sep, "/")
+            if e.is_symlink():
+                real = os.path.realpath(path)
+                if not Path(real).is_relative_to(src_root):
+                    skipped.append(_reject(src_root, path, "outside_root"))
+                    continue
+                if not os.path.exists(real):
+                    skipped.append(_reject(src_root, path, "broken_link"))
+                    continue
+            if e.is_dir():
+                real = os.path.realpath(path)
+                if real not in seen:
+                    seen.add(real)
+                    (dst / rel).mkdir(parents=True, exist_ok=True)
+                    stack.append(path)
+            elif e.is_file():
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dst / rel)  # follows an inside link: copies its content
+                copied += 1
+            else:
+                skipped.append(_reject(src_root, path, "not_a_file"))
+    return copied
+
+
+# ---------------------------------------------------------------------------
 # scanning
 
 
@@ -395,6 +514,7 @@ def _walk_class(
     out: list[FileEntry] = []
     seen = {os.path.realpath(class_dir)}
     stack = [class_dir]
+    cut = len(os.path.join(str(root), ""))  # paths below start with `root`: slice them
     while stack:
         folder = stack.pop()
         try:
@@ -402,8 +522,12 @@ def _walk_class(
         except OSError:
             continue
         for e in children:
+            link = e.is_symlink()
+            if not link and e.is_file(follow_symlinks=False):  # the common case: fast path
+                out.append(FileEntry(e.path, e.path[cut:].replace(os.sep, "/"), split, label))
+                continue
             path = Path(e.path)
-            if e.is_symlink():
+            if link:
                 real = os.path.realpath(path)
                 if not Path(real).is_relative_to(root):
                     rejects.append(_reject(root, path, "outside_root"))
@@ -417,7 +541,7 @@ def _walk_class(
                     seen.add(real)
                     stack.append(path)
             elif e.is_file():
-                out.append(FileEntry(path, _rel(root, path), split, label))
+                out.append(FileEntry(e.path, e.path[cut:].replace(os.sep, "/"), split, label))
             else:
                 rejects.append(_reject(root, path, "not_a_file"))
     return out
@@ -456,10 +580,10 @@ def _carve(
     pos = 0
     for name, k in takes:
         for idx in order[pos : pos + k]:
-            out[idx] = replace(items[idx], split=name)
+            out[idx] = items[idx].with_split(name)
         pos += k
     for idx in order[pos:]:
-        out[idx] = replace(items[idx], split="train")
+        out[idx] = items[idx].with_split("train")
     return out
 
 

@@ -325,6 +325,8 @@ def init_whitening(
     1/sqrt(eigenvalue + eps), plus their negatives; the bias centres the outputs. With `freeze` the
     filter weights stop receiving gradients (the bias still trains).
     """
+    if not isinstance(model, FastNet):
+        raise TypeError(f"init_whitening needs the 'fast' model, got {type(model).__name__}")
     conv = model.whiten
     kh, kw = conv.kernel_size
     x = images.to(conv.weight.device)

@@ -34,7 +34,8 @@ def quiet_env() -> None:
 
 
 def tracking_uri(layout: Layout) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlruns' / 'mlflow.db'}"
+    default = f"sqlite:///{layout.root / 'mlruns' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
 def ui_command(layout: Layout) -> str:
@@ -42,12 +43,30 @@ def ui_command(layout: Layout) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def use_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri` without its side effect of exporting MLFLOW_TRACKING_URI.
+
+    MLflow copies the URI into os.environ "so that subprocesses inherit it"; then
+    `tracking_uri(other_layout)` would return the first project's store, and every child
+    (`dvc repro`, `mlflow models serve`, a second project) would write to it. The variable
+    keeps the value the user gave it (or stays unset).
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def setup(layout: Layout) -> str:
     """Point MLflow at the project store and make sure the experiment exists."""
     quiet_env()
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(layout))
+    use_uri(tracking_uri(layout))
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         artifacts = (layout.root / "mlruns" / "artifacts").as_uri()

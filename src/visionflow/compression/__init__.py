@@ -2,14 +2,25 @@
 
 Import from the submodules (each is small and loads its heavy dependencies itself):
 
-- `measure`: file size, parameters, MACs (torch-pruning counter), CPU latency (eager / ORT);
+- `measure`: file size, parameters, MACs (torch-pruning counter), CPU latency (eager, ORT,
+  several variants round-robin);
 - `onnx_export`: `export_onnx` (torch.export / dynamo, dynamic batch), `OrtClassifier`;
 - `quantize`: `quantize_int8_onnx` (ONNX Runtime static QDQ int8, per-channel, calibrated);
 - `prune`: `magnitude_prune` (unstructured), `structured_prune` (torch-pruning channels),
   `save_pruned` / `load_pruned`;
 - `distill`: `distill` (soft targets + hard labels), `finetune`, `accuracy`;
 - `lowrank`: `svd_linear`, `tucker2_conv`, `factorize_model`, `reconstruction_error`;
-- `structure`: saving / rebuilding models whose layer shapes changed (used by `prune`).
+- `structure`: saving / rebuilding models whose layer shapes changed (used by `prune`);
+- `pt2e`: optional int8 via torchao PT2E + X86InductorQuantizer (torchao not a dependency).
 """
 
-__all__ = ["distill", "lowrank", "measure", "onnx_export", "prune", "quantize", "structure"]
+__all__ = [
+    "distill",
+    "lowrank",
+    "measure",
+    "onnx_export",
+    "prune",
+    "pt2e",
+    "quantize",
+    "structure",
+]

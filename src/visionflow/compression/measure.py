@@ -58,12 +58,11 @@ def _time_calls(call: Callable[[], Any], reps: int, warmup: int) -> list[float]:
     return times
 
 
-def _summary(times: list[float], threads: int, batch: int) -> dict[str, Any]:
+def _summary(times: list[float], threads: int) -> dict[str, Any]:
     return {
         "median_ms": statistics.median(times),
         "p90_ms": float(np.percentile(times, 90)),
         "threads": threads,
-        "batch": batch,
         "reps": len(times),
     }
 
@@ -82,7 +81,7 @@ def cpu_latency_ms(
     x = batch_of(example.cpu(), batch)
     with torch.inference_mode():
         times = _time_calls(lambda: fn(x), reps, warmup)
-    return _summary(times, torch.get_num_threads(), batch)
+    return {**_summary(times, torch.get_num_threads()), "batch": batch}
 
 
 def ort_latency_ms(
@@ -101,4 +100,27 @@ def ort_latency_ms(
     feed = {sess.get_inputs()[0].name: x}
     times = _time_calls(lambda: sess.run(None, feed), reps, warmup)
     threads = sess.get_session_options().intra_op_num_threads
-    return _summary(times, threads, batch)
+    return {**_summary(times, threads), "batch": batch}
+
+
+def interleaved_latency_ms(
+    runners: dict[str, Callable[[], Any]], reps: int = 30, warmup: int = 5, threads: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Time several zero-argument callables round-robin (one call each per round, starting
+    point rotated), so load changes on a shared CPU hit every variant alike.
+
+    Returns `{name: {median_ms, p90_ms, threads, reps}}`; `threads` defaults to torch's.
+    """
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for k in range(len(names)):
+            name = names[(rep + k) % len(names)]
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    threads = threads or torch.get_num_threads()
+    return {name: _summary(t, threads) for name, t in times.items()}

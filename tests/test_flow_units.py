@@ -1,0 +1,337 @@
+"""The flow's decisions without a Prefect server: which errors retry, cache keys and output
+markers, the data-change check, the late-run policy, the run summary, server bookkeeping."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO, make_project
+
+from visionflow import orchestration as orch
+from visionflow.config import load_params
+from visionflow.errors import ConfigError, DataError, ValidationFailed, VisionflowError
+from visionflow.layout import Layout
+from visionflow.stages import STAGES
+
+
+def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(msg, error_code=getattr(databricks_pb2, code))
+
+
+def _chained(outer: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise outer from cause
+    except BaseException as err:  # noqa: BLE001
+        return err
+
+
+@pytest.mark.parametrize(
+    ("make", "transient"),
+    [
+        (lambda: ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), True),
+        (lambda: TimeoutError("read timed out"), True),
+        (lambda: OSError(errno.EIO, "Input/output error"), True),
+        (lambda: FileNotFoundError(2, "No such file"), False),
+        (lambda: PermissionError(13, "Permission denied"), False),
+        (lambda: OSError(errno.ENOSPC, "No space left on device"), False),
+        (lambda: ValidationFailed("data gate failed: expect_column_values_to_be_in_set"), False),
+        (lambda: ConfigError("params.yaml: train.lr=-1"), False),
+        (lambda: DataError("data: no image files found"), False),
+        (lambda: ValueError("bad shape"), False),
+        (lambda: RuntimeError("CUDA error: device-side assert"), False),
+        (lambda: _mlflow_error(
+            "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed with "
+            "exception HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded "
+            "with url (Caused by NewConnectionError('Failed to establish a new connection: "
+            "[Errno 111] Connection refused'))"), True),
+        (lambda: _mlflow_error("x", "TEMPORARILY_UNAVAILABLE"), True),
+        (lambda: _mlflow_error("Registered Model with name=x not found",
+                               "RESOURCE_DOES_NOT_EXIST"), False),
+        (lambda: _chained(RuntimeError("logging failed"), ConnectionResetError()), True),
+        (lambda: _chained(ValidationFailed("gate"), OSError(errno.EIO, "io")), False),
+    ],
+)
+def test_is_transient(make, transient):
+    assert orch.is_transient(make()) is transient
+
+
+def test_is_transient_library_errors():
+    import requests
+    import sqlalchemy.exc
+    from prefect.task_engine import TaskRunTimeoutError
+
+    assert orch.is_transient(requests.ConnectionError("refused"))
+    resp = requests.Response()
+    resp.status_code = 404
+    assert not orch.is_transient(requests.HTTPError("404", response=resp))
+    resp.status_code = 503
+    assert orch.is_transient(requests.HTTPError("503", response=resp))
+    assert orch.is_transient(sqlalchemy.exc.OperationalError("INSERT", {}, Exception(
+        "database is locked")))
+    assert not orch.is_transient(sqlalchemy.exc.OperationalError("SELECT", {}, Exception(
+        "no such table: runs")))
+    assert not orch.is_transient(TaskRunTimeoutError("Scope timed out after 5 second(s)."))
+    assert orch.retry_delays(10, 3) == [10, 20, 40]
+
+
+def test_late_reason_only_for_auto_scheduled_runs():
+    now = datetime(2026, 1, 2, 9, 0, tzinfo=UTC)
+    slot = now - timedelta(hours=7)
+    reason = orch.late_reason(slot, now, 6 * 3600, auto_scheduled=True)
+    assert reason and "late" in reason and "max_lateness_s=21600" in reason
+    assert orch.late_reason(slot, now, 6 * 3600, auto_scheduled=False) is None  # manual run
+    assert orch.late_reason(now - timedelta(hours=1), now, 6 * 3600, True) is None
+    assert orch.late_reason(slot, now, None, True) is None  # policy off
+
+
+def test_specs_mirror_dvc_yaml():
+    specs = orch.read_specs(Layout.at(REPO), STAGES)
+    assert specs is not None and list(specs) == list(STAGES)
+    assert specs["validate"].data and not specs["augment"].data
+    assert set(specs["validate"].params) == {"data", "validate"}
+    assert specs["augment"].upstream == ("validate",)
+    assert set(specs["evaluate"].upstream) == {"train", "augment"}
+    assert "src/visionflow/train.py" in specs["train"].code
+    assert "outputs/train/model.pt" in specs["train"].outs
+    assert "outputs/evaluate/metrics.json" in specs["evaluate"].outs
+    assert orch.read_specs(Layout.at(REPO / "tests"), STAGES) is None  # no dvc.yaml
+
+
+@pytest.fixture
+def proj(tmp_path: Path, digits_dir: Path) -> Layout:
+    return Layout.at(make_project(tmp_path / "proj", digits_dir))
+
+
+def test_stage_keys_follow_params_data_and_code(proj: Layout):
+    specs = orch.read_specs(proj, STAGES)
+    base = orch.stage_keys(specs, load_params(proj.params), proj)
+    assert all(base[s] for s in STAGES)
+    assert base == orch.stage_keys(specs, load_params(proj.params), proj)  # stable
+
+    lr = orch.stage_keys(specs, load_params(proj.params, ["train.lr=0.01"]), proj)
+    assert [s for s in STAGES if lr[s] != base[s]] == ["train", "evaluate", "compress",
+                                                      "register"]
+    topk = orch.stage_keys(specs, load_params(proj.params, ["evaluate.topk=[1,2]"]), proj)
+    assert [s for s in STAGES if topk[s] != base[s]] == ["evaluate", "compress", "register"]
+    flow = orch.stage_keys(specs, load_params(proj.params, ["flow.retries=5"]), proj)
+    assert flow == base  # orchestration settings never invalidate results
+
+    img = next((proj.root / "data").rglob("*.png"))
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    touched = orch.stage_keys(specs, load_params(proj.params), proj)
+    assert all(touched[s] != base[s] for s in STAGES)  # the data changed: everything reruns
+    assert orch.stage_keys(None, load_params(proj.params), proj) == {}
+
+
+def test_outputs_marker_detects_missing_or_changed_files(proj: Layout):
+    spec = orch.StageSpec("evaluate", (), (), False, (),
+                          ("outputs/evaluate/metrics.json", "outputs/evaluate/confusion.csv"))
+    proj.evaluate_dir.mkdir(parents=True)
+    proj.metrics.write_text('{"top1": 0.5}')
+    proj.confusion_csv.write_text("a,b\n")
+    orch.write_marker(proj, spec, "k1")
+    assert orch.outputs_match(proj, spec, "k1")
+    assert not orch.outputs_match(proj, spec, "k2")  # other inputs
+    proj.metrics.write_text('{"top1": 0.75}')  # rewritten by someone else (dvc repro, ...)
+    assert not orch.outputs_match(proj, spec, "k1")
+    orch.write_marker(proj, spec, "k1")
+    proj.confusion_csv.unlink()
+    assert not orch.outputs_match(proj, spec, "k1")
+    orch.clear_marker(proj, "evaluate")
+    assert not orch.marker_path(proj, "evaluate").exists()
+
+
+def test_compare_data():
+    champ = {"version": "3", "data_hash": "aaa", "gate_decision": "promoted"}
+    assert orch.compare_data("aaa", champ, champ, "x").new_data is False
+    new = orch.compare_data("bbb", champ, champ, "x")
+    assert new.new_data is True and new.reason.startswith("new data")
+    rejected = {"version": "4", "data_hash": "bbb", "gate_decision": "rejected",
+                "gate_reason": "top-1 0.9 does not beat champion"}
+    skip = orch.compare_data("bbb", champ, rejected, "x")
+    assert skip.new_data is False and "v4" in skip.reason and "rejected" in skip.reason
+    first = orch.compare_data("bbb", {}, {}, "x")
+    assert first.new_data is True and first.reason == "no champion yet"
+
+
+def test_check_data_dvc_md5_shortcut(proj: Layout, monkeypatch):
+    params = load_params(proj.params)
+    (proj.root / "data.dvc").write_text(yaml.safe_dump(
+        {"outs": [{"md5": "d" * 32 + ".dir", "path": "data"}]}))
+    tags = {"version": "2", "data_hash": "h" * 32, "dvc_data_md5": "d" * 32 + ".dir",
+            "params": json.dumps(params.dump())}
+    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: (tags, tags))
+    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: True)
+    check = orch.check_data(params, proj, None, None)
+    assert (check.new_data, check.method) == (False, "dvc md5")
+    assert "champion v2" in check.reason
+
+    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: False)  # data/ edited, not `dvc add`ed
+    assert orch.check_data(params, proj, None, None).new_data is None  # validate decides
+    other = {**tags, "params": json.dumps({"data": {"source": "/elsewhere.tar"}})}
+    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: True)
+    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: (other, other))
+    assert orch.check_data(params, proj, None, None).new_data is None  # another data source
+    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: ({}, {}))
+    assert orch.check_data(params, proj, None, None).new_data is True  # no champion
+
+
+def test_refresh_data_without_dvc(proj: Layout):
+    assert "not tracked by DVC" in orch.refresh_data(load_params(proj.params), proj)
+
+
+def test_summary_markdown_and_choice():
+    from visionflow import flow_report
+
+    comp = {"original": {"format": "torch fp32", "size_bytes": 4_000_000, "top1": 0.9},
+            "variants": {"int8": {"format": "onnx int8", "size_bytes": 1_000_000,
+                                  "size_ratio": 0.25, "top1": 0.895, "top1_drop": 0.005},
+                         "prune": {"format": "torch", "size_bytes": 4_000_000,
+                                   "size_ratio": 1.0, "top1": 0.9, "top1_drop": 0.0}}}
+    assert flow_report.compression_choice(comp)[0] == "int8"
+    comp["variants"]["int8"]["top1_drop"] = 0.05
+    assert flow_report.compression_choice(comp)[0] == "original"
+    assert flow_report.compression_choice({**comp, "choice": "prune"})[0] == "prune"
+    links = flow_report.mlflow_links("http://h:5000/", {"run_id": "r1", "experiment_id": "7"},
+                                     "m", "4")
+    assert links == {"mlflow-run": "http://h:5000/#/experiments/7/runs/r1",
+                     "model-version": "http://h:5000/#/models/m/versions/4"}
+    md = flow_report.summary_markdown({
+        "headline": "v4 promoted to @champion", "model_name": "m",
+        "data": {"source": "data", "data_hash": "abc", "decision": "new data"},
+        "validation": {"files": 10, "usable": 9, "quarantined": {"truncated": 1},
+                       "classes": ["a", "b"],
+                       "expectations": [{"expectation": "expect_x", "column": "c",
+                                         "success": False, "observed": "1 | 2",
+                                         "description": "d"}]},
+        "metrics": {"top1": 0.9, "f1_macro": 0.8, "iou_per_class": [0.1]},
+        "gate": {"decision": "promoted", "reason": "beats v3", "version": "4",
+                 "champion_before": "v3", "champion_after": "v4"},
+        "compress": comp, "links": links,
+        "stages": [{"name": "train", "state": "cached", "seconds": 1.5}]})
+    for text in ("# retrain: v4 promoted", "## Data", "## Validation", "**NO**", "1 \\| 2",
+                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3", "## Compression",
+                 "Choice: **original**", "## Links", "(http://h:5000/#/models/m/versions/4)",
+                 "| train | cached |"):
+        assert text in md, text
+    rows = flow_report.metric_rows({"top1": 0.9, "n_test": 5, "ok": True, "iou_per_class":
+                                    [0.5]})
+    assert rows == [{"metric": "top1", "value": 0.9}, {"metric": "n_test", "value": 5},
+                    {"metric": "iou[0]", "value": 0.5}]
+    failed = flow_report.summary_markdown({"headline": "failed at validate", "error": {
+        "stage": "validate", "message": "ValidationFailed: data gate failed"}})
+    assert "Stage **validate** failed" in failed and "no alias moved" in failed
+
+
+def test_server_bookkeeping(tmp_path: Path):
+    from visionflow import server
+
+    lay = Layout.at(tmp_path)
+    st = server.status(server.PREFECT, lay)
+    assert not st.running and not st.healthy and "not running" in st.line()
+    server.state_dir(lay).mkdir(parents=True)
+    (server.state_dir(lay) / "prefect.json").write_text(json.dumps(
+        {"pid": 2**22 + 12345, "url": "http://127.0.0.1:9"}))  # a pid that does not exist
+    st = server.status(server.PREFECT, lay)
+    assert not st.running and "stale" in st.note
+    assert not server.stop(server.PREFECT, lay).running
+    assert not (server.state_dir(lay) / "prefect.json").exists()
+    assert not server.healthy("http://127.0.0.1:9/api/health", timeout=0.5)
+
+    with socket.socket() as s:  # a busy port is refused before anything starts
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(VisionflowError, match="already in use"):
+            server.start(server.PREFECT, lay, port=port)
+    with pytest.raises(VisionflowError, match="no Prefect server"), \
+            server.prefect_api(lay, require=True):
+        pass
+    with server.prefect_api(lay) as url:
+        assert url is None  # no server: Prefect's temporary API will be used
+
+
+def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from visionflow import server
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), \
+            pytest.raises(VisionflowError, match="no Prefect server answers"), \
+            server.prefect_api(Layout.at(tmp_path)):
+        pass
+
+
+def test_prefect_compat_patch_drops_the_state_key():
+    from sqlalchemy.ext.hybrid import hybrid_property
+
+    from visionflow.prefect_compat import _drop, patch_hybrid_bulk_dml
+
+    patched = patch_hybrid_bulk_dml()
+    if hasattr(hybrid_property, "bulk_dml"):  # SQLAlchemy 2.1
+        from prefect.server.database import orm_models
+
+        assert vars(orm_models.FlowRun)["state"].bulk_dml_setter is not None
+        assert patch_hybrid_bulk_dml() == []  # idempotent
+    else:
+        assert patched == []
+    mapping = {"id": 1, "state": {"type": "SCHEDULED"}}
+    _drop("state")(object, mapping, mapping["state"])
+    assert mapping == {"id": 1}
+
+
+def test_flow_config_section():
+    from visionflow.config import apply_overrides, parse_params, read_params_file
+
+    raw = read_params_file(REPO / "params.yaml")
+    cfg = parse_params(raw).flow
+    assert cfg.retries >= 1 and cfg.cache and cfg.schedule.cron == "0 3 * * *"
+    assert set(cfg.timeout_s) <= set(STAGES)
+    for bad, msg in [("flow.schedule.cron=0 3 * *", "not a cron expression"),
+                     ("flow.schedule.timezone=Mars/Olympus", "unknown time zone"),
+                     ("flow.timeout_s.trian=5", "unknown stage"),
+                     ("flow.retries=-1", "greater than or equal to 0")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_params(apply_overrides(raw, [bad]))
+
+
+def test_prefect_yaml_declares_the_deployment():
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = doc["deployments"]
+    assert dep["entrypoint"] == "flows/retrain.py:retrain"
+    assert (REPO / dep["entrypoint"].split(":")[0]).is_file()
+    assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert dep["parameters"]["only_new_data"] is True
+    assert dep["work_pool"]["name"] == "visionflow-process"
+    assert dep["schedules"][0]["cron"] == "0 3 * * *"
+    assert {"process", "docker", "kubernetes"} <= set(doc["definitions"]["work_pools"])
+
+
+def test_cli_server_commands_are_light_and_fail_clearly(tmp_path: Path):
+    code = ("import sys, visionflow.cli, visionflow.cli_server; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('prefect', 'mlflow', 'torch', 'great_expectations')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+    vflow = str(BIN / "vflow")
+    t0 = time.monotonic()
+    st = subprocess.run([vflow, "server", "status", "--root", str(tmp_path)],
+                        capture_output=True, text=True)
+    assert st.returncode == 1 and "not running" in st.stdout
+    assert time.monotonic() - t0 < 30
+    help_ = subprocess.run([vflow, "--help"], capture_output=True, text=True, check=True)
+    assert all(c in help_.stdout for c in ("server", "ui", "schedule"))

@@ -1,0 +1,281 @@
+"""The champion gate on crafted paired predictions, and the registry state each decision
+leaves in a real MLflow sqlite store (versions without artifacts: the gate only moves
+tags and aliases); then rollback and manual promotion, in-process and through `vflow`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from visionflow.gate import GateConfig, apply, decide
+
+N = 100
+
+
+def correct(n_right: int, first: int = 0, n: int = N) -> list[bool]:
+    """n images, `n_right` right starting at index `first`."""
+    return [first <= i < first + n_right for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A project root whose mlruns/mlflow.db is a fresh MLflow store."""
+    from visionflow import registry
+
+    root = tmp_path_factory.mktemp("gate") / "proj"
+    (root / "mlruns").mkdir(parents=True)
+    registry.client_for(root).search_registered_models()  # creates the tables once
+    return root
+
+
+@pytest.fixture
+def user(monkeypatch) -> str:
+    for key in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(key, "alice")
+    return "alice"
+
+
+def new_versions(root: Path, name: str, count: int):
+    from visionflow import registry
+
+    client = registry.client_for(root)
+    client.create_registered_model(name)
+    for _ in range(count):
+        client.create_model_version(name, source=(root / "none").as_uri())
+    return client
+
+
+def gate_into_registry(root: Path, name: str, decision, version: str):
+    """What run_register does after logging the model: tags + alias move, under the lock."""
+    from visionflow import registry
+
+    client = registry.client_for(root)
+    with registry.registry_lock(registry.tracking_uri(client)):
+        return apply(client, name, version, decision, "champion", {"model": "crafted"})
+
+
+def state(root: Path, name: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    from visionflow import registry
+
+    client = registry.client_for(root)
+    tags = {str(mv.version): dict(mv.tags) for mv in registry.all_versions(client, name)}
+    return registry.alias_map(client, name), tags
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def test_no_champion_yet(store: Path, user: str):
+    d = decide(correct(70), None, GateConfig(min_top1=0.5))
+    assert d.promote and d.reason == "no champion yet"
+    assert d.challenger_top1 == pytest.approx(0.70)
+    assert [c.name for c in d.checks] == ["floor"]
+    new_versions(store, "m-first", 1)
+    assert gate_into_registry(store, "m-first", d, "1") == "champion"
+    aliases, tags = state(store, "m-first")
+    assert aliases == {"champion": "1"}  # no `previous`: there was nothing before
+    assert tags["1"]["gate_decision"] == "promoted"
+    assert tags["1"]["gate_reason"] == "no champion yet"
+    assert "floor: pass - top-1 0.7000 >= min_top1 0.5000" in tags["1"]["gate_checks"]
+    assert tags["1"]["champion_action"] == "gate" and tags["1"]["model"] == "crafted"
+
+
+def test_no_champion_but_below_the_floor():
+    d = decide(correct(40), None, GateConfig(min_top1=0.5))
+    assert not d.promote
+    assert d.reason == "no champion yet, but top-1 0.4000 < min_top1 0.5000"
+
+
+def test_clear_win(store: Path, user: str):
+    # champion right on 0..59, challenger right on 0..79: b=20 discordant wins, c=0
+    d = decide(correct(80), correct(60), GateConfig(min_delta=0.05, mcnemar=True, alpha=0.05),
+               champion_version="1")
+    assert d.promote, d.reason
+    assert d.gain == pytest.approx(0.20)
+    assert (d.only_challenger_right, d.only_champion_right) == (20, 0)
+    assert d.mcnemar_p == pytest.approx(2 / 2**20)
+    assert d.reason.startswith("top-1 0.8000 beats champion v1 0.6000 (gain +0.2000")
+    client = new_versions(store, "m-win", 2)
+    gate_into_registry(store, "m-win", decide(correct(60), None, GateConfig()), "1")
+    assert gate_into_registry(store, "m-win", d, "2") == "champion"
+    aliases, tags = state(store, "m-win")
+    assert aliases == {"champion": "2", "previous": "1"}
+    assert tags["2"]["gate_decision"] == "promoted"
+    assert tags["2"]["gate_champion_version"] == "1"
+    assert tags["2"]["gate_champion_top1"] == "0.600000"
+    assert float(tags["2"]["gate_mcnemar_p"]) == pytest.approx(2 / 2**20)
+    assert "mcnemar: pass" in tags["2"]["gate_checks"]
+    assert tags["1"]["demoted_for"] == "2" and tags["1"]["demoted_action"] == "gate"
+    history = json.loads(client.get_registered_model("m-win").tags["alias_history"])
+    assert [(h["from"], h["to"]) for h in history] == [(None, "1"), ("1", "2")]
+
+
+def test_tie_within_the_delta(store: Path, user: str):
+    # +1 point over the champion, 2 needed
+    d = decide(correct(61), correct(60), GateConfig(min_delta=0.02), champion_version="1")
+    assert not d.promote
+    assert [c.name for c in d.checks if not c.passed and c.required] == ["delta"]
+    assert "gain +0.0100" in d.reason and "< min_delta 0.0200" in d.reason
+    new_versions(store, "m-tie", 2)
+    gate_into_registry(store, "m-tie", decide(correct(60), None, GateConfig()), "1")
+    assert gate_into_registry(store, "m-tie", d, "2") is None
+    aliases, tags = state(store, "m-tie")
+    assert aliases == {"champion": "1"}
+    assert tags["2"]["gate_decision"] == "rejected"
+    assert tags["2"]["gate_reason"].startswith("kept champion v1: gain +0.0100")
+    # an exact tie is never a win, even with min_delta 0
+    same = decide(correct(60), correct(60), GateConfig(), champion_version="1")
+    assert not same.promote and "not an improvement" in same.reason
+
+
+def test_regression(store: Path, user: str):
+    d = decide(correct(55), correct(60), GateConfig(), champion_version="1")
+    assert not d.promote
+    assert d.gain == pytest.approx(-0.05)
+    assert "gain -0.0500" in d.reason and "not an improvement" in d.reason
+    new_versions(store, "m-worse", 2)
+    gate_into_registry(store, "m-worse", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-worse", d, "2")
+    aliases, tags = state(store, "m-worse")
+    assert aliases == {"champion": "1"}
+    assert tags["2"]["gate_decision"] == "rejected"
+    assert tags["2"]["gate_challenger_top1"] == "0.550000"
+
+
+def test_non_significant_win_with_mcnemar(store: Path, user: str):
+    # champion right on 0..59; challenger right on 0..58 and 60..62: b=3, c=1, gain +0.02
+    challenger = [i < 59 or 60 <= i < 63 for i in range(N)]
+    cfg = GateConfig(min_delta=0.01, mcnemar=True, alpha=0.05)
+    d = decide(challenger, correct(60), cfg, champion_version="1")
+    assert not d.promote
+    assert d.gain == pytest.approx(0.02)
+    assert (d.only_challenger_right, d.only_champion_right) == (3, 1)
+    assert d.mcnemar_p == pytest.approx(2 * (1 + 4) / 16)  # 0.625
+    assert "exact p=0.625 > alpha 0.05" in d.reason
+    assert [c.name for c in d.checks if not c.passed] == ["mcnemar"]
+    # the same numbers pass without the test: the McNemar check is what stops it
+    off = decide(challenger, correct(60), GateConfig(min_delta=0.01), champion_version="1")
+    assert off.promote and not off.checks[-1].required
+    new_versions(store, "m-noise", 2)
+    gate_into_registry(store, "m-noise", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-noise", d, "2")
+    aliases, tags = state(store, "m-noise")
+    assert aliases == {"champion": "1"}
+    assert tags["2"]["gate_decision"] == "rejected"
+    assert tags["2"]["gate_mcnemar_p"] == "0.625"
+    assert "mcnemar=True" in tags["2"]["gate_config"]
+
+
+def test_floor_blocks_a_win():
+    d = decide(correct(45), correct(30), GateConfig(min_top1=0.5), champion_version="1")
+    assert not d.promote
+    assert d.reason == "kept champion v1: top-1 0.4500 < min_top1 0.5000"
+
+
+def test_report_lists_every_check_with_numbers():
+    d = decide(correct(80), correct(60), GateConfig(min_delta=0.05, mcnemar=True),
+               champion_version="1")
+    md = d.markdown("m", "2")
+    assert md.startswith("## Champion gate: PROMOTED")
+    for needle in ("| floor | yes | pass |", "| delta | yes | pass | gain +0.2000",
+                   "| mcnemar | yes | pass | exact p=", "champion v1, top-1 0.6000",
+                   "`min_delta=0.05`"):
+        assert needle in md, needle
+
+
+def test_unpaired_predictions_are_refused():
+    with pytest.raises(ValueError, match="differ in length"):
+        decide(correct(5, n=10), correct(5, n=11), GateConfig(), champion_version="1")
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+def test_rollback_and_manual_promotion(store: Path, user: str):
+    from visionflow import registry
+    from visionflow.registry import RegistryError
+
+    client = new_versions(store, "m-roll", 3)
+    for v in ("1", "2"):
+        gate_into_registry(store, "m-roll", decide(correct(60 + int(v)), None, GateConfig()), v)
+    assert registry.alias_map(client, "m-roll") == {"champion": "2", "previous": "1"}
+
+    old, new = registry.rollback(client, "m-roll", "v2 mislabels class 3")
+    assert (old, new) == ("2", "1")
+    aliases, tags = state(store, "m-roll")
+    assert aliases == {"champion": "1", "previous": "2"}
+    assert tags["1"]["champion_action"] == "rollback"
+    assert tags["1"]["champion_by"] == user
+    assert tags["1"]["champion_reason"] == "v2 mislabels class 3"
+    assert tags["2"]["demoted_by"] == user and tags["2"]["demoted_action"] == "rollback"
+
+    registry.rollback(client, "m-roll", "back to 3", to="3")
+    assert registry.alias_map(client, "m-roll") == {"champion": "3", "previous": "1"}
+    with pytest.raises(RegistryError, match="already has alias 'champion'"):
+        registry.rollback(client, "m-roll", "again", to="v3")
+    with pytest.raises(RegistryError, match=r"version 9 not found \(versions: 1, 2, 3\)"):
+        registry.rollback(client, "m-roll", "nope", to="9")
+    with pytest.raises(RegistryError, match="must not be empty"):
+        registry.rollback(client, "m-roll", "  ")
+
+    registry.promote(client, "m-roll", "@previous", "hand-picked")
+    aliases, tags = state(store, "m-roll")
+    assert aliases == {"champion": "1", "previous": "3"}
+    assert tags["1"]["champion_action"] == "promote"
+    history = registry.history(client, "m-roll")
+    assert [h["action"] for h in history] == ["gate", "gate", "rollback", "rollback", "promote"]
+    assert all(h["by"] == user for h in history[2:])
+
+
+def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
+    from visionflow.cli import app
+
+    monkeypatch.setenv("COLUMNS", "200")
+    new_versions(store, "m-cli", 2)
+    gate_into_registry(store, "m-cli", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-cli", decide(correct(70), correct(60), GateConfig(),
+                                              champion_version="1"), "2")
+    runner = CliRunner()
+    base = ["--root", str(store), "--name", "m-cli"]
+
+    res = runner.invoke(app, ["models", "list", *base])
+    assert res.exit_code == 0, res.output
+    assert "champion" in res.output and "previous" in res.output and "promoted" in res.output
+
+    res = runner.invoke(app, ["models", "list", *base, "--json"])
+    rows = json.loads(res.output)
+    assert [(r["version"], r["aliases"], r["tags"]["gate_decision"]) for r in rows] == [
+        ("2", ["champion"], "promoted"), ("1", ["previous"], "promoted")]
+
+    res = runner.invoke(app, ["models", "show", "champion", *base])
+    assert res.exit_code == 0, res.output
+    assert "version 2" in res.output and "gate_reason" in res.output
+
+    res = runner.invoke(app, ["models", "compare", "1", "2", *base])
+    assert res.exit_code == 0, res.output
+    assert "v1 (previous)" in res.output and "v2 (champion)" in res.output
+    assert "gate_challenger_top1" in res.output
+
+    res = runner.invoke(app, ["models", "rollback", *base, "--reason", "bad canary"])
+    assert res.exit_code == 0, res.output
+    assert "rolled back v2 -> v1" in res.output and "alice" in res.output
+    _, tags = state(store, "m-cli")
+    assert tags["1"]["champion_reason"] == "bad canary"
+
+    res = runner.invoke(app, ["models", "promote", "2", *base])  # --reason is required
+    assert res.exit_code != 0
+
+
+def test_cli_error_is_one_line(store: Path):
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "vflow"), "models", "rollback", "--root", str(store),
+         "--name", "m-first", "--reason", "x"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == ("error: rollback: model 'm-first' has no 'previous' alias; "
+                         "pass --to VERSION"), proc.stderr

@@ -1,0 +1,166 @@
+"""The register stage on a tiny trained model: model card, provenance tags, signature and
+input example; the pyfunc from image bytes equals the evaluate stage; evaluation artifacts;
+two concurrent registrations (2 processes) leave exactly one champion."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_registry_fixtures import fresh_copy, registered_project, split_images, trained_project
+
+from visionflow.layout import Layout
+
+NAME = "visionflow-classifier"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, digits_dir) -> Layout:
+    return registered_project(tmp_path_factory, digits_dir)
+
+
+def _client(layout: Layout):
+    from visionflow import registry
+
+    return registry.client_for(layout.root)
+
+
+def test_evaluate_writes_every_artifact(tmp_path_factory, digits_dir):
+    from visionflow import evaluate
+
+    trained = trained_project(tmp_path_factory, digits_dir)
+    files = evaluate.artifact_files(trained)
+    for f in files:
+        assert f.is_file() and f.stat().st_size > 0, f
+        if f.suffix == ".png":
+            assert f.read_bytes()[:4] == b"\x89PNG", f
+    metrics = json.loads(trained.metrics.read_text())
+    assert {"top1", "top3", "f1_macro", "f1_micro", "f1_weighted", "miou", "ece", "n_test",
+            "per_class"} <= set(metrics)
+    assert set(metrics["per_class"]["0"]) == {"precision", "recall", "f1", "iou", "support"}
+    with (trained.evaluate_dir / "reliability.csv").open() as f:
+        bins = list(csv.DictReader(f))
+    assert sum(int(b["count"]) for b in bins) == metrics["n_test"]
+    # the same files were logged to the pipeline's MLflow run
+    run_id = json.loads(trained.run_info.read_text())["run_id"]
+    logged = {Path(a.path).name for a in _client(trained).list_artifacts(run_id, "evaluate")}
+    assert {f.name for f in files} <= logged
+
+
+def test_version_has_card_tags_signature_and_example(registered: Layout):
+    import mlflow
+
+    reg = json.loads(registered.registration.read_text())
+    assert reg["version"] == "1" and reg["alias"] == "champion"
+    client = _client(registered)
+    mv = client.get_model_version(NAME, "1")
+    card = mv.description
+    for needle in ("# visionflow-classifier v1: alexnet", "## Data", "data hash", "## Test metrics",
+                   "| top1 |", "| ece |", "training time", "parent run", reg["run_id"],
+                   "classes | 10: 0, 1, 2", "## Champion gate: PROMOTED", "hardware",
+                   "```yaml"):
+        assert needle in card, needle
+    tags = mv.tags
+    for key in ("data_hash", "git_commit", "dvc_lock_hash", "params_hash", "gate_decision",
+                "gate_reason", "gate_checks", "metrics"):
+        assert key in tags, key
+    assert len(tags["data_hash"]) == 32 and tags["gate_decision"] == "promoted"
+    assert json.loads(tags["metrics"])["top1"] == pytest.approx(
+        json.loads(registered.metrics.read_text())["top1"], abs=1e-6)
+    info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.signature.inputs.inputs[0].type.name == "binary"
+    assert [c.name for c in info.signature.outputs.inputs] == ["label", "score", "topk"]
+    assert info.saved_input_example_info is not None
+    assert client.get_registered_model(NAME).description
+    report = (registered.register_dir / "gate_report.md").read_text()
+    assert report.startswith("## Champion gate: PROMOTED")
+    assert "register/gate_report.md" in {a.path for a in
+                                         client.list_artifacts(reg["run_id"], "register")}
+
+
+def test_pyfunc_from_bytes_equals_evaluate(registered: Layout):
+    import mlflow
+    import pandas as pd
+    import torch
+
+    _client(registered)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    files = split_images(registered)
+    with registered.predictions.open() as f:
+        expected = list(csv.DictReader(f))
+    assert len(expected) == len(files)
+    out = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in files]}))
+    assert list(out.columns) == ["label", "score", "topk"]
+    assert out["label"].tolist() == [r["predicted"] for r in expected]
+    for score, row in zip(out["score"], expected, strict=True):
+        assert score == pytest.approx(float(row["confidence"]), abs=5.1e-5)
+    top = json.loads(out["topk"][0])
+    assert len(top) == 3 and top[0]["label"] == out["label"][0]  # evaluate.topk [1, 3]
+    assert sum(t["probability"] for t in top) <= 1.0 + 1e-6
+    # arrays (the uint8 test tensor, C×H×W) give the same answer as the encoded files
+    cache = torch.load(registered.cache, weights_only=True)
+    arrays = model.predict(pd.DataFrame({"image": list(cache["test_x"][:20].numpy())}))
+    assert arrays["label"].tolist() == out["label"][:20].tolist()
+    assert arrays["score"].to_numpy() == pytest.approx(out["score"][:20].to_numpy(), abs=1e-6)
+    # per-call top-k
+    two = model.predict(pd.DataFrame({"image": [files[0].read_bytes()]}), params={"topk": 2})
+    assert len(json.loads(two["topk"][0])) == 2
+
+
+_REGISTER = """
+import sys, time
+from pathlib import Path
+from visionflow.config import load_params
+from visionflow.layout import Layout
+from visionflow.stages import run_stage
+layout = Layout.at(sys.argv[1])
+params = load_params(layout.params)
+go = Path(sys.argv[2])
+while not go.exists():  # start both registrations at the same moment
+    time.sleep(0.05)
+reg = run_stage("register", params, layout)
+print("RESULT", reg.version, reg.decision.label)
+"""
+
+
+def test_two_concurrent_registrations_leave_one_champion(tmp_path: Path, tmp_path_factory,
+                                                         digits_dir):
+    from visionflow import registry, tracking
+
+    src = trained_project(tmp_path_factory, digits_dir)
+    store = tmp_path / "store"
+    (store / "mlruns").mkdir(parents=True)
+    uri = f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"
+    a, b = fresh_copy(src, tmp_path / "a"), fresh_copy(src, tmp_path / "b")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"}
+    env |= {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        tracking.setup(a)  # create the store once, before the race
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(p.root), str(go)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for p in (a, b)]
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = sorted(line.split()[1:] for out, _ in outs for line in out.splitlines()
+                     if line.startswith("RESULT"))
+    # same model twice: the first is promoted (no champion yet), the second sees it and ties
+    assert results == [["1", "promoted"], ["2", "rejected"]]
+
+    client = registry.client_for(store)
+    assert registry.alias_map(client, NAME) == {"champion": "1"}
+    versions = registry.list_versions(client, NAME)
+    assert [v.gate for v in versions] == ["rejected", "promoted"]
+    assert versions[0].tags["gate_champion_version"] == "1"
+    assert registry.lock_path(uri).name == ".mlflow.db.register.lock"
