@@ -185,17 +185,19 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
     if data_source:
         overrides.append(f"data.source={json.dumps(data_source)}")
     report: dict[str, Any] = {"root": root, "force": force, "only_new_data": only_new_data,
-                              "stages": [], "status": "running"}
-    cfg = load_params(params_path, overrides, root=Path(root))  # fail fast on bad config
+                              "stages": [], "status": "running", "data": {}}
     layout = Layout.at(root)
-    reg_cfg = cfg.register_
-    report.update(model_name=reg_cfg.model_name,
-                  data={"source": cfg.data.source, "refresh": "not run (not a scheduled run)"})
-    lock = _project_lock(layout, logger)
-    current = "setup"
+    lock = None
+    current = "config"
     try:
+        cfg = load_params(params_path, overrides, root=Path(root))  # fail fast on bad config
+        report.update(model_name=cfg.register_.model_name,
+                      data={"source": cfg.data.source,
+                            "refresh": "not run (not a scheduled run)"})
+        current = "setup"
+        lock = _project_lock(layout, logger)
         specs = orch.read_specs(layout, STAGES) if cfg.flow.cache else None
-        keys = orch.stage_keys(specs, cfg, layout)
+        keys: dict[str, str | None] | None = None
         check: dict[str, Any] | None = None
         if only_new_data and not force:
             fr = _flow_run()
@@ -211,7 +213,7 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
                 params_path, overrides, root)
             logger.info("data refresh: %s", report["data"]["refresh"])
             current = "check-data"
-            keys = orch.stage_keys(specs, cfg, layout)  # the refresh may have changed files
+            keys = orch.stage_keys(specs, cfg, layout)  # after the refresh: it may change files
             check = _configured(check_data, "validate", cfg)(
                 params_path, overrides, root, keys.get("validate"))
             report["data"].update(data_hash=check["data_hash"], dvc_md5=check["dvc_md5"],
@@ -219,6 +221,8 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
             logger.info("data check (%s): %s", check["method"], check["reason"])
             if check["new_data"] is False:
                 return _skip(report, check["reason"], check, cfg, layout, logger)
+        if keys is None:
+            keys = orch.stage_keys(specs, cfg, layout)
         results: dict[str, Any] = {}
         for name, stage in STAGE_TASKS.items():
             current = name
@@ -230,8 +234,9 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
                 params_path, overrides, root, key, return_state=True)
             out = state.result()  # raises the stage's exception
             results[name] = out["result"]
-            report["stages"].append({"name": name, "seconds": out["seconds"],
-                                     "state": "cached" if state.name == "Cached" else "ran"})
+            cached = state.name == "Cached"  # seconds: time inside the stage function
+            report["stages"].append({"name": name, "state": "cached" if cached else "ran",
+                                     "seconds": None if cached else out["seconds"]})
             if name == "validate":
                 report["validation"] = _read_json(layout.validation)
                 data_hash = report["validation"].get("data_hash", "")
@@ -258,7 +263,8 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
         _publish(report, logger)
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _skip(report: dict[str, Any], reason: str, check: dict[str, Any], cfg: Params,
@@ -311,7 +317,9 @@ def _finish(report: dict[str, Any], results: dict[str, Any], cfg: Params, layout
     return {"model_name": reg.model_name, "version": reg.version, "alias": reg.alias,
             "reason": reg.decision.reason, "ui_command": reg.ui_command, "skipped": False,
             "data_hash": report["data"].get("data_hash", ""),
-            "stages": {s["name"]: s["state"] for s in report["stages"]}}
+            "stages": {s["name"]: s["state"] for s in report["stages"]},
+            "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]
+                              if s["seconds"] is not None}}
 
 
 def serve_deployment(params: str = "params.yaml", overrides: list[str] | None = None,

@@ -48,7 +48,7 @@ os.environ.pop("PREFECT_API_URL", None)
 TINY = {
     "data.image_size": 16,
     "train.model": "fast",
-    "train.lr": 0.05,
+    "train.lr": 0.5,
     "train.epochs": 2,
     "train.batch_size": 64,
     "train.threads": 2,

@@ -319,3 +319,116 @@ def test_pt2e_x86_int8_agrees_with_fp32(teacher, data):
         int8_top1 = quantized(x).argmax(1)
     fp32_top1 = torch_logits(teacher, x).argmax(1)
     assert (int8_top1 == fp32_top1).float().mean() >= 0.95
+
+
+def test_int8_keeps_the_first_conv_fp32_and_takes_uint8(fp32_onnx, data, tmp_path):
+    import onnx
+
+    calib = (data["x_train"][:64] * 255).round().to(torch.uint8)  # as the augment cache holds
+    int8 = quantize_int8_onnx(fp32_onnx, calib, tmp_path / "int8.onnx", keep_first_conv=True)
+    graph = onnx.load(str(int8)).graph
+    first = next(n for n in graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    # the stem reads fp32 weights straight from an initializer (no DequantizeLinear before it)
+    assert first.input[1] in inits and producers.get(first.input[1]) is None
+    later = [n for n in graph.node if n.op_type == "Conv"][1]
+    assert producers.get(later.input[1]) == "DequantizeLinear"
+    fp32_top1 = OrtClassifier(fp32_onnx).predict_logits(data["x_test"]).argmax(1)
+    assert (OrtClassifier(int8).predict_logits(data["x_test"]).argmax(1) == fp32_top1).mean() >= 0.95
+
+
+def test_int8_falls_back_when_symbolic_shape_inference_fails(data, tmp_path):
+    """dynamo exports a global max-pool + flatten as ReduceMax -> Reshape, which ORT's
+    symbolic shape inference cannot follow; plain ONNX shape inference is used instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    fp32 = export_onnx(model, data["x_test"][:1], tmp_path / "maxpool.onnx")
+    int8 = quantize_int8_onnx(fp32, data["x_train"][:32], tmp_path / "maxpool_int8.onnx")
+    assert OrtClassifier(int8).predict_logits(data["x_test"][:4]).shape == (4, 10)
+
+
+def test_ort_module_runs_like_a_torch_classifier(teacher, fp32_onnx, data):
+    from visionflow.compression.onnx_export import OrtModule
+
+    x = data["x_test"][:16]
+    torch.testing.assert_close(OrtModule(fp32_onnx)(x), torch_logits(teacher, x),
+                               rtol=1e-3, atol=1e-4)
+    assert list(OrtModule(fp32_onnx).parameters()) == []
+
+
+def test_distill_takes_uint8_and_precomputed_teacher_logits(teacher, data):
+    torch.manual_seed(2)
+    student = build({**ARCH, "width": 8})
+    x8 = (data["x_train"][:256] * 255).round().to(torch.uint8)
+    logits = torch_logits(teacher, x8)  # uint8 input is scaled like float [0, 1]
+    torch.testing.assert_close(logits, torch_logits(teacher, x8.float() / 255))
+    _, history = distill(student, None, x8, data["y_train"][:256], epochs=2, lr=3e-3,
+                         batch_size=32, teacher_logits=logits)
+    assert history[-1]["kl"] < history[0]["kl"]
+
+
+def test_pt2e_recipe_round_trip_and_first_conv_kept(teacher, data, tmp_path):
+    pytest.importorskip("torchao", reason="torchao is optional")
+    from torchao.quantization.pt2e import quantize_pt2e as qp
+
+    from visionflow.compression import pt2e
+
+    fold = qp._fold_conv_bn_qat
+    calib = (data["x_train"][:64] * 255).round().to(torch.uint8)
+    quantized = pt2e.quantize_pt2e_x86(teacher, calib, keep_first_conv=True)
+    assert qp._fold_conv_bn_qat is fold  # the QAT pass skipped during convert is restored
+    assert pt2e.first_conv_name(teacher) == "stem.0"
+    path = tmp_path / "recipe.pt"
+    pt2e.save_recipe(path, teacher, ARCH, calib, keep_first_conv=True)
+    blob = torch.load(path, weights_only=True)
+    assert blob["pt2e"]["calibration"].dtype == torch.uint8
+    reloaded = pt2e.load_recipe(path, build=build)
+    x = data["x_test"][:64]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), quantized(x))  # calibration is deterministic
+        lowered = pt2e.lower_x86(quantized, x[:8])
+        agree = (lowered(x[:8]).argmax(1) == quantized(x[:8]).argmax(1)).float().mean()
+    assert agree >= 0.75  # oneDNN kernels round differently from the reference graph
+
+
+def test_gpu_latency_is_none_without_cuda():
+    from visionflow.compression.measure import gpu_latency_ms
+
+    result = gpu_latency_ms(nn.Conv2d(3, 4, 3), torch.rand(3, 8, 8), reps=2, warmup=1)
+    assert (result is None) == (not torch.cuda.is_available())
+    if result is not None:
+        assert result["median_ms"] > 0 and result["device"]
+
+
+def test_search_pareto_and_choice_on_rows():
+    from visionflow.compression.search import choose, mark, pareto_flags
+
+    def row(name, top1, size, macs, ms, deployable=True, candidate=True):
+        return {"name": name, "top1": top1, "top1_drop_points": round(100 * (0.9 - top1), 6),
+                "size_bytes": size, "macs": macs, "cpu_b1_ms": ms, "deployable": deployable,
+                "candidate": candidate}
+
+    original = row("original", 0.90, 100, 1000, 10.0, candidate=False)
+    rows = [original,
+            row("a", 0.895, 25, 1000, 6.0),  # -0.5 pt, 4x smaller
+            row("b", 0.880, 10, 250, 3.0),  # -2 pt
+            row("c", 0.900, 60, 490, 5.0),  # no drop
+            row("d", 0.905, 80, 100, 1.0, deployable=False),  # fastest, not deployable
+            row("e", 0.800, 50, 900, 9.0)]  # dominated by a
+    # the original is dominated by d: the front is drawn over every measured row
+    assert pareto_flags(rows, "size") == [False, True, True, True, True, False]
+    assert pareto_flags(rows, "cpu_latency") == [False, False, False, False, True, False]
+    assert choose(rows, original, "size", 1.0)[0] == "a"
+    assert choose(rows, original, "size", 2.0)[0] == "b"
+    assert choose(rows, original, "macs", 1.0)[0] == "c"  # a has the original's MACs
+    assert choose(rows, original, "cpu_latency", 0.0)[0] == "c"
+    name, reason = choose(rows, original, "size", 0.0)
+    assert name == "c"
+    rows[3]["size_bytes"] = 100  # c no longer smaller than the original
+    name, reason = choose(rows, original, "size", 0.0)
+    assert name is None and "no gain: c" in reason
+    mark(rows, 1.0, "a")
+    assert [r["selected"] for r in rows] == [False, True, False, False, False, False]
+    assert [r["in_budget"] for r in rows] == [True, True, False, True, True, False]

@@ -7,7 +7,7 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
+from contextlib import suppress
 
 import pytest
 from conftest import make_project
@@ -124,10 +124,8 @@ def _register_champion(layout: Layout, summary: dict, name: str = "visionflow-cl
     with mlflow.start_run() as run:
         mlflow.log_dict(summary, "data/data_summary.json")
     client = MlflowClient()
-    try:
+    with suppress(Exception):  # already there
         client.create_registered_model(name)
-    except Exception:  # already there
-        pass
     mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model",
                                      run_id=run.info.run_id)
     client.set_registered_model_alias(name, "champion", mv.version)
@@ -139,7 +137,7 @@ def champion_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift")
     data = write_imagefolder(tmp / "src", {"train/a": 30, "train/b": 30, "train/c": 30,
                                            "test/a": 3, "test/b": 3, "test/c": 3})
-    project = make_project(tmp / "proj", data)
+    project = make_project(tmp / "proj", data, {"data.val_fraction": 0.0})
     layout = Layout.at(project)
     result = run_stage("validate", load_params(layout.params), layout)
     assert result.summary["drift"]["status"] == "no_reference"

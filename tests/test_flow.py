@@ -259,6 +259,17 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     assert "Stage **validate** failed" in api.summary(fr_id)
     assert registry(root) == ([1, 2], champion)
 
+    # 5. Per-stage timeout: train (rerun: its params changed) gets one second; the timeout
+    #    fails the flow and is not retried.
+    shutil.copy2(digits_dir / victim, root / "data" / victim)  # the image as it was
+    state = run(overrides=["train.epochs=50", "flow.timeout_s.train=1"])
+    assert state.is_failed() and "timed out" in state.message
+    fr_id = state.state_details.flow_run_id
+    tasks = wait_for(lambda: (t := api.task_runs(fr_id)).get("train") and
+                     t["train"].state.is_final() and t, 30, "task runs recorded")
+    assert tasks["train"].run_count == 1
+    assert registry(root) == ([1, 2], champion)
+
 
 def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy

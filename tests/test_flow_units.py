@@ -205,6 +205,14 @@ def test_summary_markdown_and_choice():
     comp["variants"]["int8"]["top1_drop"] = 0.05
     assert flow_report.compression_choice(comp)[0] == "original"
     assert flow_report.compression_choice({**comp, "choice": "prune"})[0] == "prune"
+    new_style = {"selected": {"name": "int8"}, "selected_reason": "smallest within 1 point",
+                 "recommended": "int8", "original": comp["original"], "variants": {
+                     "int8": {"runtime": "onnxruntime", "size_bytes": 10, "top1_drop_points": 0.5}}}
+    assert flow_report.compression_choice(new_style) == ("int8", "smallest within 1 point")
+    none_fit = {**new_style, "selected": None, "recommended": "original",
+                "recommended_reason": "nothing within the budget"}
+    assert flow_report.compression_choice(none_fit) == ("original", "nothing within the budget")
+    assert "| int8 | onnxruntime |" in flow_report.summary_markdown({"compress": new_style})
     links = flow_report.mlflow_links("http://h:5000/", {"run_id": "r1", "experiment_id": "7"},
                                      "m", "4")
     assert links == {"mlflow-run": "http://h:5000/#/experiments/7/runs/r1",

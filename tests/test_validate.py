@@ -52,6 +52,7 @@ def violations(tmp_path_factory):
                     ).save(cat / "big.png")  # 100x100: too wide, too high, too many bytes
     Image.new("L", (16, 16), 128).save(data / "train" / "dog" / "gray.png")  # mode L
     project = make_project(tmp / "proj", data, {
+        "data.val_fraction": 0.0,  # keep both copies of the duplicate in train
         "validate.labels": ["cat", "dog", "fish"],  # fish: no images; bird: unknown label
         "validate.allowed_modes": ["RGB"],
         "validate.max_width": 64, "validate.max_height": 64,
@@ -76,14 +77,14 @@ HARD = [
     ("duplicates within a split at most 0.00%", "train/cat/dup.png"),
     ("at least 5 training images per class", "bird"),
     ("every val/test class also appears in train", "bird"),
-    ("largest/smallest class ratio at most 2.0", None),
+    ("largest/smallest class ratio at most 2.0", "cat (8)"),
 ]
 
 
 @pytest.mark.parametrize(("description", "example"), HARD, ids=[h[0][:30] for h in HARD])
 def test_hard_violation_fails_with_expectation_named(violations, description, example):
     r = violations["failed"][description]
-    assert r["kind"] == "hard" and r["expectation"].startswith("Expect")
+    assert r["kind"] == "hard" and r["expectation"].startswith("expect_")
     if example:
         assert example in r["examples"]
     assert description in violations["summary"]["hard_failures"]
@@ -230,3 +231,19 @@ def test_failed_run_leaves_no_stale_success(cached, tmp_path):
     with pytest.raises(Exception, match="broken.tar.gz"):
         run_stage("validate", bad, layout)
     assert json.loads(layout.validation.read_text())["success"] is False
+
+
+def test_archive_source_is_decoded_while_extracting(tmp_path):
+    import tarfile
+
+    data = write_imagefolder(tmp_path / "src" / "wrap", BASE)
+    archive = tmp_path / "d.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(data, arcname="wrap")  # a wrapper folder: the dataset root is one level down
+    layout = Layout.at(make_project(tmp_path / "proj", archive))
+    _, rows, _, stats = build_manifest_ex(load_params(layout.params), layout)
+    assert (stats.decoded, stats.while_extracting, stats.reused) == (16, 16, 0)
+    _, again, _, stats = build_manifest_ex(load_params(layout.params), layout)
+    assert stats.decoded == 0 and again == rows
+    plain = build_manifest_ex(load_params(layout.params, ["validate.cache=false"]), layout)[1]
+    assert plain == rows  # the same rows as decoding the extracted files

@@ -8,16 +8,18 @@ one-line error, and no input file is changed, deleted or written outside the tar
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import BIN, make_project, run
 from PIL import Image
-from test_ingest import _catalogue, _encode, _evil_tar, _evil_zip, _snapshot
+from test_ingest import _catalogue, _encode, _evil_tar, _evil_zip
 
 from visionflow.config import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed
@@ -48,6 +50,24 @@ def _validate(root: Path, overrides: list[str] | None = None):
 def _quarantine(layout: Layout) -> dict[str, tuple[str, str]]:
     with layout.quarantine.open(newline="") as f:
         return {r["path"]: (r["reason"], r["detail"]) for r in csv.DictReader(f)}
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    """Every path under `folder` (links not followed): mode, and size/mtime/hash of files."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            rel = p.relative_to(folder).as_posix()
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = (st.st_mode, os.readlink(p))
+            else:  # directories (their mtime moves with temp entries), fifos
+                out[rel] = (st.st_mode,)
+    return out
 
 
 def _outside_project(tmp: Path, project: Path) -> dict:
@@ -97,7 +117,7 @@ def defects(tmp_path_factory):
     (tmp / "outside").mkdir()
     (tmp / "outside" / "secret.png").write_bytes((root / "train/cat/000.png").read_bytes())
     (root / "train" / "cat" / "link_out.png").symlink_to(tmp / "outside" / "secret.png")
-    (root / "train" / "dog" / "dangling.png").symlink_to(tmp / "nowhere.png")
+    (root / "train" / "dog" / "dangling.png").symlink_to(root / "train" / "dog" / "gone.png")
     (root / "README.txt").write_text("not an image, not in a class folder\n")
     os.mkfifo(root / "train" / "dog" / "pipe.png")
     before = _outside_project(tmp, project)
@@ -189,7 +209,7 @@ def test_empty_class_folder_fails_naming_the_class(tmp_path):
         _validate(project)
     msg = str(err.value)
     assert "\n" not in msg and "hard expectation failed" in msg
-    assert "at least 5 training images per class" in msg and "e.g. bird" in msg
+    assert "at least 5 training images per class: observed 0 e.g. bird" in msg
     summary = json.loads(Layout.at(project).validation.read_text())
     assert summary["empty_classes"] == ["bird"]
 

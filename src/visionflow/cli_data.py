@@ -6,6 +6,7 @@ Only typer is imported at module level, so `vflow --help` stays fast.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -90,12 +91,12 @@ def _print_status(out: dict) -> None:
     from rich.table import Table
 
     cur, champ = out["current"], out["champion"]
-    head = (f"champion ({champ['model']} v{champ['version']} @{champ['alias']})"
-            if champ.get("status") == "ok" else f"champion ({champ['status']})")
     table = Table(title="data version", title_justify="left")
     table.add_column("")
     table.add_column("current")
-    table.add_column(head)
+    table.add_column("champion")
+    table.add_row("version", "workspace", f"{champ['model']} v{champ['version']} @{champ['alias']}"
+                  if champ.get("status") == "ok" else champ["status"])
     table.add_row("data_hash", cur["data_hash"] or "-", champ.get("data_hash") or "-")
     table.add_row("dvc_data_md5", cur["dvc_data_md5"] or "-", champ.get("dvc_data_md5") or "-")
     table.add_row("files (data.dvc)", str(cur["nfiles"] or "-"), "")
@@ -106,7 +107,7 @@ def _print_status(out: dict) -> None:
                       f"({'passed' if last.get('success') else 'failed'})", "")
     remote = out["remote"]
     table.add_row("DVC remote", f"{remote['name'] or '-'} {remote['url']}".strip(), "")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     same = out["same_as_champion"]
     console.print({True: "same data as the champion", False: "data differs from the champion",

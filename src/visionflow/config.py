@@ -71,6 +71,12 @@ class ValidateConfig(_Section):
     drift_pixel_shift: float = Field(0.05, gt=0, description="max change of channel mean/std")
     drift_size_psi: float = Field(0.2, gt=0, description="max PSI of the image-size mix")
 
+    @field_validator("drift", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on` as true)
+        return {False: "off", True: "warn"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v: list[str] | None) -> list[str] | None:
@@ -166,9 +172,80 @@ class EvaluateConfig(_Section):
 
 
 class CompressConfig(_Section):
-    methods: list[Literal["int8", "prune"]] = ["int8", "prune"]
-    prune_amount: float = Field(0.5, gt=0, lt=1)
+    """The compress stage (#6): variants searched, the accuracy budget and the objective.
+
+    Methods: `int8` ONNX Runtime QDQ static int8 (per-channel); `prune` unstructured magnitude
+    sparsity (report only: no gain in dense kernels); `structured` channel pruning
+    (torch-pruning) + fine-tune; `lowrank` Tucker-2 / SVD + fine-tune; `distill` a smaller
+    registry student; `pt2e` torchao PT2E X86 int8 (measured, not deployable).
+    """
+
+    methods: list[Literal["int8", "prune", "structured", "lowrank", "distill", "pt2e"]] = [
+        "int8", "prune", "structured"]
+    max_top1_drop: float = Field(1.0, ge=0, le=100, description="budget, in top-1 points")
+    objective: Literal["size", "macs", "cpu_latency"] = "size"
+    combine: bool = Field(True, description="also int8 of each fp32 variant within budget")
+    stop_at_first_miss: bool = Field(
+        True, description="try strengths mildest first; skip stronger ones after a miss")
     calibration_images: int = Field(256, gt=0)
+    int8_keep_first_conv: bool = Field(True, description="the stem conv stays fp32 in int8")
+    prune_amount: float = Field(0.5, gt=0, lt=1)
+    structured_ratios: list[float] = Field([0.3], min_length=1,
+                                           description="fraction of channels removed")
+    structured_steps: int = Field(1, ge=1, description="iterative pruning steps")
+    lowrank_energies: list[float] = Field([0.9], min_length=1,
+                                          description="singular-value energy kept")
+    student_model: str = "fast"
+    student_kwargs: dict[str, Any] = Field(
+        {"widths": [32, 64, 128]}, description="create_model kwargs that shape its layers")
+    finetune_epochs: int = Field(1, ge=0, description="after each pruning step / low-rank")
+    finetune_lr: float = Field(1e-3, gt=0)
+    finetune_batch_size: int = Field(64, gt=0)
+    finetune_images: int | None = Field(None, gt=0, description="train subset, null = all")
+    finetune_distill: bool = Field(False, description="fine-tune against the unpruned model")
+    distill_epochs: int = Field(3, ge=1, description="student training epochs")
+    distill_lr: float = Field(2e-3, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    distill_alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft term")
+    latency_batches: list[int] = Field([1, 32], min_length=1)
+    latency_reps: int = Field(20, ge=1, description="timed rounds at batch 1")
+    latency_reps_large: int = Field(5, ge=1, description="timed rounds at batches > 1")
+    latency_warmup: int = Field(2, ge=0)
+    threads: int = Field(0, ge=0, description="CPU threads for timing, 0 = torch default")
+    onnx_min_agreement: float = Field(0.99, ge=0, le=1, description="ORT vs torch top-1")
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @field_validator("structured_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError("each ratio must be in (0, 1)")
+        return sorted(set(v))
+
+    @field_validator("lowrank_energies")
+    @classmethod
+    def _energies(cls, v: list[float]) -> list[float]:
+        if any(not 0 < e < 1 for e in v):
+            raise ValueError("each energy must be in (0, 1)")
+        return sorted(set(v), reverse=True)
+
+    @field_validator("student_model")
+    @classmethod
+    def _student(cls, v: str) -> str:
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model, choose one of {', '.join(MODEL_NAMES)}")
+        return v
+
+    @field_validator("latency_batches")
+    @classmethod
+    def _batches(cls, v: list[int]) -> list[int]:
+        if 1 not in v or any(b < 1 for b in v):
+            raise ValueError("batch sizes >= 1, including 1 (the latency objective uses it)")
+        return sorted(set(v))
 
 
 class RegisterConfig(_Section):

@@ -44,20 +44,32 @@ def ensure_dvc_repo(layout: Layout) -> None:
     ensure_default_remote(layout)
 
 
-def default_remote(layout: Layout) -> str | None:
-    """Name of the default remote from .dvc/config(.local), without starting dvc."""
-    name = None
+def _dvc_config(layout: Layout) -> tuple[str | None, dict[str, str]]:
+    """(default remote name, {remote name: url}) from .dvc/config and config.local, read
+    directly (no dvc process); relative local URLs are resolved against .dvc/."""
+    name, urls = None, {}
     for cfg in (layout.root / ".dvc" / "config", layout.root / ".dvc" / "config.local"):
         if not cfg.is_file():
             continue
         section = ""
-        for line in cfg.read_text().splitlines():
-            line = line.strip()
+        for raw in cfg.read_text().splitlines():
+            line = raw.strip()
             if line.startswith("["):
-                section = line.strip("[]'\" ").lower()
+                m = re.match(r"""\[\s*'?remote\s+"([^"]+)"'?\s*\]""", line)
+                section = f"remote:{m.group(1)}" if m else line.strip("[]'\" ").lower()
             elif section == "core" and (m := re.match(r"remote\s*=\s*(\S+)", line)):
                 name = m.group(1)
-    return name
+            elif section.startswith("remote:") and (m := re.match(r"url\s*=\s*(\S+)", line)):
+                url = m.group(1)
+                if "://" not in url and not os.path.isabs(url):
+                    url = os.path.normpath(cfg.parent / url)
+                urls[section.removeprefix("remote:")] = url
+    return name, urls
+
+
+def default_remote(layout: Layout) -> str | None:
+    """Name of the default DVC remote, or None."""
+    return _dvc_config(layout)[0]
 
 
 def ensure_default_remote(layout: Layout) -> str:
@@ -154,7 +166,7 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     old = root / f".{target}.old-{os.getpid()}"
     try:
         scan = ingest.scan_imagefolder(staged)
-        if not scan.entries:
+        if not _has_an_image(scan.entries):
             raise DataError(f"data add: {source}: no images in class folders (expected "
                             "<class>/<image> or train/<class>/<image>)")
         if dest.exists() or dest.is_symlink():
@@ -180,15 +192,19 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     }
 
 
-def _remote_url(layout: Layout, name: str | None) -> str:
-    if not name:
-        return ""
-    proc = dvc(layout, "remote", "list", check=False)
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == name:
-            return parts[1]
-    return ""
+def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
+    """Whether any of the first `tries` files has an image header Pillow reads."""
+    from PIL import Image, UnidentifiedImageError
+
+    from visionflow.ingest import FORMATS
+
+    for e in entries[:tries]:
+        try:
+            with Image.open(e.fspath, formats=FORMATS):
+                return True
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            continue
+    return False
 
 
 def champion_tags(layout: Layout, model_name: str, alias: str) -> dict[str, Any]:
@@ -250,7 +266,7 @@ def data_status(layout: Layout, params: Any, target: str = "data",
             validated = {}
     reg = params.register_
     champ = champion_tags(layout, reg.model_name, reg.alias)
-    name = default_remote(layout)
+    name, urls = _dvc_config(layout)
     same = None
     if champ.get("status") == "ok":
         pairs = [(current["data_hash"], champ["data_hash"]),
@@ -259,4 +275,4 @@ def data_status(layout: Layout, params: Any, target: str = "data",
         same = all(known) if known else None
     return {"current": current, "last_validated": validated, "champion": champ,
             "same_as_champion": same,
-            "remote": {"name": name or "", "url": _remote_url(layout, name)}}
+            "remote": {"name": name or "", "url": urls.get(name or "", "")}}

@@ -50,8 +50,9 @@ def compression_choice(report: dict[str, Any] | None) -> tuple[str, str]:
             name = choice.get("name", str(choice)) if isinstance(choice, dict) else str(choice)
             return name, str(report.get(f"{key}_reason", "chosen by the compress stage"))
     ok = [(v.get("size_bytes", 0), name) for name, v in (report.get("variants") or {}).items()
-          if v.get("top1_drop", 1) <= CHOICE_MAX_TOP1_DROP
-          and v.get("size_bytes", 1 << 62) < report.get("original", {}).get("size_bytes", 0)]
+          if (_drop_points(v) if _drop_points(v) is not None else 100) <= CHOICE_MAX_TOP1_DROP
+          * 100 and v.get("size_bytes", 1 << 62) < report.get("original", {}).get(
+              "size_bytes", 0)]
     if not ok:
         return "original", (f"no variant is smaller within {CHOICE_MAX_TOP1_DROP:.0%} top-1 "
                             "of the original")
@@ -59,7 +60,16 @@ def compression_choice(report: dict[str, Any] | None) -> tuple[str, str]:
     v = report["variants"][name]
     return name, (f"smallest variant within {CHOICE_MAX_TOP1_DROP:.0%} top-1: "
                   f"{size / 1e6:.2f} MB ({v.get('size_ratio', 0):.2f}x), top-1 drop "
-                  f"{v.get('top1_drop', 0):+.4f}")
+                  f"{_drop_points(v):+.2f} points")
+
+
+def _drop_points(v: dict[str, Any]) -> float | None:
+    """Top-1 drop against the original in points (reports carry points or a fraction)."""
+    if v.get("top1_drop_points") is not None:
+        return float(v["top1_drop_points"])
+    if v.get("top1_drop") is not None:
+        return float(v["top1_drop"]) * 100
+    return None
 
 
 def mlflow_links(ui_url: str, run: dict[str, Any] | None, model_name: str,
@@ -131,15 +141,15 @@ def summary_markdown(r: dict[str, Any]) -> str:
     comp = r.get("compress")
     if comp:
         choice, why = compression_choice(comp)
-        rows = [["original", comp.get("original", {}).get("format", ""),
-                 comp.get("original", {}).get("size_bytes", 0) / 1e6, 1.0,
-                 comp.get("original", {}).get("top1"), 0.0]]
-        rows += [[name, x.get("format", ""), x.get("size_bytes", 0) / 1e6,
-                  x.get("size_ratio"), x.get("top1"), x.get("top1_drop")]
+        orig = comp.get("original") or {}
+        rows = [["original", orig.get("format") or orig.get("runtime", ""),
+                 (orig.get("size_bytes") or 0) / 1e6, 1.0, orig.get("top1"), 0.0]]
+        rows += [[name, x.get("format") or x.get("runtime", ""), (x.get("size_bytes") or 0)
+                  / 1e6, x.get("size_ratio"), x.get("top1"), _drop_points(x)]
                  for name, x in (comp.get("variants") or {}).items()]
         out += ["## Compression", "", f"Choice: **{choice}** ({why})", "",
-                _table(["variant", "format", "MB", "size ratio", "top-1", "top-1 drop"], rows),
-                ""]
+                _table(["variant", "format", "MB", "size ratio", "top-1", "top-1 drop (points)"],
+                       rows), ""]
 
     links = r.get("links") or {}
     if links:

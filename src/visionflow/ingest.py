@@ -28,8 +28,8 @@ import tempfile
 import warnings
 import zipfile
 import zlib
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
@@ -43,6 +43,7 @@ from visionflow.errors import DataError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
+MemberHook = Callable[[str, bytes], None]  # (archive member name, its bytes)
 SPLITS = ("train", "val", "test")
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
@@ -161,11 +162,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def resolve_source(source: Path, extract_root: Path) -> Path:
+def resolve_source(
+    source: Path, extract_root: Path, on_member: MemberHook | None = None
+) -> Path:
     """Return the dataset root for a directory or a .tar/.tar.gz/.tgz/.zip archive.
 
     Archives are extracted (safely) into `extract_root/<sha256[:16]>` and reused
-    when that folder is complete (its marker file exists).
+    when that folder is complete (its marker file exists). When an extraction happens,
+    `on_member(name, data)` gets each regular member's bytes (name relative to that
+    folder) after it is written, e.g. to inspect images while the rest is extracted.
     """
     source = Path(source)
     if source.is_dir():
@@ -181,16 +186,22 @@ def resolve_source(source: Path, extract_root: Path) -> Path:
     extract_root = Path(extract_root)
     dest = extract_root / digest[:16]
     if not (dest / EXTRACT_MARKER).is_file():
-        _extract_atomic(source, kind, digest, dest)
+        if on_member is None:  # (keeps the call patchable with the old signature)
+            _extract_atomic(source, kind, digest, dest)
+        else:
+            _extract_atomic(source, kind, digest, dest, on_member)
     return _dataset_root(dest)
 
 
-def _extract_atomic(source: Path, kind: str, digest: str, dest: Path) -> None:
+def _extract_atomic(
+    source: Path, kind: str, digest: str, dest: Path, on_member: MemberHook | None = None
+) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
-        count = _extract_tar(source, tmp) if kind == "tar" else _extract_zip(source, tmp)
+        extract = _extract_tar if kind == "tar" else _extract_zip
+        count = extract(source, tmp, on_member)
         marker = {"archive": str(source), "sha256": digest, "members": count}
         (tmp / EXTRACT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last
         if dest.exists():  # a leftover without marker (crash) or a racing extraction
@@ -231,16 +242,23 @@ def _unsafe(member: str, archive: Path, why: str) -> DataError:
     return DataError(f"unsafe archive member {member!r} in {archive.name}: {why}")
 
 
-def _write_member(target: Path, name: str, src: IO[bytes], made: set[str]) -> None:
+def _write_member(target: Path, name: str, src: IO[bytes], made: set[str],
+                  size: int = -1, on_member: MemberHook | None = None) -> None:
     parent = posixpath.dirname(name)
     if parent not in made:
         (target / parent).mkdir(parents=True, exist_ok=True)
         made.add(parent)
+    if on_member is not None and 0 <= size < _READ_WHOLE_BELOW:
+        data = src.read()
+        with open(target / name, "wb") as dst:
+            dst.write(data)
+        on_member(name, data)
+        return
     with open(target / name, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _extract_tar(archive: Path, target: Path) -> int:
+def _extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None) -> int:
     """Single streaming pass with the `filter="data"` rules, checked by us.
 
     Absolute names, '..' components, links resolving outside the target and
@@ -270,7 +288,7 @@ def _extract_tar(archive: Path, target: Path) -> int:
                 elif m.isfile():
                     src = tar.extractfile(m)
                     if src is not None:
-                        _write_member(target, name, src, made)
+                        _write_member(target, name, src, made, m.size, on_member)
                 else:
                     continue  # other types (e.g. GNU volume headers): nothing to write
                 count += 1
@@ -279,7 +297,7 @@ def _extract_tar(archive: Path, target: Path) -> int:
     return count
 
 
-def _extract_zip(archive: Path, target: Path) -> int:
+def _extract_zip(archive: Path, target: Path, on_member: MemberHook | None = None) -> int:
     try:
         with zipfile.ZipFile(archive) as zf:
             keep: list[tuple[zipfile.ZipInfo, str]] = []
@@ -303,7 +321,7 @@ def _extract_zip(archive: Path, target: Path) -> int:
                     made.add(name)
                     continue
                 with zf.open(info) as src:
-                    _write_member(target, name, src, made)
+                    _write_member(target, name, src, made, info.file_size, on_member)
             return len(keep)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError) as e:
         raise DataError(f"cannot read archive {archive}: {_one_line(e)}") from None
@@ -894,6 +912,30 @@ def inspect_image(
     except OSError as e:
         info.reason, info.error = "undecodable", f"cannot read file: {_one_line(e)}"
         return info
+    return _inspect_decoded(info, source, channels, min_width, min_height, max_pixels)
+
+
+def inspect_bytes(
+    data: bytes,
+    name: str = "<bytes>",
+    channels: int = 3,
+    *,
+    min_width: int = 1,
+    min_height: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ImageInfo:
+    """`inspect_image` for a file's content already in memory (`name` is only reported)."""
+    _check_channels(channels)
+    info = ImageInfo(path=name, bytes=len(data))
+    if not data:
+        info.reason, info.error = "zero_byte", "file is empty"
+        return info
+    info.sha256 = hashlib.sha256(data).hexdigest()
+    return _inspect_decoded(info, io.BytesIO(data), channels, min_width, min_height, max_pixels)
+
+
+def _inspect_decoded(info: ImageInfo, source: Path | io.BytesIO, channels: int,
+                     min_width: int, min_height: int, max_pixels: int) -> ImageInfo:
     try:
         img = _open_loaded(source, max_pixels)
         info.format, info.mode = img.format or "", img.mode
@@ -950,3 +992,80 @@ def inspect_many(
     except BrokenProcessPool:  # e.g. a worker killed: finish in-process
         out.extend(_inspect_chunk(names[len(out) :], channels, limits))
     return out
+
+
+def _inspect_blobs(blobs: list[tuple[str, bytes]], channels: int, max_pixels: int
+                   ) -> list[ImageInfo]:
+    return [inspect_bytes(data, name, channels, max_pixels=max_pixels) for name, data in blobs]
+
+
+class BackgroundInspector:
+    """Inspect (name, bytes) blobs in a process pool while the caller produces them.
+
+    Used as `resolve_source(..., on_member=inspector.submit)`: images are decoded on all
+    cores while the archive is still being extracted. The pool starts on the first blob;
+    at most ~2 batches per worker are in flight (bounded memory). `finish()` returns
+    {name: ImageInfo}; a broken pool just yields fewer results (the caller inspects the
+    rest the ordinary way).
+    """
+
+    def __init__(self, channels: int = 3, workers: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_files: int = 256,
+                 batch_bytes: int = 16 << 20) -> None:
+        _check_channels(channels)
+        self.channels, self.max_pixels = channels, max_pixels
+        self.workers = workers or os.cpu_count() or 1
+        self.batch_files, self.batch_bytes = batch_files, batch_bytes
+        self.results: dict[str, ImageInfo] = {}
+        self._batch: list[tuple[str, bytes]] = []
+        self._size = 0
+        self._pool: Any = None
+        self._futures: deque[Any] = deque()
+        self._broken = False
+
+    def submit(self, name: str, data: bytes) -> None:
+        if self._broken:
+            return
+        self._batch.append((name, data))
+        self._size += len(data)
+        if len(self._batch) >= self.batch_files or self._size >= self.batch_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch, self._size = self._batch, [], 0
+        if not batch or self._broken:
+            return
+        if self.workers <= 1:
+            for info in _inspect_blobs(batch, self.channels, self.max_pixels):
+                self.results[info.path] = info
+            return
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context(method))
+        self._futures.append(self._pool.submit(_inspect_blobs, batch, self.channels,
+                                               self.max_pixels))
+        while len(self._futures) > 2 * self.workers:
+            self._collect(self._futures.popleft())
+
+    def _collect(self, future: Any) -> None:
+        try:
+            for info in future.result():
+                self.results[info.path] = info
+        except Exception:  # e.g. a killed worker: those files get inspected later
+            self._broken = True
+
+    def finish(self) -> dict[str, ImageInfo]:
+        self._flush()
+        while self._futures:
+            self._collect(self._futures.popleft())
+        self.close()
+        return self.results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._futures.clear()

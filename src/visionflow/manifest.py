@@ -48,6 +48,7 @@ class CacheStats:
     reused: int = 0  # stat unchanged: row reused, file not read
     rehashed: int = 0  # stat changed, same sha256 as a cached file: not decoded again
     decoded: int = 0  # new content: hashed and decoded
+    while_extracting: int = 0  # of those, decoded while the archive was being extracted
     timings: dict[str, float] = field(default_factory=dict)  # seconds per manifest phase
 
     def as_dict(self) -> dict[str, Any]:
@@ -198,9 +199,19 @@ def build_manifest_ex(
     from visionflow import ingest
 
     t = {"start": time.perf_counter()}
+    v = params.validate_
     src = Path(params.data.source)
     src = src if src.is_absolute() else layout.root / src
-    root = ingest.resolve_source(src, layout.extract_cache)
+    # a first extraction feeds each member to a process pool: decode overlaps extraction
+    early = ingest.BackgroundInspector(params.data.channels, v.workers, v.max_pixels) \
+        if v.cache else None
+    try:
+        root = ingest.resolve_source(src, layout.extract_cache,
+                                     early.submit if early is not None else None)
+        inspected = early.finish() if early is not None else {}
+    finally:
+        if early is not None:
+            early.close()
     t["resolve"] = time.perf_counter()
     scan = ingest.scan_imagefolder(root)
     if not scan.entries:
@@ -212,8 +223,8 @@ def build_manifest_ex(
         entries = ingest.subset_per_class(entries, params.data.limit_per_class,
                                           params.data.split_seed)
 
-    v = params.validate_
     cache = None
+    seeded: set[str] = set()
     if v.cache:
         cache = RowCache.load(cache_file(layout, root),
                               _signature(params.data.channels, v.max_pixels))
@@ -222,8 +233,15 @@ def build_manifest_ex(
         kept = {k: e for k, e in cache.entries.items() if k in present}
         cache.dirty |= len(kept) != len(cache.entries)
         cache.entries = kept
+        if inspected:
+            seeded = _seed(cache, inspected, root, layout.extract_cache, present)
     t["scan"] = time.perf_counter()
     values = inspect_entries(entries, params.data.channels, v.workers, v.max_pixels, cache)
+    if cache is not None and seeded:
+        n = sum(e.relpath in seeded for e in entries)
+        cache.stats.reused -= n
+        cache.stats.decoded += n
+        cache.stats.while_extracting = n
     t["inspect"] = time.perf_counter()
     rows = [_row(e, i, v.min_width, v.min_height) for e, i in zip(entries, values, strict=True)]
     blank = dict.fromkeys(COLUMNS, "")
@@ -239,6 +257,34 @@ def build_manifest_ex(
     names = list(t)
     stats.timings = {b: round(t[b] - t[a], 3) for a, b in zip(names, names[1:], strict=False)}
     return root, rows, empty, stats
+
+
+def _seed(cache: RowCache, inspected: dict[str, Any], root: Path, extract_root: Path,
+          present: set[str]) -> set[str]:
+    """Cache rows for files inspected while their archive was extracted (their relpaths)."""
+    seeded: set[str] = set()
+    try:
+        parts = root.relative_to(extract_root.resolve()).parts  # <digest>[/wrapper...]
+    except ValueError:
+        return seeded
+    prefix = "/".join(parts[1:])
+    cut = len(prefix) + 1 if prefix else 0
+    base = os.path.join(str(root), "")
+    for name, info in inspected.items():
+        if prefix and not name.startswith(prefix + "/"):
+            continue
+        rel = name[cut:]
+        if rel not in present:
+            continue
+        try:
+            st = os.stat(base + rel)
+        except OSError:
+            continue
+        if st.st_size == info.bytes:
+            cache.entries[rel] = [*_stat_key(st), *_info_values(info)]
+            cache.dirty = True
+            seeded.add(rel)
+    return seeded
 
 
 def _row(entry: Any, v: list[Any], min_width: int, min_height: int) -> dict[str, Any]:

@@ -115,12 +115,11 @@ def _tables(rows: list[dict[str, Any]], labels: list[str], empty_classes: list[s
 
     files = pd.DataFrame(rows)
     files["decodable"] = files["decodable"].astype(bool)
-    images = files[files["quarantine_reason"].isin(["", "cross_split_duplicate"])].copy()
-    images = images[images["decodable"]]
+    # "images": what training would use (quarantined files, leaked copies included, are out)
+    images = files[(files["quarantine_reason"] == "") & files["decodable"]].copy()
     for col in ("width", "height", "bytes"):
         images[col] = pd.to_numeric(images[col])
     images["splits_sharing_file"] = images.groupby("sha256")["split"].transform("nunique")
-    images.loc[images["quarantine_reason"] != "", "splits_sharing_file"] = 1
     images["duplicate_in_split"] = images.duplicated(["split", "sha256"], keep="first")
     train = Counter(r["label"] for r in usable_rows(rows) if r["split"] == "train")
     all_labels = sorted({r["label"] for r in usable_rows(rows)} | set(labels)
@@ -131,7 +130,7 @@ def _tables(rows: list[dict[str, Any]], labels: list[str], empty_classes: list[s
         {"label": c, "train_count": train[c], "in_train": train[c] > 0,
          "imbalance_ratio": biggest / smallest}
         for c in all_labels
-    ])
+    ], columns=["label", "train_count", "in_train", "imbalance_ratio"])
     return {"files": files, "images": images, "classes": classes}
 
 
@@ -208,10 +207,27 @@ def run_gx(checks: list[Check], tables: dict[str, Any], docs_dir: Path | None) -
         for vr in run.run_results.values():
             for r in vr.results:
                 results.append(_result_row(table, r, df))
-    kinds = {(c.table, c.kwargs.get("column"), c.description): c.kind for c in checks}
+    by_key = {(c.table, c.kwargs.get("column"), c.description): c for c in checks}
     for r in results:
-        r["kind"] = kinds.get((r["table"], r["column"], r["description"]), "hard")
+        check = by_key.get((r["table"], r["column"], r["description"]))
+        r["kind"] = check.kind if check else "hard"
+        if not r["success"] and not r["examples"] and check is not None:
+            r["examples"] = _aggregate_examples(check, tables[check.table])
     return results
+
+
+def _aggregate_examples(check: Check, df: Any) -> list[str]:
+    """Examples for the per-class aggregate expectations (GX lists none for them)."""
+    if check.table != "classes" or df.empty:
+        return []
+    if check.kwargs.get("column") == "train_count":
+        low = df[df["train_count"] < check.kwargs["min_value"]].sort_values("train_count")
+        return [str(v) for v in low["label"][:5]]
+    if check.kwargs.get("column") == "imbalance_ratio":
+        ordered = df.sort_values(["train_count", "label"])
+        return [f"{ordered['label'].iloc[-1]} ({ordered['train_count'].iloc[-1]})",
+                f"{ordered['label'].iloc[0]} ({ordered['train_count'].iloc[0]})"]
+    return []
 
 
 def _result_row(table: str, r: Any, df: Any) -> dict[str, Any]:

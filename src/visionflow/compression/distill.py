@@ -2,6 +2,9 @@
 
 Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))
                    + (1 - alpha) * CE(student, labels).
+
+Images are N x C x H x W, float in [0, 1] or uint8 (scaled to [0, 1] batch by batch, so the
+augment cache's uint8 train split is used without a float copy of it).
 """
 
 from __future__ import annotations
@@ -22,13 +25,23 @@ def kl_divergence(
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
 
 
+def as_input(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A batch as the models take it: float32 in [0, 1] (uint8 is divided by 255)."""
+    x = x.to(device)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     return torch.cat(
         [
-            model(x[i : i + batch_size].to(device)).float().cpu()
+            model(as_input(x[i : i + batch_size], device)).float().cpu()
             for i in range(0, len(x), batch_size)
         ]
     )
@@ -54,22 +67,27 @@ def distill(
     alpha: float = 0.7,
     batch_size: int = 64,
     seed: int = 0,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train `student` (in place) to match `teacher`'s softened outputs plus the hard labels.
 
-    `x_train` is N x C x H x W float in [0, 1] (what both models take). Returns the student and
-    a per-epoch history: mean `loss`, `kl` (T^2-scaled soft term) and `ce`.
+    `x_train` is N x C x H x W, float in [0, 1] or uint8 (what both models take, scaled).
+    `teacher_logits` (N x classes), when given, are used instead of running `teacher` (which
+    may then be None): compute them once when several students learn from one teacher.
+    Returns the student and a per-epoch history: mean `loss`, `kl` (T^2-scaled soft term)
+    and `ce`.
     """
-    teacher_logits = predict_logits(teacher, x_train)  # the teacher is frozen: compute once
-    device = next(student.parameters()).device
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    if teacher_logits is None:  # the teacher is frozen: compute once
+        teacher_logits = predict_logits(teacher, x_train)
+    device = _device(student)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(epochs):
         student.train()
         sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
         for idx in _batches(len(x_train), batch_size, gen):
-            out = student(x_train[idx].to(device))
+            out = student(as_input(x_train[idx], device))
             kl = kl_divergence(out, teacher_logits[idx].to(device), temperature) * temperature**2
             ce = F.cross_entropy(out, y_train[idx].to(device))
             loss = alpha * kl + (1 - alpha) * ce
@@ -91,8 +109,9 @@ def finetune(
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Plain cross-entropy training with Adam (in place); for recovering after compression."""
-    device = next(model.parameters()).device
+    """Plain cross-entropy training with Adam (in place); for recovering after compression.
+    `x`: float in [0, 1] or uint8."""
+    device = _device(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -100,7 +119,7 @@ def finetune(
         model.train()
         total = 0.0
         for idx in _batches(len(x), batch_size, gen):
-            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+            loss = F.cross_entropy(model(as_input(x[idx], device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

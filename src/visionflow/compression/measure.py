@@ -124,3 +124,36 @@ def interleaved_latency_ms(
             times[name].append((time.perf_counter() - start) * 1e3)
     threads = threads or torch.get_num_threads()
     return {name: _summary(t, threads) for name, t in times.items()}
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def gpu_latency_ms(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch: int = 1,
+    reps: int = 30,
+    warmup: int = 5,
+    device: str | torch.device = "cuda",
+) -> dict[str, Any] | None:
+    """Median / p90 ms of `model(batch)` on a CUDA device, synchronised around each call
+    (so it is the GPU's time, not the launch's); None when CUDA is not available. The model
+    is copied to the device; the input is prepared there before timing."""
+    if not torch.cuda.is_available():
+        return None
+    import copy
+
+    dev = torch.device(device)
+    m = copy.deepcopy(model).to(dev).eval()
+    x = batch_of(example, batch).to(dev)
+
+    def call() -> None:
+        m(x)
+        torch.cuda.synchronize(dev)
+
+    with torch.inference_mode():
+        times = _time_calls(call, reps, warmup)
+    return {**_summary(times, torch.get_num_threads()), "batch": batch,
+            "device": torch.cuda.get_device_name(dev)}

@@ -85,3 +85,17 @@ class OrtClassifier:
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.predict_logits(x)
+
+
+class OrtModule(nn.Module):
+    """An ONNX file behind the nn.Module call interface (float N x C x H x W -> logits), so
+    code written for torch classifiers (`evaluate.model_logits`, the pyfunc) runs it as is.
+    ORT runs on the CPU; outputs come back on the input's device."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.ort = OrtClassifier(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.ort.predict_logits(x.detach().cpu())
+        return torch.from_numpy(logits).to(x.device)

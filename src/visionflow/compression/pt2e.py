@@ -1,17 +1,35 @@
-"""Optional int8 via torchao PT2E with the X86 Inductor quantizer (not a project dependency).
+"""int8 via torchao PT2E with the X86 Inductor quantizer (the PyTorch-native CPU path).
 
 `torch.export` the model, insert observers (`prepare_pt2e`), calibrate, `convert_pt2e`. The
-result is a reference int8 graph (quantize / dequantize around fp32 ops): run it under
-`torch.compile` so Inductor fuses it into oneDNN int8 kernels. It is not saved: re-derive it
-from the fp32 checkpoint and a calibration subset.
+result is a *reference* int8 graph (quantize / dequantize around fp32 ops): exact int8
+semantics, but slower than fp32 when run as is. For speed it must be lowered to oneDNN int8
+kernels: `lower_x86` (torchao's `lower_pt2e_quantized_to_x86`: freezing passes + constant
+folding, for one static input shape) or `torch.compile` with Inductor `freezing=True`.
+
+Saving: `torch.export.save` / `load` of the converted graph unpickles its weights
+(`torch.load(weights_only=False)` inside `torch.export.pt2_archive`), which we never do. So
+`save_recipe` stores the fp32 weights and the calibration images (tensors and plain values
+only, `weights_only=True`), and `load_recipe` re-derives the int8 graph: calibration is
+deterministic (MinMax observers), so the reloaded graph gives the same logits. It is not a
+deployable artifact (serving it needs torchao and a lowering or compile at load time).
+
+Models must give every ReLU call site its own module (torchvision ResNets reuse one per
+block, which fails with "Input partition has more than one output node"); the project's
+registry models do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+RECIPE_FORMAT = "visionflow-pt2e-recipe-v1"
 
 
 def torchao_available() -> bool:
@@ -22,25 +40,97 @@ def torchao_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _ptq_convert() -> Iterator[None]:
+    """`convert_pt2e` without its QAT conv-BN folding pass.
+
+    That pass matches conv -> fake-quant -> BN patterns that only `prepare_qat_pt2e` creates
+    (`prepare_pt2e` already folds conv-BN); whenever a BN is left in the graph (e.g. after a
+    max-pool) it still exports ~100 pattern graphs, 30-50 s on a small CPU, to find nothing.
+    """
+    from torchao.quantization.pt2e import quantize_pt2e as qp
+
+    original = getattr(qp, "_fold_conv_bn_qat", None)
+    if original is None:
+        yield
+        return
+    qp._fold_conv_bn_qat = lambda m: m
+    try:
+        yield
+    finally:
+        qp._fold_conv_bn_qat = original
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+
+def first_conv_name(model: nn.Module) -> str | None:
+    """Module name of the first Conv2d (the stem, which sees the raw pixels)."""
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
 def quantize_pt2e_x86(
-    model: nn.Module, calib_images: torch.Tensor, batch_size: int = 32
+    model: nn.Module, calib_images: torch.Tensor, batch_size: int = 32,
+    keep_first_conv: bool = False,
 ) -> torch.fx.GraphModule:
     """Static int8 (per-channel weights, per-tensor activations) of `model` with a dynamic
-    batch dim; `calib_images` are N x C x H x W float in [0, 1]."""
+    batch dim; `calib_images` are N x C x H x W float in [0, 1] (or uint8). With
+    `keep_first_conv`, the stem convolution stays fp32."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     model = copy.deepcopy(model).cpu().eval()
-    example = calib_images[:2].float()
+    example = _as_float(calib_images[:2])
+    if len(example) < 2:
+        example = example[:1].repeat(2, 1, 1, 1)
     batch = torch.export.Dim("batch", min=1)
     graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    first = first_conv_name(model) if keep_first_conv else None
+    if first is not None:
+        quantizer.set_module_name_qconfig(first, None)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(0, len(calib_images), batch_size):
-            prepared(calib_images[i : i + batch_size].float())
-    converted = convert_pt2e(prepared)
+            prepared(_as_float(calib_images[i : i + batch_size]))
+    with _ptq_convert():
+        converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
     return converted
+
+
+def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Lower a converted graph to oneDNN int8 ops for `example`'s (static) shape."""
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
+
+    with torch.no_grad():
+        return lower_pt2e_quantized_to_x86(converted, (_as_float(example),))
+
+
+def save_recipe(
+    path: str | Path, model: nn.Module, arch: dict[str, Any], calib_images: torch.Tensor,
+    keep_first_conv: bool = False,
+) -> None:
+    """Store what `load_recipe` needs to rebuild the int8 graph: the fp32 model (arch, layer
+    structure, state dict) and the calibration images (uint8 when given uint8)."""
+    from visionflow.compression.structure import save_structured
+
+    save_structured(path, model, arch, pt2e={"format": RECIPE_FORMAT,
+                                             "calibration": calib_images.detach().cpu(),
+                                             "keep_first_conv": keep_first_conv})
+
+
+def load_recipe(path: str | Path, build: Any = None) -> torch.fx.GraphModule:
+    """Re-derive the int8 PT2E graph from `save_recipe` output (loaded with weights_only)."""
+    from visionflow.compression.structure import load_structured
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    recipe = blob.get("pt2e") or {}
+    if recipe.get("format") != RECIPE_FORMAT:
+        raise ValueError(f"{path}: not a PT2E recipe ('{RECIPE_FORMAT}')")
+    model = load_structured(path, build)
+    return quantize_pt2e_x86(model, recipe["calibration"],
+                             keep_first_conv=bool(recipe.get("keep_first_conv", False)))

@@ -61,19 +61,24 @@ def quantize_int8_onnx(
     per_channel: bool = True,
     activation_type: QuantType = QuantType.QInt8,
     calibrate_method: CalibrationMethod = CalibrationMethod.MinMax,
+    keep_first_conv: bool = False,
 ) -> Path:
     """Quantize `fp32_onnx_path` to int8 QDQ at `out_path` (written atomically); returns it.
 
-    `calib_images`: N x C x H x W float in [0, 1], e.g. 64-512 training images. The model is
-    first pre-processed (ORT graph optimisation + shape inference), as ORT recommends.
+    `calib_images`: N x C x H x W float in [0, 1] (or uint8), e.g. 64-512 training images.
+    The model is first pre-processed (ORT graph optimisation + shape inference), as ORT
+    recommends. With `keep_first_conv` the first Conv node (the stem, which sees the raw
+    pixels: few MACs, and the layer int8 hurts most, e.g. a patch-whitening stem) stays fp32.
     """
+    if calib_images.dtype == torch.uint8:
+        calib_images = calib_images.float().div(255)
     fp32_onnx_path, out_path = Path(fp32_onnx_path), Path(out_path)
     if len(calib_images) == 0:
         raise ValueError("quantize_int8_onnx needs at least one calibration image")
     reader = ImageCalibrationReader(calib_images, _input_name(fp32_onnx_path))
     with tempfile.TemporaryDirectory(prefix="vf-quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
-        quant_pre_process(str(fp32_onnx_path), str(pre), skip_symbolic_shape=False)
+        _pre_process(fp32_onnx_path, pre)
         with atomic_path(out_path) as tmp_out:
             quantize_static(
                 str(pre),
@@ -84,8 +89,26 @@ def quantize_int8_onnx(
                 activation_type=activation_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calibrate_method,
+                nodes_to_exclude=_first_conv(pre) if keep_first_conv else [],
             )
     return out_path
+
+
+def _first_conv(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type == "Conv"][:1]
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    """ORT's recommended pre-processing; symbolic shape inference first, plain ONNX shape
+    inference when it fails (it cannot follow e.g. ReduceMax -> Reshape of a global max-pool
+    exported by dynamo)."""
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception:  # onnxruntime.tools.symbolic_shape_infer raises plain TypeErrors
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
 
 
 def size_ratio(fp32_path: str | Path, int8_path: str | Path) -> float:

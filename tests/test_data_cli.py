@@ -1,0 +1,146 @@
+"""`vflow data add` / `vflow data status` and the default DVC remote, in a temporary
+git+DVC repository."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import BIN, make_project, run
+from test_ingest import _evil_tar
+from test_validate_catalogue import _snapshot, write_imagefolder
+
+from visionflow.dataops import dvc_out
+from visionflow.layout import Layout
+
+VFLOW, DVC = str(BIN / "vflow"), str(BIN / "dvc")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _md5(root: Path) -> str:
+    return str(dvc_out(root / "data.dvc").get("md5", ""))
+
+
+def _one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("datacli")
+    v1 = write_imagefolder(tmp / "v1", {"train/cat": 6, "train/dog": 6, "test/cat": 2,
+                                        "test/dog": 2})
+    return tmp, make_project(tmp / "proj", v1, git=True)
+
+
+def test_add_folder_then_push_and_pull(repo):
+    tmp, root = repo
+    v2 = write_imagefolder(tmp / "v2", {"cat": 9, "dog": 8, "fox": 7})
+    before_src, before_md5 = _snapshot(v2), _md5(root)
+    proc = run([VFLOW, "data", "add", str(v2)], root)
+    assert "imported 24 images" in proc.stdout and "dvc push" in proc.stdout
+    assert _md5(root) not in ("", before_md5)  # data.dvc records the new version
+    assert _files(root / "data") == _files(v2)
+    assert _snapshot(v2) == before_src  # the source is only read
+    assert "data.dvc" in run(["git", "status", "--porcelain"], root).stdout
+    assert not [p for p in root.iterdir() if p.name.startswith(".data.")]  # no staging left
+
+    # the default remote: configured by `data add`, git-ignored, push/pull work
+    assert "local" in run([DVC, "remote", "default"], root).stdout
+    assert "/.dvc-storage/" in (root / ".gitignore").read_text().splitlines()
+    run([DVC, "push", "-q", "data.dvc"], root)
+    assert any((root / ".dvc-storage").rglob("*"))
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / ".dvc" / "cache")
+    run([DVC, "pull", "-q", "data.dvc"], root)
+    assert _files(root / "data") == _files(v2)
+
+
+def test_add_archive_and_the_refusals(repo):
+    tmp, root = repo
+    v3 = write_imagefolder(tmp / "v3" / "mydata", {"train/cat": 5, "train/dog": 5,
+                                                  "test/cat": 1, "test/dog": 1})
+    archive = tmp / "v3.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(v3, arcname="mydata")  # a wrapper folder: unwrapped on import
+    before = _md5(root)
+    run([VFLOW, "data", "add", str(archive), "--push"], root)
+    assert _md5(root) != before and _files(root / "data") == _files(v3)
+    assert run([DVC, "status", "-c", "-q", "data.dvc"], root, check=False).returncode == 0
+
+    # local changes not recorded in data.dvc are never thrown away without --force
+    (root / "data" / "train" / "cat" / "mine.png").write_bytes(
+        (v3 / "train" / "cat" / "000.png").read_bytes())
+    proc = run([VFLOW, "data", "add", str(tmp / "v1")], root, check=False)
+    assert proc.returncode == 3
+    assert "has changes not recorded in data.dvc" in _one_error_line(proc)
+    assert (root / "data" / "train" / "cat" / "mine.png").is_file()
+
+    # an archive attack: one line naming the member, data/ untouched, nothing left behind
+    evil = tmp / "evil.tar.gz"
+    member = _evil_tar("dotdot")(evil)
+    run([DVC, "add", "-q", "data"], root)  # record the local change first
+    snap, md5 = _snapshot(root / "data"), _md5(root)
+    proc = run([VFLOW, "data", "add", str(evil)], root, check=False)
+    assert proc.returncode == 3 and member in _one_error_line(proc)
+    assert _snapshot(root / "data") == snap and _md5(root) == md5
+    assert not [p for p in root.iterdir() if p.name.startswith(".data.")]
+
+    # no images / no such path / the target itself: refused, nothing changed
+    (tmp / "empty" / "cat").mkdir(parents=True)
+    (tmp / "empty" / "cat" / "notes.txt").write_text("no images here")
+    for bad, words in ((tmp / "empty", "no images in class folders"),
+                       (tmp / "missing", "no such file or directory"),
+                       (root / "data" / "train", "overlaps the target")):
+        proc = run([VFLOW, "data", "add", str(bad)], root, check=False)
+        assert proc.returncode == 3 and words in _one_error_line(proc), proc.stderr
+    assert _snapshot(root / "data") == snap and _md5(root) == md5
+
+    run([VFLOW, "data", "add", str(tmp / "v1"), "--force"], root)
+    assert _files(root / "data") == _files(tmp / "v1")
+
+
+def test_status_next_to_the_champion(repo):
+    tmp, root = repo
+    out = json.loads(run([VFLOW, "data", "status", "--json"], root).stdout)
+    cur = out["current"]
+    assert cur["dvc_data_md5"] == _md5(root) and cur["workspace"] == "in sync"
+    assert len(cur["data_hash"]) == 32
+    assert out["champion"]["status"] == "no registry" and out["same_as_champion"] is None
+    assert out["remote"]["name"] == "local" and out["remote"]["url"].endswith(".dvc-storage")
+
+    _register(Layout.at(root), cur["data_hash"], cur["dvc_data_md5"])
+    table = run([VFLOW, "data", "status"], root).stdout
+    assert "visionflow-classifier v1 @champion" in table and cur["data_hash"] in table
+    assert "same data as the champion" in table
+
+    (root / "data" / "train" / "dog" / "000.png").unlink()
+    out = json.loads(run([VFLOW, "data", "status", "--json"], root).stdout)
+    assert out["current"]["workspace"] == "modified" and out["same_as_champion"] is False
+    assert out["champion"]["version"] == "1" and out["champion"]["dvc_data_md5"] == _md5(root)
+
+
+def _register(layout: Layout, data_hash: str, md5: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from visionflow import tracking
+
+    tracking.setup(layout)
+    with mlflow.start_run() as r:
+        pass
+    client = MlflowClient()
+    client.create_registered_model("visionflow-classifier")
+    mv = client.create_model_version("visionflow-classifier", f"runs:/{r.info.run_id}/model",
+                                     run_id=r.info.run_id,
+                                     tags={"data_hash": data_hash, "dvc_data_md5": md5})
+    client.set_registered_model_alias("visionflow-classifier", "champion", mv.version)
