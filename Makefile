@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PIP_QUIET := grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true
+PIP_QUIET := { grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true; }
 
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true

@@ -12,7 +12,9 @@ import runpy
 import shutil
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -274,11 +276,20 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
 def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
+    from visionflow import server
+    from visionflow.layout import Layout
+
     root = make_project(tmp_path / "sched", digits_dir, FAST)
+    layout = Layout.at(root)
+    # `vflow ui` (the MLflow UI) comes up meanwhile: later summaries link into it
+    ui: list[Any] = []
+    ui_thread = threading.Thread(target=lambda: ui.append(server.start(
+        server.MLFLOW, layout, port=0, timeout=240)), daemon=True)
+    ui_thread.start()
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([str(BIN / "vflow"), "schedule", "--interval", "15", "--root",
+    proc = subprocess.Popen([str(BIN / "vflow"), "schedule", "--interval", "10", "--root",
                              str(root)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -311,6 +322,12 @@ def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
         assert "no new data: champion v1 was trained on data" in api.summary(second.id)
         assert registry(root) == ([1], "1")
 
+        ui_thread.join(240)
+        assert ui and ui[0].healthy, "the MLflow UI did not come up"
+        models = json.loads(urllib.request.urlopen(
+            f"{ui[0].url}/ajax-api/2.0/mlflow/registered-models/search", timeout=30).read())
+        assert [m["name"] for m in models["registered_models"]] == [MODEL]
+
         # Stop the schedule, let what runs finish, then trigger two runs at once: a forced
         # one (retrains) and a plain one (no new data). They run one after the other.
         api.c.pause_deployment(dep.id)
@@ -330,12 +347,16 @@ def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
         assert a.end_time <= b.start_time, "the two runs overlapped"
         assert "AwaitingConcurrencySlot" in {s.name for s in api.c.read_flow_run_states(b.id)}
         assert "v2 " in api.summary(forced.id)  # retrained and registered as v2
+        assert f"({ui[0].url}/#/models/{MODEL}/versions/2)" in api.summary(forced.id)
         assert "no new data" in api.summary(plain.id)
         assert registry(root)[0] == [1, 2]
         assert {r.id for r in api.deployment_runs(dep.id)} - seen == {forced.id, plain.id}
     finally:
         _stop(proc)
         log.close()
+        ui_thread.join(240)
+        server.stop(server.MLFLOW, layout)
+        assert not server.status(server.MLFLOW, layout).running
 
 
 def _deployment(api: Api):

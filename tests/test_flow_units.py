@@ -169,10 +169,12 @@ def test_compare_data():
 
 def test_check_data_dvc_md5_shortcut(proj: Layout, monkeypatch):
     params = load_params(proj.params)
+    from visionflow.register import dvc_md5
+
     (proj.root / "data.dvc").write_text(yaml.safe_dump(
         {"outs": [{"md5": "d" * 32 + ".dir", "path": "data"}]}))
-    tags = {"version": "2", "data_hash": "h" * 32, "dvc_data_md5": "d" * 32 + ".dir",
-            "params": json.dumps(params.dump())}
+    tags = {"version": "2", "data_hash": "h" * 32,  # the tags register writes
+            "dvc_data_md5": dvc_md5(proj.root / "data.dvc"), "params": json.dumps(params.dump())}
     monkeypatch.setattr(orch, "registry_versions", lambda p, lay: (tags, tags))
     monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: True)
     check = orch.check_data(params, proj, None, None)

@@ -642,3 +642,40 @@ def test_links_inside_archive_are_skipped(tmp_path):
         "cat/a.png",
         "dog/d.png",
     ]
+
+
+# ---------------------------------------------------------------------------
+# importing a dataset (`vflow data add`)
+
+
+def test_import_folder_copies_files_and_skips_unsafe_links(tmp_path):
+    src = _dataset(tmp_path / "wrap" / "mydata")  # a single wrapper folder: unwrapped
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (src / "train" / "cat" / "out.png").symlink_to(tmp_path / "secret.png")
+    (src / "train" / "cat" / "in.png").symlink_to(src / "train" / "dog" / "3.png")
+    (src / "train" / "cat" / ".DS_Store").write_bytes(b"x")
+    before = _snapshot(tmp_path / "wrap")
+    report = ingest.import_dataset(tmp_path / "wrap", tmp_path / "out")
+    got = sorted(p.relative_to(tmp_path / "out").as_posix()
+                 for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["test/dog/4.png", "train/cat/1.png", "train/cat/in.png",
+                   "train/cat/sub/2.png", "train/dog/3.png"]
+    assert not any(p.is_symlink() for p in (tmp_path / "out").rglob("*"))
+    assert [(r.relpath, r.reason) for r in report.skipped] == [("train/cat/out.png",
+                                                                 "outside_root")]
+    assert report.files == 5 and report.kind == "folder"
+    assert _snapshot(tmp_path / "wrap") == before
+    with pytest.raises(DataError, match="already exists"):
+        ingest.import_dataset(tmp_path / "wrap", tmp_path / "out")
+
+
+def test_import_archive_refuses_attacks_and_leaves_nothing(tmp_path):
+    archive = _tar(tmp_path / "d.tgz", _dataset(tmp_path / "src"), "mydata")
+    report = ingest.import_dataset(archive, tmp_path / "new")
+    assert report.kind == "tar" and report.files == 4
+    assert (tmp_path / "new" / "train" / "cat" / "sub" / "2.png").is_file()
+    evil = tmp_path / "evil.tar.gz"
+    member = _evil_tar("hardlink")(evil)
+    with pytest.raises(DataError, match=member):
+        ingest.import_dataset(evil, tmp_path / "bad")
+    assert sorted(os.listdir(tmp_path)) == ["d.tgz", "evil.tar.gz", "new", "src"]

@@ -50,7 +50,8 @@ def save_classifier(path: str | Path, model: nn.Module, arch: Arch, **extra: Any
     torch_save({"arch": asdict(arch), "state_dict": state, **extra}, path)
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, Arch]:
+def load_classifier(path: str | Path,
+                    device: str | torch.device = "cpu") -> tuple[Classifier, Arch]:
     blob = torch.load(path, map_location=device, weights_only=True)
     arch = Arch(**blob["arch"])
     model = build_classifier(arch)

@@ -18,14 +18,18 @@ Variants (`params.yaml` `compress.methods`; strengths and fine-tuning there too)
   that re-derives it is saved instead);
 - with `combine`, int8 on top of every fp32 variant inside the budget (prune -> int8, ...).
 
-Strengths are tried mildest first; with `stop_at_first_miss` the stronger ones are skipped
-once one misses the budget. Every variant is scored by `evaluate.model_logits` +
-`evaluate.score_logits` on the same test split, in the form it deploys in (its ONNX file for
-every deployable variant; ORT and PyTorch must agree on >= `onnx_min_agreement` of the
-test images), and measured for size on disk, parameters, MACs, CPU latency at each of
-`latency_batches` (medians, round-robin across variants, warm-up excluded, threads
-recorded) and GPU latency when CUDA is present. Every torch file is reloaded from disk
-(`weights_only=True`) and checked against the in-memory model.
+Fine-tuning and distillation use the augment cache's train split (uint8, optionally a seeded
+subset) and run on `train.device` (the GPU when there is one); scoring, export and timing run
+on the CPU with `compress.threads` threads. Strengths are tried mildest first; with
+`stop_at_first_miss` the stronger ones are skipped once one misses the budget.
+
+Every variant is scored by `evaluate.model_logits` + `evaluate.score_logits` on the same test
+split, in the form it deploys in (its ONNX file for every deployable variant; ORT and PyTorch
+must agree on >= `onnx_min_agreement` of the test images), and measured for size on disk,
+parameters, MACs, CPU latency at each of `latency_batches` (medians, round-robin across
+variants, warm-up excluded, threads recorded) and GPU latency when CUDA is present. Every
+torch file is reloaded from disk (`weights_only=True`) and checked against the in-memory
+model.
 
 The choice: the deployable variant with the lowest `objective` (size | macs | cpu_latency)
 whose top-1 drop is at most `max_top1_drop` points and which improves on the original.
@@ -36,12 +40,13 @@ choice), `pareto.csv`, `pareto.png`; logs them to the pipeline's MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,7 @@ class Variant:
     onnx: Path | None = None  # the deployable file of ONNX-deployed variants
     runners: dict[str, Runner] = field(default_factory=dict)  # runtime -> runner
     runtime: str = "torch"  # the runtime it deploys with (its latency is the objective's)
+    logits: torch.Tensor | None = None  # test-split logits of the deploy form
 
 
 class _Search:
@@ -86,9 +92,11 @@ class _Search:
     def __init__(self, params: Params, layout: Layout, out: Path) -> None:
         from visionflow.augment import load_cache
         from visionflow.classifier import load_classifier
+        from visionflow.engine import pick_device
 
         self.params, self.cfg, self.layout, self.out = params, params.compress, layout, out
         self.model, self.arch = load_classifier(layout.model)
+        self.train_device = pick_device(params.train.device)  # fine-tuning; the rest on CPU
         cache = load_cache(layout.cache)
         self.test_x, self.test_y = cache["test_x"], cache["test_y"]
         self.train_x, self.train_y = cache["train_x"], cache["train_y"]
@@ -169,8 +177,10 @@ class _Search:
                 g = torch.Generator().manual_seed(self.params.seed + 1)
                 idx = torch.randperm(len(x), generator=g)[:n]
                 x, y = x[idx], y[idx]
-            needs_teacher = self.cfg.finetune_distill or "distill" in self.cfg.methods
-            teacher = predict_logits(self.model, x) if needs_teacher else None
+            teacher = None
+            if self.cfg.finetune_distill or "distill" in self.cfg.methods:
+                with _on(self.model, self.train_device) as model:
+                    teacher = predict_logits(model, x)
             self._ft = (x, y, teacher)
         return self._ft
 
@@ -185,14 +195,15 @@ class _Search:
         x, y, teacher = self.finetune_data()
         distilled = cfg.finetune_distill if distilled is None else distilled
         torch.manual_seed(seed)
-        if distilled:
-            _, hist = distill(model, None, x, y, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                              temperature=cfg.temperature, alpha=cfg.distill_alpha,
-                              batch_size=cfg.finetune_batch_size, seed=seed,
-                              teacher_logits=teacher)
-        else:
-            _, hist = finetune(model, x, y, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                               batch_size=cfg.finetune_batch_size, seed=seed)
+        with _on(model, self.train_device) as m:
+            if distilled:
+                _, hist = distill(m, None, x, y, epochs=cfg.finetune_epochs,
+                                  lr=cfg.finetune_lr, temperature=cfg.temperature,
+                                  alpha=cfg.distill_alpha, batch_size=cfg.finetune_batch_size,
+                                  seed=seed, teacher_logits=teacher)
+            else:
+                _, hist = finetune(m, x, y, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                                   batch_size=cfg.finetune_batch_size, seed=seed)
         return [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()}
                 for h in hist]
 
@@ -213,7 +224,7 @@ class _Search:
                  "candidate": False}
         self.base = dict(entry)
         return self.add(Variant("original", "original", [], entry, model=self.model,
-                                runners={"torch": _eager(self.model)}))
+                                runners={"torch": _eager(self.model)}, logits=logits))
 
     def onnx_of(self, v: Variant, name: str) -> tuple[Path, torch.Tensor, dict[str, Any]]:
         """Export `v.model` to `<name>.onnx`, score the file with ORT, check it agrees with
@@ -222,9 +233,7 @@ class _Search:
 
         path = export_onnx(v.model, self.example, self.out / f"{name}.onnx")
         ort_logits = self.logits(OrtModule(path))
-        torch_logits = v.entry.pop("_torch_logits", None)
-        if torch_logits is None:
-            torch_logits = self.logits(v.model)
+        torch_logits = v.logits if v.logits is not None else self.logits(v.model)
         agree = self.agreement(ort_logits, torch_logits)
         return path, ort_logits, {"onnx_file": path.name, "onnx_agreement": agree,
                                   "onnx_ok": agree >= self.cfg.onnx_min_agreement}
@@ -239,7 +248,7 @@ class _Search:
             v.entry.update({"file": path.name, **self.metrics(ort_logits), **self.sized(path),
                             "agreement_with_fp32": self.agreement(ort_logits),
                             "deployable": True, "format": v.entry["format"] + ", ONNX"})
-            v.onnx, v.runtime = path, "onnx"
+            v.onnx, v.runtime, v.logits = path, "onnx", ort_logits
         else:
             v.entry["deployable"] = False
             v.entry.setdefault("notes", []).append(
@@ -264,11 +273,10 @@ class _Search:
                  "deployable": False, "candidate": True, **(extra or {})}
         if not reload_ok:
             entry.setdefault("notes", []).append("reloaded weights differ: not deployable")
-        entry["_torch_logits"] = logits
-        v = Variant(name, family, recipe, entry, model=model, runners={"torch": _eager(model)})
+        v = Variant(name, family, recipe, entry, model=model, runners={"torch": _eager(model)},
+                    logits=logits)
         if deploy and reload_ok:
             self.deploy_onnx(v, name)
-        v.entry.pop("_torch_logits", None)
         return self.add(v)
 
     def int8_of(self, base: Variant, name: str) -> Variant | None:
@@ -308,11 +316,11 @@ class _Search:
                  "deployable": True, "candidate": True,
                  "seconds": round(time.perf_counter() - t0, 2)}
         if base.family != "original":
-            entry["agreement_with_base"] = self.agreement(logits, self.logits(OrtModule(src)))
+            entry["agreement_with_base"] = self.agreement(logits, base.logits)
         return self.add(Variant(name, "int8" if base.family == "original"
                                 else f"{base.family}+int8",
                                 [*base.recipe, step], entry, onnx=path,
-                                runners={"onnx": _ort(path)}, runtime="onnx"))
+                                runners={"onnx": _ort(path)}, runtime="onnx", logits=logits))
 
     def magnitude(self) -> Variant:
         from visionflow.classifier import load_classifier, save_classifier
@@ -398,10 +406,11 @@ class _Search:
         x, y, teacher = self.finetune_data()
         t_test = self.logits(self.model)
         kl_before = float(kl_divergence(self.logits(student), t_test, cfg.temperature))
-        _, hist = distill(student, None, x, y, epochs=cfg.distill_epochs, lr=cfg.distill_lr,
-                          temperature=cfg.temperature, alpha=cfg.distill_alpha,
-                          batch_size=cfg.finetune_batch_size, seed=self.params.seed,
-                          teacher_logits=teacher)
+        with _on(student, self.train_device) as m:
+            _, hist = distill(m, None, x, y, epochs=cfg.distill_epochs, lr=cfg.distill_lr,
+                              temperature=cfg.temperature, alpha=cfg.distill_alpha,
+                              batch_size=cfg.finetune_batch_size, seed=self.params.seed,
+                              teacher_logits=teacher)
         kl_after = float(kl_divergence(self.logits(student), t_test, cfg.temperature))
         recipe = [{"method": "distill", "student": cfg.student_model,
                    "student_kwargs": cfg.student_kwargs, "epochs": cfg.distill_epochs,
@@ -475,14 +484,26 @@ class _Search:
                                 runners={"pt2e": runner}, runtime="pt2e"))
 
     # ------------------------------------------------------------------ search
+    def attempt(self, name: str, build: Callable[[], Variant | None]) -> Variant | None:
+        """Build one variant; a failure is recorded in `skipped` (and printed) instead of
+        failing the stage, so one method that does not suit an architecture costs only
+        itself."""
+        try:
+            return build()
+        except Exception as err:  # any method may not suit some architecture
+            reason = f"failed: {type(err).__name__}: {err}".replace("\n", " ")[:500]
+            print(f"compress: {name} {reason}")
+            self.skipped.append({"name": name, "reason": reason})
+            return None
+
     def run(self) -> None:
         cfg = self.cfg
         methods = set(cfg.methods)
         original = self.original()
         if "int8" in methods:
-            self.int8_of(original, "int8")
+            self.attempt("int8", lambda: self.int8_of(original, "int8"))
         if "prune" in methods:
-            self.magnitude()
+            self.attempt("prune", self.magnitude)
         families: list[tuple[str, list[Any], Callable[[Any], Variant]]] = []
         if "structured" in methods:
             families.append(("structured", cfg.structured_ratios, self.structured))
@@ -498,17 +519,28 @@ class _Search:
                                          "reason": f"stop_at_first_miss: {missed} missed the "
                                                    "budget"})
                     continue
-                v = build(strength)
+                v = self.attempt(f"{family}@{strength}", lambda b=build, s=strength: b(s))
+                if v is None:
+                    continue
                 fits = self.drop_ok(v.entry)
                 if fits and cfg.combine and "int8" in methods and v.entry["deployable"]:
-                    self.int8_of(v, f"{v.name}+int8")
+                    self.attempt(f"{v.name}+int8", lambda v=v: self.int8_of(v, f"{v.name}+int8"))
                 elif cfg.combine and "int8" in methods:
                     self.skipped.append({"name": f"{v.name}+int8", "reason": (
                         "its base is over budget" if not fits else "its base is not deployable")})
                 if not fits and cfg.stop_at_first_miss:
                     missed = v.name
         if "pt2e" in methods:
-            self.pt2e()
+            self.attempt("pt2e_int8", self.pt2e)
+
+
+@contextlib.contextmanager
+def _on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`model` moved (in place) to `device` for the block, then back to the CPU."""
+    try:
+        yield model.to(device)
+    finally:
+        model.cpu()
 
 
 def _is_factored(m: nn.Sequential) -> bool:
@@ -623,7 +655,7 @@ def _measure_gpu(search: _Search) -> None:
     for b in cfg.latency_batches:
         x = batch_of(search.example, b).to(dev)
 
-        def call(m: nn.Module) -> Callable[[], Any]:
+        def call(m: nn.Module, x: torch.Tensor = x) -> Callable[[], Any]:
             return lambda: (m(x), torch.cuda.synchronize(dev))
 
         reps = cfg.latency_reps if b == 1 else cfg.latency_reps_large
@@ -677,7 +709,7 @@ def run_compress(params: Params, layout: Layout) -> dict[str, Any]:
         torch.set_num_threads(threads_before)
 
     rows = [v.entry for v in s.variants]
-    selected, reason = pick.choose(rows, s.base, cfg.objective, cfg.max_top1_drop)
+    selected, reason = pick.choose(rows, rows[0], cfg.objective, cfg.max_top1_drop)
     pick.mark(rows, cfg.max_top1_drop, selected)
     for v in s.variants:  # files now live in the final models dir
         v.entry["path"] = v.entry["file"]

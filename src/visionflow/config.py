@@ -211,7 +211,7 @@ class CompressConfig(_Section):
     latency_reps: int = Field(20, ge=1, description="timed rounds at batch 1")
     latency_reps_large: int = Field(5, ge=1, description="timed rounds at batches > 1")
     latency_warmup: int = Field(2, ge=0)
-    threads: int = Field(0, ge=0, description="CPU threads for timing, 0 = torch default")
+    threads: int = Field(1, ge=0, description="CPU threads (timing, fine-tune), 0 = all")
     onnx_min_agreement: float = Field(0.99, ge=0, le=1, description="ORT vs torch top-1")
 
     @field_validator("methods")

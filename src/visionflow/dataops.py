@@ -269,8 +269,11 @@ def data_status(layout: Layout, params: Any, target: str = "data",
     name, urls = _dvc_config(layout)
     same = None
     if champ.get("status") == "ok":
+        def md5(v: str) -> str:  # "<md5>.dir" in .dvc files; tags may drop the suffix
+            return v.removesuffix(".dir")
+
         pairs = [(current["data_hash"], champ["data_hash"]),
-                 (current["dvc_data_md5"], champ["dvc_data_md5"])]
+                 (md5(current["dvc_data_md5"]), md5(champ["dvc_data_md5"]))]
         known = [a == b for a, b in pairs if a and b]
         same = all(known) if known else None
     return {"current": current, "last_validated": validated, "champion": champ,

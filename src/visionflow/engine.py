@@ -173,8 +173,7 @@ class Progress:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),

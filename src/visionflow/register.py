@@ -257,7 +257,7 @@ def dvc_md5(dvc_file: Path) -> str:
     import yaml
 
     outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", ""))
+    return str(outs[0].get("md5", "")).removesuffix(".dir")  # DVC marks directories
 
 
 def git_commit(root: Path) -> str:

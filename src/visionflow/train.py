@@ -306,8 +306,10 @@ def _run_context(layout: Layout, params: Params, device: torch.device, dist):
     name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.new_run(layout, name, tags) as run:
         mlflow.log_params(tracking.flat_params(params.dump()))
-        for f in (layout.validation, layout.policy):
-            tracking.log_dir_or_file(f, "data")
+        from visionflow.validate import log_to_mlflow
+
+        log_to_mlflow(layout)  # validation report, data summary, quarantine, Data Docs
+        tracking.log_dir_or_file(layout.policy, "data")
         yield run
 
 

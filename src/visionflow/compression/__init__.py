@@ -11,10 +11,17 @@ Import from the submodules (each is small and loads its heavy dependencies itsel
 - `distill`: `distill` (soft targets + hard labels), `finetune`, `accuracy`;
 - `lowrank`: `svd_linear`, `tucker2_conv`, `factorize_model`, `reconstruction_error`;
 - `structure`: saving / rebuilding models whose layer shapes changed (used by `prune`);
-- `pt2e`: optional int8 via torchao PT2E + X86InductorQuantizer (torchao not a dependency).
+- `pt2e`: int8 via torchao PT2E + X86InductorQuantizer, oneDNN lowering, a re-derivable
+  recipe (`save_recipe` / `load_recipe`, weights_only);
+- `search`: the automatic choice (objective, Pareto front, budget), Pareto CSV and plot;
+- `select`: `register_compact`, the chosen variant as the registry's `compact` version;
+- `compact_model` / `compact_pyfunc`: the MLflow pyfunc serving a variant's ONNX file.
+
+The compress stage (`visionflow.compress`) drives them.
 """
 
 __all__ = [
+    "compact_model",
     "distill",
     "lowrank",
     "measure",
@@ -22,5 +29,7 @@ __all__ = [
     "prune",
     "pt2e",
     "quantize",
+    "search",
+    "select",
     "structure",
 ]

@@ -139,6 +139,7 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = (("size", "size_bytes", 1e-6, "file size (MB, log)"),
@@ -163,6 +164,10 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
         ax.axhline(base_top1 * 100 - max_drop_points, color="red", ls="--", lw=1,
                    label=f"budget: -{max_drop_points:g} pt")
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3, which="both")
