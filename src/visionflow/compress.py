@@ -457,7 +457,7 @@ class _Search:
         logits = self.logits(_Graph(graph(static), static))
         ref_logits = self.logits(_Graph(converted))
         entry = {"file": path.name, "format": "torch int8 PT2E X86Inductor, oneDNN-lowered",
-                 **self.metrics(logits), "size_bytes": None,
+                 **self.metrics(logits),
                  **{k: self.base[k] for k in ("params", "macs")},
                  "param_ratio": 1.0, "mac_ratio": 1.0,
                  "agreement_with_fp32": self.agreement(logits),
