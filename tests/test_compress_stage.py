@@ -334,6 +334,25 @@ def test_params_yaml_matches_the_config_defaults():
     assert parse_params(read_params_file(REPO / "params.yaml")).compress == CompressConfig()
 
 
+def test_gpu_timing_code_path_on_cpu():
+    """The stage's GPU timing (run only when CUDA is present), exercised with device='cpu'."""
+    from types import SimpleNamespace
+
+    from visionflow.compress import Variant, _measure_gpu
+    from visionflow.config import CompressConfig
+
+    cfg = CompressConfig(latency_batches=[1, 4], latency_reps=2, latency_reps_large=2,
+                         latency_warmup=1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    variants = [Variant("a", "original", [], {}, model=net),
+                Variant("b", "int8", [], {}, model=None)]  # ONNX-only: not timed on a GPU
+    _measure_gpu(SimpleNamespace(cfg=cfg, variants=variants, example=torch.rand(1, 3, 8, 8)),
+                 device="cpu")
+    gpu = variants[0].entry["latency"]["gpu"]["torch"]
+    assert set(gpu) == {"b1", "b4"} and gpu["b1"]["median_ms"] > 0 and gpu["b4"]["reps"] == 2
+    assert "latency" not in variants[1].entry
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_latency_is_measured(wide):

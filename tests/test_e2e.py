@@ -59,7 +59,8 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     assert flow_metrics["top1"] == pytest.approx(dvc_metrics["top1"])
     assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
 
-    # Registry: v1 promoted (no champion), v2 (1 epoch) and v3 (same) judged against it.
+    # Registry: the first model promoted (no champion yet), then the 1-epoch model (twice: dvc
+    # and the flow) judged against it. A promoted model also gets its `compact` version.
     from mlflow import MlflowClient
 
     from visionflow import tracking
@@ -68,16 +69,21 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     tracking.setup(Layout.at(root))
     client = MlflowClient()
     name = result["model_name"]
-    assert result["version"] == "3"
-    versions = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
-    assert versions == {"1", "2", "3"}
-    tags = client.get_model_version(name, "3").tags
-    # v3 equals v2 (same params, deterministic), and the champion is at least as good as v2
+    every = {str(v.version): v.tags for v in client.search_model_versions(f"name='{name}'")}
+    main = sorted((v for v, t in every.items() if "parent_version" not in t), key=int)
+    compact = {v: t["parent_version"] for v, t in every.items() if "parent_version" in t}
+    assert len(main) == 3 and result["version"] == main[-1]
+    promoted = [v for v in main if every[v]["gate_decision"] == "promoted"]
+    assert promoted[0] == main[0] and set(compact.values()) <= set(promoted)
+    assert len(compact) == len(promoted)  # the digits model always has a variant in budget
+    tags = every[main[-1]]
+    # the last equals the one before (same params, deterministic): the champion is as good
     assert tags["gate_decision"] == "rejected", tags["gate_reason"]
     assert result["alias"] is None
     assert tags["data_hash"] and tags["params_hash"]
     assert len(tags["dvc_data_md5"]) == 32  # the hash data.dvc records
     assert tags["git_commit"]
-    champion = client.get_model_version_by_alias(name, "champion")
-    assert str(champion.version) in ("1", "2")
-    assert client.get_model_version(name, champion.version).tags["gate_decision"] == "promoted"
+    champion = str(client.get_model_version_by_alias(name, "champion").version)
+    assert champion in main[:2] and every[champion]["gate_decision"] == "promoted"
+    compact_now = str(client.get_model_version_by_alias(name, "compact").version)
+    assert compact[compact_now] == champion  # `compact` is a compressed copy of the champion

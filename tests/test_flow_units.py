@@ -274,6 +274,34 @@ def test_server_bookkeeping(tmp_path: Path):
         assert url is None  # no server: Prefect's temporary API will be used
 
 
+def test_port_zero_picks_again_when_the_port_is_taken(tmp_path: Path, monkeypatch):
+    from visionflow import server
+
+    port = server.free_port()
+    assert 20000 <= port <= 32000 and server.port_free("127.0.0.1", port)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        picks = [busy.getsockname()[1]] * 3
+        monkeypatch.setattr(server, "free_port", lambda host: picks.pop())
+        with pytest.raises(VisionflowError, match="already in use"):  # lost 3 times: give up
+            server.start(server.PREFECT, Layout.at(tmp_path), port=0)
+        assert not picks
+        launched: list[int] = []
+
+        def fake_launch(service, layout, host, port, *rest):
+            launched.append(port)
+            if not server.port_free(host, port):
+                raise server._PortLost(f"{host}:{port} is already in use")
+            return f"started on {port}"
+
+        free = port
+        picks[:] = [free, busy.getsockname()[1]]  # pop(): the busy port first, then a free one
+        monkeypatch.setattr(server, "_launch", fake_launch)
+        assert server.start(server.PREFECT, Layout.at(tmp_path), port=0) == f"started on {free}"
+        assert launched == [busy.getsockname()[1], free]
+
+
 def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

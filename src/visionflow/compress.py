@@ -644,19 +644,22 @@ def _measure_latency(search: _Search) -> None:
             v.entry["cpu_b32_ms"] = None
 
 
-def _measure_gpu(search: _Search) -> None:
+def _measure_gpu(search: _Search, device: str = "cuda") -> None:
+    """Eager latency of every torch variant on `device` (a CUDA device; synchronised after
+    each call), round-robin like the CPU timing, into `latency.gpu.torch.b<N>`."""
     from visionflow.compression.measure import batch_of, interleaved_latency_ms
 
     cfg = search.cfg
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     models = {v.name: copy.deepcopy(v.model).to(dev).eval() for v in search.variants
               if v.model is not None}
-    name = torch.cuda.get_device_name(dev)
+    name = torch.cuda.get_device_name(dev) if cuda else str(dev)
     for b in cfg.latency_batches:
         x = batch_of(search.example, b).to(dev)
 
         def call(m: nn.Module, x: torch.Tensor = x) -> Callable[[], Any]:
-            return lambda: (m(x), torch.cuda.synchronize(dev))
+            return lambda: (m(x), torch.cuda.synchronize(dev) if cuda else None)
 
         reps = cfg.latency_reps if b == 1 else cfg.latency_reps_large
         results = interleaved_latency_ms({n: call(m) for n, m in models.items()}, reps,
@@ -664,12 +667,13 @@ def _measure_gpu(search: _Search) -> None:
         for v in search.variants:
             if v.name in results:
                 r = results[v.name]
-                gpu = v.entry["latency"].setdefault("gpu", {}).setdefault("torch", {})
-                gpu[f"b{b}"] = {"median_ms": round(r["median_ms"], 4),
-                                "p90_ms": round(r["p90_ms"], 4), "reps": r["reps"],
-                                "device": name}
+                gpu = v.entry.setdefault("latency", {}).setdefault("gpu", {})
+                gpu.setdefault("torch", {})[f"b{b}"] = {
+                    "median_ms": round(r["median_ms"], 4), "p90_ms": round(r["p90_ms"], 4),
+                    "reps": r["reps"], "device": name}
     del models
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------- the stage

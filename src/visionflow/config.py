@@ -255,6 +255,8 @@ class RegisterConfig(_Section):
     min_top1: float = Field(0.0, ge=0, le=1, description="absolute top-1 floor to be promoted")
     mcnemar: bool = Field(False, description="also require McNemar's exact test p <= alpha")
     alpha: float = Field(0.05, gt=0, le=1, description="McNemar significance level")
+    compact: bool = Field(True, description="also register compress's chosen variant under "
+                          "alias `compact` when the new version is promoted")
 
 
 class ScheduleConfig(_Section):

@@ -406,6 +406,7 @@ def registry_versions(params: Params, layout: Layout) -> tuple[dict[str, str], d
         versions = client.search_model_versions(f"name='{cfg.model_name}'")
     except MlflowException:
         versions = []
+    versions = [v for v in versions if "parent_version" not in (v.tags or {})]  # not `compact`
     if versions:
         mv = max(versions, key=lambda v: int(v.version))
         latest = {**mv.tags, "version": str(mv.version)}

@@ -38,6 +38,7 @@ class Registration:
     decision: Decision
     run_id: str
     ui_command: str
+    compact: dict[str, Any] | None = None  # the `compact` version, when one was registered
 
 
 def gate_report_path(layout: Layout) -> Path:
@@ -153,6 +154,12 @@ def run_register(params: Params, layout: Layout) -> Registration:
 
     reg = Registration(cfg.model_name, version, alias, decision, run.info.run_id,
                        tracking.ui_command(layout))
+    if cfg.compact and alias:  # a compressed copy of the model that now serves
+        from visionflow.compression.select import register_compact
+
+        reg.compact = register_compact(params, layout, version)
+    elif cfg.compact:
+        print(f"compact: nothing registered (v{version} was not promoted)")
     from visionflow.atomic import write_json
 
     write_json(layout.registration, {**asdict(reg), "tags": tags})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -130,7 +131,14 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = HOST) -> int:
+def free_port(host: str = HOST, tries: int = 64) -> int:
+    """A free port below the kernel's ephemeral range (20000-32767 by default on Linux), so
+    that an outgoing connection cannot take it between this check and the server's bind."""
+    rng = random.Random()
+    for _ in range(tries):
+        port = rng.randint(20000, 32000)
+        if port_free(host, port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -151,7 +159,10 @@ def status(service: Service, layout: Layout) -> Status:
 
 def start(service: Service, layout: Layout, host: str = HOST, port: int | None = None,
           timeout: float = 180.0, ui: bool = True, env: dict[str, str] | None = None) -> Status:
-    """Start the server detached (own session), wait until its health check answers."""
+    """Start the server detached (own session), wait until its health check answers.
+
+    `port=0` picks a free port, and picks again (up to 3 times) if the server loses it to
+    another process before it binds."""
     from visionflow.tracking import quiet_env
 
     quiet_env()
@@ -161,9 +172,25 @@ def start(service: Service, layout: Layout, host: str = HOST, port: int | None =
     if current.running:
         raise VisionflowError(current.line() + "; stop it first (`vflow "
                               f"{'server' if service is PREFECT else 'ui'} stop`)")
-    port = free_port(host) if port == 0 else (port or service.default_port)
+    if port != 0:
+        return _launch(service, layout, host, port or service.default_port, timeout, ui, env)
+    for attempt in range(3):
+        try:
+            return _launch(service, layout, host, free_port(host), timeout, ui, env)
+        except _PortLost:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortLost(VisionflowError):
+    pass
+
+
+def _launch(service: Service, layout: Layout, host: str, port: int, timeout: float, ui: bool,
+            env: dict[str, str] | None) -> Status:
     if not port_free(host, port):
-        raise VisionflowError(f"{host}:{port} is already in use; pick another with --port")
+        raise _PortLost(f"{host}:{port} is already in use; pick another with --port")
     state_file, log = _files(service, layout)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
@@ -182,8 +209,10 @@ def start(service: Service, layout: Layout, host: str = HOST, port: int | None =
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             state_file.unlink(missing_ok=True)
-            raise VisionflowError(f"{service.title} exited with code {proc.returncode} "
-                                  f"before answering: {_tail(log)}")
+            tail = _tail(log)
+            error = _PortLost if "address already in use" in tail.lower() else VisionflowError
+            raise error(f"{service.title} exited with code {proc.returncode} before "
+                        f"answering: {tail}")
         if healthy(url + service.health_path):
             return Status(service, True, True, proc.pid, url, log)
         time.sleep(0.5)
