@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -682,15 +681,9 @@ def _measure_gpu(search: _Search, device: str = "cuda") -> None:
 def environment() -> dict[str, Any]:
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+    from visionflow.register import cpu_name
+
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -210,23 +210,14 @@ def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
 def champion_tags(layout: Layout, model_name: str, alias: str) -> dict[str, Any]:
     """The champion's version and data tags, without importing mlflow when no registry
     can exist."""
-    from visionflow.drift import _registry_may_exist
+    from visionflow.drift import champion_version
 
     info: dict[str, Any] = {"model": model_name, "alias": alias}
-    uri = _registry_may_exist(layout)
-    if uri is None:
-        return {**info, "status": "no registry"}
     try:
-        from visionflow.tracking import quiet_env
-
-        quiet_env()
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        try:
-            mv = client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
+        uri, mv = champion_version(layout, model_name, alias)
+        if uri is None:
+            return {**info, "status": "no registry"}
+        if mv is None:
             return {**info, "status": "no champion"}
         tags = mv.tags or {}
         return {**info, "status": "ok", "version": str(mv.version),

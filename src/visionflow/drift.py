@@ -218,26 +218,37 @@ def _registry_may_exist(layout: Layout) -> str | None:
     return f"sqlite:///{db}" if db.is_file() else None
 
 
+def champion_version(layout: Layout, model_name: str, alias: str) -> tuple[str | None, Any]:
+    """(tracking uri, the model version holding `alias`). The uri is None when no registry
+    can exist (and mlflow is not imported); the version is None when the alias is unset."""
+    uri = _registry_may_exist(layout)
+    if uri is None:
+        return None, None
+    from visionflow.tracking import quiet_env
+
+    quiet_env()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return uri, client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return uri, None
+
+
 def champion_summary(layout: Layout, model_name: str, alias: str = "champion"
                      ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(the champion's data summary or None, where it came from / why there is none)."""
     info: dict[str, Any] = {"model": model_name, "alias": alias}
-    uri = _registry_may_exist(layout)
-    if uri is None:
-        return None, {**info, "status": "no_registry"}
     try:
-        from visionflow.tracking import quiet_env
-
-        quiet_env()
-        import mlflow
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        try:
-            mv = client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
+        uri, mv = champion_version(layout, model_name, alias)
+        if uri is None:
+            return None, {**info, "status": "no_registry"}
+        if mv is None:
             return None, {**info, "status": "no_champion"}
+        import mlflow
+
         info.update(version=str(mv.version), run_id=mv.run_id)
         if not mv.run_id:
             return None, {**info, "status": "champion has no run"}

@@ -280,21 +280,24 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware() -> str:
     """This machine: CPU model and cores, GPU name when CUDA is there, torch version."""
     import os
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    parts = [f"{cpu} ({os.cpu_count()} cores)"]
+    parts = [f"{cpu_name()} ({os.cpu_count()} cores)"]
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name(0))
     parts.append(f"torch {torch.__version__}, {platform.system()} {platform.release()}")
