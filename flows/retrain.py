@@ -316,6 +316,7 @@ def _finish(report: dict[str, Any], results: dict[str, Any], cfg: Params, layout
     _publish(report, logger)
     return {"model_name": reg.model_name, "version": reg.version, "alias": reg.alias,
             "reason": reg.decision.reason, "ui_command": reg.ui_command, "skipped": False,
+            "compact": getattr(reg, "compact", None),
             "data_hash": report["data"].get("data_hash", ""),
             "stages": {s["name"]: s["state"] for s in report["stages"]},
             "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]
@@ -364,6 +365,10 @@ def main(params: str = "params.yaml", overrides: list[str] | None = None, root: 
     alias = f"@{out['alias']}" if out["alias"] else "(no alias: champion kept)"
     print(f"\nregistered model: {out['model_name']} version {out['version']} {alias}")
     print(f"decision: {out['reason']}")
+    if out.get("compact"):
+        c = out["compact"]
+        where = f"@{c['alias']}" if c.get("alias") else f"({c['reason']})"
+        print(f"compressed copy: version {c['version']} {where}, {c['variant']}")
     print(f"browse it: {out['ui_command']}")
     return out
 
