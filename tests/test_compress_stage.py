@@ -270,12 +270,13 @@ def test_register_compact_registers_the_choice(wide):
     layout, report = wide
     params = load_params(layout.params, WIDE)
     run_stage("evaluate", params, layout)
-    parent = run_stage("register", params, layout)
+    parent = run_stage("register", params, layout)  # promoted: it registers the choice too
     assert parent.alias == "champion"
-    out = register_compact(params, layout, parent.version)
+    out = parent.compact
     sel = report["selected"]
     assert out is not None and out["alias"] == "compact" and out["variant"] == sel["name"]
-    assert out["version"] != parent.version
+    assert out["version"] != parent.version and out["parent_version"] == parent.version
+    assert json.loads(layout.registration.read_text())["compact"]["version"] == out["version"]
 
     tracking.setup(layout)
     client = MlflowClient()
