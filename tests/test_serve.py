@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,9 +21,9 @@ START_TIMEOUT_S = 180
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from visionflow.server import free_port
+
+    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def _get(url: str, timeout: float = 2.0) -> int:

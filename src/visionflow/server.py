@@ -132,11 +132,15 @@ def port_free(host: str, port: int) -> bool:
 
 
 def free_port(host: str = HOST, tries: int = 64) -> int:
-    """A free port below the kernel's ephemeral range (20000-32767 by default on Linux), so
+    """A free port below the kernel's ephemeral range (32768-60999 by default on Linux), so
     that an outgoing connection cannot take it between this check and the server's bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
     rng = random.Random()
-    for _ in range(tries):
-        port = rng.randint(20000, 32000)
+    for _ in range(tries if low > 21000 else 0):
+        port = rng.randint(20000, low - 1)
         if port_free(host, port):
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
