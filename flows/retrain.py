@@ -313,6 +313,7 @@ def _finish(report: dict[str, Any], results: dict[str, Any], cfg: Params, layout
     )
     if report["compress"]:
         report["compression_choice"] = flow_report.compression_choice(report["compress"])[0]
+    report["compact"] = getattr(reg, "compact", None)
     _publish(report, logger)
     return {"model_name": reg.model_name, "version": reg.version, "alias": reg.alias,
             "reason": reg.decision.reason, "ui_command": reg.ui_command, "skipped": False,

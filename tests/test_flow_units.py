@@ -215,6 +215,8 @@ def test_summary_markdown_and_choice():
                 "recommended_reason": "nothing within the budget"}
     assert flow_report.compression_choice(none_fit) == ("original", "nothing within the budget")
     assert "| int8 | onnxruntime |" in flow_report.summary_markdown({"compress": new_style})
+    assert "Registered as version 5 `@compact`." in flow_report.summary_markdown(
+        {"compress": new_style, "compact": {"version": "5", "alias": "compact"}})
     links = flow_report.mlflow_links("http://h:5000/", {"run_id": "r1", "experiment_id": "7"},
                                      "m", "4")
     assert links == {"mlflow-run": "http://h:5000/#/experiments/7/runs/r1",
@@ -234,7 +236,7 @@ def test_summary_markdown_and_choice():
         "stages": [{"name": "train", "state": "cached", "seconds": 1.5}]})
     for text in ("# retrain: v4 promoted", "## Data", "## Validation", "**NO**", "1 \\| 2",
                  "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3", "## Compression",
-                 "Choice: **original**", "## Links", "(http://h:5000/#/models/m/versions/4)",
+                 "Choice: **original**", "Not registered as a `compact` version", "## Links", "(http://h:5000/#/models/m/versions/4)",
                  "| train | cached |"):
         assert text in md, text
     rows = flow_report.metric_rows({"top1": 0.9, "n_test": 5, "ok": True, "iou_per_class":

@@ -147,7 +147,11 @@ def summary_markdown(r: dict[str, Any]) -> str:
         rows += [[name, x.get("format") or x.get("runtime", ""), (x.get("size_bytes") or 0)
                   / 1e6, x.get("size_ratio"), x.get("top1"), _drop_points(x)]
                  for name, x in (comp.get("variants") or {}).items()]
-        out += ["## Compression", "", f"Choice: **{choice}** ({why})", "",
+        compact = r.get("compact") or {}
+        registered = (f"Registered as version {compact['version']}"
+                      + (f" `@{compact['alias']}`" if compact.get("alias") else "")
+                      if compact.get("version") else "Not registered as a `compact` version")
+        out += ["## Compression", "", f"Choice: **{choice}** ({why}). {registered}.", "",
                 _table(["variant", "format", "MB", "size ratio", "top-1", "top-1 drop (points)"],
                        rows), ""]
 
