@@ -65,6 +65,9 @@ def test_train_writes_loadable_weights(done):
     history = list(csv.DictReader(layout.history.open()))
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert not layout.checkpoint.exists()
+    from visionflow.calibration import T_RANGE
+
+    assert T_RANGE[0] < arch.temperature < T_RANGE[1] and arch.temperature != 1.0  # fitted
 
 
 def test_evaluate_metrics_match_predictions(done):

@@ -25,6 +25,7 @@ class Arch:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     classes: list[str] = field(default_factory=list)
+    temperature: float = 1.0  # softmax(logits / T): fitted on the val split (calibration.py)
 
 
 class Classifier(nn.Module):

@@ -113,7 +113,8 @@ class _Search:
         from visionflow.evaluate import model_logits
 
         ev = self.params.evaluate
-        return model_logits(model, self.test_x, ev.batch_size, "cpu", ev.tta)
+        return model_logits(model, self.test_x, ev.batch_size, "cpu", ev.tta,
+                            self.arch.temperature)  # the parent's calibration for every variant
 
     def metrics(self, logits: torch.Tensor) -> dict[str, Any]:
         from visionflow.evaluate import headline, score_logits

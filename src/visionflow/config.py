@@ -146,6 +146,7 @@ class TrainConfig(_Section):
     backbone_lr_mult: float = Field(0.1, gt=0, description="backbone lr factor when fine-tuning")
     early_stop_patience: int | None = Field(None, gt=0, description="epochs without val gain")
     time_budget_s: float | None = Field(None, gt=0)
+    calibrate: bool = Field(True, description="fit a softmax temperature on the val split")
     progress: bool = True
 
     @field_validator("model")

@@ -47,15 +47,17 @@ def capped_topk(topk: list[int], num_classes: int) -> list[int]:
 
 
 def model_logits(model: torch.nn.Module, x_uint8: torch.Tensor, batch_size: int = 512,
-                 device: torch.device | str = "cpu", tta: bool = False) -> torch.Tensor:
-    """Logits for uint8 N×C×H×W images. With `tta`, the log of the mean softmax of the image
-    and its horizontal mirror (so softmax of the result is the averaged probability)."""
+                 device: torch.device | str = "cpu", tta: bool = False,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Logits / `temperature` for uint8 N×C×H×W images. With `tta`, the log of the mean
+    softmax of the image and its horizontal mirror (so softmax of the result is the averaged
+    probability)."""
     from visionflow.train import predict_logits
 
-    logits = predict_logits(model, x_uint8, batch_size, device)
+    logits = predict_logits(model, x_uint8, batch_size, device) / temperature
     if not tta or len(x_uint8) == 0:
         return logits
-    mirrored = predict_logits(model, x_uint8.flip(-1), batch_size, device)
+    mirrored = predict_logits(model, x_uint8.flip(-1), batch_size, device) / temperature
     probs = (logits.softmax(1) + mirrored.softmax(1)) / 2
     return probs.clamp_min(1e-12).log()
 
@@ -152,7 +154,8 @@ def run_evaluate(params: Params, layout: Layout) -> dict[str, Any]:
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
     cache = load_cache(layout.cache)
-    logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta)
+    logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
+                          arch.temperature)
     target = cache["test_y"]
     classes = arch.classes
     scores = score_logits(logits, target, classes, cfg.topk, cfg.calibration_bins)

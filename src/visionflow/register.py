@@ -74,7 +74,8 @@ def version_logits(client: Any, name: str, version: str, cache: dict,
     if (arch.image_size, arch.in_channels) != (cache["image_size"], cache["channels"]):
         return None, f"champion v{version} takes other inputs ({arch.image_size}px)"
     cfg = params.evaluate
-    return model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta), ""
+    return model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
+                        arch.temperature), ""
 
 
 def score_version(client: Any, name: str, version: str, cache: dict,
@@ -94,7 +95,9 @@ def challenger_logits(layout: Layout, cache: dict, params: Params):
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
     cfg = params.evaluate
-    return model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta), model, arch
+    logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
+                          arch.temperature)
+    return logits, model, arch
 
 
 def current_champion(client: Any, name: str, alias: str) -> str | None:

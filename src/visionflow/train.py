@@ -201,6 +201,10 @@ def run_train(params: Params, layout: Layout) -> TrainResult:
         bar.close()
         if dist.main:
             final = ema.module if ema is not None else model
+            if cfg.calibrate and len(cache["val_x"]):
+                arch.temperature = _calibrate(final, cache, device)
+                _log(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
+                           f"{len(cache['val_x'])} val images)")
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             _write_history(layout.history, history)
             _log_artifact(layout.history)
@@ -277,6 +281,17 @@ def _accuracy(model: nn.Module, cache: dict, device: torch.device) -> float | No
         return None
     logits = predict_logits(model, cache["val_x"], 512, device)
     return float((logits.argmax(1) == cache["val_y"]).float().mean())
+
+
+def _calibrate(model: nn.Module, cache: dict, device: torch.device) -> float:
+    import mlflow
+
+    from visionflow.calibration import fit_temperature
+
+    t = round(fit_temperature(predict_logits(model, cache["val_x"], 512, device),
+                              cache["val_y"]), 6)
+    mlflow.log_metric("temperature", t)
+    return t
 
 
 def _should_stop(dist, stale, patience, t_start, budget) -> bool:

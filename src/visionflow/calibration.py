@@ -1,0 +1,37 @@
+"""Temperature scaling (Guo et al., 2017): one scalar T > 0 such that softmax(logits / T)
+matches how often the model is right on held-out images. Predictions (argmax, top-k) do not
+change; the probabilities users see (`score`, `topk`, ECE) do.
+
+The train stage fits T on the val split and stores it in the model's `Arch`; every consumer
+applies it through `evaluate.model_logits(..., temperature=arch.temperature)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+T_RANGE = (0.05, 20.0)
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
+    """The T that minimises the negative log-likelihood of `target` under softmax(logits / T);
+    1.0 when there is nothing to fit on or the fit leaves `T_RANGE`."""
+    if len(logits) == 0:
+        return 1.0
+    logits, target = logits.detach().float().cpu().clone(), target.long().cpu().clone()
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and T_RANGE[0] <= t <= T_RANGE[1] else 1.0
