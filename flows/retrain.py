@@ -313,11 +313,11 @@ def _finish(report: dict[str, Any], results: dict[str, Any], cfg: Params, layout
     )
     if report["compress"]:
         report["compression_choice"] = flow_report.compression_choice(report["compress"])[0]
-    report["compact"] = getattr(reg, "compact", None)
+    report["compact"] = reg.compact
     _publish(report, logger)
     return {"model_name": reg.model_name, "version": reg.version, "alias": reg.alias,
             "reason": reg.decision.reason, "ui_command": reg.ui_command, "skipped": False,
-            "compact": getattr(reg, "compact", None),
+            "compact": reg.compact,
             "data_hash": report["data"].get("data_hash", ""),
             "stages": {s["name"]: s["state"] for s in report["stages"]},
             "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]

@@ -7,9 +7,17 @@ before any work starts (see `load_params`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from visionflow.errors import ConfigError
 
@@ -22,6 +30,15 @@ MODEL_NAMES = (
     "densenet_bc",
     "fast",
 )
+
+
+def _known_model(v: str) -> str:
+    if v not in MODEL_NAMES:
+        raise ValueError(f"unknown model, choose one of {', '.join(MODEL_NAMES)}")
+    return v
+
+
+ModelName = Annotated[str, AfterValidator(_known_model)]
 
 
 class _Section(BaseModel):
@@ -123,7 +140,7 @@ class AugmentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: str = "resnet18"
+    model: ModelName = "resnet18"
     epochs: int = Field(5, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(0.05, gt=0)
@@ -148,13 +165,6 @@ class TrainConfig(_Section):
     time_budget_s: float | None = Field(None, gt=0)
     calibrate: bool = Field(True, description="fit a softmax temperature on the val split")
     progress: bool = True
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model, choose one of {', '.join(MODEL_NAMES)}")
-        return v
 
 
 class EvaluateConfig(_Section):
@@ -196,7 +206,7 @@ class CompressConfig(_Section):
     structured_steps: int = Field(1, ge=1, description="iterative pruning steps")
     lowrank_energies: list[float] = Field([0.9], min_length=1,
                                           description="singular-value energy kept")
-    student_model: str = "fast"
+    student_model: ModelName = "fast"
     student_kwargs: dict[str, Any] = Field(
         {"widths": [32, 64, 128]}, description="create_model kwargs that shape its layers")
     finetune_epochs: int = Field(1, ge=0, description="after each pruning step / low-rank")
@@ -233,13 +243,6 @@ class CompressConfig(_Section):
         if any(not 0 < e < 1 for e in v):
             raise ValueError("each energy must be in (0, 1)")
         return sorted(set(v), reverse=True)
-
-    @field_validator("student_model")
-    @classmethod
-    def _student(cls, v: str) -> str:
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model, choose one of {', '.join(MODEL_NAMES)}")
-        return v
 
     @field_validator("latency_batches")
     @classmethod

@@ -11,6 +11,7 @@ leaves Prefect to start its temporary (ephemeral) API in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -178,13 +179,10 @@ def start(service: Service, layout: Layout, host: str = HOST, port: int | None =
                               f"{'server' if service is PREFECT else 'ui'} stop`)")
     if port != 0:
         return _launch(service, layout, host, port or service.default_port, timeout, ui, env)
-    for attempt in range(3):
-        try:
+    for _ in range(2):
+        with contextlib.suppress(_PortLost):
             return _launch(service, layout, host, free_port(host), timeout, ui, env)
-        except _PortLost:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return _launch(service, layout, host, free_port(host), timeout, ui, env)
 
 
 class _PortLost(VisionflowError):

@@ -141,8 +141,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         from visionflow.evaluate import model_logits
 
         x = torch.from_numpy(np.ascontiguousarray(batch_uint8))
-        t = getattr(self.arch, "temperature", 1.0)
-        return model_logits(self.model, x, batch_size, self.device, self.tta, t).softmax(1)
+        return model_logits(self.model, x, batch_size, self.device, self.tta,
+                            self.arch.temperature).softmax(1)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels)

@@ -7,7 +7,7 @@ kernels: `lower_x86` (torchao's `lower_pt2e_quantized_to_x86`: freezing passes +
 folding, for one static input shape) or `torch.compile` with Inductor `freezing=True`.
 
 Saving: `torch.export.save` / `load` of the converted graph unpickles its weights
-(`torch.load(weights_only=False)` inside `torch.export.pt2_archive`), which we never do. So
+(`torch.export.pt2_archive` loads them with the weights-only guard off), which we never do. So
 `save_recipe` stores the fp32 weights and the calibration images (tensors and plain values
 only, `weights_only=True`), and `load_recipe` re-derives the int8 graph: calibration is
 deterministic (MinMax observers), so the reloaded graph gives the same logits. It is not a
