@@ -100,7 +100,7 @@ def make_project(
     (root / "mlruns").mkdir()
     if git:
         run(["git", "init", "-q", "-b", "main"], root)
-        (root / ".gitignore").write_text("/outputs/\n/mlruns/\n/.cache/\n")
+        shutil.copy(REPO / ".gitignore", root / ".gitignore")
         run([str(BIN / "dvc"), "init", "-q"], root)
         if (root / "data").is_dir():
             run([str(BIN / "dvc"), "add", "-q", "data"], root)

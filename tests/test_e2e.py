@@ -38,11 +38,30 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     assert _ran(again.stdout) == [], again.stdout
     assert "up to date" in again.stdout.lower()
 
+    # Commit the run the DVC way: dvc.lock, metrics and plots in git, cached outs not.
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "first run"], root)
+    tracked = set(run(["git", "ls-files"], root).stdout.split())
+    assert {"dvc.lock", "outputs/evaluate/metrics.json", "outputs/evaluate/confusion.csv",
+            "outputs/evaluate/confusion.png"} <= tracked
+    assert not {"outputs/train/model.pt", "outputs/augment/cache.pt"} & tracked
+
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([dvc, "repro"], root)
     assert _ran(third.stdout) == ["train", "evaluate", "compress", "register"], third.stdout
+
+    # Against the commit: every metric key on both sides (stable keys), and the change shows.
+    diff = json.loads(run([dvc, "metrics", "diff", "--all", "--json"], root).stdout)
+    evaluated = diff["outputs/evaluate/metrics.json"]
+    assert "top1" in evaluated and "f1_macro" in evaluated and "miou" in evaluated
+    assert all(v["old"] is not None and v["new"] is not None for v in evaluated.values())
+    assert any(v["diff"] for v in evaluated.values()), evaluated
+    plots = json.loads(run([dvc, "plots", "diff", "--json"], root).stdout)["data"]
+    confusion = plots["outputs/evaluate/confusion.csv"][0]
+    assert set(confusion["revisions"]) == {"workspace", "HEAD"}
+    assert {v["rev"] for v in confusion["content"]["data"]["values"]} == {"workspace", "HEAD"}
 
     metrics = run([dvc, "metrics", "show", "--json"], root)
     assert "top1" in metrics.stdout
