@@ -32,8 +32,9 @@ def data_init(root: RootOpt = Path(".")) -> None:
 
 @data_app.command("add")
 def data_add(
-    path: Annotated[Path, typer.Argument(help="an ImageFolder directory, or a .tar/.tar.gz/"
-                                              ".tgz/.zip archive of one")],
+    path: Annotated[Path, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
+                                              ".tgz/.zip archive of one, or torchvision:CIFAR10 "
+                                              "(downloaded once, online)")],
     root: RootOpt = Path("."),
     target: TargetOpt = "data",
     force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "

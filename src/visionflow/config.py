@@ -46,13 +46,24 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("data", description="ImageFolder dir or .tar/.tar.gz/.zip archive")
+    source: str = Field("data", description="ImageFolder dir, .tar/.tar.gz/.zip archive, "
+                        "or torchvision:CIFAR10 (downloaded once, online)")
     image_size: int = Field(32, gt=0, le=1024)
     channels: Literal[1, 3] = 3
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no test/ split")
     limit_per_class: int | None = Field(None, gt=0, description="stratified subset per split")
     split_seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _known_torchvision_dataset(cls, v: str) -> str:
+        from visionflow.torchvision_source import DATASETS, PREFIX
+
+        if v.startswith(PREFIX) and v[len(PREFIX):] not in DATASETS:
+            raise ValueError(f"unknown torchvision dataset {v[len(PREFIX):]!r} "
+                             f"(choose from {', '.join(DATASETS)})")
+        return v
 
     @field_validator("test_fraction")
     @classmethod
@@ -415,6 +426,8 @@ def load_params(
     root: Path | None = None,
 ) -> Params:
     """Load, override, validate. Also checks the data source exists (relative to root)."""
+    from visionflow.torchvision_source import is_torchvision_source
+
     raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
@@ -422,6 +435,6 @@ def load_params(
     root = root or Path(path).resolve().parent
     src = Path(params.data.source)
     src = src if src.is_absolute() else root / src
-    if not src.exists():
+    if not src.exists() and not is_torchvision_source(params.data.source):
         raise ConfigError(f"{path}: data.source={params.data.source!r}: path does not exist")
     return params

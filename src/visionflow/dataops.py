@@ -135,15 +135,17 @@ def workspace_state(layout: Layout, target: str = "data") -> str:
 
 def import_data(layout: Layout, source: str | Path, target: str = "data", force: bool = False,
                 push: bool = False) -> dict[str, Any]:
-    """Import a folder or an archive as the new content of `target/`, then `dvc add` it.
+    """Import a folder, an archive or a `torchvision:` dataset as `target/`, then `dvc add` it.
 
     The source is only read (archives are checked member by member, see
     `ingest.import_dataset`). The current `target/` is replaced only when its content is
     recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`.
     The new content must be an ImageFolder with at least one image, or nothing changes."""
-    from visionflow import ingest
+    from visionflow import ingest, torchvision_source
 
     root = layout.root
+    if torchvision_source.is_torchvision_source(source):  # downloaded once, then a folder
+        source = torchvision_source.materialize(str(source), layout.cache_root)
     src = Path(source).expanduser().resolve()
     dest = root / target
     if not src.exists():

@@ -26,8 +26,12 @@ class Layout:
         return self.root / "outputs"
 
     @property
+    def cache_root(self) -> Path:
+        return self.root / ".cache"
+
+    @property
     def extract_cache(self) -> Path:
-        return self.root / ".cache" / "extracted"
+        return self.cache_root / "extracted"
 
     # validate
     @property

@@ -217,6 +217,11 @@ def code_digest(layout: Layout, deps: Iterable[str]) -> str:
 
 
 def source_path(params: Params, layout: Layout) -> Path:
+    """The data source on disk (a `torchvision:` dataset: the folder it is written to)."""
+    from visionflow import torchvision_source
+
+    if torchvision_source.is_torchvision_source(params.data.source):
+        return torchvision_source.folder(params.data.source, layout.cache_root)
     src = Path(params.data.source)
     return src if src.is_absolute() else layout.root / src
 
