@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, make_project, run
 from test_ingest import _evil_tar
+from test_torchvision_source import _write_mnist_raw
 from test_validate_catalogue import _snapshot, write_imagefolder
 
 from visionflow.dataops import dvc_out
@@ -39,7 +40,11 @@ def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("datacli")
     v1 = write_imagefolder(tmp / "v1", {"train/cat": 6, "train/dog": 6, "test/cat": 2,
                                         "test/dog": 2})
-    return tmp, make_project(tmp / "proj", v1, git=True)
+    root = make_project(tmp / "proj", v1, git=True)
+    ignore = root / ".gitignore"  # `data add` must add the default remote's folder itself
+    ignore.write_text("".join(line for line in ignore.read_text().splitlines(keepends=True)
+                              if line.strip() != "/.dvc-storage/"))
+    return tmp, root
 
 
 def test_add_folder_then_push_and_pull(repo):
@@ -104,6 +109,12 @@ def test_add_archive_and_the_refusals(repo):
         proc = run([VFLOW, "data", "add", str(bad)], root, check=False)
         assert proc.returncode == 3 and words in _one_error_line(proc), proc.stderr
     assert _snapshot(root / "data") == snap and _md5(root) == md5
+
+    # a torchvision dataset (its raw files already downloaded): written out once, then added
+    _write_mnist_raw(root / ".cache" / "torchvision" / "MNIST" / "raw")
+    proc = run([VFLOW, "data", "add", "torchvision:MNIST", "--force"], root)
+    assert "imported 80 images" in proc.stdout and _md5(root) != md5
+    assert len(list((root / "data" / "train").iterdir())) == 10
 
     run([VFLOW, "data", "add", str(tmp / "v1"), "--force"], root)
     assert _files(root / "data") == _files(tmp / "v1")
