@@ -200,10 +200,10 @@ def build_manifest_ex(
 
     t = {"start": time.perf_counter()}
     v = params.validate_
-    src = Path(params.data.source)
-    src = src if src.is_absolute() else layout.root / src
     if torchvision_source.is_torchvision_source(params.data.source):
         src = torchvision_source.materialize(params.data.source, layout.cache_root)
+    else:
+        src = layout.root / params.data.source  # (an absolute source replaces the root)
     # a first extraction feeds each member to a process pool: decode overlaps extraction
     early = ingest.BackgroundInspector(params.data.channels, v.workers, v.max_pixels) \
         if v.cache else None
