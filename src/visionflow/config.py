@@ -58,11 +58,10 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _known_torchvision_dataset(cls, v: str) -> str:
-        from visionflow.torchvision_source import DATASETS, PREFIX
+        from visionflow.torchvision_source import is_torchvision_source, unknown
 
-        if v.startswith(PREFIX) and v[len(PREFIX):] not in DATASETS:
-            raise ValueError(f"unknown torchvision dataset {v[len(PREFIX):]!r} "
-                             f"(choose from {', '.join(DATASETS)})")
+        if is_torchvision_source(v) and (why := unknown(v)):
+            raise ValueError(why)
         return v
 
     @field_validator("test_fraction")

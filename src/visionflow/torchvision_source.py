@@ -27,12 +27,17 @@ def is_torchvision_source(source: str | Path) -> bool:
     return str(source).startswith(PREFIX)
 
 
-def dataset_name(source: str) -> str:
+def unknown(source: str) -> str | None:
+    """Why `torchvision:<NAME>` names no dataset read here, or None when it does."""
     name = source[len(PREFIX):]
-    if name not in DATASETS:
-        raise DataError(f"data.source={source}: unknown torchvision dataset {name!r} "
-                        f"(choose from {', '.join(DATASETS)})")
-    return name
+    return None if name in DATASETS else (f"unknown torchvision dataset {name!r} "
+                                          f"(choose from {', '.join(DATASETS)})")
+
+
+def dataset_name(source: str) -> str:
+    if why := unknown(source):
+        raise DataError(f"data.source={source}: {why}")
+    return source[len(PREFIX):]
 
 
 def folder(source: str, cache_root: Path) -> Path:
