@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 WEIGHTS = "weights"
 PIP_REQUIREMENTS = [
@@ -82,8 +83,6 @@ def _one(value: Any, size: int, channels: int) -> np.ndarray:
 def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
     """DataFrame/dict with an `image` column (bytes or arrays), a list of those, or an
     N×C×H×W / N×H×W×C array -> uint8 N×C×size×size."""
-    import pandas as pd
-
     if isinstance(model_input, dict):
         model_input = model_input.get("image", next(iter(model_input.values()), []))
     if isinstance(model_input, pd.DataFrame):
@@ -104,8 +103,6 @@ def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
 
 def topk_frame(probs: Any, classes: list[str], k: int):
     """probs (N×C torch tensor) -> DataFrame label, score, topk (JSON list)."""
-    import pandas as pd
-
     k = max(1, min(int(k), len(classes)))
     top_p, top_i = probs.topk(k, dim=1)
     rows_i, rows_p = top_i.tolist(), top_p.tolist()
@@ -144,7 +141,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return model_logits(self.model, x, batch_size, self.device, self.tta,
                             self.arch.temperature).softmax(1)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    # pd.DataFrame: MLflow infers nothing from this hint (the signature is given explicitly)
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels)
         k = int((params or {}).get("topk") or self.topk)
         return topk_frame(self.probabilities(batch), self.arch.classes, k)
