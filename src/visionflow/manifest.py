@@ -196,14 +196,12 @@ def build_manifest_ex(
     params: Params, layout: Layout
 ) -> tuple[Path, list[dict[str, Any]], list[str], CacheStats]:
     """`build_manifest` plus the row-cache statistics and phase timings."""
-    from visionflow import ingest, torchvision_source
+    from visionflow import ingest
+    from visionflow.orchestration import source_path
 
     t = {"start": time.perf_counter()}
     v = params.validate_
-    if torchvision_source.is_torchvision_source(params.data.source):
-        src = torchvision_source.materialize(params.data.source, layout.cache_root)
-    else:
-        src = layout.root / params.data.source  # (an absolute source replaces the root)
+    src = source_path(params, layout, fetch=True)
     # a first extraction feeds each member to a process pool: decode overlaps extraction
     early = ingest.BackgroundInspector(params.data.channels, v.workers, v.max_pixels) \
         if v.cache else None

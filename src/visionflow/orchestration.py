@@ -216,14 +216,15 @@ def code_digest(layout: Layout, deps: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def source_path(params: Params, layout: Layout) -> Path:
-    """The data source on disk (a `torchvision:` dataset: the folder it is written to)."""
+def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:
+    """The data source on disk. A `torchvision:` dataset: the folder it is written to,
+    downloaded and written first when `fetch`."""
     from visionflow import torchvision_source
 
     if torchvision_source.is_torchvision_source(params.data.source):
-        return torchvision_source.folder(params.data.source, layout.cache_root)
-    src = Path(params.data.source)
-    return src if src.is_absolute() else layout.root / src
+        how = torchvision_source.materialize if fetch else torchvision_source.folder
+        return how(params.data.source, layout.cache_root)
+    return layout.root / params.data.source  # (an absolute source replaces the root)
 
 
 def stat_stamp(path: Path) -> str:
