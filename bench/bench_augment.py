@@ -1,4 +1,4 @@
-"""Benchmark visionflow.augment_ops against kornia.augmentation and torchvision.transforms.v2.
+"""Benchmark visionflow.model.augment_ops against kornia.augmentation and torchvision.transforms.v2.
 
 All candidates run side by side in one process, interleaved round-robin (rep 1 of every candidate,
 then rep 2, ...) so background load hits them alike; we report the median per candidate.
@@ -27,8 +27,8 @@ import torchvision
 import torchvision.transforms.v2 as v2
 from torch import Tensor, nn
 
-from visionflow import augment_ops as ops
 from visionflow.config import AugmentConfig
+from visionflow.model import augment_ops as ops
 
 Fn = Callable[[Tensor], Tensor]
 SHIFT, CUT, JIT = 4, 8, 0.4  # translate px, cutout side px, jitter strength
@@ -88,7 +88,7 @@ def op_cases(gen: torch.Generator) -> dict[str, dict[str, Fn]]:
     erase = K.RandomErasing(scale=(CUT**2 / 1024,) * 2, ratio=(1.0, 1.0), p=0.5)
     flip = K.RandomHorizontalFlip(p=0.5)
     crop = K.RandomCrop((32, 32), padding=SHIFT, padding_mode="reflect")
-    geo = AugmentConfig(hflip=0.5, translate=SHIFT)
+    geo = AugmentConfig(hflip=0.5, translate=SHIFT, cutout=0)
     return {
         f"hflip p=0.5 + translate {SHIFT}px reflect": {
             "visionflow (flip fused into crop gather)": lambda x: ops.augment_batch(x, geo, gen),

@@ -46,8 +46,6 @@ import torch
 import yaml
 from torch import nn
 
-from visionflow.atomic import torch_save
-from visionflow.classifier import Arch, build_classifier
 from visionflow.compression.measure import (
     batch_of,
     count_macs,
@@ -59,6 +57,8 @@ from visionflow.compression.onnx_export import OrtClassifier, export_onnx
 from visionflow.compression.prune import save_pruned, structured_prune
 from visionflow.compression.pt2e import quantize_pt2e_x86, torchao_available
 from visionflow.compression.quantize import quantize_int8_onnx
+from visionflow.files import torch_save
+from visionflow.model.classifier import Arch, build_classifier
 
 SHAPE = (1, 3, 32, 32)
 Runner = Callable[[torch.Tensor], Callable[[], Any]]  # input batch -> timed zero-arg call
@@ -254,7 +254,7 @@ def cifar_main(args: argparse.Namespace) -> None:
 
     from visionflow.config import apply_overrides, load_params, read_params_file
     from visionflow.layout import Layout
-    from visionflow.stages import run_stage
+    from visionflow.pipeline.stages import run_stage
 
     repo = Path(__file__).resolve().parents[1]
     root = args.workdir.resolve()

@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from visionflow.augment_ops import augment_batch, mix_batch
 from visionflow.config import AugmentConfig
-from visionflow.engine import autocast
-from visionflow.models import create_model
+from visionflow.model.augment_ops import augment_batch, mix_batch
+from visionflow.model.engine import autocast
+from visionflow.model.zoo import create_model
 
 FULL_POLICY = AugmentConfig(hflip=0.5, translate=4, cutout=8, cutout_p=0.5, brightness=0.2,
                             contrast=0.2, saturation=0.2, mixup_alpha=0.2, cutmix_alpha=1.0,
@@ -58,7 +58,7 @@ class Uint8Images(torch.utils.data.Dataset):
 
 def load_images(a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     if a.cache:
-        from visionflow.augment import load_cache
+        from visionflow.data.cache import load_cache
 
         cache = load_cache(a.cache)
         return cache["train_x"], cache["train_y"]

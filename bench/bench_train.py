@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from visionflow.augment_ops import augment_batch
 from visionflow.config import AugmentConfig
-from visionflow.engine import autocast
-from visionflow.models import create_model
+from visionflow.model.augment_ops import augment_batch
+from visionflow.model.engine import autocast
+from visionflow.model.zoo import create_model
 
 
 def sync(device: torch.device) -> None:

@@ -32,12 +32,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from visionflow import flow_report
-from visionflow import orchestration as orch
 from visionflow.config import Params, load_params
+from visionflow.env import quiet_env
 from visionflow.layout import Layout
-from visionflow.stages import STAGES, run_stage
-from visionflow.tracking import quiet_env
+from visionflow.pipeline import orchestration as orch
+from visionflow.pipeline import report as flow_report
+from visionflow.pipeline.stages import STAGES, run_stage
 
 quiet_env()
 
@@ -122,7 +122,7 @@ def _flow_run():
 def _project_lock(layout: Layout, logger):
     from filelock import FileLock, Timeout
 
-    path = layout.root / ".cache" / "retrain.lock"
+    path = layout.retrain_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     try:
@@ -134,7 +134,7 @@ def _project_lock(layout: Layout, logger):
 
 
 def _ui_url(cfg: Params, layout: Layout) -> str:
-    from visionflow.server import MLFLOW, status
+    from visionflow.pipeline.servers import MLFLOW, status
 
     st = status(MLFLOW, layout)
     return st.url if st.healthy and st.url else cfg.flow.mlflow_ui_url
@@ -279,7 +279,7 @@ def _skip(report: dict[str, Any], reason: str, check: dict[str, Any], cfg: Param
                                                    cfg.register_.model_name, version)
     logger.info("nothing to train: %s", reason)
     _publish(report, logger)
-    from visionflow.tracking import ui_command
+    from visionflow.mlops.tracking import ui_command
 
     return {"model_name": cfg.register_.model_name, "version": version,
             "alias": cfg.register_.alias if version else None, "reason": reason,
@@ -358,7 +358,7 @@ def serve_deployment(params: str = "params.yaml", overrides: list[str] | None = 
 def main(params: str = "params.yaml", overrides: list[str] | None = None, root: str = ".",
          force: bool = False, only_new_data: bool = False,
          data_source: str | None = None) -> dict[str, Any]:
-    from visionflow.server import prefect_api
+    from visionflow.pipeline.servers import prefect_api
 
     with prefect_api(Layout.at(root)):
         out = retrain(params=params, overrides=overrides or [], root=root, force=force,

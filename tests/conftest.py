@@ -63,7 +63,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def digits_dir() -> Path:
-    from visionflow.digits import materialize_digits
+    from visionflow.data.digits import materialize_digits
 
     return materialize_digits(_SANDBOX / "digits")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from visionflow.calibration import fit_temperature
+from visionflow.model.calibration import fit_temperature
 
 
 def _calibrated(n: int = 4000, classes: int = 5, seed: int = 0):

@@ -20,7 +20,7 @@ import torch
 
 from visionflow.config import load_params
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 
 # A 'fast' model that learns digits in ~15 s on one core (~0.9 top-1), so agreement and
 # accuracy checks mean something; the search is the wide one, kept cheap.
@@ -78,14 +78,14 @@ def wide(trained) -> tuple[Layout, dict]:
 
 
 def _test_split(layout: Layout):
-    from visionflow.augment import load_cache
+    from visionflow.data.cache import load_cache
 
     cache = load_cache(layout.cache)
     return cache["test_x"], cache["test_y"]
 
 
 def _top1(model, layout: Layout) -> float:
-    from visionflow.evaluate import model_logits
+    from visionflow.model.inference import model_logits
 
     x, y = _test_split(layout)
     return float((model_logits(model, x).argmax(1) == y).float().mean())
@@ -111,9 +111,9 @@ def test_every_variant_runs_and_is_scored(wide):
 
 
 def test_torch_variants_reload_with_weights_only(wide):
-    from visionflow.classifier import load_classifier
     from visionflow.compression.prune import load_pruned
     from visionflow.compression.structure import load_structured
+    from visionflow.model.classifier import load_classifier
 
     layout, report = wide
     models = layout.compress_models
@@ -211,14 +211,13 @@ def test_lowrank_factorises_and_shrinks(wide):
 def test_pareto_table_plot_and_mlflow(wide):
     from mlflow import MlflowClient
 
-    from visionflow import tracking
-    from visionflow.compress import pareto_csv_path, pareto_png_path
+    from visionflow.mlops import tracking
 
     layout, report = wide
-    with pareto_csv_path(layout).open() as f:
+    with layout.pareto_csv.open() as f:
         rows = list(csv.DictReader(f))
     assert {r["name"] for r in rows} == VARIANTS | {"original"}
-    assert pareto_png_path(layout).read_bytes()[:4] == b"\x89PNG"
+    assert layout.pareto_png.read_bytes()[:4] == b"\x89PNG"
     assert [r["name"] for r in report["pareto"]] == [r["name"] for r in rows]
     assert any(r["pareto_size"] for r in report["pareto"])
     sel = report["selected"]
@@ -235,7 +234,7 @@ def test_pareto_table_plot_and_mlflow(wide):
 
 
 def test_choice_respects_the_budget(wide):
-    from visionflow.compression.search import choose
+    from visionflow.compression.pareto import choose
 
     _, report = wide
     rows, original = report["pareto"], report["original"]
@@ -264,8 +263,8 @@ def test_register_compact_registers_the_choice(wide):
     import pandas as pd
     from mlflow import MlflowClient
 
-    from visionflow import tracking
-    from visionflow.compression.select import register_compact
+    from visionflow.mlops import tracking
+    from visionflow.mlops.compact import register_compact
 
     layout, report = wide
     params = load_params(layout.params, WIDE)
@@ -309,8 +308,8 @@ def test_nothing_fits_nothing_registered(trained, tmp_path):
 
     from mlflow import MlflowClient
 
-    from visionflow import tracking
-    from visionflow.compression.select import register_compact
+    from visionflow.mlops import tracking
+    from visionflow.mlops.compact import register_compact
 
     trained = Layout.at(shutil.copytree(trained.root, tmp_path / "copy"))  # keep `wide` intact
     # unstructured pruning alone: never deployable, so no variant can be chosen
@@ -339,8 +338,8 @@ def test_gpu_timing_code_path_on_cpu():
     """The stage's GPU timing (run only when CUDA is present), exercised with device='cpu'."""
     from types import SimpleNamespace
 
-    from visionflow.compress import Variant, _measure_gpu
     from visionflow.config import CompressConfig
+    from visionflow.stages.compress import Variant, _measure_gpu
 
     cfg = CompressConfig(latency_batches=[1, 4], latency_reps=2, latency_reps_large=2,
                          latency_warmup=1)
@@ -364,8 +363,8 @@ def test_gpu_latency_is_measured(wide):
 
 
 def test_register_compact_without_a_report(tmp_path: Path):
-    from visionflow.compression.select import chosen_variant
     from visionflow.config import Params
+    from visionflow.mlops.compact import chosen_variant
 
     entry, why = chosen_variant(Params(), Layout.at(tmp_path))
     assert entry is None and why == "no compress report"

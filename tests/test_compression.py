@@ -21,7 +21,6 @@ from torchvision.models.resnet import BasicBlock
 
 from visionflow.compression import lowrank
 from visionflow.compression.distill import accuracy, distill, finetune, kl_divergence
-from visionflow.compression.distill import predict_logits as torch_logits
 from visionflow.compression.measure import (
     count_macs,
     count_params,
@@ -39,6 +38,7 @@ from visionflow.compression.prune import (
 )
 from visionflow.compression.quantize import quantize_int8_onnx
 from visionflow.compression.structure import load_structured, save_structured
+from visionflow.model.inference import predict_logits as torch_logits
 
 ARCH = {"name": "tiny_resnet", "num_classes": 10, "width": 32, "in_channels": 3}
 SIZE = 16
@@ -214,7 +214,7 @@ def test_structured_prune_shrinks_macs_and_reloads(teacher, data, teacher_acc, t
 def test_structured_prune_project_resnet18_iterative(tmp_path):
     """The project's classifier (normalisation + registry resnet18, small stem), reloaded by
     `load_pruned` with its default builder from the stored `Arch` dict."""
-    from visionflow.classifier import Arch, build_classifier
+    from visionflow.model.classifier import Arch, build_classifier
 
     arch = asdict(Arch(name="resnet18", num_classes=10, image_size=32))
     model = build_classifier(Arch(**arch)).eval()
@@ -404,7 +404,7 @@ def test_gpu_latency_is_none_without_cuda():
 
 
 def test_search_pareto_and_choice_on_rows():
-    from visionflow.compression.search import choose, mark, pareto_flags
+    from visionflow.compression.pareto import choose, mark, pareto_flags
 
     def row(name, top1, size, macs, ms, deployable=True, candidate=True):
         return {"name": name, "top1": top1, "top1_drop_points": round(100 * (0.9 - top1), 6),

@@ -73,7 +73,7 @@ def test_help_is_light():
     """`vflow --help` must not import torch, mlflow, GX or Prefect."""
     code = (
         "import sys, runpy; sys.argv=['vflow','--help']\n"
-        "from visionflow import cli\n"
+        "from visionflow.cli import main as cli\n"
         "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
         "heavy=[m for m in ('torch','mlflow','great_expectations','prefect') if m in sys.modules]\n"
         "print('HEAVY', heavy)"

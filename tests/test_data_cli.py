@@ -14,7 +14,7 @@ from test_ingest import _evil_tar
 from test_torchvision_source import _write_mnist_raw
 from test_validate_catalogue import _snapshot, write_imagefolder
 
-from visionflow.dataops import dvc_out
+from visionflow.data.dvc import dvc_out
 from visionflow.layout import Layout
 
 VFLOW, DVC = str(BIN / "vflow"), str(BIN / "dvc")
@@ -144,7 +144,7 @@ def _register(layout: Layout, data_hash: str, md5: str) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     tracking.setup(layout)
     with mlflow.start_run() as r:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionflow import ingest
-from visionflow.digits import N_DIGITS, materialize_digits
+from visionflow.data import ingest
+from visionflow.data.digits import N_DIGITS, materialize_digits
 from visionflow.errors import DataError
 
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import make_project
 from test_validate_catalogue import write_imagefolder
 
-from visionflow import drift, validate
 from visionflow.config import load_params, parse_params
+from visionflow.data import drift
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 
 CFG = parse_params({}).validate_
 
@@ -99,7 +99,7 @@ def test_pixel_and_size_shifts_are_drift():
 def test_no_registry_means_no_mlflow_import(tmp_path):
     code = (
         "import sys\n"
-        "from visionflow.drift import champion_summary\n"
+        "from visionflow.data.drift import champion_summary\n"
         "from visionflow.layout import Layout\n"
         f"print(champion_summary(Layout.at({str(tmp_path)!r}), 'm')[1]['status'],"
         " 'mlflow' in sys.modules)\n"
@@ -118,7 +118,7 @@ def _register_champion(layout: Layout, summary: dict, name: str = "visionflow-cl
     import mlflow
     from mlflow import MlflowClient
 
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     tracking.setup(layout)
     with mlflow.start_run() as run:
@@ -142,7 +142,7 @@ def champion_project(tmp_path_factory):
     result = run_stage("validate", load_params(layout.params), layout)
     assert result.summary["drift"]["status"] == "no_reference"
     assert result.summary["drift"]["champion"]["status"] == "no_registry"
-    return layout, json.loads(drift.summary_path(layout).read_text())
+    return layout, json.loads(layout.data_summary.read_text())
 
 
 def test_drift_against_champion_warns_or_fails(champion_project):
@@ -180,7 +180,7 @@ def test_champion_summary_falls_back_to_validation_json(champion_project):
     layout, summary = champion_project
     from mlflow import MlflowClient
 
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     tracking.setup(layout)
     with mlflow.start_run() as run:
@@ -201,7 +201,7 @@ def test_validation_artifacts_go_to_the_active_run(champion_project):
     from mlflow import MlflowClient
 
     layout, _ = champion_project
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     tracking.setup(layout)
     with mlflow.start_run() as run:
@@ -211,4 +211,4 @@ def test_validation_artifacts_go_to_the_active_run(champion_project):
             "data/data_docs"} <= names
     docs = {f.path for f in MlflowClient().list_artifacts(run.info.run_id, "data/data_docs")}
     assert "data/data_docs/index.html" in docs
-    assert [p for p, _ in validate.artifacts(layout)][-1] == layout.data_docs
+    assert [p for p, _ in layout.validation_artifacts()][-1] == layout.data_docs

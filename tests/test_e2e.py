@@ -82,8 +82,8 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     # and the flow) judged against it. A promoted model also gets its `compact` version.
     from mlflow import MlflowClient
 
-    from visionflow import tracking
     from visionflow.layout import Layout
+    from visionflow.mlops import tracking
 
     tracking.setup(Layout.at(root))
     client = MlflowClient()

@@ -26,15 +26,15 @@ import pytest
 import torch
 from torch import nn
 
-from visionflow.evaluate import (
+from visionflow.mlops.gate import mcnemar_exact
+from visionflow.model.inference import model_logits
+from visionflow.model.metrics import (
     capped_topk,
     confident_mistakes,
     metrics_json,
-    model_logits,
     reliability_bins,
     score_logits,
 )
-from visionflow.gate import mcnemar_exact
 
 CLASSES = ["a", "b", "c"]
 A, B, C = 0, 1, 2

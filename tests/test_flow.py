@@ -53,7 +53,7 @@ def prefect_server(tmp_path_factory) -> Any:
         stop = subprocess.run([vflow, "server", "stop", "--root", str(base)],
                               capture_output=True, text=True, timeout=90)
         if pid is not None:
-            from visionflow.server import _alive
+            from visionflow.pipeline.servers import _alive
 
             assert "stopped" in stop.stdout, stop.stdout + stop.stderr
             if _alive(pid, "prefect"):  # (a zombie awaiting its reaper counts as gone)
@@ -132,8 +132,8 @@ def registry(root: Path) -> tuple[list[int], str | None]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from visionflow import tracking
     from visionflow.layout import Layout
+    from visionflow.mlops import tracking
 
     tracking.setup(Layout.at(root))
     client = MlflowClient()
@@ -161,7 +161,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visionflow import stages
+    from visionflow.pipeline import stages
 
     root = make_project(tmp_path / "proj", digits_dir, FAST)
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
@@ -276,8 +276,8 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
 def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
-    from visionflow import server
     from visionflow.layout import Layout
+    from visionflow.pipeline import servers as server
 
     root = make_project(tmp_path / "sched", digits_dir, FAST)
     layout = Layout.at(root)

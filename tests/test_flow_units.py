@@ -17,11 +17,11 @@ import pytest
 import yaml
 from conftest import BIN, REPO, make_project
 
-from visionflow import orchestration as orch
 from visionflow.config import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed, VisionflowError
 from visionflow.layout import Layout
-from visionflow.stages import STAGES
+from visionflow.pipeline import orchestration as orch
+from visionflow.pipeline.stages import STAGES
 
 
 def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
@@ -104,7 +104,7 @@ def test_specs_mirror_dvc_yaml():
     assert set(specs["validate"].params) == {"data", "validate"}
     assert specs["augment"].upstream == ("validate",)
     assert set(specs["evaluate"].upstream) == {"train", "augment"}
-    assert "src/visionflow/train.py" in specs["train"].code
+    assert "src/visionflow/stages/train.py" in specs["train"].code
     assert "outputs/train/model.pt" in specs["train"].outs
     assert "outputs/evaluate/metrics.json" in specs["evaluate"].outs
     assert orch.read_specs(Layout.at(REPO / "tests"), STAGES) is None  # no dvc.yaml
@@ -169,7 +169,7 @@ def test_compare_data():
 
 def test_check_data_dvc_md5_shortcut(proj: Layout, monkeypatch):
     params = load_params(proj.params)
-    from visionflow.register import dvc_md5
+    from visionflow.stages.register import dvc_md5
 
     (proj.root / "data.dvc").write_text(yaml.safe_dump(
         {"outs": [{"md5": "d" * 32 + ".dir", "path": "data"}]}))
@@ -196,7 +196,7 @@ def test_refresh_data_without_dvc(proj: Layout):
 
 
 def test_summary_markdown_and_choice():
-    from visionflow import flow_report
+    from visionflow.pipeline import report as flow_report
 
     comp = {"original": {"format": "torch fp32", "size_bytes": 4_000_000, "top1": 0.9},
             "variants": {"int8": {"format": "onnx int8", "size_bytes": 1_000_000,
@@ -249,7 +249,7 @@ def test_summary_markdown_and_choice():
 
 
 def test_server_bookkeeping(tmp_path: Path):
-    from visionflow import server
+    from visionflow.pipeline import servers as server
 
     lay = Layout.at(tmp_path)
     st = server.status(server.PREFECT, lay)
@@ -277,7 +277,7 @@ def test_server_bookkeeping(tmp_path: Path):
 
 
 def test_port_zero_picks_again_when_the_port_is_taken(tmp_path: Path, monkeypatch):
-    from visionflow import server
+    from visionflow.pipeline import servers as server
 
     port = server.free_port()
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -308,7 +308,7 @@ def test_port_zero_picks_again_when_the_port_is_taken(tmp_path: Path, monkeypatc
 def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visionflow import server
+    from visionflow.pipeline import servers as server
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), \
             pytest.raises(VisionflowError, match="no Prefect server answers"), \
@@ -319,7 +319,7 @@ def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
 def test_prefect_compat_patch_drops_the_state_key():
     from sqlalchemy.ext.hybrid import hybrid_property
 
-    from visionflow.prefect_compat import _drop, patch_hybrid_bulk_dml
+    from visionflow.pipeline.prefect_compat import _drop, patch_hybrid_bulk_dml
 
     patched = patch_hybrid_bulk_dml()
     if hasattr(hybrid_property, "bulk_dml"):  # SQLAlchemy 2.1
@@ -362,7 +362,7 @@ def test_prefect_yaml_declares_the_deployment():
 
 
 def test_cli_server_commands_are_light_and_fail_clearly(tmp_path: Path):
-    code = ("import sys, visionflow.cli, visionflow.cli_server; "
+    code = ("import sys, visionflow.cli.main, visionflow.cli.servers; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('prefect', 'mlflow', 'torch', 'great_expectations')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from visionflow.gate import GateConfig, apply, decide
+from visionflow.mlops.gate import GateConfig, apply, decide
 
 N = 100
 
@@ -25,7 +25,7 @@ def correct(n_right: int, first: int = 0, n: int = N) -> list[bool]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A project root whose mlruns/mlflow.db is a fresh MLflow store."""
-    from visionflow import registry
+    from visionflow.mlops import registry
 
     root = tmp_path_factory.mktemp("gate") / "proj"
     (root / "mlruns").mkdir(parents=True)
@@ -41,7 +41,7 @@ def user(monkeypatch) -> str:
 
 
 def new_versions(root: Path, name: str, count: int):
-    from visionflow import registry
+    from visionflow.mlops import registry
 
     client = registry.client_for(root)
     client.create_registered_model(name)
@@ -51,8 +51,8 @@ def new_versions(root: Path, name: str, count: int):
 
 
 def gate_into_registry(root: Path, name: str, decision, version: str):
-    """What run_register does after logging the model: tags + alias move, under the lock."""
-    from visionflow import registry
+    """What register.run does after logging the model: tags + alias move, under the lock."""
+    from visionflow.mlops import registry
 
     client = registry.client_for(root)
     with registry.registry_lock(registry.tracking_uri(client)):
@@ -60,7 +60,7 @@ def gate_into_registry(root: Path, name: str, decision, version: str):
 
 
 def state(root: Path, name: str) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    from visionflow import registry
+    from visionflow.mlops import registry
 
     client = registry.client_for(root)
     tags = {str(mv.version): dict(mv.tags) for mv in registry.all_versions(client, name)}
@@ -197,8 +197,8 @@ def test_unpaired_predictions_are_refused():
 
 
 def test_rollback_and_manual_promotion(store: Path, user: str):
-    from visionflow import registry
-    from visionflow.registry import RegistryError
+    from visionflow.mlops import registry
+    from visionflow.mlops.registry import RegistryError
 
     client = new_versions(store, "m-roll", 3)
     for v in ("1", "2"):
@@ -233,7 +233,7 @@ def test_rollback_and_manual_promotion(store: Path, user: str):
 
 
 def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
-    from visionflow.cli import app
+    from visionflow.cli.main import app
 
     monkeypatch.setenv("COLUMNS", "200")
     new_versions(store, "m-cli", 2)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from visionflow import ingest
+from visionflow.data import ingest
+from visionflow.data.ingest import FileEntry
 from visionflow.errors import DataError
-from visionflow.ingest import FileEntry
 
 RNG = np.random.default_rng(0)
 

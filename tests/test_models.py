@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 
 from visionflow.config import MODEL_NAMES
-from visionflow.models import (
+from visionflow.model.zoo import (
     count_params,
     create_model,
     init_whitening,

@@ -13,7 +13,7 @@ import torch
 from visionflow.config import load_params
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_augment_cache_is_uint8_and_safe_to_load(done):
 
 
 def test_train_writes_loadable_weights(done):
-    from visionflow.classifier import load_classifier
+    from visionflow.model.classifier import load_classifier
 
     layout, results = done
     model, arch = load_classifier(layout.model)
@@ -65,7 +65,7 @@ def test_train_writes_loadable_weights(done):
     history = list(csv.DictReader(layout.history.open()))
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert not layout.checkpoint.exists()
-    from visionflow.calibration import T_RANGE
+    from visionflow.model.calibration import T_RANGE
 
     assert T_RANGE[0] < arch.temperature < T_RANGE[1] and arch.temperature != 1.0  # fitted
 
@@ -96,7 +96,7 @@ def test_compress_reports_variants(done):
 def test_register_promotes_first_then_keeps_on_tie(done):
     from mlflow import MlflowClient
 
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     layout, results = done
     first = results["register"]

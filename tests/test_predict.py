@@ -44,7 +44,7 @@ def _expected(registered, paths: list[Path]):
     import mlflow
     import pandas as pd
 
-    from visionflow import registry
+    from visionflow.mlops import registry
 
     registry.client_for(registered.root)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
@@ -52,7 +52,7 @@ def _expected(registered, paths: list[Path]):
 
 
 def test_predict_folder_archive_and_file_to_csv(registered, inputs, tmp_path):
-    from visionflow.cli import app
+    from visionflow.cli.main import app
 
     out = tmp_path / "preds.csv"
     res = CliRunner().invoke(app, [
@@ -81,7 +81,7 @@ def test_predict_folder_archive_and_file_to_csv(registered, inputs, tmp_path):
 
 
 def test_predict_json_with_topk(registered, inputs, tmp_path):
-    from visionflow.cli import app
+    from visionflow.cli.main import app
 
     out = tmp_path / "preds.json"
     res = CliRunner().invoke(app, [
@@ -95,7 +95,7 @@ def test_predict_json_with_topk(registered, inputs, tmp_path):
 
 
 def test_predict_user_errors(registered, tmp_path):
-    from visionflow.cli import app
+    from visionflow.cli.main import app
     from visionflow.errors import VisionflowError
 
     runner = CliRunner()

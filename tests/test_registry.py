@@ -25,13 +25,13 @@ def registered(tmp_path_factory, digits_dir) -> Layout:
 
 
 def _client(layout: Layout):
-    from visionflow import registry
+    from visionflow.mlops import registry
 
     return registry.client_for(layout.root)
 
 
 def test_evaluate_writes_every_artifact(tmp_path_factory, digits_dir):
-    from visionflow import evaluate
+    from visionflow.stages import evaluate
 
     trained = trained_project(tmp_path_factory, digits_dir)
     files = evaluate.artifact_files(trained)
@@ -118,7 +118,7 @@ import sys, time
 from pathlib import Path
 from visionflow.config import load_params
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 layout = Layout.at(sys.argv[1])
 params = load_params(layout.params)
 go = Path(sys.argv[2])
@@ -131,7 +131,7 @@ print("RESULT", reg.version, reg.decision.label)
 
 def test_two_concurrent_registrations_leave_one_champion(tmp_path: Path, tmp_path_factory,
                                                          digits_dir):
-    from visionflow import registry, tracking
+    from visionflow.mlops import registry, tracking
 
     src = trained_project(tmp_path_factory, digits_dir)
     store = tmp_path / "store"

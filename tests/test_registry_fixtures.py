@@ -24,7 +24,7 @@ _BUILT: dict[str, Path] = {}
 
 def _stages(layout: Layout, names: tuple[str, ...]) -> None:
     from visionflow.config import load_params
-    from visionflow.stages import run_stage
+    from visionflow.pipeline.stages import run_stage
 
     params = load_params(layout.params)
     for name in names:

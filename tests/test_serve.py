@@ -21,7 +21,7 @@ START_TIMEOUT_S = 180
 
 
 def _free_port() -> int:
-    from visionflow.server import free_port
+    from visionflow.pipeline.servers import free_port
 
     return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
@@ -35,7 +35,7 @@ def test_mlflow_models_serve_answers_over_http(tmp_path_factory, digits_dir, tmp
     import mlflow
     import pandas as pd
 
-    from visionflow import registry, tracking
+    from visionflow.mlops import registry, tracking
 
     layout = registered_project(tmp_path_factory, digits_dir)
     uri = tracking.tracking_uri(layout)

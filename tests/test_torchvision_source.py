@@ -12,11 +12,11 @@ import pytest
 from conftest import make_project
 from PIL import Image
 
-from visionflow import torchvision_source
 from visionflow.config import load_params
+from visionflow.data import torchvision_source
 from visionflow.errors import ConfigError, DataError
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 
 PER_CLASS = {"train": 6, "t10k": 2}
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import BIN, make_project, run, write_params
 
-from visionflow import engine, train
-from visionflow.classifier import load_classifier
 from visionflow.config import TrainConfig, load_params
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.model import engine
+from visionflow.model.classifier import load_classifier
+from visionflow.pipeline.stages import run_stage
+from visionflow.stages import train
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_transfer_learning_from_saved_weights(prepared, tmp_path):
 
 
 def test_pretrained_with_no_matching_tensor_fails(tmp_path):
-    from visionflow.classifier import Arch, build_classifier
     from visionflow.errors import ConfigError
+    from visionflow.model.classifier import Arch, build_classifier
 
     bogus = tmp_path / "w.pt"
     torch.save({"state_dict": {"nothing": torch.zeros(1)}}, bogus)
@@ -137,7 +138,7 @@ def test_lr_schedule_shapes():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    from visionflow.models import create_model
+    from visionflow.model.zoo import create_model
 
     model = create_model("resnet18", 10, 32)
     groups = engine.param_groups(model, TrainConfig(weight_decay=0.1), backbone=set())
@@ -152,7 +153,7 @@ def test_no_weight_decay_on_norms_and_biases():
 def test_ddp_two_gloo_processes_write_one_set_of_outputs(prepared, tmp_path):
     lay = _copy(prepared, tmp_path / "ddp", **{"train.epochs": 1, "train.threads": 1})
     proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
-                "-m", "visionflow.cli", "stage", "train"], lay.root, check=False, timeout=600)
+                "-m", "visionflow.cli.main", "stage", "train"], lay.root, check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     model, arch = load_classifier(lay.model)
     assert arch.num_classes == 10
@@ -162,7 +163,7 @@ def test_ddp_two_gloo_processes_write_one_set_of_outputs(prepared, tmp_path):
 
     from mlflow import MlflowClient
 
-    from visionflow import tracking
+    from visionflow.mlops import tracking
 
     tracking.setup(lay)
     runs = MlflowClient().search_runs([tracking.setup(lay)])

@@ -17,12 +17,12 @@ from conftest import make_project
 from PIL import Image
 from test_validate_catalogue import BASE, write_imagefolder
 
-from visionflow import validate
 from visionflow.config import load_params
+from visionflow.data.manifest import build_manifest_ex, cache_file, data_hash
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
-from visionflow.manifest import build_manifest_ex, cache_file, data_hash
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
+from visionflow.stages import validate
 
 
 def _validate(root: Path, overrides: list[str] | None = None):

@@ -24,7 +24,7 @@ from test_ingest import _catalogue, _encode, _evil_tar, _evil_zip
 from visionflow.config import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed
 from visionflow.layout import Layout
-from visionflow.stages import run_stage
+from visionflow.pipeline.stages import run_stage
 
 RNG = np.random.default_rng(4)
 
@@ -156,7 +156,7 @@ def test_defects_fail_the_budget_in_one_line_and_touch_nothing(defects):
 def test_defects_within_the_budget_pass_and_stay_out_of_training(defects):
     result, layout = _validate(defects["project"], ["validate.max_quarantine_fraction=0.9"])
     assert result.success
-    from visionflow.manifest import read_manifest, usable_rows
+    from visionflow.data.manifest import read_manifest, usable_rows
 
     _, rows = read_manifest(layout)
     usable = {r["path"] for r in usable_rows(rows)}

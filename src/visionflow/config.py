@@ -21,6 +21,9 @@ from pydantic import (
 
 from visionflow.errors import ConfigError
 
+STAGE_NAMES = ("validate", "augment", "train", "evaluate", "compress", "register")
+TORCHVISION_PREFIX = "torchvision:"
+TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST")
 MODEL_NAMES = (
     "alexnet",
     "resnet18",
@@ -41,6 +44,20 @@ def _known_model(v: str) -> str:
 ModelName = Annotated[str, AfterValidator(_known_model)]
 
 
+def is_torchvision_source(source: str | Path) -> bool:
+    return str(source).startswith(TORCHVISION_PREFIX)
+
+
+def unknown_torchvision_dataset(source: str) -> str | None:
+    """Why `torchvision:<NAME>` names no dataset read here (None when it does, or when the
+    source is not a torchvision one)."""
+    if not is_torchvision_source(source):
+        return None
+    name = source[len(TORCHVISION_PREFIX):]
+    return None if name in TORCHVISION_DATASETS else (
+        f"unknown torchvision dataset {name!r} (choose from {', '.join(TORCHVISION_DATASETS)})")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -48,7 +65,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = Field("data", description="ImageFolder dir, .tar/.tar.gz/.zip archive, "
                         "or torchvision:CIFAR10 (downloaded once, online)")
-    image_size: int = Field(32, gt=0, le=1024)
+    image_size: int = Field(16, gt=0, le=1024)
     channels: Literal[1, 3] = 3
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no test/ split")
@@ -58,9 +75,7 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _known_torchvision_dataset(cls, v: str) -> str:
-        from visionflow.torchvision_source import is_torchvision_source, unknown
-
-        if is_torchvision_source(v) and (why := unknown(v)):
+        if why := unknown_torchvision_dataset(v):
             raise ValueError(why)
         return v
 
@@ -137,9 +152,9 @@ class ValidateConfig(_Section):
 class AugmentConfig(_Section):
     """Batch augmentation policy applied on the training device."""
 
-    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
-    translate: int = Field(4, ge=0, description="max shift in pixels (pad + random crop)")
-    cutout: int = Field(0, ge=0, description="square cutout side in pixels, 0 = off")
+    hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    translate: int = Field(2, ge=0, description="max shift in pixels (pad + random crop)")
+    cutout: int = Field(4, ge=0, description="square cutout side in pixels, 0 = off")
     cutout_p: float = Field(0.5, ge=0, le=1)
     brightness: float = Field(0.0, ge=0, le=1)
     contrast: float = Field(0.0, ge=0, le=1)
@@ -150,10 +165,10 @@ class AugmentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    model: ModelName = "resnet18"
-    epochs: int = Field(5, gt=0)
+    model: ModelName = "fast"
+    epochs: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.5, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -321,10 +336,9 @@ class FlowConfig(_Section):
     @field_validator("timeout_s")
     @classmethod
     def _timeouts(cls, v: dict[str, float | None]) -> dict[str, float | None]:
-        stages = ("validate", "augment", "train", "evaluate", "compress", "register")
-        unknown = sorted(set(v) - set(stages))
+        unknown = sorted(set(v) - set(STAGE_NAMES))
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}, use {', '.join(stages)}")
+            raise ValueError(f"unknown stage(s) {unknown}, use {', '.join(STAGE_NAMES)}")
         if any(t is not None and t <= 0 for t in v.values()):
             raise ValueError("timeouts must be > 0 seconds (or null for none)")
         return v
@@ -342,10 +356,6 @@ class Params(_Section):
     flow: FlowConfig = FlowConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    @property
-    def validate_cfg(self) -> ValidateConfig:
-        return self.validate_
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -425,8 +435,6 @@ def load_params(
     root: Path | None = None,
 ) -> Params:
     """Load, override, validate. Also checks the data source exists (relative to root)."""
-    from visionflow.torchvision_source import is_torchvision_source
-
     raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)

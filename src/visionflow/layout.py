@@ -1,6 +1,7 @@
-"""Where every stage reads and writes, relative to the project root.
+"""Every path the project reads or writes, relative to the project root.
 
-`dvc.yaml` declares the same paths; `tests/test_dvc_yaml.py` keeps the two in step.
+`dvc.yaml` declares the stage outputs under the same names (a test keeps the two in step);
+no other module builds a project path by hand.
 """
 
 from __future__ import annotations
@@ -33,6 +34,79 @@ class Layout:
     def extract_cache(self) -> Path:
         return self.cache_root / "extracted"
 
+    @property
+    def sources_cache(self) -> Path:
+        """torchvision datasets written as ImageFolders (`sources/<name>/`)."""
+        return self.cache_root / "sources"
+
+    @property
+    def torchvision_cache(self) -> Path:
+        return self.cache_root / "torchvision"
+
+    @property
+    def validate_cache(self) -> Path:
+        """Manifest row caches and the memoised GX suite result."""
+        return self.cache_root / "validate"
+
+    @property
+    def suite_memo(self) -> Path:
+        return self.validate_cache / "suite"
+
+    def row_cache(self, key: str) -> Path:
+        return self.validate_cache / f"rows-{key}.json"
+
+    @property
+    def servers_dir(self) -> Path:
+        """pid, log and URL of the local Prefect and MLflow servers."""
+        return self.cache_root / "servers"
+
+    @property
+    def retrain_lock(self) -> Path:
+        return self.cache_root / "retrain.lock"
+
+    # MLflow's local store
+    @property
+    def mlruns(self) -> Path:
+        return self.root / "mlruns"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.mlruns / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlruns / "artifacts"
+
+    # DVC and git
+    @property
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
+
+    @property
+    def dvc_dir(self) -> Path:
+        return self.root / ".dvc"
+
+    @property
+    def git_dir(self) -> Path:
+        return self.root / ".git"
+
+    @property
+    def gitignore(self) -> Path:
+        return self.root / ".gitignore"
+
+    def dvc_file(self, target: str | Path) -> Path:
+        """The `.dvc` file that tracks `target` (relative to the root, or absolute)."""
+        path = self.root / target
+        return path.with_name(path.name + ".dvc")
+
+    @property
+    def flow_file(self) -> Path:
+        return self.root / "flows" / "retrain.py"
+
     # validate
     @property
     def validate_dir(self) -> Path:
@@ -53,6 +127,15 @@ class Layout:
     @property
     def data_docs(self) -> Path:
         return self.validate_dir / "data_docs"
+
+    @property
+    def data_summary(self) -> Path:
+        return self.validate_dir / "data_summary.json"
+
+    def validation_artifacts(self) -> list[tuple[Path, str]]:
+        """(file or folder, MLflow artifact path) of what validate leaves for the run."""
+        return [(self.validation, "data"), (self.data_summary, "data"),
+                (self.quarantine, "data"), (self.data_docs, "data/data_docs")]
 
     # augment
     @property
@@ -109,6 +192,30 @@ class Layout:
     def confusion_png(self) -> Path:
         return self.evaluate_dir / "confusion.png"
 
+    @property
+    def confusion_norm_png(self) -> Path:
+        return self.evaluate_dir / "confusion_normalized.png"
+
+    @property
+    def reliability_csv(self) -> Path:
+        return self.evaluate_dir / "reliability.csv"
+
+    @property
+    def reliability_png(self) -> Path:
+        return self.evaluate_dir / "reliability.png"
+
+    @property
+    def per_class_csv(self) -> Path:
+        return self.evaluate_dir / "per_class.csv"
+
+    @property
+    def per_class_png(self) -> Path:
+        return self.evaluate_dir / "per_class.png"
+
+    @property
+    def mistakes_png(self) -> Path:
+        return self.evaluate_dir / "mistakes.png"
+
     # compress
     @property
     def compress_dir(self) -> Path:
@@ -122,6 +229,14 @@ class Layout:
     def compress_report(self) -> Path:
         return self.compress_dir / "compress.json"
 
+    @property
+    def pareto_csv(self) -> Path:
+        return self.compress_dir / "pareto.csv"
+
+    @property
+    def pareto_png(self) -> Path:
+        return self.compress_dir / "pareto.png"
+
     # register
     @property
     def register_dir(self) -> Path:
@@ -130,3 +245,11 @@ class Layout:
     @property
     def registration(self) -> Path:
         return self.register_dir / "registration.json"
+
+    @property
+    def gate_report(self) -> Path:
+        return self.register_dir / "gate_report.md"
+
+    @property
+    def model_card(self) -> Path:
+        return self.register_dir / "model_card.md"

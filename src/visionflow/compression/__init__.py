@@ -17,7 +17,7 @@ Import from the submodules (each is small and loads its heavy dependencies itsel
 - `select`: `register_compact`, the chosen variant as the registry's `compact` version;
 - `compact_model` / `compact_pyfunc`: the MLflow pyfunc serving a variant's ONNX file.
 
-The compress stage (`visionflow.compress`) drives them.
+The compress stage (`visionflow.stages.compress`) drives them.
 """
 
 __all__ = [

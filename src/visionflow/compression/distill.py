@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionflow.model.inference import as_input, model_device, predict_logits
+
 
 def kl_divergence(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
@@ -23,28 +25,6 @@ def kl_divergence(
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
-
-
-def as_input(x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A batch as the models take it: float32 in [0, 1] (uint8 is divided by 255)."""
-    x = x.to(device)
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    device = _device(model)
-    return torch.cat(
-        [
-            model(as_input(x[i : i + batch_size], device)).float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
-    )
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,7 +59,7 @@ def distill(
     """
     if teacher_logits is None:  # the teacher is frozen: compute once
         teacher_logits = predict_logits(teacher, x_train)
-    device = _device(student)
+    device = model_device(student)
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -111,7 +91,7 @@ def finetune(
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Plain cross-entropy training with Adam (in place); for recovering after compression.
     `x`: float in [0, 1] or uint8."""
-    device = _device(model)
+    device = model_device(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []

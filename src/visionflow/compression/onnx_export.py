@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionflow.atomic import atomic_path
+from visionflow.files import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

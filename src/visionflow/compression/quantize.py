@@ -23,8 +23,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from visionflow.atomic import atomic_path
 from visionflow.compression.measure import model_size_bytes
+from visionflow.files import atomic_path
 
 
 class ImageCalibrationReader(CalibrationDataReader):

@@ -1,0 +1,1 @@
+"""The `vflow` command line."""

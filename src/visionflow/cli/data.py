@@ -1,0 +1,115 @@
+"""`vflow data ...`: dataset versioning with DVC (mounted by `visionflow.cli.main`).
+
+Only typer is imported at module level, so `vflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+data_app = typer.Typer(help="Dataset versioning with DVC: init, add, status.",
+                       no_args_is_help=True)
+
+RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+TargetOpt = Annotated[str, typer.Option("--to", help="folder inside the project (DVC-tracked)")]
+
+
+@data_app.command("init")
+def data_init(root: RootOpt = Path(".")) -> None:
+    """Write the built-in digits dataset to data/ (if absent) and track it with DVC."""
+    from visionflow.data.dvc import init_default_data
+    from visionflow.layout import Layout
+
+    path = init_default_data(Layout.at(root))
+    typer.echo(f"data ready: {path} (tracked by data.dvc)")
+
+
+@data_app.command("add")
+def data_add(
+    path: Annotated[Path, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
+                                              ".tgz/.zip archive of one, or torchvision:CIFAR10 "
+                                              "(downloaded once, online)")],
+    root: RootOpt = Path("."),
+    target: TargetOpt = "data",
+    force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "
+                                             "not recorded in data.dvc")] = False,
+    push: Annotated[bool, typer.Option(help="dvc push the new version to the "
+                                            "default remote")] = False,
+) -> None:
+    """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version."""
+    from visionflow.data.dvc import import_data
+    from visionflow.layout import Layout
+
+    layout = Layout.at(root)
+    out = import_data(layout, path, target=target, force=force, push=push)
+    typer.echo(f"imported {out['images']} images ({out['files']} files) from {out['source']} "
+               f"into {out['target']}")
+    for item in out["skipped"][:10]:
+        typer.echo(f"  skipped {item}")
+    if len(out["skipped"]) > 10:
+        typer.echo(f"  ... and {len(out['skipped']) - 10} more skipped")
+    typer.echo(f"{out['dvc_file']}: md5 {out['dvc_data_md5']}"
+               + (f" (pushed to '{out['remote']}')" if out["pushed"] else ""))
+    git = layout.git_dir.exists()
+    typer.echo("next: " + (f"git add {out['dvc_file']} && git commit -m 'data: new version'; "
+                           if git else "")
+               + ("" if out["pushed"] else f"dvc push (remote '{out['remote']}')"))
+
+
+@data_app.command("status")
+def data_status(
+    root: RootOpt = Path("."),
+    params: ParamsOpt = Path("params.yaml"),
+    target: TargetOpt = "data",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    compute_hash: Annotated[bool, typer.Option("--hash/--no-hash",
+                                               help="compute the current data hash "
+                                                    "(reads the data; cached)")] = True,
+) -> None:
+    """The current data version (data hash, data.dvc md5) next to the champion's."""
+    from visionflow.config import load_params
+    from visionflow.data.dvc import data_status as status
+    from visionflow.layout import Layout
+
+    layout = Layout.at(root)
+    cfg = load_params(params if params.is_absolute() else layout.root / params,
+                      root=layout.root)
+    out = status(layout, cfg, target, compute_hash)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    _print_status(out)
+
+
+def _print_status(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cur, champ = out["current"], out["champion"]
+    table = Table(title="data version", title_justify="left")
+    table.add_column("")
+    table.add_column("current")
+    table.add_column("champion")
+    table.add_row("version", "workspace", f"{champ['model']} v{champ['version']} @{champ['alias']}"
+                  if champ.get("status") == "ok" else champ["status"])
+    table.add_row("data_hash", cur["data_hash"] or "-", champ.get("data_hash") or "-")
+    table.add_row("dvc_data_md5", cur["dvc_data_md5"] or "-", champ.get("dvc_data_md5") or "-")
+    table.add_row("files (data.dvc)", str(cur["nfiles"] or "-"), "")
+    table.add_row("workspace", cur["workspace"], "")
+    last = out["last_validated"]
+    if last:
+        table.add_row("last validated hash", f"{last.get('data_hash') or '-'} "
+                      f"({'passed' if last.get('success') else 'failed'})", "")
+    remote = out["remote"]
+    table.add_row("DVC remote", f"{remote['name'] or '-'} {remote['url']}".strip(), "")
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    same = out["same_as_champion"]
+    console.print({True: "same data as the champion", False: "data differs from the champion",
+                   None: "no champion data to compare"}[same])

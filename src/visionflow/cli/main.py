@@ -1,0 +1,102 @@
+"""`vflow`: the command line. Heavy libraries load inside commands, so `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from visionflow.cli.data import data_app
+from visionflow.cli.models import models_app, predict_command
+from visionflow.cli.servers import schedule_command, server_app, ui_app
+from visionflow.config import STAGE_NAMES
+from visionflow.errors import VisionflowError
+
+app = typer.Typer(help="visionflow: validate, augment, train, evaluate, compress, register.",
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+stage_app = typer.Typer(help="Run one pipeline stage (what dvc.yaml calls).",
+                        no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.command("predict")(predict_command)
+app.add_typer(server_app, name="server")
+app.add_typer(ui_app, name="ui")
+app.command("schedule")(schedule_command)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
+RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
+
+
+def _load(params: Path, overrides: list[str] | None, root: Path):
+    from visionflow.config import load_params
+    from visionflow.layout import Layout
+
+    layout = Layout.at(root)
+    path = params if params.is_absolute() else layout.root / params
+    return load_params(path, overrides or [], root=layout.root), layout
+
+
+def _stage_command(name: str):
+    def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+                root: RootOpt = Path(".")) -> None:
+        from visionflow.pipeline.stages import run_stage
+
+        cfg, layout = _load(params, set_, root)
+        result = run_stage(name, cfg, layout)
+        _print_stage_result(name, result)
+
+    command.__doc__ = f"Run the {name} stage."
+    return command
+
+
+for _name in STAGE_NAMES:
+    stage_app.command(_name)(_stage_command(_name))
+
+
+def _print_stage_result(name: str, result) -> None:
+    from dataclasses import asdict, is_dataclass
+
+    from rich.console import Console
+
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all
+        return
+    payload = asdict(result) if is_dataclass(result) else result
+    if name == "validate":
+        payload = {k: v for k, v in payload["summary"].items() if k != "expectations"}
+    Console(stderr=True).print(f"[bold green]{name}[/] done:",
+                               json.dumps(payload, default=str)[:600])
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+        root: RootOpt = Path("."), force: bool = False) -> None:
+    """Run the whole pipeline once as the Prefect `retrain` flow."""
+    import runpy
+
+    layout_root = root.resolve()
+    flow_file = layout_root / "flows" / "retrain.py"
+    if not flow_file.is_file():
+        raise VisionflowError(f"{flow_file}: flow file not found")
+    mod = runpy.run_path(str(flow_file))
+    mod["main"](params=str(params), overrides=set_ or [], root=str(layout_root), force=force)
+
+
+def main() -> None:
+    try:
+        app()
+    except VisionflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

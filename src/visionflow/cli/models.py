@@ -1,0 +1,223 @@
+"""`vflow models ...` (browse and move aliases in the registry) and `vflow predict`.
+
+Only typer is imported at module level: mlflow, torch and rich load inside the commands,
+so `vflow --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+models_app = typer.Typer(help="Browse the model registry and move the champion alias.",
+                         no_args_is_help=True)
+
+NameOpt = Annotated[str | None, typer.Option(
+    "--name", "-n", help="registered model (default: register.model_name in params.yaml)")]
+RootOpt = Annotated[Path, typer.Option("--root", help="project root (its mlruns/ store)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+AliasOpt = Annotated[str, typer.Option("--alias", help="the serving alias")]
+ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (recorded with your name)")]
+
+
+def _open(root: Path, name: str | None):
+    from visionflow.mlops import registry
+
+    return registry.client_for(root), name or registry.model_name_for(root)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _delta(v: float | None, metric: str) -> str:
+    if v is None:
+        return "-"
+    better = v < 0 if metric == "ece" else v > 0
+    color = "green" if better else ("red" if v != 0 else "dim")
+    return f"[{color}]{v:+.4f}[/]"
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@models_app.command("list")
+def list_cmd(name: NameOpt = None, root: RootOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """Every version with its aliases, gate decision and test metrics, newest first."""
+    from rich.table import Table
+
+    from visionflow.mlops import registry
+
+    client, name = _open(root, name)
+    infos = registry.list_versions(client, name)
+    if as_json:
+        _echo_json([i.as_dict() | {"description": None} for i in infos])
+        return
+    table = Table(title=f"{name}: {len(infos)} version(s)")
+    for col in ("version", "aliases", "created", "gate", "top1", "f1_macro", "ece", "model",
+                "data", "git"):
+        table.add_column(col, justify="right" if col in ("top1", "f1_macro", "ece") else "left")
+    for i in infos:
+        gate = i.gate
+        gate = f"[green]{gate}[/]" if gate == "promoted" else (f"[red]{gate}[/]" if gate else "-")
+        table.add_row(i.version, ", ".join(i.aliases) or "-", i.created, gate,
+                      _fmt(i.metrics.get("top1")), _fmt(i.metrics.get("f1_macro")),
+                      _fmt(i.metrics.get("ece")), i.tags.get("model", "-"),
+                      i.tags.get("data_hash", "")[:8] or "-",
+                      i.tags.get("git_commit", "")[:8] or "-")
+    _console().print(table)
+
+
+@models_app.command("show")
+def show_cmd(version: Annotated[str, typer.Argument(help="version, vN, or an alias")],
+             name: NameOpt = None, root: RootOpt = Path("."), as_json: JsonOpt = False,
+             card: Annotated[bool, typer.Option("--card/--no-card",
+                                                help="print the model card")] = True) -> None:
+    """One version: aliases, gate decision, metrics, tags and its model card."""
+    from rich.markdown import Markdown
+    from rich.table import Table
+
+    from visionflow.mlops import registry
+
+    client, name = _open(root, name)
+    info = registry.show_version(client, name, version)
+    if as_json:
+        _echo_json(info.as_dict())
+        return
+    con = _console()
+    con.print(f"[bold]{name}[/] version [bold]{info.version}[/]  aliases: "
+              f"[cyan]{', '.join(info.aliases) or '-'}[/]  created {info.created}  "
+              f"run {info.run_id}")
+    gate = info.tags.get("gate_decision", "-")
+    con.print(f"gate: [bold]{gate}[/] - {info.tags.get('gate_reason', '')}")
+    if info.tags.get("champion_action"):
+        con.print(f"alias set by {info.tags.get('champion_by')} ({info.tags['champion_action']},"
+                  f" {info.tags.get('champion_at')}): {info.tags.get('champion_reason', '')}")
+    metrics = Table(title="test metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in info.metrics.items():
+        metrics.add_row(k, _fmt(v))
+    con.print(metrics)
+    tags = Table(title="tags")
+    tags.add_column("tag")
+    tags.add_column("value", overflow="fold")
+    for k in sorted(info.tags):
+        if k not in ("metrics", "params"):
+            tags.add_row(k, info.tags[k])
+    con.print(tags)
+    if card and info.description:
+        con.print(Markdown(info.description))
+
+
+@models_app.command("compare")
+def compare_cmd(v1: Annotated[str, typer.Argument(help="version or alias (baseline)")],
+                v2: Annotated[str, typer.Argument(help="version or alias")],
+                name: NameOpt = None, root: RootOpt = Path("."),
+                as_json: JsonOpt = False) -> None:
+    """Two versions side by side: metrics with the change, and the tags that differ."""
+    from rich.table import Table
+
+    from visionflow.mlops import registry
+
+    client, name = _open(root, name)
+    a, b, rows, tag_rows = registry.compare_versions(client, name, v1, v2)
+    if as_json:
+        _echo_json({"a": a.version, "b": b.version,
+                    "metrics": [{"metric": m, "a": x, "b": y, "delta": d}
+                                for m, x, y, d in rows],
+                    "tags": [{"tag": t, "a": x, "b": y} for t, x, y in tag_rows]})
+        return
+    la = f"v{a.version} ({', '.join(a.aliases)})" if a.aliases else f"v{a.version}"
+    lb = f"v{b.version} ({', '.join(b.aliases)})" if b.aliases else f"v{b.version}"
+    table = Table(title=f"{name}: {la} vs {lb}")
+    table.add_column("metric")
+    table.add_column(la, justify="right")
+    table.add_column(lb, justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("gate", a.gate or "-", b.gate or "-", "")
+    for m, x, y, d in rows:
+        table.add_row(m, _fmt(x), _fmt(y), _delta(d, m))
+    con = _console()
+    con.print(table)
+    if tag_rows:
+        tags = Table(title="tags that differ")
+        tags.add_column("tag")
+        tags.add_column(la, overflow="fold")
+        tags.add_column(lb, overflow="fold")
+        for t, x, y in tag_rows:
+            tags.add_row(t, x[:200] or "-", y[:200] or "-")
+        con.print(tags)
+
+
+@models_app.command("promote")
+def promote_cmd(version: Annotated[str, typer.Argument(help="version to make champion")],
+                reason: ReasonOpt, name: NameOpt = None, root: RootOpt = Path("."),
+                alias: AliasOpt = "champion") -> None:
+    """Make VERSION the champion by hand (the old one keeps `previous`)."""
+    from visionflow.mlops import registry
+
+    client, name = _open(root, name)
+    old, new = registry.promote(client, name, version, reason, alias)
+    typer.echo(f"{name}: @{alias} -> v{new}" + (f" (v{old} is @previous)" if old else "")
+               + f"; by {registry.whoami()}: {reason}")
+
+
+@models_app.command("rollback")
+def rollback_cmd(reason: ReasonOpt, to: Annotated[str | None, typer.Option(
+                     "--to", help="version to roll back to (default: @previous)")] = None,
+                 name: NameOpt = None, root: RootOpt = Path("."),
+                 alias: AliasOpt = "champion") -> None:
+    """Move the champion back to `previous` (or --to VERSION), recording who and why."""
+    from visionflow.mlops import registry
+
+    client, name = _open(root, name)
+    old, new = registry.rollback(client, name, reason, to, alias)
+    typer.echo(f"{name}: @{alias} rolled back v{old} -> v{new}; by {registry.whoami()}: "
+               f"{reason}")
+
+
+def predict_command(
+    paths: Annotated[list[Path], typer.Argument(help="image files, folders or archives")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="model URI (default: models:/<register.model_name>@champion)")]
+        = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="output file (.csv/.json), - for "
+                                                         "stdout")] = "predictions.csv",
+    fmt: Annotated[str | None, typer.Option("--format", help="csv or json (default: from "
+                                                             "--out)")] = None,
+    topk: Annotated[int | None, typer.Option("--topk", "-k", help="labels per image")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    root: RootOpt = Path("."),
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Predict top-k labels for images with a registered model; writes CSV or JSON."""
+    import sys
+
+    from visionflow.mlops import registry
+    from visionflow.mlops.predict import run_predict
+
+    uri = model or f"models:/{registry.model_name_for(root)}@champion"
+    summary = run_predict(uri, list(paths), out, fmt, batch_size, topk, device, root,
+                          progress and sys.stderr.isatty())
+    msg = (f"{summary.images} image(s) predicted with {uri} on {summary.device}"
+           + (f" -> {summary.out}" if summary.out != "-" else ""))
+    if summary.failed:
+        msg += f"; {summary.failed} could not be read (see the error column), e.g. " \
+               f"{summary.errors[0]}"
+    typer.echo(msg, err=True)

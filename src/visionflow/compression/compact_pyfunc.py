@@ -1,7 +1,0 @@
-"""Entry file for MLflow "models from code": the compact (compressed) model, nothing pickled."""
-
-from mlflow.models import set_model
-
-from visionflow.compression.compact_model import CompactClassifierModel
-
-set_model(CompactClassifierModel())

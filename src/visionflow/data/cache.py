@@ -1,0 +1,59 @@
+"""The uint8 tensor cache: every usable image decoded once, resized, as N×C×H×W uint8 per
+split, with labels, paths and class names (`outputs/augment/cache.pt`)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionflow.data.ingest import decode_resized
+from visionflow.files import torch_save
+
+SPLITS = ("train", "val", "test")
+
+
+def _decode(args: tuple[str, int, int]) -> np.ndarray:
+    path, size, channels = args
+    return decode_resized(Path(path), size, channels)
+
+
+def decode_all(paths: list[str], size: int, channels: int, workers: int = 0) -> np.ndarray:
+    """Decode and resize images to a uint8 array (N, C, size, size), in parallel."""
+    jobs = [(p, size, channels) for p in paths]
+    if not jobs:
+        return np.zeros((0, channels, size, size), dtype=np.uint8)
+    workers = workers or os.cpu_count() or 1
+    if len(jobs) < 2000 or workers == 1:
+        arrays = [_decode(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            arrays = list(pool.map(_decode, jobs, chunksize=512))
+    return np.stack(arrays)
+
+
+def build_cache(rows: list[dict[str, Any]], root: Path, classes: list[str], size: int,
+                channels: int, workers: int = 0) -> dict[str, Any]:
+    """The cache for manifest rows (path relative to `root`, split, label)."""
+    index = {c: i for i, c in enumerate(classes)}
+    blob: dict[str, Any] = {"classes": classes, "image_size": size, "channels": channels}
+    for split in SPLITS:
+        split_rows = [r for r in rows if r["split"] == split]
+        x = decode_all([str(root / r["path"]) for r in split_rows], size, channels, workers)
+        blob[f"{split}_x"] = torch.from_numpy(x)
+        blob[f"{split}_y"] = torch.tensor([index[r["label"]] for r in split_rows],
+                                          dtype=torch.long)
+        blob[f"{split}_paths"] = [r["path"] for r in split_rows]
+    return blob
+
+
+def save_cache(blob: dict[str, Any], path: Path) -> None:
+    torch_save(blob, path)
+
+
+def load_cache(path: Path, device: str = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=device, weights_only=True)

@@ -1,0 +1,1 @@
+"""MLflow: tracking, the registry, the promotion gate, the served pyfunc, model cards."""

@@ -1,0 +1,7 @@
+"""Entry file for MLflow "models from code": the compact (compressed) model, nothing pickled."""
+
+from mlflow.models import set_model
+
+from visionflow.mlops.compact_model import CompactClassifierModel
+
+set_model(CompactClassifierModel())

@@ -1,0 +1,199 @@
+"""The champion/challenger gate: pure decision logic, then the registry moves it implies.
+
+`decide` compares the paired per-image correctness of the challenger and the current
+champion on the same test split (both scored by the same code) and promotes only when
+every required check holds:
+
+- `floor`:   challenger top-1 >= `register.min_top1` (always required);
+- `delta`:   top-1 gain over the champion > 0 and >= `register.min_delta`;
+- `mcnemar`: McNemar's exact test on the discordant pairs, p <= `register.alpha`
+             (required when `register.mcnemar` is true; reported either way).
+
+With no (scorable) champion only the floor applies. `Decision.tags()` and
+`Decision.markdown()` carry every check with its numbers; `apply` writes them to the
+version and moves the alias (the old champion keeps `previous`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_top1: float = 0.0
+    min_delta: float = 0.0
+    mcnemar: bool = False
+    alpha: float = 0.05
+
+    @classmethod
+    def from_params(cls, register_cfg: Any) -> GateConfig:
+        return cls(register_cfg.min_top1, register_cfg.min_delta, register_cfg.mcnemar,
+                   register_cfg.alpha)
+
+
+@dataclass
+class Check:
+    name: str
+    required: bool
+    passed: bool
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        if not self.required:
+            return "pass" if self.passed else "fail"
+        return "pass" if self.passed else "FAIL"
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    challenger_top1: float
+    champion_version: str | None = None
+    champion_top1: float | None = None
+    checks: list[Check] = field(default_factory=list)
+    n: int = 0
+    gain: float | None = None
+    mcnemar_p: float | None = None
+    only_challenger_right: int | None = None  # McNemar b
+    only_champion_right: int | None = None  # McNemar c
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+    def tags(self) -> dict[str, str]:
+        """Version tags: the decision, its reason and every check with numbers."""
+        tags = {
+            "gate_decision": self.label,
+            "gate_reason": self.reason,
+            "gate_checks": "; ".join(f"{c.name}: {c.verdict}{'' if c.required else ' (info)'}"
+                                     f" - {c.detail}" for c in self.checks),
+            "gate_challenger_top1": f"{self.challenger_top1:.6f}",
+            "gate_champion_version": self.champion_version or "",
+            "gate_champion_top1": ("" if self.champion_top1 is None
+                                   else f"{self.champion_top1:.6f}"),
+            "gate_config": ", ".join(f"{k}={v}" for k, v in self.config.items()),
+        }
+        if self.mcnemar_p is not None:
+            tags["gate_mcnemar_p"] = f"{self.mcnemar_p:.6g}"
+        return {k: v[:5000] for k, v in tags.items()}
+
+    def markdown(self, model_name: str = "", version: str | None = None) -> str:
+        head = f"## Champion gate: {self.label.upper()}"
+        who = f"`{model_name}` version {version}" if version else "the challenger"
+        champ = ("no champion yet" if self.champion_version is None else
+                 f"champion v{self.champion_version}, top-1 {self.champion_top1:.4f}")
+        lines = [
+            head, "",
+            f"Challenger {who}: top-1 {self.challenger_top1:.4f} on {self.n} test images; "
+            f"{champ}.", "",
+            "| check | required | result | detail |", "|---|---|---|---|",
+        ]
+        for c in self.checks:
+            lines.append(f"| {c.name} | {'yes' if c.required else 'no'} | {c.verdict} | "
+                         f"{c.detail} |")
+        lines += ["", f"**Decision: {self.label}.** {self.reason}", "",
+                  "Gate settings: " + ", ".join(f"`{k}={v}`" for k, v in self.config.items()),
+                  ""]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of b successes in b + c at p = 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)
+    return float(min(Fraction(1), 2 * tail))
+
+
+def _bools(x: Any) -> list[bool]:
+    import numpy as np
+
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return [bool(v) for v in np.asarray(x).reshape(-1)]
+
+
+def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfig,
+           champion_version: str | None = None, note: str = "") -> Decision:
+    """Gate decision from paired per-image correctness (True = that image is right).
+
+    `champion_correct` None means there is no champion to beat (or it could not be scored;
+    `note` then says why, and becomes the reason when the floor holds).
+    """
+    ch = _bools(challenger_correct)
+    n = len(ch)
+    top1 = sum(ch) / n if n else 0.0
+    config = asdict(cfg)
+    floor = Check("floor", True, top1 + EPS >= cfg.min_top1,
+                  f"top-1 {top1:.4f} {'>=' if top1 + EPS >= cfg.min_top1 else '<'} "
+                  f"min_top1 {cfg.min_top1:.4f}")
+    if champion_correct is None:
+        reason = note or "no champion yet"
+        if not floor.passed:
+            reason = f"{reason}, but {floor.detail}"
+        return Decision(floor.passed, reason, top1, None, None, [floor], n, config=config)
+
+    cp = _bools(champion_correct)
+    if len(cp) != n:
+        raise ValueError(f"paired predictions differ in length: {n} vs {len(cp)}")
+    champ_top1 = sum(cp) / n if n else 0.0
+    gain = (sum(ch) - sum(cp)) / n if n else 0.0
+    better = gain > EPS and gain + EPS >= cfg.min_delta
+    versus = f"top-1 {top1:.4f} vs champion v{champion_version} {champ_top1:.4f}"
+    if gain <= EPS:
+        delta_detail = f"gain {gain:+.4f} ({versus}): not an improvement"
+    else:
+        cmp = ">=" if better else "<"
+        delta_detail = f"gain {gain:+.4f} ({versus}) {cmp} min_delta {cfg.min_delta:.4f}"
+    delta = Check("delta", True, better, delta_detail)
+    b = sum(1 for x, y in zip(ch, cp, strict=True) if x and not y)
+    c = sum(1 for x, y in zip(ch, cp, strict=True) if y and not x)
+    p = mcnemar_exact(b, c)
+    significant = p <= cfg.alpha and b > c
+    mc = Check("mcnemar", cfg.mcnemar, significant,
+               f"exact p={p:.4g} {'<=' if p <= cfg.alpha else '>'} alpha {cfg.alpha} "
+               f"(b={b} images only the challenger gets right, c={c} only the champion)")
+    checks = [floor, delta, mc]
+    promote = all(k.passed for k in checks if k.required)
+    if promote:
+        reason = (f"top-1 {top1:.4f} beats champion v{champion_version} {champ_top1:.4f} "
+                  f"(gain {gain:+.4f} >= min_delta {cfg.min_delta}"
+                  + (f", McNemar p={p:.4g} <= {cfg.alpha}" if cfg.mcnemar else "")
+                  + (f", top-1 >= floor {cfg.min_top1}" if cfg.min_top1 > 0 else "") + ")")
+    else:
+        failed = "; ".join(k.detail for k in checks if k.required and not k.passed)
+        reason = f"kept champion v{champion_version}: {failed}"
+    return Decision(promote, reason, top1, champion_version, champ_top1, checks, n, gain, p,
+                    b, c, config)
+
+
+def apply(client: Any, name: str, version: str, decision: Decision, alias: str = "champion",
+          extra_tags: dict[str, str] | None = None, who: str = "gate") -> str | None:
+    """Tag the version with the decision; on promotion move `alias` (old holder: `previous`).
+
+    Call it under `registry.registry_lock`. Returns the alias set, or None.
+    """
+    from visionflow.mlops import registry
+
+    for k, v in {**(extra_tags or {}), **decision.tags()}.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    if not decision.promote:
+        return None
+    registry.set_champion(client, name, str(version), alias=alias, action="gate", by=who,
+                          reason=decision.reason)
+    return alias

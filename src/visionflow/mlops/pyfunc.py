@@ -1,0 +1,148 @@
+"""MLflow pyfunc wrapper: image bytes or arrays in, labels and top-k probabilities out.
+
+Preprocessing (decode, RGB/L conversion, resize, [0,1] scaling, normalisation) lives
+inside the model, so `mlflow.pyfunc.load_model("models:/<name>@champion")` cannot be
+fed wrongly. Weights load with `torch.load(weights_only=True)`: nothing is unpickled.
+The model is logged "from code" (`pyfunc_model.py`), so no Python object is pickled.
+
+Input: a DataFrame (or dict) with an `image` column. Each value is encoded image bytes
+(PNG, JPEG, ...; base64 in JSON over HTTP, which MLflow decodes from the signature) or an
+array: H×W, H×W×C or C×H×W, uint8 0..255 or float 0..1, any size (resized like the
+training images). Output: one row per image with `label`, `score` (its probability) and
+`topk`, a JSON list of {"label", "probability"}, best first. `params={"topk": k}` changes k.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+WEIGHTS = "weights"
+PIP_REQUIREMENTS = [
+    "torch==2.14.1", "torchvision==0.29.1", "pillow", "numpy", "pandas", "pydantic>=2",
+    "mlflow>=3.17,<3.19",
+]
+
+
+def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+    """Image bytes -> uint8 C×size×size, normalised exactly like the training cache."""
+    from visionflow.data.ingest import decode_resized
+
+    return decode_resized(io.BytesIO(data), size, channels)
+
+
+def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
+    """One image array (H×W, H×W×C or C×H×W; uint8 or float in 0..1) -> uint8 C×size×size."""
+    from PIL import Image
+
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"image array must be HxW, HxWxC or CxHxW, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 4:  # alpha composited on black, as in ingest
+        alpha = arr[..., 3:4].astype(np.float64) / 255.0
+        arr = np.rint(arr[..., :3] * alpha).astype(np.uint8)
+    want = "L" if channels == 1 else "RGB"
+    if arr.ndim == 3 and arr.shape[:2] == (size, size) and channels == 3:
+        out = arr
+    elif arr.ndim == 2 and arr.shape == (size, size) and channels == 1:
+        out = arr[..., None]
+    else:
+        img = Image.fromarray(arr)
+        img = img.convert(want) if img.mode != want else img
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        out = np.asarray(img, dtype=np.uint8)
+        out = out[..., None] if out.ndim == 2 else out
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _one(value: Any, size: int, channels: int) -> np.ndarray:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return decode_image(bytes(value), size, channels)
+    if isinstance(value, str):  # base64 text (when a caller skipped the signature)
+        import base64
+
+        return decode_image(base64.b64decode(value), size, channels)
+    return array_to_chw(value, size, channels)
+
+
+def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
+    """DataFrame/dict with an `image` column (bytes or arrays), a list of those, or an
+    N×C×H×W / N×H×W×C array -> uint8 N×C×size×size."""
+    if isinstance(model_input, dict):
+        model_input = model_input.get("image", next(iter(model_input.values()), []))
+    if isinstance(model_input, pd.DataFrame):
+        model_input = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
+    if isinstance(model_input, pd.Series):
+        model_input = model_input.tolist()
+    if isinstance(model_input, list | tuple):
+        if not model_input:
+            return np.zeros((0, channels, size, size), dtype=np.uint8)
+        return np.stack([_one(v, size, channels) for v in model_input])
+    arr = np.asarray(model_input)
+    if arr.ndim in (2, 3):  # a single image
+        return array_to_chw(arr, size, channels)[None]
+    if arr.ndim != 4:
+        raise ValueError(f"expected images, got an array of shape {arr.shape}")
+    return np.stack([array_to_chw(a, size, channels) for a in arr])
+
+
+def topk_frame(probs: Any, classes: list[str], k: int):
+    """probs (N×C torch tensor) -> DataFrame label, score, topk (JSON list)."""
+    k = max(1, min(int(k), len(classes)))
+    top_p, top_i = probs.topk(k, dim=1)
+    rows_i, rows_p = top_i.tolist(), top_p.tolist()
+    return pd.DataFrame({
+        "label": [classes[ii[0]] for ii in rows_i],
+        "score": [pp[0] for pp in rows_p],
+        "topk": [json.dumps([{"label": classes[i], "probability": round(p, 6)}
+                             for i, p in zip(ii, pp, strict=True)])
+                 for ii, pp in zip(rows_i, rows_p, strict=True)],
+    })
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from visionflow.model.classifier import load_classifier
+
+        config = dict(getattr(context, "model_config", None) or {})
+        self.model, self.arch = load_classifier(context.artifacts[WEIGHTS])
+        self.topk = min(int(config.get("topk", 5)), self.arch.num_classes)
+        self.tta = bool(config.get("tta", False))
+        self.device = "cpu"
+
+    def to(self, device: Any) -> ImageClassifierModel:
+        """Move the network (e.g. to CUDA for batch prediction)."""
+        self.model = self.model.to(device)
+        self.device = device
+        return self
+
+    def probabilities(self, batch_uint8: np.ndarray, batch_size: int = 256):
+        """uint8 N×C×H×W at the model's size -> N×C softmax (CPU tensor)."""
+        import torch
+
+        from visionflow.model.inference import model_logits
+
+        x = torch.from_numpy(np.ascontiguousarray(batch_uint8))
+        return model_logits(self.model, x, batch_size, self.device, self.tta,
+                            self.arch.temperature).softmax(1)
+
+    # pd.DataFrame: MLflow infers nothing from this hint (the signature is given explicitly)
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels)
+        k = int((params or {}).get("topk") or self.topk)
+        return topk_frame(self.probabilities(batch), self.arch.classes, k)

@@ -1,0 +1,331 @@
+"""Model registry helpers: open the project's store, list/show/compare versions, move aliases.
+
+Every alias move (the gate, `vflow models promote`, `vflow models rollback`) goes through
+`set_champion` under `registry_lock`, so the old champion always keeps `previous` and two
+concurrent registrations cannot interleave. Who moved it, when and why are version tags,
+and the registered model keeps a short `alias_history` (JSON) tag.
+
+MLflow notes: `search_model_versions` returns empty aliases in MLflow 3, so aliases are
+read from `get_registered_model(name).aliases`; versions may come back as int: every
+version here is a str.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionflow.env import quiet_env
+from visionflow.errors import VisionflowError
+
+DEFAULT_NAME = "visionflow-classifier"
+PREVIOUS = "previous"
+HISTORY_TAG = "alias_history"
+HISTORY_KEEP = 50
+LOCK_TIMEOUT_S = 900
+# the scalar metrics shown side by side (the `metrics` version tag holds them all)
+SHOWN_METRICS = ("top1", "top3", "top5", "f1_macro", "f1_micro", "f1_weighted", "miou", "ece")
+
+
+class RegistryError(VisionflowError):
+    exit_code = 1
+
+
+def whoami() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers)
+        return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------- store
+
+
+def client_for(root: str | Path = ".") -> Any:
+    """MlflowClient on the project's store (or MLFLOW_TRACKING_URI), no experiment created."""
+    from visionflow.layout import Layout
+    from visionflow.mlops import tracking
+
+    quiet_env()
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri(Layout.at(root))
+    tracking.use_uri(uri)  # also for models:/ URIs loaded in this process
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def model_name_for(root: str | Path = ".") -> str:
+    """`register.model_name` from the project's params.yaml, else the default."""
+    import yaml
+
+    path = Path(root) / "params.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return str((raw.get("register") or {}).get("model_name") or DEFAULT_NAME)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return DEFAULT_NAME
+
+
+def lock_path(uri: str) -> Path:
+    """One lock per store: next to a sqlite file, else in the temp dir keyed by the URI."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.parent / f".{db.name}.register.lock"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"visionflow-register-{digest}.lock"
+
+
+@contextmanager
+def registry_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    path = lock_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(path), timeout=timeout):
+            yield
+    except Timeout:
+        raise RegistryError(f"{path}: registry lock still held after {timeout:.0f} s") from None
+
+
+def tracking_uri(client: Any) -> str:
+    return str(getattr(client, "_registry_uri", None) or client.tracking_uri)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _missing(err: Exception) -> bool:
+    text = str(err)
+    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or \
+        getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def registered_model(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if _missing(err):
+            raise RegistryError(f"registered model '{name}' not found in "
+                                f"{tracking_uri(client)}") from None
+        raise
+
+
+def alias_map(client: Any, name: str) -> dict[str, str]:
+    """alias -> version (str)."""
+    rm = registered_model(client, name)
+    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def aliases_by_version(client: Any, name: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for alias, version in sorted(alias_map(client, name).items()):
+        out.setdefault(version, []).append(alias)
+    return out
+
+
+def current_alias(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def all_versions(client: Any, name: str) -> list[Any]:
+    """Every version of `name`, newest first."""
+    registered_model(client, name)
+    found = client.search_model_versions(f"name='{name}'", max_results=10_000)
+    return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+def resolve(client: Any, name: str, ref: str) -> str:
+    """'3', 'v3', 'champion' or '@champion' -> '3' (checked to exist)."""
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref).strip()
+    key = ref.removeprefix("@")
+    if key.lower().removeprefix("v").isdigit():
+        version = key.lower().removeprefix("v")
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            registered_model(client, name)
+            known = ", ".join(str(mv.version) for mv in reversed(all_versions(client, name)))
+            raise RegistryError(f"model '{name}': version {version} not found "
+                                f"(versions: {known or 'none'})") from None
+        return version
+    version = current_alias(client, name, key)
+    if version is None:
+        aliases = ", ".join(sorted(alias_map(client, name))) or "none"
+        raise RegistryError(f"model '{name}': no version has alias '{key}' "
+                            f"(aliases: {aliases})")
+    return version
+
+
+def version_metrics(mv: Any) -> dict[str, float]:
+    """The test metrics recorded with a version (its `metrics` tag)."""
+    raw = (mv.tags or {}).get("metrics")
+    if raw:
+        try:
+            return {k: float(v) for k, v in json.loads(raw).items()}
+        except (ValueError, TypeError, AttributeError):
+            pass
+    top1 = (mv.tags or {}).get("top1")
+    return {"top1": float(top1)} if top1 else {}
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    aliases: list[str]
+    created: str
+    run_id: str
+    status: str
+    source: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    description: str
+
+    @property
+    def gate(self) -> str:
+        return self.tags.get("gate_decision", "")
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _info(mv: Any, aliases: dict[str, list[str]]) -> VersionInfo:
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(mv.creation_timestamp) / 1000))
+    return VersionInfo(str(mv.version), aliases.get(str(mv.version), []), created,
+                       mv.run_id or "", str(mv.status), str(mv.source), dict(mv.tags or {}),
+                       version_metrics(mv), mv.description or "")
+
+
+def list_versions(client: Any, name: str) -> list[VersionInfo]:
+    aliases = aliases_by_version(client, name)
+    return [_info(mv, aliases) for mv in all_versions(client, name)]
+
+
+def show_version(client: Any, name: str, ref: str) -> VersionInfo:
+    version = resolve(client, name, ref)
+    mv = client.get_model_version(name, version)
+    return _info(mv, aliases_by_version(client, name))
+
+
+def compare_versions(client: Any, name: str, ref_a: str,
+                     ref_b: str) -> tuple[VersionInfo, VersionInfo, list[tuple], list[tuple]]:
+    """(a, b, metric rows (name, a, b, b - a), tag rows (key, a, b) that differ)."""
+    a, b = show_version(client, name, ref_a), show_version(client, name, ref_b)
+    keys = [k for k in SHOWN_METRICS if k in a.metrics or k in b.metrics]
+    keys += sorted((set(a.metrics) | set(b.metrics)) - set(keys))
+    rows = []
+    for k in keys:
+        va, vb = a.metrics.get(k), b.metrics.get(k)
+        rows.append((k, va, vb, None if va is None or vb is None else vb - va))
+    skip = {"metrics", "params"}
+    tag_rows = [(k, a.tags.get(k, ""), b.tags.get(k, ""))
+                for k in sorted(set(a.tags) | set(b.tags))
+                if k not in skip and a.tags.get(k) != b.tags.get(k)]
+    return a, b, rows, tag_rows
+
+
+# --------------------------------------------------------------------------- moving aliases
+
+
+def _append_history(client: Any, name: str, entry: dict[str, Any]) -> None:
+    rm = registered_model(client, name)
+    try:
+        history = json.loads((rm.tags or {}).get(HISTORY_TAG, "[]"))
+    except ValueError:
+        history = []
+    history = [*history, entry][-HISTORY_KEEP:]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def history(client: Any, name: str) -> list[dict[str, Any]]:
+    try:
+        return json.loads((registered_model(client, name).tags or {}).get(HISTORY_TAG, "[]"))
+    except ValueError:
+        return []
+
+
+def set_champion(client: Any, name: str, version: str, alias: str = "champion",
+                 action: str = "promote", by: str | None = None,
+                 reason: str = "") -> str | None:
+    """Point `alias` at `version`; the old holder gets `previous`. Returns the old holder.
+
+    Records who, when, why and how (`gate`, `promote`, `rollback`) as tags on the new
+    holder (`champion_*`) and on the old one (`demoted_*`), and in `alias_history`.
+    Hold `registry_lock` around the call.
+    """
+    version = str(version)
+    old = current_alias(client, name, alias)
+    by = by or whoami()
+    when = now_utc()
+    if old is not None and old != version:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+        for k, v in {"demoted_by": by, "demoted_at": when, "demoted_action": action,
+                     "demoted_reason": reason, "demoted_for": version}.items():
+            client.set_model_version_tag(name, old, k, v[:5000])
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in {"champion_by": by, "champion_at": when, "champion_action": action,
+                 "champion_reason": reason, "champion_replaced": old or ""}.items():
+        client.set_model_version_tag(name, version, k, v[:5000])
+    _append_history(client, name, {"at": when, "action": action, "alias": alias,
+                                   "from": old, "to": version, "by": by,
+                                   "reason": reason[:300]})
+    return old
+
+
+def promote(client: Any, name: str, ref: str, reason: str, alias: str = "champion",
+            by: str | None = None) -> tuple[str | None, str]:
+    """Manual promotion (bypasses the gate, records who and why). Returns (old, new)."""
+    if not reason.strip():
+        raise RegistryError("promote: --reason must not be empty")
+    with registry_lock(tracking_uri(client)):
+        version = resolve(client, name, ref)
+        if current_alias(client, name, alias) == version:
+            raise RegistryError(f"model '{name}': version {version} already has alias '{alias}'")
+        old = set_champion(client, name, version, alias, "promote", by, reason.strip())
+    return old, version
+
+
+def rollback(client: Any, name: str, reason: str, to: str | None = None,
+             alias: str = "champion", by: str | None = None) -> tuple[str | None, str]:
+    """Move `alias` back to `previous` (or to `to`). Returns (old, new)."""
+    if not reason.strip():
+        raise RegistryError("rollback: --reason must not be empty")
+    with registry_lock(tracking_uri(client)):
+        if to is not None:
+            target = resolve(client, name, to)
+        else:
+            target = current_alias(client, name, PREVIOUS)
+            if target is None:
+                registered_model(client, name)
+                raise RegistryError(f"rollback: model '{name}' has no '{PREVIOUS}' alias; "
+                                    "pass --to VERSION")
+        current = current_alias(client, name, alias)
+        if current == target:
+            raise RegistryError(f"rollback: version {target} of '{name}' already has alias "
+                                f"'{alias}'")
+        old = set_champion(client, name, target, alias, "rollback", by, reason.strip())
+    return old, target

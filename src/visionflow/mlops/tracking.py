@@ -1,0 +1,122 @@
+"""MLflow wiring: one sqlite store under `mlruns/`, one run per pipeline execution.
+
+train opens the run and records its id in `outputs/train/run.json`; evaluate, compress
+and register log into the same run, so a pipeline is one row in `mlflow ui`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from visionflow.env import quiet_env
+from visionflow.files import write_json
+from visionflow.layout import Layout
+
+EXPERIMENT = "visionflow"
+
+
+def tracking_uri(layout: Layout) -> str:
+    default = f"sqlite:///{layout.mlflow_db}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def ui_command(layout: Layout) -> str:
+    uri = tracking_uri(layout)
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def use_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri` without its side effect of exporting MLFLOW_TRACKING_URI.
+
+    MLflow copies the URI into os.environ "so that subprocesses inherit it"; then
+    `tracking_uri(other_layout)` would return the first project's store, and every child
+    (`dvc repro`, `mlflow models serve`, a second project) would write to it. The variable
+    keeps the value the user gave it (or stays unset).
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def setup(layout: Layout) -> str:
+    """Point MLflow at the project store and make sure the experiment exists."""
+    quiet_env()
+    import mlflow
+
+    use_uri(tracking_uri(layout))
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        artifacts = layout.mlflow_artifacts.as_uri()
+        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextmanager
+def new_run(layout: Layout, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Start a pipeline run and remember its id for the later stages."""
+    import mlflow
+
+    setup(layout)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        write_json(layout.run_info, {"run_id": run.info.run_id,
+                                     "experiment_id": run.info.experiment_id})
+        yield run
+
+
+@contextmanager
+def stage_run(layout: Layout) -> Iterator[Any]:
+    """Re-open the pipeline run recorded by train (a new run if it is gone)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    setup(layout)
+    run_id = None
+    if layout.run_info.is_file():
+        run_id = json.loads(layout.run_info.read_text()).get("run_id")
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException:
+            run_id = None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_dir_or_file(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_validation(layout: Layout) -> None:
+    """validation.json, data_summary.json, quarantine.csv and the Data Docs into the active
+    run, under `data/` (Data Docs under `data/data_docs/`)."""
+    for path, artifact_path in layout.validation_artifacts():
+        log_dir_or_file(path, artifact_path)
+
+
+def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

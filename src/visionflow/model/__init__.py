@@ -1,0 +1,1 @@
+"""Models: the zoo, save/load, inference, metrics, the training engine, augmentation ops."""

@@ -1,0 +1,1 @@
+"""Driving the stages: dvc.yaml specs, what is stale, the data trigger, retries, reports."""

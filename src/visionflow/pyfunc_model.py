@@ -1,7 +1,0 @@
-"""Entry file for MLflow "models from code": logs the pyfunc without pickling anything."""
-
-from mlflow.models import set_model
-
-from visionflow.serving import ImageClassifierModel
-
-set_model(ImageClassifierModel())

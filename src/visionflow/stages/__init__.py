@@ -1,0 +1,1 @@
+"""The six pipeline stages, one module each, each with `run(params, layout)`."""
