@@ -35,6 +35,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check src flows tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf outputs .cache

@@ -252,7 +252,7 @@ def cifar_params(args: argparse.Namespace) -> dict[str, Any]:
 def cifar_main(args: argparse.Namespace) -> None:
     import time
 
-    from visionflow.config import apply_overrides, load_params, read_params_file
+    from visionflow.configfile import apply_overrides, load_params, read_params_file
     from visionflow.layout import Layout
     from visionflow.pipeline.stages import run_stage
 

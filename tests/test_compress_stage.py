@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
@@ -329,7 +329,8 @@ def test_nothing_fits_nothing_registered(trained, tmp_path):
 def test_params_yaml_matches_the_config_defaults():
     from conftest import REPO
 
-    from visionflow.config import CompressConfig, parse_params, read_params_file
+    from visionflow.config import CompressConfig
+    from visionflow.configfile import parse_params, read_params_file
 
     assert parse_params(read_params_file(REPO / "params.yaml")).compress == CompressConfig()
 

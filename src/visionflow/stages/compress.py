@@ -56,6 +56,7 @@ from torch import nn
 from visionflow.config import CompressConfig, Params
 from visionflow.files import atomic_dir, write_json
 from visionflow.layout import Layout
+from visionflow.stages import main
 
 RELOAD_CHECK_IMAGES = 64
 
@@ -674,7 +675,7 @@ def _measure_gpu(search: _Search, device: str = "cuda") -> None:
 def environment() -> dict[str, Any]:
     import onnxruntime
 
-    from visionflow.stages.register import cpu_name
+    from visionflow.env import cpu_name
 
     return {"cpu": cpu_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
@@ -789,3 +790,7 @@ def _summary_line(report: dict[str, Any]) -> str:
             f"{sel['mac_ratio']}x MACs, CPU b1 {sel['cpu_b1_ms']:.2f} ms "
             f"({sel['speedup_b1_vs_fp32_eager']}x fp32 eager), top-1 {sel['top1']:.4f} "
             f"({sel['top1_drop_points']:+.2f} pt)")
+
+
+if __name__ == "__main__":
+    main("compress", run)
