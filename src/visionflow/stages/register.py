@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from visionflow.compression.measure import cpu_name
 from visionflow.config import Params
 from visionflow.files import write_text
 from visionflow.layout import Layout
@@ -268,17 +269,6 @@ def git_commit(root: Path) -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                            capture_output=True, text=True).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what `platform` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware() -> str:
