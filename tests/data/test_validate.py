@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import BASE, write_imagefolder
 from conftest import make_project
 from PIL import Image
-from test_validate_catalogue import BASE, write_imagefolder
 
 from visionflow.configfile import load_params
 from visionflow.data.manifest import data_hash
