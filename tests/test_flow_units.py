@@ -223,11 +223,13 @@ def test_summary_markdown_and_choice():
                                          "description": "d"}]},
         "metrics": {"top1": 0.9, "f1_macro": 0.8, "iou_per_class": [0.1]},
         "gate": {"decision": "promoted", "reason": "beats v3", "version": "4",
-                 "champion_before": "v3", "champion_after": "v4"},
+                 "champion_before": "v3", "champion_after": "v4",
+                 "test_images": "90 of 100 test images scored, 10 excluded"},
         "compress": comp, "links": links,
         "stages": [{"name": "train", "state": "cached", "seconds": 1.5}]})
     for text in ("# retrain: v4 promoted", "## Data", "## Validation", "**NO**", "1 \\| 2",
-                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3", "## Compression",
+                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3",
+                 "| test images | 90 of 100 test images scored, 10 excluded |", "## Compression",
                  "Choice: **original**", "Not registered as a `compact` version", "## Links", "(http://h:5000/#/models/m/versions/4)",
                  "| train | cached |"):
         assert text in md, text

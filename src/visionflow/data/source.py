@@ -59,7 +59,9 @@ def resolve_source(
     if source.is_dir():
         return source.resolve()
     if not source.exists():
-        raise DataError(f"data source not found: {source}")
+        dvc_file = source.with_name(source.name + ".dvc")
+        hint = f" (tracked by {dvc_file.name}: `dvc pull` it)" if dvc_file.is_file() else ""
+        raise DataError(f"data source not found: {source}{hint}")
     kind = archive_kind(source)
     if kind is None or not source.is_file():
         raise DataError(
