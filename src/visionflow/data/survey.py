@@ -1,5 +1,6 @@
-"""Surveying the dataset into manifest rows: resolve the source, scan it, assign splits and
-inspect every file (hash, decode, describe), on all cores.
+"""Surveying the dataset into manifest rows: resolve the source, scan it, hash every file
+(splits follow content: `data.splits`), assign splits and inspect every file (decode,
+describe), on all cores.
 
 Rows are cached in `.cache/validate/rows-<root hash>.json` (see `RowCache`): a file whose
 (path, size, mtime, inode) is unchanged reuses its row without being read; a changed file
