@@ -95,3 +95,32 @@ def test_a_folder_with_images_that_is_not_a_split_names_the_users_path(tmp_path:
     assert ".data.new-" not in lines[0] and ".import-" not in lines[0]
     assert sorted(p.relative_to(root).as_posix() for p in (root / "data").rglob("*")) == before
     assert not [p for p in root.iterdir() if p.name.startswith(".data.")]
+
+
+def test_archive_limits_from_params_stop_data_add_and_validate(tmp_path: Path,
+                                                               digits_dir: Path):
+    import tarfile
+
+    from visionflow.errors import DataError
+
+    folder = _downloaded(tmp_path / "dl" / "mini", digits_dir, per_class=3)
+    archive = tmp_path / "mini.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="mini")
+    root = make_project(tmp_path / "proj", digits_dir, {"data.max_archive_members": 20})
+    before = sorted(p.relative_to(root).as_posix() for p in (root / "data").rglob("*"))
+
+    added = _add(root, archive, "--force")  # `vflow data add` reads the limit from params
+    lines = [line for line in added.stderr.splitlines() if line.strip()]
+    assert added.returncode == 3 and len(lines) == 1, added.stderr
+    assert str(archive) in lines[0] and "data.max_archive_members=20" in lines[0]
+    assert sorted(p.relative_to(root).as_posix() for p in (root / "data").rglob("*")) == before
+    assert not [p for p in root.iterdir() if p.name.startswith(".data.")]
+
+    layout = Layout.at(root)  # the validate stage reads an archive source under the same cap
+    params = load_params(layout.params, [f"data.source={archive}", "data.max_archive_bytes=1000",
+                                         "data.max_archive_members=5000000"])
+    with pytest.raises(DataError, match=r"exceeds data\.max_archive_bytes=1000 "):
+        run_stage("validate", params, layout)
+    assert not layout.extract_cache.exists() or not any(layout.extract_cache.iterdir())
+    assert json.loads(layout.validation.read_text())["success"] is False
