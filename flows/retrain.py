@@ -302,6 +302,7 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
         metrics=_read_json(layout.metrics),
         compress=_read_json(layout.compress_report),
         gate={"decision": label, "reason": decision["reason"], "version": reg["version"],
+              "test_images": (decision.get("scored") or {}).get("text", ""),
               "champion_before": champion_before,
               "champion_after": f"v{reg['version']}" if reg["alias"] else champion_before},
         links=flow_report.mlflow_links(_ui_url(cfg, layout), _read_json(layout.run_info),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import stat
 import struct
 import tarfile
 import zipfile
@@ -59,7 +61,8 @@ def snapshot(folder: Path) -> dict[str, tuple]:
             if p.is_dir() and not p.is_symlink():  # a dir's mtime changes with temp entries
                 out[p.relative_to(folder).as_posix()] = (st.st_mode,)
                 continue
-            digest = "" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            regular = stat.S_ISREG(st.st_mode)  # (reading a FIFO would block forever)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if regular else ""
             out[p.relative_to(folder).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return out
 
@@ -197,15 +200,15 @@ def evil_zip(kind: str):
 
 
 
-FOLDER_RNG = np.random.default_rng(4)
-
-
 def write_imagefolder(root: Path, counts: dict[str, int], size: int = 16) -> Path:
-    """`counts` maps "split/class" (or "class") to a number of distinct RGB PNGs."""
+    """`counts` maps "split/class" (or "class") to a number of distinct RGB PNGs. The pixels
+    depend only on the relative path, so contents (and content-addressed splits) are the same
+    whichever test runs first."""
     for folder, n in counts.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img = Image.fromarray(FOLDER_RNG.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            rng = np.random.default_rng(zlib.crc32(f"{folder}/{i}".encode()))
+            img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
             (root / folder / f"{i:03d}.png").write_bytes(encode(img, "PNG"))
     return root
 
@@ -232,3 +235,12 @@ def write_mnist_raw(raw: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return images
 
 
+def flat_digits(dst: Path, digits_dir: Path, per_class: int) -> Path:
+    """`dst/<digit>/*.png`: the digits without their folders' splits (so splits are carved)."""
+    for label in sorted(p.name for p in (digits_dir / "train").iterdir()):
+        files = sorted(f for s in ("train", "val", "test")
+                       for f in (digits_dir / s / label).iterdir())
+        (dst / label).mkdir(parents=True)
+        for f in files[:per_class]:
+            shutil.copy(f, dst / label / f.name)
+    return dst

@@ -68,6 +68,10 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no test/ split")
     limit_per_class: int | None = Field(None, gt=0, description="stratified subset per split")
     split_seed: int = 0
+    max_archive_bytes: int = Field(100 * 2**30, gt=0, description="what an archive source "
+                                   "may extract to in total (bytes actually written)")
+    max_archive_members: int = Field(5_000_000, gt=0, description="members an archive may "
+                                     "hold")
 
     @field_validator("source")
     @classmethod
@@ -283,6 +287,8 @@ class RegisterConfig(_Section):
     alpha: float = Field(0.05, gt=0, le=1, description="McNemar significance level")
     compact: bool = Field(True, description="also register compress's chosen variant under "
                           "alias `compact` when the new version is promoted")
+    min_test_images: int = Field(30, ge=1, description="fewest test images the gate may judge "
+                                 "on, after excluding those either model trained on")
 
 
 class ScheduleConfig(_Section):

@@ -82,7 +82,9 @@ def load_params(
     overrides: dict[str, Any] | list[str] | None = None,
     root: Path | None = None,
 ) -> Params:
-    """Load, override, validate. Also checks the data source exists (relative to root)."""
+    """Load, override, validate. Also checks the data source exists (relative to root), or
+    is tracked by DVC (`<source>.dvc`: a fresh clone before `dvc pull`, which a scheduled
+    run does first)."""
     raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
@@ -90,6 +92,7 @@ def load_params(
     root = root or Path(path).resolve().parent
     src = Path(params.data.source)
     src = src if src.is_absolute() else root / src
-    if not src.exists() and not is_torchvision_source(params.data.source):
+    tracked = src.with_name(src.name + ".dvc").is_file()
+    if not src.exists() and not tracked and not is_torchvision_source(params.data.source):
         raise ConfigError(f"{path}: data.source={params.data.source!r}: path does not exist")
     return params

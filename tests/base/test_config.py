@@ -48,6 +48,15 @@ def test_missing_dataset_path(tmp_path: Path):
     p.write_text(yaml.safe_dump({"data": {"source": "nowhere/images"}}))
     with pytest.raises(ConfigError, match="data.source='nowhere/images': path does not exist"):
         load_params(p)
+    # tracked by DVC but not pulled yet (a fresh clone): loads; reading it says what to do
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "images.dvc").write_text("outs:\n- path: images\n")
+    assert load_params(p).data.source == "nowhere/images"
+    from visionflow.data.source import resolve_source
+    from visionflow.errors import DataError
+
+    with pytest.raises(DataError, match=r"tracked by images\.dvc: `dvc pull` it"):
+        resolve_source(tmp_path / "nowhere" / "images", tmp_path / "cache")
 
 
 def test_overrides_are_validated(tmp_path: Path):

@@ -1,17 +1,20 @@
-"""Data sources: safe archive extraction (every known attack refused) and `import_dataset`."""
+"""Data sources: safe archive extraction (every known attack refused), archive limits,
+and `import_dataset`."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tarfile
+import zipfile
+from pathlib import Path
 
 import pytest
 from builders import encode, evil_tar, evil_zip, small_dataset, snapshot, tar_member, tar_of, zip_of
 from PIL import Image
 
 from visionflow.data import scan, source
-from visionflow.data.archive import EXTRACT_MARKER
+from visionflow.data.archive import EXTRACT_MARKER, ArchiveLimits
 from visionflow.errors import DataError
 
 # ---------------------------------------------------------------------------
@@ -140,6 +143,76 @@ def test_links_inside_archive_are_skipped(tmp_path):
         "cat/a.png",
         "dog/d.png",
     ]
+
+
+# ---------------------------------------------------------------------------
+# archive limits: bytes actually written and members, refused in one line, nothing left
+
+
+def _bomb_tar(path: Path, size: int = 3 << 20) -> Path:
+    """A small .tar.gz whose one member inflates to `size` zero bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        tar_member(tar, "train/cat/ok.png", encode(Image.new("L", (8, 8)), "PNG"))
+        tar_member(tar, "train/cat/zeros.png", bytes(size))
+    return path
+
+
+def _many_zip(path: Path, n: int) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n):
+            zf.writestr(f"train/cat/{i}.png", b"x")
+    return path
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["streamed", "decoded-while-extracting"])
+def test_archive_byte_limit_counts_what_is_written(tmp_path, hook):
+    archive = _bomb_tar(tmp_path / "in" / "bomb.tar.gz")
+    assert archive.stat().st_size < 20_000  # 3 MiB inflated from a few KB
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before = snapshot(tmp_path)
+    seen: list[str] = []
+    limits = ArchiveLimits(max_bytes=1 << 20, max_members=100)
+    with pytest.raises(DataError) as err:
+        source.resolve_source(archive, cache, (lambda n, d: seen.append(n)) if hook else None,
+                              limits)
+    msg = str(err.value)
+    assert "\n" not in msg and str(archive) in msg and "data.max_archive_bytes=1048576" in msg
+    assert snapshot(tmp_path) == before  # the partial extraction is gone
+    assert "train/cat/zeros.png" not in seen
+    # the same archive under the default limits extracts
+    assert (source.resolve_source(archive, cache) / "train/cat/zeros.png").stat().st_size \
+        == 3 << 20
+
+
+def test_archive_member_limit(tmp_path):
+    for archive in (_many_zip(tmp_path / "many.zip", 30),
+                    tar_of(tmp_path / "many.tar", _many_zip_tree(tmp_path / "tree", 30), "", "w")):
+        cache = tmp_path / f"cache-{archive.name}"
+        with pytest.raises(DataError, match=r"exceeds data\.max_archive_members=20 "):
+            source.resolve_source(archive, cache, None, ArchiveLimits(1 << 30, 20))
+        assert not cache.exists() or not any(cache.iterdir())
+        with pytest.raises(DataError, match=str(archive.name)):
+            source.import_dataset(archive, tmp_path / "imported", ArchiveLimits(1 << 30, 20))
+        assert not (tmp_path / "imported").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".imported")]
+        assert source.resolve_source(archive, cache, None, ArchiveLimits(1 << 30, 100)).is_dir()
+
+
+def _many_zip_tree(root: Path, n: int) -> Path:
+    for i in range(n):
+        (root / "train" / "cat").mkdir(parents=True, exist_ok=True)
+        (root / "train" / "cat" / f"{i}.png").write_bytes(b"x")
+    return root
+
+
+def test_archive_limits_come_from_params(tmp_path):
+    from visionflow.configfile import parse_params
+
+    data = parse_params({"data": {"max_archive_bytes": 5, "max_archive_members": 7}}).data
+    assert ArchiveLimits.from_params(data) == ArchiveLimits(5, 7)
+    assert ArchiveLimits.from_params() == ArchiveLimits(100 * 2**30, 5_000_000)
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from builders import BASE, catalogue_files, evil_tar, evil_zip, snapshot, write_imagefolder
 from conftest import BIN, make_project, run
+from PIL import Image
 
 from visionflow.configfile import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed
@@ -62,7 +63,7 @@ OTHER_DEFECTS = {
     "test/dog/leak.png": "cross_split_duplicate",
     "train/cat/link_out.png": "outside_root",
     "train/dog/dangling.png": "broken_link",
-    "README.txt": "no_class",
+    "stray.png": "no_class",  # an image outside any class folder (a README is ignored)
     "train/dog/pipe.png": "not_a_file",
 }
 
@@ -82,6 +83,7 @@ def defects(tmp_path_factory):
     (root / "train" / "cat" / "link_out.png").symlink_to(tmp / "outside" / "secret.png")
     (root / "train" / "dog" / "dangling.png").symlink_to(root / "train" / "dog" / "gone.png")
     (root / "README.txt").write_text("not an image, not in a class folder\n")
+    Image.new("RGB", (16, 16), (7, 77, 177)).save(root / "stray.png")
     os.mkfifo(root / "train" / "dog" / "pipe.png")
     before = _outside_project(tmp, project)
     with pytest.raises(ValidationFailed) as err:
@@ -113,6 +115,7 @@ def test_defects_fail_the_budget_in_one_line_and_touch_nothing(defects):
     summary = json.loads(defects["layout"].validation.read_text())
     assert summary["success"] is False and summary["quarantine"]["exceeded"] is True
     assert summary["quarantine"]["files"] == len(FILE_DEFECTS) + len(OTHER_DEFECTS)
+    assert summary["ignored"] == ["README.txt"]  # no image: listed, not quarantined
     assert summary["usable"] == sum(BASE.values())
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from visionflow.mlops.gate import GateConfig, apply, decide
+from visionflow.mlops.gate import GateConfig, apply, decide, scored_set
 
 N = 100
 
@@ -186,6 +186,43 @@ def test_report_lists_every_check_with_numbers():
                    "| mcnemar | yes | pass | exact p=", "champion v1, top-1 0.6000",
                    "`min_delta=0.05`"):
         assert needle in md, needle
+
+
+def test_scored_set_leaves_out_what_either_model_trained_on():
+    test = ["a", "b", "c", "d", "e"]
+    s = scored_set(test, challenger=["e", "x"], champion=["a", "b", "e"])
+    assert s.keep == [False, False, True, True, False]
+    assert (s.n, s.excluded, s.challenger_trained, s.champion_trained) == (2, 3, 1, 2)
+    assert s.text() == ("2 of 5 test images scored, 3 excluded (2 the champion trained or "
+                        "validated on, 1 the challenger did)")
+    unknown = scored_set(test, [], None, "champion v3 records no training-image hashes")
+    assert unknown.n == 5 and unknown.text().endswith("; champion v3 records no "
+                                                      "training-image hashes")
+
+
+def test_too_few_test_images_left_refuses_and_nothing_moves(store: Path, user: str):
+    test = [f"h{i}" for i in range(100)]
+    scored = scored_set(test, [], test[:80])  # the champion trained on 80 of them
+    # a clear win on the 20 left, but 20 < min_test_images: refused
+    d = decide(correct(18, n=20), correct(5, n=20), GateConfig(min_test_images=30), "1",
+               scored=scored)
+    assert not d.promote and [c.name for c in d.checks] == ["test_images"]
+    assert d.reason == ("refused: too few test images to judge: 20 test images left after "
+                        "excluding 80 that the champion or the challenger trained on < "
+                        "register.min_test_images=30")
+    assert "20 of 100 test images scored, 80 excluded" in d.markdown("m", "2")
+    new_versions(store, "m-few", 2)
+    gate_into_registry(store, "m-few", decide(correct(60), None, GateConfig()), "1")
+    assert gate_into_registry(store, "m-few", d, "2") is None
+    aliases, tags = state(store, "m-few")
+    assert aliases == {"champion": "1"}
+    assert tags["2"]["gate_decision"] == "rejected"
+    assert tags["2"]["gate_test_images"].startswith("20 of 100 test images scored, 80 excluded")
+    # the same 20 with the minimum lowered: judged on them, McNemar on the reduced pairs
+    ok = decide(correct(18, n=20), correct(5, n=20), GateConfig(min_test_images=20), "1",
+                scored=scored)
+    assert ok.promote and ok.n == 20 and (ok.only_challenger_right, ok.only_champion_right) \
+        == (13, 0)
 
 
 def test_unpaired_predictions_are_refused():

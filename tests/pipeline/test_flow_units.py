@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -141,26 +142,45 @@ def test_compare_data():
     assert first.new_data is True and first.reason == "no champion yet"
 
 
-def test_check_data_dvc_md5_shortcut(proj: Layout, monkeypatch):
-    params = load_params(proj.params)
-    (proj.root / "data.dvc").write_text(yaml.safe_dump(
-        {"outs": [{"md5": "d" * 32 + ".dir", "path": "data"}]}))
-    tags = {"version": "2", "data_hash": "h" * 32,  # the tags register writes
-            "dvc_data_md5": dvc_md5(proj.root / "data.dvc"), "params": json.dumps(params.dump())}
-    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: (tags, tags))
-    monkeypatch.setattr(trigger, "changed", lambda lay, f: False)
-    check = trigger.check_data(params, proj, False)
-    assert (check.new_data, check.method) == (False, "dvc md5")
-    assert "champion v2" in check.reason
+def test_check_data_dvc_md5_shortcut(tmp_path: Path):
+    """Real DVC (a git+DVC project, `dvc status`) and a real MLflow registry whose versions
+    carry the tags register writes; nothing patched."""
+    from test_validate_catalogue import write_imagefolder
 
-    monkeypatch.setattr(trigger, "changed", lambda lay, f: True)  # data/ edited, not added
-    assert trigger.check_data(params, proj, False).new_data is None  # validate decides
-    other = {**tags, "params": json.dumps({"data": {"source": "/elsewhere.tar"}})}
-    monkeypatch.setattr(trigger, "changed", lambda lay, f: False)
-    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: (other, other))
-    assert trigger.check_data(params, proj, False).new_data is None  # another data source
-    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: ({}, {}))
-    assert trigger.check_data(params, proj, False).new_data is True  # no champion
+    from visionflow.mlops import registry
+
+    data = write_imagefolder(tmp_path / "src", {"train/cat": 3, "train/dog": 3})
+    layout = Layout.at(make_project(tmp_path / "proj", data, git=True))
+    params = load_params(layout.params)
+    md5 = dvc_md5(layout.dvc_file("data"))
+    assert len(md5) == 32
+    first = trigger.check_data(params, layout, False)
+    assert (first.new_data, first.reason) == (True, "no champion yet")
+
+    client = registry.client_for(layout)
+    client.create_registered_model("visionflow-classifier")
+
+    def version(source: str) -> str:
+        tags = {"data_hash": "h" * 32, "dvc_data_md5": md5,
+                "params": json.dumps({**params.dump(), "data": {"source": source}})}
+        mv = client.create_model_version("visionflow-classifier",
+                                         source=(tmp_path / "none").as_uri(), tags=tags)
+        client.set_registered_model_alias("visionflow-classifier", "champion", mv.version)
+        return str(mv.version)
+
+    version("data")
+    check = trigger.check_data(params, layout, False)
+    assert (check.new_data, check.method) == (False, "dvc md5")  # nothing hashed
+    assert "champion v1" in check.reason
+
+    extra = layout.root / "data" / "train" / "cat" / "new.png"  # data/ edited, not added
+    shutil.copy(layout.root / "data" / "train" / "dog" / "000.png", extra)
+    assert trigger.check_data(params, layout, False).new_data is None  # validate decides
+    extra.unlink()
+    assert trigger.check_data(params, layout, False).new_data is False
+
+    version("/elsewhere.tar")  # champion (and latest) trained from another data source
+    assert trigger.check_data(params, layout, False).new_data is None
 
 
 def test_refresh_data_without_dvc(proj: Layout):
@@ -203,11 +223,13 @@ def test_summary_markdown_and_choice():
                                          "description": "d"}]},
         "metrics": {"top1": 0.9, "f1_macro": 0.8, "iou_per_class": [0.1]},
         "gate": {"decision": "promoted", "reason": "beats v3", "version": "4",
-                 "champion_before": "v3", "champion_after": "v4"},
+                 "champion_before": "v3", "champion_after": "v4",
+                 "test_images": "90 of 100 test images scored, 10 excluded"},
         "compress": comp, "links": links,
         "stages": [{"name": "train", "state": "cached", "seconds": 1.5}]})
     for text in ("# retrain: v4 promoted", "## Data", "## Validation", "**NO**", "1 \\| 2",
-                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3", "## Compression",
+                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3",
+                 "| test images | 90 of 100 test images scored, 10 excluded |", "## Compression",
                  "Choice: **original**", "Not registered as a `compact` version", "## Links", "(http://h:5000/#/models/m/versions/4)",
                  "| train | cached |"):
         assert text in md, text

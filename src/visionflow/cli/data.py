@@ -43,13 +43,20 @@ def data_add(
                                             "default remote")] = False,
 ) -> None:
     """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version."""
+    from visionflow.configfile import parse_params, read_params_file
     from visionflow.data.add import import_data
+    from visionflow.data.archive import ArchiveLimits
     from visionflow.layout import Layout
 
     layout = Layout.at(root)
-    out = import_data(layout, path, target=target, force=force, push=push)
+    params = (parse_params(read_params_file(layout.params), str(layout.params))
+              if layout.params.is_file() else None)  # (data/ may not exist yet)
+    limits = ArchiveLimits.from_params(params.data if params else None)
+    out = import_data(layout, path, target=target, force=force, push=push, limits=limits)
     typer.echo(f"imported {out['images']} images ({out['files']} files) from {out['source']} "
                f"into {out['target']}")
+    if out["ignored"]:
+        typer.echo(f"  ignored (no images): {', '.join(out['ignored'])}")
     for item in out["skipped"][:10]:
         typer.echo(f"  skipped {item}")
     if len(out["skipped"]) > 10:

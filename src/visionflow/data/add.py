@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from visionflow.config import is_torchvision_source
 from visionflow.data import torchvision_source
+from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
 from visionflow.data.images import FORMATS
@@ -35,13 +36,15 @@ def init_default_data(layout: Layout, target: str = "data") -> Path:
 
 
 def import_data(layout: Layout, source: str | Path, target: str = "data", force: bool = False,
-                push: bool = False) -> dict[str, Any]:
+                push: bool = False, limits: ArchiveLimits | None = None) -> dict[str, Any]:
     """Import a folder, an archive or a `torchvision:` dataset as `target/`, then `dvc add` it.
 
     The source is only read (archives are checked member by member, see
     `source.import_dataset`). The current `target/` is replaced only when its content is
     recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`.
-    The new content must be an ImageFolder with at least one image, or nothing changes."""
+    The new content must be an ImageFolder with at least one image, or nothing changes.
+    Folders and files without images next to the splits (`logs/`, scripts, a README) are
+    left out and listed in `ignored`; every message names `source` as the user gave it."""
     root = layout.root
     if is_torchvision_source(str(source)):  # downloaded once, then a folder
         source = torchvision_source.materialize(str(source), layout)
@@ -63,10 +66,10 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
                             "them")
     staged = root / f".{target}.new-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
-    report = import_dataset(src, staged)
+    report = import_dataset(src, staged, limits, shown_as=source)
     old = root / f".{target}.old-{os.getpid()}"
     try:
-        found = scan_imagefolder(staged)
+        found = scan_imagefolder(staged, shown_as=source)
         if not _has_an_image(found.entries):
             raise DataError(f"data add: {source}: no images in class folders (expected "
                             "<class>/<image> or train/<class>/<image>)")
@@ -88,6 +91,7 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
         "source": str(src), "kind": report.kind, "target": str(dest), "files": report.files,
         "images": len(found.entries), "layout": found.layout,
         "skipped": [f"{r.relpath} ({r.reason})" for r in report.skipped],
+        "ignored": report.ignored,
         "dvc_file": dvc_file.name, "dvc_data_md5": str(out.get("md5", "")),
         "remote": remote, "pushed": push,
     }

@@ -5,6 +5,11 @@ names, '..' components, links resolving outside the target and device/fifo membe
 refused with an error naming the member (the temporary target is then discarded); links
 inside the archive are skipped, so no path written through can be a link; files get
 default permissions (no owner, mode or setuid bits are restored).
+
+Size limits (`ArchiveLimits`, from `data.max_archive_bytes` / `data.max_archive_members`):
+the bytes actually written are counted while streaming (a header's declared size can lie)
+and the members as they come; past a limit the extraction stops with a one-line error
+naming the archive and the limit, and the temporary target is discarded.
 """
 
 from __future__ import annotations
@@ -18,15 +23,55 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from visionflow.config import DataConfig
 from visionflow.errors import DataError, one_line
 
 MemberHook = Callable[[str, bytes], None]  # (archive member name, its bytes)
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 EXTRACT_MARKER = ".visionflow-extracted.json"
 _READ_WHOLE_BELOW = 64 << 20  # members smaller than this are handed to the hook in memory
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what one archive may extract to: total bytes written and member count."""
+
+    max_bytes: int
+    max_members: int
+
+    @classmethod
+    def from_params(cls, data: Any | None = None) -> ArchiveLimits:
+        """From the `data` section of the params (its defaults when None)."""
+        data = data if data is not None else DataConfig()
+        return cls(int(data.max_archive_bytes), int(data.max_archive_members))
+
+
+class _Budget:
+    """Counts members and bytes written; raises once a limit is passed."""
+
+    def __init__(self, archive: Path, limits: ArchiveLimits | None):
+        self.archive, self.limits = archive, limits or ArchiveLimits.from_params()
+        self.members = self.written = 0
+
+    def _over(self, key: str, limit: int, what: str) -> DataError:
+        return DataError(f"archive {self.archive} exceeds data.{key}={limit} ({what}); "
+                         "nothing extracted")
+
+    def member(self, n: int = 1) -> None:
+        self.members += n
+        if self.members > self.limits.max_members:
+            raise self._over("max_archive_members", self.limits.max_members,
+                             f"more than {self.limits.max_members} members")
+
+    def wrote(self, n: int) -> None:
+        self.written += n
+        if self.written > self.limits.max_bytes:
+            raise self._over("max_archive_bytes", self.limits.max_bytes,
+                             f"more than {self.limits.max_bytes} bytes uncompressed")
 
 
 def archive_kind(path: Path) -> str | None:
@@ -39,14 +84,15 @@ def archive_kind(path: Path) -> str | None:
 
 
 def extract_atomic(
-    source: Path, kind: str, digest: str, dest: Path, on_member: MemberHook | None = None
+    source: Path, kind: str, digest: str, dest: Path, on_member: MemberHook | None = None,
+    limits: ArchiveLimits | None = None,
 ) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         extract = extract_tar if kind == "tar" else extract_zip
-        count = extract(source, tmp, on_member)
+        count = extract(source, tmp, on_member, limits)
         marker = {"archive": str(source), "sha256": digest, "members": count}
         (tmp / EXTRACT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last
         if dest.exists():  # a leftover without marker (crash) or a racing extraction
@@ -87,7 +133,7 @@ def _unsafe(member: str, archive: Path, why: str) -> DataError:
     return DataError(f"unsafe archive member {member!r} in {archive.name}: {why}")
 
 
-def _write_member(target: Path, name: str, src: IO[bytes], made: set[str],
+def _write_member(target: Path, name: str, src: IO[bytes], made: set[str], budget: _Budget,
                   size: int = -1, on_member: MemberHook | None = None) -> None:
     parent = posixpath.dirname(name)
     if parent not in made:
@@ -95,15 +141,19 @@ def _write_member(target: Path, name: str, src: IO[bytes], made: set[str],
         made.add(parent)
     if on_member is not None and 0 <= size < _READ_WHOLE_BELOW:
         data = src.read()
+        budget.wrote(len(data))
         with open(target / name, "wb") as dst:
             dst.write(data)
         on_member(name, data)
         return
     with open(target / name, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+        while chunk := src.read(1 << 20):
+            budget.wrote(len(chunk))  # counted before it is written
+            dst.write(chunk)
 
 
-def extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None) -> int:
+def extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None,
+                limits: ArchiveLimits | None = None) -> int:
     """Single streaming pass with the `filter="data"` rules, checked by us.
 
     Absolute names, '..' components, links resolving outside the target and
@@ -113,9 +163,11 @@ def extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None
     """
     count = 0
     made: set[str] = {""}
+    budget = _Budget(archive, limits)
     try:
         with tarfile.open(archive, "r|*") as tar:
             for m in tar:
+                budget.member()
                 name = _safe_member_name(m.name, archive)
                 if m.issym() or m.islnk():
                     if name is None or not _link_inside(name, m.linkname, m.islnk()):
@@ -133,7 +185,7 @@ def extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None
                 elif m.isfile():
                     src = tar.extractfile(m)
                     if src is not None:
-                        _write_member(target, name, src, made, m.size, on_member)
+                        _write_member(target, name, src, made, budget, m.size, on_member)
                 else:
                     continue  # other types (e.g. GNU volume headers): nothing to write
                 count += 1
@@ -142,11 +194,17 @@ def extract_tar(archive: Path, target: Path, on_member: MemberHook | None = None
     return count
 
 
-def extract_zip(archive: Path, target: Path, on_member: MemberHook | None = None) -> int:
+def extract_zip(archive: Path, target: Path, on_member: MemberHook | None = None,
+                limits: ArchiveLimits | None = None) -> int:
+    budget = _Budget(archive, limits)
     try:
         with zipfile.ZipFile(archive) as zf:
             keep: list[tuple[zipfile.ZipInfo, str]] = []
-            for info in zf.infolist():
+            infos = zf.infolist()
+            budget.member(len(infos))  # the directory is read first: refuse before writing
+            declared = _Budget(archive, budget.limits)
+            declared.wrote(sum(i.file_size for i in infos))  # then count what is written
+            for info in infos:
                 name = _safe_member_name(info.filename, archive)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
@@ -166,7 +224,8 @@ def extract_zip(archive: Path, target: Path, on_member: MemberHook | None = None
                     made.add(name)
                     continue
                 with zf.open(info) as src:
-                    _write_member(target, name, src, made, info.file_size, on_member)
+                    _write_member(target, name, src, made, budget, info.file_size,
+                                  on_member)
             return len(keep)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError) as e:
         raise DataError(f"cannot read archive {archive}: {one_line(e)}") from None

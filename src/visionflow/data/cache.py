@@ -1,5 +1,6 @@
 """The uint8 tensor cache: every usable image decoded once, resized, as N×C×H×W uint8 per
-split, with labels, paths and class names (`outputs/augment/cache.pt`)."""
+split, with labels, paths, content hashes (sha256, what the champion gate compares training
+sets by) and class names (`outputs/augment/cache.pt`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from visionflow.data.images import decode_resized
+from visionflow.errors import DataError
 from visionflow.files import torch_save
 
 SPLITS = ("train", "val", "test")
@@ -48,7 +50,17 @@ def build_cache(rows: list[dict[str, Any]], root: Path, classes: list[str], size
         blob[f"{split}_y"] = torch.tensor([index[r["label"]] for r in split_rows],
                                           dtype=torch.long)
         blob[f"{split}_paths"] = [r["path"] for r in split_rows]
+        blob[f"{split}_sha256"] = [r["sha256"] for r in split_rows]
     return blob
+
+
+def split_hashes(blob: dict[str, Any], split: str) -> list[str]:
+    """The sha256 of each image of `split`, in cache order."""
+    hashes = blob.get(f"{split}_sha256")
+    if hashes is None or len(hashes) != len(blob[f"{split}_paths"]):
+        raise DataError("outputs/augment/cache.pt records no image hashes (written by an "
+                        "older version): run the augment stage again")
+    return list(hashes)
 
 
 def save_cache(blob: dict[str, Any], path: Path) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from visionflow.data.scan import FileEntry
-from visionflow.data.splits import assign_splits
 from visionflow.errors import DataError
 from visionflow.files import atomic_dir
 
@@ -22,6 +21,26 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", optimize=False, compress_level=9)
     return buf.getvalue()
+
+
+def _frozen_split(labels: list[str], seed: int, val_fraction: float,
+                  test_fraction: float) -> list[str]:
+    """The split the digits folder has always been written with (so `data.dvc` keeps its
+    md5): per class, a seeded permutation of the indices, val then test carved from it."""
+    out = ["train"] * len(labels)
+    for label in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == label]
+        n = len(idx)
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(label.encode())])
+        order = rng.permutation(n)
+        takes = [(name, max(int(round(n * f)), 1 if f > 0 and n >= 3 else 0))
+                 for name, f in (("val", val_fraction), ("test", test_fraction))]
+        pos = 0
+        for name, k in takes:
+            for j in order[pos:pos + k]:
+                out[idx[j]] = name
+            pos += k
+    return out
 
 
 def materialize_digits(
@@ -43,15 +62,11 @@ def materialize_digits(
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     labels = [str(int(t)) for t in digits.target]
-    entries = [
-        FileEntry(target / lab / f"{i:04d}.png", f"{lab}/{i:04d}.png", None, lab)
-        for i, lab in enumerate(labels)
-    ]
-    split = {e.relpath: e.split for e in assign_splits(entries, val_fraction, test_fraction, seed)}
+    split = _frozen_split(labels, seed, val_fraction, test_fraction)
     with atomic_dir(target) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private
         for i, lab in enumerate(labels):
-            folder = tmp / str(split[f"{lab}/{i:04d}.png"]) / lab
+            folder = tmp / split[i] / lab
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:04d}.png").write_bytes(_png_bytes(images[i]))
     return target

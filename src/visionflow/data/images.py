@@ -36,6 +36,14 @@ if TYPE_CHECKING:
 # Pillow plugins we open (JPEG also yields "MPO", Pillow's name for many camera JPEGs);
 # others (EPS, PSD, ...) are refused as not_an_image.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# name endings of those formats, and of files that are never images: a folder holding
+# neither these images nor a file whose header Pillow knows holds no images
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
+                            ".gif", ".tif", ".tiff"})
+NOT_IMAGE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".sh", ".bat", ".ps1", ".txt", ".md",
+                                ".rst", ".log", ".json", ".yaml", ".yml", ".xml", ".csv", ".tsv",
+                                ".toml", ".cfg", ".ini", ".ipynb", ".html", ".pdf", ".iml",
+                                ".lock", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".pkl"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 REASONS = (
     "zero_byte",
@@ -53,6 +61,22 @@ class ImageProblem(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+def looks_like_image(path: str | Path) -> bool:
+    """An image by its name ending, or (unknown ending) by a header Pillow recognises."""
+    suffix = os.path.splitext(str(path))[1].lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix in NOT_IMAGE_SUFFIXES:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=_open_formats()):
+            return True
+    except Exception:  # noqa: BLE001 (anything Pillow cannot open is not an image here)
+        return False
 
 
 @cache

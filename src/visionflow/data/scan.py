@@ -1,15 +1,20 @@
 """Scanning an ImageFolder: `root/<split>/<class>/**/file` or `root/<class>/**/file`.
 
 Hidden files and folders and OS clutter are ignored; symlinks resolving outside the root
-are not followed but reported (`outside_root`); files are only ever read.
+are not followed but reported (`outside_root`); files are only ever read. Folders and
+loose files that hold no images (a `logs/` or `__pycache__/` folder, scripts, a README next
+to `train/` and `val/`) are ignored and listed (`ScanResult.ignored`); a folder that holds
+images but is neither a split nor a class is an error naming the user's path (`shown_as`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionflow.data.images import IMAGE_SUFFIXES, NOT_IMAGE_SUFFIXES, looks_like_image
 from visionflow.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -66,6 +71,7 @@ class ScanResult:
     rejects: list[Reject] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)  # "cat" or "train/cat"
     layout: str = "flat"  # "split" when the root had train/val/test folders
+    ignored: list[str] = field(default_factory=list)  # no images: "logs/", "run.py"
 
 
 def _ignored(name: str) -> bool:
@@ -96,48 +102,87 @@ def dataset_root(folder: Path) -> Path:
     return folder
 
 
-def scan_imagefolder(root: Path) -> ScanResult:
+def any_image(paths: Iterable[str], sniff: int = 50) -> bool:
+    """Whether any of `paths` is an image: by name ending, else by the header of at most
+    `sniff` files with an unknown ending."""
+    tries = 0
+    for path in paths:
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix in IMAGE_SUFFIXES:
+            return True
+        if suffix in NOT_IMAGE_SUFFIXES or tries >= sniff:
+            continue
+        tries += 1
+        if looks_like_image(path):
+            return True
+    return False
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether any visible file below `folder` is an image (links are not followed)."""
+    def files() -> Iterator[str]:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = [d for d in dirnames if not _ignored(d)]
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                if not _ignored(name) and not os.path.islink(path):
+                    yield path
+
+    return any_image(files())
+
+
+def scan_imagefolder(root: Path, shown_as: str | Path | None = None) -> ScanResult:
     """Scan `root/<split>/<class>/**/file` or `root/<class>/**/file`.
 
     Hidden files/dirs and OS clutter are ignored; symlinks resolving outside
-    `root` are not followed but reported as rejects (`outside_root`).
+    `root` are not followed but reported as rejects (`outside_root`). Folders and loose
+    files without images are ignored and listed; messages name `shown_as` (the path the
+    user gave) instead of `root` when given.
     """
     root = Path(root)
+    shown = str(shown_as or root)
     if not root.is_dir():
-        raise DataError(f"dataset root is not a directory: {root}")
+        raise DataError(f"dataset root is not a directory: {shown}")
     root = root.resolve()
     top = visible(root)
     top_dirs = [e for e in top if e.is_dir()]
     rejects: list[Reject] = []
     entries: list[FileEntry] = []
     empty: list[str] = []
+    ignored: list[str] = []
 
     if any(e.name in SPLITS for e in top_dirs):
-        others = [e.name for e in top_dirs if e.name not in SPLITS]
-        if others:
+        others = [e for e in top_dirs if e.name not in SPLITS]
+        bearing = [e.name for e in others if holds_images(Path(e.path))]
+        if bearing:
             raise DataError(
-                f"dataset root {root} mixes split folders (train/val/test) with other "
-                f"folders: {', '.join(others)}"
+                f"{shown}: folders that hold images next to the split folders (train/val/"
+                f"test): {', '.join(f'{n}/' for n in bearing)} (move them into a split's "
+                f"class folders, or out of the dataset)"
             )
-        groups = [(e.name, Path(e.path)) for e in top_dirs]
+        ignored += [f"{e.name}/" for e in others]
+        groups = [(e.name, Path(e.path)) for e in top_dirs if e.name in SPLITS]
     else:
         groups = [(None, root)]
 
     for entry in top:  # loose files next to the class/split folders
         if not entry.is_dir():
-            _reject_or_note(root, Path(entry.path), rejects, "no_class")
+            _loose_file(root, Path(entry.path), rejects, ignored)
     for split, split_dir in groups:
         for entry in visible(split_dir):
             path = Path(entry.path)
             if not entry.is_dir():
                 if split is not None:
-                    _reject_or_note(root, path, rejects, "no_class")
+                    _loose_file(root, path, rejects, ignored)
                 continue
             if not _inside(root, path):
                 rejects.append(reject(root, path, "outside_root"))
                 continue
             label = entry.name
             found = _walk_class(root, path, split, label, rejects)
+            if split is None and found and not any_image(e.fspath for e in found):
+                ignored.append(f"{label}/")  # a flat layout's clutter folder (logs/ ...)
+                continue
             if not found:
                 empty.append(f"{split}/{label}" if split else label)
             entries.extend(found)
@@ -145,7 +190,17 @@ def scan_imagefolder(root: Path) -> ScanResult:
     entries.sort(key=lambda e: e.relpath)
     rejects.sort(key=lambda r: r.relpath)
     layout = "flat" if groups == [(None, root)] else "split"
-    return ScanResult(entries, rejects, sorted(empty), layout)
+    return ScanResult(entries, rejects, sorted(empty), layout, sorted(ignored))
+
+
+def _loose_file(root: Path, path: Path, rejects: list[Reject], ignored: list[str]) -> None:
+    """A file outside any class folder: an image is a reject, anything else is ignored."""
+    if path.is_symlink() and not _inside(root, path):
+        rejects.append(reject(root, path, "outside_root"))
+    elif path.is_file() and not looks_like_image(path):
+        ignored.append(_rel(root, path))
+    else:
+        rejects.append(reject(root, path, "no_class"))
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -164,13 +219,6 @@ def reject(root: Path, path: Path, reason: str) -> Reject:
         "no_class": "file is not inside a class folder",
     }[reason]
     return Reject(_rel(root, path), reason, detail)
-
-
-def _reject_or_note(root: Path, path: Path, rejects: list[Reject], reason: str) -> None:
-    if path.is_symlink() and not _inside(root, path):
-        rejects.append(reject(root, path, "outside_root"))
-    else:
-        rejects.append(reject(root, path, reason))
 
 
 def _walk_class(

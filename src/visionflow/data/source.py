@@ -13,13 +13,20 @@ from visionflow.config import Params, is_torchvision_source
 from visionflow.data import torchvision_source
 from visionflow.data.archive import (
     EXTRACT_MARKER,
+    ArchiveLimits,
     MemberHook,
     archive_kind,
     extract_atomic,
     extract_tar,
     extract_zip,
 )
-from visionflow.data.scan import Reject, dataset_root, reject, visible
+from visionflow.data.scan import (
+    Reject,
+    dataset_root,
+    reject,
+    scan_imagefolder,
+    visible,
+)
 from visionflow.errors import DataError
 from visionflow.files import sha256_file
 from visionflow.layout import Layout
@@ -36,7 +43,8 @@ def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:
 
 
 def resolve_source(
-    source: Path, extract_root: Path, on_member: MemberHook | None = None
+    source: Path, extract_root: Path, on_member: MemberHook | None = None,
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     """Return the dataset root for a directory or a .tar/.tar.gz/.tgz/.zip archive.
 
@@ -44,12 +52,16 @@ def resolve_source(
     when that folder is complete (its marker file exists). When an extraction happens,
     `on_member(name, data)` gets each regular member's bytes (name relative to that
     folder) after it is written, e.g. to inspect images while the rest is extracted.
+    `limits` caps the bytes and members an extraction may write (default: the params'
+    defaults).
     """
     source = Path(source)
     if source.is_dir():
         return source.resolve()
     if not source.exists():
-        raise DataError(f"data source not found: {source}")
+        dvc_file = source.with_name(source.name + ".dvc")
+        hint = f" (tracked by {dvc_file.name}: `dvc pull` it)" if dvc_file.is_file() else ""
+        raise DataError(f"data source not found: {source}{hint}")
     kind = archive_kind(source)
     if kind is None or not source.is_file():
         raise DataError(
@@ -59,10 +71,7 @@ def resolve_source(
     extract_root = Path(extract_root)
     dest = extract_root / digest[:16]
     if not (dest / EXTRACT_MARKER).is_file():
-        if on_member is None:  # (keeps the call patchable with the old signature)
-            extract_atomic(source, kind, digest, dest)
-        else:
-            extract_atomic(source, kind, digest, dest, on_member)
+        extract_atomic(source, kind, digest, dest, on_member, limits)
     return dataset_root(dest)
 
 
@@ -72,27 +81,34 @@ class ImportReport:
     kind: str  # "folder", "tar" or "zip"
     files: int = 0
     skipped: list[Reject] = field(default_factory=list)  # not copied, with the reason
+    ignored: list[str] = field(default_factory=list)  # no images, left out: "logs/", ".idea/"
 
 
-def import_dataset(source: Path, target: Path) -> ImportReport:
+def import_dataset(source: Path, target: Path, limits: ArchiveLimits | None = None,
+                   shown_as: str | Path | None = None) -> ImportReport:
     """Copy a folder, or safely extract an archive, into `target` (which must not exist).
 
     Archives get the checks of `resolve_source` (absolute paths, '..', links out of the
     target, device files: refused with an error naming the member; links inside are
-    skipped). From a folder, regular files are copied with their mtimes; hidden files and
-    OS clutter, links resolving outside the source, broken links and special files are
-    skipped and reported. Single wrapper folders (`cifar10/train/...`) are unwrapped.
-    The source is only read. On error nothing is left at `target`.
+    skipped; `limits` on size and members). From a folder, regular files are copied with
+    their mtimes; hidden files and OS clutter, links resolving outside the source, broken
+    links and special files are skipped and reported. Single wrapper folders
+    (`cifar10/train/...`) are unwrapped. Folders and loose files without images (`logs/`,
+    `__pycache__/`, scripts, a README) are left out and listed in `ignored`; a folder with
+    images that is neither a split nor a class is an error. Messages name `shown_as` (the
+    path the user gave; default `source`). The source is only read. On error nothing is
+    left at `target`.
     """
     source, target = Path(source), Path(target)
+    shown = str(shown_as or source)
     if target.exists() or target.is_symlink():
         raise DataError(f"import target already exists: {target}")
     if not source.exists():
-        raise DataError(f"data source not found: {source}")
+        raise DataError(f"data source not found: {shown}")
     kind = "folder" if source.is_dir() else archive_kind(source)
     if kind is None or (kind != "folder" and not source.is_file()):
         raise DataError(
-            f"data source is neither a directory nor a .tar/.tar.gz/.tgz/.zip archive: {source}"
+            f"data source is neither a directory nor a .tar/.tar.gz/.tgz/.zip archive: {shown}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.import-", dir=target.parent))
@@ -101,21 +117,45 @@ def import_dataset(source: Path, target: Path) -> ImportReport:
         tmp.chmod(0o755)
         if kind == "folder":
             root = dataset_root(source)
+            report.ignored = _hidden(root)
             report.files = _copy_tree(root, tmp / "d", report.skipped)
             if not report.files:
-                raise DataError(f"{source}: no files to import")
-            (tmp / "d").rename(target)
+                raise DataError(f"{shown}: no files to import")
+            built = tmp / "d"
         else:
             out = tmp / "x"
             out.mkdir()
-            n = extract_tar(source, out) if kind == "tar" else extract_zip(source, out)
-            if not n:
-                raise DataError(f"{source}: archive is empty")
-            dataset_root(out).rename(target)
-            report.files = sum(len(files) for _, _, files in os.walk(target))
+            extract = extract_tar if kind == "tar" else extract_zip
+            if not extract(source, out, None, limits):
+                raise DataError(f"{shown}: archive is empty")
+            built = dataset_root(out)
+            report.ignored = _hidden(built)
+        report.ignored += _drop_clutter(built, shown)
+        report.files = sum(len(files) for _, _, files in os.walk(built))
+        built.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _hidden(root: Path) -> list[str]:
+    """Hidden and OS-clutter entries at the top of `root` (never imported)."""
+    with os.scandir(root) as it:
+        names = [e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in it]
+    shown = {e.name for e in visible(root)}
+    return sorted(n for n in names if n.rstrip("/") not in shown)
+
+
+def _drop_clutter(root: Path, shown: str) -> list[str]:
+    """Remove what holds no images from the imported copy; the removed entries."""
+    found = scan_imagefolder(root, shown_as=shown)
+    for rel in found.ignored:
+        path = root / rel.rstrip("/")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found.ignored
 
 
 def _copy_tree(src_root: Path, dst: Path, skipped: list[Reject]) -> int:

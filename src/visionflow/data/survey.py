@@ -1,5 +1,6 @@
-"""Surveying the dataset into manifest rows: resolve the source, scan it, assign splits and
-inspect every file (hash, decode, describe), on all cores.
+"""Surveying the dataset into manifest rows: resolve the source, scan it, hash every file
+(splits follow content: `data.splits`), assign splits and inspect every file (decode,
+describe), on all cores.
 
 Rows are cached in `.cache/validate/rows-<root hash>.json` (see `RowCache`): a file whose
 (path, size, mtime, inode) is unchanged reuses its row without being read; a changed file
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from visionflow.config import Params
 from visionflow.data import inspect, scan, source, splits
+from visionflow.data.archive import ArchiveLimits
 from visionflow.data.manifest import COLUMNS
 from visionflow.errors import DataError
 from visionflow.files import atomic_path, sha256_file
@@ -108,9 +111,45 @@ def _info_values(info: Any) -> list[Any]:
             _fmt(info.mean), _fmt(info.std)]
 
 
+def hash_entries(entries: list[Any], cache: RowCache | None, workers: int = 0
+                 ) -> dict[str, str]:
+    """relpath -> sha256 of every entry: from the row cache when the file's stat is
+    unchanged, else read and hashed (no decoding). Unreadable files are left out."""
+    old = cache.entries if cache is not None else {}
+    out: dict[str, str] = {}
+    todo: list[Any] = []
+    for e in entries:
+        hit = old.get(e.relpath)
+        if hit is not None and hit[3]:
+            try:
+                if hit[:3] == _stat_key(os.stat(e.fspath)):
+                    out[e.relpath] = hit[3]
+                    continue
+            except OSError:
+                continue
+        todo.append(e)
+
+    def one(e: Any) -> tuple[str, str | None]:
+        try:
+            return e.relpath, sha256_file(e.fspath)
+        except OSError:
+            return e.relpath, None
+
+    if len(todo) > 64:  # hashlib and reads release the GIL: threads overlap the I/O
+        with ThreadPoolExecutor(min(8, workers or os.cpu_count() or 1)) as pool:
+            done = list(pool.map(one, todo, chunksize=64))
+    else:
+        done = [one(e) for e in todo]
+    out.update((rel, sha) for rel, sha in done if sha)
+    return out
+
+
 def inspect_entries(entries: list[Any], channels: int, workers: int, max_pixels: int,
-                    cache: RowCache | None) -> list[list[Any]]:
-    """Per entry: [size, mtime_ns, inode, *_CACHED values], from the cache where it can."""
+                    cache: RowCache | None, hashes: dict[str, str] | None = None
+                    ) -> list[list[Any]]:
+    """Per entry: [size, mtime_ns, inode, *_CACHED values], from the cache where it can
+    (`hashes`: sha256 already computed by `hash_entries`, not read again)."""
+    hashes = hashes or {}
     scan_start = time.time_ns()
     old = cache.entries if cache is not None else {}
     stats = cache.stats if cache is not None else CacheStats()
@@ -139,11 +178,13 @@ def inspect_entries(entries: list[Any], channels: int, workers: int, max_pixels:
     if by_sha:
         still = []
         for i in misses:
-            try:
-                sha = sha256_file(entries[i].fspath)
-            except OSError:
-                still.append(i)
-                continue
+            sha = hashes.get(entries[i].relpath)
+            if sha is None:
+                try:
+                    sha = sha256_file(entries[i].fspath)
+                except OSError:
+                    still.append(i)
+                    continue
             known = by_sha.get(sha)
             if known is not None and stat_keys[i] is not None:
                 out[i] = [*stat_keys[i], *known[3:]]
@@ -172,47 +213,53 @@ def inspect_entries(entries: list[Any], channels: int, workers: int, max_pixels:
     return out  # type: ignore[return-value]  # every slot is filled above
 
 
+@dataclass
+class Survey:
+    """What `build_manifest_ex` found: the dataset root, manifest rows, empty class
+    folders, row-cache statistics, the split scheme and what was ignored (no images)."""
+
+    root: Path
+    rows: list[dict[str, Any]]
+    empty: list[str]
+    stats: CacheStats
+    scheme: dict[str, Any] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+
 def build_manifest(params: Params, layout: Layout) -> tuple[Path, list[dict[str, Any]], list[str]]:
     """Resolve the source, scan it, assign splits, inspect every file.
 
     Returns (dataset root, rows, empty class folders)."""
-    root, rows, empty, _ = build_manifest_ex(params, layout)
-    return root, rows, empty
+    found = build_manifest_ex(params, layout)
+    return found.root, found.rows, found.empty
 
 
-def build_manifest_ex(
-    params: Params, layout: Layout
-) -> tuple[Path, list[dict[str, Any]], list[str], CacheStats]:
-    """`build_manifest` plus the row-cache statistics and phase timings."""
+def build_manifest_ex(params: Params, layout: Layout) -> Survey:
+    """`build_manifest` plus the row-cache statistics, phase timings, the split scheme and
+    the ignored top-level entries."""
     t = {"start": time.perf_counter()}
-    v = params.validate_
+    v, d = params.validate_, params.data
     src = source.source_path(params, layout, fetch=True)
     # a first extraction feeds each member to a process pool: decode overlaps extraction
-    early = inspect.BackgroundInspector(params.data.channels, v.workers, v.max_pixels) \
+    early = inspect.BackgroundInspector(d.channels, v.workers, v.max_pixels) \
         if v.cache else None
     try:
         root = source.resolve_source(src, layout.extract_cache,
-                                     early.submit if early is not None else None)
+                                     early.submit if early is not None else None,
+                                     ArchiveLimits.from_params(d))
         inspected = early.finish() if early is not None else {}
     finally:
         if early is not None:
             early.close()
     t["resolve"] = time.perf_counter()
-    found = scan.scan_imagefolder(root)
+    found = scan.scan_imagefolder(root, shown_as=d.source)
     if not found.entries:
-        raise DataError(f"{params.data.source}: no image files found")
-    entries = splits.assign_splits(
-        found.entries, params.data.val_fraction, params.data.test_fraction, params.data.split_seed
-    )
-    if params.data.limit_per_class:
-        entries = splits.subset_per_class(entries, params.data.limit_per_class,
-                                          params.data.split_seed)
+        raise DataError(f"{d.source}: no image files found")
 
     cache = None
     seeded: set[str] = set()
     if v.cache:
-        cache = RowCache.load(cache_file(layout, root),
-                              _signature(params.data.channels, v.max_pixels))
+        cache = RowCache.load(cache_file(layout, root), _signature(d.channels, v.max_pixels))
         # drop entries of files that are gone (kept: every scanned file, even outside subset)
         present = {e.relpath for e in found.entries}
         kept = {k: e for k, e in cache.entries.items() if k in present}
@@ -221,7 +268,15 @@ def build_manifest_ex(
         if inspected:
             seeded = _seed(cache, inspected, root, layout.extract_cache, present)
     t["scan"] = time.perf_counter()
-    values = inspect_entries(entries, params.data.channels, v.workers, v.max_pixels, cache)
+    hashes = hash_entries(found.entries, cache, v.workers)  # splits follow content
+    entries = splits.assign_splits(found.entries, d.val_fraction, d.test_fraction,
+                                   d.split_seed, hashes=hashes)
+    if d.limit_per_class:
+        entries = splits.subset_per_class(entries, d.limit_per_class, d.split_seed,
+                                          hashes=hashes)
+    scheme = splits.split_scheme(found.entries, d.val_fraction, d.test_fraction, d.split_seed)
+    t["hash"] = time.perf_counter()
+    values = inspect_entries(entries, d.channels, v.workers, v.max_pixels, cache, hashes)
     if cache is not None and seeded:
         n = sum(e.relpath in seeded for e in entries)
         cache.stats.reused -= n
@@ -241,7 +296,7 @@ def build_manifest_ex(
     t["rows"] = time.perf_counter()
     names = list(t)
     stats.timings = {b: round(t[b] - t[a], 3) for a, b in zip(names, names[1:], strict=False)}
-    return root, rows, empty, stats
+    return Survey(root, rows, empty, stats, scheme, found.ignored)
 
 
 def _seed(cache: RowCache, inspected: dict[str, Any], root: Path, extract_root: Path,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from visionflow.compression.pareto import recipe_text
 from visionflow.config import Params
@@ -80,7 +81,13 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
             client = registry.client_for(layout)
             info = log_compact(Path(entry["path"]), arch, name, params)
             version = str(info.registered_model_version)
-            tags = {**version_tags(params, layout), **compact_tags(entry, parent_version, params)}
+            try:
+                parent_tags = client.get_model_version(name, parent_version).tags or {}
+            except MlflowException:  # a parent unknown to this store: nothing to point at
+                parent_tags = {}
+            tags = {**version_tags(params, layout), **compact_tags(entry, parent_version, params),
+                    # the images it learnt from are its parent's: the same record
+                    "train_hashes": parent_tags.get("train_hashes", "")}
             for k, v in tags.items():
                 client.set_model_version_tag(name, version, k, v)
             client.update_model_version(name, version,

@@ -12,16 +12,21 @@ every required check holds:
 With no (scorable) champion only the floor applies. `Decision.tags()` and
 `Decision.markdown()` carry every check with its numbers; `apply` writes them to the
 version and moves the alias (the old champion keeps `previous`).
+
+A fair comparison: `scored_set` keeps only the test images (by sha256) that neither the
+challenger nor the champion trained or validated on; the report says how many were left
+out and why. With fewer than `register.min_test_images` left, `decide` refuses to promote
+(check `test_images`), whatever the scores.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from visionflow.mlops import registry
 
@@ -34,11 +39,60 @@ class GateConfig:
     min_delta: float = 0.0
     mcnemar: bool = False
     alpha: float = 0.05
+    min_test_images: int = 30
 
     @classmethod
     def from_params(cls, register_cfg: Any) -> GateConfig:
         return cls(register_cfg.min_top1, register_cfg.min_delta, register_cfg.mcnemar,
-                   register_cfg.alpha)
+                   register_cfg.alpha, register_cfg.min_test_images)
+
+
+@dataclass
+class ScoredSet:
+    """The test images the gate scores: those that neither model trained or validated on."""
+
+    total: int
+    keep: list[bool]
+    challenger_trained: int  # test images in the challenger's train/val sets
+    champion_trained: int  # ... in the champion's (and not already counted)
+    champion_hashes: str  # "recorded", "no champion", or why they are unknown
+
+    @property
+    def n(self) -> int:
+        return sum(self.keep)
+
+    @property
+    def excluded(self) -> int:
+        return self.total - self.n
+
+    def text(self) -> str:
+        why = (f"{self.champion_trained} the champion trained or validated on, "
+               f"{self.challenger_trained} the challenger did")
+        note = "" if self.champion_hashes in ("recorded", "no champion") else \
+            f"; {self.champion_hashes}"
+        return f"{self.n} of {self.total} test images scored, {self.excluded} excluded " \
+               f"({why}){note}"
+
+    def summary(self) -> dict[str, Any]:
+        return {"total": self.total, "scored": self.n, "excluded": self.excluded,
+                "challenger_trained": self.challenger_trained,
+                "champion_trained": self.champion_trained,
+                "champion_hashes": self.champion_hashes, "text": self.text()}
+
+
+def scored_set(test_hashes: Sequence[str], challenger: Iterable[str],
+               champion: Iterable[str] | None, champion_note: str = "no champion") -> ScoredSet:
+    """Which test images (by sha256, in test-split order) the gate may score.
+
+    `challenger`/`champion`: the sha256 of the images each trained or validated on;
+    `champion` None: unknown (`champion_note` says why) or no champion."""
+    own = set(challenger)
+    theirs = set(champion) if champion is not None else set()
+    keep = [h not in own and h not in theirs for h in test_hashes]
+    mine = sum(h in own for h in test_hashes)
+    return ScoredSet(len(test_hashes), keep, mine,
+                     sum(h in theirs and h not in own for h in test_hashes),
+                     "recorded" if champion is not None else champion_note)
 
 
 @dataclass
@@ -69,6 +123,7 @@ class Decision:
     only_challenger_right: int | None = None  # McNemar b
     only_champion_right: int | None = None  # McNemar c
     config: dict[str, Any] = field(default_factory=dict)
+    scored: dict[str, Any] = field(default_factory=dict)  # ScoredSet.summary()
 
     @property
     def label(self) -> str:
@@ -86,6 +141,7 @@ class Decision:
             "gate_champion_top1": ("" if self.champion_top1 is None
                                    else f"{self.champion_top1:.6f}"),
             "gate_config": ", ".join(f"{k}={v}" for k, v in self.config.items()),
+            "gate_test_images": self.scored.get("text", f"{self.n} test images scored"),
         }
         if self.mcnemar_p is not None:
             tags["gate_mcnemar_p"] = f"{self.mcnemar_p:.6g}"
@@ -100,6 +156,7 @@ class Decision:
             head, "",
             f"Challenger {who}: top-1 {self.challenger_top1:.4f} on {self.n} test images; "
             f"{champ}.", "",
+            f"Test images: {self.scored.get('text', f'{self.n} scored, none excluded')}.", "",
             "| check | required | result | detail |", "|---|---|---|---|",
         ]
         for c in self.checks:
@@ -116,12 +173,7 @@ class Decision:
 
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value: binomial test of b successes in b + c at p = 1/2."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)
-    return float(min(Fraction(1), 2 * tail))
+    return 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
 
 
 def _bools(x: Any) -> list[bool]:
@@ -132,16 +184,33 @@ def _bools(x: Any) -> list[bool]:
 
 
 def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfig,
-           champion_version: str | None = None, note: str = "") -> Decision:
+           champion_version: str | None = None, note: str = "",
+           scored: ScoredSet | None = None) -> Decision:
     """Gate decision from paired per-image correctness (True = that image is right).
 
     `champion_correct` None means there is no champion to beat (or it could not be scored;
-    `note` then says why, and becomes the reason when the floor holds).
+    `note` then says why, and becomes the reason when the floor holds). `scored`: which
+    test images these are (the rest excluded, see `scored_set`); fewer than
+    `cfg.min_test_images` of them: refused, nothing else is checked.
     """
     ch = _bools(challenger_correct)
     n = len(ch)
     top1 = sum(ch) / n if n else 0.0
     config = asdict(cfg)
+    summary = scored.summary() if scored is not None else {}
+    cp_all = _bools(champion_correct) if champion_correct is not None else None
+    if cp_all is not None and len(cp_all) != n:
+        raise ValueError(f"paired predictions differ in length: {n} vs {len(cp_all)}")
+    if n < cfg.min_test_images:
+        left = (f"{n} test images left after excluding {scored.excluded} that the champion "
+                f"or the challenger trained on" if scored is not None and scored.excluded
+                else f"{n} test images")
+        detail = f"{left} < register.min_test_images={cfg.min_test_images}"
+        champ_top1 = (sum(cp_all) / n if n else 0.0) if cp_all is not None else None
+        return Decision(False, f"refused: too few test images to judge: {detail}", top1,
+                        champion_version if cp_all is not None else None, champ_top1,
+                        [Check("test_images", True, False, detail)], n, config=config,
+                        scored=summary)
     floor = Check("floor", True, top1 + EPS >= cfg.min_top1,
                   f"top-1 {top1:.4f} {'>=' if top1 + EPS >= cfg.min_top1 else '<'} "
                   f"min_top1 {cfg.min_top1:.4f}")
@@ -149,11 +218,10 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfi
         reason = note or "no champion yet"
         if not floor.passed:
             reason = f"{reason}, but {floor.detail}"
-        return Decision(floor.passed, reason, top1, None, None, [floor], n, config=config)
+        return Decision(floor.passed, reason, top1, None, None, [floor], n, config=config,
+                        scored=summary)
 
-    cp = _bools(champion_correct)
-    if len(cp) != n:
-        raise ValueError(f"paired predictions differ in length: {n} vs {len(cp)}")
+    cp = cp_all
     champ_top1 = sum(cp) / n if n else 0.0
     gain = (sum(ch) - sum(cp)) / n if n else 0.0
     better = gain > EPS and gain + EPS >= cfg.min_delta
@@ -182,7 +250,7 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfi
         failed = "; ".join(k.detail for k in checks if k.required and not k.passed)
         reason = f"kept champion v{champion_version}: {failed}"
     return Decision(promote, reason, top1, champion_version, champ_top1, checks, n, gain, p,
-                    b, c, config)
+                    b, c, config, summary)
 
 
 def apply(client: Any, name: str, version: str, decision: Decision, alias: str = "champion",

@@ -67,6 +67,43 @@ def champion_summary(layout: Layout, model_name: str, alias: str = "champion"
         return None, {**info, "status": "unavailable", "error": msg}
 
 
+def trained_hashes(mv: Any) -> tuple[set[str] | None, str]:
+    """(the sha256 of the images version `mv` trained or validated on, "recorded"), or
+    (None, why they are unknown). A `compact` version points at its parent's."""
+    import mlflow
+
+    uri = (mv.tags or {}).get("train_hashes")
+    if not uri:
+        return None, (f"champion v{mv.version} records no training-image hashes (registered "
+                      "before they were recorded): its training images could not be excluded")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = json.loads(Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=tmp)).read_text())
+        return set(blob["train"]) | set(blob["val"]), "recorded"
+    except Exception as e:  # artifacts gone or unreadable: reported, never a crash
+        return None, (f"champion v{mv.version}'s training-image hashes cannot be read "
+                      f"({type(e).__name__}): its training images could not be excluded")
+
+
+def champion_split_scheme(layout: Layout, model_name: str, alias: str = "champion"
+                          ) -> tuple[dict[str, Any] | None, str]:
+    """(the split scheme the champion's data was split with, or None; who/why): from its
+    `split_scheme` tag, without importing mlflow when no registry can exist."""
+    try:
+        uri, mv = champion_version(layout, model_name, alias)
+        if uri is None or mv is None:
+            return None, "no champion yet"
+        who = f"champion v{mv.version}"
+        raw = (mv.tags or {}).get("split_scheme")
+        if not raw:
+            return None, f"{who} records no split scheme"
+        scheme = json.loads(raw)
+        return (scheme, who) if isinstance(scheme, dict) else (None, f"{who}: bad split_scheme")
+    except Exception as e:  # a report: a registry error never fails validation
+        return None, f"champion unavailable: {' '.join(str(e).split())[:160]}"
+
+
 def champion_tags(layout: Layout, model_name: str, alias: str) -> dict[str, Any]:
     """The champion's version and data tags, without importing mlflow when no registry
     can exist."""

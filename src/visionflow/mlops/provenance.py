@@ -1,5 +1,5 @@
 """Where a registered version came from: data hash, DVC md5, dvc.lock hash, git commit,
-params hash. Every version (the compact one too) carries these as tags."""
+params hash, split scheme. Every version (the compact one too) carries these as tags."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def version_tags(params: Params, layout: Layout) -> dict[str, str]:
         "dvc_lock_hash": sha256_file(layout.dvc_lock)[:16] if layout.dvc_lock.is_file() else "",
         "git_commit": git_commit(layout.root),
         "params_hash": hashlib.sha256(dump.encode()).hexdigest()[:16],
+        "split_scheme": json.dumps(validation.get("split_scheme") or {}, sort_keys=True),
         "params": dump[:5000],
         "model": params.train.model,
     }

@@ -5,6 +5,8 @@ both with the same signature, input example and pinned requirements."""
 from __future__ import annotations
 
 import io
+import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from visionflow.model.metrics import capped_topk
 HERE = Path(__file__).parent
 PACKAGE = HERE.parent  # the visionflow package: the models' code path
 COMPACT_ARTIFACT = "compact_model"
+TRAIN_HASHES = "train_hashes-v{version}.json"
 
 
 def describe_registered_model(client: Any, name: str, alias: str) -> None:
@@ -66,6 +69,18 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=model_name,
     )
+
+
+def log_train_hashes(train: list[str], val: list[str], version: str) -> str:
+    """Log the sha256 of the images a version trained and validated on as an artifact of
+    the active run; return its URI (the version's `train_hashes` tag)."""
+    name = TRAIN_HASHES.format(version=version)
+    blob = {"version": str(version), "train": sorted(set(train)), "val": sorted(set(val))}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(blob, separators=(",", ":")))
+        mlflow.log_artifact(str(path), "register")
+    return f"runs:/{mlflow.active_run().info.run_id}/register/{name}"
 
 
 def _example_png(size: int, channels: int) -> bytes:

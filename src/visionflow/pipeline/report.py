@@ -135,7 +135,8 @@ def summary_markdown(r: dict[str, Any]) -> str:
                 _table(["", ""], [["model version", f"{r.get('model_name', '')} "
                                    f"v{gate.get('version', '?')}"],
                                   ["champion before", gate.get("champion_before") or "none"],
-                                  ["champion after", gate.get("champion_after") or "none"]]),
+                                  ["champion after", gate.get("champion_after") or "none"],
+                                  ["test images", gate.get("test_images") or "-"]]),
                 ""]
 
     comp = r.get("compress")

@@ -1,11 +1,14 @@
 """Stage 6, register: log the model to MLflow, register a version, gate the `champion` alias.
 
-The challenger and the current champion are scored on the same test split by the same
-code (`mlops.scoring`, `model.metrics.score_logits`); `gate.decide` promotes only when
-the floor, the minimum gain and (optionally) McNemar's exact test all hold, or when there
-is no champion yet. Everything happens under one lock per store (`registry.registry_lock`),
-so concurrent registrations see each other's result. Each version gets a model card as
-its description, provenance tags, a signature and an input example; the gate report is
+The challenger and the current champion are scored by the same code (`mlops.scoring`,
+`model.metrics.score_logits`) on the same test images: those that neither of them trained
+or validated on (by sha256; every version records its sets as the artifact its
+`train_hashes` tag points at). `gate.decide` promotes only when enough test images remain
+(`register.min_test_images`) and the floor, the minimum gain and (optionally) McNemar's
+exact test all hold, or when there is no champion yet. Everything happens under one lock
+per store (`registry.registry_lock`), so concurrent registrations see each other's result.
+Each version gets a model card as its description, provenance tags, a signature and an
+input example; the gate report (with how many test images were excluded, and why) is
 printed, written to `outputs/register/gate_report.md` and logged to the MLflow run.
 """
 
@@ -16,17 +19,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlflow
+import torch
 
 from visionflow.config import Params
-from visionflow.data.cache import load_cache
+from visionflow.data.cache import load_cache, split_hashes
 from visionflow.files import write_json, write_text
 from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, scoring, tracking
 from visionflow.mlops.card import model_card
 from visionflow.mlops.compact import register_compact
-from visionflow.mlops.gate import Decision, GateConfig, decide
+from visionflow.mlops.gate import Decision, GateConfig, decide, scored_set
+from visionflow.mlops.lineage import trained_hashes
 from visionflow.mlops.provenance import version_tags
-from visionflow.mlops.publish import describe_registered_model, log_pyfunc
+from visionflow.mlops.publish import describe_registered_model, log_pyfunc, log_train_hashes
 from visionflow.model.metrics import headline, score_logits
 from visionflow.stages import main
 
@@ -50,6 +55,7 @@ def run(params: Params, layout: Layout) -> Registration:
     tags = {**version_tags(params, layout), "top1": f"{metrics['top1']:.6f}"}
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]
+    trained = {s: split_hashes(cache, s) for s in ("train", "val", "test")}
 
     with tracking.stage_run(layout) as run:
         uri = mlflow.get_tracking_uri()
@@ -61,16 +67,24 @@ def run(params: Params, layout: Layout) -> Registration:
             tags["metrics"] = json.dumps({k: round(v, 6) for k, v in headline(scores).items()})
             champ = registry.current_alias(client, cfg.model_name, cfg.alias)
             champ_correct, note = None, ""
+            champ_set, champ_note = None, "no champion"
             if champ is not None:
+                champ_set, champ_note = trained_hashes(
+                    client.get_model_version(cfg.model_name, champ))
                 champ_logits, note = scoring.version_logits(cfg.model_name, champ, cache, params)
                 if champ_logits is not None:
                     champ_correct = champ_logits.argmax(1) == target
-            decision = decide(ch_logits.argmax(1) == target, champ_correct,
+            scored = scored_set(trained["test"], trained["train"] + trained["val"],
+                                champ_set, champ_note)
+            keep = torch.tensor(scored.keep, dtype=torch.bool)
+            decision = decide((ch_logits.argmax(1) == target)[keep],
+                              None if champ_correct is None else champ_correct[keep],
                               GateConfig.from_params(cfg),
-                              champ if champ_correct is not None else None, note)
+                              champ if champ_correct is not None else None, note, scored)
 
             info = log_pyfunc(layout, cfg.model_name, params)
             version = str(info.registered_model_version)
+            tags["train_hashes"] = log_train_hashes(trained["train"], trained["val"], version)
             report = decision.markdown(cfg.model_name, version)
             card = model_card(cfg.model_name, version, params, layout, arch, model, scores,
                               validation, tags, decision, run)

@@ -32,11 +32,12 @@ from visionflow.data.manifest import (
     usable_rows,
     write_manifest,
 )
+from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import build_manifest_ex
 from visionflow.errors import ValidationFailed, VisionflowError
 from visionflow.files import write_csv, write_json
 from visionflow.layout import Layout
-from visionflow.mlops.lineage import champion_summary
+from visionflow.mlops.lineage import champion_split_scheme, champion_summary
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main
 
@@ -73,7 +74,8 @@ def run(params: Params, layout: Layout) -> ValidateResult:
 def _run(params: Params, layout: Layout) -> ValidateResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    root, rows, empty_classes, cache_stats = build_manifest_ex(params, layout)
+    found = build_manifest_ex(params, layout)
+    root, rows, empty_classes, cache_stats = found.root, found.rows, found.empty, found.stats
     timings["manifest"] = time.perf_counter() - t0
     labels = params.validate_.labels or sorted(
         {r["label"] for r in usable_rows(rows) if r["split"] == "train"})
@@ -92,6 +94,10 @@ def _run(params: Params, layout: Layout) -> ValidateResult:
     timings["suite"] = time.perf_counter() - t
     t = time.perf_counter()
     drift_report = _drift_report(params, layout, data_summary)
+    reg = params.register_
+    reference, who = champion_split_scheme(layout, reg.model_name, reg.alias)
+    split = {**compare_schemes(found.scheme, reference, who), "scheme": describe_scheme(
+        found.scheme)}
     timings["drift"] = time.perf_counter() - t
 
     failed = [r for r in results if not r["success"]]
@@ -118,6 +124,9 @@ def _run(params: Params, layout: Layout) -> ValidateResult:
             "examples": _quarantine_examples(rows),
         },
         "empty_classes": empty_classes,
+        "ignored": found.ignored,
+        "split_scheme": found.scheme,
+        "split": split,
         "failed_expectations": [r["description"] for r in failed],
         "hard_failures": [r["description"] for r in hard],
         "expectations": results,
@@ -210,6 +219,12 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
             table.add_row(f"drift vs {champ.get('model')} v{champ.get('version')}: {name} "
                           f"(threshold {c.get('threshold')})", _cell(value, 32),
                           bad if c["drift"] else "[green]pass[/]", "")
+    split = summary.get("split") or {}
+    if split:
+        verdict = {"same": "[green]same split[/]", "new_split": "[yellow]NEW SPLIT[/]"}.get(
+            split.get("status"), "no reference")
+        table.add_row(f"splits: {split.get('scheme')}", split.get("fingerprint", ""), verdict,
+                      "")
     console.print(table)
     q = summary["quarantine"]
     if q["files"]:
@@ -217,6 +232,10 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
                       f"{q['budget']:.2%}): " + ", ".join(
                           f"{k}={v}" for k, v in sorted(summary["quarantined"].items()))
                       + "  -> outputs/validate/quarantine.csv (files left in place)")
+    if split.get("status") == "new_split":
+        console.print(f"[yellow]{split['message']}[/]")
+    if summary.get("ignored"):
+        console.print(f"ignored (no images): {', '.join(summary['ignored'])}")
     if d.get("status") == "drift" and d.get("mode") == "warn":
         console.print(f"[yellow]warning: data drift against the champion: {d['message']}[/]")
     elif d.get("status") == "no_reference":
