@@ -84,10 +84,10 @@ def test_ema_tracks_the_formula():
     w0 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(1, 2)
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(2, 2)
     # first update copies, the second blends: 0.9 * (w0 + 1) + 0.1 * (w0 + 2)
     torch.testing.assert_close(ema.module.weight, w0 + 1.1)
 
