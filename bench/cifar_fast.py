@@ -48,12 +48,16 @@ def setup(raw: dict, epochs: float | None = None, **over) -> tuple[Recipe, Polic
 
 
 def train_seed(data: dict, raw: dict, seed: int, device: torch.device, *, epochs=None,
-               eval_every: int = 0, target: float | None = None, tta: int = 1,
-               log=None, **recipe_over) -> dict:
+               eval_every: int = 0, tta: int = 1, target: float | None = None,
+               stop_at_target: bool = False, deadline: float | None = None, log=None,
+               **recipe_over) -> dict:
     """One run: returns {'seed', 'train_seconds', 'tta_seconds', 'seconds', 'tta0/1/2', ...}.
-    `seconds` = whitening + training + the final TTA evaluation (what the records count).
-    With `target`, stops at the first epoch whose TTA-`tta` test accuracy (measured outside
-    the timed window) reaches it."""
+
+    `seconds` = whitening + training + the final TTA-`tta` test evaluation (what the speed
+    records count). Every `eval_every` epochs the test accuracy (TTA 0 and `tta`) is measured
+    outside the timed window; with `stop_at_target` training stops at the first epoch whose
+    TTA-`tta` accuracy reaches `target`. Past `deadline` (time.perf_counter) it stops too.
+    """
     recipe, policy = setup(raw, epochs, **recipe_over)
     torch.manual_seed(seed)
     mean, std = channel_stats(data["train_x"])
@@ -63,35 +67,43 @@ def train_seed(data: dict, raw: dict, seed: int, device: torch.device, *, epochs
     amp = recipe.amp and device.type == "cuda"
     x_test, y_test = data["test_x"].to(device), data["test_y"].to(device)
     per_epoch: list[dict] = []
+    key = f"test_tta{tta}"
 
     def on_epoch(e: EpochEnd) -> bool:
         row = {"epoch": e.epoch, "train_loss": round(e.train_loss, 4),
                "train_top1": round(e.train_top1, 4), "train_seconds": round(e.train_seconds, 3)}
-        stop = False
-        if (eval_every and e.epoch % eval_every == 0) or target is not None:
+        if eval_every and e.epoch % eval_every == 0:
             row["test_top1"] = accuracy(e.model, x_test, y_test, 0, device, amp)
-            if target is not None:
-                row[f"test_tta{tta}"] = accuracy(e.model, x_test, y_test, tta, device, amp)
-                stop = row[f"test_tta{tta}"] >= target
+            if tta:
+                row[key] = accuracy(e.model, x_test, y_test, tta, device, amp)
         per_epoch.append(row)
         if log:
             print(json.dumps({"seed": seed, **row}), file=log, flush=True)
-        return stop
+        hit = target is not None and row.get(key, 0.0) >= target
+        return (stop_at_target and hit) or (deadline is not None
+                                            and time.perf_counter() > deadline)
 
     run = FitRun(model, data["train_x"], data["train_y"], recipe, policy,
                  num_classes=len(data["classes"]), device=device, seed=seed)
     result = run.run([on_epoch])
-    t0 = time.perf_counter()
-    final = {f"tta{tta}": accuracy(result.model, x_test, y_test, tta, device, amp)}
     if device.type == "cuda":
         torch.cuda.synchronize()
-    tta_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    final = {f"tta{tta}": accuracy(result.model, x_test, y_test, tta, device, amp)}
+    tta_seconds = time.perf_counter() - t0  # accuracy() reads the result: synced
     for level in (0, 1, 2):
         if f"tta{level}" not in final:
             final[f"tta{level}"] = accuracy(result.model, x_test, y_test, level, device, amp)
-    return {"seed": seed, "epochs": result.epochs_run, "steps": result.steps,
-            "train_seconds": result.train_seconds, "tta_seconds": tta_seconds,
-            "seconds": result.train_seconds + tta_seconds, **final, "per_epoch": per_epoch}
+    out = {"seed": seed, "epochs": result.epochs_run, "planned_epochs": run.epochs,
+           "steps": result.steps, "train_seconds": result.train_seconds,
+           "tta_seconds": tta_seconds, "seconds": result.train_seconds + tta_seconds, **final,
+           "per_epoch": per_epoch}
+    if target is not None:  # the first epoch whose TTA accuracy reached the target
+        first = next((r for r in per_epoch if r.get(key, 0.0) >= target), None)
+        out["target"] = target
+        out["epoch_at_target"] = first["epoch"] if first else None
+        out["seconds_to_target"] = first["train_seconds"] + tta_seconds if first else None
+    return out
 
 
 def summary(rows: list[dict], key: str = "tta1") -> dict:
