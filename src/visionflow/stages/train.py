@@ -20,12 +20,10 @@ from typing import Any
 
 import mlflow
 import torch
-import torchvision
 from torch import nn
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache
-from visionflow.errors import ConfigError
 from visionflow.files import read_json, write_csv
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
@@ -34,6 +32,7 @@ from visionflow.model.calibration import fit_temperature
 from visionflow.model.classifier import Arch, build_classifier, channel_stats, save_classifier
 from visionflow.model.fit import EpochEnd, FitRun, Recipe
 from visionflow.model.inference import device_logits, pick_device
+from visionflow.model.pretrained import load_pretrained
 
 
 @dataclass
@@ -49,45 +48,6 @@ class TrainResult:
 def config_hash(params: Params) -> str:
     keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_pretrained(model: nn.Module, spec: str) -> set[str]:
-    """Copy matching tensors from local weights (or torchvision hub weights when online).
-
-    Returns the names of the parameters that were loaded (the backbone); the rest (the new
-    head, a changed stem) start fresh.
-    """
-    if spec.startswith("torchvision:"):
-        state = _torchvision_weights(model, spec.split(":", 1)[1])
-        state = {f"net.{k}": v for k, v in state.items()}
-    else:
-        if not Path(spec).is_file():
-            raise ConfigError(f"train.pretrained={spec!r}: file not found")
-        blob = torch.load(spec, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else {}
-    own = model.state_dict()
-    fresh = {"mean", "std", *_head_keys(model)}  # new data's normalisation, a new head
-    matched = {k: v for k, v in state.items()
-               if k in own and own[k].shape == v.shape and k not in fresh}
-    if not matched:
-        raise ConfigError(f"train.pretrained={spec!r}: no tensor matches the model")
-    model.load_state_dict(matched, strict=False)
-    return {n for n, _ in model.named_parameters() if n in matched}
-
-
-def _head_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the final Linear layer: the head that transfer learning replaces."""
-    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    return [f"{last}.weight", f"{last}.bias"]
-
-
-def _torchvision_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    arch = type(model.net).__name__.lower()
-    try:
-        weights = torchvision.models.get_model_weights(arch)[name]
-        return weights.get_state_dict(progress=False)
-    except Exception as err:  # offline or unknown weights
-        raise ConfigError(f"train.pretrained='torchvision:{name}': cannot load ({err})") from None
 
 
 def run(params: Params, layout: Layout) -> TrainResult:
@@ -106,7 +66,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
     arch = Arch(cfg.model, len(classes), cache["image_size"], cache["channels"], mean, std,
                 classes)
     model = build_classifier(arch)
-    backbone = load_pretrained(model, cfg.pretrained) if cfg.pretrained else set()
+    backbone = load_pretrained(model, cfg.pretrained, cfg.model) if cfg.pretrained else set()
     train_x, train_y, streaming = _place(cache["train_x"], cache["train_y"], device)
     fit_run = FitRun(model, train_x, train_y, Recipe.from_params(cfg), params.augment,
                      num_classes=len(classes), device=device, seed=params.seed, dist=dist,
@@ -228,11 +188,32 @@ def _run_context(layout: Layout, params: Params, device: torch.device, dist):
     tags = {"stage": "train", "data_hash": _data_hash(layout), "device": str(device),
             "world_size": str(dist.world)}
     name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.new_run(layout, name, tags) as run:
+    with tracking.new_run(layout, name, tags) as run, _system_metrics(run.info.run_id):
         mlflow.log_params(tracking.flat_params(params.dump()))
         tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
         tracking.log_dir_or_file(layout.policy, "data")
         yield run
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+@contextlib.contextmanager
+def _system_metrics(run_id: str):
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network;
+    GPU utilisation and memory through NVML when a GPU is there) every 10 s during training,
+    plus one last sample at the end, so that a run shorter than the interval has one too."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()  # joins the sampling thread
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def _log_epoch(row: dict[str, Any]) -> None:
