@@ -251,7 +251,9 @@ def test_no_weight_decay_on_norms_and_biases():
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_with_a_frozen_backbone(small, tmp_path):
     """torchrun, 2 gloo ranks, pretrained backbone frozen for epoch 1 then trained: the
-    freeze must not change what DDP reduces (it used to flip requires_grad after the wrap)."""
+    freeze must not change what DDP reduces (it used to flip requires_grad after the wrap,
+    which failed at the second step); one set of outputs, rank 0 alone logs; the stop flag
+    is broadcast every epoch (CPU tensor on gloo, CUDA tensor on NCCL)."""
     src = _small(small, tmp_path / "src", **{"train.epochs": 1})
     run_stage("train", load_params(src.params), src)
     pretrained = _weights(src)
