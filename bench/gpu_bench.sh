@@ -10,7 +10,8 @@ shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then  # the GPU machine has no package registry
+# the GPU machine has no package registry: the wheels it lacks travel in .whl/
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null && ! "$PY" -c "import kornia" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/vflow-site "$ROOT"/.whl/*.whl || exit 1
   export PYTHONPATH=/tmp/vflow-site${PYTHONPATH:+:$PYTHONPATH}

@@ -271,3 +271,17 @@ def test_collectives_use_cuda_tensors_on_nccl():
     assert engine.collective_device("nccl", dev) == dev
     assert engine.collective_device("gloo", dev).type == "cpu"
     assert engine.collective_device("gloo", torch.device("cpu")).type == "cpu"
+
+
+def test_dirac_init_is_part_of_the_recipe():
+    x, y = _data(64)
+    starts: list[torch.Tensor] = []
+    model = _fast()
+    conv = model.net.layers[1][4]  # a 16 -> 16 3x3 conv: all identities after Dirac
+    run = FitRun(model, x, y, _recipe(epochs=1, lr=1e-12, momentum=0.0, dirac_init=True),
+                 NO_AUG, num_classes=2, device="cpu")
+    run.run([lambda e: starts.append(conv.weight.detach().clone())])
+    eye = torch.zeros_like(conv.weight)
+    torch.nn.init.dirac_(eye)
+    torch.testing.assert_close(starts[0], eye, atol=1e-6, rtol=0)
+    assert not torch.equal(_fast().net.layers[1][4].weight, eye)  # off by default

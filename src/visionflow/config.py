@@ -189,6 +189,7 @@ class TrainConfig(_Section):
     lookahead: bool = Field(False, description="reset the weights to the average each update")
     whiten_bias_epochs: int | None = Field(None, ge=0, description="fast: epochs the "
                                            "whitening bias trains (null = all)")
+    dirac_init: bool = Field(False, description="fast: 3x3 convs start as identities")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     channels_last: bool = True

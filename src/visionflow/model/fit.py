@@ -37,7 +37,7 @@ from torch import nn
 
 from visionflow.model import engine
 from visionflow.model.augment_ops import AugmentPolicy, augment_batch, mix_batch
-from visionflow.model.zoo import FastNet, init_whitening
+from visionflow.model.zoo import FastNet, dirac_init, init_whitening
 
 WHITEN_IMAGES = 5000  # images whose 2x2 patches set a `fast` net's whitening conv
 
@@ -65,6 +65,7 @@ class Recipe:
     ema_ramp: float = 0.0
     lookahead: bool = False
     whiten_bias_epochs: int | None = None
+    dirac_init: bool = False
     freeze_epochs: int = 0
     backbone_lr_mult: float = 0.1
     amp: bool = True
@@ -219,7 +220,7 @@ class FitRun:
         _sync(self.device)
         t0 = time.perf_counter()
         if self.step == 0 and self.whiten_net is not None:
-            self._whiten()
+            self._whiten()  # (and Dirac init): part of the timed window, as in the records
         history: list[dict[str, Any]] = []
         train_seconds, images = 0.0, 0
         while self.epoch < self.epochs and self.step < self.total:
@@ -250,6 +251,8 @@ class FitRun:
         return FitResult(self.eval_model, self.epoch, self.step, train_seconds, images, history)
 
     def _whiten(self) -> None:
+        if self.r.dirac_init:
+            dirac_init(self.whiten_net)
         step = max(1, len(self.x) // WHITEN_IMAGES)  # spread over the set (caches sort by class)
         x = self.x[::step][:WHITEN_IMAGES].to(self.device, non_blocking=True).float().div_(255)
         if hasattr(self.model, "mean"):  # a Classifier normalises before its net

@@ -252,9 +252,28 @@ def _conv(c_in: int, c_out: int, dirac: bool) -> nn.Conv2d:
     input channel through unchanged (an identity start)."""
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
     if dirac:
-        with torch.no_grad():
-            nn.init.dirac_(conv.weight[: min(c_in, c_out)])
+        _dirac(conv)
     return conv
+
+
+@torch.no_grad()
+def _dirac(conv: nn.Conv2d) -> None:
+    nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
+
+
+def dirac_init(model: FastNet) -> FastNet:
+    """Re-start the 3x3 convs of a `fast` net as identities where their shapes allow (the
+    first c_in filters of each), the rest keeping their random init.
+
+    Off by default: it trains CIFAR-10 faster, but the identity channels carry the whitened
+    input's large range into the pre-BatchNorm activations, which per-tensor int8
+    quantization (the compress stage) then resolves poorly."""
+    if not isinstance(model, FastNet):
+        raise TypeError(f"dirac_init needs the 'fast' model, got {type(model).__name__}")
+    for m in model.layers.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            _dirac(m)
+    return model
 
 
 class _ConvGroup(nn.Sequential):
@@ -288,8 +307,9 @@ class FastNet(nn.Module):
     A 2x2 'whitening' conv (2 * C * 4 filters, set from data by `init_whitening`), three conv
     groups with max-pool downsampling (widths 64/256/256 by default), global max-pool and a
     bias-free linear head with scaled-down logits. BatchNorm scales are frozen at 1 (biases
-    train; `bn_weight=True` trains both) and the 3x3 convs start Dirac (identity) where their
-    shapes allow. Needs inputs >= 16 px.
+    train; `bn_weight=True` trains both). `dirac` (or `dirac_init` later, as `fit` does for
+    the cifar10-fast recipe) starts the 3x3 convs as identities where their shapes allow.
+    Needs inputs >= 16 px.
     """
 
     def __init__(
@@ -301,7 +321,7 @@ class FastNet(nn.Module):
         bn_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
         bn_weight: bool = False,
-        dirac: bool = True,
+        dirac: bool = False,
     ) -> None:
         super().__init__()
         act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
