@@ -10,10 +10,10 @@ CUDA, SGD/AdamW step, LR schedule, EMA/lookahead with foreach ops. Nothing in a 
 device value back to the host: loss and accuracy accumulate on the device and are read every
 `recipe.log_every` steps only when a `progress` callable is given, and once per epoch.
 
-The timed window (`FitResult.train_seconds`) holds the whitening of a `fast` net, the training
-steps and nothing else: `torch.compile`'s warm-up runs before it, and the epoch callbacks
-(validation, checkpoints, MLflow, early stopping, pruning in a hyperparameter search) run
-between epochs with the clock stopped.
+The timed window (`FitResult.train_seconds`) holds the whitening (and Dirac init) of a `fast`
+net, the training steps and nothing else: `torch.compile`'s warm-up runs before it, and the
+epoch callbacks (validation, checkpoints, MLflow, early stopping, pruning in a
+hyperparameter search) run between epochs with the clock stopped.
 
 Epoch callback API: `callback(e: EpochEnd) -> bool | None`, called on every rank after each
 epoch, in list order; any callback returning True stops training after this epoch (under DDP
