@@ -44,11 +44,11 @@ def _weights(layout: Layout) -> dict[str, torch.Tensor]:
     return torch.load(layout.model, weights_only=True)["state_dict"]
 
 
-def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
-    full = _copy(prepared, tmp_path / "full", **{"train.epochs": 2})
+def test_resume_equals_uninterrupted(small, tmp_path, monkeypatch):
+    full = _small(small, tmp_path / "full", **{"train.epochs": 2})
     run_stage("train", load_params(full.params), full)
 
-    cut = _copy(prepared, tmp_path / "cut", **{"train.epochs": 2})
+    cut = _small(small, tmp_path / "cut", **{"train.epochs": 2})
     calls = {"n": 0}
     real = train._should_stop
 
@@ -73,8 +73,8 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_checkpoint_for_other_params_is_ignored(prepared, tmp_path):
-    lay = _copy(prepared, tmp_path / "p", **{"train.epochs": 1})
+def test_checkpoint_for_other_params_is_ignored(small, tmp_path):
+    lay = _small(small, tmp_path / "p", **{"train.epochs": 1})
     lay.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config_hash": "something-else"}, lay.checkpoint)
     result = run_stage("train", load_params(lay.params), lay)
@@ -199,14 +199,14 @@ def test_training_run_logs_system_metrics(small, tmp_path):
     assert "system/system_memory_usage_megabytes" in keys
 
 
-def test_transfer_learning_from_saved_weights(prepared, tmp_path):
-    src = _copy(prepared, tmp_path / "src", **{"train.epochs": 1, "train.model": "resnet18"})
+def test_transfer_learning_from_saved_weights(small, tmp_path):
+    src = _small(small, tmp_path / "src", **{"train.epochs": 1, "train.model": "resnet18"})
     run_stage("train", load_params(src.params), src)
     pretrained = _weights(src)
 
     # Fine-tune on 10 classes with the backbone frozen the whole time: backbone unchanged,
     # head trained from scratch.
-    dst = _copy(prepared, tmp_path / "dst", **{
+    dst = _small(small, tmp_path / "dst", **{
         "train.epochs": 1, "train.model": "resnet18", "train.pretrained": str(src.model),
         "train.freeze_epochs": 1})
     run_stage("train", load_params(dst.params), dst)
