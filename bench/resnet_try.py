@@ -1,5 +1,10 @@
 """ResNet-18 recipes on the GPU: which one reaches 92% flip-TTA on the JPEG CIFAR-10 copy.
-Each variant stops at its first epoch >= 92%; JSON per variant into OUT."""
+Each variant stops at its first epoch >= 92%; JSON per variant into OUT. Runs from the
+`.gpu/` copy that `bench/gpu_bench.sh` uses (see BENCHMARKS.md):
+
+    python3 .gpu/bench/resnet_try.py $OUT 380          # 380: seconds for all variants
+    VF_SMOKE=1 .venv/bin/python .gpu/bench/resnet_try.py /tmp/out   # toy sizes on the CPU
+"""
 import json
 import sys
 import time
@@ -37,7 +42,8 @@ VARIANTS = {
 if SMOKE:
     VARIANTS = {k: dict(v, epochs=1, batch_size=16) for k, v in VARIANTS.items()}
 small = {k: (v[::12][:4096] if k.endswith(("_x", "_y")) else v) for k, v in data.items()}
-train_seed(small if not SMOKE else data, raw, 999, dev, epochs=1, **({'batch_size': 16} if SMOKE else {}))
+train_seed(data if SMOKE else small, raw, 999, dev, epochs=1,
+           **({"batch_size": 16} if SMOKE else {}))
 deadline = t0 + float(sys.argv[2]) if len(sys.argv) > 2 else None
 for name, over in VARIANTS.items():
     if deadline and time.perf_counter() > deadline - 30:
