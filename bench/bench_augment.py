@@ -16,9 +16,12 @@ Python loop over the samples ("v2 per-sample loop"), which is what a user would 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import kornia
 import kornia.augmentation as K
@@ -27,8 +30,12 @@ import torchvision
 import torchvision.transforms.v2 as v2
 from torch import Tensor, nn
 
-from visionflow.config import AugmentConfig
-from visionflow.model import augment_ops as ops
+HERE = Path(__file__).resolve().parent
+if (HERE.parent / "src").is_dir() and str(HERE.parent / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+from visionflow.model import augment_ops as ops  # noqa: E402
+from visionflow.model.augment_ops import Policy  # noqa: E402
 
 Fn = Callable[[Tensor], Tensor]
 SHIFT, CUT, JIT = 4, 8, 0.4  # translate px, cutout side px, jitter strength
@@ -71,7 +78,7 @@ def _kornia(jitter: bool, affine: bool = False) -> nn.Module:
 
 def pipeline_cases(gen: torch.Generator, jitter: bool) -> dict[str, Fn]:
     j = JIT if jitter else 0.0
-    policy = AugmentConfig(
+    policy = Policy(
         hflip=0.5, translate=SHIFT, cutout=CUT, cutout_p=0.5, brightness=j, contrast=j, saturation=j
     )
     return {
@@ -88,7 +95,7 @@ def op_cases(gen: torch.Generator) -> dict[str, dict[str, Fn]]:
     erase = K.RandomErasing(scale=(CUT**2 / 1024,) * 2, ratio=(1.0, 1.0), p=0.5)
     flip = K.RandomHorizontalFlip(p=0.5)
     crop = K.RandomCrop((32, 32), padding=SHIFT, padding_mode="reflect")
-    geo = AugmentConfig(hflip=0.5, translate=SHIFT, cutout=0)
+    geo = Policy(hflip=0.5, translate=SHIFT, cutout=0)
     return {
         f"hflip p=0.5 + translate {SHIFT}px reflect": {
             "visionflow (flip fused into crop gather)": lambda x: ops.augment_batch(x, geo, gen),
@@ -145,6 +152,32 @@ def report(title: str, medians: dict[str, float]) -> None:
         print(f"| {name} | {ms:.2f} | {ms / ref:.2f} |")
 
 
+def run_all(device: str = "cpu", batch: int = 512, reps: int = 30, warmup: int = 3,
+            seed: int = 0) -> dict:
+    """Every table, printed as it is measured; returns {title: {candidate: median ms}}."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x8 = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=dev)
+    xf = x8.float() / 255
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    header = (f"device={name} threads={torch.get_num_threads()} batch={batch}x3x32x32 "
+              f"reps={reps} warmup={warmup} torch={torch.__version__} "
+              f"torchvision={torchvision.__version__} kornia={kornia.__version__}")
+    print(header)
+    tables: dict[str, dict[str, float]] = {}
+    for jitter in (False, True):
+        title = "flip + translate + cutout" + (" + colour jitter" if jitter else "")
+        title = f"Pipeline: {title} (uint8 in, float32 out)"
+        tables[title] = measure(pipeline_cases(gen, jitter), x8, reps, warmup)
+        report(title, tables[title])
+    for title, cases in op_cases(gen).items():
+        title = f"Single op: {title} (float32 in)"
+        tables[title] = measure(cases, xf, reps, warmup)
+        report(title, tables[title])
+    return {"header": header, "tables": tables}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -153,27 +186,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads, 0 = default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    x8 = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=dev)
-    xf = x8.float() / 255
-
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(
-        f"device={name} threads={torch.get_num_threads()} batch={args.batch}x3x32x32 "
-        f"reps={args.reps} warmup={args.warmup} torch={torch.__version__} "
-        f"torchvision={torchvision.__version__} kornia={kornia.__version__}"
-    )
-    for jitter in (False, True):
-        title = "flip + translate + cutout" + (" + colour jitter" if jitter else "")
-        medians = measure(pipeline_cases(gen, jitter), x8, args.reps, args.warmup)
-        report(f"Pipeline: {title} (uint8 in, float32 out)", medians)
-    for title, cases in op_cases(gen).items():
-        report(f"Single op: {title} (float32 in)", measure(cases, xf, args.reps, args.warmup))
+    res = run_all(args.device, args.batch, args.reps, args.warmup, args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:
 
     root = base / "proj"
     root.mkdir(parents=True)
-    for name in ("dvc.yaml", "flows"):
+    for name in ("dvc.yaml", "flows", "presets"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
     sets = list(overrides)

@@ -17,8 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from visionflow.config import AugmentConfig
-from visionflow.model.augment_ops import augment_batch
+from visionflow.model.augment_ops import Policy, augment_batch
 from visionflow.model.engine import autocast
 from visionflow.model.zoo import create_model
 
@@ -35,7 +34,7 @@ def step_times(name: str, device: torch.device, size: int, batch: int, steps: in
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     data = torch.randint(0, 256, (batch * 4, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch * 4,), device=device)
-    policy = AugmentConfig(hflip=0.5, translate=4, cutout=8)
+    policy = Policy(hflip=0.5, translate=4, cutout=8, cutout_p=0.5)
     gen = torch.Generator(device=device).manual_seed(0)
     times = []
     for i in range(warmup + steps):

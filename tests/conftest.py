@@ -80,7 +80,7 @@ def make_project(
 ) -> Path:
     """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "flows", "src"):
+    for name in ("dvc.yaml", "flows", "src", "presets"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(
             src,

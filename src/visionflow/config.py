@@ -154,6 +154,8 @@ class AugmentConfig(_Section):
     """Batch augmentation policy applied on the training device."""
 
     hflip: float = Field(0.0, ge=0, le=1, description="probability of a horizontal flip")
+    alternate_flip: bool = Field(False, description="flip a fixed random `hflip` share, then "
+                                 "every image each odd epoch (instead of a fresh draw)")
     translate: int = Field(2, ge=0, description="max shift in pixels (pad + random crop)")
     cutout: int = Field(4, ge=0, description="square cutout side in pixels, 0 = off")
     cutout_p: float = Field(0.5, ge=0, le=1)
@@ -167,17 +169,27 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     model: ModelName = "fast"
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(128, gt=0)
+    epochs: int = Field(4, gt=0)
+    batch_size: int = Field(64, gt=0)
     lr: float = Field(0.5, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.2, ge=0, lt=1)
     warmup_epochs: float = Field(1.0, ge=0)
-    schedule: Literal["cosine", "onecycle", "linear", "constant"] = "cosine"
+    warmup_start: float = Field(0.0, ge=0, le=1, description="lr factor at the first step")
+    schedule: Literal["cosine", "onecycle", "linear", "constant"] = "linear"
+    lr_end: float = Field(0.0, ge=0, le=1, description="lr factor at the last step")
+    decay_biases: bool = Field(False, description="weight decay on biases and norms too")
+    bias_lr_scale: float = Field(1.0, gt=0, description="lr factor of norm-layer biases")
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_every: int = Field(1, ge=1, description="EMA update every N steps")
+    ema_ramp: float = Field(0.0, ge=0, description="decay x (step / total) ** ramp")
+    lookahead: bool = Field(False, description="reset the weights to the average each update")
+    whiten_bias_epochs: int | None = Field(None, ge=0, description="fast: epochs the "
+                                           "whitening bias trains (null = all)")
+    dirac_init: bool = Field(False, description="fast: 3x3 convs start as identities")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -196,9 +208,15 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     topk: list[int] = [1, 3, 5]
     batch_size: int = Field(512, gt=0)
-    tta: bool = Field(False, description="flip-TTA: average softmax of the image and its mirror")
+    tta: Literal[0, 1, 2] = Field(0, description="TTA level: 0 none, 1 mirror, 2 mirror + "
+                                  "1-pixel translates (false/true read as 0/1)")
     calibration_bins: int = Field(15, ge=2, le=100, description="bins for ECE / reliability")
     mistakes: int = Field(16, ge=0, le=100, description="most confident mistakes in the grid")
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_bool(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, bool) else v  # the old flip switch
 
     @field_validator("topk")
     @classmethod
@@ -349,6 +367,7 @@ class FlowConfig(_Section):
 
 class Params(_Section):
     seed: int = 0
+    preset: str | None = Field(None, description="presets/<name>.yaml merged over params.yaml")
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     augment: AugmentConfig = AugmentConfig()

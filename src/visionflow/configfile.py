@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from visionflow import presets
 from visionflow.config import Params, is_torchvision_source
 from visionflow.errors import ConfigError
 
@@ -82,10 +83,13 @@ def load_params(
     overrides: dict[str, Any] | list[str] | None = None,
     root: Path | None = None,
 ) -> Params:
-    """Load, override, validate. Also checks the data source exists (relative to root), or
-    is tracked by DVC (`<source>.dvc`: a fresh clone before `dvc pull`, which a scheduled
-    run does first)."""
+    """Load, merge the preset, override, validate. The preset is the `preset:` key after the
+    overrides (so `-s preset=NAME` selects one); the overrides apply on top of it. Also
+    checks the data source exists (relative to root), or is tracked by DVC (`<source>.dvc`:
+    a fresh clone before `dvc pull`, which a scheduled run does first)."""
     raw = read_params_file(path)
+    name = apply_overrides(raw, overrides).get("preset") if overrides else raw.get("preset")
+    raw = presets.apply_preset(raw, path, name)
     if overrides:
         raw = apply_overrides(raw, overrides)
     params = parse_params(raw, str(path))

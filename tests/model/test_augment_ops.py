@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionflow.config import AugmentConfig
 from visionflow.model.augment_ops import (
+    Policy,
     augment_batch,
     color_jitter,
     cutout,
@@ -15,6 +15,11 @@ from visionflow.model.augment_ops import (
     mix_batch,
     translate,
 )
+
+
+def _policy(**kw) -> Policy:  # params.yaml's defaults, without pydantic
+    return Policy(**{"translate": 2, "cutout": 4, "cutout_p": 0.5, **kw})
+
 
 N, C, H, W = 16, 3, 12, 10  # non-square catches row/column mix-ups
 
@@ -28,10 +33,10 @@ def _images(n: int = N, c: int = C, seed: int = 0) -> torch.Tensor:
 
 
 POLICIES = {
-    "default": AugmentConfig(hflip=0.5, translate=4, cutout=0),
-    "cutout": AugmentConfig(cutout=4, cutout_p=1.0),
-    "jitter": AugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4, cutout=4),
-    "off": AugmentConfig(hflip=0, translate=0, cutout=0),
+    "default": _policy(hflip=0.5, translate=4, cutout=0),
+    "cutout": _policy(cutout=4, cutout_p=1.0),
+    "jitter": _policy(brightness=0.4, contrast=0.4, saturation=0.4, cutout=4),
+    "off": _policy(hflip=0, translate=0, cutout=0),
 }
 
 
@@ -61,7 +66,7 @@ def test_augment_deterministic_per_generator() -> None:
     assert not torch.equal(a, augment_batch(x, policy, _gen(2)))
 
 
-FLIP_ONLY = AugmentConfig(hflip=0.5, translate=0, cutout=0)
+FLIP_ONLY = _policy(hflip=0.5, translate=0, cutout=0)
 
 
 @pytest.mark.parametrize("policy", [POLICIES["jitter"], FLIP_ONLY])
@@ -73,7 +78,7 @@ def test_augment_channels_last_input(policy) -> None:
 
 def test_augment_is_per_sample() -> None:
     x = _images(1).expand(64, C, H, W)  # the same image 64 times
-    out = augment_batch(x, AugmentConfig(hflip=0.5, translate=2, cutout=0), _gen())
+    out = augment_batch(x, _policy(hflip=0.5, translate=2, cutout=0), _gen())
     distinct = {out[i].numpy().tobytes() for i in range(len(out))}
     assert len(distinct) > 10
 
@@ -192,7 +197,7 @@ def _constant_batch(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mix_soft_targets_match_images(mode: str) -> None:
     x, y = _constant_batch()
     alphas = {"mixup": (1.0, 0.0), "cutmix": (0.0, 1.0), "both": (1.0, 1.0)}[mode]
-    policy = AugmentConfig(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mix_p=1.0)
+    policy = _policy(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mix_p=1.0)
     for seed in range(8):
         xm, t = mix_batch(x, y, N, policy, _gen(seed))
         assert xm.shape == x.shape and t.shape == (N, N)
@@ -204,7 +209,7 @@ def test_mix_soft_targets_match_images(mode: str) -> None:
 
 def test_cutmix_lam_is_pasted_area() -> None:
     x, y = _constant_batch()
-    policy = AugmentConfig(cutmix_alpha=1.0, mix_p=1.0)
+    policy = _policy(cutmix_alpha=1.0, mix_p=1.0)
     partial = 0
     for seed in range(8):
         xm, t = mix_batch(x, y, N, policy, _gen(seed))
@@ -219,7 +224,7 @@ def test_cutmix_lam_is_pasted_area() -> None:
 
 def test_mix_both_modes_get_picked() -> None:
     x, y = _constant_batch()
-    policy = AugmentConfig(mixup_alpha=1.0, cutmix_alpha=1.0, mix_p=1.0)
+    policy = _policy(mixup_alpha=1.0, cutmix_alpha=1.0, mix_p=1.0)
     values = set(x[:, 0, 0, 0].tolist())
     modes = set()
     for seed in range(16):
@@ -230,14 +235,14 @@ def test_mix_both_modes_get_picked() -> None:
 
 def test_mix_off_gives_one_hot() -> None:
     x, y = _constant_batch()
-    for policy in (AugmentConfig(mixup_alpha=1.0, mix_p=0.0), AugmentConfig(mix_p=1.0)):
+    for policy in (_policy(mixup_alpha=1.0, mix_p=0.0), _policy(mix_p=1.0)):
         xm, t = mix_batch(x, y, N, policy, _gen())
         assert torch.equal(xm, x) and torch.equal(t, torch.eye(N))
 
 
 def test_mix_probability_and_determinism() -> None:
     x, y = _constant_batch()
-    policy = AugmentConfig(mixup_alpha=0.4, cutmix_alpha=1.0, mix_p=0.5)
+    policy = _policy(mixup_alpha=0.4, cutmix_alpha=1.0, mix_p=0.5)
     runs = [mix_batch(x, y, N, policy, _gen(seed)) for seed in range(40)]
     mixed = sum(not torch.equal(t, torch.eye(N)) for _, t in runs)
     assert 8 < mixed < 32
@@ -252,8 +257,8 @@ def test_cuda_no_host_sync_and_matches_shapes() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     x = _images(64).to(dev)
     y = torch.arange(64, device=dev) % 10
-    policy = AugmentConfig(cutout=4, brightness=0.2, contrast=0.2, saturation=0.2)
-    mix = AugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0, mix_p=0.5)
+    policy = _policy(cutout=4, brightness=0.2, contrast=0.2, saturation=0.2)
+    mix = _policy(mixup_alpha=0.2, cutmix_alpha=1.0, mix_p=0.5)
     augment_batch(x, policy, gen)  # warm-up (cached constants are copied once)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -263,3 +268,22 @@ def test_cuda_no_host_sync_and_matches_shapes() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.device.type == "cuda" and xm.shape == x.shape and t.shape == (64, 10)
+
+
+def test_params_policy_and_plain_policy_agree() -> None:
+    """`config.AugmentConfig` (pydantic) and `Policy` drive the ops identically."""
+    config = pytest.importorskip("visionflow.config")
+    kw = {"hflip": 0.5, "translate": 3, "cutout": 4, "cutout_p": 0.5, "brightness": 0.2}
+    x = _images()
+    a = augment_batch(x, config.AugmentConfig(**kw), _gen(1))
+    b = augment_batch(x, Policy.from_dict(config.AugmentConfig(**kw).model_dump()), _gen(1))
+    assert torch.equal(a, b)
+
+
+def test_given_flip_mask_replaces_the_random_draw() -> None:
+    x = _images()
+    mask = torch.arange(N) % 2 == 0
+    out = augment_batch(x, Policy(hflip=0.5), _gen(), flip=mask)
+    ref = x.float() / 255
+    torch.testing.assert_close(out[mask], ref[mask].flip(-1))
+    torch.testing.assert_close(out[~mask], ref[~mask])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from visionflow.configfile import load_params
 from visionflow.layout import Layout
 from visionflow.model import engine
 from visionflow.model.classifier import load_classifier
+from visionflow.model.pretrained import load_pretrained
 from visionflow.pipeline.stages import run_stage
 from visionflow.stages import train
 
@@ -42,11 +45,11 @@ def _weights(layout: Layout) -> dict[str, torch.Tensor]:
     return torch.load(layout.model, weights_only=True)["state_dict"]
 
 
-def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
-    full = _copy(prepared, tmp_path / "full", **{"train.epochs": 2})
+def test_resume_equals_uninterrupted(small, tmp_path, monkeypatch):
+    full = _small(small, tmp_path / "full", **{"train.epochs": 2})
     run_stage("train", load_params(full.params), full)
 
-    cut = _copy(prepared, tmp_path / "cut", **{"train.epochs": 2})
+    cut = _small(small, tmp_path / "cut", **{"train.epochs": 2})
     calls = {"n": 0}
     real = train._should_stop
 
@@ -71,8 +74,8 @@ def test_resume_equals_uninterrupted(prepared, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_checkpoint_for_other_params_is_ignored(prepared, tmp_path):
-    lay = _copy(prepared, tmp_path / "p", **{"train.epochs": 1})
+def test_checkpoint_for_other_params_is_ignored(small, tmp_path):
+    lay = _small(small, tmp_path / "p", **{"train.epochs": 1})
     lay.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config_hash": "something-else"}, lay.checkpoint)
     result = run_stage("train", load_params(lay.params), lay)
@@ -85,30 +88,126 @@ def test_ema_tracks_the_formula():
     w0 = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(1, 2)
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(2, 2)
     # first update copies, the second blends: 0.9 * (w0 + 1) + 0.1 * (w0 + 2)
     torch.testing.assert_close(ema.module.weight, w0 + 1.1)
 
 
-def test_ema_model_is_what_gets_saved(prepared, tmp_path):
-    lay = _copy(prepared, tmp_path / "ema", **{"train.epochs": 1, "train.ema_decay": 0.5})
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, digits_dir) -> Path:
+    """validate + augment done on 12 digits per class and split: epochs take a second."""
+    root = make_project(tmp_path_factory.mktemp("train") / "small", digits_dir,
+                        {"data.limit_per_class": 12})
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    for name in ("validate", "augment"):
+        run_stage(name, params, layout)
+    return root
+
+
+def _small(small: Path, dest: Path, **overrides) -> Layout:
+    lay = _copy(small, dest, **{"data.limit_per_class": 12, "train.batch_size": 16,
+                                **overrides})
+    return lay
+
+
+def test_ema_model_is_what_gets_saved(small, tmp_path):
+    """Same seed, same data: only the EMA differs, so the saved weights must differ."""
+    saved = {}
+    for decay in (None, 0.5):
+        lay = _small(small, tmp_path / f"ema{decay}", **{"train.epochs": 1,
+                                                          "train.ema_decay": decay})
+        run_stage("train", load_params(lay.params), lay)
+        saved[decay] = _weights(lay)
+    assert not torch.equal(saved[None]["net.head.weight"], saved[0.5]["net.head.weight"])
+
+
+def test_early_stopping_stops_when_val_stalls(small, tmp_path):
+    """AlexNet (no BatchNorm) at lr 1e-12: the weights cannot move, val accuracy is flat, so
+    patience 2 stops after epoch 3 of 6."""
+    lay = _small(small, tmp_path / "es", **{"train.model": "alexnet", "train.lr": 1e-12,
+                                             "train.epochs": 6, "train.early_stop_patience": 2,
+                                             "train.calibrate": False})
+    result = run_stage("train", load_params(lay.params), lay)
+    assert result.epochs_run == 3
+    rows = lay.history.read_text().splitlines()
+    assert len(rows) == 1 + 3
+
+
+def test_time_budget_stops_after_the_epoch_that_spends_it(small, tmp_path):
+    lay = _small(small, tmp_path / "tb", **{"train.epochs": 4, "train.time_budget_s": 1e-3})
+    assert run_stage("train", load_params(lay.params), lay).epochs_run == 1
+
+
+def test_backbone_unfreezes_after_freeze_epochs(small, tmp_path):
+    src = _small(small, tmp_path / "src", **{"train.epochs": 1})
+    run_stage("train", load_params(src.params), src)
+    pretrained = _weights(src)
+    dst = _small(small, tmp_path / "dst", **{"train.epochs": 2, "train.pretrained": str(src.model),
+                                              "train.freeze_epochs": 1})
+    run_stage("train", load_params(dst.params), dst)
+    tuned = _weights(dst)
+    conv = "net.layers.1.0.weight"
+    assert not torch.equal(tuned[conv], pretrained[conv])  # trained in epoch 2
+
+
+def test_torchvision_weight_names_come_from_the_registry_name():
+    from torchvision.models import DenseNet121_Weights, ResNet18_Weights, ResNet50_Weights
+
+    from visionflow.errors import ConfigError
+    from visionflow.model.pretrained import torchvision_weights
+
+    assert torchvision_weights("resnet18", "DEFAULT") is ResNet18_Weights.DEFAULT
+    assert torchvision_weights("resnet50", "IMAGENET1K_V2") is ResNet50_Weights.IMAGENET1K_V2
+    assert torchvision_weights("densenet121", "DEFAULT") is DenseNet121_Weights.DEFAULT
+    with pytest.raises(ConfigError, match="model 'fast' has no torchvision weights"):
+        torchvision_weights("fast", "DEFAULT")
+    with pytest.raises(ConfigError, match="unknown weights for resnet18, choose one of"):
+        torchvision_weights("resnet18", "IMAGENET22K")
+
+
+def test_torchvision_weights_offline_is_one_config_error(tmp_path, monkeypatch):
+    """No network here: the download fails (a closed local proxy makes it fail at once) and
+    the user gets one line naming the key and the URL."""
+    from visionflow.errors import ConfigError
+    from visionflow.model.classifier import Arch, build_classifier
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    model = build_classifier(Arch("resnet18", 10, 32))
+    with pytest.raises(ConfigError) as err:
+        load_pretrained(model, "torchvision:DEFAULT", "resnet18")
+    msg = str(err.value)
+    assert msg.startswith("train.pretrained='torchvision:DEFAULT': cannot download https://")
+    assert "resnet18" in msg and "\n" not in msg
+
+
+def test_training_run_logs_system_metrics(small, tmp_path):
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import tracking
+
+    lay = _small(small, tmp_path / "sys", **{"train.epochs": 1})
     run_stage("train", load_params(lay.params), lay)
-    model, arch = load_classifier(lay.model)
-    assert arch.num_classes == 10
-    assert sum(p.abs().sum() for p in model.parameters()) > 0
+    run_id = json.loads(lay.run_info.read_text())["run_id"]
+    tracking.setup(lay)
+    keys = MlflowClient().get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in keys
+    assert "system/system_memory_usage_megabytes" in keys
 
 
-def test_transfer_learning_from_saved_weights(prepared, tmp_path):
-    src = _copy(prepared, tmp_path / "src", **{"train.epochs": 1, "train.model": "resnet18"})
+def test_transfer_learning_from_saved_weights(small, tmp_path):
+    src = _small(small, tmp_path / "src", **{"train.epochs": 1, "train.model": "resnet18"})
     run_stage("train", load_params(src.params), src)
     pretrained = _weights(src)
 
     # Fine-tune on 10 classes with the backbone frozen the whole time: backbone unchanged,
     # head trained from scratch.
-    dst = _copy(prepared, tmp_path / "dst", **{
+    dst = _small(small, tmp_path / "dst", **{
         "train.epochs": 1, "train.model": "resnet18", "train.pretrained": str(src.model),
         "train.freeze_epochs": 1})
     run_stage("train", load_params(dst.params), dst)
@@ -126,7 +225,7 @@ def test_pretrained_with_no_matching_tensor_fails(tmp_path):
     torch.save({"state_dict": {"nothing": torch.zeros(1)}}, bogus)
     model = build_classifier(Arch("alexnet", 10, 16))
     with pytest.raises(ConfigError, match="no tensor matches"):
-        train.load_pretrained(model, str(bogus))
+        load_pretrained(model, str(bogus), "alexnet")
 
 
 def test_lr_schedule_shapes():
@@ -151,22 +250,75 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_write_one_set_of_outputs(prepared, tmp_path):
-    lay = _copy(prepared, tmp_path / "ddp", **{"train.epochs": 1, "train.threads": 1})
+def test_ddp_two_gloo_processes_with_a_frozen_backbone(small, tmp_path):
+    """torchrun, 2 gloo ranks, pretrained backbone frozen for epoch 1 then trained: the
+    freeze must not change what DDP reduces (it used to flip requires_grad after the wrap,
+    which failed at the second step); one set of outputs, rank 0 alone logs; the stop flag
+    is broadcast every epoch (CPU tensor on gloo, CUDA tensor on NCCL)."""
+    src = _small(small, tmp_path / "src", **{"train.epochs": 1})
+    run_stage("train", load_params(src.params), src)
+    pretrained = _weights(src)
+    lay = _small(small, tmp_path / "ddp", **{
+        "train.epochs": 2, "train.threads": 1, "train.pretrained": str(src.model),
+        "train.freeze_epochs": 1, "train.early_stop_patience": 5})
     proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
                 "-m", "visionflow.cli.main", "stage", "train"], lay.root, check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     model, arch = load_classifier(lay.model)
     assert arch.num_classes == 10
     history = lay.history.read_text().splitlines()
-    assert len(history) == 2  # header + one epoch
+    assert len(history) == 1 + 2  # header + two epochs
+    tuned = _weights(lay)
+    assert not torch.equal(tuned["net.layers.1.0.weight"], pretrained["net.layers.1.0.weight"])
     run_id = json.loads(lay.run_info.read_text())["run_id"]
 
     from mlflow import MlflowClient
 
     from visionflow.mlops import tracking
 
-    tracking.setup(lay)
-    runs = MlflowClient().search_runs([tracking.setup(lay)])
+    exp_id = tracking.setup(lay)
+    runs = MlflowClient().search_runs([exp_id])
     assert [r.info.run_id for r in runs] == [run_id]  # only rank 0 logged
     assert runs[0].data.tags["world_size"] == "2"
+
+
+def _checkpoint_epoch(layout: Layout) -> int:
+    if not layout.checkpoint.is_file():
+        return 0
+    return int(torch.load(layout.checkpoint, weights_only=True)["fit"]["epoch"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_resumes_from_the_last_checkpoint(prepared, tmp_path):
+    lay = _copy(prepared, tmp_path / "kill", **{"train.epochs": 6, "train.threads": 1})
+    cmd = [str(BIN / "vflow"), "stage", "train"]
+    proc = subprocess.Popen(cmd, cwd=lay.root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        marks: dict[int, float] = {}
+        deadline = time.monotonic() + 300
+        while len(marks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            e = _checkpoint_epoch(lay)
+            if e and e not in marks:
+                marks[e] = time.monotonic()
+            time.sleep(0.05)
+        assert len(marks) == 2, f"no two checkpoints in time ({marks}, rc={proc.poll()})"
+        epoch_s = marks[max(marks)] - marks[min(marks)]
+        time.sleep(epoch_s / 2)  # halfway through the next epoch
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -9
+    done = _checkpoint_epoch(lay)  # the atomic checkpoint is readable after a kill
+    assert 2 <= done < 6 and not lay.model.exists()
+
+    rerun = run(cmd, lay.root)
+    assert f"resuming from {lay.checkpoint} after epoch {done}" in rerun.stdout + rerun.stderr
+    history = lay.history.read_text().splitlines()[1:]
+    assert len(history) == 6  # epochs 1..done from the killed run, the rest from the rerun
+    model, arch = load_classifier(lay.model)
+    assert arch.num_classes == 10 and not lay.checkpoint.exists()
+    x = torch.zeros(2, 3, 16, 16)
+    assert model(x).shape == (2, 10)

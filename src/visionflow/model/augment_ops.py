@@ -8,15 +8,53 @@ read device values back to the host, so they do not stall a CUDA stream.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from visionflow.config import AugmentConfig
-
 PadMode = Literal["reflect", "zeros"]
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
+
+
+
+
+class AugmentPolicy(Protocol):
+    """What the ops read from a policy: `config.AugmentConfig` and `Policy` both fit."""
+
+    hflip: float
+    translate: int
+    cutout: int
+    cutout_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    mix_p: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A plain policy for callers without pydantic (benchmarks, the GPU machine)."""
+
+    hflip: float = 0.0
+    translate: int = 0
+    cutout: int = 0
+    cutout_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_p: float = 0.0
+    alternate_flip: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Policy:
+        """The `augment:` section of params.yaml (unknown keys are an error)."""
+        return cls(**d)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -45,17 +83,20 @@ def _flip_translate(
     max_shift: int,
     generator: torch.Generator | None,
     pad_mode: PadMode = "reflect",
+    flip: Tensor | None = None,
 ) -> Tensor:
     """Random horizontal flip then pad-and-random-crop translation as ONE gather (any dtype).
 
     Output pixel (i, j) of a sample shifted by (dy, dx) reads source pixel (i + dy, j + dx),
     out-of-range indices mirrored (reflect) or masked to 0 (zeros); the flip just reverses j.
+    `flip` (bool, one per sample) replaces the random flip draw when given.
     """
     n, c, h, w = x.shape
     dev = x.device
     cols = torch.arange(w, device=dev).expand(n, w)
-    if p_flip > 0:
+    if flip is None and p_flip > 0:
         flip = _rand(n, x, generator) < p_flip
+    if flip is not None:
         cols = torch.where(flip[:, None], w - 1 - cols, cols)
     if max_shift <= 0:  # flip only: a gather along W with an (N, W) index is cheaper
         return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
@@ -180,16 +221,21 @@ def color_jitter(
 
 
 def augment_batch(
-    x: Tensor, policy: AugmentConfig, generator: torch.Generator | None = None
+    x: Tensor,
+    policy: AugmentPolicy,
+    generator: torch.Generator | None = None,
+    flip: Tensor | None = None,
 ) -> Tensor:
     """flip -> translate -> colour jitter -> cutout, per sample. uint8/float in, float32 [0,1] out.
 
     Flip and translate run as one gather on the input dtype (uint8 moves 4x fewer bytes), cutout
-    is folded into the uint8 -> float conversion when there is no colour jitter.
+    is folded into the uint8 -> float conversion when there is no colour jitter. `flip` (bool per
+    sample) is the caller's flip decision (alternating flip), used instead of a random draw.
     """
     owned = False  # True once x is a tensor we created (safe to modify in place)
-    if policy.hflip > 0 or policy.translate > 0:
-        x, owned = _flip_translate(x, policy.hflip, policy.translate, generator), True
+    if flip is not None or policy.hflip > 0 or policy.translate > 0:
+        x = _flip_translate(x, policy.hflip, policy.translate, generator, flip=flip)
+        owned = True
     keep = None
     if policy.cutout > 0 and policy.cutout_p > 0:
         keep = _cutout_keep(x, policy.cutout, policy.cutout_p, generator)
@@ -238,7 +284,7 @@ def mix_batch(
     x: Tensor,
     y: Tensor,
     num_classes: int,
-    policy: AugmentConfig,
+    policy: AugmentPolicy,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MixUp or CutMix (50/50 when both alphas > 0) on the whole batch with probability `mix_p`.
@@ -266,6 +312,8 @@ def mix_batch(
 
 
 __all__ = [
+    "AugmentPolicy",
+    "Policy",
     "augment_batch",
     "color_jitter",
     "cutout",

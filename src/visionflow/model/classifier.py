@@ -40,6 +40,13 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+def channel_stats(x: torch.Tensor, sample: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of uint8 N×C×H×W images in [0, 1] units, from about `sample`
+    images spread over the whole set (caches are often sorted by class)."""
+    xf = x[:: max(1, len(x) // sample)][:sample].float().div_(255)
+    return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
 def build_classifier(arch: Arch) -> Classifier:
 
     net = create_model(arch.name, arch.num_classes, arch.image_size, arch.in_channels)

@@ -1,12 +1,17 @@
 """Training building blocks: device, distributed setup, optimizer, schedule, EMA,
-checkpoints and the progress bar. `train.py` wires them into the stage."""
+checkpoints and the progress bar. `fit.py` runs the loop; `stages/train.py` wires the stage.
+
+torch only (plus `rich`, imported when a progress bar is shown): the GPU benchmark machine
+runs this without pydantic. Config objects are duck-typed (`config.TrainConfig` or
+`fit.Recipe`, both have the attributes read here).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,17 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.config import TrainConfig
-from visionflow.errors import ConfigError
 from visionflow.files import torch_save
 
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda': no CUDA device is available")
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclass
@@ -59,44 +56,147 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig, backbone: set[str]) -> list[dict]:
-    """No weight decay on norms and biases; pretrained backbone at lr × backbone_lr_mult."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    if backend == "nccl":
+        if device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (so that all ranks stop together, or DDP hangs)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=collective_device(dist.get_backend(), device))
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def param_groups(model: nn.Module, cfg: Any, backbone: set[str]) -> list[dict]:
+    """SGD/AdamW groups from `cfg` (lr, weight_decay, backbone_lr_mult; optional bias_lr_scale,
+    decay_biases).
+
+    - weight decay on weights (ndim > 1); on biases and norm parameters only with
+      `decay_biases`;
+    - the pretrained backbone at lr x backbone_lr_mult;
+    - norm-layer biases at lr x bias_lr_scale, their weight decay divided by the same factor,
+      so that the decay per step (lr x wd) does not depend on the bias scale.
+    """
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, _NORMS) and getattr(m, "bias", None) is not None}
+    bias_scale = float(getattr(cfg, "bias_lr_scale", 1.0))
+    decay_biases = bool(getattr(cfg, "decay_biases", False))
+    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad or name in backbone:
-            groups.setdefault((p.ndim <= 1, name in backbone), []).append(p)
-    return [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-             "lr": cfg.lr * (cfg.backbone_lr_mult if is_backbone else 1.0)}
-            for (no_decay, is_backbone), ps in groups.items()]
+            key = (p.ndim > 1 or decay_biases, name in backbone, id(p) in norm_biases)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (decay, is_backbone, norm_bias), ps in groups.items():
+        scale = bias_scale if norm_bias else 1.0
+        out.append({"params": ps, "lr": cfg.lr * scale * (cfg.backbone_lr_mult if is_backbone
+                                                            else 1.0),
+                    "weight_decay": cfg.weight_decay / scale if decay else 0.0})
+    return out
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, backbone: set[str]) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: Any, backbone: set[str]) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, backbone)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up, then cosine / linear / constant decay; onecycle warms up for 30%."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, start: float = 0.0,
+              end: float = 0.0) -> float:
+    """Linear warm-up from `start` to 1, then cosine / linear / constant decay to `end`
+    (factors of the base lr); onecycle warms up for 30%."""
     if schedule == "onecycle":
         warmup = max(1, int(0.3 * total))
     if step < warmup:
-        return (step + 1) / warmup
+        return start + (1 - start) * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule in ("cosine", "onecycle"):
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "linear":
-        return max(0.0, 1 - progress)
+        return max(0.0, 1 - (1 - end) * progress)
     return 1.0
 
 
-def make_ema(model: nn.Module, decay: float | None):
+class EMA:
+    """Exponential moving average of a model's floating-point state (parameters and buffers),
+    updated every `every` steps with foreach ops on the device: no host sync, no CPU counter
+    tensor (the update count is a host int).
+
+    The decay per update is `decay ** every * (step / total) ** ramp` (ramp 0: constant); the
+    first update copies (as `AveragedModel`). With `lookahead` the model itself is reset to
+    the average after each update, and `finish` leaves the average in the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, every: int = 1, ramp: float = 0.0,
+                 lookahead: bool = False) -> None:
+        self.decay, self.every, self.ramp, self.lookahead = decay, max(1, every), ramp, lookahead
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+        self._model = model
+        self._pairs()
+
+    def _pairs(self) -> None:
+        src, dst = self._model.state_dict(keep_vars=True), self.module.state_dict(keep_vars=True)
+        floats = [k for k, v in src.items() if v.is_floating_point()]
+        self._src = [src[k].detach() for k in floats]
+        self._dst = [dst[k].detach() for k in floats]
+        ints = [k for k, v in src.items() if not v.is_floating_point()]
+        self._src_int = [src[k].detach() for k in ints]
+        self._dst_int = [dst[k].detach() for k in ints]
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        torch._foreach_copy_(self._dst, self._src)
+        if self._dst_int:
+            torch._foreach_copy_(self._dst_int, self._src_int)
+
+    @torch.no_grad()
+    def update(self, step: int, total: int) -> None:
+        """Call after optimizer step number `step` (1-based) of `total`."""
+        if step % self.every:
+            return
+        d = self.decay ** self.every
+        if self.ramp:
+            d *= (step / max(1, total)) ** self.ramp
+        if self.updates == 0:
+            self.copy_from_model()
+        else:
+            torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+            if self._dst_int:
+                torch._foreach_copy_(self._dst_int, self._src_int)
+        self.updates += 1
+        if self.lookahead:
+            torch._foreach_copy_(self._src, self._dst)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Lookahead: leave the average in the model (the record scripts' last sync)."""
+        if self.lookahead and self.updates:
+            torch._foreach_copy_(self._src, self._dst)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def make_ema(model: nn.Module, decay: float | None, every: int = 1, ramp: float = 0.0,
+             lookahead: bool = False) -> EMA | None:
     if decay is None:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model, decay, every, ramp, lookahead)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -124,55 +224,29 @@ def fits_on_device(nbytes: int, device: torch.device, fraction: float = 0.5) -> 
 
 # --- checkpoints -----------------------------------------------------------------
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    torch_save(state, path)
+def save_checkpoint(path: Path, chash: str, fit_state: dict[str, Any],
+                    history: list[dict]) -> None:
+    """Atomic: a temp file, then a rename (`kill -9` leaves the previous checkpoint)."""
+    torch_save({"config_hash": chash, "fit": fit_state, "history": json.dumps(history)}, path)
 
 
-def checkpoint_state(chash: str, epoch: int, model, optimizer, scheduler, scaler, ema,
-                     gens: dict[str, torch.Generator], history: list[dict]) -> dict[str, Any]:
-    return {
-        "config_hash": chash, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "gens": {k: g.get_state() for k, g in gens.items()},
-        "history": json.dumps(history),
-    }
-
-
-def restore_checkpoint(path: Path, chash: str, model, optimizer, scheduler, scaler, ema,
-                       gens: dict[str, torch.Generator]) -> tuple[int, list[dict]] | None:
-    """Load a checkpoint written for the same config; returns (epoch, history) or None."""
+def restore_checkpoint(path: Path, chash: str) -> tuple[dict[str, Any], list[dict]] | None:
+    """(fit state, history) of a checkpoint written for the same config, else None."""
     if not path.is_file():
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("config_hash") != chash:
+    if ckpt.get("config_hash") != chash or "fit" not in ckpt:
         return None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.load_state_dict(ckpt["ema"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    for k, g in gens.items():
-        g.set_state(ckpt["gens"][k])
-    return ckpt["epoch"], json.loads(ckpt["history"])
+    return ckpt["fit"], json.loads(ckpt["history"])
 
 
 # --- progress --------------------------------------------------------------------
 
 class Progress:
-    """rich progress bar with loss, accuracy, img/s and ETA (a no-op when disabled)."""
+    """rich progress bar: loss, accuracy, img/s and ETA. `fit` calls it every few steps with
+    values it read from its on-device accumulators (the only host syncs of a step)."""
 
-    def __init__(self, total_steps: int, enabled: bool, start: int = 0) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
+    def __init__(self, total_steps: int, start: int = 0) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
@@ -180,20 +254,11 @@ class Progress:
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
         self.task = self.bar.add_task("train", total=total_steps, completed=start, info="")
         self.bar.start()
-        self.t0, self.images, self.step = time.perf_counter(), 0, 0
 
-    def advance(self, n: int, loss: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
-        if not self.enabled:
-            return
-        self.images += n
-        self.step += 1
-        fields = {}
-        if self.step % 10 == 0:  # .item() syncs the device: only now and then
-            rate = self.images / (time.perf_counter() - self.t0)
-            fields["info"] = (f"loss {loss.item():.3f} acc {int(correct) / max(1, seen):.3f} "
-                              f"{rate:,.0f} img/s")
-        self.bar.update(self.task, advance=1, **fields)
+    def __call__(self, step: int, stats: dict[str, float]) -> None:
+        info = (f"loss {stats['loss']:.3f} acc {stats['top1']:.3f} "
+                f"{stats['img_per_s']:,.0f} img/s")
+        self.bar.update(self.task, completed=step, info=info)
 
     def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.stop()

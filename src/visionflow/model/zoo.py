@@ -241,21 +241,53 @@ def densenet_bc(
 # --------------------------------------------------------------------------- fast (airbench-style)
 
 
-def _bn(channels: int, momentum: float) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, momentum=momentum, eps=1e-5)
+def _bn(channels: int, momentum: float, weight: bool) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, momentum=momentum, eps=1e-12)
+    bn.weight.requires_grad_(weight)  # frozen at 1: the BN scale adds nothing before a conv
+    return bn
+
+
+def _conv(c_in: int, c_out: int, dirac: bool) -> nn.Conv2d:
+    """3x3 'same' conv, PyTorch's default init; with `dirac` its first c_in filters pass their
+    input channel through unchanged (an identity start)."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    if dirac:
+        _dirac(conv)
+    return conv
+
+
+@torch.no_grad()
+def _dirac(conv: nn.Conv2d) -> None:
+    nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
+
+
+def dirac_init(model: FastNet) -> FastNet:
+    """Re-start the 3x3 convs of a `fast` net as identities where their shapes allow (the
+    first c_in filters of each), the rest keeping their random init.
+
+    Off by default: it trains CIFAR-10 faster, but the identity channels carry the whitened
+    input's large range into the pre-BatchNorm activations, which per-tensor int8
+    quantization (the compress stage) then resolves poorly."""
+    if not isinstance(model, FastNet):
+        raise TypeError(f"dirac_init needs the 'fast' model, got {type(model).__name__}")
+    for m in model.layers.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            _dirac(m)
+    return model
 
 
 class _ConvGroup(nn.Sequential):
     """conv3x3 -> maxpool2 -> BN -> act -> conv3x3 -> BN -> act."""
 
-    def __init__(self, c_in: int, c_out: int, act: type[nn.Module], bn_momentum: float) -> None:
+    def __init__(self, c_in: int, c_out: int, act: type[nn.Module], bn_momentum: float,
+                 bn_weight: bool, dirac: bool) -> None:
         super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            _conv(c_in, c_out, dirac),
             nn.MaxPool2d(2),
-            _bn(c_out, bn_momentum),
+            _bn(c_out, bn_momentum, bn_weight),
             act(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            _bn(c_out, bn_momentum),
+            _conv(c_out, c_out, dirac),
+            _bn(c_out, bn_momentum, bn_weight),
             act(),
         )
 
@@ -274,7 +306,10 @@ class FastNet(nn.Module):
 
     A 2x2 'whitening' conv (2 * C * 4 filters, set from data by `init_whitening`), three conv
     groups with max-pool downsampling (widths 64/256/256 by default), global max-pool and a
-    bias-free linear head with scaled-down logits. Needs inputs >= 16 px.
+    bias-free linear head with scaled-down logits. BatchNorm scales are frozen at 1 (biases
+    train; `bn_weight=True` trains both). `dirac` (or `dirac_init` later, as `fit` does for
+    the cifar10-fast recipe) starts the 3x3 convs as identities where their shapes allow.
+    Needs inputs >= 16 px.
     """
 
     def __init__(
@@ -285,6 +320,8 @@ class FastNet(nn.Module):
         act: str = "gelu",
         bn_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
+        bn_weight: bool = False,
+        dirac: bool = False,
     ) -> None:
         super().__init__()
         act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
@@ -293,14 +330,11 @@ class FastNet(nn.Module):
         self.act0 = act_cls()
         chans = (c_white, *widths)
         self.layers = nn.Sequential(
-            *(_ConvGroup(a, b, act_cls, bn_momentum) for a, b in pairwise(chans))
+            *(_ConvGroup(a, b, act_cls, bn_momentum, bn_weight, dirac) for a, b in pairwise(chans))
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         self.scale = _Scale(logit_scale)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m is not self.whiten:
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.act0(self.whiten(x)))
@@ -335,14 +369,15 @@ def init_whitening(
     if c != conv.in_channels:
         raise ValueError(f"images have {c} channels, model expects {conv.in_channels}")
     patches = nn.functional.unfold(x, (kh, kw)).transpose(1, 2).reshape(-1, c * kh * kw)
-    patches = patches.double()
-    mean = patches.mean(0)
-    centred = patches - mean
-    cov = centred.T @ centred / max(len(patches) - 1, 1)
+    # float32 sums on the device, the small covariance and its eigenvectors in float64 on the CPU
+    n = len(patches)
+    mean = (patches.sum(0).double() / n).cpu()
+    cov = (patches.T @ patches).double().cpu() / n - torch.outer(mean, mean)
+    cov = cov * n / max(n - 1, 1)
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     filters = (evecs.T / (evals.clamp_min(0) + eps).sqrt()[:, None]).flip(0)  # strongest first
     weight = torch.cat([filters, -filters])  # (2 * C*kh*kw, C*kh*kw)
-    conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight.dtype))
-    conv.bias.copy_((-weight @ mean).to(conv.bias.dtype))
+    conv.weight.copy_(weight.reshape(conv.weight.shape).to(conv.weight))
+    conv.bias.copy_((-weight @ mean).to(conv.bias))
     conv.weight.requires_grad_(not freeze)
     return model

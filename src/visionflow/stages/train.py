@@ -20,23 +20,19 @@ from typing import Any
 
 import mlflow
 import torch
-import torch.distributed as tdist
-import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache
-from visionflow.errors import ConfigError
 from visionflow.files import read_json, write_csv
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model import engine
-from visionflow.model.augment_ops import augment_batch, mix_batch
 from visionflow.model.calibration import fit_temperature
-from visionflow.model.classifier import Arch, build_classifier, save_classifier
-from visionflow.model.inference import pick_device, predict_logits
-from visionflow.model.zoo import init_whitening
+from visionflow.model.classifier import Arch, build_classifier, channel_stats, save_classifier
+from visionflow.model.fit import EpochEnd, FitRun, Recipe
+from visionflow.model.inference import device_logits, pick_device
+from visionflow.model.pretrained import load_pretrained
 from visionflow.stages import main
 
 
@@ -50,60 +46,9 @@ class TrainResult:
     device: str
 
 
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of a uint8 N×C×H×W tensor, in [0, 1] units."""
-    xf = x[:8192].float().div_(255)
-    return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-
-
 def config_hash(params: Params) -> str:
     keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_pretrained(model: nn.Module, spec: str) -> set[str]:
-    """Copy matching tensors from local weights (or torchvision hub weights when online).
-
-    Returns the names of the parameters that were loaded (the backbone); the rest (the new
-    head, a changed stem) start fresh.
-    """
-    if spec.startswith("torchvision:"):
-        state = _torchvision_weights(model, spec.split(":", 1)[1])
-        state = {f"net.{k}": v for k, v in state.items()}
-    else:
-        if not Path(spec).is_file():
-            raise ConfigError(f"train.pretrained={spec!r}: file not found")
-        blob = torch.load(spec, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else {}
-    own = model.state_dict()
-    fresh = {"mean", "std", *_head_keys(model)}  # new data's normalisation, a new head
-    matched = {k: v for k, v in state.items()
-               if k in own and own[k].shape == v.shape and k not in fresh}
-    if not matched:
-        raise ConfigError(f"train.pretrained={spec!r}: no tensor matches the model")
-    model.load_state_dict(matched, strict=False)
-    return {n for n, _ in model.named_parameters() if n in matched}
-
-
-def _head_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the final Linear layer: the head that transfer learning replaces."""
-    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    return [f"{last}.weight", f"{last}.bias"]
-
-
-def _torchvision_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    arch = type(model.net).__name__.lower()
-    try:
-        weights = torchvision.models.get_model_weights(arch)[name]
-        return weights.get_state_dict(progress=False)
-    except Exception as err:  # offline or unknown weights
-        raise ConfigError(f"train.pretrained='torchvision:{name}': cannot load ({err})") from None
-
-
-def _set_frozen(model: nn.Module, backbone: set[str], frozen: bool) -> None:
-    for name, p in model.named_parameters():
-        if name in backbone:
-            p.requires_grad_(not frozen)
 
 
 def run(params: Params, layout: Layout) -> TrainResult:
@@ -122,142 +67,91 @@ def run(params: Params, layout: Layout) -> TrainResult:
     arch = Arch(cfg.model, len(classes), cache["image_size"], cache["channels"], mean, std,
                 classes)
     model = build_classifier(arch)
-    backbone = load_pretrained(model, cfg.pretrained) if cfg.pretrained else set()
-    if cfg.model == "fast" and not backbone:
-        sample = cache["train_x"][:5000].float().div(255)
-        init_whitening(model.net, (sample - model.mean) / model.std)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
+    backbone = load_pretrained(model, cfg.pretrained, cfg.model) if cfg.pretrained else set()
     train_x, train_y, streaming = _place(cache["train_x"], cache["train_y"], device)
-    world_batch = cfg.batch_size * dist.world
-    steps_per_epoch = max(1, len(train_x) // world_batch)
-    total = steps_per_epoch * cfg.epochs
-    optimizer = engine.make_optimizer(model, cfg, backbone)
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: engine.lr_factor(s, total, warmup, cfg.schedule))
-    scaler = engine.make_scaler(device, cfg.amp)
-    ema = engine.make_ema(model, cfg.ema_decay)
-    gens = {  # the permutation is shared by all ranks; augmentation differs per rank
-        "perm": torch.Generator(device=train_x.device).manual_seed(params.seed),
-        "aug": torch.Generator(device=device).manual_seed(params.seed + 1000 * dist.rank),
-    }
+    fit_run = FitRun(model, train_x, train_y, Recipe.from_params(cfg), params.augment,
+                     num_classes=len(classes), device=device, seed=params.seed, dist=dist,
+                     backbone=backbone)
     chash = config_hash(params)
-    start_epoch, history = 0, []
-    resumed = engine.restore_checkpoint(layout.checkpoint, chash, model, optimizer, scheduler,
-                                        scaler, ema, gens)
+    history: list[dict[str, Any]] = []
+    resumed = engine.restore_checkpoint(layout.checkpoint, chash)
     if resumed is not None:
-        start_epoch, history = resumed
-        _log(dist, f"resuming from {layout.checkpoint} after epoch {start_epoch}")
+        state, history = resumed
+        fit_run.load_state_dict(state)
+        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}")
     if streaming:
         _log(dist, "dataset larger than half the free device memory: streaming batches "
                    "from pinned host memory")
-    step_model: nn.Module = model
-    if dist.enabled:
-        step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
+    val_x = cache["val_x"].to(device) if dist.main and len(cache["val_x"]) else None
+    val_y = cache["val_y"].to(device) if val_x is not None else None
 
-    loop = _Loop(params, step_model, optimizer, scheduler, scaler, ema, gens, device, dist,
-                 len(classes), steps_per_epoch)
-    t_start, images_seen = time.perf_counter(), 0
     with _run_context(layout, params, device, dist):
-        bar = engine.Progress(total, enabled=cfg.progress and dist.main,
-                              start=start_epoch * steps_per_epoch)
-        best, stale = -1.0, 0
-        for epoch in range(start_epoch, cfg.epochs):
-            _set_frozen(model, backbone, frozen=epoch < cfg.freeze_epochs)
-            t0 = time.perf_counter()
-            loss_sum, correct, seen = loop.epoch(train_x, train_y, bar)
-            dt = time.perf_counter() - t0
-            images_seen += seen * dist.world
-            eval_model = ema.module if ema is not None else model
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
-                   "train_top1": correct / max(1, seen),
-                   "val_top1": _accuracy(eval_model, cache, device) if dist.main else None,
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "img_per_s": seen * dist.world / dt, "seconds": dt}
-            if device.type == "cuda":
-                row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            history.append(row)
-            if dist.main:
-                _log_epoch(row)
-                engine.save_checkpoint(layout.checkpoint, engine.checkpoint_state(
-                    chash, epoch + 1, model, optimizer, scheduler, scaler, ema, gens, history))
-            if row["val_top1"] is not None and cfg.early_stop_patience:
-                best, stale = (row["val_top1"], 0) if row["val_top1"] > best else (best, stale + 1)
-            if _should_stop(dist, stale, cfg.early_stop_patience, t_start, cfg.time_budget_s):
-                break
-        bar.close()
+        t_start = time.perf_counter()
+        epochs = _EpochLog(params, layout, dist, device, chash, history, val_x, val_y, t_start)
+        bar = engine.Progress(fit_run.total, start=fit_run.step) \
+            if cfg.progress and dist.main else None
+        try:
+            result = fit_run.run([epochs], progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         if dist.main:
-            final = ema.module if ema is not None else model
-            if cfg.calibrate and len(cache["val_x"]):
-                arch.temperature = _calibrate(final, cache, device)
+            final = result.model
+            if cfg.calibrate and val_x is not None:
+                arch.temperature = _calibrate(final, val_x, val_y, device)
                 _log(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
-                           f"{len(cache['val_x'])} val images)")
+                           f"{len(val_x)} val images)")
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             write_csv(layout.history, history)
             _log_artifact(layout.history)
     if dist.main:
         layout.checkpoint.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t_start
+    seconds = sum(row["seconds"] for row in history)
+    images = sum(row["seconds"] * row["img_per_s"] for row in history)
     return TrainResult(layout.model, len(history), history[-1]["val_top1"] if history else None,
-                       seconds, images_seen / max(seconds, 1e-9), str(device))
+                       seconds, images / max(seconds, 1e-9), str(device))
 
 
-class _Loop:
-    """One epoch of augmented mini-batch SGD on device-resident (or streamed) data."""
+class _EpochLog:
+    """The stage's epoch callback: val accuracy, history row, MLflow, checkpoint, early stop
+    and time budget. Runs between epochs, outside `fit`'s timed window."""
 
-    def __init__(self, params, model, optimizer, scheduler, scaler, ema, gens, device, dist,
-                 num_classes, steps) -> None:
-        self.p, self.model, self.opt, self.sched = params, model, optimizer, scheduler
-        self.scaler, self.ema, self.gens, self.device = scaler, ema, gens, device
-        self.dist, self.num_classes, self.steps = dist, num_classes, steps
+    def __init__(self, params: Params, layout: Layout, dist, device, chash: str,
+                 history: list[dict[str, Any]], val_x, val_y, t_start: float) -> None:
+        self.cfg, self.layout, self.dist, self.device = params.train, layout, dist, device
+        self.chash, self.history, self.val_x, self.val_y = chash, history, val_x, val_y
+        self.t_start = t_start
+        self.best = max((r["val_top1"] for r in history if r.get("val_top1") is not None),
+                        default=-1.0)
+        self.stale = _stale_epochs(history)
 
-    def epoch(self, train_x, train_y, bar) -> tuple[float, int, int]:
-        cfg, aug, d = self.p.train, self.p.augment, self.dist
-        self.model.train()
-        perm = torch.randperm(len(train_x), device=train_x.device, generator=self.gens["perm"])
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        for i in range(self.steps):
-            start = (i * d.world + d.rank) * cfg.batch_size
-            idx = perm[start:start + cfg.batch_size]
-            xb = augment_batch(train_x[idx].to(self.device, non_blocking=True), aug,
-                               self.gens["aug"])
-            yb = train_y[idx].to(self.device, non_blocking=True)
-            target = yb
-            if aug.mix_p > 0:
-                xb, target = mix_batch(xb, yb, self.num_classes, aug, self.gens["aug"])
-            if cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with engine.autocast(self.device, cfg.amp):
-                logits = self.model(xb)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                self.scaler.unscale_(self.opt)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.sched.step()
-            if self.ema is not None:
-                self.ema.update_parameters(_unwrap(self.model))
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == yb).sum()
-            seen += len(idx)
-            bar.advance(len(idx), loss, correct, seen)
-        return float(loss_sum), int(correct), seen
+    def __call__(self, e: EpochEnd) -> bool:
+        val = _accuracy(e.model, self.val_x, self.val_y) if self.val_x is not None else None
+        e.metrics["val_top1"] = val
+        row = {"epoch": e.epoch, "train_loss": e.train_loss, "train_top1": e.train_top1,
+               "val_top1": val, "lr": e.lr, "img_per_s": e.images / max(e.seconds, 1e-9),
+               "seconds": e.seconds}
+        if self.device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.history.append(row)
+        if self.dist.main:
+            _log_epoch(row)
+            engine.save_checkpoint(self.layout.checkpoint, self.chash, e.run.state_dict(),
+                                   self.history)
+        if val is not None and self.cfg.early_stop_patience:
+            self.best, self.stale = (val, 0) if val > self.best else (self.best, self.stale + 1)
+        return _should_stop(self.stale, self.cfg.early_stop_patience, self.t_start,
+                            self.cfg.time_budget_s)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+def _stale_epochs(history: list[dict[str, Any]]) -> int:
+    """Epochs since the best val accuracy (to resume early stopping where it was)."""
+    best, stale = -1.0, 0
+    for r in history:
+        v = r.get("val_top1")
+        if v is not None:
+            best, stale = (v, 0) if v > best else (best, stale + 1)
+    return stale
 
 
 def _place(x: torch.Tensor, y: torch.Tensor, device: torch.device):
@@ -267,28 +161,23 @@ def _place(x: torch.Tensor, y: torch.Tensor, device: torch.device):
     return x.pin_memory(), y.pin_memory(), True
 
 
-def _accuracy(model: nn.Module, cache: dict, device: torch.device) -> float | None:
-    if not len(cache["val_x"]):
-        return None
-    logits = predict_logits(model, cache["val_x"], 512, device)
-    return float((logits.argmax(1) == cache["val_y"]).float().mean())
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 on the device: bf16 on CUDA, large batches, one number back."""
+    logits = device_logits(model, x, 1024, tta=0, amp=True)
+    return float((logits.argmax(1) == y).float().mean())
 
 
-def _calibrate(model: nn.Module, cache: dict, device: torch.device) -> float:
-    t = round(fit_temperature(predict_logits(model, cache["val_x"], 512, device),
-                              cache["val_y"]), 6)
+def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
+    logits = device_logits(model, x, 1024, device).cpu()
+    t = round(fit_temperature(logits, y.cpu()), 6)
     mlflow.log_metric("temperature", t)
     return t
 
 
-def _should_stop(dist, stale, patience, t_start, budget) -> bool:
-    stop = bool(patience and stale >= patience) or bool(
+def _should_stop(stale: int, patience: int | None, t_start: float,
+                 budget: float | None) -> bool:
+    return bool(patience and stale >= patience) or bool(
         budget and time.perf_counter() - t_start > budget)
-    if dist.enabled:  # every rank must agree, or DDP hangs
-        flag = torch.tensor([float(stop)])
-        tdist.broadcast(flag, src=0)
-        stop = bool(flag.item())
-    return stop
 
 
 @contextlib.contextmanager
@@ -300,11 +189,32 @@ def _run_context(layout: Layout, params: Params, device: torch.device, dist):
     tags = {"stage": "train", "data_hash": _data_hash(layout), "device": str(device),
             "world_size": str(dist.world)}
     name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.new_run(layout, name, tags) as run:
+    with tracking.new_run(layout, name, tags) as run, _system_metrics(run.info.run_id):
         mlflow.log_params(tracking.flat_params(params.dump()))
         tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
         tracking.log_dir_or_file(layout.policy, "data")
         yield run
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+@contextlib.contextmanager
+def _system_metrics(run_id: str):
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network;
+    GPU utilisation and memory through NVML when a GPU is there) every 10 s during training,
+    plus one last sample at the end, so that a run shorter than the interval has one too."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()  # joins the sampling thread
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 def _log_epoch(row: dict[str, Any]) -> None:

@@ -1,0 +1,241 @@
+"""Every GPU figure of issue #14 in one run (`bench/gpu_bench.sh OUT` calls this).
+
+Steps (numbered as in the issue), each writing `OUT/<n>_<name>.json` as soon as it ends, so a
+run cut off by the device's time limit still returns what it finished:
+
+1. `fast`: the cifar10-fast preset, one warm-up run excluded, then >= 5 seeds: seconds of
+   whitening + training + the final flip-TTA test evaluation (as the speed records count) and
+   flip-TTA test accuracy; median and spread; per-epoch accuracy measured outside the clock.
+2. throughput: ResNet-18 with the full augmentation policy, the project's `fit` loop against a
+   plain GPU-resident loop and a DataLoader loop, side by side; eager, then compiled.
+3. `cifar10-resnet18` preset: training time until flip-TTA test accuracy first reaches 92%
+   (checked after every epoch, outside the clock).
+4. augmentation ops against kornia and torchvision v2 on GPU batches.
+5. the CUDA-only tests: `pytest -m gpu` on the test files that need no pydantic or MLflow.
+
+Run order is 1, 3, 2 (eager), 4, 5, 2 (compiled): the compiled pass is the least certain in
+time. Needs torch, torchvision, numpy, Pillow, PyYAML, pytest (and kornia for step 4): what the
+GPU machine has, plus the kornia wheels. `--dry-run` runs every step on the CPU at toy sizes
+(a test does, so this script cannot rot) with pydantic and MLflow made unimportable, as there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (HERE, ROOT / "src"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+BLOCKED = ("pydantic", "mlflow")  # not on the GPU machine: the dry run proves we do without
+
+import torch  # noqa: E402
+from cifar_data import load_cifar  # noqa: E402
+from cifar_fast import summary, train_seed  # noqa: E402
+
+from visionflow.presets import load_raw  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def log(msg: str) -> None:
+    print(f"[{elapsed():6.1f}s] {msg}", flush=True)
+
+
+def write(out: Path, name: str, payload: dict) -> None:
+    tmp = out / f".{name}.tmp"
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, out / name)
+    log(f"wrote {name}")
+
+
+def environment(device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cpus": os.cpu_count(), "device": str(device)}
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
+                   cudnn=torch.backends.cudnn.version())
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,"
+                 "temperature.gpu,power.draw", "--format=csv"], capture_output=True,
+                text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as err:
+            env["nvidia_smi"] = f"unavailable: {err}"
+    return env
+
+
+def step_fast(data: dict, a: argparse.Namespace, device: torch.device, out: Path,
+              deadline: float) -> None:
+    raw = load_raw(ROOT / "params.yaml", "cifar10-fast")
+    over = {"epochs": a.fast_epochs, "batch_size": a.fast_batch} if a.dry_run else {}
+    log("1 fast: warm-up run (not counted)")
+    warm = train_seed(data, raw, 999, device, eval_every=0,
+                      **({"epochs": 1} if not a.dry_run else over))
+    rows: list[dict] = []
+    res: dict = {"preset": "cifar10-fast", "target": 0.905, "metric": "flip-TTA test top-1",
+                 "counted": "whitening + training + final flip-TTA evaluation",
+                 "warmup_seconds": warm["seconds"], "runs": rows}
+    for seed in range(a.seeds):
+        if rows and time.perf_counter() > deadline:
+            res["cut"] = f"time: {len(rows)} of {a.seeds} seeds"
+            break
+        row = train_seed(data, raw, seed, device, eval_every=1, tta=1, target=0.905, **over)
+        rows.append(row)
+        log(f"1 fast seed {seed}: {row['seconds']:.2f} s, tta1 {row['tta1']:.4f}, "
+            f"tta2 {row['tta2']:.4f}, first epoch >= 90.5%: {row['epoch_at_target']}")
+        res["summary"] = summary(rows) | {
+            "reached": sum(r["tta1"] >= 0.905 for r in rows),
+            "seconds_to_target_median": statistics.median(
+                [r["seconds_to_target"] for r in rows if r["seconds_to_target"]] or [0.0]),
+            "tta2_mean": statistics.mean(r["tta2"] for r in rows)}
+        write(out, "1_fast.json", res)
+
+
+def step_resnet(data: dict, a: argparse.Namespace, device: torch.device, out: Path,
+                deadline: float) -> None:
+    raw = load_raw(ROOT / "params.yaml", "cifar10-resnet18")
+    over = {"epochs": 1, "batch_size": 16} if a.dry_run else {}
+
+    def subset(n: int) -> dict:
+        return {k: (v[:: max(1, len(v) // n)][:n] if k.endswith(("_x", "_y")) else v)
+                for k, v in data.items()}
+
+    if a.dry_run:
+        data = subset(32)
+    log("3 resnet18: warm-up on a subset (not counted)")
+    train_seed(subset(4096 if not a.dry_run else 16), raw, 999, device, **(over or {"epochs": 1}))
+    row = train_seed(data, raw, 0, device, eval_every=1, tta=1, target=0.92,
+                     stop_at_target=True, deadline=deadline, **over)
+    row |= {"preset": "cifar10-resnet18", "metric": "flip-TTA test top-1",
+            "reached": row["epoch_at_target"] is not None,
+            "best_tta1": max((r.get("test_tta1", 0.0) for r in row["per_epoch"]), default=0.0)}
+    log(f"3 resnet18: epochs {row['epochs']}, to 92%: {row['seconds_to_target']} s, "
+        f"best tta1 {row['best_tta1']:.4f}")
+    write(out, "3_resnet18.json", row)
+
+
+def step_throughput(data: dict, a: argparse.Namespace, device: torch.device, out: Path,
+                    compile: bool, results: dict) -> None:
+    from bench_throughput import measure, report
+
+    kw = ({"model": "fast", "batch": 16, "block": 2, "rounds": 2, "workers": 0}
+          if a.dry_run else {"model": "resnet18", "batch": 512, "block": 20, "rounds": 5,
+                             "workers": max(1, (os.cpu_count() or 2) - 2)})
+    log(f"2 throughput: compile={compile}")
+    res = measure(data["train_x"], data["train_y"], device=device, compile=compile, **kw)
+    report(res)
+    results["compiled" if compile else "eager"] = res
+    write(out, "2_throughput.json", results)
+
+
+def step_augment(a: argparse.Namespace, device: torch.device, out: Path) -> None:
+    from bench_augment import run_all
+
+    log("4 augment ops vs kornia vs torchvision v2")
+    kw = {"batch": 64, "reps": 2, "warmup": 1} if a.dry_run else {"reps": 30, "warmup": 5}
+    write(out, "4_augment.json", run_all(str(device.type), **kw))
+
+
+def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
+    log("5 pytest -m gpu")
+    files = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py"]
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in BLOCKED)
+    code = (f"import sys; {block}; import pytest; "
+            f"sys.exit(pytest.main(['-q', '-m', 'gpu', '-p', 'no:cacheprovider', *sys.argv[1:]]))")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, *files], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        rc, text = -1, f"timeout after {timeout:.0f} s\n{err.stdout or ''}"
+    print(text[-3000:], flush=True)
+    last = [ln for ln in text.splitlines() if ln.strip()][-1:] or [""]
+    write(out, "5_gpu_tests.json", {"files": files, "returncode": rc, "summary": last[0],
+                                    "seconds": time.perf_counter() - t0,
+                                    "output_tail": text[-6000:]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--archive", default=str(ROOT / ".gpu" / "cifar10-jpeg.tar.gz"))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=520, help="seconds for all steps")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, every step")
+    ap.add_argument("--steps", default="1,3,2e,4,5,2c", help="order; 2e/2c: eager/compiled")
+    a = ap.parse_args()
+    a.fast_epochs, a.fast_batch = 1, 64
+    if a.dry_run:
+        for m in BLOCKED:
+            sys.modules[m] = None  # type: ignore[assignment]
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.compile = functools.partial(torch.compile, backend="eager")  # trace, no codegen
+    device = torch.device("cpu" if a.dry_run or not torch.cuda.is_available() else "cuda")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"decoding {a.archive}")  # before CUDA starts: the decoder forks worker processes
+    data = load_cifar(a.archive, limit=256 if a.dry_run else None)
+    decode_s = round(elapsed(), 1)
+    env = environment(device) | {"dry_run": a.dry_run, "argv": sys.argv}
+    log(f"device {env.get('gpu', device)}")
+    env["decode_seconds"] = decode_s
+    env["images"] = {"train": len(data["train_x"]), "test": len(data["test_x"])}
+    write(out, "env.json", env)
+    end = T0 + a.budget
+    throughput: dict = {}
+    # each step's share of what is left: it ends early (fewer seeds, fewer epochs) past it
+    shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.5, "2c": 1.0}
+    for step in a.steps.split(","):
+        left = end - time.perf_counter()
+        if left < 10:
+            log(f"step {step} skipped: budget spent")
+            write(out, f"skipped_{step}.json", {"step": step, "why": "budget spent"})
+            continue
+        deadline = time.perf_counter() + shares.get(step, 0.3) * left
+        try:
+            if step == "1":
+                step_fast(data, a, device, out, deadline)
+            elif step == "3":
+                step_resnet(data, a, device, out, deadline)
+            elif step in ("2e", "2c"):
+                step_throughput(data, a, device, out, step == "2c", throughput)
+            elif step == "4":
+                step_augment(a, device, out)
+            elif step == "5":
+                step_tests(a, out, timeout=max(30.0, shares["5"] * left))
+            else:
+                raise ValueError(f"unknown step {step!r}")
+        except Exception as err:  # one broken step must not cost the others
+            traceback.print_exc()
+            write(out, f"error_{step}.json", {"step": step, "error": repr(err),
+                                              "traceback": traceback.format_exc()[-4000:]})
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

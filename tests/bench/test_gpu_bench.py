@@ -1,0 +1,80 @@
+"""`bench/gpu_bench.sh --dry-run`: every GPU step on the CPU at toy sizes, with pydantic and
+MLflow unimportable (as on the GPU machine), so the one GPU command cannot rot."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def _tiny_archive(path: Path, per_class: int = 13) -> Path:
+    """A CIFAR-10-shaped JPEG archive: train/<class>/*.jpg and test/<class>/*.jpg, 32x32,
+    plus a member that must be skipped (a path outside the split folders)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for split, n in (("train", per_class), ("test", 4)):
+            for c, name in enumerate(CLASSES):
+                for i in range(n):
+                    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                    img[..., c % 3] //= 2
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="JPEG")
+                    add(f"{split}/{name}/{i:04d}.jpg", buf.getvalue())
+        add("../escape.jpg", b"not an image")
+    return path
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_step(tmp_path: Path):
+    archive = _tiny_archive(tmp_path / "tiny.tar.gz")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
+                "--archive", str(archive), "--seeds", "2", "--budget", "600"], REPO,
+               check=False, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(("error_", "skipped_"))], (
+        names, proc.stdout[-4000:])
+    assert names == ["1_fast.json", "2_throughput.json", "3_resnet18.json", "4_augment.json",
+                     "5_gpu_tests.json", "env.json", "log.txt"]
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["dry_run"] and env_json["images"] == {"train": 130, "test": 40}
+
+    fast = json.loads((out / "1_fast.json").read_text())
+    assert len(fast["runs"]) == 2 and fast["summary"]["n"] == 2
+    assert all(r["seconds"] > 0 and 0 <= r["tta1"] <= 1 for r in fast["runs"])
+    assert fast["runs"][0]["per_epoch"][0]["test_tta1"] >= 0
+
+    tput = json.loads((out / "2_throughput.json").read_text())
+    for mode in ("eager", "compiled"):
+        med = tput[mode]["median"]
+        assert set(med) == {"plain-dataloader", "plain-resident", "visionflow"}
+        assert all(v > 0 for v in med.values())
+
+    resnet = json.loads((out / "3_resnet18.json").read_text())
+    assert resnet["preset"] == "cifar10-resnet18" and resnet["epochs"] == 1
+    assert resnet["target"] == 0.92 and "best_tta1" in resnet
+
+    aug = json.loads((out / "4_augment.json").read_text())
+    assert any("kornia" in c for t in aug["tables"].values() for c in t)
+
+    tests = json.loads((out / "5_gpu_tests.json").read_text())
+    assert tests["returncode"] == 0 and "skipped" in tests["summary"], tests["output_tail"]
