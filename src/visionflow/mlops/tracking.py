@@ -1,4 +1,5 @@
-"""MLflow wiring: one sqlite store under `mlruns/`, one run per pipeline execution.
+"""MLflow wiring: one run per pipeline execution, in the project's sqlite store under
+`mlruns/`, or on the tracking server `MLFLOW_TRACKING_URI` names (the team stack).
 
 train opens the run and records its id in `outputs/train/run.json`; evaluate, compress
 and register log into the same run, so a pipeline is one row in `mlflow ui`.
@@ -25,8 +26,16 @@ def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (`http(s)://`, Databricks), which stores artifacts itself; any
+    other store (sqlite, a folder, a database URL) has its artifacts written by the client."""
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
 def ui_command(layout: Layout) -> str:
     uri = tracking_uri(layout)
+    if is_server(uri):
+        return f"open {uri} (the tracking server's UI)"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -49,19 +58,37 @@ def use_uri(uri: str) -> None:
 
 
 def setup(layout: Layout) -> str:
-    """Point MLflow at the project store and make sure the experiment exists."""
+    """Point MLflow at the project store and make sure the experiment exists.
+
+    A tracking server decides itself where artifacts go (with `--serve-artifacts`: its
+    object store, reached through it), so no path of this machine is pinned into a shared
+    experiment; any other store keeps them in the project (`mlruns/artifacts`)."""
     quiet_env()
     import mlflow
 
-    use_uri(tracking_uri(layout))
+    uri = tracking_uri(layout)
+    use_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        artifacts = layout.mlflow_artifacts.as_uri()
-        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        artifacts = None if is_server(uri) else layout.mlflow_artifacts.as_uri()
+        exp_id = _create_experiment(mlflow, artifacts)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _create_experiment(mlflow: Any, artifacts: str | None) -> str:
+    """Create the experiment; another host creating it at the same moment is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except MlflowException:
+        exp = mlflow.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextmanager

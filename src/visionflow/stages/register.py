@@ -111,8 +111,9 @@ def run(params: Params, layout: Layout) -> Registration:
 
     with tracking.stage_run(layout) as run:
         uri = mlflow.get_tracking_uri()
-        with registry.registry_lock(uri):
+        with registry.registry_lock(uri) as lock:
             client = MlflowClient()
+            registry.abandon_interrupted(client, cfg.model_name, run.info.run_id)
             ch_logits, model, arch = challenger_logits(layout, cache, params)
             scores = score_logits(ch_logits, target, arch.classes, params.evaluate.topk,
                                   params.evaluate.calibration_bins)
@@ -134,6 +135,7 @@ def run(params: Params, layout: Layout) -> Registration:
                               validation, tags, decision, run)
             client.update_model_version(cfg.model_name, version, description=card)
             _describe_registered_model(client, cfg.model_name, cfg.alias)
+            lock.check()  # still ours (a restarted database drops it): else retry it all
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
         write_text(layout.gate_report, report)
         write_text(layout.model_card, card)
