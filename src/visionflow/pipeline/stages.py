@@ -1,5 +1,8 @@
 """The six stages by name: the one table both drivers (DVC via `vflow stage`, Prefect via
-`flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`."""
+`flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`.
+
+When params ask for more than one training process (`train.nodes`, `train.procs_per_node`),
+train runs through torchrun in a subprocess (`pipeline/launch.py`), for both drivers."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 from visionflow.config import STAGE_NAMES, Params
 from visionflow.env import quiet_env
 from visionflow.layout import Layout
+from visionflow.pipeline import launch
 
 STAGES: dict[str, str] = {name: f"visionflow.stages.{name}" for name in STAGE_NAMES}
 
@@ -20,4 +24,6 @@ def stage_function(name: str) -> Callable[[Params, Layout], Any]:
 
 def run_stage(name: str, params: Params, layout: Layout) -> Any:
     quiet_env()
+    if name == "train" and launch.wanted(params):
+        return launch.train(params, layout)
     return stage_function(name)(params, layout)
