@@ -82,7 +82,10 @@ def status(root: RootOpt = Path(".")) -> None:
 @stack_app.command("worker")
 def worker(root: RootOpt = Path("."),
            name: Annotated[str | None, typer.Option(help="worker name")] = None,
-           limit: Annotated[int, typer.Option(min=1, help="flow runs at once")] = 1) -> None:
+           limit: Annotated[int, typer.Option(min=1, help="flow runs at once")] = 1,
+           queue: Annotated[str, typer.Option(help="the pool's work queue it takes runs "
+                                                "from (e.g. one per host)")] = "default",
+           ) -> None:
     """Run a process worker here, in the foreground, for another host of the team: it takes
     runs of the stack's pool and runs them in this checkout. Needs PREFECT_API_URL (and
     MLFLOW_TRACKING_URI, VFLOW_REGISTRY_LOCK_URL) in the environment: `source env.sh`."""
@@ -99,5 +102,5 @@ def worker(root: RootOpt = Path("."),
     os.environ["VFLOW_CHECKOUT"] = str(root.resolve())
     os.chdir(root)
     cmd = services.worker_command(name or f"{socket.gethostname()}-{root.resolve().name}",
-                                  limit)
+                                  limit, queue)
     os.execv(cmd[0], cmd)

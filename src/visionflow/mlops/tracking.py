@@ -9,16 +9,40 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from visionflow.env import quiet_env
+from visionflow.errors import VisionflowError
 from visionflow.files import write_json
 from visionflow.layout import Layout
 
 EXPERIMENT = "visionflow"
+_PROXY_CALL = re.compile(r"API request to (https?://[^/\s]+)(/api/2\.0/mlflow-artifacts)\S* "
+                         r"failed with exception (.*)", re.DOTALL)
+
+
+class ArtifactStoreUnavailable(VisionflowError):
+    """The tracking server answered, its artifact store did not (one line)."""
+
+    exit_code = 1
+
+
+def artifact_store_error(err: BaseException) -> str | None:
+    """One line naming the endpoints when `err` is the tracking server's artifact proxy
+    failing (its object store down), else None."""
+    m = _PROXY_CALL.search(str(err))
+    if not m:
+        return None
+    cause = m.group(3).strip().splitlines()[0]
+    cause = (re.search(r"Caused by (\w+\(.*?\))\)?$", cause) or re.search(r"(.*)", cause)).group(1)
+    store = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    behind = f" (object store {store})" if store else ""
+    return (f"artifact store unavailable: {m.group(1)}{m.group(2)}{behind} failed: "
+            f"{cause[:200]}; nothing was registered")
 
 
 def tracking_uri(layout: Layout) -> str:
@@ -30,6 +54,22 @@ def is_server(uri: str) -> bool:
     """A tracking server (`http(s)://`, Databricks), which stores artifacts itself; any
     other store (sqlite, a folder, a database URL) has its artifacts written by the client."""
     return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+PROXY_ONLY = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+              "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}
+
+
+def proxy_artifacts() -> None:
+    """Artifacts go through the tracking server, both ways.
+
+    MLflow 3's server advertises presigned downloads when its artifact store is S3, and
+    clients then fetch from the object store directly, at the address the *server* uses
+    for it (loopback in `vflow stack`, a private endpoint in most clouds). A client of a
+    team server needs only its HTTP URI: these defaults keep it that way (set them to true
+    where every host can reach the store, to take load off the server)."""
+    for key, value in PROXY_ONLY.items():
+        os.environ.setdefault(key, value)
 
 
 def ui_command(layout: Layout) -> str:
@@ -49,6 +89,8 @@ def use_uri(uri: str) -> None:
     """
     import mlflow
 
+    if is_server(uri):
+        proxy_artifacts()
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:

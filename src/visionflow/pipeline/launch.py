@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,12 +58,37 @@ def command(params: Params, params_file: Path, root: Path,
     if cfg.nodes == 1 and cfg.rdzv_endpoint is None:
         cmd.append("--standalone")
     else:
+        host, port = str(cfg.rdzv_endpoint).rsplit(":", 1)
+        host = host.strip("[]")
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
                 f"--rdzv-id={cfg.rdzv_id}"]
+        if not is_local_address(host):
+            cmd.append("--rdzv-conf=is_host=false")
+        elif is_local_address(host, int(port)):  # (taken: another node here hosts it)
+            cmd.append("--rdzv-conf=is_host=true")
     if local_addr:
         cmd.append(f"--local-addr={local_addr}")
     return [*cmd, "-m", "visionflow.cli.main", "stage", "train", "--params", str(params_file),
             "--root", str(root)]
+
+
+def is_local_address(host: str, port: int = 0) -> bool:
+    """Whether this machine can bind `host` (and `port`, when given). torch decides which
+    node hosts the c10d store by comparing the endpoint with the host name, which misses an
+    interface's own address: then no node hosts it and every node waits for one."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((addr[0], port))
+                return True
+            except OSError:
+                continue
+    return False
 
 
 def resolved_params(params: Params, layout: Layout) -> Path:

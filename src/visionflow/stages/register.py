@@ -24,6 +24,7 @@ from typing import Any
 from visionflow.config import Params
 from visionflow.files import write_text
 from visionflow.layout import Layout
+from visionflow.mlops import tracking
 from visionflow.mlops.gate import Decision, GateConfig, decide
 
 
@@ -51,6 +52,8 @@ def version_logits(client: Any, name: str, version: str, cache: dict,
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=from_uri, dst_path=tmp))
         except Exception as err:  # artifacts gone (deleted store folder, ...)
+            if why := tracking.artifact_store_error(err):  # an outage: never "no champion"
+                raise tracking.ArtifactStoreUnavailable(why) from None
             return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
         weights = next(local.rglob("model.pt"), None)
         if weights is None:
@@ -98,7 +101,7 @@ def run(params: Params, layout: Layout) -> Registration:
     from mlflow import MlflowClient
 
     from visionflow.data.cache import load_cache
-    from visionflow.mlops import gate, registry, tracking
+    from visionflow.mlops import gate, registry
     from visionflow.model.metrics import headline, score_logits
 
     cfg = params.register_
@@ -128,7 +131,12 @@ def run(params: Params, layout: Layout) -> Registration:
                               GateConfig.from_params(cfg),
                               champ if champ_correct is not None else None, note)
 
-            info = log_pyfunc(layout, cfg.model_name, params)
+            try:
+                info = log_pyfunc(layout, cfg.model_name, params)
+            except Exception as err:
+                if why := tracking.artifact_store_error(err):
+                    raise tracking.ArtifactStoreUnavailable(why) from None
+                raise
             version = str(info.registered_model_version)
             report = decision.markdown(cfg.model_name, version)
             card = model_card(cfg.model_name, version, params, layout, arch, model, scores,

@@ -22,6 +22,7 @@ from typing import Any
 from visionflow.env import QUIET
 from visionflow.files import write_json, write_text
 from visionflow.layout import Layout
+from visionflow.mlops.tracking import PROXY_ONLY
 from visionflow.pipeline.servers import free_port, port_free
 from visionflow.pipeline.stack import objectstore, postgres, procs, services
 from visionflow.pipeline.stack.procs import StackError
@@ -145,7 +146,8 @@ class Stack:
                 "PREFECT_API_URL": self.url("prefect") + "/api",
                 LOCK_URL_VAR: lock,
                 "AWS_ACCESS_KEY_ID": c.s3_access_key, "AWS_SECRET_ACCESS_KEY": c.s3_secret_key,
-                "AWS_ENDPOINT_URL": self.url("s3"), **objectstore.CLIENT_ENV}
+                "AWS_ENDPOINT_URL": self.url("s3"), **objectstore.CLIENT_ENV,
+                **PROXY_ONLY}
 
     # ---------------------------------------------------------------- state
 
@@ -274,15 +276,15 @@ class Stack:
         env = {**procs.same_session_env(QUIET), **self.client_env(),
                "VFLOW_CHECKOUT": str(self.layout.root)}
         label = f"{socket.gethostname()}-{self.layout.root.name}-{name}"
-        proc = procs.spawn(services.worker_command(label), self.layout.stack_log(name), env,
-                           self.layout.root)
+        proc = procs.spawn(services.worker_command(label, queue=services.QUEUE),
+                           self.layout.stack_log(name), env, self.layout.root)
         self._record(name, proc.pid)
         procs.wait_until(lambda: label in services.workers_online(self.url("prefect") + "/api"),
                          f"worker {label}", timeout, self.layout.stack_log(name), proc)
 
     # ---------------------------------------------------------------- down, faults
 
-    def stop_service(self, name: str, timeout: float = 30.0) -> bool:
+    def stop_service(self, name: str, timeout: float = 10.0) -> bool:
         if name == "postgres":
             return bool(self.state["ports"].get("postgres")) and self.cluster().stop()
         stopped = procs.stop(self._pid(name), self._marker(name), timeout)
@@ -306,8 +308,10 @@ class Stack:
         for name in [*reversed(self.workers()), "prefect", "mlflow", "s3", "postgres"]:
             if name not in self.state["ports"] and not name.startswith("worker-"):
                 continue
+            t0 = time.perf_counter()
             was = self.stop_service(name)
-            log(f"{name}: {'stopped' if was else 'was not running'}")
+            log(f"{name}: {'stopped' if was else 'was not running'} "
+                f"({time.perf_counter() - t0:.1f} s)")
 
     def status(self) -> list[ServiceStatus]:
         out = []
@@ -333,19 +337,25 @@ class Stack:
         self.layout.stack_env.chmod(0o600)
 
     def configure_dvc(self, creds: Credentials) -> bool:
-        """The DVC remote `stack` (s3://dvc on this store) as the default, in
-        `.dvc/config.local` (git-ignored): the committed config is left alone."""
+        """The DVC remote `stack` on this store as the default (see `configure_dvc_remote`)."""
         if not self.layout.dvc_dir.is_dir():
             return False
-        from dvc.config import Config
-
-        with Config(str(self.layout.dvc_dir)).edit("local") as conf:
-            conf["remote"]["stack"] = {
-                "url": DVC_REMOTE_URL, "endpointurl": self.url("s3"),
-                "access_key_id": creds.s3_access_key,
-                "secret_access_key": creds.s3_secret_key}
-            conf["core"]["remote"] = "stack"
+        configure_dvc_remote(self.layout, self.url("s3"), creds.s3_access_key,
+                             creds.s3_secret_key)
         return True
+
+
+def configure_dvc_remote(layout: Layout, endpoint: str, access_key: str,
+                         secret_key: str) -> None:
+    """The DVC remote `stack` (s3://dvc/store at `endpoint`) as the default, in
+    `.dvc/config.local` (git-ignored): the committed config is left alone."""
+    from dvc.config import Config
+
+    with Config(str(layout.dvc_dir)).edit("local") as conf:
+        conf["remote"]["stack"] = {"url": DVC_REMOTE_URL, "endpointurl": endpoint,
+                                   "access_key_id": access_key,
+                                   "secret_access_key": secret_key}
+        conf["core"]["remote"] = "stack"
 
 
 def run_with_env(cmd: list[str], stack: Stack, **kw: Any) -> subprocess.CompletedProcess:

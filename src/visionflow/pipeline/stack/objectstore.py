@@ -45,8 +45,9 @@ def command(root: Path, host: str, port: int) -> list[str]:
 
 
 def server_env(access_key: str, secret_key: str) -> dict[str, str]:
-    """The keys through the environment (`ps` shows a command line)."""
-    return {"RCLONE_AUTH_KEY": f"{access_key},{secret_key}"}
+    """The keys through the environment (`ps` shows a command line). rclone reads a list
+    flag's variable as CSV: the pair is one quoted field."""
+    return {"RCLONE_AUTH_KEY": f'"{access_key},{secret_key}"'}
 
 
 def endpoint(host: str, port: int) -> str:

@@ -15,17 +15,18 @@ from pathlib import Path
 from visionflow.pipeline.stack.procs import StackError
 
 POOL = "visionflow-process"
+QUEUE = "default"  # the pool's own queue; a host can take its own (`vflow stack worker --queue`)
 MLFLOW_MARKER = "mlflow"
 PREFECT_MARKER = "prefect_compat"
 WORKER_MARKER = "worker"
 
 
 def mlflow_command(host: str, port: int) -> list[str]:
-    allowed = ",".join(f"{h},{h}:*" for h in dict.fromkeys((host, "127.0.0.1", "localhost")))
+    """(MLflow's own Host-header check admits loopback and private addresses; a public
+    name needs MLFLOW_SERVER_ALLOWED_HOSTS.)"""
     return [sys.executable, "-m", "mlflow", "server",
             "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts",
-            "--host", host, "--port", str(port), "--workers", "1",
-            "--allowed-hosts", allowed]
+            "--host", host, "--port", str(port), "--workers", "1"]
 
 
 def mlflow_env(backend_uri: str, s3_endpoint: str, access_key: str,
@@ -33,7 +34,9 @@ def mlflow_env(backend_uri: str, s3_endpoint: str, access_key: str,
     """Secrets go through the environment, not the command line (`ps` shows that). The
     tracking server alone holds the S3 keys: clients upload through it."""
     return {"MLFLOW_BACKEND_STORE_URI": backend_uri, "AWS_ACCESS_KEY_ID": access_key,
-            "AWS_SECRET_ACCESS_KEY": secret_key, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+            "AWS_SECRET_ACCESS_KEY": secret_key, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+            # a store that is down answers in seconds, not after boto's long back-off
+            "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
 
 
 def prefect_command(host: str, port: int, ui: bool) -> list[str]:
@@ -78,10 +81,10 @@ def deploy(env: Mapping[str, str], cwd: Path) -> str:
     return proc.stdout
 
 
-def worker_command(name: str, limit: int = 1) -> list[str]:
+def worker_command(name: str, limit: int = 1, queue: str | None = None) -> list[str]:
     return [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "worker", "start",
             "--pool", POOL, "--type", "process", "--name", name, "--limit", str(limit),
-            "--install-policy", "never"]
+            "--install-policy", "never", *(["--work-queue", queue] if queue else [])]
 
 
 def workers_online(api_url: str, timeout: float = 5) -> set[str]:
