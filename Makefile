@@ -48,6 +48,7 @@ test: install system-deps
 
 lint: install
 	$(BIN)/ruff check src flows tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf outputs .cache

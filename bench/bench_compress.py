@@ -37,23 +37,24 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 from visionflow.compression.measure import (
+    Runner,
     batch_of,
     count_macs,
     count_params,
+    eager_runner,
     interleaved_latency_ms,
     model_size_bytes,
+    ort_runner,
 )
-from visionflow.compression.onnx_export import OrtClassifier, export_onnx
+from visionflow.compression.onnx_export import export_onnx
 from visionflow.compression.prune import save_pruned, structured_prune
 from visionflow.compression.pt2e import quantize_pt2e_x86, torchao_available
 from visionflow.compression.quantize import quantize_int8_onnx
@@ -61,7 +62,6 @@ from visionflow.files import torch_save
 from visionflow.model.classifier import Arch, build_classifier
 
 SHAPE = (1, 3, 32, 32)
-Runner = Callable[[torch.Tensor], Callable[[], Any]]  # input batch -> timed zero-arg call
 
 
 @dataclass
@@ -71,20 +71,6 @@ class Variant:
     macs: int
     params: int
     runner: Runner
-
-
-def eager(model: nn.Module) -> Runner:
-    return lambda x: lambda: model(x)
-
-
-def ort(path: Path) -> Runner:
-    clf = OrtClassifier(path)  # intra-op threads = torch.get_num_threads()
-
-    def make(x: torch.Tensor) -> Callable[[], Any]:
-        feed = {clf.input_name: x.numpy()}
-        return lambda: clf.session.run(None, feed)
-
-    return make
 
 
 def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
@@ -104,11 +90,11 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
     small = (count_macs(pruned, SHAPE), count_params(pruned))
     pct = f"{args.prune_ratio:.0%}"
     variants = [
-        Variant("fp32 eager", fp32_pt, *full, eager(model)),
-        Variant("fp32 ORT", fp32_onnx, *full, ort(fp32_onnx)),
-        Variant("int8 QDQ ORT", int8_onnx, *full, ort(int8_onnx)),
-        Variant(f"pruned {pct} eager", pruned_pt, *small, eager(pruned)),
-        Variant(f"pruned {pct} ORT", pruned_onnx, *small, ort(pruned_onnx)),
+        Variant("fp32 eager", fp32_pt, *full, eager_runner(model)),
+        Variant("fp32 ORT", fp32_onnx, *full, ort_runner(fp32_onnx)),
+        Variant("int8 QDQ ORT", int8_onnx, *full, ort_runner(int8_onnx)),
+        Variant(f"pruned {pct} eager", pruned_pt, *small, eager_runner(pruned)),
+        Variant(f"pruned {pct} ORT", pruned_onnx, *small, ort_runner(pruned_onnx)),
     ]
     if torchao_available() and not args.no_torchao:
         import torch._inductor.config as inductor_config
@@ -118,12 +104,14 @@ def build_variants(args: argparse.Namespace, out: Path) -> list[Variant]:
         inductor_config.freezing = True
         int8_pt2e = quantize_pt2e_x86(model, calib)
         variants += [
-            Variant("fp32 torch.compile", None, *full, eager(torch.compile(model, dynamic=False))),
+            Variant(
+                "fp32 torch.compile", None, *full, eager_runner(torch.compile(model, dynamic=False))
+            ),
             Variant(
                 "int8 PT2E X86Inductor compile",
                 None,
                 *full,
-                eager(torch.compile(int8_pt2e, dynamic=False)),
+                eager_runner(torch.compile(int8_pt2e, dynamic=False)),
             ),
         ]
     return variants
@@ -252,7 +240,7 @@ def cifar_params(args: argparse.Namespace) -> dict[str, Any]:
 def cifar_main(args: argparse.Namespace) -> None:
     import time
 
-    from visionflow.config import apply_overrides, load_params, read_params_file
+    from visionflow.configfile import apply_overrides, load_params, read_params_file
     from visionflow.layout import Layout
     from visionflow.pipeline.stages import run_stage
 

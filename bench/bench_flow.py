@@ -38,7 +38,7 @@ STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
 def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:
     import yaml
 
-    from visionflow.config import apply_overrides, read_params_file
+    from visionflow.configfile import apply_overrides, read_params_file
 
     root = base / "proj"
     root.mkdir(parents=True)
@@ -61,7 +61,7 @@ def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:
 def worker(mode: str, root: Path) -> dict:
     """One sample, in this (fresh) process; prints one JSON line."""
     t_proc = time.perf_counter()
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
     from visionflow.layout import Layout
 
     layout = Layout.at(root)

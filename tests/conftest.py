@@ -71,7 +71,7 @@ def digits_dir() -> Path:
 
 
 def write_params(path: Path, overrides: dict) -> None:
-    from visionflow.config import apply_overrides, read_params_file
+    from visionflow.configfile import apply_overrides, read_params_file
 
     raw = apply_overrides(read_params_file(REPO / "params.yaml"), overrides)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

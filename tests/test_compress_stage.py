@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
@@ -326,28 +326,58 @@ def test_nothing_fits_nothing_registered(trained, tmp_path):
     assert len(client.search_model_versions(f"name='{name}'")) == len(before)
 
 
+def test_sweep_stops_at_first_miss_and_records_failures(trained, tmp_path, capsys):
+    """The library without the stage: a family's stronger strengths are skipped after its
+    first miss, and a method that fails is recorded (and printed), not raised."""
+    from visionflow.compression.context import Context
+    from visionflow.compression.sweep import build_variants
+    from visionflow.data.cache import load_cache
+    from visionflow.model.classifier import load_classifier
+
+    params = load_params(trained.params, {
+        **WIDE, "compress.methods": ["lowrank", "distill"], "compress.max_top1_drop": 0.0,
+        "compress.lowrank_energies": [0.5, 0.3], "compress.finetune_epochs": 0,
+        "compress.student_kwargs": {"no_such_argument": 1}})
+    model, arch = load_classifier(trained.model)
+    cache = load_cache(trained.cache)
+    ctx = Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
+                  cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
+                  seed=params.seed, device=torch.device("cpu"), out=tmp_path)
+    sweep = build_variants(ctx, trained.model)
+    # half the singular-value energy and no fine-tune: far over a budget of 0 points
+    assert [v.name for v in sweep.variants] == ["original", "lowrank50"]
+    assert sweep.variants[1].entry["top1_drop_points"] > 0
+    assert sweep.skipped[0] == {"name": "lowrank@0.3",
+                                "reason": "stop_at_first_miss: lowrank50 missed the budget"}
+    assert sweep.skipped[1]["name"] == "distill@None"
+    assert sweep.skipped[1]["reason"].startswith("failed: TypeError")
+    assert "no_such_argument" in sweep.skipped[1]["reason"]
+    assert "compress: distill@None failed: TypeError" in capsys.readouterr().out
+    assert len(sweep.skipped) == 2
+    assert {p.name for p in tmp_path.iterdir()} == {"lowrank50.pt", "lowrank50.onnx"}
+
+
 def test_params_yaml_matches_the_config_defaults():
     from conftest import REPO
 
-    from visionflow.config import CompressConfig, parse_params, read_params_file
+    from visionflow.config import CompressConfig
+    from visionflow.configfile import parse_params, read_params_file
 
     assert parse_params(read_params_file(REPO / "params.yaml")).compress == CompressConfig()
 
 
 def test_gpu_timing_code_path_on_cpu():
     """The stage's GPU timing (run only when CUDA is present), exercised with device='cpu'."""
-    from types import SimpleNamespace
-
+    from visionflow.compression.latency import measure_gpu
+    from visionflow.compression.variants import Variant
     from visionflow.config import CompressConfig
-    from visionflow.stages.compress import Variant, _measure_gpu
 
     cfg = CompressConfig(latency_batches=[1, 4], latency_reps=2, latency_reps_large=2,
                          latency_warmup=1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     variants = [Variant("a", "original", [], {}, model=net),
                 Variant("b", "int8", [], {}, model=None)]  # ONNX-only: not timed on a GPU
-    _measure_gpu(SimpleNamespace(cfg=cfg, variants=variants, example=torch.rand(1, 3, 8, 8)),
-                 device="cpu")
+    measure_gpu(variants, torch.rand(1, 3, 8, 8), cfg, device="cpu")
     gpu = variants[0].entry["latency"]["gpu"]["torch"]
     assert set(gpu) == {"b1", "b4"} and gpu["b1"]["median_ms"] > 0 and gpu["b4"]["reps"] == 2
     assert "latency" not in variants[1].entry

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionflow.data import ingest
+from visionflow.data import scan
 from visionflow.data.digits import N_DIGITS, materialize_digits
 from visionflow.errors import DataError
 
@@ -37,12 +37,12 @@ def test_layout_and_counts(digits_dir):
     with Image.open(files[0]) as img:
         assert (img.mode, img.size, img.format) == ("L", (8, 8), "PNG")
         assert img.getextrema()[1] <= 255
-    scan = ingest.scan_imagefolder(digits_dir)
-    assert len(scan.entries) == N_DIGITS and not scan.rejects and not scan.empty_classes
-    counts = Counter(e.split for e in scan.entries)
+    found = scan.scan_imagefolder(digits_dir)
+    assert len(found.entries) == N_DIGITS and not found.rejects and not found.empty_classes
+    counts = Counter(e.split for e in found.entries)
     assert counts["test"] == pytest.approx(0.2 * N_DIGITS, abs=10)
     assert counts["val"] == pytest.approx(0.1 * N_DIGITS, abs=10)
-    per_split = Counter((e.split, e.label) for e in scan.entries)
+    per_split = Counter((e.split, e.label) for e in found.entries)
     assert all(per_split[s, str(d)] > 0 for s in ("train", "val", "test") for d in range(10))
 
 

@@ -13,10 +13,11 @@ import pytest
 from conftest import make_project
 from test_validate_catalogue import write_imagefolder
 
-from visionflow.config import load_params, parse_params
+from visionflow.configfile import load_params, parse_params
 from visionflow.data import drift
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
+from visionflow.mlops import lineage
 from visionflow.pipeline.stages import run_stage
 
 CFG = parse_params({}).validate_
@@ -99,7 +100,7 @@ def test_pixel_and_size_shifts_are_drift():
 def test_no_registry_means_no_mlflow_import(tmp_path):
     code = (
         "import sys\n"
-        "from visionflow.data.drift import champion_summary\n"
+        "from visionflow.mlops.lineage import champion_summary\n"
         "from visionflow.layout import Layout\n"
         f"print(champion_summary(Layout.at({str(tmp_path)!r}), 'm')[1]['status'],"
         " 'mlflow' in sys.modules)\n"
@@ -190,10 +191,10 @@ def test_champion_summary_falls_back_to_validation_json(champion_project):
                                      source=f"runs:/{run.info.run_id}/model",
                                      run_id=run.info.run_id)
     client.set_registered_model_alias("visionflow-classifier", "champion", mv.version)
-    found, info = drift.champion_summary(layout, "visionflow-classifier")
+    found, info = lineage.champion_summary(layout, "visionflow-classifier")
     assert info["status"] == "ok" and info["artifact"] == "data/validation.json"
     assert found["classes"] == summary["classes"]
-    assert drift.champion_summary(layout, "no-such-model")[1]["status"] == "no_champion"
+    assert lineage.champion_summary(layout, "no-such-model")[1]["status"] == "no_champion"
 
 
 def test_validation_artifacts_go_to_the_active_run(champion_project):

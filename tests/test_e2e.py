@@ -1,5 +1,7 @@
 """End to end: `dvc repro` in a temporary git+DVC repo, then the Prefect flow on the same
-project; both drivers must write the same files and (deterministic CPU) the same metrics."""
+project. One notion of "up to date" (dvc.lock): after `dvc repro` the flow runs nothing; a
+code change in model/ reruns exactly train, evaluate, compress and register in both
+drivers; after the flow, `dvc repro` runs nothing."""
 
 from __future__ import annotations
 
@@ -67,19 +69,34 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     assert "top1" in metrics.stdout
     dvc_files = _outputs(root)
     dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
+    dvc_version = json.loads((root / "outputs/register/registration.json").read_text())["version"]
 
     from prefect.testing.utilities import prefect_test_harness
 
     flow_mod = runpy.run_path(str(root / "flows" / "retrain.py"))
     with prefect_test_harness(server_startup_timeout=120):
+        cached = flow_mod["retrain"](root=str(root))
+        assert cached["stages"] == dict.fromkeys(STAGES, "cached")  # dvc repro, then nothing
+        assert cached["version"] == dvc_version and _outputs(root) == dvc_files
+
+        # A code change in model/: DVC and the flow agree on exactly which stages it touches.
+        zoo = root / "src" / "visionflow" / "model" / "zoo.py"
+        zoo.write_text(zoo.read_text() + "\n# an edit\n")
+        stale = json.loads(run([dvc, "status", "--json"], root).stdout)
+        assert sorted(stale) == sorted(["train", "evaluate", "compress", "register"]), stale
         result = flow_mod["retrain"](root=str(root))
+    assert result["stages"] == {"validate": "cached", "augment": "cached", "train": "ran",
+                                "evaluate": "ran", "compress": "ran", "register": "ran"}
+    after_flow = run([dvc, "repro"], root)  # the flow recorded what it ran in dvc.lock
+    assert _ran(after_flow.stdout) == [], after_flow.stdout
     assert _outputs(root) == dvc_files
     flow_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     assert flow_metrics["top1"] == pytest.approx(dvc_metrics["top1"])
     assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
 
-    # Registry: the first model promoted (no champion yet), then the 1-epoch model (twice: dvc
-    # and the flow) judged against it. A promoted model also gets its `compact` version.
+    # Registry: the first model promoted (no champion yet), then the 1-epoch model (twice:
+    # dvc, and the flow after the code edit) judged against it. A promoted model also gets
+    # its `compact` version.
     from mlflow import MlflowClient
 
     from visionflow.layout import Layout

@@ -163,7 +163,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
 
     from visionflow.pipeline import stages
 
-    root = make_project(tmp_path / "proj", digits_dir, FAST)
+    root = make_project(tmp_path / "proj", digits_dir, FAST, git=True)  # dvc.lock: resume
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
 
     def run(**kw):

@@ -1,11 +1,11 @@
-"""The flow's decisions without a Prefect server: which errors retry, cache keys and output
-markers, the data-change check, the late-run policy, the run summary, server bookkeeping."""
+"""The flow's decisions without a Prefect server: which errors retry, which stages run and
+get recorded in dvc.lock, the data-change check, the late-run policy, the run summary,
+server bookkeeping."""
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,11 +17,12 @@ import pytest
 import yaml
 from conftest import BIN, REPO, make_project
 
-from visionflow.config import load_params
+from visionflow.config import STAGE_NAMES as STAGES
+from visionflow.configfile import load_params
+from visionflow.data.dvc import dvc_md5
 from visionflow.errors import ConfigError, DataError, ValidationFailed, VisionflowError
 from visionflow.layout import Layout
-from visionflow.pipeline import orchestration as orch
-from visionflow.pipeline.stages import STAGES
+from visionflow.pipeline import freshness, retry, trigger
 
 
 def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
@@ -65,7 +66,7 @@ def _chained(outer: BaseException, cause: BaseException) -> BaseException:
     ],
 )
 def test_is_transient(make, transient):
-    assert orch.is_transient(make()) is transient
+    assert retry.is_transient(make()) is transient
 
 
 def test_is_transient_library_errors():
@@ -73,41 +74,36 @@ def test_is_transient_library_errors():
     import sqlalchemy.exc
     from prefect.task_engine import TaskRunTimeoutError
 
-    assert orch.is_transient(requests.ConnectionError("refused"))
+    assert retry.is_transient(requests.ConnectionError("refused"))
     resp = requests.Response()
     resp.status_code = 404
-    assert not orch.is_transient(requests.HTTPError("404", response=resp))
+    assert not retry.is_transient(requests.HTTPError("404", response=resp))
     resp.status_code = 503
-    assert orch.is_transient(requests.HTTPError("503", response=resp))
-    assert orch.is_transient(sqlalchemy.exc.OperationalError("INSERT", {}, Exception(
+    assert retry.is_transient(requests.HTTPError("503", response=resp))
+    assert retry.is_transient(sqlalchemy.exc.OperationalError("INSERT", {}, Exception(
         "database is locked")))
-    assert not orch.is_transient(sqlalchemy.exc.OperationalError("SELECT", {}, Exception(
+    assert not retry.is_transient(sqlalchemy.exc.OperationalError("SELECT", {}, Exception(
         "no such table: runs")))
-    assert not orch.is_transient(TaskRunTimeoutError("Scope timed out after 5 second(s)."))
-    assert orch.retry_delays(10, 3) == [10, 20, 40]
+    assert not retry.is_transient(TaskRunTimeoutError("Scope timed out after 5 second(s)."))
+    assert retry.retry_delays(10, 3) == [10, 20, 40]
 
 
 def test_late_reason_only_for_auto_scheduled_runs():
     now = datetime(2026, 1, 2, 9, 0, tzinfo=UTC)
     slot = now - timedelta(hours=7)
-    reason = orch.late_reason(slot, now, 6 * 3600, auto_scheduled=True)
+    reason = trigger.late_reason(slot, now, 6 * 3600, auto_scheduled=True)
     assert reason and "late" in reason and "max_lateness_s=21600" in reason
-    assert orch.late_reason(slot, now, 6 * 3600, auto_scheduled=False) is None  # manual run
-    assert orch.late_reason(now - timedelta(hours=1), now, 6 * 3600, True) is None
-    assert orch.late_reason(slot, now, None, True) is None  # policy off
+    assert trigger.late_reason(slot, now, 6 * 3600, auto_scheduled=False) is None  # manual run
+    assert trigger.late_reason(now - timedelta(hours=1), now, 6 * 3600, True) is None
+    assert trigger.late_reason(slot, now, None, True) is None  # policy off
 
 
-def test_specs_mirror_dvc_yaml():
-    specs = orch.read_specs(Layout.at(REPO), STAGES)
-    assert specs is not None and list(specs) == list(STAGES)
-    assert specs["validate"].data and not specs["augment"].data
-    assert set(specs["validate"].params) == {"data", "validate"}
-    assert specs["augment"].upstream == ("validate",)
-    assert set(specs["evaluate"].upstream) == {"train", "augment"}
-    assert "src/visionflow/stages/train.py" in specs["train"].code
-    assert "outputs/train/model.pt" in specs["train"].outs
-    assert "outputs/evaluate/metrics.json" in specs["evaluate"].outs
-    assert orch.read_specs(Layout.at(REPO / "tests"), STAGES) is None  # no dvc.yaml
+def test_stage_params_mirror_dvc_yaml():
+    tracked = freshness.stage_params(Layout.at(REPO))
+    assert list(tracked) == list(STAGES)
+    assert set(tracked["validate"]) == {"data", "validate"}
+    assert "train" in tracked["train"] and "evaluate.topk" in tracked["compress"]
+    assert freshness.stage_params(Layout.at(REPO / "tests")) == {}  # no dvc.yaml
 
 
 @pytest.fixture
@@ -115,84 +111,60 @@ def proj(tmp_path: Path, digits_dir: Path) -> Layout:
     return Layout.at(make_project(tmp_path / "proj", digits_dir))
 
 
-def test_stage_keys_follow_params_data_and_code(proj: Layout):
-    specs = orch.read_specs(proj, STAGES)
-    base = orch.stage_keys(specs, load_params(proj.params), proj)
-    assert all(base[s] for s in STAGES)
-    assert base == orch.stage_keys(specs, load_params(proj.params), proj)  # stable
+def test_overrides_decide_which_stages_run_unrecorded(proj: Layout):
+    base = load_params(proj.params)
+    tracked = freshness.stage_params(proj)
 
-    lr = orch.stage_keys(specs, load_params(proj.params, ["train.lr=0.01"]), proj)
-    assert [s for s in STAGES if lr[s] != base[s]] == ["train", "evaluate", "compress",
-                                                      "register"]
-    topk = orch.stage_keys(specs, load_params(proj.params, ["evaluate.topk=[1,2]"]), proj)
-    assert [s for s in STAGES if topk[s] != base[s]] == ["evaluate", "compress", "register"]
-    flow = orch.stage_keys(specs, load_params(proj.params, ["flow.retries=5"]), proj)
-    assert flow == base  # orchestration settings never invalidate results
+    def hit(override: str) -> list[str]:
+        eff = load_params(proj.params, [override])
+        return [s for s in STAGES if freshness.overridden(tracked[s], eff, base)]
 
-    img = next((proj.root / "data").rglob("*.png"))
-    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
-    touched = orch.stage_keys(specs, load_params(proj.params), proj)
-    assert all(touched[s] != base[s] for s in STAGES)  # the data changed: everything reruns
-    assert orch.stage_keys(None, load_params(proj.params), proj) == {}
-
-
-def test_outputs_marker_detects_missing_or_changed_files(proj: Layout):
-    spec = orch.StageSpec("evaluate", (), (), False, (),
-                          ("outputs/evaluate/metrics.json", "outputs/evaluate/confusion.csv"))
-    proj.evaluate_dir.mkdir(parents=True)
-    proj.metrics.write_text('{"top1": 0.5}')
-    proj.confusion_csv.write_text("a,b\n")
-    orch.write_marker(proj, spec, "k1")
-    assert orch.outputs_match(proj, spec, "k1")
-    assert not orch.outputs_match(proj, spec, "k2")  # other inputs
-    proj.metrics.write_text('{"top1": 0.75}')  # rewritten by someone else (dvc repro, ...)
-    assert not orch.outputs_match(proj, spec, "k1")
-    orch.write_marker(proj, spec, "k1")
-    proj.confusion_csv.unlink()
-    assert not orch.outputs_match(proj, spec, "k1")
-    orch.clear_marker(proj, "evaluate")
-    assert not orch.marker_path(proj, "evaluate").exists()
+    assert hit("train.lr=0.01") == ["train"]
+    assert hit("evaluate.topk=[1,2]") == ["evaluate", "compress", "register"]
+    assert hit("flow.retries=5") == []  # orchestration settings never invalidate results
+    assert hit("data.image_size=8") == ["validate", "augment"]
+    state = freshness.DvcState(proj)  # no .dvc/: nothing is recorded, everything runs
+    v = state.verdict("train", base, base, force=False)
+    assert (v.run, v.record) == (True, False) and "not a DVC project" in v.reason
 
 
 def test_compare_data():
     champ = {"version": "3", "data_hash": "aaa", "gate_decision": "promoted"}
-    assert orch.compare_data("aaa", champ, champ, "x").new_data is False
-    new = orch.compare_data("bbb", champ, champ, "x")
+    assert trigger.compare_data("aaa", champ, champ, "x").new_data is False
+    new = trigger.compare_data("bbb", champ, champ, "x")
     assert new.new_data is True and new.reason.startswith("new data")
     rejected = {"version": "4", "data_hash": "bbb", "gate_decision": "rejected",
                 "gate_reason": "top-1 0.9 does not beat champion"}
-    skip = orch.compare_data("bbb", champ, rejected, "x")
+    skip = trigger.compare_data("bbb", champ, rejected, "x")
     assert skip.new_data is False and "v4" in skip.reason and "rejected" in skip.reason
-    first = orch.compare_data("bbb", {}, {}, "x")
+    first = trigger.compare_data("bbb", {}, {}, "x")
     assert first.new_data is True and first.reason == "no champion yet"
 
 
 def test_check_data_dvc_md5_shortcut(proj: Layout, monkeypatch):
     params = load_params(proj.params)
-    from visionflow.stages.register import dvc_md5
-
     (proj.root / "data.dvc").write_text(yaml.safe_dump(
         {"outs": [{"md5": "d" * 32 + ".dir", "path": "data"}]}))
     tags = {"version": "2", "data_hash": "h" * 32,  # the tags register writes
             "dvc_data_md5": dvc_md5(proj.root / "data.dvc"), "params": json.dumps(params.dump())}
-    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: (tags, tags))
-    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: True)
-    check = orch.check_data(params, proj, None, None)
+    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: (tags, tags))
+    monkeypatch.setattr(trigger, "changed", lambda lay, f: False)
+    check = trigger.check_data(params, proj, False)
     assert (check.new_data, check.method) == (False, "dvc md5")
     assert "champion v2" in check.reason
 
-    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: False)  # data/ edited, not `dvc add`ed
-    assert orch.check_data(params, proj, None, None).new_data is None  # validate decides
+    monkeypatch.setattr(trigger, "changed", lambda lay, f: True)  # data/ edited, not added
+    assert trigger.check_data(params, proj, False).new_data is None  # validate decides
     other = {**tags, "params": json.dumps({"data": {"source": "/elsewhere.tar"}})}
-    monkeypatch.setattr(orch, "dvc_clean", lambda lay, f: True)
-    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: (other, other))
-    assert orch.check_data(params, proj, None, None).new_data is None  # another data source
-    monkeypatch.setattr(orch, "registry_versions", lambda p, lay: ({}, {}))
-    assert orch.check_data(params, proj, None, None).new_data is True  # no champion
+    monkeypatch.setattr(trigger, "changed", lambda lay, f: False)
+    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: (other, other))
+    assert trigger.check_data(params, proj, False).new_data is None  # another data source
+    monkeypatch.setattr(trigger, "champion_and_latest", lambda p, lay: ({}, {}))
+    assert trigger.check_data(params, proj, False).new_data is True  # no champion
 
 
 def test_refresh_data_without_dvc(proj: Layout):
-    assert "not tracked by DVC" in orch.refresh_data(load_params(proj.params), proj)
+    assert "not tracked by DVC" in trigger.refresh_data(load_params(proj.params), proj)
 
 
 def test_summary_markdown_and_choice():
@@ -335,7 +307,7 @@ def test_prefect_compat_patch_drops_the_state_key():
 
 
 def test_flow_config_section():
-    from visionflow.config import apply_overrides, parse_params, read_params_file
+    from visionflow.configfile import apply_overrides, parse_params, read_params_file
 
     raw = read_params_file(REPO / "params.yaml")
     cfg = parse_params(raw).flow

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from visionflow.data import ingest
-from visionflow.data.ingest import FileEntry
+from visionflow.data import images, inspect, scan, source, splits
+from visionflow.data.archive import EXTRACT_MARKER
+from visionflow.data.scan import FileEntry
 from visionflow.errors import DataError
 
 RNG = np.random.default_rng(0)
@@ -136,30 +137,30 @@ def catalogue(tmp_path_factory) -> dict[str, Path]:
     ],
 )
 def test_defective_files_get_a_reason(catalogue, name, reason):
-    info = ingest.inspect_image(catalogue[name], 3, min_width=8, min_height=8)
+    info = inspect.inspect_image(catalogue[name], 3, min_width=8, min_height=8)
     assert info.reason == reason
     assert not info.decodable
     assert info.error and "\n" not in info.error
     assert info.bytes == catalogue[name].stat().st_size
     with pytest.raises(DataError, match=name):
-        ingest.load_image(catalogue[name])
+        images.load_image(catalogue[name])
 
 
 def test_too_small_is_decodable_but_flagged(catalogue):
-    info = ingest.inspect_image(catalogue["small.png"], 3, min_width=8, min_height=8)
+    info = inspect.inspect_image(catalogue["small.png"], 3, min_width=8, min_height=8)
     assert (info.decodable, info.reason, info.width, info.height) == (True, "too_small", 4, 4)
-    assert ingest.inspect_image(catalogue["small.png"]).reason is None  # default limits
+    assert inspect.inspect_image(catalogue["small.png"]).reason is None  # default limits
 
 
 def test_max_pixels_limit(catalogue):
-    info = ingest.inspect_image(catalogue["ok.png"], max_pixels=100)
+    info = inspect.inspect_image(catalogue["ok.png"], max_pixels=100)
     assert info.reason == "decompression_bomb"
     assert "40x30" in info.error or "1200" in info.error
-    assert ingest.inspect_image(catalogue["ok.png"]).reason is None
+    assert inspect.inspect_image(catalogue["ok.png"]).reason is None
 
 
 def test_good_file_info(catalogue):
-    info = ingest.inspect_image(catalogue["ok.png"])
+    info = inspect.inspect_image(catalogue["ok.png"])
     data = catalogue["ok.png"].read_bytes()
     assert info.ok and info.decodable
     assert (info.width, info.height, info.mode, info.format) == (40, 30, "RGB", "PNG")
@@ -167,55 +168,55 @@ def test_good_file_info(catalogue):
     arr = np.asarray(Image.open(catalogue["ok.png"]), dtype=np.float64) / 255
     assert np.allclose(info.mean, arr.reshape(-1, 3).mean(0), atol=1e-5)
     assert np.allclose(info.std, arr.reshape(-1, 3).std(0), atol=1e-5)
-    gray = ingest.inspect_image(catalogue["ok.png"], channels=1)
+    gray = inspect.inspect_image(catalogue["ok.png"], channels=1)
     assert len(gray.mean) == 1 and len(gray.std) == 1
 
 
 def test_cmyk_jpeg_to_rgb(catalogue):
-    info = ingest.inspect_image(catalogue["cmyk.jpg"])
+    info = inspect.inspect_image(catalogue["cmyk.jpg"])
     assert info.ok and info.mode == "CMYK"
-    img = ingest.load_image(catalogue["cmyk.jpg"])
+    img = images.load_image(catalogue["cmyk.jpg"])
     assert img.mode == "RGB"
     r, g, b = img.getpixel((8, 8))
     assert r > 200 and g < 60 and b < 60
 
 
 def test_palette_transparency_composited_on_black(catalogue):
-    assert ingest.inspect_image(catalogue["palette.png"]).mode == "P"
-    img = ingest.load_image(catalogue["palette.png"])
+    assert inspect.inspect_image(catalogue["palette.png"]).mode == "P"
+    img = images.load_image(catalogue["palette.png"])
     assert img.mode == "RGB"
     assert img.getpixel((0, 0)) == (0, 0, 0)  # transparent -> black
     assert img.getpixel((1, 1)) == (255, 255, 255)
 
 
 def test_sixteen_bit_scaled_not_clipped(catalogue):
-    info = ingest.inspect_image(catalogue["sixteen.png"])
+    info = inspect.inspect_image(catalogue["sixteen.png"])
     assert info.ok and info.mode.startswith("I")
-    arr = np.asarray(ingest.load_image(catalogue["sixteen.png"], channels=1))
+    arr = np.asarray(images.load_image(catalogue["sixteen.png"], channels=1))
     assert arr.dtype == np.uint8
     assert arr[0].tolist() == [0, 128, 255, 255]
 
 
 def test_alpha_composited_on_black(catalogue):
-    (la,) = set(ingest.load_image(catalogue["la.png"], channels=1).getdata())
+    (la,) = set(images.load_image(catalogue["la.png"], channels=1).getdata())
     assert abs(la - 200 * 128 / 255) <= 1.5
-    r, g, b = ingest.load_image(catalogue["rgba.png"]).getpixel((3, 3))
+    r, g, b = images.load_image(catalogue["rgba.png"]).getpixel((3, 3))
     assert abs(r - 100) <= 1.5 and abs(g - 50) <= 1.5 and abs(b - 25) <= 1.5
 
 
 def test_animated_gif_first_frame(catalogue):
-    info = ingest.inspect_image(catalogue["anim.gif"])
+    info = inspect.inspect_image(catalogue["anim.gif"])
     assert info.ok and info.format == "GIF" and info.frames == 2
-    r, g, b = ingest.load_image(catalogue["anim.gif"]).getpixel((4, 4))
+    r, g, b = images.load_image(catalogue["anim.gif"]).getpixel((4, 4))
     assert r > 200 and b < 50
 
 
 def test_exif_orientation_applied(catalogue):
     assert Image.open(catalogue["rotated.jpg"]).size == (40, 20)
-    assert ingest.load_image(catalogue["rotated.jpg"]).size == (20, 40)
-    info = ingest.inspect_image(catalogue["rotated.jpg"])
+    assert images.load_image(catalogue["rotated.jpg"]).size == (20, 40)
+    info = inspect.inspect_image(catalogue["rotated.jpg"])
     assert (info.width, info.height) == (20, 40)
-    assert ingest.decode_resized(catalogue["rotated.jpg"], 16, 3).shape == (3, 16, 16)
+    assert images.decode_resized(catalogue["rotated.jpg"], 16, 3).shape == (3, 16, 16)
 
 
 @pytest.mark.parametrize(
@@ -224,46 +225,46 @@ def test_exif_orientation_applied(catalogue):
 def test_other_formats(catalogue, name, fmt):
     if name not in catalogue:
         pytest.skip("Pillow built without WebP")
-    info = ingest.inspect_image(catalogue[name])
+    info = inspect.inspect_image(catalogue[name])
     assert info.ok and info.format == fmt and (info.width, info.height) == (12, 10)
     expected = np.asarray(Image.open(catalogue[name]).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(
-        np.asarray(ingest.load_image(catalogue[name])).transpose(2, 0, 1), expected
+        np.asarray(images.load_image(catalogue[name])).transpose(2, 0, 1), expected
     )
-    assert ingest.decode_resized(catalogue[name], 12, 3).shape == (3, 12, 12)  # stretched
+    assert images.decode_resized(catalogue[name], 12, 3).shape == (3, 12, 12)  # stretched
 
 
 def test_decode_resized_shapes(catalogue):
-    arr = ingest.decode_resized(catalogue["ok.png"], 32, 3)
+    arr = images.decode_resized(catalogue["ok.png"], 32, 3)
     assert arr.shape == (3, 32, 32) and arr.dtype == np.uint8 and arr.flags.c_contiguous
-    assert ingest.decode_resized(catalogue["ok.png"], 8, 1).shape == (1, 8, 8)
-    same = ingest.decode_resized(catalogue["small.png"], 4, 3)  # no resize needed
+    assert images.decode_resized(catalogue["ok.png"], 8, 1).shape == (1, 8, 8)
+    same = images.decode_resized(catalogue["small.png"], 4, 3)  # no resize needed
     assert np.array_equal(same, np.asarray(Image.open(catalogue["small.png"])).transpose(2, 0, 1))
     with pytest.raises(DataError, match="channels"):
-        ingest.decode_resized(catalogue["ok.png"], 8, 2)
+        images.decode_resized(catalogue["ok.png"], 8, 2)
 
 
 def test_decode_from_bytes_and_streams(catalogue):
     data = catalogue["rotated.jpg"].read_bytes()
-    from_file = ingest.decode_resized(catalogue["rotated.jpg"], 16, 3)
-    assert np.array_equal(ingest.decode_resized(data, 16, 3), from_file)
-    assert np.array_equal(ingest.decode_resized(io.BytesIO(data), 16, 3), from_file)
-    assert ingest.load_image(io.BytesIO(data)).size == (20, 40)
+    from_file = images.decode_resized(catalogue["rotated.jpg"], 16, 3)
+    assert np.array_equal(images.decode_resized(data, 16, 3), from_file)
+    assert np.array_equal(images.decode_resized(io.BytesIO(data), 16, 3), from_file)
+    assert images.load_image(io.BytesIO(data)).size == (20, 40)
     with pytest.raises(DataError, match="zero_byte"):
-        ingest.decode_resized(io.BytesIO(b""), 16, 3)
+        images.decode_resized(io.BytesIO(b""), 16, 3)
     with pytest.raises(DataError, match="not_an_image"):
-        ingest.decode_resized(b"hello", 16, 3)
+        images.decode_resized(b"hello", 16, 3)
 
 
 def test_inputs_never_modified(tmp_path):
     files = _catalogue(tmp_path / "in")
     before = _snapshot(tmp_path)
     paths = sorted(files.values())
-    infos = ingest.inspect_many(paths, 3, workers=1, min_width=8, min_height=8)
+    infos = inspect.inspect_many(paths, 3, workers=1, min_width=8, min_height=8)
     for p in paths:
         try:
-            ingest.load_image(p)
-            ingest.decode_resized(p, 16, 1)
+            images.load_image(p)
+            images.decode_resized(p, 16, 1)
         except DataError:
             pass
     assert _snapshot(tmp_path) == before
@@ -278,7 +279,7 @@ def test_inspect_many_pool_keeps_order(tmp_path):
         p.write_bytes(png if i % 100 else b"")
         paths.append(p)
     paths.reverse()
-    infos = ingest.inspect_many(paths, 1, workers=2, min_width=8, min_height=8)
+    infos = inspect.inspect_many(paths, 1, workers=2, min_width=8, min_height=8)
     assert [i.path for i in infos] == [str(p) for p in paths]
     assert Counter(i.reason for i in infos) == {None: 514, "zero_byte": 6}
 
@@ -312,8 +313,8 @@ def test_scan_flat_layout(tmp_path):
     (root / "README.txt").write_text("hello")
     before = _snapshot(tmp_path)
 
-    scan = ingest.scan_imagefolder(root)
-    rel = [e.relpath for e in scan.entries]
+    found = scan.scan_imagefolder(root)
+    rel = [e.relpath for e in found.entries]
     assert rel == sorted(rel)
     assert rel == [
         "cat/a.png",
@@ -322,17 +323,17 @@ def test_scan_flat_layout(tmp_path):
         "dog/link_in.png",
         "dog/sub/d.png",
     ]
-    assert {e.label for e in scan.entries if e.relpath.startswith("cat/")} == {"cat"}
-    assert all(e.split is None and e.path.is_absolute() for e in scan.entries)
-    assert all(e.path == root.resolve() / e.relpath for e in scan.entries)
-    assert scan.empty_classes == ["bird", "fish"]
-    reasons = {r.relpath: r.reason for r in scan.rejects}
+    assert {e.label for e in found.entries if e.relpath.startswith("cat/")} == {"cat"}
+    assert all(e.split is None and e.path.is_absolute() for e in found.entries)
+    assert all(e.path == root.resolve() / e.relpath for e in found.entries)
+    assert found.empty_classes == ["bird", "fish"]
+    reasons = {r.relpath: r.reason for r in found.rejects}
     assert reasons == {
         "README.txt": "no_class",
         "cat/link_out.png": "outside_root",
         "dog/dir_out": "outside_root",
     }
-    assert scan.layout == "flat"
+    assert found.layout == "flat"
     assert _snapshot(tmp_path) == before
 
 
@@ -341,23 +342,23 @@ def test_scan_split_layout(tmp_path):
     for rel in ("train/a/1.png", "train/b/2.png", "test/a/3.png", "test/b/4.png"):
         _touch_png(root / rel)
     (root / "test" / "c").mkdir()
-    scan = ingest.scan_imagefolder(root)
-    assert [(e.split, e.label) for e in scan.entries] == [
+    found = scan.scan_imagefolder(root)
+    assert [(e.split, e.label) for e in found.entries] == [
         ("test", "a"),
         ("test", "b"),
         ("train", "a"),
         ("train", "b"),
     ]
-    assert scan.empty_classes == ["test/c"]
-    assert scan.layout == "split"
+    assert found.empty_classes == ["test/c"]
+    assert found.layout == "split"
     _touch_png(root / "extra" / "x" / "1.png")
     with pytest.raises(DataError, match="extra"):
-        ingest.scan_imagefolder(root)
+        scan.scan_imagefolder(root)
 
 
 def test_scan_missing_root(tmp_path):
     with pytest.raises(DataError, match="nope"):
-        ingest.scan_imagefolder(tmp_path / "nope")
+        scan.scan_imagefolder(tmp_path / "nope")
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +376,7 @@ def _entries(counts: dict[str, int], split: str | None = None) -> list[FileEntry
 
 def test_assign_splits_stratified_and_deterministic():
     entries = _entries({"a": 100, "b": 50, "c": 10})
-    out = ingest.assign_splits(entries, 0.1, 0.2, seed=3)
+    out = splits.assign_splits(entries, 0.1, 0.2, seed=3)
     assert len(out) == len(entries)
     assert sorted(e.relpath for e in out) == sorted(e.relpath for e in entries)  # each once
     counts = Counter((e.label, e.split) for e in out)
@@ -383,13 +384,13 @@ def test_assign_splits_stratified_and_deterministic():
     assert (counts["b", "val"], counts["b", "test"], counts["b", "train"]) == (5, 10, 35)
     assert (counts["c", "val"], counts["c", "test"], counts["c", "train"]) == (1, 2, 7)
     shuffled = list(reversed(entries))
-    assert ingest.assign_splits(shuffled, 0.1, 0.2, seed=3) == out  # order independent
-    other = ingest.assign_splits(entries, 0.1, 0.2, seed=4)
+    assert splits.assign_splits(shuffled, 0.1, 0.2, seed=3) == out  # order independent
+    other = splits.assign_splits(entries, 0.1, 0.2, seed=4)
     assert {e.relpath: e.split for e in other} != {e.relpath: e.split for e in out}
 
 
 def test_assign_splits_tiny_class_keeps_train():
-    out = ingest.assign_splits(_entries({"a": 2, "b": 3}), 0.3, 0.3, seed=0)
+    out = splits.assign_splits(_entries({"a": 2, "b": 3}), 0.3, 0.3, seed=0)
     counts = Counter((e.label, e.split) for e in out)
     assert counts["a", "train"] >= 1 and counts["b", "train"] >= 1
     assert counts["b", "val"] == 1 and counts["b", "test"] == 1
@@ -397,7 +398,7 @@ def test_assign_splits_tiny_class_keeps_train():
 
 def test_assign_splits_carves_val_from_train():
     entries = _entries({"a": 40, "b": 20}, "train") + _entries({"a": 10, "b": 10}, "test")
-    out = ingest.assign_splits(entries, 0.25, 0.2, seed=0)
+    out = splits.assign_splits(entries, 0.25, 0.2, seed=0)
     counts = Counter((e.split, e.label) for e in out)
     assert counts == {
         ("train", "a"): 30,
@@ -411,27 +412,27 @@ def test_assign_splits_carves_val_from_train():
     assert {e.relpath for e in out if e.split == "test"} == test_before
     assert all(e.relpath.startswith("train/") for e in out if e.split == "val")
     full = entries + _entries({"a": 3}, "val")
-    assert ingest.assign_splits(full, 0.25, 0.2, seed=0) == sorted(full, key=lambda e: e.relpath)
+    assert splits.assign_splits(full, 0.25, 0.2, seed=0) == sorted(full, key=lambda e: e.relpath)
 
 
 def test_assign_splits_errors():
     with pytest.raises(DataError, match="val_fraction"):
-        ingest.assign_splits(_entries({"a": 5}), 1.5, 0.1, seed=0)
+        splits.assign_splits(_entries({"a": 5}), 1.5, 0.1, seed=0)
     with pytest.raises(DataError, match="0.6"):
-        ingest.assign_splits(_entries({"a": 5}), 0.6, 0.4, seed=0)
+        splits.assign_splits(_entries({"a": 5}), 0.6, 0.4, seed=0)
     with pytest.raises(DataError, match="no train"):
-        ingest.assign_splits(_entries({"a": 5}, "test"), 0.1, 0.1, seed=0)
+        splits.assign_splits(_entries({"a": 5}, "test"), 0.1, 0.1, seed=0)
 
 
 def test_subset_per_class():
     entries = _entries({"a": 30, "b": 5}, "train") + _entries({"a": 30}, "test")
-    sub = ingest.subset_per_class(entries, 10, seed=1)
+    sub = splits.subset_per_class(entries, 10, seed=1)
     counts = Counter((e.split, e.label) for e in sub)
     assert counts == {("train", "a"): 10, ("train", "b"): 5, ("test", "a"): 10}
-    assert ingest.subset_per_class(list(reversed(entries)), 10, seed=1) == sub
-    assert ingest.subset_per_class(entries, 10, seed=2) != sub
+    assert splits.subset_per_class(list(reversed(entries)), 10, seed=1) == sub
+    assert splits.subset_per_class(entries, 10, seed=2) != sub
     with pytest.raises(DataError, match="0"):
-        ingest.subset_per_class(entries, 0, seed=0)
+        splits.subset_per_class(entries, 0, seed=0)
 
 
 # ---------------------------------------------------------------------------
@@ -479,14 +480,14 @@ def test_good_archives_extract_and_are_reused(tmp_path, monkeypatch, name, maker
         (src / "README.md").write_text("cifar-like")
     archive = maker(tmp_path / name, src, arcroot)
     cache = tmp_path / "cache"
-    root = ingest.resolve_source(archive, cache)
+    root = source.resolve_source(archive, cache)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
     expected = cache / digest / arcroot if arcroot else cache / digest
     assert root == expected.resolve()
     visible = sorted(n for n in os.listdir(root) if not n.startswith("."))
     assert visible == (["README.md"] if "README.md" in visible else []) + ["test", "train"]
-    scan = ingest.scan_imagefolder(root)
-    assert [e.relpath for e in scan.entries] == [
+    found = scan.scan_imagefolder(root)
+    assert [e.relpath for e in found.entries] == [
         "test/dog/4.png",
         "train/cat/1.png",
         "train/cat/sub/2.png",
@@ -494,14 +495,14 @@ def test_good_archives_extract_and_are_reused(tmp_path, monkeypatch, name, maker
     ]
     assert (root / "train/cat/1.png").read_bytes() == (src / "train/cat/1.png").read_bytes()
     assert sorted(os.listdir(cache)) == [digest]  # no temp dirs left
-    marker = cache / digest / ingest.EXTRACT_MARKER
+    marker = cache / digest / EXTRACT_MARKER
     assert marker.is_file()
 
     def boom(*a, **k):
         raise AssertionError("extracted again")
 
-    monkeypatch.setattr(ingest, "_extract_atomic", boom)
-    assert ingest.resolve_source(archive, cache) == root
+    monkeypatch.setattr(source, "extract_atomic", boom)
+    assert source.resolve_source(archive, cache) == root
 
 
 def test_incomplete_extraction_is_redone(tmp_path):
@@ -510,25 +511,25 @@ def test_incomplete_extraction_is_redone(tmp_path):
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
     (cache / digest / "train").mkdir(parents=True)  # crash leftover: no marker
     (cache / digest / "train" / "partial.png").write_bytes(b"\x89PNG")
-    root = ingest.resolve_source(archive, cache)
+    root = source.resolve_source(archive, cache)
     assert not (root / "train" / "partial.png").exists()
     assert (root / "train" / "dog" / "3.png").is_file()
 
 
 def test_directory_source_and_bad_sources(tmp_path):
     src = _dataset(tmp_path / "src")
-    assert ingest.resolve_source(src, tmp_path / "cache") == src.resolve()
+    assert source.resolve_source(src, tmp_path / "cache") == src.resolve()
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="notes.txt"):
-        ingest.resolve_source(tmp_path / "notes.txt", tmp_path / "cache")
+        source.resolve_source(tmp_path / "notes.txt", tmp_path / "cache")
     with pytest.raises(DataError, match="missing.tar"):
-        ingest.resolve_source(tmp_path / "missing.tar", tmp_path / "cache")
+        source.resolve_source(tmp_path / "missing.tar", tmp_path / "cache")
     (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 20)
     with pytest.raises(DataError, match="corrupt.tar.gz"):
-        ingest.resolve_source(tmp_path / "corrupt.tar.gz", tmp_path / "cache")
+        source.resolve_source(tmp_path / "corrupt.tar.gz", tmp_path / "cache")
     (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04" + b"garbage" * 20)
     with pytest.raises(DataError, match="corrupt.zip"):
-        ingest.resolve_source(tmp_path / "corrupt.zip", tmp_path / "cache")
+        source.resolve_source(tmp_path / "corrupt.zip", tmp_path / "cache")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes = b"x", **attrs) -> None:
@@ -623,7 +624,7 @@ def test_archive_attacks_refused(tmp_path, suffix, make):
     before = _snapshot(tmp_path)
     before_tmp = set(os.listdir("/tmp"))
     with pytest.raises(DataError) as err:
-        ingest.resolve_source(archive, cache)
+        source.resolve_source(archive, cache)
     msg = str(err.value)
     assert member in msg and "evil" in msg and "\n" not in msg
     assert _snapshot(tmp_path) == before  # nothing written anywhere, temp dir removed
@@ -637,7 +638,7 @@ def test_links_inside_archive_are_skipped(tmp_path):
         _tar_member(tar, "cat/b.png", type=tarfile.SYMTYPE, linkname="a.png")
         _tar_member(tar, "cat/c.png", type=tarfile.LNKTYPE, linkname="cat/a.png")
         _tar_member(tar, "dog/d.png", _encode(Image.new("L", (8, 8)), "PNG"))
-    root = ingest.resolve_source(archive, tmp_path / "cache")
+    root = source.resolve_source(archive, tmp_path / "cache")
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == [
         "cat/a.png",
         "dog/d.png",
@@ -655,7 +656,7 @@ def test_import_folder_copies_files_and_skips_unsafe_links(tmp_path):
     (src / "train" / "cat" / "in.png").symlink_to(src / "train" / "dog" / "3.png")
     (src / "train" / "cat" / ".DS_Store").write_bytes(b"x")
     before = _snapshot(tmp_path / "wrap")
-    report = ingest.import_dataset(tmp_path / "wrap", tmp_path / "out")
+    report = source.import_dataset(tmp_path / "wrap", tmp_path / "out")
     got = sorted(p.relative_to(tmp_path / "out").as_posix()
                  for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert got == ["test/dog/4.png", "train/cat/1.png", "train/cat/in.png",
@@ -666,16 +667,16 @@ def test_import_folder_copies_files_and_skips_unsafe_links(tmp_path):
     assert report.files == 5 and report.kind == "folder"
     assert _snapshot(tmp_path / "wrap") == before
     with pytest.raises(DataError, match="already exists"):
-        ingest.import_dataset(tmp_path / "wrap", tmp_path / "out")
+        source.import_dataset(tmp_path / "wrap", tmp_path / "out")
 
 
 def test_import_archive_refuses_attacks_and_leaves_nothing(tmp_path):
     archive = _tar(tmp_path / "d.tgz", _dataset(tmp_path / "src"), "mydata")
-    report = ingest.import_dataset(archive, tmp_path / "new")
+    report = source.import_dataset(archive, tmp_path / "new")
     assert report.kind == "tar" and report.files == 4
     assert (tmp_path / "new" / "train" / "cat" / "sub" / "2.png").is_file()
     evil = tmp_path / "evil.tar.gz"
     member = _evil_tar("hardlink")(evil)
     with pytest.raises(DataError, match=member):
-        ingest.import_dataset(evil, tmp_path / "bad")
+        source.import_dataset(evil, tmp_path / "bad")
     assert sorted(os.listdir(tmp_path)) == ["d.tgz", "evil.tar.gz", "new", "src"]

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from visionflow.config import parse_params
+from visionflow.configfile import parse_params
 from visionflow.errors import ConfigError
 from visionflow.layout import Layout
 from visionflow.mlops import registry_lock
@@ -41,8 +41,8 @@ def test_one_process_runs_in_place(monkeypatch):
 def test_standalone_command(tmp_path):
     cmd = launch.command(_params(procs_per_node=2), tmp_path / "p.yaml", tmp_path)
     assert "--standalone" in cmd and "--nproc-per-node=2" in cmd and "--nnodes=1" in cmd
-    assert cmd[-8:] == ["-m", "visionflow.cli.main", "stage", "train", "--params",
-                        str(tmp_path / "p.yaml"), "--root", str(tmp_path)]
+    assert cmd[-6:] == ["-m", "visionflow.stages.train", "--params", str(tmp_path / "p.yaml"),
+                        "--root", str(tmp_path)]
 
 
 def test_multinode_command_says_which_node_hosts_the_rendezvous(tmp_path):
@@ -66,7 +66,7 @@ def test_multinode_command_says_which_node_hosts_the_rendezvous(tmp_path):
 
 
 def test_resolved_params_round_trip(tmp_path):
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
 
     (tmp_path / "data").mkdir()
     params = parse_params({"train": {"procs_per_node": 2, "epochs": 7}})

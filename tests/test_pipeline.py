@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage

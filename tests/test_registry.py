@@ -116,7 +116,7 @@ def test_pyfunc_from_bytes_equals_evaluate(registered: Layout):
 _REGISTER = """
 import sys, time
 from pathlib import Path
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 layout = Layout.at(sys.argv[1])

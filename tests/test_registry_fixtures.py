@@ -23,7 +23,7 @@ _BUILT: dict[str, Path] = {}
 
 
 def _stages(layout: Layout, names: tuple[str, ...]) -> None:
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
     from visionflow.pipeline.stages import run_stage
 
     params = load_params(layout.params)

@@ -125,19 +125,20 @@ def _teardown(hosts: Hosts | None, names: dict[str, str]) -> None:
 
 
 def _checkout(src: Path, dst: Path, seed: int) -> Path:
-    """Host's own copy of the team repository (its data too), with its own seed."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", "outputs", "mlruns"))
+    """Host's own copy of the team's checkout (data, DVC cache and dvc.lock too: validate
+    and augment are up to date), with its own seed and training settings (the rest is
+    not)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", "mlruns"))
     (dst / "mlruns").mkdir()
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["seed"] = seed
-    params["data"]["limit_per_class"] = 20  # small, but trained enough to beat chance
-    params["train"].update(epochs=3, batch_size=16)
+    params["train"].update(epochs=3, batch_size=16)  # trained enough to beat chance
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst
 
 
 @pytest.fixture(scope="module")
-def hosts(team_stack: TeamStack) -> Hosts:
+def hosts(team_stack: TeamStack, flow_run) -> Hosts:
     require_netns()
     tag = uuid.uuid4().hex[:6]
     names = {"a": f"vflow-a-{tag}", "b": f"vflow-b-{tag}"}
@@ -201,7 +202,7 @@ def _weak_champion(ts: TeamStack, tmp: Path, monkeypatch) -> str:
     trained model beats it."""
     import torch
 
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
     from visionflow.layout import Layout
     from visionflow.mlops import registry
     from visionflow.model.classifier import build_classifier, load_classifier, save_classifier
@@ -241,8 +242,7 @@ def test_two_hosts_register_at_once_one_champion(hosts: Hosts, flow_run, tmp_pat
     lock = psycopg.connect(ts.stack.client_env()["VFLOW_REGISTRY_LOCK_URL"], autocommit=True)
     try:
         lock.execute("SELECT pg_advisory_lock(%s, %s)", ADVISORY_KEY)
-        runs = {h: ts.run_deployment("retrain/team", {"force": True}, queue=f"host-{h}")
-                for h in "ab"}
+        runs = {h: ts.run_deployment("retrain/team", {}, queue=f"host-{h}") for h in "ab"}
 
         def both_waiting() -> bool:
             with ts.prefect() as c:

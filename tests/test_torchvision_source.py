@@ -12,7 +12,7 @@ import pytest
 from conftest import make_project
 from PIL import Image
 
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.data import torchvision_source
 from visionflow.errors import ConfigError, DataError
 from visionflow.layout import Layout
@@ -38,8 +38,8 @@ def _write_mnist_raw(raw: Path, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_mnist_becomes_an_imagefolder_once(tmp_path: Path):
-    cache = tmp_path / ".cache"
-    pixels = _write_mnist_raw(cache / "torchvision" / "MNIST" / "raw")
+    cache = Layout.at(tmp_path)
+    pixels = _write_mnist_raw(cache.torchvision_cache / "MNIST" / "raw")
     root = torchvision_source.materialize("torchvision:MNIST", cache)
     assert root == torchvision_source.folder("torchvision:MNIST", cache)
     train = sorted((root / "train").iterdir())
@@ -74,7 +74,7 @@ def test_offline_download_is_one_line_and_leaves_no_folder(tmp_path: Path, monke
 
     monkeypatch.setattr(datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(DataError) as err:
-        torchvision_source.materialize("torchvision:CIFAR10", tmp_path)
+        torchvision_source.materialize("torchvision:CIFAR10", Layout.at(tmp_path))
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("data.source=torchvision:CIFAR10: could not download CIFAR10")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import BIN, make_project, run, write_params
 
-from visionflow.config import TrainConfig, load_params
+from visionflow.config import TrainConfig
+from visionflow.configfile import load_params
 from visionflow.layout import Layout
 from visionflow.model import engine
 from visionflow.model.classifier import load_classifier

@@ -17,8 +17,9 @@ from conftest import make_project
 from PIL import Image
 from test_validate_catalogue import BASE, write_imagefolder
 
-from visionflow.config import load_params
-from visionflow.data.manifest import build_manifest_ex, cache_file, data_hash
+from visionflow.configfile import load_params
+from visionflow.data.manifest import data_hash
+from visionflow.data.survey import build_manifest_ex, cache_file
 from visionflow.errors import ValidationFailed
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
@@ -122,7 +123,7 @@ def test_leakage_expectation_fails_on_a_shared_file():
 
 
 def load_params_raw():
-    from visionflow.config import parse_params
+    from visionflow.configfile import parse_params
 
     return parse_params({})
 

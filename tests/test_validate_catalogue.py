@@ -21,7 +21,7 @@ from conftest import BIN, make_project, run
 from PIL import Image
 from test_ingest import _catalogue, _encode, _evil_tar, _evil_zip
 
-from visionflow.config import load_params
+from visionflow.configfile import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage

@@ -1,8 +1,11 @@
-"""The process environment every tool we drive gets: telemetry off, quiet progress bars."""
+"""The process environment every tool we drive gets (telemetry off, quiet progress bars), and
+what this machine is (for model cards and benchmark reports)."""
 
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 QUIET = {
     "DO_NOT_TRACK": "true",
@@ -19,3 +22,25 @@ def quiet_env() -> None:
     """Telemetry off for every tool we drive (values the user set are kept)."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> str:
+    """This machine: CPU model and cores, GPU name when CUDA is there, torch version."""
+    import torch  # not at the top: `vflow --help` imports this module
+
+    parts = [f"{cpu_name()} ({os.cpu_count()} cores)"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    parts.append(f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+    return "; ".join(parts)

@@ -19,3 +19,9 @@ class ValidationFailed(VisionflowError):
     """The data gate rejected the dataset (a hard expectation failed)."""
 
     exit_code = 4
+
+
+def one_line(e: BaseException | str) -> str:
+    """An error's text on one line (at most 300 characters) for a one-line message."""
+    text = str(e) if str(e) else type(e).__name__
+    return " ".join(text.split())[:300]

@@ -23,7 +23,7 @@ TargetOpt = Annotated[str, typer.Option("--to", help="folder inside the project 
 @data_app.command("init")
 def data_init(root: RootOpt = Path(".")) -> None:
     """Write the built-in digits dataset to data/ (if absent) and track it with DVC."""
-    from visionflow.data.dvc import init_default_data
+    from visionflow.data.add import init_default_data
     from visionflow.layout import Layout
 
     path = init_default_data(Layout.at(root))
@@ -43,7 +43,7 @@ def data_add(
                                             "default remote")] = False,
 ) -> None:
     """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version."""
-    from visionflow.data.dvc import import_data
+    from visionflow.data.add import import_data
     from visionflow.layout import Layout
 
     layout = Layout.at(root)
@@ -73,9 +73,9 @@ def data_status(
                                                     "(reads the data; cached)")] = True,
 ) -> None:
     """The current data version (data hash, data.dvc md5) next to the champion's."""
-    from visionflow.config import load_params
-    from visionflow.data.dvc import data_status as status
+    from visionflow.configfile import load_params
     from visionflow.layout import Layout
+    from visionflow.pipeline.trigger import data_status as status
 
     layout = Layout.at(root)
     cfg = load_params(params if params.is_absolute() else layout.root / params,

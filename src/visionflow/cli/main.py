@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,7 +35,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
 
 
 def _load(params: Path, overrides: list[str] | None, root: Path):
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
     from visionflow.layout import Layout
 
     layout = Layout.at(root)
@@ -49,31 +47,17 @@ def _stage_command(name: str):
     def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 root: RootOpt = Path(".")) -> None:
         from visionflow.pipeline.stages import run_stage
+        from visionflow.stages import print_result
 
         cfg, layout = _load(params, set_, root)
-        result = run_stage(name, cfg, layout)
-        _print_stage_result(name, result)
+        print_result(name, run_stage(name, cfg, layout))
 
-    command.__doc__ = f"Run the {name} stage."
+    command.__doc__ = f"Run the {name} stage (the same as `python3 -m visionflow.stages.{name}`)."
     return command
 
 
 for _name in STAGE_NAMES:
     stage_app.command(_name)(_stage_command(_name))
-
-
-def _print_stage_result(name: str, result) -> None:
-    from dataclasses import asdict, is_dataclass
-
-    from rich.console import Console
-
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for all
-        return
-    payload = asdict(result) if is_dataclass(result) else result
-    if name == "validate":
-        payload = {k: v for k, v in payload["summary"].items() if k != "expectations"}
-    Console(stderr=True).print(f"[bold green]{name}[/] done:",
-                               json.dumps(payload, default=str)[:600])
 
 
 @app.command()
@@ -86,14 +70,14 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     """Train through torchrun as params ask (train.nodes x train.procs_per_node processes):
     run the same command on every node."""
     from visionflow.pipeline import launch as launcher
+    from visionflow.stages import print_result
 
     cfg, layout = _load(params, set_, root)
     if print_only:
         typer.echo(" ".join(launcher.command(cfg, launcher.resolved_params(cfg, layout),
                                              layout.root, local_addr)))
         return
-    result = launcher.train(cfg, layout, local_addr)
-    _print_stage_result("train", result)
+    print_result("train", launcher.train(cfg, layout, local_addr))
 
 
 @app.command()

@@ -119,7 +119,7 @@ def schedule_command(
     `prefect deployment run retrain/nightly --param force=true`); runs never overlap
     (concurrency limit 1, late runs wait, then are skipped past flow.schedule.max_lateness_s).
     """
-    from visionflow.config import load_params
+    from visionflow.configfile import load_params
     from visionflow.errors import ConfigError, VisionflowError
     from visionflow.layout import Layout
     from visionflow.pipeline.servers import prefect_api

@@ -107,6 +107,21 @@ def tucker2_conv(
     return nn.Sequential(first, middle, last).to(layer.weight.dtype)
 
 
+def is_factored(module: nn.Module) -> bool:
+    """`module` is a factorised layer as `svd_linear` (two Linears) or `tucker2_conv` (three
+    Conv2ds) build it."""
+    if not isinstance(module, nn.Sequential):
+        return False
+    layers = list(module)
+    return (len(layers) == 2 and all(isinstance(m, nn.Linear) for m in layers)) or (
+        len(layers) == 3 and all(isinstance(m, nn.Conv2d) for m in layers))
+
+
+def count_factored(model: nn.Module) -> int:
+    """How many layers of `model` are factorised."""
+    return sum(is_factored(m) for m in model.modules())
+
+
 @torch.no_grad()
 def factored_weight(factored: nn.Sequential) -> torch.Tensor:
     """The dense weight a factorised Sequential (from svd_linear / tucker2_conv) represents."""

@@ -1,7 +1,9 @@
-"""Size, parameter, MAC and CPU-latency measurements shared by tests, stages and benchmarks."""
+"""Size, parameter, MAC and latency measurements shared by tests, stages and benchmarks, and
+the name of the CPU they ran on."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -10,7 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
+
+from visionflow.compression.onnx_export import OrtClassifier
+
+Runner = Callable[[torch.Tensor], Callable[[], Any]]  # input batch -> zero-arg timed call
 
 
 def model_size_bytes(path: str | Path) -> int:
@@ -30,8 +37,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     torch-pruning's counter (from ptflops) reports MACs for conv/linear/bn/pooling layers.
     """
-    import torch_pruning as tp
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -126,6 +131,23 @@ def interleaved_latency_ms(
     return {name: _summary(t, threads) for name, t in times.items()}
 
 
+def eager_runner(model: nn.Module) -> Runner:
+    """A torch module as a `Runner`: `model(x)` per call."""
+    return lambda x: (lambda: model(x))
+
+
+def ort_runner(path: str | Path) -> Runner:
+    """An ONNX file as a `Runner`: `session.run` on the batch converted once, outside the
+    timed call (intra-op threads = torch's, as `OrtClassifier` sets them)."""
+    clf = OrtClassifier(path)
+
+    def make(x: torch.Tensor) -> Callable[[], Any]:
+        feed = {clf.input_name: x.numpy()}
+        return lambda: clf.session.run(None, feed)
+
+    return make
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -143,8 +165,6 @@ def gpu_latency_ms(
     is copied to the device; the input is prepared there before timing."""
     if not torch.cuda.is_available():
         return None
-    import copy
-
     dev = torch.device(device)
     m = copy.deepcopy(model).to(dev).eval()
     x = batch_of(example, batch).to(dev)

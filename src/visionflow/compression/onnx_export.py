@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -60,8 +61,6 @@ class OrtClassifier:
     """An ONNX classifier on the ORT CPU provider; `predict_logits` runs it in batches."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         opts = ort.SessionOptions()
         # default to torch's thread count so eager and ORT timings are comparable
         opts.intra_op_num_threads = threads or torch.get_num_threads()

@@ -8,12 +8,11 @@ Rows are the compress report's entries (plain dicts): `top1` (fraction), `top1_d
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
 
-from visionflow.files import atomic_path
+from visionflow import files
 
 OBJECTIVES = {"size": "size_bytes", "macs": "macs", "cpu_latency": "cpu_b1_ms"}
 UNITS = {"size": "bytes on disk", "macs": "MACs per image", "cpu_latency": "CPU batch-1 ms"}
@@ -117,12 +116,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    table = table_rows(rows)
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS))
-        w.writeheader()
-        for row in table:
-            w.writerow({k: _cell(v) for k, v in row.items()})
+    """The Pareto table (`TABLE_COLUMNS`, floats to 6 places, None empty), atomically."""
+    table = [{k: _cell(v) for k, v in row.items()} for row in table_rows(rows)]
+    files.write_csv(path, table, header=TABLE_COLUMNS)
 
 
 def _cell(v: Any) -> Any:
@@ -176,6 +172,6 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
                    loc="lower right")
     fig.suptitle("compress: accuracy vs size and latency (x = not deployable, red = selected)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
@@ -71,8 +72,6 @@ def structured_prune(
     `between_steps(model, step)` (e.g. a short fine-tune) runs after each. `ignored_layers`
     (default: the final classifier, whose outputs are the classes) keep their out-channels.
     """
-    import torch_pruning as tp
-
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
     # ignored layers are named in the caller's model, then looked up in our copy

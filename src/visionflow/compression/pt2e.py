@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionflow.compression.structure import load_structured, save_structured
+from visionflow.model.inference import as_input
+
 RECIPE_FORMAT = "visionflow-pt2e-recipe-v1"
 
 
@@ -61,10 +64,6 @@ def _ptq_convert() -> Iterator[None]:
         qp._fold_conv_bn_qat = original
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div(255) if x.dtype == torch.uint8 else x.float()
-
-
 def first_conv_name(model: nn.Module) -> str | None:
     """Module name of the first Conv2d (the stem, which sees the raw pixels)."""
     return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
@@ -82,7 +81,7 @@ def quantize_pt2e_x86(
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     model = copy.deepcopy(model).cpu().eval()
-    example = _as_float(calib_images[:2])
+    example = as_input(calib_images[:2])
     if len(example) < 2:
         example = example[:1].repeat(2, 1, 1, 1)
     batch = torch.export.Dim("batch", min=1)
@@ -95,7 +94,7 @@ def quantize_pt2e_x86(
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for i in range(0, len(calib_images), batch_size):
-            prepared(_as_float(calib_images[i : i + batch_size]))
+            prepared(as_input(calib_images[i : i + batch_size]))
     with _ptq_convert():
         converted = convert_pt2e(prepared)
     move_exported_model_to_eval(converted)
@@ -107,7 +106,7 @@ def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.f
     from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
     with torch.no_grad():
-        return lower_pt2e_quantized_to_x86(converted, (_as_float(example),))
+        return lower_pt2e_quantized_to_x86(converted, (as_input(example),))
 
 
 def save_recipe(
@@ -116,8 +115,6 @@ def save_recipe(
 ) -> None:
     """Store what `load_recipe` needs to rebuild the int8 graph: the fp32 model (arch, layer
     structure, state dict) and the calibration images (uint8 when given uint8)."""
-    from visionflow.compression.structure import save_structured
-
     save_structured(path, model, arch, pt2e={"format": RECIPE_FORMAT,
                                              "calibration": calib_images.detach().cpu(),
                                              "keep_first_conv": keep_first_conv})
@@ -125,8 +122,6 @@ def save_recipe(
 
 def load_recipe(path: str | Path, build: Any = None) -> torch.fx.GraphModule:
     """Re-derive the int8 PT2E graph from `save_recipe` output (loaded with weights_only)."""
-    from visionflow.compression.structure import load_structured
-
     blob = torch.load(path, map_location="cpu", weights_only=True)
     recipe = blob.get("pt2e") or {}
     if recipe.get("format") != RECIPE_FORMAT:
@@ -134,3 +129,29 @@ def load_recipe(path: str | Path, build: Any = None) -> torch.fx.GraphModule:
     model = load_structured(path, build)
     return quantize_pt2e_x86(model, recipe["calibration"],
                              keep_first_conv=bool(recipe.get("keep_first_conv", False)))
+
+
+class ExportedGraph(nn.Module):
+    """An exported / lowered graph behind the plain module interface: `eval()` / `train()`
+    are no-ops (exported graphs refuse them), and with `batch` a graph lowered for one static
+    batch size runs any batch in chunks, the last one padded."""
+
+    def __init__(self, graph: nn.Module, batch: int | None = None) -> None:
+        super().__init__()
+        self.graph, self.batch = graph, batch
+
+    def train(self, mode: bool = True) -> ExportedGraph:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch is None:
+            return self.graph(x)
+        outs = []
+        for i in range(0, len(x), self.batch):
+            chunk = x[i : i + self.batch]
+            n = len(chunk)
+            if n < self.batch:
+                pad = chunk[-1:].expand(self.batch - n, *chunk.shape[1:])
+                chunk = torch.cat([chunk, pad])
+            outs.append(self.graph(chunk)[:n])
+        return torch.cat(outs)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -50,8 +51,6 @@ class ImageCalibrationReader(CalibrationDataReader):
 
 
 def _input_name(onnx_path: Path) -> str:
-    import onnx
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     return next(i.name for i in model.graph.input if i.name not in inits)
@@ -112,8 +111,6 @@ def _quiet_axis_warnings() -> Iterator[None]:
 
 
 def _first_conv(onnx_path: Path) -> list[str]:
-    import onnx
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type == "Conv"][:1]
 

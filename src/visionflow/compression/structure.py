@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from visionflow.files import torch_save
+from visionflow.model.classifier import Arch, build_classifier
 
 FORMAT = "visionflow-structure-v1"
 LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -100,8 +101,6 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
 
 def default_builder(arch: dict[str, Any]) -> nn.Module:
     """The project's classifier for an `Arch` dict (normalisation + registry network)."""
-    from visionflow.model.classifier import Arch, build_classifier
-
     return build_classifier(Arch(**arch))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionflow.data.ingest import decode_resized
+from visionflow.data.images import decode_resized
 from visionflow.files import torch_save
 
 SPLITS = ("train", "val", "test")

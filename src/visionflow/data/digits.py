@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visionflow.data.ingest import FileEntry, assign_splits
+from visionflow.data.scan import FileEntry
+from visionflow.data.splits import assign_splits
 from visionflow.errors import DataError
 from visionflow.files import atomic_dir
 

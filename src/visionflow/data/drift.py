@@ -11,25 +11,15 @@ writes it to `outputs/validate/data_summary.json` (and into `validation.json` un
   * sizes: PSI over power-of-two width x height buckets;
 and flags drift where a value exceeds its threshold in `validate` params.
 
-`champion_summary(layout, params)` fetches the champion's summary from MLflow; mlflow is
-imported only when a registry can exist (the sqlite store file, or MLFLOW_TRACKING_URI).
+The champion's summary comes from MLflow (`mlops.lineage.champion_summary`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from visionflow.layout import Layout
-
-SUMMARY_NAME = "data_summary.json"
-# where the pipeline run keeps it (train logs outputs/validate files under "data/")
-ARTIFACT_PATHS = ("data/" + SUMMARY_NAME, "data/validation.json")
 SUMMARY_VERSION = 1
 _EPS = 1e-4  # floor for empty bins in PSI
 
@@ -203,63 +193,3 @@ def describe(report: dict[str, Any]) -> str:
             parts.append(f"image-size PSI {c['psi']:.3f} > validate.drift_size_psi="
                          f"{c['threshold']}")
     return "; ".join(parts)
-
-
-def _registry_may_exist(layout: Layout) -> str | None:
-    """The tracking URI when a registry can exist, else None (and mlflow stays unimported)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    db = layout.mlflow_db
-    return f"sqlite:///{db}" if db.is_file() else None
-
-
-def champion_version(layout: Layout, model_name: str, alias: str) -> tuple[str | None, Any]:
-    """(tracking uri, the model version holding `alias`). The uri is None when no registry
-    can exist (and mlflow is not imported); the version is None when the alias is unset."""
-    uri = _registry_may_exist(layout)
-    if uri is None:
-        return None, None
-    from visionflow.env import quiet_env
-
-    quiet_env()
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    try:
-        return uri, client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return uri, None
-
-
-def champion_summary(layout: Layout, model_name: str, alias: str = "champion"
-                     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(the champion's data summary or None, where it came from / why there is none)."""
-    info: dict[str, Any] = {"model": model_name, "alias": alias}
-    try:
-        uri, mv = champion_version(layout, model_name, alias)
-        if uri is None:
-            return None, {**info, "status": "no_registry"}
-        if mv is None:
-            return None, {**info, "status": "no_champion"}
-        import mlflow
-
-        info.update(version=str(mv.version), run_id=mv.run_id)
-        if not mv.run_id:
-            return None, {**info, "status": "champion has no run"}
-        with tempfile.TemporaryDirectory() as tmp:
-            for art in ARTIFACT_PATHS:
-                try:
-                    local = mlflow.artifacts.download_artifacts(
-                        run_id=mv.run_id, artifact_path=art, dst_path=tmp, tracking_uri=uri)
-                    blob = json.loads(Path(local).read_text())
-                except Exception:  # absent artifact: try the next place
-                    continue
-                summary = blob if art.endswith(SUMMARY_NAME) else blob.get("data_summary")
-                if isinstance(summary, dict) and summary.get("classes") is not None:
-                    return summary, {**info, "status": "ok", "artifact": art}
-        return None, {**info, "status": "champion run has no data summary"}
-    except Exception as e:  # drift is advisory: a lookup error never crashes the gate
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
-        return None, {**info, "status": "unavailable", "error": msg}

@@ -20,6 +20,7 @@ from visionflow.config import TORCHVISION_DATASETS as DATASETS
 from visionflow.config import TORCHVISION_PREFIX as PREFIX
 from visionflow.config import is_torchvision_source, unknown_torchvision_dataset
 from visionflow.errors import DataError
+from visionflow.layout import Layout
 
 COMPLETE = ".complete"
 __all__ = ["DATASETS", "PREFIX", "is_torchvision_source", "materialize", "folder"]
@@ -31,18 +32,18 @@ def dataset_name(source: str) -> str:
     return source[len(PREFIX):]
 
 
-def folder(source: str, cache_root: Path) -> Path:
+def folder(source: str, layout: Layout) -> Path:
     """Where `materialize` writes the ImageFolder for `source` (nothing is downloaded)."""
-    return Path(cache_root) / "sources" / dataset_name(source)
+    return layout.sources_cache / dataset_name(source)
 
 
-def materialize(source: str, cache_root: Path) -> Path:
+def materialize(source: str, layout: Layout) -> Path:
     """The ImageFolder for `torchvision:<NAME>`, downloading and writing it on first use."""
     name = dataset_name(source)
-    dest = folder(source, cache_root)
+    dest = folder(source, layout)
     if (dest / COMPLETE).is_file():
         return dest
-    splits = {split: _load(source, name, Path(cache_root) / "torchvision", split == "train")
+    splits = {split: _load(source, name, layout.torchvision_cache, split == "train")
               for split in ("train", "test")}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest.parent))

@@ -3,7 +3,7 @@
 `register_compact(params, layout, parent_version)` is called by the register stage after it
 has registered the parent (the uncompressed model) as `parent_version`. It reads
 `outputs/compress/compress.json`'s choice and, when a variant fits the budget, logs it as an
-MLflow pyfunc "from code" (`compact_pyfunc.py`: the variant's ONNX file run by ONNX
+MLflow pyfunc "from code" (`publish.log_compact`: the variant's ONNX file run by ONNX
 Runtime, same input/output contract as the main model, nothing unpickled), registers it as a
 new version of the same registered model, tags it (`parent_version`, `compact_variant`,
 `compact_recipe`, `metrics`, `compact_metrics`, ...) and points the alias `compact` at it.
@@ -20,11 +20,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
+from visionflow.compression.pareto import recipe_text
 from visionflow.config import Params
 from visionflow.layout import Layout
+from visionflow.mlops import registry, tracking
+from visionflow.mlops.provenance import version_tags
+from visionflow.mlops.publish import log_compact
+from visionflow.model.classifier import load_classifier
 
 ALIAS = "compact"
-ARTIFACT_NAME = "compact_model"
 
 
 def chosen_variant(params: Params, layout: Layout) -> tuple[dict[str, Any] | None, str]:
@@ -61,27 +67,20 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
     pipeline run and takes the lock itself). Returns `{model_name, version, alias, variant,
     parent_version, metrics, reason}`; `alias` is None when it was not moved.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    from visionflow.mlops import registry, tracking
-
     entry, why = chosen_variant(params, layout)
     if entry is None:
         print(f"compact: nothing registered ({why})")
         return None
-    from visionflow.model.classifier import load_classifier
-
     name = params.register_.model_name
     _, arch = load_classifier(layout.model)
     parent_version = str(parent_version)
     with tracking.stage_run(layout):
         uri = mlflow.get_tracking_uri()
         with registry.registry_lock(uri) as lock:
-            client = MlflowClient()
+            client = registry.client_for(layout)
             info = log_compact(Path(entry["path"]), arch, name, params)
             version = str(info.registered_model_version)
-            tags = compact_tags(entry, parent_version, params)
+            tags = {**version_tags(params, layout), **compact_tags(entry, parent_version, params)}
             for k, v in tags.items():
                 client.set_model_version_tag(name, version, k, v)
             client.update_model_version(name, version,
@@ -103,34 +102,6 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
     return {"model_name": name, "version": version, "alias": alias, "variant": entry["name"],
             "parent_version": parent_version, "metrics": json.loads(tags["compact_metrics"]),
             "reason": reason}
-
-
-def log_compact(onnx_path: Path, arch: Any, model_name: str, params: Params):
-    """Log the ONNX variant as a pyfunc "from code" and register a new version of
-    `model_name`."""
-    from dataclasses import asdict
-
-    import mlflow
-
-    from visionflow.mlops import pyfunc as serving
-    from visionflow.mlops.compact_model import ONNX_ARTIFACT
-    from visionflow.model.metrics import capped_topk
-    from visionflow.stages.register import signature_and_example
-
-    topk = max(capped_topk(params.evaluate.topk, arch.num_classes))
-    signature, example = signature_and_example(arch, topk)
-    pkg = Path(serving.__file__).parent.parent  # the visionflow package
-    return mlflow.pyfunc.log_model(
-        name=ARTIFACT_NAME,
-        python_model=str(Path(__file__).with_name("compact_pyfunc.py")),
-        artifacts={ONNX_ARTIFACT: str(onnx_path)},
-        code_paths=[str(pkg)],
-        signature=signature,
-        input_example=example,
-        model_config={"topk": topk, "tta": bool(params.evaluate.tta), "arch": asdict(arch)},
-        pip_requirements=[*serving.PIP_REQUIREMENTS, "onnxruntime"],
-        registered_model_name=model_name,
-    )
 
 
 SCALARS = ("top1", "top1_drop_points", "size_bytes", "size_ratio", "params", "param_ratio",
@@ -162,8 +133,6 @@ def compact_tags(entry: dict[str, Any], parent_version: str, params: Params) -> 
 
 
 def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str, str]) -> str:
-    from visionflow.compression.pareto import recipe_text
-
     o = entry.get("original") or {}
 
     def row(label: str, key: str, fmt: str = "{}") -> str:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from visionflow.compression.onnx_export import OrtModule
 from visionflow.mlops.pyfunc import ImageClassifierModel
+from visionflow.model.classifier import Arch
 
 ONNX_ARTIFACT = "onnx"
 
 
 class CompactClassifierModel(ImageClassifierModel):
     def load_context(self, context) -> None:
-        from visionflow.compression.onnx_export import OrtModule
-        from visionflow.model.classifier import Arch
 
         config = dict(getattr(context, "model_config", None) or {})
         self.arch = Arch(**config["arch"])

@@ -21,6 +21,10 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
+
+from visionflow.mlops import registry
+
 EPS = 1e-12
 
 
@@ -121,7 +125,6 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def _bools(x: Any) -> list[bool]:
-    import numpy as np
 
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
@@ -188,7 +191,6 @@ def apply(client: Any, name: str, version: str, decision: Decision, alias: str =
 
     Call it under `registry.registry_lock`. Returns the alias set, or None.
     """
-    from visionflow.mlops import registry
 
     for k, v in {**(extra_tags or {}), **decision.tags()}.items():
         client.set_model_version_tag(name, str(version), k, str(v))

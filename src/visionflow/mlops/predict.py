@@ -2,7 +2,7 @@
 
 The model is loaded with `mlflow.pyfunc.load_model` (any `models:/`, `runs:/` or local
 URI); the network runs batched, on CUDA when present. Inputs are decoded by
-`visionflow.data.ingest` (the same normalisation as training) and archives are extracted
+`visionflow.data.images` (the same normalisation as training) and archives are extracted
 with its safe extractor into a temporary folder. Unreadable files get a row with an
 `error` and do not stop the run. Output: CSV (one column pair per top-k rank) or JSON.
 """
@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from visionflow.data.archive import ARCHIVE_SUFFIXES
+from visionflow.data.images import decode_resized
+from visionflow.data.scan import IGNORED_NAMES
+from visionflow.data.source import resolve_source
 from visionflow.errors import ConfigError, DataError
+from visionflow.files import write_text
+from visionflow.mlops import registry
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -35,7 +43,6 @@ class PredictSummary:
 
 
 def _hidden(rel: Path) -> bool:
-    from visionflow.data.ingest import IGNORED_NAMES
 
     return any(part.startswith(".") or part.lower() in IGNORED_NAMES for part in rel.parts)
 
@@ -47,7 +54,6 @@ def _images_under(folder: Path) -> list[Path]:
 
 
 def _is_archive(path: Path) -> bool:
-    from visionflow.data.ingest import ARCHIVE_SUFFIXES
 
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
@@ -59,7 +65,6 @@ def collect_inputs(paths: Iterable[str | Path], extract_root: Path) -> list[tupl
     (no absolute paths, `..`, links out or device files) under `extract_root` and named
     `archive.tar.gz:inner/path.png`; plain files are taken as given.
     """
-    from visionflow.data.ingest import resolve_source
 
     found: list[tuple[str, Path]] = []
     for raw in paths:
@@ -92,7 +97,6 @@ def pick_device(name: str) -> str:
 
 def load_model(model_uri: str, root: str | Path = "."):
     """The pyfunc and its ImageClassifierModel (for batched tensor prediction)."""
-    from visionflow.mlops import registry
 
     registry.client_for(root)  # points models:/ URIs at the project's store
     import mlflow
@@ -113,10 +117,7 @@ def run_predict(model_uri: str, paths: list[str | Path], out: str | Path,
                 fmt: str | None = None, batch_size: int = 256, topk: int | None = None,
                 device: str = "auto", root: str | Path = ".",
                 progress: bool = True) -> PredictSummary:
-    import numpy as np
 
-    from visionflow.data.ingest import decode_resized
-    from visionflow.files import write_text
 
     out_s = str(out)
     fmt = (fmt or ("json" if out_s.lower().endswith(".json") else "csv")).lower()

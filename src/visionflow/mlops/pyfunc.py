@@ -22,6 +22,10 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from visionflow.data.images import decode_resized
+from visionflow.model.classifier import load_classifier
+from visionflow.model.inference import model_logits
+
 WEIGHTS = "weights"
 PIP_REQUIREMENTS = [
     "torch==2.14.1", "torchvision==0.29.1", "pillow", "numpy", "pandas", "pydantic>=2",
@@ -31,7 +35,6 @@ PIP_REQUIREMENTS = [
 
 def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
     """Image bytes -> uint8 C×size×size, normalised exactly like the training cache."""
-    from visionflow.data.ingest import decode_resized
 
     return decode_resized(io.BytesIO(data), size, channels)
 
@@ -117,7 +120,6 @@ def topk_frame(probs: Any, classes: list[str], k: int):
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from visionflow.model.classifier import load_classifier
 
         config = dict(getattr(context, "model_config", None) or {})
         self.model, self.arch = load_classifier(context.artifacts[WEIGHTS])
@@ -135,7 +137,6 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         """uint8 N×C×H×W at the model's size -> N×C softmax (CPU tensor)."""
         import torch
 
-        from visionflow.model.inference import model_logits
 
         x = torch.from_numpy(np.ascontiguousarray(batch_uint8))
         return model_logits(self.model, x, batch_size, self.device, self.tta,

@@ -24,6 +24,8 @@ from typing import Any
 
 from visionflow.env import quiet_env
 from visionflow.errors import VisionflowError
+from visionflow.layout import Layout
+from visionflow.mlops import tracking
 from visionflow.mlops.registry_lock import lock_path, registry_lock
 
 __all__ = ["lock_path", "registry_lock"]  # (they live in registry_lock; kept here for callers)
@@ -54,17 +56,26 @@ def now_utc() -> str:
 # --------------------------------------------------------------------------- store
 
 
-def client_for(root: str | Path = ".") -> Any:
-    """MlflowClient on the project's store (or MLFLOW_TRACKING_URI), no experiment created."""
-    from visionflow.layout import Layout
-    from visionflow.mlops import tracking
-
+def client_for(where: Layout | str | Path = ".") -> Any:
+    """The one way to get an MlflowClient: on the project's store (or MLFLOW_TRACKING_URI),
+    no experiment created. `where` is a Layout or a project root."""
     quiet_env()
     from mlflow import MlflowClient
 
-    uri = tracking.tracking_uri(Layout.at(root))
+    layout = where if isinstance(where, Layout) else Layout.at(where)
+    uri = tracking.tracking_uri(layout)
     tracking.use_uri(uri)  # also for models:/ URIs loaded in this process
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion_of(client: Any, name: str, alias: str = "champion") -> Any | None:
+    """The one champion lookup: the model version holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def model_name_for(root: str | Path = ".") -> str:
@@ -118,12 +129,9 @@ def aliases_by_version(client: Any, name: str) -> dict[str, list[str]]:
 
 
 def current_alias(client: Any, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    """The version (str) holding `alias`, or None."""
+    mv = champion_of(client, name, alias)
+    return None if mv is None else str(mv.version)
 
 
 def all_versions(client: Any, name: str) -> list[Any]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from visionflow.files import torch_save
+from visionflow.model.zoo import create_model
 
 
 @dataclass
@@ -40,7 +41,6 @@ class Classifier(nn.Module):
 
 
 def build_classifier(arch: Arch) -> Classifier:
-    from visionflow.model.zoo import create_model
 
     net = create_model(arch.name, arch.num_classes, arch.image_size, arch.in_channels)
     return Classifier(net, arch.mean, arch.std)

@@ -4,6 +4,7 @@
 NCCL on GPU): data sharded per rank, rank 0 alone logs to MLflow and writes the outputs.
 One machine: `torchrun --standalone`. Several: c10d rendezvous at `train.rdzv_endpoint`, and
 every node runs the same command (`vflow launch`), the flow on the node that will be rank 0.
+Each rank runs the stage module itself (`python3 -m visionflow.stages.train`).
 
 torch's c10d rendezvous ranks the nodes by their address (`--local-addr`, else the host's
 name): rank 0, which writes `outputs/train/`, is the node whose address sorts first. The
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -68,7 +70,7 @@ def command(params: Params, params_file: Path, root: Path,
             cmd.append("--rdzv-conf=is_host=true")
     if local_addr:
         cmd.append(f"--local-addr={local_addr}")
-    return [*cmd, "-m", "visionflow.cli.main", "stage", "train", "--params", str(params_file),
+    return [*cmd, "-m", "visionflow.stages.train", "--params", str(params_file),
             "--root", str(root)]
 
 
@@ -132,11 +134,20 @@ def _error_line(tail: str) -> str:
     return (hits or lines or ["no output"])[-1][:400]
 
 
-def train(params: Params, layout: Layout, local_addr: str | None = None):
-    """Run the train stage through torchrun on this node; the result as `train.run` gives
-    it (read back from the outputs rank 0 wrote)."""
-    from visionflow.stages.train import TrainResult
+@dataclass
+class LaunchResult:
+    """What `stages.train.run` returns, read back from the outputs rank 0 wrote."""
 
+    model_path: Path
+    epochs_run: int
+    val_top1: float | None
+    seconds: float
+    images_per_s: float
+    device: str
+
+
+def train(params: Params, layout: Layout, local_addr: str | None = None) -> LaunchResult:
+    """Run the train stage through torchrun on this node."""
     cfg = params.train
     cmd = command(params, resolved_params(params, layout), layout.root, local_addr)
     before = layout.model.stat().st_mtime_ns if layout.model.is_file() else None
@@ -156,8 +167,8 @@ def train(params: Params, layout: Layout, local_addr: str | None = None):
     last = rows[-1] if rows else {}
     images = sum(float(r.get("img_per_s") or 0) * float(r.get("seconds") or 0) for r in rows)
     val = last.get("val_top1")
-    return TrainResult(layout.model, len(rows), float(val) if val else None, seconds,
-                       images / max(seconds, 1e-9), f"{cfg.nodes}x{cfg.procs_per_node} ranks")
+    return LaunchResult(layout.model, len(rows), float(val) if val else None, seconds,
+                        images / max(seconds, 1e-9), f"{cfg.nodes}x{cfg.procs_per_node} ranks")
 
 
 def _history(path: Path) -> list[dict[str, str]]:

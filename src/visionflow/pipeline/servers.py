@@ -27,8 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionflow.env import quiet_env
 from visionflow.errors import VisionflowError
 from visionflow.layout import Layout
+from visionflow.mlops.tracking import tracking_uri
 
 HOST = "127.0.0.1"
 
@@ -47,7 +49,6 @@ class Service:
             return [sys.executable, "-m", "visionflow.pipeline.prefect_compat", "server", "start",
                     "--host", host, "--port", str(port), "--analytics-off",
                     *([] if ui else ["--no-ui"])]
-        from visionflow.mlops.tracking import tracking_uri
 
         uri = tracking_uri(layout)
         if not uri.startswith("sqlite:") and "://" in uri and not uri.startswith("file:"):
@@ -168,7 +169,6 @@ def start(service: Service, layout: Layout, host: str = HOST, port: int | None =
 
     `port=0` picks a free port, and picks again (up to 3 times) if the server loses it to
     another process before it binds."""
-    from visionflow.env import quiet_env
 
     quiet_env()
     current = status(service, layout)

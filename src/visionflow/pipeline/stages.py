@@ -2,7 +2,9 @@
 `flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`.
 
 When params ask for more than one training process (`train.nodes`, `train.procs_per_node`),
-train runs through torchrun in a subprocess (`pipeline/launch.py`), for both drivers."""
+train runs through torchrun in a subprocess (`pipeline/launch.py`): from the flow and from
+`vflow stage train`. (`dvc repro` runs the stage module itself, one process; `vflow launch`
+is the multi-process command.)"""
 
 from __future__ import annotations
 

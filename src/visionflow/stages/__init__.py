@@ -1,1 +1,55 @@
-"""The six pipeline stages, one module each, each with `run(params, layout)`."""
+"""The six pipeline stages, one module each, each with `run(params, layout)`.
+
+`dvc.yaml` runs each as `python3 -m visionflow.stages.<name>`; `vflow stage <name>` and the
+Prefect flow call the same `run`. No stage imports another stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from visionflow.config import Params
+from visionflow.configfile import load_params
+from visionflow.env import quiet_env
+from visionflow.errors import VisionflowError
+from visionflow.layout import Layout
+
+
+def print_result(name: str, result: Any) -> None:
+    """One line on stderr: the stage's result (rank 0 alone under torchrun)."""
+    from rich.console import Console
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    payload = asdict(result) if is_dataclass(result) else result
+    if name == "validate":
+        payload = {k: v for k, v in payload["summary"].items() if k != "expectations"}
+    Console(stderr=True).print(f"[bold green]{name}[/] done:",
+                               json.dumps(payload, default=str)[:600])
+
+
+def main(name: str, run: Callable[[Params, Layout], Any], argv: list[str] | None = None) -> None:
+    """`python3 -m visionflow.stages.<name> [-p params.yaml] [-s KEY=VALUE ...] [--root .]`"""
+    ap = argparse.ArgumentParser(prog=f"python3 -m visionflow.stages.{name}",
+                                 description=f"Run the {name} stage.")
+    ap.add_argument("-p", "--params", default="params.yaml")
+    ap.add_argument("-s", "--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--root", default=".")
+    a = ap.parse_args(argv)
+    quiet_env()
+    try:
+        layout = Layout.at(a.root)
+        path = Path(a.params) if Path(a.params).is_absolute() else layout.root / a.params
+        print_result(name, run(load_params(path, a.overrides, root=layout.root), layout))
+    except VisionflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

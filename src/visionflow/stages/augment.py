@@ -16,6 +16,7 @@ from visionflow.data.cache import SPLITS, build_cache, save_cache
 from visionflow.data.manifest import read_manifest, usable_rows
 from visionflow.files import write_json
 from visionflow.layout import Layout
+from visionflow.stages import main
 
 
 @dataclass
@@ -42,3 +43,7 @@ def run(params: Params, layout: Layout) -> AugmentResult:
         "counts": counts,
     })
     return AugmentResult(layout.cache, counts, classes)
+
+
+if __name__ == "__main__":
+    main("augment", run)

@@ -39,6 +39,7 @@ from visionflow.model.metrics import (
     score_logits,
 )
 from visionflow.model.plots import plot_confusion, plot_mistakes, plot_per_class, plot_reliability
+from visionflow.stages import main
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -93,3 +94,7 @@ def artifact_files(layout: Layout) -> list[Path]:
     return [layout.metrics, layout.predictions, layout.confusion_csv, layout.confusion_png,
             layout.confusion_norm_png, layout.reliability_csv, layout.reliability_png,
             layout.per_class_csv, layout.per_class_png, layout.mistakes_png]
+
+
+if __name__ == "__main__":
+    main("evaluate", run)

@@ -37,6 +37,7 @@ from visionflow.model.calibration import fit_temperature
 from visionflow.model.classifier import Arch, build_classifier, save_classifier
 from visionflow.model.inference import pick_device, predict_logits
 from visionflow.model.zoo import init_whitening
+from visionflow.stages import main
 
 
 @dataclass
@@ -322,3 +323,7 @@ def _log(dist, msg: str) -> None:
 
 def _data_hash(layout: Layout) -> str:
     return (read_json(layout.validation) or {}).get("data_hash", "")
+
+
+if __name__ == "__main__":
+    main("train", run)

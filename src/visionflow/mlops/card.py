@@ -1,0 +1,127 @@
+"""The model card: each registered version's description (what it is, what it was trained on,
+how good it is, where it came from, the gate's decision, how to use it)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import yaml
+
+from visionflow.config import Params
+from visionflow.env import hardware
+from visionflow.layout import Layout
+from visionflow.mlops.gate import Decision
+from visionflow.model.metrics import headline
+
+
+def _training_summary(layout: Layout) -> dict[str, Any]:
+    if not layout.history.is_file():
+        return {}
+    with layout.history.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {
+        "epochs": len(rows),
+        "seconds": sum(float(r.get("seconds") or 0) for r in rows),
+        "final_train_loss": float(last.get("train_loss") or 0),
+        "final_val_top1": last.get("val_top1") or "",
+        "peak_mem_gb": last.get("peak_mem_gb") or "",
+    }
+
+
+def _md_table(rows: list[tuple[str, Any]]) -> list[str]:
+    out = ["| | |", "|---|---|"]
+    out += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
+    return out
+
+
+def model_card(name: str, version: str, params: Params, layout: Layout, arch: Any, model: Any,
+               scores: dict[str, Any], validation: dict, tags: dict[str, str],
+               decision: Decision, run: Any) -> str:
+    """The version's description: what it is, what it was trained on, how good, provenance."""
+    n_params = sum(p.numel() for p in model.parameters())
+    counts = validation.get("counts") or {}
+    split_sizes = _split_sizes(counts)
+    train = _training_summary(layout)
+    run_tags = dict(getattr(getattr(run, "data", None), "tags", {}) or {})
+    p = params.dump()
+    classes = ", ".join(arch.classes)
+    lines = [
+        f"# {name} v{version}: {arch.name}",
+        "",
+        f"**Gate: {decision.label}.** {decision.reason}",
+        "",
+        "## Model",
+        *_md_table([
+            ("architecture", f"{arch.name}, {n_params:,} parameters"),
+            ("input", f"{arch.image_size}x{arch.image_size}, {arch.in_channels} channel(s), "
+                      "image bytes or arrays (preprocessing inside)"),
+            ("classes", f"{arch.num_classes}: {classes[:1500]}"),
+            ("output", "label, score, top-k probabilities (JSON)"),
+        ]),
+        "",
+        "## Data",
+        *_md_table([
+            ("data hash", tags.get("data_hash") or "-"),
+            ("DVC data md5", tags.get("dvc_data_md5") or "-"),
+            ("source", validation.get("source", params.data.source)),
+            ("images", f"{validation.get('usable', '?')} usable of "
+                       f"{validation.get('files', '?')} files"),
+            ("splits", split_sizes or "-"),
+        ]),
+        "",
+        "## Test metrics",
+        "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4f} |" for k, v in headline(scores).items()],
+        f"| test images | {scores['n']} |",
+        "",
+        "## Training",
+        *_md_table([
+            ("epochs", train.get("epochs", "-")),
+            ("training time", f"{train['seconds']:.1f} s" if train else "-"),
+            ("final train loss", f"{train['final_train_loss']:.4f}" if train else "-"),
+            ("training device", run_tags.get("device", "-")),
+            ("hardware (registering host)", hardware()),
+            ("parent run", f"{run.info.run_id} (experiment {run.info.experiment_id})"),
+            ("git commit", tags.get("git_commit") or "-"),
+            ("dvc.lock hash", tags.get("dvc_lock_hash") or "-"),
+            ("params hash", tags.get("params_hash")),
+        ]),
+        "",
+        "## Params",
+        "```yaml",
+        *_yaml_lines({k: p[k] for k in ("seed", "data", "augment", "train", "evaluate",
+                                        "register") if k in p}),
+        "```",
+        "",
+        decision.markdown(name, version),
+        "## Use",
+        "```python",
+        "import mlflow, pandas as pd",
+        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
+        'model.predict(pd.DataFrame({"image": [open("cat.png", "rb").read()]}))',
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _split_sizes(counts: Any) -> str:
+    if not isinstance(counts, dict):
+        return ""
+    total: dict[str, int] = {}
+    for key, value in counts.items():
+        if isinstance(value, dict):  # {split: {class: n}} or {class: {split: n}}
+            for k2, v2 in value.items():
+                if isinstance(v2, int | float):
+                    split = key if key in ("train", "val", "test") else k2
+                    total[split] = total.get(split, 0) + int(v2)
+        elif isinstance(value, int | float):
+            total[key] = total.get(key, 0) + int(value)
+    return ", ".join(f"{k} {v}" for k, v in total.items())
+
+
+def _yaml_lines(obj: dict[str, Any]) -> list[str]:
+    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None).splitlines()

@@ -1,0 +1,52 @@
+"""Scoring for the champion gate: the challenger (the workspace's trained model) and a
+registered version on the same test images, by the same code (`model.inference.model_logits`,
+with each model's own softmax temperature and the evaluate settings)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from visionflow.config import Params
+from visionflow.layout import Layout
+from visionflow.mlops import tracking
+from visionflow.model.classifier import load_classifier
+from visionflow.model.inference import model_logits, pick_device
+
+
+def trained_logits(layout: Layout, x_uint8: torch.Tensor, params: Params):
+    """(logits, model, arch) of the model the train stage wrote, on `x_uint8`."""
+    device = pick_device(params.train.device)
+    model, arch = load_classifier(layout.model, device)
+    cfg = params.evaluate
+    logits = model_logits(model, x_uint8, cfg.batch_size, device, cfg.tta, arch.temperature)
+    return logits, model, arch
+
+
+def version_logits(name: str, version: str, cache: dict[str, Any],
+                   params: Params) -> tuple[torch.Tensor | None, str]:
+    """Test-split logits of a registered version (None and why, if it cannot be scored)."""
+    from_uri = f"models:/{name}/{version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=from_uri, dst_path=tmp))
+        except Exception as err:  # artifacts gone (deleted store folder, ...)
+            if why := tracking.artifact_store_error(err):  # an outage: never "no champion"
+                raise tracking.ArtifactStoreUnavailable(why) from None
+            return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
+        weights = next(local.rglob("model.pt"), None)
+        if weights is None:
+            return None, f"champion v{version} has no weights artifact"
+        device = pick_device(params.train.device)
+        model, arch = load_classifier(weights, device)
+    if arch.classes != cache["classes"]:
+        return None, f"champion v{version} was trained on other classes"
+    if (arch.image_size, arch.in_channels) != (cache["image_size"], cache["channels"]):
+        return None, f"champion v{version} takes other inputs ({arch.image_size}px)"
+    cfg = params.evaluate
+    return model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
+                        arch.temperature), ""

@@ -1,0 +1,190 @@
+"""Retraining when the data changes: refresh the data with DVC, decide "new data?" as
+cheaply as possible against the registry's champion (and the latest version), `vflow data
+status`, and the late-run policy for scheduled runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visionflow.config import Params
+from visionflow.data import manifest, survey
+from visionflow.data.dvc import changed, dvc, dvc_md5, dvc_out, remotes, workspace_state
+from visionflow.data.source import source_path
+from visionflow.errors import DataError
+from visionflow.files import read_json
+from visionflow.layout import Layout
+from visionflow.mlops.lineage import champion_and_latest, champion_tags
+
+
+@dataclass
+class DataCheck:
+    """Whether this run has new data to train on, and why."""
+
+    new_data: bool | None  # None: undecided until validate has computed the data hash
+    reason: str
+    data_hash: str = ""
+    dvc_md5: str = ""
+    method: str = ""
+    champion: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dvc_tracked(params: Params, layout: Layout) -> Path | None:
+    """The `.dvc` file tracking the data source, if it is a DVC-tracked path in the repo."""
+    src = source_path(params, layout).resolve()
+    try:
+        src.relative_to(layout.root)
+    except ValueError:
+        return None
+    dvc_file = src.with_name(src.name + ".dvc")
+    return dvc_file if dvc_file.is_file() else None
+
+
+def refresh_data(params: Params, layout: Layout) -> str:
+    """`dvc update` (an import) or `dvc pull` (a remote is configured) of the data source.
+
+    Tolerates "nothing to pull" and, with a warning in the message, a refresh that fails
+    while local data exists (the data check below then works on what is there)."""
+    dvc_file = dvc_tracked(params, layout)
+    if dvc_file is None:
+        return f"{params.data.source}: not tracked by DVC, used as it is"
+    rel = str(dvc_file.relative_to(layout.root))
+    meta = yaml.safe_load(dvc_file.read_text()) or {}
+    is_import = any(isinstance(d, dict) and d.get("repo") for d in meta.get("deps") or [])
+    if is_import:
+        args = ["update", rel]
+    else:
+        remotes = dvc(layout, "remote", "list", check=False).stdout.strip()
+        if not remotes:
+            return f"{rel}: no DVC remote configured, local data used"
+        args = ["pull", rel]
+    proc = dvc(layout, *args, check=False)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    last = lines[-1] if lines else "done"
+    if proc.returncode != 0:
+        if not source_path(params, layout).exists():
+            raise DataError(f"dvc {' '.join(args)}: {last}")
+        return f"dvc {' '.join(args)} failed ({last}); local data used"
+    return f"dvc {' '.join(args)}: {last}"
+
+
+def _source_of(tags: dict[str, str]) -> str | None:
+    try:
+        return json.loads(tags.get("params", ""))["data"]["source"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def compare_data(data_hash: str, champion: dict[str, str], latest: dict[str, str],
+                 method: str, dvc_md5: str = "") -> DataCheck:
+    """New data unless the champion, or the latest version (rejected by the gate), was
+    trained on this data version already."""
+    short = data_hash[:12]
+    if not champion:
+        return DataCheck(True, "no champion yet", data_hash, dvc_md5, method, champion, latest)
+    if champion.get("data_hash") == data_hash:
+        return DataCheck(False, f"no new data: champion v{champion['version']} was trained on "
+                         f"data {short}", data_hash, dvc_md5, method, champion, latest)
+    if latest and latest.get("data_hash") == data_hash:
+        return DataCheck(False, f"no new data: v{latest['version']} was trained on data {short} "
+                         f"and {latest.get('gate_decision', 'registered')} "
+                         f"({latest.get('gate_reason', '')}); force to retrain",
+                         data_hash, dvc_md5, method, champion, latest)
+    return DataCheck(True, f"new data: {short} (champion v{champion['version']} was trained "
+                     f"on {champion.get('data_hash', '?')[:12]})", data_hash, dvc_md5, method,
+                     champion, latest)
+
+
+def check_data(params: Params, layout: Layout, validate_fresh: bool) -> DataCheck:
+    """Decide "new data?" as cheaply as possible, cheapest first:
+
+    1. the source is DVC-tracked, `dvc status` says the workspace matches the `.dvc` file,
+       and its md5 is the `dvc_data_md5` of the champion (trained from the same
+       `data.source`): same data, nothing hashed;
+    2. validate is up to date per `dvc.lock` (`validate_fresh`): the `data_hash` of its
+       outputs on disk is the current one;
+    3. otherwise undecided (`new_data=None`): validate runs (it is the first stage anyway)
+       and the flow compares the data hash it computes.
+    """
+    champion, latest = champion_and_latest(params, layout)
+    md5 = ""
+    dvc_file = dvc_tracked(params, layout)
+    if dvc_file is not None:
+        md5 = dvc_md5(dvc_file)
+    if not champion:
+        return DataCheck(True, "no champion yet", "", md5, "registry", champion, latest)
+    if md5 and dvc_file is not None:
+        same_md5 = [t for t in (champion, latest) if t and t.get("dvc_data_md5") == md5
+                    and _source_of(t) == params.data.source]
+        if same_md5 and not changed(layout, dvc_file):
+            t = same_md5[0]
+            return compare_data(t.get("data_hash", ""), champion, latest, "dvc md5", md5)
+    if validate_fresh:
+        summary = read_json(layout.validation, {}) or {}
+        if summary.get("success") and summary.get("data_hash"):
+            return compare_data(summary["data_hash"], champion, latest, "validate outputs", md5)
+    return DataCheck(None, "data version unknown until validate hashes it", "", md5,
+                     "validate", champion, latest)
+
+
+def data_status(layout: Layout, params: Any, target: str = "data",
+                compute_hash: bool = True) -> dict[str, Any]:
+    """The current data version next to the champion's (see `vflow data status`)."""
+    dvc_file = layout.dvc_file(target)
+    out = dvc_out(dvc_file)
+    current: dict[str, Any] = {
+        "source": params.data.source,
+        "dvc_file": dvc_file.name if dvc_file.is_file() else "",
+        "dvc_data_md5": str(out.get("md5", "")),
+        "nfiles": out.get("nfiles"), "size": out.get("size"),
+        "workspace": workspace_state(layout, target) if layout.dvc_dir.is_dir()
+        else "no DVC repo",
+        "data_hash": "",
+    }
+    if compute_hash:
+        _, rows, _ = survey.build_manifest(params, layout)
+        current["data_hash"] = manifest.data_hash(rows)
+    v = read_json(layout.validation)
+    validated = ({"data_hash": v.get("data_hash", ""), "success": v.get("success")}
+                 if isinstance(v, dict) else {})
+    reg = params.register_
+    champ = champion_tags(layout, reg.model_name, reg.alias)
+    name, urls = remotes(layout)
+    same = None
+    if champ.get("status") == "ok":
+        def md5(v: str) -> str:  # "<md5>.dir" in .dvc files; tags may drop the suffix
+            return v.removesuffix(".dir")
+
+        pairs = [(current["data_hash"], champ["data_hash"]),
+                 (md5(current["dvc_data_md5"]), md5(champ["dvc_data_md5"]))]
+        known = [a == b for a, b in pairs if a and b]
+        same = all(known) if known else None
+    return {"current": current, "last_validated": validated, "champion": champ,
+            "same_as_champion": same,
+            "remote": {"name": name or "", "url": urls.get(name or "", "")}}
+
+
+def late_reason(expected_start: datetime | None, now: datetime, max_lateness_s: float | None,
+                auto_scheduled: bool) -> str | None:
+    """A scheduled run that starts more than `max_lateness_s` after its slot is skipped.
+
+    Runs queue behind a slow one (concurrency limit 1, ENQUEUE) instead of overlapping it;
+    this drops the ones that waited too long, so a backlog never replays stale slots.
+    Manual and forced runs are never skipped as late."""
+    if not auto_scheduled or expected_start is None or not max_lateness_s:
+        return None
+    late = (now - expected_start).total_seconds()
+    if late <= max_lateness_s:
+        return None
+    return (f"late: scheduled for {expected_start.isoformat(timespec='seconds')}, started "
+            f"{late:.0f} s later (flow.schedule.max_lateness_s={max_lateness_s:g}); "
+            "the next scheduled run takes over")
