@@ -1,10 +1,11 @@
 """The team stack for the `stack` tests, started once per test session (no tests here).
 
-`team_stack` starts PostgreSQL, the S3 server, the MLflow tracking server, the Prefect server,
-the work pool with the deployments of prefect.yaml and one worker, for a checkout made from
-this repository (git + DVC, the digits data), and stops all of it at the end of the session,
-whatever happened. Without PostgreSQL the stack tests skip, unless VFLOW_REQUIRE_STACK=1
-(`make test` as root: CI), where they fail.
+`team_stack`: PostgreSQL, the S3 server, the MLflow tracking server, the Prefect server, the
+work pool with the deployments of prefect.yaml and one worker, for a checkout made from this
+repository (git + DVC, the digits data); booted in the background from the end of
+collection, stopped at the end of the session whatever happened. `flow_run`: the one full
+`retrain` run the other tests build on. Without PostgreSQL the stack tests skip, unless
+VFLOW_REQUIRE_STACK=1 (`make test` as root: CI), where they fail.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from typing import Any
 import pytest
 from conftest import BIN, REPO, make_project, run
 
-# one epoch on 30 digits per class and split; compression searches nothing
-FAST = {"train.epochs": 1, "train.threads": 1, "data.limit_per_class": 30,
-        "compress.methods": [], "flow.retry_delay_s": 2, "flow.retry_jitter": 0}
+# 30 digits per class and split, a few small batches, no compression search; training on
+# two processes (torchrun, gloo), so the flow launches it
+TEAM = {"train.epochs": 3, "train.batch_size": 16, "train.threads": 1,
+        "train.procs_per_node": 2, "data.limit_per_class": 30, "compress.methods": [],
+        "flow.retry_delay_s": 2, "flow.retry_jitter": 0}
 MODEL = "visionflow-classifier"
 # clients in tests give up on a dead server after seconds (MLflow's default is minutes)
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -66,9 +70,9 @@ def reachable_tmpdir(prefix: str) -> Path:
     return path
 
 
-def make_checkout(root: Path, digits_dir: Path, overrides: dict | None = None) -> Path:
+def make_checkout(root: Path, digits_dir: Path, overrides: dict) -> Path:
     """A git + DVC checkout of the project with prefect.yaml, committed."""
-    make_project(root, digits_dir, {**FAST, **(overrides or {})}, git=True)
+    make_project(root, digits_dir, overrides, git=True)
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "prefect.yaml"], root)
@@ -183,38 +187,116 @@ def assert_consistent(state: dict[str, Any]) -> None:
     assert state["versions"][aliases["champion"]] == "promoted", state
 
 
-@pytest.fixture(scope="session")
-def team_stack(digits_dir) -> Iterator[TeamStack]:
-    require_stack()
+# ------------------------------------------------------------------------------ the session
+#
+# The stack boots in a thread as soon as collection has chosen at least one `stack` test, so
+# that its start-up (initdb, migrations of two servers: tens of seconds on two busy cores)
+# overlaps the tests that run before them. `pytest_sessionfinish` stops it whatever happened.
+
+_BOOT: dict[str, Any] = {}
+
+
+def _boot(env: dict[str, str]) -> None:
+    from visionflow.data.digits import materialize_digits
     from visionflow.layout import Layout
     from visionflow.pipeline.stack.core import Options, Stack
 
-    base = reachable_tmpdir("vflow-stack-")
-    saved = {k: os.environ.get(k) for k in CLIENT_ENV}
-    os.environ.update(CLIENT_ENV)
-    root = make_checkout(base / "team", digits_dir)
-    stack = Stack(Layout.at(root))
     try:
         t0 = time.perf_counter()
+        base = reachable_tmpdir("vflow-stack-")
+        _BOOT["base"] = base
+        digits = materialize_digits(base / "digits")
+        root = make_checkout(base / "team", digits, TEAM)
+        stack = Stack(Layout.at(root), base_env=env)
+        _BOOT["stack"] = stack
         stack.up(Options(workers=1, ui=False, timeout=300), log=lambda *_: None)
-        print(f"\nteam stack up in {time.perf_counter() - t0:.1f} s")
-        yield TeamStack(stack, root)
-    finally:
-        stack.down(log=print)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _BOOT["seconds"] = time.perf_counter() - t0
+    except BaseException as err:  # noqa: BLE001 (reported by the fixture)
+        _BOOT["error"] = err
+
+
+def _start_boot() -> None:
+    if "thread" in _BOOT or stack_unavailable() is not None:
+        return
+    env = {**os.environ, **CLIENT_ENV}  # a snapshot: later tests' env changes do not leak
+    _BOOT["thread"] = threading.Thread(target=_boot, args=(env,), name="team-stack-boot",
+                                       daemon=True)
+    _BOOT["thread"].start()
+
+
+def pytest_collection_finish(session) -> None:
+    if any(item.get_closest_marker("stack") for item in session.items):
+        _start_boot()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    thread = _BOOT.get("thread")
+    if thread is not None:
+        thread.join(600)
+    stack = _BOOT.pop("stack", None)
+    if stack is not None:
+        stack.down(log=lambda *_: None, grace=3, purge=True)
         left = [s.name for s in stack.status() if s.running]
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"still running after stack down: {left}"
+        if left:
+            print(f"\nteam stack: still running after down: {left}")
+    if "base" in _BOOT:
+        shutil.rmtree(_BOOT.pop("base"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def flow_run(team_stack: TeamStack):
-    """One run of the `retrain/team` deployment, taken by the stack's worker."""
-    fr = team_stack.run_deployment("retrain/team", {"force": True})
-    final = team_stack.wait_final(fr.id, timeout=900)
-    assert final.state.is_completed(), (final.state.message, team_stack.logs(fr.id)[-3000:])
-    return final
+def team_stack() -> TeamStack:
+    require_stack()
+    _start_boot()
+    _BOOT["thread"].join(900)
+    if "error" in _BOOT:
+        raise _BOOT["error"]
+    if "stack" not in _BOOT:
+        pytest.fail("the team stack did not come up within 900 s")
+    os.environ.update(CLIENT_ENV)
+    print(f"\nteam stack up {_BOOT.get('seconds', 0):.1f} s after collection")
+    return TeamStack(_BOOT["stack"], _BOOT["stack"].layout.root)
+
+
+@pytest.fixture(scope="session")
+def flow_run(team_stack: TeamStack) -> dict[str, Any]:
+    """One run of the `retrain/team` deployment, taken by the stack's worker, with two
+    faults and one launch on the way: train runs as two gloo processes through torchrun
+    (params.yaml asks for them), and PostgreSQL restarts between train and evaluate while
+    this process holds the registry lock (which must then report itself lost)."""
+    from visionflow.mlops import registry_lock
+
+    ts = team_stack
+    fr = ts.run_deployment("retrain/team", {"force": True})
+    wait_task(ts, fr.id, "train", {"Completed"}, timeout=900)
+    lost = None
+    with registry_lock.advisory_lock(ts.stack.client_env()[registry_lock.LOCK_URL_VAR]) as held:
+        t0 = time.monotonic()
+        ts.stack.restart_postgres()  # every connection of both servers is cut
+        restart = time.monotonic() - t0
+        try:
+            held.check()
+        except registry_lock.RegistryLockLost as err:
+            lost = str(err)
+    final = ts.wait_final(fr.id, timeout=900)
+    assert final.state.is_completed(), (final.state.message, ts.logs(fr.id)[-3000:])
+    return {"flow_run": final, "lock_lost": lost, "restart_s": restart}
+
+
+def wait_task(ts: TeamStack, flow_run_id, name: str, states: set[str],
+              timeout: float = 600) -> None:
+    """Until the task run `name` of the flow run is in one of `states` (fails fast if the
+    flow run ends first)."""
+    def seen() -> bool:
+        task = ts.task_runs(flow_run_id).get(name)
+        if task is not None and task.state_name in states:
+            return True
+        with ts.prefect() as c:
+            fr = c.read_flow_run(flow_run_id)
+        assert not fr.state.is_final(), (f"flow ended before {name} was {states}: "
+                                         f"{fr.state.message}")
+        return False
+
+    wait_for(seen, timeout, f"task {name} {states}", every=0.3)
 
 
 def vflow(*args: str, cwd: Path, env: dict[str, str] | None = None,

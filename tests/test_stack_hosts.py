@@ -124,15 +124,13 @@ def _teardown(hosts: Hosts | None, names: dict[str, str]) -> None:
         _ip("netns", "del", ns, check=False)
 
 
-def _checkout(src: Path, dst: Path, seed: int) -> Path:
-    """Host's own copy of the team's checkout (data, DVC cache and dvc.lock too: validate
-    and augment are up to date), with its own seed and training settings (the rest is
-    not)."""
+def _checkout(src: Path, dst: Path, min_delta: float) -> Path:
+    """Host's own copy of the team's checkout: data, outputs, DVC cache and dvc.lock, so
+    every stage is up to date but register, whose params differ (`register.min_delta`)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", "mlruns"))
     (dst / "mlruns").mkdir()
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["seed"] = seed
-    params["train"].update(epochs=3, batch_size=16)  # trained enough to beat chance
+    params["register"]["min_delta"] = min_delta
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst
 
@@ -154,8 +152,8 @@ def hosts(team_stack: TeamStack, flow_run) -> Hosts:
             _ip("-n", names[h], "addr", "add", f"{ADDR[h]}/30", "dev", veth[h])
             _ip("-n", names[h], "link", "set", veth[h], "up")
             _ip("-n", names[h], "link", "set", "lo", "up")
-        roots = {h: _checkout(team_stack.root, base / f"host-{h}", seed=i + 1)
-                 for i, h in enumerate("ab")}
+        roots = {h: _checkout(team_stack.root, base / f"host-{h}", min_delta=d)
+                 for h, d in (("a", 0.001), ("b", 0.002))}
         hosts = Hosts(team_stack, names, veth, roots)
         st = team_stack.stack
         ports = [str(st.port(s)) for s in ("postgres", "s3", "mlflow", "prefect")]
@@ -198,8 +196,8 @@ def hosts(team_stack: TeamStack, flow_run) -> Hosts:
 
 
 def _weak_champion(ts: TeamStack, tmp: Path, monkeypatch) -> str:
-    """Register an untrained copy of the model and promote it by hand, so that each host's
-    trained model beats it."""
+    """Register an untrained copy of the model and promote it by hand, so that the trained
+    model the hosts register beats it."""
     import torch
 
     from visionflow.configfile import load_params

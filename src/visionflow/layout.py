@@ -90,6 +90,11 @@ class Layout:
         return self.stack_dir / "postgres"
 
     @property
+    def stack_pg_pwfile(self) -> Path:
+        """The superuser's password for initdb, there only while initdb runs."""
+        return self.stack_dir / ".pg-admin-password"
+
+    @property
     def stack_buckets(self) -> Path:
         """The object store's root: one folder per bucket."""
         return self.stack_dir / "s3"

@@ -77,7 +77,7 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         typer.echo(" ".join(launcher.command(cfg, launcher.resolved_params(cfg, layout),
                                              layout.root, local_addr)))
         return
-    print_result("train", launcher.train(cfg, layout, local_addr))
+    print_result("train", launcher.train(cfg, layout, local_addr, need_outputs=False))
 
 
 @app.command()

@@ -59,12 +59,9 @@ def down(root: RootOpt = Path("."),
          purge: Annotated[bool, typer.Option(help="also delete the stack's data and "
                                                   "credentials")] = False) -> None:
     """Stop the workers and servers (data kept unless --purge)."""
-    import shutil
-
     stack = _stack(root)
-    stack.down(log=typer.echo)
+    stack.down(log=typer.echo, purge=purge)
     if purge:
-        shutil.rmtree(stack.layout.stack_dir, ignore_errors=True)
         typer.echo(f"deleted {stack.layout.stack_dir}")
 
 

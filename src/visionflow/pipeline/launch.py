@@ -146,8 +146,10 @@ class LaunchResult:
     device: str
 
 
-def train(params: Params, layout: Layout, local_addr: str | None = None) -> LaunchResult:
-    """Run the train stage through torchrun on this node."""
+def train(params: Params, layout: Layout, local_addr: str | None = None,
+          need_outputs: bool = True) -> LaunchResult:
+    """Run the train stage through torchrun on this node. `need_outputs`: this node must be
+    rank 0 (the flow goes on with evaluate here); a joining node (`vflow launch`) need not."""
     cfg = params.train
     cmd = command(params, resolved_params(params, layout), layout.root, local_addr)
     before = layout.model.stat().st_mtime_ns if layout.model.is_file() else None
@@ -159,7 +161,12 @@ def train(params: Params, layout: Layout, local_addr: str | None = None) -> Laun
     seconds = time.perf_counter() - t0
     if code != 0:
         raise LaunchError(f"torchrun train{where} exited with code {code}: {_error_line(tail)}")
-    if not layout.model.is_file() or layout.model.stat().st_mtime_ns == before:
+    here = layout.model.is_file() and layout.model.stat().st_mtime_ns != before
+    if not here and not need_outputs:
+        print("train: done; rank 0 ran on another node, which holds the outputs", flush=True)
+        return LaunchResult(layout.model, 0, None, seconds, 0.0,
+                            f"{cfg.nodes}x{cfg.procs_per_node} ranks (not rank 0)")
+    if not here:
         raise LaunchError(f"train: rank 0 ran on another node, which holds the outputs "
                           f"({layout.model} was not written here); run the flow on the node "
                           "whose address sorts first, or pass it --local-addr")

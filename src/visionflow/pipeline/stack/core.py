@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -101,6 +102,7 @@ class ServiceStatus:
 @dataclass
 class Stack:
     layout: Layout
+    base_env: dict[str, str] | None = None  # the environment services start from (os.environ)
     state: dict[str, Any] = field(default_factory=dict)
     _live: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
 
@@ -127,7 +129,7 @@ class Stack:
 
     def cluster(self) -> postgres.Cluster:
         return postgres.Cluster(self.layout.stack_pgdata, self.layout.stack_log("postgres"),
-                                self.host, self.port("postgres"))
+                                self.layout.stack_pg_pwfile, self.host, self.port("postgres"))
 
     def url(self, name: str) -> str:
         if name == "postgres":
@@ -215,7 +217,7 @@ class Stack:
         log(f"servers up in {time.perf_counter() - t0:.1f} s")
         self.write_env()
         if opts.deploy and self.layout.prefect_yaml.is_file():
-            env = {**procs.same_session_env(QUIET), **self.client_env()}
+            env = {**self._env(), **self.client_env()}
             services.create_pool(env, self.layout.root)
             services.deploy(env, self.layout.root)
             log(f"work pool {services.POOL}: deployments of {self.layout.prefect_yaml.name}")
@@ -232,8 +234,11 @@ class Stack:
             cluster.start(timeout)
         cluster.provision(creds.admin, creds.passwords())
 
+    def _env(self) -> dict[str, str]:
+        return procs.same_session_env(QUIET, self.base_env)
+
     def _spawn(self, name: str, creds: Credentials, opts: Options) -> None:
-        base = procs.same_session_env(QUIET)
+        base = self._env()
         if name == "s3":
             objectstore.make_buckets(self.layout.stack_buckets)
             cmd = objectstore.command(self.layout.stack_buckets, self.host, self.port("s3"))
@@ -273,8 +278,7 @@ class Stack:
         """A process worker on the stack's pool, running flows in this checkout."""
         if self.running(name):
             return
-        env = {**procs.same_session_env(QUIET), **self.client_env(),
-               "VFLOW_CHECKOUT": str(self.layout.root)}
+        env = {**self._env(), **self.client_env(), "VFLOW_CHECKOUT": str(self.layout.root)}
         label = f"{socket.gethostname()}-{self.layout.root.name}-{name}"
         proc = procs.spawn(services.worker_command(label, queue=services.QUEUE),
                            self.layout.stack_log(name), env, self.layout.root)
@@ -304,14 +308,22 @@ class Stack:
         cluster.stop("fast")
         cluster.start()
 
-    def down(self, log=print) -> None:
+    def down(self, log=print, grace: float = 10.0, purge: bool = False) -> None:
+        """Stop the workers and servers (SIGTERM, SIGKILL after `grace` s). `purge`: the
+        data goes too, so PostgreSQL stops without its shutdown checkpoint."""
         for name in [*reversed(self.workers()), "prefect", "mlflow", "s3", "postgres"]:
             if name not in self.state["ports"] and not name.startswith("worker-"):
                 continue
             t0 = time.perf_counter()
-            was = self.stop_service(name)
+            if name == "postgres":
+                was = bool(self.state["ports"].get(name)) and self.cluster().stop(
+                    "immediate" if purge else "fast")
+            else:
+                was = self.stop_service(name, grace)
             log(f"{name}: {'stopped' if was else 'was not running'} "
                 f"({time.perf_counter() - t0:.1f} s)")
+        if purge:
+            shutil.rmtree(self.layout.stack_dir, ignore_errors=True)
 
     def status(self) -> list[ServiceStatus]:
         out = []

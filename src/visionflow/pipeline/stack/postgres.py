@@ -66,6 +66,7 @@ def run_as() -> str | None:
 class Cluster:
     data: Path
     log: Path
+    pwfile: Path
     host: str
     port: int
 
@@ -113,7 +114,7 @@ class Cluster:
         self.data.chmod(0o700)
         self._own(self.data, self.log)
         self._check_reachable()
-        pwfile = self.data.parent / ".pg-admin-password"
+        pwfile = self.pwfile
         pwfile.write_text(admin_password + "\n")
         pwfile.chmod(0o600)
         self._own(pwfile)

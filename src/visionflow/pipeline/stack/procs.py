@@ -91,7 +91,10 @@ def kill(pid: int | None, marker: str) -> bool:
         return False
     pid = int(pid)  # type: ignore[arg-type]
     try:
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        if os.getpgid(pid) == pid:  # a group we started (start_new_session): all of it
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + 10
@@ -106,10 +109,15 @@ def tail(log: Path, lines: int = 5) -> str:
     return _tail(log, lines)
 
 
-def same_session_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without the client variables that would make a server
-    talk to another server, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+CLIENT_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+               "VFLOW_REGISTRY_LOCK_URL", "VFLOW_CHECKOUT")
+
+
+def same_session_env(extra: Mapping[str, str] | None = None,
+                     base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (this process's environment) without the client variables that would point a
+    server at another stack, plus `extra`."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in CLIENT_VARS}
     env.update(extra or {})
     return env
