@@ -9,10 +9,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from builders import evil_tar, snapshot, write_imagefolder, write_mnist_raw
 from conftest import BIN, make_project, run
-from test_ingest import _evil_tar
-from test_torchvision_source import _write_mnist_raw
-from test_validate_catalogue import _snapshot, write_imagefolder
 
 from visionflow.data.dvc import dvc_out
 from visionflow.layout import Layout
@@ -50,12 +48,12 @@ def repo(tmp_path_factory):
 def test_add_folder_then_push_and_pull(repo):
     tmp, root = repo
     v2 = write_imagefolder(tmp / "v2", {"cat": 9, "dog": 8, "fox": 7})
-    before_src, before_md5 = _snapshot(v2), _md5(root)
+    before_src, before_md5 = snapshot(v2), _md5(root)
     proc = run([VFLOW, "data", "add", str(v2)], root)
     assert "imported 24 images" in proc.stdout and "dvc push" in proc.stdout
     assert _md5(root) not in ("", before_md5)  # data.dvc records the new version
     assert _files(root / "data") == _files(v2)
-    assert _snapshot(v2) == before_src  # the source is only read
+    assert snapshot(v2) == before_src  # the source is only read
     assert "data.dvc" in run(["git", "status", "--porcelain"], root).stdout
     assert not [p for p in root.iterdir() if p.name.startswith(".data.")]  # no staging left
 
@@ -92,12 +90,12 @@ def test_add_archive_and_the_refusals(repo):
 
     # an archive attack: one line naming the member, data/ untouched, nothing left behind
     evil = tmp / "evil.tar.gz"
-    member = _evil_tar("dotdot")(evil)
+    member = evil_tar("dotdot")(evil)
     run([DVC, "add", "-q", "data"], root)  # record the local change first
-    snap, md5 = _snapshot(root / "data"), _md5(root)
+    snap, md5 = snapshot(root / "data"), _md5(root)
     proc = run([VFLOW, "data", "add", str(evil)], root, check=False)
     assert proc.returncode == 3 and member in _one_error_line(proc)
-    assert _snapshot(root / "data") == snap and _md5(root) == md5
+    assert snapshot(root / "data") == snap and _md5(root) == md5
     assert not [p for p in root.iterdir() if p.name.startswith(".data.")]
 
     # no images / no such path / the target itself: refused, nothing changed
@@ -108,10 +106,10 @@ def test_add_archive_and_the_refusals(repo):
                        (root / "data" / "train", "overlaps the target")):
         proc = run([VFLOW, "data", "add", str(bad)], root, check=False)
         assert proc.returncode == 3 and words in _one_error_line(proc), proc.stderr
-    assert _snapshot(root / "data") == snap and _md5(root) == md5
+    assert snapshot(root / "data") == snap and _md5(root) == md5
 
     # a torchvision dataset (its raw files already downloaded): written out once, then added
-    _write_mnist_raw(root / ".cache" / "torchvision" / "MNIST" / "raw")
+    write_mnist_raw(root / ".cache" / "torchvision" / "MNIST" / "raw")
     proc = run([VFLOW, "data", "add", "torchvision:MNIST", "--force"], root)
     assert "imported 80 images" in proc.stdout and _md5(root) != md5
     assert len(list((root / "data" / "train").iterdir())) == 10

@@ -10,8 +10,8 @@ import sys
 from contextlib import suppress
 
 import pytest
+from builders import write_imagefolder
 from conftest import make_project
-from test_validate_catalogue import write_imagefolder
 
 from visionflow.configfile import load_params, parse_params
 from visionflow.data import drift

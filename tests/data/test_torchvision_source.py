@@ -4,11 +4,11 @@ downloads only what is missing), and the CIFAR-10 download is pointed at a close
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import write_mnist_raw
 from conftest import make_project
 from PIL import Image
 
@@ -18,28 +18,10 @@ from visionflow.errors import ConfigError, DataError
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
-PER_CLASS = {"train": 6, "t10k": 2}
-
-
-def _write_mnist_raw(raw: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Real MNIST IDX files (big-endian header, uint8 payload): every digit, a few each."""
-    rng = np.random.default_rng(seed)
-    raw.mkdir(parents=True)
-    images = {}
-    for prefix, n in PER_CLASS.items():
-        labels = np.repeat(np.arange(10, dtype=np.uint8), n)
-        pixels = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            struct.pack(">IIII", 0x803, len(labels), 28, 28) + pixels.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
-        images[prefix] = pixels
-    return images
-
 
 def test_mnist_becomes_an_imagefolder_once(tmp_path: Path):
     cache = Layout.at(tmp_path)
-    pixels = _write_mnist_raw(cache.torchvision_cache / "MNIST" / "raw")
+    pixels = write_mnist_raw(cache.torchvision_cache / "MNIST" / "raw")
     root = torchvision_source.materialize("torchvision:MNIST", cache)
     assert root == torchvision_source.folder("torchvision:MNIST", cache)
     train = sorted((root / "train").iterdir())
@@ -58,7 +40,7 @@ def test_validate_reads_a_torchvision_source(tmp_path: Path):
     project = make_project(tmp_path / "proj", tmp_path / "unused",
                            {"data.source": "torchvision:MNIST", "data.limit_per_class": None})
     layout = Layout.at(project)
-    _write_mnist_raw(layout.cache_root / "torchvision" / "MNIST" / "raw")
+    write_mnist_raw(layout.cache_root / "torchvision" / "MNIST" / "raw")
     params = load_params(layout.params, ["validate.min_images_per_class=1"])
     run_stage("validate", params, layout)
     import pandas as pd

@@ -8,38 +8,19 @@ one-line error, and no input file is changed, deleted or written outside the tar
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
+from builders import BASE, catalogue_files, evil_tar, evil_zip, snapshot, write_imagefolder
 from conftest import BIN, make_project, run
-from PIL import Image
-from test_ingest import _catalogue, _encode, _evil_tar, _evil_zip
 
 from visionflow.configfile import load_params
 from visionflow.errors import ConfigError, DataError, ValidationFailed
 from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
-
-RNG = np.random.default_rng(4)
-
-
-def write_imagefolder(root: Path, counts: dict[str, int], size: int = 16) -> Path:
-    """`counts` maps "split/class" (or "class") to a number of distinct RGB PNGs."""
-    for folder, n in counts.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = Image.fromarray(RNG.integers(0, 256, (size, size, 3), dtype=np.uint8))
-            (root / folder / f"{i:03d}.png").write_bytes(_encode(img, "PNG"))
-    return root
-
-
-BASE = {"train/cat": 6, "train/dog": 6, "test/cat": 2, "test/dog": 2}
 
 
 def _validate(root: Path, overrides: list[str] | None = None):
@@ -52,27 +33,9 @@ def _quarantine(layout: Layout) -> dict[str, tuple[str, str]]:
         return {r["path"]: (r["reason"], r["detail"]) for r in csv.DictReader(f)}
 
 
-def _snapshot(folder: Path) -> dict[str, tuple]:
-    """Every path under `folder` (links not followed): mode, and size/mtime/hash of files."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            st = p.lstat()
-            rel = p.relative_to(folder).as_posix()
-            if stat.S_ISREG(st.st_mode):
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-            elif stat.S_ISLNK(st.st_mode):
-                out[rel] = (st.st_mode, os.readlink(p))
-            else:  # directories (their mtime moves with temp entries), fifos
-                out[rel] = (st.st_mode,)
-    return out
-
-
 def _outside_project(tmp: Path, project: Path) -> dict:
     """Snapshot of everything except what validate may write (outputs/, .cache/)."""
-    snap = _snapshot(tmp)
+    snap = snapshot(tmp)
     skip = [f"{project.relative_to(tmp).as_posix()}/{d}" for d in ("outputs", ".cache")]
     return {k: v for k, v in snap.items() if not any(k == s or k.startswith(s + "/")
                                                      for s in skip)}
@@ -110,7 +73,7 @@ def defects(tmp_path_factory):
     data = write_imagefolder(tmp / "src", BASE)
     project = make_project(tmp / "proj", data)
     root = project / "data"
-    cat = _catalogue(tmp / "catalogue")
+    cat = catalogue_files(tmp / "catalogue")
     for name in FILE_DEFECTS:
         shutil.copy(cat[name], root / "train" / "cat" / name)
     shutil.copy(root / "train" / "dog" / "000.png", root / "test" / "dog" / "leak.png")
@@ -180,7 +143,7 @@ ATTACKS = [
 def test_archive_attack_stops_validate(tmp_path, suffix, kind):
     archive = tmp_path / "in" / f"evil{suffix}"
     archive.parent.mkdir()
-    member = (_evil_tar if suffix == ".tar.gz" else _evil_zip)(kind)(archive)
+    member = (evil_tar if suffix == ".tar.gz" else evil_zip)(kind)(archive)
     data = write_imagefolder(tmp_path / "src", {"cat": 2})
     project = make_project(tmp_path / "proj", data, {"data.source": str(archive)})
     before = _outside_project(tmp_path, project)

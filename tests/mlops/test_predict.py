@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_registry_fixtures import registered_project, split_images
+from projects import registered_project, split_images
 from typer.testing import CliRunner
 
 NAME = "visionflow-classifier"

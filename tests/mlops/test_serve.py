@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN
-from test_registry_fixtures import registered_project, split_images
+from projects import registered_project, split_images
 
 NAME = "visionflow-classifier"
 START_TIMEOUT_S = 180

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import BASE, write_imagefolder
 from conftest import make_project
 from PIL import Image
-from test_validate_catalogue import BASE, write_imagefolder
 
 from visionflow.configfile import load_params
+from visionflow.data import expectations
 from visionflow.data.manifest import data_hash
 from visionflow.data.survey import build_manifest_ex, cache_file
 from visionflow.errors import ValidationFailed
@@ -115,8 +116,8 @@ def test_leakage_expectation_fails_on_a_shared_file():
         "bytes": [100, 100], "splits_sharing_file": [2, 2], "duplicate_in_split": [False, False],
     })
     params = load_params_raw()
-    checks = [c for c in validate.build_checks(params, ["a"]) if c.table == "images"]
-    results = validate.run_gx(checks, {"images": images}, None)
+    checks = [c for c in expectations.build_checks(params, ["a"]) if c.table == "images"]
+    results = expectations.run_gx(checks, {"images": images}, None)
     failed = [r for r in results if not r["success"]]
     assert [r["description"] for r in failed] == ["no file (by sha256) appears in two splits"]
     assert failed[0]["examples"] == ["train/a/1.png", "test/a/1.png"]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_registry_fixtures import fresh_copy, registered_project, split_images, trained_project
+from projects import fresh_copy, registered_project, split_images, trained_project
 
 from visionflow.layout import Layout
 
