@@ -1,6 +1,6 @@
-"""Multi-process training params, the torchrun command the launcher builds, when the train
-stage goes through it, and which registry lock a store gets (no servers: fast). The runs
-themselves are in test_stack_hosts.py (two nodes) and test_stack_faults.py (the flow)."""
+"""Multi-process training params, the torchrun command the launcher builds, and when the train
+stage goes through it (no servers: fast). The runs themselves are in test_stack.py (the
+flow's train on two processes) and test_stack_hosts.py (two nodes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from visionflow.configfile import parse_params
 from visionflow.errors import ConfigError
 from visionflow.layout import Layout
-from visionflow.mlops import registry_lock
 from visionflow.pipeline import launch, stages
 
 
@@ -82,28 +81,3 @@ def test_run_stage_launches_train_when_params_ask(monkeypatch, tmp_path):
     monkeypatch.setattr(stages, "stage_function", lambda name: pytest.fail("ran in place"))
     stages.run_stage("train", _params(procs_per_node=2), Layout.at(tmp_path))
     assert calls == [2]
-
-
-def test_registry_lock_kind(monkeypatch, tmp_path):
-    monkeypatch.delenv(registry_lock.LOCK_URL_VAR, raising=False)
-    sqlite = f"sqlite:///{tmp_path}/mlflow.db"
-    assert registry_lock.lock_url(sqlite) is None
-    assert registry_lock.lock_path(sqlite) == tmp_path / ".mlflow.db.register.lock"
-    pg = "postgresql+psycopg://u:p@db.example:5433/mlflow"
-    assert registry_lock.lock_url(pg) == "postgresql://u:p@db.example:5433/mlflow"
-    assert registry_lock.lock_url("http://mlflow:5000") is None  # a server: see the warning
-    monkeypatch.setenv(registry_lock.LOCK_URL_VAR, "postgresql://l:s@db:5432/mlflow")
-    assert registry_lock.lock_url("http://mlflow:5000") == "postgresql://l:s@db:5432/mlflow"
-    monkeypatch.setenv(registry_lock.LOCK_URL_VAR, "mysql://l:secret@db:3306/x")
-    with pytest.raises(registry_lock.RegistryLockError) as err:
-        registry_lock.lock_url("http://mlflow:5000")
-    assert "db:3306/x" in str(err.value) and "secret" not in str(err.value)
-
-
-def test_a_server_without_a_lock_url_warns_once(monkeypatch, tmp_path, capsys):
-    monkeypatch.delenv(registry_lock.LOCK_URL_VAR, raising=False)
-    monkeypatch.setattr(registry_lock.tempfile, "gettempdir", lambda: str(tmp_path))
-    for _ in range(2):
-        with registry_lock.registry_lock("http://127.0.0.1:1") as held:
-            assert held.kind == "file"
-    assert capsys.readouterr().err.count("serialised on this host only") == 1

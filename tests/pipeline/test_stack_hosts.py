@@ -41,7 +41,7 @@ from stack_fixtures import (
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-HERE = Path(__file__).parent
+RELAY = Path(__file__).parents[1] / "netrelay.py"  # (a helper, not a test)
 NET = "10.213.13"
 ADDR = {"a": f"{NET}.1", "b": f"{NET}.2"}
 
@@ -162,10 +162,10 @@ def hosts(team_stack: TeamStack, flow_run) -> Hosts:
         relay_out = base / "relay.log"
         with open(relay_out, "ab") as out:
             hosts.procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "netrelay.py"), "unix", str(socks), *ports],
+                [sys.executable, str(RELAY), "unix", str(socks), *ports],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         wait_for(lambda: all((socks / f"{p}.sock").exists() for p in ports), 30, "relay")
-        hosts.spawn("a", [sys.executable, str(HERE / "netrelay.py"), "tcp", ADDR["a"],
+        hosts.spawn("a", [sys.executable, str(RELAY), "tcp", ADDR["a"],
                           str(socks), *ports], relay_out)
         api = f"http://{ADDR['a']}:{st.port('prefect')}/api/health"
         probe = [sys.executable, "-c", f"import urllib.request as u; u.urlopen('{api}', "
