@@ -116,10 +116,11 @@ def test_champion_loads_knowing_only_the_tracking_uri(team_stack: TeamStack, flo
            "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": mlflow_url,
            "http_proxy": dead, "HTTP_PROXY": dead, "https_proxy": dead,
            "no_proxy": "localhost",
+           **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ},  # this code
            **{k: os.environ[k] for k in CLIENT_ENV if k.startswith("MLFLOW_")}}
     proc = subprocess.run([str(BIN / "vflow"), "predict", "-m", f"models:/{MODEL}@champion",
                            str(image), "-o", "-", "--format", "json", "--root", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
     assert rows[0]["label"] in {p.name for p in (team_stack.root / "data" / "train").iterdir()}

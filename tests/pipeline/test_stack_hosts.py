@@ -111,9 +111,9 @@ def _teardown(hosts: Hosts | None, names: dict[str, str]) -> None:
     """Idempotent: every process we started, every process left in our namespaces, the
     namespaces (their veth pair goes with them)."""
     procs = [p for p in (hosts.procs if hosts else []) if p.poll() is None]
-    for proc in procs:  # all at once, then wait: a worker takes seconds to shut down
+    for proc in procs:  # test processes with nothing to save: no graceful shutdown
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL)
     for proc in procs:
         _stop(proc)
     for ns in names.values():
