@@ -7,12 +7,14 @@ flow:  the `retrain` flow (force=True: every stage runs) on two scratch copies o
          on PostgreSQL, the PostgreSQL registry lock).
        Per sample: flow wall time, the stage functions' time inside it, the register stage's
        time, the API's first answer. Flow overhead = flow wall - in-run stage time.
-train: the train stage on the digits at 16 px (the `fast` net), 2 cores in every variant:
-       - 1 node x 1 process (2 threads), in place;
-       - 1 node x 2 processes (1 thread each), torchrun --standalone, gloo;
-       - 2 nodes x 1 process (1 thread each): two network namespaces joined by a veth pair,
-         torchrun with a c10d rendezvous across them, gloo over the veth (root, iproute2).
-       Throughput: training images per second over the epochs after the first (history.csv).
+train: the train stage on the digits at 16 px (the `fast` net) on this machine's 2 cores:
+       - 1x1: 1 node x 1 process, 1 thread, in place;
+       - 1x1-2t: the same with 2 threads (on 2 busy cores, often slower than 1);
+       - 1x2: 1 node x 2 processes (1 thread each), torchrun --standalone, gloo;
+       - 2x1: 2 nodes x 1 process (1 thread each): two network namespaces joined by a veth
+         pair, torchrun with a c10d rendezvous across them, gloo over the veth (root, ip).
+       Throughput: training images per second over the epochs after the first (history.csv),
+       all ranks together.
 
     .venv/bin/python bench/bench_stack.py flow --repeats 3
     .venv/bin/python bench/bench_stack.py train --repeats 3 --epochs 4
@@ -212,15 +214,16 @@ def bench_train(repeats: int, epochs: int) -> dict:
         with contextlib.ExitStack() as stack:
             ns = stack.enter_context(_two_namespaces()) if netns else None
             for i in range(repeats):
-                variants = ["1x1", "1x2", *(["2x1"] if ns else [])]
+                variants = ["1x1", "1x1-2t", "1x2", *(["2x1"] if ns else [])]
                 for v in variants:
                     roots = [base / f"{v}-{i}-{h}" for h in ("a", "b")[:2 if v == "2x1" else 1]]
                     for r in roots:
                         shutil.copytree(src, r, ignore=shutil.ignore_patterns("mlruns"))
                         (r / "mlruns").mkdir()
-                    if v == "1x1":
+                    if v.startswith("1x1"):
+                        threads = 2 if v.endswith("2t") else 1
                         procs = [_run([vflow, "stage", "train", "--root", str(roots[0]),
-                                       "-s", "train.threads=2"], roots[0], env)]
+                                       "-s", f"train.threads={threads}"], roots[0], env)]
                     elif v == "1x2":
                         procs = [_run([vflow, "launch", "--root", str(roots[0]), "-s",
                                        "train.procs_per_node=2", "-s", "train.threads=1"],
