@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import struct
 import tarfile
 import zipfile
@@ -59,7 +60,8 @@ def snapshot(folder: Path) -> dict[str, tuple]:
             if p.is_dir() and not p.is_symlink():  # a dir's mtime changes with temp entries
                 out[p.relative_to(folder).as_posix()] = (st.st_mode,)
                 continue
-            digest = "" if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            regular = stat.S_ISREG(st.st_mode)  # (reading a FIFO would block forever)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if regular else ""
             out[p.relative_to(folder).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return out
 
