@@ -74,19 +74,31 @@ def digits_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
-    """A real Prefect server (`vflow server start`'s process, its own database in the sandbox)
-    shared by the session's flow tests; its API URL. Flow subprocesses get it as
-    PREFECT_API_URL, flows in this process run under `prefect_settings(url)`. (Prefect's test
-    harness can hang for good in its teardown, draining events of a killed flow run.)"""
-    from visionflow.layout import Layout
-    from visionflow.pipeline import servers
+    """`vflow server start` on a free loopback port with its own database: the one real
+    Prefect server of the session's flow tests (one per process: Prefect's event worker is a
+    process-wide singleton bound to the first API it sends to); its API URL. Flow
+    subprocesses get it as PREFECT_API_URL, flows in this process run under
+    `prefect_settings(url)`. `vflow server stop` at the end must leave no process behind."""
+    import json
 
-    layout = Layout.at(_SANDBOX / "prefect-server")
-    layout.root.mkdir(parents=True, exist_ok=True)
-    status = servers.start(servers.PREFECT, layout, port=0, ui=False, timeout=180,
-                           env={"PREFECT_HOME": str(layout.root / "home")})
+    from visionflow.pipeline.servers import _alive
+
+    base = _SANDBOX / "prefect-server"
+    base.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(base / "home"),
+           "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    vflow = str(BIN / "vflow")
+    state_file = base / ".cache" / "servers" / "prefect.json"
     try:
-        yield status.api_url
+        start = subprocess.run([vflow, "server", "start", "--root", str(base), "--port", "0",
+                                "--no-ui", "--timeout", "240"], env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert start.returncode == 0, start.stdout + start.stderr
+        status = subprocess.run([vflow, "server", "status", "--root", str(base)],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "up at http://127.0.0.1:" in status.stdout
+        yield json.loads(state_file.read_text())["url"] + "/api"
     finally:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
@@ -94,7 +106,14 @@ def prefect_server() -> Iterator[str]:
         for worker in (EventsWorker, APILogWorker):  # bounded: never wait on a dead run
             with contextlib.suppress(Exception):
                 worker.drain_all(timeout=10)
-        servers.stop(servers.PREFECT, layout, timeout=10)
+        pid = json.loads(state_file.read_text())["pid"] if state_file.exists() else None
+        stop = subprocess.run([vflow, "server", "stop", "--root", str(base)],
+                              capture_output=True, text=True, timeout=90)
+        if pid is not None:
+            assert "stopped" in stop.stdout, stop.stdout + stop.stderr
+            if _alive(pid, "prefect"):
+                os.kill(pid, 9)
+                pytest.fail(f"prefect server pid {pid} survived `vflow server stop`")
 
 
 @contextlib.contextmanager

@@ -30,37 +30,6 @@ FAST = {"train.epochs": 1, "train.threads": 1, "data.limit_per_class": 30,
 MODEL = "visionflow-classifier"
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Any:
-    """`vflow server start` on a free loopback port, its own database; always stopped."""
-    base = tmp_path_factory.mktemp("prefect-server")
-    env = {**os.environ, "PREFECT_HOME": str(base / "home"),
-           "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
-    vflow = str(BIN / "vflow")
-    state_file = base / ".cache" / "servers" / "prefect.json"
-    try:
-        start = subprocess.run([vflow, "server", "start", "--root", str(base), "--port", "0",
-                                "--no-ui", "--timeout", "240"], env=env, capture_output=True,
-                               text=True, timeout=300)
-        assert start.returncode == 0, start.stdout + start.stderr
-        status = subprocess.run([vflow, "server", "status", "--root", str(base)],
-                                capture_output=True, text=True, timeout=60)
-        assert status.returncode == 0 and "up at http://127.0.0.1:" in status.stdout
-        yield json.loads(state_file.read_text())["url"] + "/api"
-    finally:
-        pid = json.loads(state_file.read_text())["pid"] if state_file.exists() else None
-        stop = subprocess.run([vflow, "server", "stop", "--root", str(base)],
-                              capture_output=True, text=True, timeout=90)
-        if pid is not None:
-            from visionflow.pipeline.servers import _alive
-
-            assert "stopped" in stop.stdout, stop.stdout + stop.stderr
-            if _alive(pid, "prefect"):  # (a zombie awaiting its reaper counts as gone)
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail(f"prefect server pid {pid} survived `vflow server stop`")
-
-
 class Api:
     """Synchronous Prefect client on the test server."""
 
