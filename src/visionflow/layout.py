@@ -64,6 +64,16 @@ class Layout:
     def retrain_lock(self) -> Path:
         return self.cache_root / "retrain.lock"
 
+    # hyperparameter search (`vflow tune`): project state, not pipeline outputs
+    @property
+    def tune_dir(self) -> Path:
+        return self.cache_root / "tune"
+
+    @property
+    def tune_db(self) -> Path:
+        """The Optuna study database (sqlite) when no other storage is configured."""
+        return self.tune_dir / "study.db"
+
     # MLflow's local store
     @property
     def mlruns(self) -> Path:
@@ -106,6 +116,10 @@ class Layout:
     @property
     def flow_file(self) -> Path:
         return self.root / "flows" / "retrain.py"
+
+    @property
+    def tune_flow_file(self) -> Path:
+        return self.root / "flows" / "tune.py"
 
     # validate
     @property

@@ -11,6 +11,7 @@ import typer
 from visionflow.cli.data import data_app
 from visionflow.cli.models import models_app, predict_command
 from visionflow.cli.servers import schedule_command, server_app, ui_app
+from visionflow.cli.tune import tune_command
 from visionflow.config import STAGE_NAMES
 from visionflow.errors import VisionflowError
 
@@ -26,6 +27,7 @@ app.command("predict")(predict_command)
 app.add_typer(server_app, name="server")
 app.add_typer(ui_app, name="ui")
 app.command("schedule")(schedule_command)
+app.command("tune")(tune_command)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
