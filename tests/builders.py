@@ -213,7 +213,8 @@ def write_imagefolder(root: Path, counts: dict[str, int], size: int = 16) -> Pat
     return root
 
 
-BASE = {"train/cat": 6, "train/dog": 6, "test/cat": 2, "test/dog": 2}
+# 16 files with their own val/ and test/ (nothing carved, so the counts are exact)
+BASE = {"train/cat": 5, "val/cat": 1, "train/dog": 5, "val/dog": 1, "test/cat": 2, "test/dog": 2}
 
 
 MNIST_PER_CLASS = {"train": 6, "t10k": 2}  # images per digit in each raw file

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytest_plugins = ["stack_fixtures"]  # the team stack, once per session (`-m stack` tests)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"

@@ -6,6 +6,7 @@ before any work starts (see `load_params`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -206,6 +207,22 @@ class TrainConfig(_Section):
     time_budget_s: float | None = Field(None, gt=0)
     calibrate: bool = Field(True, description="fit a softmax temperature on the val split")
     progress: bool = True
+    nodes: int = Field(1, ge=1, description="machines taking part (torchrun --nnodes)")
+    procs_per_node: int = Field(1, ge=1, description="processes per machine (one per GPU; "
+                                "on CPU, gloo processes)")
+    rdzv_endpoint: str | None = Field(None, validate_default=True,
+                                      description="host:port of the c10d rendezvous, "
+                                      "on one of the nodes; null = this machine alone")
+    rdzv_id: str = Field("visionflow", min_length=1, description="the job id all nodes share")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", v):
+            raise ValueError("expected host:port (e.g. 10.0.0.1:29400)")
+        if v is None and (info.data.get("nodes") or 1) > 1:
+            raise ValueError("train.nodes > 1 needs the rendezvous host:port of one node")
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -324,8 +341,7 @@ class ScheduleConfig(_Section):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        import re  # the full check happens when Prefect builds the schedule
-
+        # (the full check happens when Prefect builds the schedule)
         if not re.fullmatch(r"\s*(@\w+|([\w*/,?-]+\s+){4}[\w*/,?-]+)\s*", v):
             raise ValueError("not a cron expression (five fields, e.g. '0 3 * * *')")
         return v.strip()

@@ -74,6 +74,61 @@ class Layout:
         """The Optuna study database (sqlite) when no other storage is configured."""
         return self.tune_dir / "study.db"
 
+    # the team stack on one machine (`vflow stack up`)
+    @property
+    def stack_dir(self) -> Path:
+        """PostgreSQL data, the object store's buckets, logs and state of `vflow stack`."""
+        return self.cache_root / "stack"
+
+    @property
+    def stack_state(self) -> Path:
+        """pid, port and command of each stack service."""
+        return self.stack_dir / "stack.json"
+
+    @property
+    def stack_credentials(self) -> Path:
+        """Generated passwords and keys, as `export` lines (git-ignored with `.cache/`)."""
+        return self.stack_dir / "credentials.env"
+
+    @property
+    def stack_env(self) -> Path:
+        """What a client needs (URLs, the lock URL, S3 keys for DVC): `source` it."""
+        return self.stack_dir / "env.sh"
+
+    @property
+    def stack_pgdata(self) -> Path:
+        return self.stack_dir / "postgres"
+
+    @property
+    def stack_pg_pwfile(self) -> Path:
+        """The superuser's password for initdb, there only while initdb runs."""
+        return self.stack_dir / ".pg-admin-password"
+
+    @property
+    def stack_buckets(self) -> Path:
+        """The object store's root: one folder per bucket."""
+        return self.stack_dir / "s3"
+
+    @property
+    def stack_prefect_home(self) -> Path:
+        return self.stack_dir / "prefect"
+
+    @property
+    def stack_logs(self) -> Path:
+        return self.stack_dir / "logs"
+
+    def stack_log(self, service: str) -> Path:
+        return self.stack_logs / f"{service}.log"
+
+    @property
+    def launch_dir(self) -> Path:
+        """The resolved params file each torchrun rank loads (`pipeline/launch.py`)."""
+        return self.cache_root / "launch"
+
+    @property
+    def prefect_yaml(self) -> Path:
+        return self.root / "prefect.yaml"
+
     # MLflow's local store
     @property
     def mlruns(self) -> Path:

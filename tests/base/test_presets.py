@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import BIN, REPO, run
 
-from visionflow.config import load_params, parse_params
+from visionflow.configfile import load_params, parse_params
 from visionflow.errors import ConfigError
 from visionflow.presets import available, deep_merge, load_raw
 

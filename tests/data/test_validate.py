@@ -79,7 +79,7 @@ HARD = [
     ("duplicates within a split at most 0.00%", "train/cat/dup.png"),
     ("at least 5 training images per class", "bird"),
     ("every val/test class also appears in train", "bird"),
-    ("largest/smallest class ratio at most 2.0", "cat (8)"),
+    ("largest/smallest class ratio at most 2.0", "cat (7)"),  # 5 + dup + big
 ]
 
 

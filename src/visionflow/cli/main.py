@@ -12,6 +12,7 @@ from visionflow.cli.data import data_app
 from visionflow.cli.models import models_app, predict_command
 from visionflow.cli.servers import schedule_command, server_app, ui_app
 from visionflow.cli.tune import tune_command
+from visionflow.cli.stack import stack_app
 from visionflow.config import STAGE_NAMES
 from visionflow.errors import VisionflowError
 
@@ -28,6 +29,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(ui_app, name="ui")
 app.command("schedule")(schedule_command)
 app.command("tune")(tune_command)
+app.add_typer(stack_app, name="stack")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
@@ -58,6 +60,26 @@ def _stage_command(name: str):
 
 for _name in STAGE_NAMES:
     stage_app.command(_name)(_stage_command(_name))
+
+
+@app.command()
+def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+           root: RootOpt = Path("."),
+           local_addr: Annotated[str | None, typer.Option(
+               "--local-addr", help="this node's address the others reach (rank order)")] = None,
+           print_only: Annotated[bool, typer.Option("--print", help="print the torchrun "
+                                                    "command, run nothing")] = False) -> None:
+    """Train through torchrun as params ask (train.nodes x train.procs_per_node processes):
+    run the same command on every node."""
+    from visionflow.pipeline import launch as launcher
+    from visionflow.stages import print_result
+
+    cfg, layout = _load(params, set_, root)
+    if print_only:
+        typer.echo(" ".join(launcher.command(cfg, launcher.resolved_params(cfg, layout),
+                                             layout.root, local_addr)))
+        return
+    print_result("train", launcher.train(cfg, layout, local_addr, need_outputs=False))
 
 
 @app.command()

@@ -77,7 +77,7 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
     parent_version = str(parent_version)
     with tracking.stage_run(layout):
         uri = mlflow.get_tracking_uri()
-        with registry.registry_lock(uri):
+        with registry.registry_lock(uri) as lock:
             client = registry.client_for(layout)
             info = log_compact(Path(entry["path"]), arch, name, params)
             version = str(info.registered_model_version)
@@ -92,6 +92,7 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
                 client.set_model_version_tag(name, version, k, v)
             client.update_model_version(name, version,
                                         description=compact_card(name, version, entry, tags))
+            lock.check()
             champion = registry.current_alias(client, name, params.register_.alias)
             alias, reason = None, f"{entry['name']} fits the budget"
             if require_champion_parent and champion != parent_version:

@@ -1,9 +1,11 @@
 """Model registry helpers: open the project's store, list/show/compare versions, move aliases.
 
 Every alias move (the gate, `vflow models promote`, `vflow models rollback`) goes through
-`set_champion` under `registry_lock`, so the old champion always keeps `previous` and two
-concurrent registrations cannot interleave. Who moved it, when and why are version tags,
-and the registered model keeps a short `alias_history` (JSON) tag.
+`set_champion` under `registry_lock` (a PostgreSQL advisory lock for a shared registry, a
+file lock for a local one: see `registry_lock.py`), so the old champion always keeps
+`previous` and two concurrent registrations, from any hosts, cannot interleave. Who moved
+it, when and why are version tags, and the registered model keeps a short `alias_history`
+(JSON) tag.
 
 MLflow notes: `search_model_versions` returns empty aliases in MLflow 3, so aliases are
 read from `get_registered_model(name).aliases`; versions may come back as int: every
@@ -13,13 +15,9 @@ version here is a str.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,14 @@ from visionflow.env import quiet_env
 from visionflow.errors import VisionflowError
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
+from visionflow.mlops.registry_lock import lock_path, registry_lock
+
+__all__ = ["lock_path", "registry_lock"]  # (they live in registry_lock; kept here for callers)
 
 DEFAULT_NAME = "visionflow-classifier"
 PREVIOUS = "previous"
 HISTORY_TAG = "alias_history"
 HISTORY_KEEP = 50
-LOCK_TIMEOUT_S = 900
 # the scalar metrics shown side by side (the `metrics` version tag holds them all)
 SHOWN_METRICS = ("top1", "top3", "top5", "f1_macro", "f1_micro", "f1_weighted", "miou", "ece")
 
@@ -88,28 +88,6 @@ def model_name_for(root: str | Path = ".") -> str:
         return str((raw.get("register") or {}).get("model_name") or DEFAULT_NAME)
     except (OSError, yaml.YAMLError, AttributeError):
         return DEFAULT_NAME
-
-
-def lock_path(uri: str) -> Path:
-    """One lock per store: next to a sqlite file, else in the temp dir keyed by the URI."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return db.parent / f".{db.name}.register.lock"
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"visionflow-register-{digest}.lock"
-
-
-@contextmanager
-def registry_lock(uri: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    from filelock import FileLock, Timeout
-
-    path = lock_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(str(path), timeout=timeout):
-            yield
-    except Timeout:
-        raise RegistryError(f"{path}: registry lock still held after {timeout:.0f} s") from None
 
 
 def tracking_uri(client: Any) -> str:
@@ -267,6 +245,29 @@ def _append_history(client: Any, name: str, entry: dict[str, Any]) -> None:
         history = []
     history = [*history, entry][-HISTORY_KEEP:]
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+ABANDONED = "abandoned"
+
+
+def abandon_interrupted(client: Any, name: str, run_id: str) -> list[str]:
+    """Tag the versions an interrupted registration of this run left behind (created, never
+    decided: no gate or compact tags) as `gate_decision=abandoned`. Call it under the
+    registry lock, before registering again; returns their versions."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'",
+                                             max_results=1000)
+    except MlflowException:
+        return []
+    left = [str(mv.version) for mv in found
+            if not {"gate_decision", "compact_alias"} & set(mv.tags or {})]
+    for version in left:
+        client.set_model_version_tag(name, version, "gate_decision", ABANDONED)
+        client.set_model_version_tag(name, version, "gate_reason",
+                                     "registration interrupted; retried as a newer version")
+    return left
 
 
 def history(client: Any, name: str) -> list[dict[str, Any]]:

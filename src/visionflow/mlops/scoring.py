@@ -13,6 +13,7 @@ import torch
 
 from visionflow.config import Params
 from visionflow.layout import Layout
+from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits, pick_device
 
@@ -34,6 +35,8 @@ def version_logits(name: str, version: str, cache: dict[str, Any],
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=from_uri, dst_path=tmp))
         except Exception as err:  # artifacts gone (deleted store folder, ...)
+            if why := tracking.artifact_store_error(err):  # an outage: never "no champion"
+                raise tracking.ArtifactStoreUnavailable(why) from None
             return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
         weights = next(local.rglob("model.pt"), None)
         if weights is None:

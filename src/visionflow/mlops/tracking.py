@@ -1,4 +1,5 @@
-"""MLflow wiring: one sqlite store under `mlruns/`, one run per pipeline execution.
+"""MLflow wiring: one run per pipeline execution, in the project's sqlite store under
+`mlruns/`, or on the tracking server `MLFLOW_TRACKING_URI` names (the team stack).
 
 train opens the run and records its id in `outputs/train/run.json`; evaluate, compress
 and register log into the same run, so a pipeline is one row in `mlflow ui`.
@@ -8,16 +9,40 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from visionflow.env import quiet_env
+from visionflow.errors import VisionflowError
 from visionflow.files import write_json
 from visionflow.layout import Layout
 
 EXPERIMENT = "visionflow"
+_PROXY_CALL = re.compile(r"API request to (https?://[^/\s]+)(/api/2\.0/mlflow-artifacts)\S* "
+                         r"failed with exception (.*)", re.DOTALL)
+
+
+class ArtifactStoreUnavailable(VisionflowError):
+    """The tracking server answered, its artifact store did not (one line)."""
+
+    exit_code = 1
+
+
+def artifact_store_error(err: BaseException) -> str | None:
+    """One line naming the endpoints when `err` is the tracking server's artifact proxy
+    failing (its object store down), else None."""
+    m = _PROXY_CALL.search(str(err))
+    if not m:
+        return None
+    cause = m.group(3).strip().splitlines()[0]
+    cause = (re.search(r"Caused by (\w+\(.*?\))\)?$", cause) or re.search(r"(.*)", cause)).group(1)
+    store = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    behind = f" (object store {store})" if store else ""
+    return (f"artifact store unavailable: {m.group(1)}{m.group(2)}{behind} failed: "
+            f"{cause[:200]}; nothing was registered")
 
 
 def tracking_uri(layout: Layout) -> str:
@@ -25,8 +50,32 @@ def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (`http(s)://`, Databricks), which stores artifacts itself; any
+    other store (sqlite, a folder, a database URL) has its artifacts written by the client."""
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+PROXY_ONLY = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+              "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}
+
+
+def proxy_artifacts() -> None:
+    """Artifacts go through the tracking server, both ways.
+
+    MLflow 3's server advertises presigned downloads when its artifact store is S3, and
+    clients then fetch from the object store directly, at the address the *server* uses
+    for it (loopback in `vflow stack`, a private endpoint in most clouds). A client of a
+    team server needs only its HTTP URI: these defaults keep it that way (set them to true
+    where every host can reach the store, to take load off the server)."""
+    for key, value in PROXY_ONLY.items():
+        os.environ.setdefault(key, value)
+
+
 def ui_command(layout: Layout) -> str:
     uri = tracking_uri(layout)
+    if is_server(uri):
+        return f"open {uri} (the tracking server's UI)"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -40,6 +89,8 @@ def use_uri(uri: str) -> None:
     """
     import mlflow
 
+    if is_server(uri):
+        proxy_artifacts()
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     if before is None:
@@ -49,19 +100,37 @@ def use_uri(uri: str) -> None:
 
 
 def setup(layout: Layout) -> str:
-    """Point MLflow at the project store and make sure the experiment exists."""
+    """Point MLflow at the project store and make sure the experiment exists.
+
+    A tracking server decides itself where artifacts go (with `--serve-artifacts`: its
+    object store, reached through it), so no path of this machine is pinned into a shared
+    experiment; any other store keeps them in the project (`mlruns/artifacts`)."""
     quiet_env()
     import mlflow
 
-    use_uri(tracking_uri(layout))
+    uri = tracking_uri(layout)
+    use_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        artifacts = layout.mlflow_artifacts.as_uri()
-        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        artifacts = None if is_server(uri) else layout.mlflow_artifacts.as_uri()
+        exp_id = _create_experiment(mlflow, artifacts)
     else:
         exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _create_experiment(mlflow: Any, artifacts: str | None) -> str:
+    """Create the experiment; another host creating it at the same moment is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    except MlflowException:
+        exp = mlflow.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextmanager

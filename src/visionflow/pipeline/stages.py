@@ -1,5 +1,10 @@
 """The six stages by name: the one table both drivers (DVC via `vflow stage`, Prefect via
-`flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`."""
+`flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`.
+
+When params ask for more than one training process (`train.nodes`, `train.procs_per_node`),
+train runs through torchrun in a subprocess (`pipeline/launch.py`): from the flow and from
+`vflow stage train`. (`dvc repro` runs the stage module itself, one process; `vflow launch`
+is the multi-process command.)"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 from visionflow.config import STAGE_NAMES, Params
 from visionflow.env import quiet_env
 from visionflow.layout import Layout
+from visionflow.pipeline import launch
 
 STAGES: dict[str, str] = {name: f"visionflow.stages.{name}" for name in STAGE_NAMES}
 
@@ -20,4 +26,6 @@ def stage_function(name: str) -> Callable[[Params, Layout], Any]:
 
 def run_stage(name: str, params: Params, layout: Layout) -> Any:
     quiet_env()
+    if name == "train" and launch.wanted(params):
+        return launch.train(params, layout)
     return stage_function(name)(params, layout)

@@ -59,8 +59,9 @@ def run(params: Params, layout: Layout) -> Registration:
 
     with tracking.stage_run(layout) as run:
         uri = mlflow.get_tracking_uri()
-        with registry.registry_lock(uri):
+        with registry.registry_lock(uri) as lock:
             client = registry.client_for(layout)
+            registry.abandon_interrupted(client, cfg.model_name, run.info.run_id)
             ch_logits, model, arch = scoring.trained_logits(layout, cache["test_x"], params)
             scores = score_logits(ch_logits, target, arch.classes, params.evaluate.topk,
                                   params.evaluate.calibration_bins)
@@ -82,7 +83,12 @@ def run(params: Params, layout: Layout) -> Registration:
                               GateConfig.from_params(cfg),
                               champ if champ_correct is not None else None, note, scored)
 
-            info = log_pyfunc(layout, cfg.model_name, params)
+            try:
+                info = log_pyfunc(layout, cfg.model_name, params)
+            except Exception as err:
+                if why := tracking.artifact_store_error(err):
+                    raise tracking.ArtifactStoreUnavailable(why) from None
+                raise
             version = str(info.registered_model_version)
             tags["train_hashes"] = log_train_hashes(trained["train"], trained["val"], version)
             report = decision.markdown(cfg.model_name, version)
@@ -90,6 +96,7 @@ def run(params: Params, layout: Layout) -> Registration:
                               validation, tags, decision, run)
             client.update_model_version(cfg.model_name, version, description=card)
             describe_registered_model(client, cfg.model_name, cfg.alias)
+            lock.check()  # still ours (a restarted database drops it): else retry it all
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
         write_text(layout.gate_report, report)
         write_text(layout.model_card, card)

@@ -1,0 +1,83 @@
+"""Multi-process training params, the torchrun command the launcher builds, and when the train
+stage goes through it (no servers: fast). The runs themselves are in test_stack.py (the
+flow's train on two processes) and test_stack_hosts.py (two nodes)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from visionflow.configfile import parse_params
+from visionflow.errors import ConfigError
+from visionflow.layout import Layout
+from visionflow.pipeline import launch, stages
+
+
+def _params(**train):
+    return parse_params({"train": train})
+
+
+@pytest.mark.parametrize(("train", "expected"), [
+    ({"nodes": 2}, "train.rdzv_endpoint=None: train.nodes > 1 needs the rendezvous"),
+    ({"rdzv_endpoint": "nohost"}, "train.rdzv_endpoint='nohost': expected host:port"),
+    ({"procs_per_node": 0}, "train.procs_per_node=0"),
+])
+def test_bad_launch_params_name_key_and_value(train, expected):
+    with pytest.raises(ConfigError) as err:
+        _params(**train)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_process_runs_in_place(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not launch.wanted(_params())
+    assert launch.wanted(_params(procs_per_node=2))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a rank never launches again
+    assert not launch.wanted(_params(procs_per_node=2))
+
+
+def test_standalone_command(tmp_path):
+    cmd = launch.command(_params(procs_per_node=2), tmp_path / "p.yaml", tmp_path)
+    assert "--standalone" in cmd and "--nproc-per-node=2" in cmd and "--nnodes=1" in cmd
+    assert cmd[-6:] == ["-m", "visionflow.stages.train", "--params", str(tmp_path / "p.yaml"),
+                        "--root", str(tmp_path)]
+
+
+def test_multinode_command_says_which_node_hosts_the_rendezvous(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again once closed
+    here = launch.command(_params(nodes=2, rdzv_endpoint=f"127.0.0.1:{port}",
+                                  rdzv_id="job"), tmp_path / "p.yaml", tmp_path, "127.0.0.1")
+    assert {"--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=job", "--rdzv-conf=is_host=true", "--local-addr=127.0.0.1"} <= set(here)
+    elsewhere = launch.command(_params(nodes=2, rdzv_endpoint="192.0.2.1:29400"),
+                               tmp_path / "p.yaml", tmp_path)
+    assert "--rdzv-conf=is_host=false" in elsewhere  # (TEST-NET-1: never an own address)
+    with socket.socket() as s:  # the port is taken: another node on this machine hosts it
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        other = launch.command(_params(nodes=2, rdzv_endpoint=f"127.0.0.1:{busy}"),
+                               tmp_path / "p.yaml", tmp_path)
+    assert not [a for a in other if a.startswith("--rdzv-conf")]
+
+
+def test_resolved_params_round_trip(tmp_path):
+    from visionflow.configfile import load_params
+
+    (tmp_path / "data").mkdir()
+    params = parse_params({"train": {"procs_per_node": 2, "epochs": 7}})
+    path = launch.resolved_params(params, Layout.at(tmp_path))
+    assert path.parent == Layout.at(tmp_path).launch_dir
+    assert load_params(path, root=tmp_path) == params
+
+
+def test_run_stage_launches_train_when_params_ask(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    calls = []
+    monkeypatch.setattr(launch, "train", lambda p, lay: calls.append(p.train.procs_per_node))
+    monkeypatch.setattr(stages, "stage_function", lambda name: pytest.fail("ran in place"))
+    stages.run_stage("train", _params(procs_per_node=2), Layout.at(tmp_path))
+    assert calls == [2]

@@ -1,0 +1,64 @@
+"""Faults on the team stack, on real servers: the MLflow server killed during `register` and
+restarted (the task retries, the registry ends consistent); the object store down (one line
+naming the endpoint, no alias moves). PostgreSQL restarting between two stages is part of
+the session's flow run (`stack_fixtures.flow_run`, checked in test_stack.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from stack_fixtures import TeamStack, assert_consistent, registry_state, wait_task
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+def _decided(state: dict) -> None:
+    """Every version carries a decision: none is left half-registered."""
+    undecided = {v: d for v, d in state["versions"].items() if not d}
+    assert not undecided, state
+
+
+def test_mlflow_killed_during_register_then_restarted(team_stack: TeamStack, flow_run):
+    ts = team_stack
+    before = registry_state(ts.client())
+    fr = ts.run_deployment("retrain/team", {"overrides": [  # register alone is stale
+        "register.min_delta=0.001", "flow.retries=5", "flow.retry_delay_s=3"]})
+    wait_task(ts, fr.id, "register", {"Running"})
+    time.sleep(2)  # into the registration (scoring, logging, registering)
+    assert ts.stack.kill_service("mlflow")
+    ts.stack.start_service("mlflow", timeout=300)  # the same port, a new process
+    final = ts.wait_final(fr.id, timeout=600)
+    assert final.state.is_completed(), (final.state.message, ts.logs(fr.id)[-3000:])
+    tasks = ts.task_runs(fr.id)
+    assert tasks["register"].run_count >= 2, "register should have been retried"
+    assert {tasks[s].state_name for s in ("train", "evaluate", "compress")} == {"Cached"}
+    after = registry_state(ts.client())
+    assert_consistent(after)
+    _decided(after)
+    new = set(after["versions"]) - set(before["versions"])
+    assert [v for v in new if after["versions"][v] in ("promoted", "rejected")], after
+
+
+def test_object_store_down_fails_in_one_line_and_moves_nothing(team_stack: TeamStack,
+                                                              flow_run, monkeypatch):
+    from visionflow.configfile import load_params
+    from visionflow.layout import Layout
+    from visionflow.mlops.tracking import ArtifactStoreUnavailable
+    from visionflow.pipeline.stages import run_stage
+
+    ts = team_stack
+    layout = Layout.at(ts.root)
+    for key, value in ts.stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    before = registry_state(ts.client())
+    assert ts.stack.stop_service("s3")
+    try:
+        with pytest.raises(ArtifactStoreUnavailable) as err:
+            run_stage("register", load_params(layout.params, root=layout.root), layout)
+    finally:
+        ts.stack.start_service("s3")
+    msg = str(err.value)  # what `vflow stage register` prints after "error: ", exit code 1
+    assert "\n" not in msg and msg.startswith("artifact store unavailable")
+    assert ts.stack.url("s3") in msg and ts.stack.url("mlflow") in msg
+    assert registry_state(ts.client()) == before  # no version, no alias moved
