@@ -11,8 +11,8 @@ import typer
 from visionflow.cli.data import data_app
 from visionflow.cli.models import models_app, predict_command
 from visionflow.cli.servers import schedule_command, server_app, ui_app
-from visionflow.cli.tune import tune_command
 from visionflow.cli.stack import stack_app
+from visionflow.cli.tune import tune_command
 from visionflow.config import STAGE_NAMES
 from visionflow.errors import VisionflowError
 

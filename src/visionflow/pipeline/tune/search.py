@@ -226,6 +226,7 @@ class Search:
             "baseline_trial": base.number if base else None,
             "baseline_value": base.value if base else None,
             "mlflow_parent_run_id": self.runs.parent_id, "errors": errors,
+            "trial_wall_s": [round(s, 3) for s in self.status.durations],  # submit to done
         }
         ok = reached or stop.startswith("time budget")
         summary["plots"] = self.runs.finish(summary, "FINISHED" if ok else "FAILED")
