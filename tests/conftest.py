@@ -3,11 +3,13 @@ cache and MLflow store, no network, telemetry off."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,40 @@ def digits_dir() -> Path:
     from visionflow.data.digits import materialize_digits
 
     return materialize_digits(_SANDBOX / "digits")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A real Prefect server (`vflow server start`'s process, its own database in the sandbox)
+    shared by the session's flow tests; its API URL. Flow subprocesses get it as
+    PREFECT_API_URL, flows in this process run under `prefect_settings(url)`. (Prefect's test
+    harness can hang for good in its teardown, draining events of a killed flow run.)"""
+    from visionflow.layout import Layout
+    from visionflow.pipeline import servers
+
+    layout = Layout.at(_SANDBOX / "prefect-server")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    status = servers.start(servers.PREFECT, layout, port=0, ui=False, timeout=180,
+                           env={"PREFECT_HOME": str(layout.root / "home")})
+    try:
+        yield status.api_url
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (EventsWorker, APILogWorker):  # bounded: never wait on a dead run
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=10)
+        servers.stop(servers.PREFECT, layout, timeout=10)
+
+
+@contextlib.contextmanager
+def prefect_settings(api_url: str) -> Iterator[None]:
+    """Flows run in this process talk to the server at `api_url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        yield
 
 
 def write_params(path: Path, overrides: dict) -> None:

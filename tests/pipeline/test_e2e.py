@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, make_project, run
+from conftest import BIN, make_project, prefect_settings, run
 
 STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def _outputs(root: Path) -> set[str]:
     }
 
 
-def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
+def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_server: str):
     root = make_project(tmp_path / "proj", digits_dir, git=True)
     dvc = str(BIN / "dvc")
 
@@ -71,10 +71,8 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path):
     dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     dvc_version = json.loads((root / "outputs/register/registration.json").read_text())["version"]
 
-    from prefect.testing.utilities import prefect_test_harness
-
     flow_mod = runpy.run_path(str(root / "flows" / "retrain.py"))
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_settings(prefect_server):
         cached = flow_mod["retrain"](root=str(root))
         assert cached["stages"] == dict.fromkeys(STAGES, "cached")  # dvc repro, then nothing
         assert cached["version"] == dvc_version and _outputs(root) == dvc_files

@@ -102,7 +102,7 @@ def test_late_reason_only_for_auto_scheduled_runs():
 def test_stage_params_mirror_dvc_yaml():
     tracked = freshness.stage_params(Layout.at(REPO))
     assert list(tracked) == list(STAGES)
-    assert set(tracked["validate"]) == {"data", "validate"}
+    assert set(tracked["validate"]) == {"preset", "data", "validate"}
     assert "train" in tracked["train"] and "evaluate.topk" in tracked["compress"]
     assert freshness.stage_params(Layout.at(REPO / "tests")) == {}  # no dvc.yaml
 

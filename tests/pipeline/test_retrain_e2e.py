@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from builders import flat_digits
-from conftest import BIN, make_project, run
+from conftest import BIN, make_project, prefect_settings, run
 
 from visionflow.layout import Layout
 
@@ -39,13 +39,10 @@ FAST = {"train.epochs": 1, "train.threads": 1, "compress.methods": [],
 
 
 @pytest.fixture(scope="module")
-def prefect_api() -> Any:
-    """One temporary Prefect server for the module (shared with flow subprocesses)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+def prefect_api(prefect_server: str) -> Any:
+    """The session's Prefect server, for this module's flows and their subprocesses."""
+    with prefect_settings(prefect_server):
+        yield prefect_server
 
 
 def _git_commit(root: Path, message: str) -> None:
