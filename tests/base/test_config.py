@@ -84,7 +84,8 @@ def test_help_is_light():
         "import sys, runpy; sys.argv=['vflow','--help']\n"
         "from visionflow.cli import main as cli\n"
         "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
-        "heavy=[m for m in ('torch','mlflow','great_expectations','prefect','optuna') if m in sys.modules]\n"
+        "heavy=[m for m in ('torch','mlflow','great_expectations','prefect','optuna')\n"
+        "       if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
     proc = run([str(BIN / "python"), "-c", code], REPO)

@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 from builders import snapshot
-from conftest import BIN, REPO, make_project, run
+from conftest import BIN, REPO, make_project, prefect_settings, run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -117,7 +117,8 @@ class _Recorder(dict):
         return super().get(key, default)
 
 
-def test_parallel_study_prunes_and_tracks_every_trial(project: Path, monkeypatch, capsys):
+def test_parallel_study_prunes_and_tracks_every_trial(project: Path, prefect_server: str,
+                                                      monkeypatch, capsys):
     import runpy
 
     layout = Layout.at(project)
@@ -131,7 +132,8 @@ def test_parallel_study_prunes_and_tracks_every_trial(project: Path, monkeypatch
     _Recorder.read = set()
     before = {p: snapshot(project / p) if (project / p).is_dir() else (project / p).read_bytes()
               for p in ("params.yaml", "outputs", "data", "dvc.yaml")}
-    summary = runpy.run_path(str(project / "flows" / "tune.py"))["main"](root=str(project))
+    with prefect_settings(prefect_server):
+        summary = runpy.run_path(str(project / "flows" / "tune.py"))["main"](root=str(project))
     out = capsys.readouterr().out
 
     # the study: 6 finished trials, some pruned, the baseline first, 2 at a time
@@ -187,18 +189,20 @@ def test_parallel_study_prunes_and_tracks_every_trial(project: Path, monkeypatch
     assert after == before
 
 
-def _vflow_tune(root: Path, *args: str, **kw) -> subprocess.Popen:
+def _vflow_tune(root: Path, api_url: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "vflow"), "tune", "--root", str(root), *args],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kw)
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PREFECT_API_URL": api_url})
 
 
-def test_killed_study_resumes_without_repeating_trials_then_applies(project: Path):
+def test_killed_study_resumes_without_repeating_trials_then_applies(project: Path,
+                                                                   prefect_server: str):
     layout = Layout.at(project)
     blob = torch.load(layout.cache, weights_only=True)  # a cache with no test split at all:
     torch.save({k: v for k, v in blob.items() if not k.startswith("test")}, layout.cache)
     text_before = layout.params.read_text()
-    proc = _vflow_tune(project, "-s", "tune.parallel=1")
+    proc = _vflow_tune(project, prefect_server, "-s", "tune.parallel=1")
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -208,7 +212,7 @@ def test_killed_study_resumes_without_repeating_trials_then_applies(project: Pat
         assert proc.poll() is None, proc.communicate()[0][-3000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # vflow and the Prefect server it started
+            os.killpg(proc.pid, signal.SIGKILL)  # vflow and its trial threads, mid-trial
         proc.wait()
     killed = _state(project)
     finished = {n: s for n, s in killed.items() if s[0] in (TrialState.COMPLETE,
@@ -216,7 +220,7 @@ def test_killed_study_resumes_without_repeating_trials_then_applies(project: Pat
     running = [n for n, s in killed.items() if s[0] == TrialState.RUNNING]
     assert 2 <= len(finished) < 6 and len(running) <= 1, killed
 
-    rerun = _vflow_tune(project)
+    rerun = _vflow_tune(project, prefect_server)
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out[-3000:]
     after = _state(project)
@@ -263,3 +267,44 @@ def _finished(root: Path) -> int:
                    for s, *_ in _state(root).values())
     except Exception:  # noqa: BLE001 (created or written right now: ask again next poll)
         return 0
+
+
+@pytest.mark.stack
+def test_two_hosts_share_one_study_in_the_stack_postgres(project: Path, team_stack,
+                                                         tmp_path: Path):
+    """Two checkouts (hosts) run `vflow tune` at once against the team stack: one study in
+    its PostgreSQL (`VFLOW_TUNE_STORAGE` from `vflow stack up`), one MLflow parent run on its
+    tracking server, each trial run once by one of them."""
+    from stack_fixtures import CLIENT_ENV
+
+    other = tmp_path / "host2"
+    shutil.copytree(project, other)
+    env = {**team_stack.env, **CLIENT_ENV}
+    storage = env["VFLOW_TUNE_STORAGE"]
+    assert storage.startswith("postgresql+psycopg://optuna:")
+    args = ["-s", "tune.study=shared", "-s", "tune.trials=4", "-s", "tune.parallel=1"]
+    procs = [subprocess.Popen([str(BIN / "vflow"), "tune", "--root", str(root), *args],
+                              cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for root in (project, other)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 4 <= len(done) <= 5 and len(done) == len(study.trials), study.trials
+    workers = {t.user_attrs["vflow_worker"].rsplit(":", 1)[0] for t in done}
+    assert len(workers) == 2, workers  # both hosts ran trials of the one study
+    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done)
+    assert not Layout.at(project).tune_db.exists()  # nothing in the local sqlite file
+
+    client = team_stack.client()
+    exp = client.get_experiment_by_name("visionflow-tune")
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string="tags.`optuna.study` = 'shared'")
+    parents = [r for r in runs if r.data.tags.get("visionflow.kind") == "study"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                == parents[0].info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(
+        t.number for t in done)

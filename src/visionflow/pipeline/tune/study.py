@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from visionflow.config import Params
@@ -99,29 +101,46 @@ def pruner(params: Params) -> optuna.pruners.BasePruner:
 
 
 def open_study(params: Params, storage: RDBStorage, settings: dict[str, Any]) -> optuna.Study:
-    """Create the study, or load it when it exists and was run with the same settings."""
+    """Create the study, or load it when it exists and was run with the same settings. Of
+    several hosts starting at once, the one whose insert created the study records the
+    settings and queues the baseline; the others wait for them."""
     name = params.tune.study
-    sample_offset = 0
-    with contextlib.suppress(KeyError):
-        sample_offset = len(storage.get_all_trials(storage.get_study_id_from_name(name),
-                                                   deepcopy=False))
+    try:
+        storage.create_new_study([StudyDirection.MAXIMIZE], name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    sample_offset = len(storage.get_all_trials(storage.get_study_id_from_name(name),
+                                               deepcopy=False))
     if not is_local(storage.url):
         sample_offset += zlib.crc32(worker_id().encode()) % 100_000  # hosts sample apart
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                load_if_exists=True, sampler=sampler(params, sample_offset),
-                                pruner=pruner(params))
-    known = study.user_attrs.get("settings")
-    if known is None:
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=sampler(params, sample_offset), pruner=pruner(params))
+    if created:
         study.set_user_attr("settings", settings)
         study.set_user_attr("fingerprint", fingerprint(settings))
-        if params.tune.baseline and not study.trials and (start := baseline(params)):
+        if params.tune.baseline and (start := baseline(params)):
             study.enqueue_trial(start, user_attrs={"baseline": True})
-    elif known != settings:
+        return study
+    known = _wait_for_settings(study)
+    if known != settings:
         diff = changed_keys(known, settings)
         raise ConfigError(
             f"tune.study={name!r} was run with other settings ({', '.join(diff[:4])} changed):"
             f" name a new study (-s tune.study=NAME) or restore them")
     return study
+
+
+def _wait_for_settings(study: optuna.Study, timeout: float = 30.0) -> dict[str, Any]:
+    """The settings the study's creator records right after creating it (another host may
+    be between the two)."""
+    deadline = time.monotonic() + timeout
+    while (known := study._storage.get_study_user_attrs(study._study_id).get("settings")) is None:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"tune.study={study.study_name!r}: the study has no recorded "
+                              "settings (its creator stopped at once): name a new study")
+        time.sleep(0.2)
+    return known
 
 
 def existing(params: Params, layout: Layout) -> optuna.Study | None:
