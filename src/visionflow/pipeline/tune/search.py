@@ -119,8 +119,7 @@ class Search:
 
     def _reclaim(self) -> None:
         failed = studies.reclaim_stale(self.study)
-        self.runs.mark_killed([t.user_attrs[studies.RUN_ATTR] for t in failed
-                               if studies.RUN_ATTR in t.user_attrs])
+        self.runs.reconcile()
         for t in failed:
             self._say(f"trial {t.number}: its process stopped; failed, params queued again")
 

@@ -39,6 +39,7 @@ HEARTBEAT_S = 10  # a running trial's liveness record in the storage, this often
 GRACE_S = 60  # ... and how long another host waits before it takes the trial over
 WORKER_ATTR = "vflow_worker"
 RUN_ATTR = "mlflow_run_id"
+CREATOR_ATTR = "vflow_creator"  # the process that created the study (makes its MLflow parent)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -66,16 +67,24 @@ def redact(url: str) -> str:
 
 
 def open_storage(url: str) -> RDBStorage:
+    """The study storage; its tables are created on first use. Two processes creating them
+    at once (two `vflow tune` on a new database) collide on the schema version row: the
+    loser opens what the winner made."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if is_local(url)
                               else {"pool_pre_ping": True})
-    try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                          grace_period=GRACE_S, heartbeat_stale_trial_callback=(
-                              RetryHeartbeatStaleTrialCallback(max_retry=2)))
-    except Exception as err:  # noqa: BLE001 (a driver missing, a server down, a bad URL)
-        raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                              grace_period=GRACE_S, heartbeat_stale_trial_callback=(
+                                  RetryHeartbeatStaleTrialCallback(max_retry=2)))
+        except Exception as err:  # noqa: BLE001 (a driver missing, a server down, a bad URL)
+            if attempt < 2 and "alembic_version" in str(err):
+                time.sleep(0.5)
+                continue
+            raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
+    raise AssertionError("unreachable")
 
 
 def sampler(params: Params, offset: int) -> optuna.samplers.BaseSampler:
@@ -117,6 +126,7 @@ def open_study(params: Params, storage: RDBStorage, settings: dict[str, Any]) ->
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=sampler(params, sample_offset), pruner=pruner(params))
     if created:
+        study.set_user_attr(CREATOR_ATTR, worker_id())
         study.set_user_attr("settings", settings)
         study.set_user_attr("fingerprint", fingerprint(settings))
         if params.tune.baseline and (start := baseline(params)):

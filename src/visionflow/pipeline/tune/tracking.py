@@ -19,12 +19,15 @@ from typing import Any
 
 import optuna
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from visionflow.env import quiet_env
 from visionflow.errors import one_line
 from visionflow.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
+from visionflow.pipeline.tune.study import CREATOR_ATTR, worker_id
 
 EXPERIMENT = "visionflow-tune"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -42,18 +45,28 @@ class StudyRuns:
         quiet_env()
         uri = tracking_uri(layout)
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            local = uri.startswith("sqlite:") or "://" not in uri
-            self.experiment_id = self.client.create_experiment(
-                EXPERIMENT, artifact_location=layout.mlflow_artifacts.as_uri() if local else None)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = self._experiment(layout, uri)
         self.study = study
         self.parent_id = self._parent(settings)
 
+    def _experiment(self, layout: Layout, uri: str) -> str:
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            return exp.experiment_id
+        local = uri.startswith("sqlite:") or "://" not in uri
+        try:
+            return self.client.create_experiment(
+                EXPERIMENT, artifact_location=layout.mlflow_artifacts.as_uri() if local else None)
+        except MlflowException:  # another host created it meanwhile
+            exp = self.client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     def _parent(self, settings: dict[str, Any]) -> str:
         known = self.study.user_attrs.get(PARENT_ATTR)
+        if not known and self.study.user_attrs.get(CREATOR_ATTR) != worker_id():
+            known = self._wait_for_parent()  # the study's creator makes the parent run
         if known:
             with contextlib.suppress(Exception):  # deleted meanwhile: start a new one
                 self.client.update_run(known, status="RUNNING")
@@ -71,6 +84,14 @@ class StudyRuns:
             self.client.delete_run(run_id)
             return self._parent(settings)
         return run_id
+
+    def _wait_for_parent(self, timeout: float = 120.0) -> str | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if known := self.study.user_attrs.get(PARENT_ATTR):
+                return known
+            time.sleep(0.5)
+        return None  # its creator stopped first: this host makes it
 
     # --- trials ---------------------------------------------------------------------------
 
@@ -98,12 +119,34 @@ class StudyRuns:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if state == "failed" else "FINISHED")
 
-    def mark_killed(self, run_ids: list[str]) -> None:
-        """Child runs of trials whose process died: KILLED, tagged so."""
-        for run_id in run_ids:
-            with contextlib.suppress(Exception):
+    def reconcile(self) -> list[int]:
+        """Child runs left RUNNING by a process that died, brought in line with the study:
+        a trial the study holds as failed (its process stopped mid-trial) -> KILLED; one it
+        holds as complete or pruned (the process died between telling the study and closing
+        the run) -> FINISHED with that state. Trials running elsewhere are left alone.
+        Returns the trial numbers of the runs marked KILLED."""
+        states = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=5000,
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and "
+                          "attributes.status = 'RUNNING'")
+        killed = []
+        for run in runs:
+            trial = states.get(int(run.data.tags.get("optuna.trial", -1)))
+            if trial is None or trial.state == TrialState.RUNNING:
+                continue
+            run_id = run.info.run_id
+            if trial.state == TrialState.FAIL:
                 self.client.set_tag(run_id, "state", "killed")
                 self.client.set_terminated(run_id, "KILLED")
+                killed.append(trial.number)
+                continue
+            state = "pruned" if trial.state == TrialState.PRUNED else "complete"
+            if trial.value is not None and "final_val_top1" not in run.data.metrics:
+                self.client.log_metric(run_id, "final_val_top1", trial.value)
+            self.client.set_tag(run_id, "state", state)
+            self.client.set_terminated(run_id, "FINISHED")
+        return killed
 
     # --- the study ------------------------------------------------------------------------
 
