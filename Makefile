@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "installing into $(VENV) (first time: several minutes, torch is large)"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,team]' 2>&1 | $(PIP_QUIET)
-	@$(BIN)/python -c "import visionflow, torch, mlflow, prefect, dvc, great_expectations, psycopg, boto3, dvc_s3"
+	@$(BIN)/python -c "import visionflow, torch, mlflow, prefect, dvc, great_expectations, optuna, psycopg, boto3, dvc_s3"
 	@touch $(STAMP)
 
 run: install

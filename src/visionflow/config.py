@@ -17,7 +17,10 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+
+from visionflow.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "augment", "train", "evaluate", "compress", "register")
 TORCHVISION_PREFIX = "torchvision:"
@@ -392,8 +395,15 @@ class Params(_Section):
     compress: CompressConfig = CompressConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     flow: FlowConfig = FlowConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _tune_space_fits(self) -> Params:
+        # the error names its key itself (`tune.space.<key>...`): see configfile._format_error
+        check_space(self.tune.space, {"train": TrainConfig, "augment": AugmentConfig})
+        return self
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -16,6 +16,8 @@ from visionflow.errors import ConfigError
 
 def _format_error(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
     e = err.errors()[0]
+    if not e["loc"]:  # a check across sections: its message names the key and value
+        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"

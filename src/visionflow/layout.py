@@ -64,6 +64,16 @@ class Layout:
     def retrain_lock(self) -> Path:
         return self.cache_root / "retrain.lock"
 
+    # hyperparameter search (`vflow tune`): project state, not pipeline outputs
+    @property
+    def tune_dir(self) -> Path:
+        return self.cache_root / "tune"
+
+    @property
+    def tune_db(self) -> Path:
+        """The Optuna study database (sqlite) when no other storage is configured."""
+        return self.tune_dir / "study.db"
+
     # the team stack on one machine (`vflow stack up`)
     @property
     def stack_dir(self) -> Path:
@@ -161,6 +171,10 @@ class Layout:
     @property
     def flow_file(self) -> Path:
         return self.root / "flows" / "retrain.py"
+
+    @property
+    def tune_flow_file(self) -> Path:
+        return self.root / "flows" / "tune.py"
 
     # validate
     @property

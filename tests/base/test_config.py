@@ -79,12 +79,13 @@ def test_cli_exits_nonzero_with_one_line(tmp_path: Path):
 
 
 def test_help_is_light():
-    """`vflow --help` must not import torch, mlflow, GX or Prefect."""
+    """`vflow --help` must not import torch, mlflow, GX, Prefect or Optuna."""
     code = (
         "import sys, runpy; sys.argv=['vflow','--help']\n"
         "from visionflow.cli import main as cli\n"
         "try:\n    cli.app()\nexcept SystemExit:\n    pass\n"
-        "heavy=[m for m in ('torch','mlflow','great_expectations','prefect') if m in sys.modules]\n"
+        "heavy=[m for m in ('torch','mlflow','great_expectations','prefect','optuna')\n"
+        "       if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
     proc = run([str(BIN / "python"), "-c", code], REPO)

@@ -12,6 +12,7 @@ from visionflow.cli.data import data_app
 from visionflow.cli.models import models_app, predict_command
 from visionflow.cli.servers import schedule_command, server_app, ui_app
 from visionflow.cli.stack import stack_app
+from visionflow.cli.tune import tune_command
 from visionflow.config import STAGE_NAMES
 from visionflow.errors import VisionflowError
 
@@ -27,6 +28,7 @@ app.command("predict")(predict_command)
 app.add_typer(server_app, name="server")
 app.add_typer(ui_app, name="ui")
 app.command("schedule")(schedule_command)
+app.command("tune")(tune_command)
 app.add_typer(stack_app, name="stack")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]

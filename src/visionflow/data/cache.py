@@ -69,3 +69,18 @@ def save_cache(blob: dict[str, Any], path: Path) -> None:
 
 def load_cache(path: Path, device: str = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_splits(path: Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
+    """The class names, image size, channels and the named splits' arrays only.
+
+    The file is memory-mapped and only the kept tensors are copied out, so the bytes of the
+    other splits (the hyperparameter search leaves out `test`) are never read from disk."""
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    keep = ["classes", "image_size", "channels"] + [
+        f"{split}_{part}" for split in splits for part in ("x", "y", "paths")]
+    out = {}
+    for key in keep:
+        value = blob[key]
+        out[key] = value.clone() if isinstance(value, torch.Tensor) else value
+    return out

@@ -29,10 +29,10 @@ from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model import engine
 from visionflow.model.calibration import fit_temperature
-from visionflow.model.classifier import Arch, build_classifier, channel_stats, save_classifier
-from visionflow.model.fit import EpochEnd, FitRun, Recipe
+from visionflow.model.classifier import save_classifier
+from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import device_logits, pick_device
-from visionflow.model.pretrained import load_pretrained
+from visionflow.model.trainer import prepare_fit, top1
 from visionflow.stages import main
 
 
@@ -62,16 +62,9 @@ def run(params: Params, layout: Layout) -> TrainResult:
     torch.manual_seed(params.seed)
 
     cache = load_cache(layout.cache)
-    classes: list[str] = cache["classes"]
-    mean, std = channel_stats(cache["train_x"])
-    arch = Arch(cfg.model, len(classes), cache["image_size"], cache["channels"], mean, std,
-                classes)
-    model = build_classifier(arch)
-    backbone = load_pretrained(model, cfg.pretrained, cfg.model) if cfg.pretrained else set()
-    train_x, train_y, streaming = _place(cache["train_x"], cache["train_y"], device)
-    fit_run = FitRun(model, train_x, train_y, Recipe.from_params(cfg), params.augment,
-                     num_classes=len(classes), device=device, seed=params.seed, dist=dist,
-                     backbone=backbone)
+    prepared = prepare_fit(cache["train_x"], cache["train_y"], cache["classes"], cfg,
+                           params.augment, device=device, seed=params.seed, dist=dist)
+    fit_run, arch, streaming = prepared.run, prepared.arch, prepared.streaming
     chash = config_hash(params)
     history: list[dict[str, Any]] = []
     resumed = engine.restore_checkpoint(layout.checkpoint, chash)
@@ -126,7 +119,7 @@ class _EpochLog:
         self.stale = _stale_epochs(history)
 
     def __call__(self, e: EpochEnd) -> bool:
-        val = _accuracy(e.model, self.val_x, self.val_y) if self.val_x is not None else None
+        val = top1(e.model, self.val_x, self.val_y) if self.val_x is not None else None
         e.metrics["val_top1"] = val
         row = {"epoch": e.epoch, "train_loss": e.train_loss, "train_top1": e.train_top1,
                "val_top1": val, "lr": e.lr, "img_per_s": e.images / max(e.seconds, 1e-9),
@@ -152,19 +145,6 @@ def _stale_epochs(history: list[dict[str, Any]]) -> int:
         if v is not None:
             best, stale = (v, 0) if v > best else (best, stale + 1)
     return stale
-
-
-def _place(x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    """Whole dataset on the device when it fits, else pinned host memory (streaming)."""
-    if engine.fits_on_device(x.numel() * x.element_size(), device):
-        return x.to(device), y.to(device), False
-    return x.pin_memory(), y.pin_memory(), True
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 on the device: bf16 on CUDA, large batches, one number back."""
-    logits = device_logits(model, x, 1024, tta=0, amp=True)
-    return float((logits.argmax(1) == y).float().mean())
 
 
 def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:

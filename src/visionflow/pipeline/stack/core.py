@@ -30,6 +30,7 @@ from visionflow.pipeline.stack.procs import StackError
 
 SERVICES = ("postgres", "s3", "mlflow", "prefect")
 LOCK_URL_VAR = "VFLOW_REGISTRY_LOCK_URL"
+TUNE_STORAGE_VAR = "VFLOW_TUNE_STORAGE"  # `vflow tune` on every host shares one Optuna study
 DVC_REMOTE_URL = "s3://dvc/store"
 
 
@@ -41,13 +42,14 @@ class Credentials:
     registry_lock: str
     s3_access_key: str
     s3_secret_key: str
+    optuna: str = ""  # added after the first stacks: generated when an older file lacks it
 
     @classmethod
     def generate(cls) -> Credentials:
         def tok() -> str:
             return secrets.token_urlsafe(18)
 
-        return cls(tok(), tok(), tok(), tok(), "vflow" + secrets.token_hex(8), tok())
+        return cls(tok(), tok(), tok(), tok(), "vflow" + secrets.token_hex(8), tok(), tok())
 
     @classmethod
     def load_or_create(cls, layout: Layout) -> tuple[Credentials, bool]:
@@ -57,11 +59,15 @@ class Credentials:
                           for line in path.read_text().splitlines()
                           if "=" in line and not line.startswith("#"))
             try:
-                return cls(**{k.lower(): shlex.split(v)[0] for k, v in values.items()}), False
+                creds = cls(**{k.lower(): shlex.split(v)[0] for k, v in values.items()})
             except (TypeError, IndexError, ValueError):
                 raise StackError(f"{path}: unreadable credentials file (delete it with the "
                                  "stack's data: `vflow stack down --purge`)") from None
-        creds = cls.generate()
+            if creds.optuna:
+                return creds, False
+            creds.optuna = cls.generate().optuna
+        else:
+            creds = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = ["# vflow stack credentials: generated once, never committed (.cache/)"]
         lines += [f"{k.upper()}={shlex.quote(v)}" for k, v in asdict(creds).items()]
@@ -70,7 +76,7 @@ class Credentials:
         return creds, True
 
     def passwords(self) -> dict[str, str]:
-        return {"mlflow": self.mlflow, "prefect": self.prefect,
+        return {"mlflow": self.mlflow, "prefect": self.prefect, "optuna": self.optuna,
                 postgres.LOCK_ROLE: self.registry_lock}
 
 
@@ -144,9 +150,10 @@ class Stack:
         S3 keys for DVC (MLflow clients need none: the tracking server proxies artifacts)."""
         c = self.credentials()
         lock = self.cluster().url(postgres.LOCK_ROLE, c.registry_lock, postgres.LOCK_DB)
+        tune = self.cluster().url("optuna", c.optuna, "optuna", "postgresql+psycopg")
         return {"MLFLOW_TRACKING_URI": self.url("mlflow"),
                 "PREFECT_API_URL": self.url("prefect") + "/api",
-                LOCK_URL_VAR: lock,
+                LOCK_URL_VAR: lock, TUNE_STORAGE_VAR: tune,
                 "AWS_ACCESS_KEY_ID": c.s3_access_key, "AWS_SECRET_ACCESS_KEY": c.s3_secret_key,
                 "AWS_ENDPOINT_URL": self.url("s3"), **objectstore.CLIENT_ENV,
                 **PROXY_ONLY}

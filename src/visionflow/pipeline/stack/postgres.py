@@ -3,8 +3,9 @@ socket), password (SCRAM) authentication, run as an unprivileged user (PostgreSQ
 root: as root it runs as `postgres`, or `VFLOW_PG_USER`).
 
 Databases and roles: `mlflow` (owned by role `mlflow`: MLflow's backend store), `prefect`
-(owned by role `prefect`: the Prefect server), and role `registry_lock`, which may only
-connect to `mlflow` and take the advisory lock that serialises registrations.
+(owned by role `prefect`: the Prefect server), `optuna` (owned by role `optuna`: the studies
+of `vflow tune`, shared by every host), and role `registry_lock`, which may only connect to
+`mlflow` and take the advisory lock that serialises registrations.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from urllib.parse import quote
 from visionflow.pipeline.stack.procs import StackError, tcp_answers
 
 ADMIN = "vflow_admin"
-ROLES = {"mlflow": "mlflow", "prefect": "prefect"}  # role -> the database it owns
+# role -> the database it owns
+ROLES = {"mlflow": "mlflow", "prefect": "prefect", "optuna": "optuna"}
 LOCK_ROLE = "registry_lock"
 LOCK_DB = "mlflow"
 

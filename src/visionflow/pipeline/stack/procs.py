@@ -110,7 +110,7 @@ def tail(log: Path, lines: int = 5) -> str:
 
 
 CLIENT_VARS = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
-               "VFLOW_REGISTRY_LOCK_URL", "VFLOW_CHECKOUT")
+               "VFLOW_REGISTRY_LOCK_URL", "VFLOW_TUNE_STORAGE", "VFLOW_CHECKOUT")
 
 
 def same_session_env(extra: Mapping[str, str] | None = None,

@@ -1,0 +1,186 @@
+"""Hyperparameter search on the digits: what each trial's orchestration costs, and what
+tuning gains over params.yaml's values.
+
+overhead (one process, one prepared project, the repo's params.yaml):
+  bare   `run_trial` called directly: the objective's train plus per-epoch val scoring,
+         the training call a hand-written loop would make;
+  flow   the same trials through the `tune` flow: a Prefect task each, Optuna ask/tell in
+         the sqlite study, the heartbeat, an MLflow child run with per-epoch metrics, the
+         pruner asked every epoch (pruner none: every trial trains all epochs), parallel 1,
+         a one-value space (`train.lr: {choices: [lr]}`) so that every trial trains alike.
+  Bare calls run half before and half after the flow (drift cancels). Reported: per-trial
+  medians of both and their difference, and the flow's fixed cost (its wall time minus its
+  trials': the Prefect API start, the study and the MLflow parent run).
+
+gain: `vflow tune` with params.yaml's `tune:` section (a fresh study), then the train and
+  evaluate stages for params.yaml's values and for the best trial's, on seeds 0..S-1:
+  test top-1 of each (the test split is read only here, never by the search).
+
+    .venv/bin/python bench/bench_tune.py overhead --trials 5
+    .venv/bin/python bench/bench_tune.py gain --seeds 3 -s tune.trials=20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true",
+               DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               GX_ANALYTICS_ENABLED="false")
+    return env
+
+
+def _project(base: Path) -> Path:
+    """A copy of the repository's project files with the digits as data, validated and
+    augmented (what the search reads)."""
+    from visionflow.configfile import load_params
+    from visionflow.data.digits import materialize_digits
+    from visionflow.layout import Layout
+    from visionflow.pipeline.stages import run_stage
+
+    root = base / "proj"
+    root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", "flows", "presets"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    materialize_digits(root / "data")
+    layout = Layout.at(root)
+    params = load_params(layout.params, root=root)
+    for stage in ("validate", "augment"):
+        run_stage(stage, params, layout)
+    return root
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    import runpy
+
+    import torch
+
+    from visionflow.configfile import load_params
+    from visionflow.layout import Layout
+    from visionflow.model.inference import pick_device
+    from visionflow.pipeline.tune.objective import load_trial_data, run_trial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _project(Path(tmp))
+        layout = Layout.at(root)
+        params = load_params(layout.params, args.set, root=root)
+        data = load_trial_data(params, layout)
+        device = pick_device(params.train.device)
+        threads = params.train.threads or os.cpu_count() or 1
+
+        def bare() -> float:
+            t0 = time.perf_counter()
+            run_trial(params, data, device, threads, lambda _e, _m: False)
+            return time.perf_counter() - t0
+
+        bare()  # warm-up: first-call costs (allocator, kernels) paid outside the figures
+        half = max(1, args.trials // 2)
+        bare_s = [bare() for _ in range(half)]
+        sets = [*args.set, f"tune.trials={args.trials}", "tune.parallel=1",
+                "tune.pruner=none", "tune.baseline=false", "tune.study=overhead",
+                f"tune.space={{train.lr: {{choices: [{params.train.lr}]}}}}"]
+        t0 = time.perf_counter()
+        summary = runpy.run_path(str(root / "flows" / "tune.py"))["main"](
+            params=str(layout.params), overrides=sets, root=str(root))
+        flow_s = time.perf_counter() - t0
+        bare_s += [bare() for _ in range(args.trials - half)]
+        torch.set_num_threads(threads)
+    trial_s = summary["trial_wall_s"]
+    bare_med, flow_med = statistics.median(bare_s), statistics.median(trial_s)
+    return {
+        "trials": args.trials, "epochs": params.train.epochs, "threads": threads,
+        "bare_s": [round(s, 3) for s in bare_s], "flow_trial_s": trial_s,
+        "bare_median_s": round(bare_med, 3), "flow_trial_median_s": round(flow_med, 3),
+        "overhead_per_trial_s": round(flow_med - bare_med, 3),
+        "overhead_per_trial_pct": round(100 * (flow_med - bare_med) / bare_med, 1),
+        "flow_wall_s": round(flow_s, 2),
+        "flow_fixed_s": round(flow_s - sum(trial_s), 2),
+    }
+
+
+def _stage_top1(root: Path, sets: list[str]) -> float:
+    from visionflow.configfile import load_params
+    from visionflow.layout import Layout
+    from visionflow.pipeline.stages import run_stage
+
+    layout = Layout.at(root)
+    params = load_params(layout.params, sets, root=root)
+    for stage in ("train", "evaluate"):
+        out = run_stage(stage, params, layout)
+    return float(out["top1"])
+
+
+def gain(args: argparse.Namespace) -> dict:
+    import optuna
+
+    from visionflow.configfile import load_params
+    from visionflow.layout import Layout
+    from visionflow.pipeline.tune.search import best_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _project(Path(tmp))
+        sets = [f"-s={s}" for s in args.set]
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(BIN / "vflow"), "tune", "--root", str(root), *sets],
+                              cwd=root, env=_env(), capture_output=True, text=True)
+        tune_s = time.perf_counter() - t0
+        if proc.returncode:
+            sys.exit(f"vflow tune failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        layout = Layout.at(root)
+        params = load_params(layout.params, args.set, root=root)
+        study = optuna.load_study(study_name=params.tune.study,
+                                  storage=f"sqlite:///{layout.tune_db}")
+        best = best_of(study)
+        states = [t.state.name for t in study.trials]
+        base = next((t for t in study.trials if t.user_attrs.get("baseline")), None)
+        tuned = [f"{k}={v}" for k, v in best.params.items()]
+        rows = {"default": [], "tuned": []}
+        for seed in range(args.seeds):  # alternate: drift hits both alike
+            rows["default"].append(_stage_top1(root, [*args.set, f"seed={seed}"]))
+            rows["tuned"].append(_stage_top1(root, [*args.set, *tuned, f"seed={seed}"]))
+    return {
+        "tune_wall_s": round(tune_s, 1), "trials": len(states),
+        "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
+        "baseline_val_top1": base.value if base else None,
+        "best_val_top1": best.value, "best_trial": best.number, "best_params": best.params,
+        "test_top1": rows,
+        "test_top1_mean": {k: round(statistics.mean(v), 4) for k, v in rows.items()},
+        "summary_tail": proc.stdout.strip().splitlines()[-4:],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["overhead", "gain"])
+    ap.add_argument("--trials", type=int, default=5, help="overhead: trials of each kind")
+    ap.add_argument("--seeds", type=int, default=3, help="gain: training seeds per config")
+    ap.add_argument("-s", "--set", action="append", default=[], help="params override")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    os.environ.update(_env())
+    result = overhead(args) if args.what == "overhead" else gain(args)
+    result = {"what": args.what, "overrides": args.set, **result}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

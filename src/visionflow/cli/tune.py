@@ -1,0 +1,68 @@
+"""`vflow tune`: the hyperparameter search (the `tune` flow), and `--apply` to write the best
+trial's params into params.yaml. Only typer at import time."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from visionflow.errors import VisionflowError
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
+RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
+ApplyOpt = Annotated[bool, typer.Option(
+    "--apply", help="write the best trial's params into params.yaml (shows the diff)")]
+
+
+def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+                 root: RootOpt = Path("."), apply: ApplyOpt = False) -> None:
+    """Search hyperparameters (`tune:` in params.yaml): trials as parallel Prefect tasks,
+    scored on the val split, pruned per epoch, tracked in MLflow; a rerun continues the
+    study. Nothing in the project changes unless --apply."""
+    from visionflow.configfile import load_params
+    from visionflow.layout import Layout
+    from visionflow.pipeline.tune import search, study
+    from visionflow.pipeline.tune.apply import apply_best
+    from visionflow.pipeline.tune.objective import data_hash
+    from visionflow.pipeline.tune.space import fixed_settings
+
+    layout = Layout.at(root)
+    path = params if params.is_absolute() else layout.root / params
+    cfg = load_params(path, set_ or [], root=layout.root)
+    existing = study.existing(cfg, layout)
+    done = (existing is not None and existing.user_attrs.get("settings")
+            == fixed_settings(cfg, data_hash(layout))
+            and study.counts(existing).finished >= cfg.tune.trials)
+    if done:  # nothing to run: no flow, no Prefect
+        c = study.counts(existing)
+        typer.echo(f"study {cfg.tune.study}: complete ({c.finished}/{cfg.tune.trials} trials "
+                   f"finished: {c.complete} complete, {c.pruned} pruned); raise tune.trials "
+                   "to search on")
+    else:
+        flow_file = layout.tune_flow_file
+        if not flow_file.is_file():
+            raise VisionflowError(f"{flow_file}: flow file not found")
+        summary = runpy.run_path(str(flow_file))["main"](
+            params=str(path), overrides=set_ or [], root=str(layout.root))
+        for line in search.summary_lines(summary):
+            typer.echo(line)
+        existing = study.existing(cfg, layout)
+    best = search.best_of(existing) if existing is not None else None
+    if best is None:
+        raise VisionflowError(f"study {cfg.tune.study}: no complete trial yet, nothing to "
+                              "apply" if apply else f"study {cfg.tune.study}: no complete trial")
+    if not apply:
+        typer.echo(f"best: trial {best.number}, val top-1 {best.value:.4f}; "
+                   "`vflow tune --apply` writes its params into params.yaml")
+        return
+    diff, changed = apply_best(path, layout.root, dict(best.params))
+    if not changed:
+        typer.echo(f"{path.name} already holds trial {best.number}'s params")
+        return
+    typer.echo(diff, nl=False)
+    typer.echo(f"{path.name}: trial {best.number}'s params written (val top-1 "
+               f"{best.value:.4f}); `dvc repro` or `vflow run` trains, scores and gates it")

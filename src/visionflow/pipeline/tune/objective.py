@@ -1,0 +1,115 @@
+"""One trial: train the train stage's model with the trial's params on the train split and
+score it on the val split after every epoch, so that the pruner can stop it early.
+
+The search reads the train and val splits of the augment cache and nothing else: the test
+split is left for the gate that judges the final model (`data.cache.load_splits` never reads
+its bytes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from visionflow.config import Params
+from visionflow.data.cache import load_splits
+from visionflow.errors import ConfigError, DataError
+from visionflow.files import read_json
+from visionflow.layout import Layout
+from visionflow.model.fit import EpochEnd
+from visionflow.model.trainer import prepare_fit, top1
+
+SPLITS = ("train", "val")  # never "test"
+_BUILD = threading.Lock()  # the initial weights come from torch's global generator
+
+
+@dataclass
+class TrialData:
+    """The train and val splits, loaded once per process and shared by its trials."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list[str]
+    data_hash: str
+    _on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def val_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.val_x.to(device), self.val_y.to(device))
+        return self._on_device[key]
+
+
+def load_trial_data(params: Params, layout: Layout) -> TrialData:
+    """The augment cache's train and val splits; one line when the cache is missing, was
+    built for other image settings, or has no val split to score on."""
+    if not layout.cache.is_file():
+        raise DataError(f"{layout.cache} not found: run `dvc repro augment` (or `vflow stage "
+                        "validate` then `vflow stage augment`) before `vflow tune`")
+    blob = load_splits(layout.cache, SPLITS)
+    size, channels = int(blob["image_size"]), int(blob["channels"])
+    if (size, channels) != (params.data.image_size, params.data.channels):
+        raise DataError(f"{layout.cache} holds {size}px {channels}-channel images, params ask "
+                        f"for {params.data.image_size}px {params.data.channels}-channel: run "
+                        "`dvc repro augment` first")
+    if len(blob["val_y"]) == 0:
+        raise ConfigError(f"data.val_fraction={params.data.val_fraction}: the val split is "
+                          "empty, and tuning scores trials on it (never on test): give it "
+                          "images (a val/ folder or data.val_fraction > 0)")
+    return TrialData(blob["train_x"], blob["train_y"], blob["val_x"], blob["val_y"],
+                     list(blob["classes"]), data_hash(layout))
+
+
+def data_hash(layout: Layout) -> str:
+    """The validated data's content hash (what the cache was built from)."""
+    return (read_json(layout.validation) or {}).get("data_hash", "")
+
+
+@dataclass
+class Outcome:
+    value: float | None  # val top-1 after the last epoch run
+    pruned: bool
+    epochs: int
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+# (epoch, metrics) -> True to stop the trial here (pruned)
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+def run_trial(params: Params, data: TrialData, device: torch.device, threads: int,
+              on_epoch: EpochHook) -> Outcome:
+    """Train with `params` (a trial's), score val top-1 after each epoch and hand it to
+    `on_epoch`, which reports to the study and says whether to prune."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)  # per thread under OpenMP: set in the trial's own
+    t0 = time.perf_counter()
+    with _BUILD:
+        torch.manual_seed(params.seed)
+        prepared = prepare_fit(data.train_x, data.train_y, data.classes, params.train,
+                               params.augment, device=device, seed=params.seed)
+    val_x, val_y = data.val_on(device)
+    state = {"pruned": False, "value": None}
+
+    def callback(e: EpochEnd) -> bool:
+        val = top1(e.model, val_x, val_y)
+        e.metrics["val_top1"] = val
+        state["value"] = val
+        metrics = {"val_top1": val, "train_loss": e.train_loss, "train_top1": e.train_top1,
+                   "lr": e.lr, "epoch_seconds": e.seconds}
+        if on_epoch(e.epoch, metrics):
+            state["pruned"] = True
+            return True
+        return False
+
+    result = prepared.run.run([callback])
+    return Outcome(state["value"], state["pruned"], result.epochs_run,
+                   time.perf_counter() - t0, result.history)

@@ -1,0 +1,131 @@
+"""`vflow tune` without training: the `tune:` section's one-line errors (before any work),
+the params.yaml rewrite of `--apply`, and the study's settings check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO, run
+
+from visionflow.configfile import load_params, parse_params
+from visionflow.errors import ConfigError
+from visionflow.pipeline.tune.apply import apply_best, rewrite
+from visionflow.pipeline.tune.space import baseline, fingerprint, fixed_settings
+from visionflow.pipeline.tune.study import redact
+
+
+def _raw(space: dict) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["tune"]["space"] = space
+    return raw
+
+
+@pytest.mark.parametrize(("space", "expected"), [
+    ({"train.lrr": {"low": 0.1, "high": 1}}, "tune.space.train.lrr: unknown key 'train.lrr'"),
+    ({"data.image_size": {"low": 8, "high": 16}}, "tune.space.data.image_size: only train.*"),
+    ({"train.lr": {"low": 1.0, "high": 0.1}}, "low (1) must be below high (0.1)"),
+    ({"train.lr": {"low": 0.0, "high": 1.0, "log": True}}, "a log range needs low > 0"),
+    ({"train.lr": {"low": -1.0, "high": 1.0}}, "tune.space.train.lr.low=-1.0"),
+    ({"train.batch_size": {"low": 8, "high": 64.5}}, "high=64.5: 'train.batch_size' is an int"),
+    ({"train.model": {"low": 1, "high": 2}}, "'train.model' is not numeric: give choices"),
+    ({"train.model": {"choices": ["resnet18", "vgg"]}}, "tune.space.train.model.choices='vgg'"),
+    ({"train.lr": {"low": 0.1}}, "a range needs both low and high"),
+    ({"train.lr": {"low": 0.1, "high": 1, "choices": [0.1]}}, "either choices or low/high"),
+])
+def test_bad_space_is_one_line_naming_the_key(space, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(_raw(space))
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg, msg
+
+
+def test_cli_rejects_a_bad_space_before_any_work(tmp_path: Path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    text = (REPO / "params.yaml").read_text()
+    (proj / "params.yaml").write_text(text)
+    (proj / "data").mkdir()
+    out = run([str(BIN / "vflow"), "tune", "-s", "tune.space={train.lr: {low: 2, high: 1}}"],
+              proj, check=False)
+    assert out.returncode == 2  # a config error
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "tune.space.train.lr" in lines[0], out.stderr
+    assert not (proj / ".cache").exists() and not (proj / "mlruns").exists()
+
+
+def test_valid_space_kinds():
+    params = parse_params(_raw({
+        "train.lr": {"low": 0.01, "high": 1.0, "log": True},
+        "train.batch_size": {"low": 16, "high": 128, "step": 16},
+        "train.model": {"choices": ["resnet18", "alexnet"]},
+        "augment.cutout": {"low": 0, "high": 8},
+    }))
+    assert set(params.tune.space) == {"train.lr", "train.batch_size", "train.model",
+                                      "augment.cutout"}
+    # the baseline holds only the current values that lie in the space
+    base = baseline(params)
+    assert base.get("train.lr") == params.train.lr
+    assert ("train.model" in base) == (params.train.model in ("resnet18", "alexnet"))
+
+
+PARAMS = """\
+# the project's settings
+seed: 0          # everything random derives from it
+
+train:
+  lr: 0.5        # peak learning rate
+  weight_decay: 5.0e-4
+  epochs: 4      # short
+
+augment:
+  flip: true     # horizontal flips
+  # cutout off by default
+"""
+
+
+def test_rewrite_changes_only_the_tuned_values():
+    new = rewrite(PARAMS, {"train.lr": 0.0123, "train.weight_decay": 1e-5,
+                           "augment.cutout": 4})
+    old_lines, new_lines = PARAMS.splitlines(), new.splitlines()
+    assert new_lines[:4] == old_lines[:4]
+    assert new_lines[4] == "  lr: 0.0123        # peak learning rate"
+    assert new_lines[5] == "  weight_decay: 1.0e-05"
+    assert new_lines[6:9] == old_lines[6:9]
+    assert "  cutout: 4" in new_lines and "  # cutout off by default" in new_lines
+    loaded = yaml.safe_load(new)
+    assert loaded["train"]["weight_decay"] == 1e-5 and loaded["augment"]["cutout"] == 4
+    assert loaded["augment"]["flip"] is True
+    assert rewrite(new, {"train.lr": 0.0123}) == new  # idempotent
+
+
+def test_apply_refuses_what_a_preset_overrides(tmp_path: Path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "p.yaml").write_text("train:\n  lr: 0.3\n")
+    text = (REPO / "params.yaml").read_text().replace("\npreset: null ", "\npreset: p ", 1)
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match="train.lr would load as 0.3"):
+        apply_best(path, tmp_path, {"train.lr": 0.01})
+    assert path.read_text() == text  # nothing written
+    diff, changed = apply_best(path, tmp_path, {"train.weight_decay": 1e-4})
+    assert changed and "+  weight_decay: 0.0001" in diff
+    assert load_params(path, root=tmp_path).train.weight_decay == 1e-4
+
+
+def test_fingerprint_ignores_tuned_and_speed_keys():
+    params = load_params(REPO / "params.yaml", root=REPO)
+    settings = fixed_settings(params, "abc")
+    assert "train.lr" not in settings and "train.threads" not in settings
+    other = parse_params({**params.dump(), "train": {**params.dump()["train"], "threads": 7,
+                                                      "lr": 0.01}})
+    assert fingerprint(fixed_settings(other, "abc")) == fingerprint(settings)
+    assert fingerprint(fixed_settings(params, "abd")) != fingerprint(settings)  # data
+
+
+def test_redact_hides_the_password():
+    assert redact("postgresql+psycopg://vf:s3cret@10.0.0.1:5432/optuna") == (
+        "postgresql+psycopg://vf:***@10.0.0.1:5432/optuna")
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
