@@ -373,3 +373,5 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_server, api, tmp_path, d
     assert dep.parameters["only_new_data"] is True
     assert dep.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] \
         == str(root.resolve())
+    tune = api.c.read_deployment_by_name("tune/team")  # the search, for the team's workers
+    assert tune.entrypoint == "flows/tune.py:tune" and tune.work_pool_name == "visionflow-process"

@@ -345,14 +345,17 @@ def test_flow_config_section():
 
 def test_prefect_yaml_declares_the_deployment():
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    deps = {d["name"]: d for d in doc["deployments"]}
-    assert set(deps) == {"nightly", "team"}
-    team = deps["team"]  # any host's worker, in its own checkout; hosts train at once
+    deps = {f"{d['entrypoint'].rsplit(':', 1)[1]}/{d['name']}": d for d in doc["deployments"]}
+    assert set(deps) == {"retrain/nightly", "retrain/team", "tune/team"}
+    tune = deps["tune/team"]  # a search on any host's worker, one study for all
+    assert tune["entrypoint"] == "flows/tune.py:tune" and tune["pull"] == deps["retrain/team"][
+        "pull"] and "schedules" not in tune
+    team = deps["retrain/team"]  # any host's worker, in its own checkout; hosts train at once
     assert team["entrypoint"] == "flows/retrain.py:retrain" and "concurrency_limit" not in team
     assert team["pull"] == [{"prefect.deployments.steps.set_working_directory": {
         "directory": "{{ $VFLOW_CHECKOUT }}"}}]
     assert team["work_pool"]["name"] == "visionflow-process" and "schedules" not in team
-    dep = deps["nightly"]
+    dep = deps["retrain/nightly"]
     assert dep["entrypoint"] == "flows/retrain.py:retrain"
     assert (REPO / dep["entrypoint"].split(":")[0]).is_file()
     assert dep["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
