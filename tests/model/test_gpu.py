@@ -86,3 +86,32 @@ def test_device_tta_matches_the_cpu(level):
     gpu = model_logits(model.cuda(), x, 64, "cuda", tta=level)
     assert gpu.device.type == "cpu"
     torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=2e-2)  # cuDNN convs run TF32
+
+
+class _Section(dict):
+    """A params section as a plain mapping with attribute access (no pydantic here)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_a_tuning_trial_places_the_data_on_the_device_and_scores_there():
+    """`model.trainer` (what each `vflow tune` trial and the train stage run): the images
+    resident on the GPU, the fit on them, val top-1 in bf16 on the device."""
+    from pathlib import Path
+
+    import yaml
+
+    from visionflow.model.trainer import prepare_fit, top1
+
+    x, y = _data(1024, size=16, device="cpu")
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    train = _Section(yaml.safe_load(params.read_text())["train"])
+    train.update(epochs=3, batch_size=128, lr=0.2, warmup_epochs=0.5)
+    torch.manual_seed(0)
+    prepared = prepare_fit(x, y, [str(i) for i in range(10)], train,
+                           Policy(translate=2), device=torch.device("cuda"), seed=0)
+    assert not prepared.streaming and prepared.run.x.device.type == "cuda"
+    scores = []
+    result = prepared.run.run([lambda e: scores.append(top1(e.model, x[:256].cuda(),
+                                                            y[:256].cuda())) or False])
+    assert result.epochs_run == 3 and len(scores) == 3 and scores[-1] > 0.2, scores  # chance 0.1
