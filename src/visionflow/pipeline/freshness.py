@@ -14,6 +14,7 @@ so `dvc.lock` always describes what `params.yaml` produces.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,12 @@ class DvcState:
     def record(self, stage: str) -> None:
         """Record the finished stage in dvc.lock, as `dvc repro` does after running it."""
         with self._repo() as repo:
-            repo.commit(self._target(stage), force=True)
+            dvc_log = logging.getLogger("dvc")  # its "Updating lock file" lines, twice each
+            level = dvc_log.level  # (read here: opening the first Repo sets DVC's logging up)
+            dvc_log.setLevel(logging.WARNING)
+            try:
+                repo.commit(self._target(stage), force=True)
+            finally:
+                dvc_log.setLevel(level)
 
 
