@@ -129,3 +129,25 @@ def test_redact_hides_the_password():
     assert redact("postgresql+psycopg://vf:s3cret@10.0.0.1:5432/optuna") == (
         "postgresql+psycopg://vf:***@10.0.0.1:5432/optuna")
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_sampler_and_pruner_follow_the_config():
+    import optuna
+
+    from visionflow.pipeline.tune.study import pruner, sampler
+
+    raw = _raw({"train.lr": {"low": 0.01, "high": 1.0, "log": True}})
+    raw["train"]["epochs"] = 6
+    for name, kind in (("median", optuna.pruners.MedianPruner),
+                       ("hyperband", optuna.pruners.HyperbandPruner),
+                       ("none", optuna.pruners.NopPruner)):
+        raw["tune"]["pruner"] = name
+        assert isinstance(pruner(parse_params(raw)), kind)
+    raw["tune"].update(pruner="hyperband", min_epochs=2)
+    band = pruner(parse_params(raw))
+    assert (band._min_resource, band._max_resource) == (2, 6)  # min_epochs .. train.epochs
+    raw["tune"].update(sampler="random")
+    assert isinstance(sampler(parse_params(raw), 0), optuna.samplers.RandomSampler)
+    raw["tune"].update(sampler="tpe", parallel=2)
+    tpe = sampler(parse_params(raw), 3)
+    assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._constant_liar
