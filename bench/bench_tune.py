@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,19 +48,15 @@ def _env() -> dict[str, str]:
 
 
 def _project(base: Path) -> Path:
-    """A copy of the repository's project files with the digits as data, validated and
-    augmented (what the search reads)."""
+    """bench_flow's scratch project (params.yaml, dvc.yaml, flows/, presets/, the digits),
+    validated and augmented: what the search reads."""
+    from bench_flow import _project as scratch_project
+
     from visionflow.configfile import load_params
-    from visionflow.data.digits import materialize_digits
     from visionflow.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
-    root = base / "proj"
-    root.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", "flows", "presets"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    materialize_digits(root / "data")
+    root = scratch_project(base, [], None)
     layout = Layout.at(root)
     params = load_params(layout.params, root=root)
     for stage in ("validate", "augment"):

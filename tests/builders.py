@@ -10,9 +10,12 @@ import shutil
 import stat
 import struct
 import tarfile
+import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, features
@@ -245,3 +248,14 @@ def flat_digits(dst: Path, digits_dir: Path, per_class: int) -> Path:
         for f in files[:per_class]:
             shutil.copy(f, dst / label / f.name)
     return dst
+
+
+def wait_for(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
+    """Poll `fn` until it returns something truthy (returned); fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -16,12 +16,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import wait_for
 from conftest import BIN, REPO, make_project, run
 
 # 30 digits per class and split, a few small batches, no compression search; training on
@@ -145,16 +145,6 @@ class TeamStack:
         with self.prefect() as c:
             return "\n".join(r.message for r in c.read_logs(log_filter=LogFilter(
                 flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
-
-
-def wait_for(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def registry_state(client, name: str = MODEL) -> dict[str, Any]:

@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import wait_for
 from conftest import BIN, REPO, make_project
 
 pytestmark = pytest.mark.slow
@@ -84,16 +83,6 @@ def api(prefect_server):
     a = Api(prefect_server)
     yield a
     a.close()
-
-
-def wait_for(fn: Callable[[], Any], timeout: float, what: str, every: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def registry(root: Path) -> tuple[list[int], str | None]:

@@ -24,10 +24,10 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     scored on the val split, pruned per epoch, tracked in MLflow; a rerun continues the
     study. Nothing in the project changes unless --apply."""
     from visionflow.configfile import load_params
+    from visionflow.data.cache import source_data_hash
     from visionflow.layout import Layout
     from visionflow.pipeline.tune import search, study
     from visionflow.pipeline.tune.apply import apply_best
-    from visionflow.pipeline.tune.objective import data_hash
     from visionflow.pipeline.tune.space import fixed_settings
 
     layout = Layout.at(root)
@@ -35,7 +35,7 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     cfg = load_params(path, set_ or [], root=layout.root)
     existing = study.existing(cfg, layout)
     done = (existing is not None and existing.user_attrs.get("settings")
-            == fixed_settings(cfg, data_hash(layout))
+            == fixed_settings(cfg, source_data_hash(layout))
             and study.counts(existing).finished >= cfg.tune.trials)
     if done:  # nothing to run: no flow, no Prefect
         c = study.counts(existing)

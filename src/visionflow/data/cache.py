@@ -14,7 +14,8 @@ import torch
 
 from visionflow.data.images import decode_resized
 from visionflow.errors import DataError
-from visionflow.files import torch_save
+from visionflow.files import read_json, torch_save
+from visionflow.layout import Layout
 
 SPLITS = ("train", "val", "test")
 
@@ -69,6 +70,11 @@ def save_cache(blob: dict[str, Any], path: Path) -> None:
 
 def load_cache(path: Path, device: str = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def source_data_hash(layout: Layout) -> str:
+    """The content hash of the validated data the cache is built from ("" before validate)."""
+    return (read_json(layout.validation) or {}).get("data_hash", "")
 
 
 def load_splits(path: Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:

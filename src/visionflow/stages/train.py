@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from visionflow.config import Params
-from visionflow.data.cache import load_cache
-from visionflow.files import read_json, write_csv
+from visionflow.data.cache import load_cache, source_data_hash
+from visionflow.files import write_csv
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model import engine
@@ -166,7 +166,7 @@ def _run_context(layout: Layout, params: Params, device: torch.device, dist):
     if not dist.main:
         yield None
         return
-    tags = {"stage": "train", "data_hash": _data_hash(layout), "device": str(device),
+    tags = {"stage": "train", "data_hash": source_data_hash(layout), "device": str(device),
             "world_size": str(dist.world)}
     name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.new_run(layout, name, tags) as run, _system_metrics(run.info.run_id):
@@ -209,10 +209,6 @@ def _log_artifact(path: Path) -> None:
 def _log(dist, msg: str) -> None:
     if dist.main:
         print(msg, flush=True)
-
-
-def _data_hash(layout: Layout) -> str:
-    return (read_json(layout.validation) or {}).get("data_hash", "")
 
 
 if __name__ == "__main__":

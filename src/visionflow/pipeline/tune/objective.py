@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from visionflow.config import Params
-from visionflow.data.cache import load_splits
+from visionflow.data.cache import load_splits, source_data_hash
 from visionflow.errors import ConfigError, DataError
-from visionflow.files import read_json
 from visionflow.layout import Layout
 from visionflow.model.fit import EpochEnd
 from visionflow.model.trainer import prepare_fit, top1
@@ -64,12 +63,7 @@ def load_trial_data(params: Params, layout: Layout) -> TrialData:
                           "empty, and tuning scores trials on it (never on test): give it "
                           "images (a val/ folder or data.val_fraction > 0)")
     return TrialData(blob["train_x"], blob["train_y"], blob["val_x"], blob["val_y"],
-                     list(blob["classes"]), data_hash(layout))
-
-
-def data_hash(layout: Layout) -> str:
-    """The validated data's content hash (what the cache was built from)."""
-    return (read_json(layout.validation) or {}).get("data_hash", "")
+                     list(blob["classes"]), source_data_hash(layout))
 
 
 @dataclass

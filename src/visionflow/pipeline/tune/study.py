@@ -80,11 +80,10 @@ def open_storage(url: str) -> RDBStorage:
                               grace_period=GRACE_S, heartbeat_stale_trial_callback=(
                                   RetryHeartbeatStaleTrialCallback(max_retry=2)))
         except Exception as err:  # noqa: BLE001 (a driver missing, a server down, a bad URL)
-            if attempt < 2 and "alembic_version" in str(err):
-                time.sleep(0.5)
-                continue
-            raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
-    raise AssertionError("unreachable")
+            if attempt == 2 or "alembic_version" not in str(err):
+                raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
+            time.sleep(0.5)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 def sampler(params: Params, offset: int) -> optuna.samplers.BaseSampler:
