@@ -97,7 +97,8 @@ class TeamStack:
         c = self.stack.credentials()
         with psycopg.connect(self.stack.cluster().url(postgres.ADMIN, c.admin, db),
                              autocommit=True, connect_timeout=10) as conn:
-            return conn.execute(query, args).fetchall()
+            cur = conn.execute(query, args)
+            return cur.fetchall() if cur.description else []
 
     def s3_keys(self, bucket: str, prefix: str = "") -> list[str]:
         from visionflow.pipeline.stack import objectstore

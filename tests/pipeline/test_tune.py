@@ -318,3 +318,41 @@ def test_two_hosts_share_one_study_in_the_stack_postgres(project: Path, team_sta
                 == parents[0].info.run_id]
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(
         t.number for t in done)
+
+
+_OPEN_AT_GO = """\
+import sys
+from visionflow.pipeline.tune.study import open_storage
+print("ready", flush=True)
+sys.stdin.readline()
+open_storage(sys.argv[1])
+print("opened", flush=True)
+"""
+
+
+@pytest.mark.stack
+def test_hosts_opening_a_new_tune_storage_at_once_all_join(team_stack):
+    """Hosts starting `vflow tune` on a new PostgreSQL database create Optuna's tables at
+    the same instant: every one must open the storage (none exits on a duplicate-table
+    UniqueViolation). Six processes, imports done, released together; two new databases."""
+    base = team_stack.env["VFLOW_TUNE_STORAGE"].rsplit("/", 1)[0]
+    for attempt in range(2):
+        db = f"race_{os.getpid()}_{attempt}"
+        team_stack.admin_sql("postgres", f'CREATE DATABASE "{db}" OWNER optuna')
+        procs = [subprocess.Popen([str(BIN / "python"), "-c", _OPEN_AT_GO, f"{base}/{db}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+        try:
+            for p in procs:
+                assert p.stdout.readline().strip() == "ready"
+            for p in procs:  # released together
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            outs = [p.communicate(timeout=120)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        failed = [o[-600:] for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
+        assert not failed, f"attempt {attempt}: {len(failed)} of 6 failed: {failed[0]}"
+        assert all(o.strip().endswith("opened") for o in outs)

@@ -41,6 +41,7 @@ WORKER_ATTR = "vflow_worker"
 RUN_ATTR = "mlflow_run_id"
 CREATOR_ATTR = "vflow_creator"  # the process that created the study (makes its MLflow parent)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SCHEMA_LOCK = zlib.crc32(b"visionflow tune storage schema")  # a pg_advisory_lock key
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # ask/tell with our own heartbeat thread (see `heartbeat`), not Study.optimize's
@@ -67,23 +68,49 @@ def redact(url: str) -> str:
 
 
 def open_storage(url: str) -> RDBStorage:
-    """The study storage; its tables are created on first use. Two processes creating them
-    at once (two `vflow tune` on a new database) collide on the schema version row: the
-    loser opens what the winner made."""
+    """The study storage; its tables are created on first use. Hosts creating them at once
+    (several `vflow tune` on a new database) would collide: on PostgreSQL the creation is
+    serialised by an advisory lock (the others then find the tables made); two sqlite
+    processes collide on the schema version row, and the loser opens what the winner made."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if is_local(url)
                               else {"pool_pre_ping": True})
     for attempt in range(3):
         try:
-            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                              grace_period=GRACE_S, heartbeat_stale_trial_callback=(
-                                  RetryHeartbeatStaleTrialCallback(max_retry=2)))
+            with _schema_lock(url):
+                return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                  grace_period=GRACE_S, heartbeat_stale_trial_callback=(
+                                      RetryHeartbeatStaleTrialCallback(max_retry=2)))
         except Exception as err:  # noqa: BLE001 (a driver missing, a server down, a bad URL)
             if attempt == 2 or "alembic_version" not in str(err):
                 raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
             time.sleep(0.5)
     raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """PostgreSQL: hold a session advisory lock while Optuna creates its tables and types
+    (concurrent CREATE TYPE/TABLE of one name fail with UniqueViolation, not wait)."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                             {"key": SCHEMA_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def sampler(params: Params, offset: int) -> optuna.samplers.BaseSampler:
