@@ -174,11 +174,3 @@ def compare_schemes(current: Mapping[str, Any], reference: Mapping[str, Any] | N
             "message": f"NEW SPLIT: {describe_scheme(current)} ({fp}) differs from {who}'s "
                        f"{old} ({reference['fingerprint']}); images may change split, the "
                        f"gate scores only test images neither model trained on"}
-
-
-def split_counts(entries: Iterable[FileEntry]) -> dict[str, dict[str, int]]:
-    """{split: {label: count}} for reports."""
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for e in entries:
-        counts[e.split or ""][e.label] += 1
-    return {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}

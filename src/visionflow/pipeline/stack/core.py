@@ -10,7 +10,6 @@ order, the client environment (`env.sh`), status and stop.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shlex
 import shutil
@@ -375,8 +374,3 @@ def configure_dvc_remote(layout: Layout, endpoint: str, access_key: str,
                                    "access_key_id": access_key,
                                    "secret_access_key": secret_key}
         conf["core"]["remote"] = "stack"
-
-
-def run_with_env(cmd: list[str], stack: Stack, **kw: Any) -> subprocess.CompletedProcess:
-    """Run `cmd` as a client of the stack (its URLs and keys in the environment)."""
-    return subprocess.run(cmd, env={**os.environ, **stack.client_env()}, **kw)

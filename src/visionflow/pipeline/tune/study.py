@@ -208,10 +208,6 @@ def counts(study: optuna.Study) -> Counts:
                                               TrialState.WAITING)))
 
 
-def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=FINISHED)
-
-
 # --- liveness -------------------------------------------------------------------------------
 
 def _start_time(pid: int) -> str | None:
