@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,13 @@ app.add_typer(stack_app, name="stack")
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
 RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", help="on an error, print the traceback after its one line")] = False) -> None:
+    _DEBUG["on"] = debug
 
 
 def _load(params: Path, overrides: list[str] | None, root: Path):
@@ -100,6 +108,8 @@ def main() -> None:
     try:
         app()
     except VisionflowError as err:
+        if _DEBUG["on"]:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
