@@ -38,7 +38,10 @@ ROOT = HERE.parent
 for _p in (HERE, ROOT / "src"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-BLOCKED = ("pydantic", "mlflow")  # not on the GPU machine: the dry run proves we do without
+# not on the GPU machine: the dry run (and step 5's pytest) prove we do without
+BLOCKED = ("pydantic", "mlflow", "dvc", "prefect")
+GPU_TEST_FILES = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py",
+                  "tests/model/test_gpu_decode.py"]
 
 import torch  # noqa: E402
 from cifar_data import load_cifar  # noqa: E402
@@ -160,16 +163,21 @@ def step_augment(a: argparse.Namespace, device: torch.device, out: Path) -> None
     write(out, "4_augment.json", run_all(str(device.type), **kw))
 
 
-def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
-    log("5 pytest -m gpu")
-    files = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py"]
+def pytest_gpu_argv(args: list[str]) -> list[str]:
+    """`pytest -m gpu ARGS` with the packages the GPU machine lacks made unimportable."""
     block = "; ".join(f"sys.modules[{m!r}] = None" for m in BLOCKED)
     code = (f"import sys; {block}; import pytest; "
             f"sys.exit(pytest.main(['-q', '-m', 'gpu', '-p', 'no:cacheprovider', *sys.argv[1:]]))")
+    return [sys.executable, "-c", code, *args]
+
+
+def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
+    log("5 pytest -m gpu")
+    files = GPU_TEST_FILES
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", code, *files], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(pytest_gpu_argv(files), cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         rc, text = -1, f"timeout after {timeout:.0f} s\n{err.stdout or ''}"

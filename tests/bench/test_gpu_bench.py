@@ -78,3 +78,16 @@ def test_dry_run_writes_every_step(tmp_path: Path):
 
     tests = json.loads((out / "5_gpu_tests.json").read_text())
     assert tests["returncode"] == 0 and "skipped" in tests["summary"], tests["output_tail"]
+
+
+def test_gpu_tests_collect_without_dvc_mlflow_prefect_pydantic():
+    """The GPU machine has none of them: `pytest -m gpu` on the torch-only files must collect
+    (tests/conftest.py imports dvc only when it is there)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_bench import GPU_TEST_FILES, pytest_gpu_argv
+
+    proc = run(pytest_gpu_argv(["--collect-only", *GPU_TEST_FILES]), REPO, check=False,
+               timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test_nvjpeg_decode_equals_the_cpu_decoder" in proc.stdout
+    assert "test_training_steps_never_sync_the_host" in proc.stdout
