@@ -20,10 +20,8 @@ import yaml
 # test's stream, closed afterwards, and a later in-process flow's DVC warning would raise.
 # The GPU machine has no DVC (nor MLflow, Prefect, pydantic): `pytest -m gpu` on the
 # torch-only test files must still collect there (bench/gpu_bench.py step 5).
-try:
+with contextlib.suppress(ImportError):
     import dvc  # noqa: F401
-except ImportError:
-    pass
 pytest_plugins = ["stack_fixtures"]  # the team stack, once per session (`-m stack` tests)
 
 REPO = Path(__file__).resolve().parents[1]
