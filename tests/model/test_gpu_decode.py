@@ -15,7 +15,12 @@ from torchvision.io import decode_image
 from torchvision.transforms import v2
 
 from visionflow.errors import ConfigError, DataError
-from visionflow.model.gpu_decode import GpuBatchTransform, jpeg_frame, nvjpeg_can_decode
+from visionflow.model.gpu_decode import (
+    GpuBatchTransform,
+    jpeg_frame,
+    nvjpeg_can_decode,
+    to_channels,
+)
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -49,7 +54,9 @@ def _transform(train: bool = True, device: str = "cpu", **kw) -> GpuBatchTransfo
 
 def _formats() -> dict[str, torch.Tensor]:
     photo = _photo(48, 64, seed=3)
-    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    # high byte: the grey image; low byte: noise (so dropping the high byte shows)
+    low = np.random.default_rng(1).integers(0, 256, (48, 64), dtype=np.uint16)
+    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 256 + low).astype(np.uint16)
     return {"jpeg": _encode(photo, quality=95),
             "grey_jpeg": _encode(photo.convert("L"), quality=95),
             "cmyk_jpeg": _encode(photo.convert("CMYK"), quality=95),
@@ -153,6 +160,17 @@ def test_every_format_decodes_grey_cmyk_progressive_png_16bit():
             got = img.permute(1, 2, 0)[..., 0] if channels == 1 else img.permute(1, 2, 0)
             assert (got.float() - want.float()).abs().mean() < 3, name
     assert t(list(formats.values()), 0, 0).shape == (7, 3, 48, 48)
+
+
+def test_channel_conversions_grey_rgb_alpha_16bit():
+    grey = torch.randint(0, 256, (1, 5, 6), dtype=torch.uint8)
+    assert torch.equal(to_channels(grey, 3), grey.expand(3, -1, -1))
+    rgb = torch.randint(0, 256, (3, 5, 6), dtype=torch.uint8)
+    assert torch.equal(to_channels(rgb, 1), v2.functional.rgb_to_grayscale(rgb))
+    rgba = torch.cat([rgb, torch.zeros(1, 5, 6, dtype=torch.uint8)])
+    assert torch.equal(to_channels(rgba, 3), rgb)
+    wide = rgb.to(torch.int32) * 256 + 7  # a 16-bit image: its high byte is kept
+    assert torch.equal(to_channels(wide.to(torch.uint16), 3), rgb)
 
 
 def test_a_corrupt_image_raises_one_line_naming_its_index():
