@@ -182,6 +182,11 @@ def test_a_corrupt_image_raises_one_line_naming_its_index():
         _transform()([data[0], data[1].float()], 0, 0)
 
 
+def test_auto_crop_op_is_interpolate_on_the_cpu_roi_align_on_cuda():
+    assert _transform().crop_op == "interpolate"
+    assert _transform(device="cuda").crop_op == "roi_align"  # constructing touches no GPU
+
+
 def test_nonsense_settings_are_one_line_config_errors():
     for kw, word in [({"scale": (0.5, 0.2)}, "scale"), ({"ratio": (0.0, 1.0)}, "ratio"),
                      ({"channels": 2}, "channels"), ({"size": 0}, "size"),
@@ -224,3 +229,14 @@ def test_cuda_falls_back_to_the_cpu_for_cmyk_png_and_16bit():
     ref = _transform(train=False, size=48, resize_size=48)(list(formats.values()), 0, 0)
     assert out.device.type == "cuda"
     assert (out.cpu().float() - ref.float()).abs().mean() < 2
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("crop_op", ["roi_align", "interpolate"])
+def test_cuda_crops_equal_the_cpu_crops(crop_op):
+    decoded = _transform().decode(_batch())
+    cpu = _transform(crop_op=crop_op).crop(decoded, epoch=3, step=1)
+    gpu = _transform(crop_op=crop_op, device="cuda").crop([d.cuda() for d in decoded], 3, 1)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu().float() - cpu.float()).abs().mean() < 1.0

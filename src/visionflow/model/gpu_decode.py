@@ -12,10 +12,12 @@ for all. Then on the device, without per-pixel Python:
 - eval: resize the shorter side to `resize_size` (antialias) and centre crop `size`, as
   torchvision's classification references do.
 
-Crops are resized by `torchvision.ops.roi_align` batched over the images of the same size
-(`crop_op="roi_align"`, adaptive sampling: an area average when shrinking, bilinear when
-enlarging) or one `v2.functional.resized_crop` per image (`crop_op="interpolate"`, exactly
-v2's antialiased bilinear). `bench/bench_gpu_decode.py` measures both.
+Crops are resized by one `v2.functional.resized_crop` per image (`crop_op="interpolate"`,
+exactly v2's antialiased bilinear) or by `torchvision.ops.roi_align` batched over the images
+of the same size (`crop_op="roi_align"`, adaptive sampling: an area average when shrinking,
+bilinear when enlarging; one kernel per size group instead of a few per image). `"auto"`:
+interpolate on the CPU, where `bench/bench_gpu_decode.py` measured it several times faster
+than roi_align; roi_align on CUDA, to be confirmed by `bench/gpu_scale.py` (b vs b_interpolate).
 Torch and torchvision only: it runs on the GPU machine.
 """
 
@@ -96,7 +98,7 @@ class GpuBatchTransform:
     def __init__(self, train: bool, size: int, resize_size: int,
                  scale: tuple[float, float], ratio: tuple[float, float], hflip: bool,
                  channels: int, device: torch.device, seed: int,
-                 crop_op: str = "roi_align") -> None:
+                 crop_op: str = "auto") -> None:
         if size < 1 or resize_size < 1:
             raise ConfigError(f"image sizes must be >= 1: size={size}, resize_size={resize_size}")
         if not 0 < scale[0] <= scale[1]:
@@ -105,18 +107,24 @@ class GpuBatchTransform:
             raise ConfigError(f"crop ratio must satisfy 0 < min <= max: {tuple(ratio)}")
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, not {channels}")
-        if crop_op not in ("roi_align", "interpolate"):
-            raise ConfigError(f"crop_op must be roi_align or interpolate, not {crop_op!r}")
+        if crop_op not in ("auto", "roi_align", "interpolate"):
+            raise ConfigError(f"crop_op must be auto, roi_align or interpolate, not {crop_op!r}")
         self.train, self.size, self.resize_size = train, size, resize_size
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip, self.channels, self.seed, self.crop_op = hflip, channels, seed, crop_op
         self.device = torch.device(device)
+        if crop_op == "auto":
+            self.crop_op = "interpolate" if self.device.type == "cpu" else "roi_align"
         self.mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
         self.cpu_decoded = 0  # images the CPU decoder took on a CUDA device (for the bench)
 
     def __call__(self, encoded: list[torch.Tensor], epoch: int, step: int) -> torch.Tensor:
-        images = self.decode(encoded)
+        return self.crop(self.decode(encoded), epoch, step)
+
+    def crop(self, images: list[torch.Tensor], epoch: int, step: int) -> torch.Tensor:
+        """Decoded uint8 C x H x W images (on the device) -> the batch: train crops and flips,
+        or eval resize + centre crop."""
         out = torch.empty((len(images), self.channels, self.size, self.size),
                           dtype=torch.uint8, device=self.device)
         if not self.train:
