@@ -143,12 +143,33 @@ def encoded_source(items: list[tuple[str, int]], batch_size: int, seed: int,
                     return
             epoch += 1
 
-    threading.Thread(target=read, daemon=True, name="encoded_source").start()
+    threading.Thread(target=_reporting(read, q), daemon=True, name="encoded_source").start()
     try:
         while True:
-            yield q.get()
+            yield _take(q)
     finally:
         stop.set()
+
+
+def _reporting(target: Callable[[], None], q: queue.Queue) -> Callable[[], None]:
+    """A thread body that hands its exception to the consumer instead of dying silently."""
+    def run() -> None:
+        try:
+            target()
+        except BaseException as err:  # noqa: BLE001 - re-raised by _take in the consumer
+            q.put(err)
+    return run
+
+
+def _take(q: queue.Queue, timeout: float = 300.0):
+    """The next item; a producer's exception raised here; a stall is an error, not a hang."""
+    try:
+        item = q.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"no batch from the input thread in {timeout:.0f} s") from None
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 def gpu_batches(source: Iterator, transform: GpuBatchTransform, device: torch.device,
@@ -177,10 +198,10 @@ def gpu_batches(source: Iterator, transform: GpuBatchTransform, device: torch.de
                     break
         source.close()
 
-    threading.Thread(target=produce, daemon=True, name="gpu_batches").start()
+    threading.Thread(target=_reporting(produce, q), daemon=True, name="gpu_batches").start()
     try:
         while True:
-            x, y, event = q.get()
+            x, y, event = _take(q)
             if event is not None:
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)

@@ -137,3 +137,22 @@ def test_encoded_source_reads_every_image_once_per_epoch(tmp_path: Path):
     assert sorted(seen) == sorted(files) and len(set(seen)) == 12
     assert [files[b] for b in seen] == [int(y) for _, ys in epoch for y in ys]
     assert [bytes(t.numpy()) for t in again[0]] == seen[:4]  # same seed, same order
+
+
+def test_gpu_batches_raise_the_input_threads_error_in_the_training_loop():
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_scale import gpu_batches
+
+    from visionflow.errors import DataError
+    from visionflow.model.gpu_decode import GpuBatchTransform
+
+    def source():
+        yield [torch.tensor([1, 2, 3], dtype=torch.uint8)], torch.tensor([0])
+
+    tf = GpuBatchTransform(True, 8, 8, (0.5, 1.0), (0.75, 1.33), True, 3,
+                           torch.device("cpu"), 0)
+    batches = gpu_batches(source(), tf, torch.device("cpu"))
+    with pytest.raises(DataError, match="image 0 of the batch"):
+        next(batches)

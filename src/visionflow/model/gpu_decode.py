@@ -24,6 +24,7 @@ Torch and torchvision only: it runs on the GPU machine.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -221,8 +222,8 @@ class GpuBatchTransform:
         try:
             return decode_image(data, mode=self.mode)
         except (RuntimeError, ValueError) as err:
-            raise DataError(f"image {index} of the batch cannot be decoded: "
-                            f"{one_line(err)}") from None
+            why = re.sub(r"^\w+, \S+:\d+, ", "", one_line(err))  # torchvision's C++ location
+            raise DataError(f"image {index} of the batch cannot be decoded: {why}") from None
 
     def _roi_crops(self, group: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """One roi_align call for same-size images: box (top, left, h, w) -> size x size."""
