@@ -178,7 +178,7 @@ def step_scale(a: argparse.Namespace, device: torch.device, out: Path,
                deadline: float) -> None:
     from gpu_scale import run_scale
 
-    log("6 scale: ResNet-50 from GPU-decoded JPEGs vs synthetic vs DataLoader")
+    log("6 scale: GPU-decoded JPEGs vs synthetic batches vs a DataLoader")
     data = Path(a.scale_data) / ("dry" if a.dry_run else "full")
     run_scale(data, device, a.dry_run, deadline, lambda res: write(out, "6_scale.json", res))
 

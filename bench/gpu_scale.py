@@ -10,7 +10,10 @@ channels_last and batch, eager, in one run:
   b  encoded bytes from `encoded_source` -> `GpuBatchTransform` (nvJPEG decode,
      RandomResizedCrop + flip on the GPU) in a background thread on its own CUDA stream;
   c  torchvision `ImageFolder` + `DataLoader` (PIL decode, RandomResizedCrop, flip) on all
-     cores but one, pinned memory.
+     cores but one, pinned memory;
+  diagnostics: b's input path alone (no training), b with one `resized_crop` per image
+  instead of `roi_align`, and b decoding on the CPU in threads (all cores but one) with the
+  crops still on the GPU (the design to fall back on if nvJPEG does not keep up).
 
 Each: warm-up steps (cuDNN autotuning, worker start, filled prefetch queues), then timed
 blocks; img/s is the median over blocks; ratios b/a (target >= 0.9) and b/c (target >= 1.3).
@@ -324,10 +327,10 @@ def _measure_all(res: dict, cfg: dict, items: list, data_dir: Path, workers: int
     kw = {"batch": batch, "warmup": cfg["warmup"], "steps": cfg["steps"],
           "blocks": cfg["blocks"], "device": device}
 
-    def transform(crop_op: str) -> GpuBatchTransform:
+    def transform(crop_op: str, **kw) -> GpuBatchTransform:
         return GpuBatchTransform(train=True, size=size, resize_size=size, scale=(0.08, 1.0),
                                  ratio=(3 / 4, 4 / 3), hflip=True, channels=3, device=device,
-                                 seed=0, crop_op=crop_op)
+                                 seed=0, crop_op=crop_op, **kw)
 
     step = make_step(cfg["model"], device)
     gpu_tf = transform("roi_align")
@@ -342,6 +345,9 @@ def _measure_all(res: dict, cfg: dict, items: list, data_dir: Path, workers: int
                                              transform("roi_align"), device), False),
         ("b_interpolate", lambda: gpu_batches(encoded_source(items, batch, 2),
                                               transform("interpolate"), device), True),
+        # the fallback design: libjpeg-turbo in threads on all cores but one, crops on the GPU
+        ("b_cpu_threads", lambda: gpu_batches(encoded_source(items, batch, 3), transform(
+            "roi_align", nvjpeg=False, decode_threads=workers), device), True),
     ]
     for name, make_batches, train in runs:
         if time.perf_counter() > deadline:

@@ -99,7 +99,7 @@ def test_gpu_tests_collect_without_dvc_mlflow_prefect_pydantic():
 
 def _check_scale(scale: dict) -> None:
     for name in ("a_synthetic", "b_gpu_decode", "c_dataloader", "b_input_only",
-                 "b_interpolate"):
+                 "b_interpolate", "b_cpu_threads"):
         assert scale[name]["img_per_s"] > 0, (name, scale[name])
     assert scale["ratios"]["b/a"] > 0 and scale["ratios"]["b/c"] > 0
     assert scale["b_cpu_decoded_images"] == 0  # every generated JPEG is baseline

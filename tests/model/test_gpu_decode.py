@@ -162,6 +162,20 @@ def test_every_format_decodes_grey_cmyk_progressive_png_16bit():
     assert t(list(formats.values()), 0, 0).shape == (7, 3, 48, 48)
 
 
+def test_decode_threads_give_the_same_batch_and_the_same_errors():
+    import pickle
+
+    data = _batch()
+    threaded = _transform(decode_threads=3)
+    assert torch.equal(threaded(data, 0, 4), _transform()(data, 0, 4))
+    assert threaded._pool is not None
+    clone = pickle.loads(pickle.dumps(threaded))  # a DataLoader worker may get a copy
+    assert clone._pool is None and torch.equal(clone(data, 0, 4), threaded(data, 0, 4))
+    bad = data[:2] + [torch.tensor([1, 2, 3], dtype=torch.uint8)] + data[2:]
+    with pytest.raises(DataError, match=r"^image 2 of the batch cannot be decoded"):
+        threaded(bad, 0, 0)
+
+
 def test_channel_conversions_grey_rgb_alpha_16bit():
     grey = torch.randint(0, 256, (1, 5, 6), dtype=torch.uint8)
     assert torch.equal(to_channels(grey, 3), grey.expand(3, -1, -1))
@@ -190,7 +204,8 @@ def test_auto_crop_op_is_interpolate_on_the_cpu_roi_align_on_cuda():
 def test_nonsense_settings_are_one_line_config_errors():
     for kw, word in [({"scale": (0.5, 0.2)}, "scale"), ({"ratio": (0.0, 1.0)}, "ratio"),
                      ({"channels": 2}, "channels"), ({"size": 0}, "size"),
-                     ({"crop_op": "nearest"}, "crop_op")]:
+                     ({"crop_op": "nearest"}, "crop_op"),
+                     ({"decode_threads": -1}, "decode_threads")]:
         with pytest.raises(ConfigError, match=word):
             _transform(**kw)
 
@@ -229,6 +244,17 @@ def test_cuda_falls_back_to_the_cpu_for_cmyk_png_and_16bit():
     ref = _transform(train=False, size=48, resize_size=48)(list(formats.values()), 0, 0)
     assert out.device.type == "cuda"
     assert (out.cpu().float() - ref.float()).abs().mean() < 2
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_without_nvjpeg_decodes_on_cpu_threads():
+    data = _batch()
+    gpu = _transform(device="cuda", train=False, nvjpeg=False, decode_threads=2)
+    out = gpu(data, 0, 0)
+    assert gpu.cpu_decoded == len(data) and out.device.type == "cuda"
+    ref = _transform(train=False)(data, 0, 0)
+    assert (out.cpu().float() - ref.float()).abs().mean() < 1.0
 
 
 @pytest.mark.gpu

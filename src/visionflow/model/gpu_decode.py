@@ -18,6 +18,8 @@ of the same size (`crop_op="roi_align"`, adaptive sampling: an area average when
 bilinear when enlarging; one kernel per size group instead of a few per image). `"auto"`:
 interpolate on the CPU, where `bench/bench_gpu_decode.py` measured it several times faster
 than roi_align; roi_align on CUDA, to be confirmed by `bench/gpu_scale.py` (b vs b_interpolate).
+`nvjpeg=False` decodes everything on the CPU (then crops on the device); `decode_threads`
+runs the CPU decoder in that many threads (it releases the GIL).
 Torch and torchvision only: it runs on the GPU machine.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -99,7 +102,7 @@ class GpuBatchTransform:
     def __init__(self, train: bool, size: int, resize_size: int,
                  scale: tuple[float, float], ratio: tuple[float, float], hflip: bool,
                  channels: int, device: torch.device, seed: int,
-                 crop_op: str = "auto") -> None:
+                 crop_op: str = "auto", nvjpeg: bool = True, decode_threads: int = 0) -> None:
         if size < 1 or resize_size < 1:
             raise ConfigError(f"image sizes must be >= 1: size={size}, resize_size={resize_size}")
         if not 0 < scale[0] <= scale[1]:
@@ -108,6 +111,8 @@ class GpuBatchTransform:
             raise ConfigError(f"crop ratio must satisfy 0 < min <= max: {tuple(ratio)}")
         if channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3, not {channels}")
+        if decode_threads < 0:
+            raise ConfigError(f"decode_threads must be >= 0, not {decode_threads}")
         if crop_op not in ("auto", "roi_align", "interpolate"):
             raise ConfigError(f"crop_op must be auto, roi_align or interpolate, not {crop_op!r}")
         self.train, self.size, self.resize_size = train, size, resize_size
@@ -118,7 +123,12 @@ class GpuBatchTransform:
         if crop_op == "auto":
             self.crop_op = "interpolate" if self.device.type == "cpu" else "roi_align"
         self.mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+        self.nvjpeg, self.decode_threads = nvjpeg, decode_threads
+        self._pool: ThreadPoolExecutor | None = None  # made on first use, never pickled
         self.cpu_decoded = 0  # images the CPU decoder took on a CUDA device (for the bench)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None}
 
     def __call__(self, encoded: list[torch.Tensor], epoch: int, step: int) -> torch.Tensor:
         return self.crop(self.decode(encoded), epoch, step)
@@ -154,16 +164,23 @@ class GpuBatchTransform:
                                 f"encoded bytes, got {data.dtype} {tuple(data.shape)} on "
                                 f"{data.device}")
         images: list[torch.Tensor | None] = [None] * len(encoded)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.nvjpeg:
             on_gpu = [i for i, data in enumerate(encoded) if nvjpeg_can_decode(data)]
             if on_gpu:
                 for i, img in zip(on_gpu, self._nvjpeg([encoded[i] for i in on_gpu]),
                                   strict=True):
                     images[i] = img
-            self.cpu_decoded += sum(img is None for img in images)
-        for i, img in enumerate(images):
-            if img is None:
-                images[i] = self._decode_cpu(encoded[i], i).to(self.device, non_blocking=True)
+        rest = [i for i, img in enumerate(images) if img is None]
+        if self.device.type == "cuda":
+            self.cpu_decoded += len(rest)
+        if self.decode_threads and len(rest) > 1:  # the decoder releases the GIL
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, "decode")
+            decoded = self._pool.map(self._decode_cpu, [encoded[i] for i in rest], rest)
+        else:
+            decoded = map(self._decode_cpu, [encoded[i] for i in rest], rest)
+        for i, img in zip(rest, decoded, strict=True):
+            images[i] = img.to(self.device, non_blocking=True)
         return [to_channels(img, self.channels) for img in images]  # type: ignore[arg-type]
 
     def sample_boxes(self, shapes: list[tuple[int, int]], epoch: int,
