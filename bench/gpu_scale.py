@@ -199,7 +199,8 @@ def gpu_batches(source: Iterator, transform: GpuBatchTransform, device: torch.de
                         continue
                 if stop.is_set():
                     break
-        source.close()
+        if hasattr(source, "close"):  # a generator: stops its reader thread
+            source.close()
 
     threading.Thread(target=_reporting(produce, q), daemon=True, name="gpu_batches").start()
     try:
@@ -240,6 +241,24 @@ def synthetic_batches(size: int, batch: int, device: torch.device,
             for _ in range(n)]
     while True:
         yield from data
+
+
+def check_against_cpu(items: list[tuple[str, int]], size: int, device: torch.device,
+                      n: int = 64) -> dict:
+    """One eval batch through b's path (nvJPEG, side stream, thread) against the CPU decoder:
+    a fast pipeline that returns garbage would show here, not in img/s."""
+    source = encoded_source(items, min(n, len(items)), seed=9)
+    encoded, labels = next(source)
+    source.close()
+    kw = {"train": False, "size": size, "resize_size": round(size * 8 / 7), "scale": (0.08, 1.0),
+          "ratio": (3 / 4, 4 / 3), "hflip": False, "channels": 3, "seed": 0}
+    batches = gpu_batches(iter([(encoded, labels)]), GpuBatchTransform(device=device, **kw),
+                          device)
+    x, _ = next(batches)
+    batches.close()
+    ref = GpuBatchTransform(device=torch.device("cpu"), **kw)(encoded, 0, 0)
+    diff = (x.cpu().float() - ref.float()).abs().mean().item()
+    return {"images": len(encoded), "mean_abs_diff": round(diff, 3), "ok": diff < 2.0}
 
 
 # --- training and timing --------------------------------------------------------------------
@@ -306,16 +325,16 @@ def run_scale(data_dir: Path, device: torch.device, dry_run: bool, deadline: flo
                                workers=1 if dry_run else None)
     log(f"generated: {res['generate']}")
     write(res)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     items = list_items(data_dir)
-    threads = torch.get_num_threads()
+    threads, autotune = torch.get_num_threads(), torch.backends.cudnn.benchmark
     if dry_run:
         torch.set_num_threads(1)  # a busy shared CPU: one thread, no spinning
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     try:
         _measure_all(res, cfg, items, data_dir, workers, device, deadline, write)
-    finally:
+    finally:  # gpu_bench.py runs other steps in this process after this one
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = autotune
     log(f"ratios {res.get('ratios')} (targets b/a >= 0.9, b/c >= 1.3)")
     return res
 
@@ -332,6 +351,8 @@ def _measure_all(res: dict, cfg: dict, items: list, data_dir: Path, workers: int
                                  ratio=(3 / 4, 4 / 3), hflip=True, channels=3, device=device,
                                  seed=0, crop_op=crop_op, **kw)
 
+    res["b_matches_cpu"] = check_against_cpu(items, size, device)
+    log(f"b's eval batch against the CPU decoder: {res['b_matches_cpu']}")
     step = make_step(cfg["model"], device)
     gpu_tf = transform("roi_align")
     runs: list[tuple[str, Callable[[], Iterator], bool]] = [

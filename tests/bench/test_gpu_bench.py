@@ -103,6 +103,7 @@ def _check_scale(scale: dict) -> None:
         assert scale[name]["img_per_s"] > 0, (name, scale[name])
     assert scale["ratios"]["b/a"] > 0 and scale["ratios"]["b/c"] > 0
     assert scale["b_cpu_decoded_images"] == 0  # every generated JPEG is baseline
+    assert scale["b_matches_cpu"]["ok"], scale["b_matches_cpu"]
     assert scale["generate"]["spec"]["images"] == 48
 
 
