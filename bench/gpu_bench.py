@@ -12,9 +12,12 @@ run cut off by the device's time limit still returns what it finished:
    (checked after every epoch, outside the clock).
 4. augmentation ops against kornia and torchvision v2 on GPU batches.
 5. the CUDA-only tests: `pytest -m gpu` on the test files that need no pydantic or MLflow.
+6. issue #18: ResNet-50 at 224 px from generated JPEGs decoded on the GPU against the compute
+   bound and a DataLoader (`bench/gpu_scale.py`); needs no CIFAR archive.
 
-Run order is 1, 3, 2 (eager), 4, 5, 2 (compiled): the compiled pass is the least certain in
-time. Needs torch, torchvision, numpy, Pillow, PyYAML, pytest (and kornia for step 4): what the
+Run order is 1, 3, 2 (eager), 4, 5, 6, 2 (compiled): the compiled pass is the least certain in
+time. The CIFAR archive is decoded only when a step that needs it (1, 2, 3) is asked for.
+Needs torch, torchvision, numpy, Pillow, PyYAML, pytest (and kornia for step 4): what the
 GPU machine has, plus the kornia wheels. `--dry-run` runs every step on the CPU at toy sizes
 (a test does, so this script cannot rot) with pydantic and MLflow made unimportable, as there.
 """
@@ -38,7 +41,10 @@ ROOT = HERE.parent
 for _p in (HERE, ROOT / "src"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-BLOCKED = ("pydantic", "mlflow")  # not on the GPU machine: the dry run proves we do without
+# not on the GPU machine: the dry run (and step 5's pytest) prove we do without
+BLOCKED = ("pydantic", "mlflow", "dvc", "prefect")
+GPU_TEST_FILES = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py",
+                  "tests/model/test_gpu_decode.py"]
 
 import torch  # noqa: E402
 from cifar_data import load_cifar  # noqa: E402
@@ -160,16 +166,30 @@ def step_augment(a: argparse.Namespace, device: torch.device, out: Path) -> None
     write(out, "4_augment.json", run_all(str(device.type), **kw))
 
 
-def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
-    log("5 pytest -m gpu")
-    files = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py"]
+def pytest_gpu_argv(args: list[str]) -> list[str]:
+    """`pytest -m gpu ARGS` with the packages the GPU machine lacks made unimportable."""
     block = "; ".join(f"sys.modules[{m!r}] = None" for m in BLOCKED)
     code = (f"import sys; {block}; import pytest; "
             f"sys.exit(pytest.main(['-q', '-m', 'gpu', '-p', 'no:cacheprovider', *sys.argv[1:]]))")
+    return [sys.executable, "-c", code, *args]
+
+
+def step_scale(a: argparse.Namespace, device: torch.device, out: Path,
+               deadline: float) -> None:
+    from gpu_scale import run_scale
+
+    log("6 scale: GPU-decoded JPEGs vs synthetic batches vs a DataLoader")
+    data = Path(a.scale_data) / ("dry" if a.dry_run else "full")
+    run_scale(data, device, a.dry_run, deadline, lambda res: write(out, "6_scale.json", res))
+
+
+def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
+    log("5 pytest -m gpu")
+    files = GPU_TEST_FILES
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", code, *files], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(pytest_gpu_argv(files), cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         rc, text = -1, f"timeout after {timeout:.0f} s\n{err.stdout or ''}"
@@ -187,7 +207,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=520, help="seconds for all steps")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, every step")
-    ap.add_argument("--steps", default="1,3,2e,4,5,2c", help="order; 2e/2c: eager/compiled")
+    ap.add_argument("--steps", default="1,3,2e,4,5,6,2c",
+                    help="order; 2e/2c: eager/compiled")
+    ap.add_argument("--scale-data", default="/tmp/vflow-gpu-scale",
+                    help="step 6's generated JPEGs (reused when there)")
     a = ap.parse_args()
     a.fast_epochs, a.fast_batch = 1, 64
     if a.dry_run:
@@ -198,19 +221,22 @@ def main() -> None:
     device = torch.device("cpu" if a.dry_run or not torch.cuda.is_available() else "cuda")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"decoding {a.archive}")  # before CUDA starts: the decoder forks worker processes
-    data = load_cifar(a.archive, limit=256 if a.dry_run else None)
-    decode_s = round(elapsed(), 1)
+    steps = a.steps.split(",")
+    data: dict = {}
+    if set(steps) & {"1", "3", "2e", "2c"}:
+        log(f"decoding {a.archive}")  # before CUDA starts: the decoder forks worker processes
+        data = load_cifar(a.archive, limit=256 if a.dry_run else None)
     env = environment(device) | {"dry_run": a.dry_run, "argv": sys.argv}
+    if data:
+        env["decode_seconds"] = round(elapsed(), 1)
+        env["images"] = {"train": len(data["train_x"]), "test": len(data["test_x"])}
     log(f"device {env.get('gpu', device)}")
-    env["decode_seconds"] = decode_s
-    env["images"] = {"train": len(data["train_x"]), "test": len(data["test_x"])}
     write(out, "env.json", env)
     end = T0 + a.budget
     throughput: dict = {}
     # each step's share of what is left: it ends early (fewer seeds, fewer epochs) past it
-    shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.5, "2c": 1.0}
-    for step in a.steps.split(","):
+    shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.4, "6": 0.6, "2c": 1.0}
+    for step in steps:
         left = end - time.perf_counter()
         if left < 10:
             log(f"step {step} skipped: budget spent")
@@ -226,6 +252,8 @@ def main() -> None:
                 step_throughput(data, a, device, out, step == "2c", throughput)
             elif step == "4":
                 step_augment(a, device, out)
+            elif step == "6":
+                step_scale(a, device, out, deadline)
             elif step == "5":
                 step_tests(a, out, timeout=max(30.0, shares["5"] * left))
             else:

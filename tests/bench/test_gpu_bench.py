@@ -47,14 +47,15 @@ def test_dry_run_writes_every_step(tmp_path: Path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
     proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
-                "--archive", str(archive), "--seeds", "2", "--budget", "600"], REPO,
+                "--archive", str(archive), "--seeds", "2", "--budget", "600",
+                "--scale-data", str(tmp_path / "scale")], REPO,
                check=False, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith(("error_", "skipped_"))], (
         names, proc.stdout[-4000:])
     assert names == ["1_fast.json", "2_throughput.json", "3_resnet18.json", "4_augment.json",
-                     "5_gpu_tests.json", "env.json", "log.txt"]
+                     "5_gpu_tests.json", "6_scale.json", "env.json", "log.txt"]
     env_json = json.loads((out / "env.json").read_text())
     assert env_json["dry_run"] and env_json["images"] == {"train": 130, "test": 40}
 
@@ -76,5 +77,83 @@ def test_dry_run_writes_every_step(tmp_path: Path):
     aug = json.loads((out / "4_augment.json").read_text())
     assert any("kornia" in c for t in aug["tables"].values() for c in t)
 
+    scale = json.loads((out / "6_scale.json").read_text())
+    _check_scale(scale)
+
     tests = json.loads((out / "5_gpu_tests.json").read_text())
     assert tests["returncode"] == 0 and "skipped" in tests["summary"], tests["output_tail"]
+
+
+def test_gpu_tests_collect_without_dvc_mlflow_prefect_pydantic():
+    """The GPU machine has none of them: `pytest -m gpu` on the torch-only files must collect
+    (tests/conftest.py imports dvc only when it is there)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_bench import GPU_TEST_FILES, pytest_gpu_argv
+
+    proc = run(pytest_gpu_argv(["--collect-only", *GPU_TEST_FILES]), REPO, check=False,
+               timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test_nvjpeg_decode_equals_the_cpu_decoder" in proc.stdout
+    assert "test_training_steps_never_sync_the_host" in proc.stdout
+
+
+def _check_scale(scale: dict) -> None:
+    for name in ("a_synthetic", "b_gpu_decode", "c_dataloader", "b_input_only",
+                 "b_interpolate", "b_cpu_threads"):
+        assert scale[name]["img_per_s"] > 0, (name, scale[name])
+    assert scale["ratios"]["b/a"] > 0 and scale["ratios"]["b/c"] > 0
+    assert scale["b_cpu_decoded_images"] == 0  # every generated JPEG is baseline
+    assert scale["b_matches_cpu"]["ok"], scale["b_matches_cpu"]
+    assert scale["generate"]["spec"]["images"] == 48
+
+
+@pytest.mark.slow
+def test_gpu_scale_dry_run_alone_needs_no_archive(tmp_path: Path):
+    """Step 6 alone (`--steps 6`): generated JPEGs, the three input paths, the ratios."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(tmp_path / "out"),
+                "--dry-run", "--steps", "6", "--archive", str(tmp_path / "absent.tar.gz"),
+                "--scale-data", str(tmp_path / "scale")], REPO, check=False, env=env,
+               timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["6_scale.json", "env.json", "log.txt"], proc.stdout[-3000:]
+    _check_scale(json.loads((tmp_path / "out" / "6_scale.json").read_text()))
+
+
+def test_encoded_source_reads_every_image_once_per_epoch(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_scale import encoded_source, generate, list_items
+
+    info = generate(tmp_path / "jpegs", 12, 40, 30, classes=3, workers=1)
+    assert info["spec"]["images"] == 12 and not info["reused"]
+    assert generate(tmp_path / "jpegs", 12, 40, 30, classes=3, workers=1)["reused"]
+    items = list_items(tmp_path / "jpegs")
+    source = encoded_source(items, batch_size=4, seed=0)
+    epoch = [next(source) for _ in range(3)]
+    again = next(encoded_source(items, batch_size=4, seed=0))
+    source.close()
+    seen = [bytes(t.numpy()) for enc, _ in epoch for t in enc]
+    files = {Path(p).read_bytes(): y for p, y in items}
+    assert sorted(seen) == sorted(files) and len(set(seen)) == 12
+    assert [files[b] for b in seen] == [int(y) for _, ys in epoch for y in ys]
+    assert [bytes(t.numpy()) for t in again[0]] == seen[:4]  # same seed, same order
+
+
+def test_gpu_batches_raise_the_input_threads_error_in_the_training_loop():
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_scale import gpu_batches
+
+    from visionflow.errors import DataError
+    from visionflow.model.gpu_decode import GpuBatchTransform
+
+    def source():
+        yield [torch.tensor([1, 2, 3], dtype=torch.uint8)], torch.tensor([0])
+
+    tf = GpuBatchTransform(True, 8, 8, (0.5, 1.0), (0.75, 1.33), True, 3,
+                           torch.device("cpu"), 0)
+    batches = gpu_batches(source(), tf, torch.device("cpu"))
+    with pytest.raises(DataError, match="image 0 of the batch"):
+        next(batches)
