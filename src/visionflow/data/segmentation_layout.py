@@ -262,3 +262,10 @@ def _splits(root: Path, good: list[tuple[str, str, str]], given: dict[str, str] 
     split_of = {e.relpath: e.split for e in
                 assign_splits(entries, val_fraction, test_fraction, seed, hashes=hashes)}
     return [Pair(stem, image, mask, split_of[image]) for stem, image, mask in good]
+
+
+def load_pair(root: Path, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """A checked pair's pixels: (H x W x 3 uint8 RGB image, H x W uint8 class indices)."""
+    with Image.open(Path(root) / pair.image) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    return rgb, read_mask(Path(root) / pair.mask).astype(np.uint8)
