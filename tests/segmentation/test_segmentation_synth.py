@@ -78,3 +78,8 @@ def test_cli_data_init_task_segmentation(tmp_path):
     bad = run([vflow, "data", "init", "--task", "detection"], root, check=False)
     assert bad.returncode != 0 and "unknown task 'detection'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    plain = tmp_path / "plain"  # the default stays the digits
+    plain.mkdir()
+    run(["git", "init", "-q", "-b", "main"], plain)
+    run([vflow, "data", "init"], plain)
+    assert sorted(p.name for p in (plain / "data").iterdir()) == ["test", "train", "val"]
