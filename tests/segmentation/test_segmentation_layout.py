@@ -70,6 +70,8 @@ def masks_dataset(tmp_path):
     Image.fromarray(rgb, "RGB").save(root / "masks" / "rgbbad.png")
     _image(root / "images" / "outside.png")
     _mask(root / "masks" / "outside.png", _grid(value=3))  # 3 classes: 0..2
+    _image(root / "images" / "negative.png")
+    Image.fromarray(np.full((10, 12), -1, np.int32), "I").save(root / "masks" / "negative.tif")
     _image(root / "images" / "la.png")
     Image.fromarray(np.zeros((10, 12, 2), np.uint8), "LA").save(root / "masks" / "la.png")
     _image(root / "images" / "alpha.png")
@@ -91,7 +93,8 @@ def test_images_masks_layout_quarantines_each_bad_pair(masks_dataset):
     assert reasons == {
         "lonely": "image_without_mask", "orphan": "mask_without_image",
         "size": "size_mismatch", "rgbbad": "rgb_colour_not_in_palette",
-        "outside": "value_outside_classes", "la": "multi_channel_mask",
+        "outside": "value_outside_classes", "negative": "value_outside_classes",
+        "la": "multi_channel_mask",
         "alpha": "multi_channel_mask", "broken": "unreadable_mask",
     }
     details = {q.stem: q.detail for q in scan.quarantined}

@@ -190,6 +190,9 @@ def _check(root: Path, stem: str, image: str, mask: str
         return -1, Quarantined(stem, mask, "size_mismatch",
                                f"mask {w}x{h}, image {size[0]}x{size[1]}")
     labels = values[values != IGNORE_INDEX]
+    if labels.size and labels.min() < 0:  # 32-bit "I" masks can hold them
+        return -1, Quarantined(stem, mask, "value_outside_classes",
+                               f"negative index {int(labels.min())}")
     return (int(labels.max()) if labels.size else 0), None
 
 
