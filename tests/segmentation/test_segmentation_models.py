@@ -10,6 +10,7 @@ from torch import nn
 
 from visionflow.data import segmentation_masks
 from visionflow.errors import ConfigError
+from visionflow.model.classifier import Arch, build_classifier, save_classifier
 from visionflow.model.segmentation import (
     IGNORE_INDEX,
     SegArch,
@@ -18,6 +19,8 @@ from visionflow.model.segmentation import (
     create_segmentation_model,
     list_segmentation_models,
     load_segmentation_weights,
+    load_segmenter,
+    save_segmenter,
 )
 
 TORCHVISION = ["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101", "deeplabv3_resnet50",
@@ -87,6 +90,22 @@ def test_weights_from_a_classification_backbone(tmp_path, seg, cls):
     src = first.removeprefix("net.net.backbone.")
     src = src if src in backbone.state_dict() else f"features.{src}"
     assert torch.equal(model.state_dict()[first], backbone.state_dict()[src])
+
+
+def test_save_load_roundtrip_and_task_check(tmp_path):
+    torch.manual_seed(0)
+    arch = SegArch("unet", 3, classes=["bg", "a", "b"], kwargs={"width": 4, "depth": 2})
+    model = build_segmenter(arch).eval()
+    save_segmenter(tmp_path / "seg.pt", model, arch)
+    again, arch2 = load_segmenter(tmp_path / "seg.pt")
+    x = torch.rand(1, 3, 21, 30)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert arch2 == arch
+    cls_arch = Arch("fast", 3, 16)
+    save_classifier(tmp_path / "cls.pt", build_classifier(cls_arch), cls_arch)
+    with pytest.raises(ConfigError, match="a classification model, not a segmentation model"):
+        load_segmenter(tmp_path / "cls.pt")
 
 
 class _Evil:

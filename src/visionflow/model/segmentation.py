@@ -11,7 +11,7 @@ a classification backbone (ResNet, MobileNetV3).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from torchvision.models import segmentation as tvseg
 
 from visionflow.errors import ConfigError
+from visionflow.files import torch_save
 
 IGNORE_INDEX = 255  # label of pixels that count nowhere (data.segmentation_masks agrees)
+TASK = "segmentation"  # saved with the model; a file without it is a classifier
 SegModelFn = Callable[..., nn.Module]
 _SEG_REGISTRY: dict[str, SegModelFn] = {}
 
@@ -179,6 +181,27 @@ def build_segmenter(arch: SegArch) -> Segmenter:
     net = create_segmentation_model(arch.name, arch.num_classes, arch.in_channels,
                                     **arch.kwargs)
     return Segmenter(net, arch.mean, arch.std)
+
+
+def save_segmenter(path: str | Path, model: nn.Module, arch: SegArch, **extra) -> None:
+    """Architecture + state dict + the task, never a pickled object (atomic write)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = getattr(model, "module", model)  # DDP
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch_save({"task": TASK, "arch": asdict(arch), "state_dict": state, **extra}, path)
+
+
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[Segmenter, SegArch]:
+    """A saved segmenter in eval mode; a classifier's file is a one-line ConfigError."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    task = blob.get("task", "classification") if isinstance(blob, dict) else "unknown"
+    if task != TASK or "arch" not in blob:
+        raise ConfigError(f"{path}: a {task} model, not a {TASK} model")
+    arch = SegArch(**blob["arch"])
+    model = build_segmenter(arch)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), arch
 
 
 def _candidates(key: str) -> list[str]:
