@@ -21,12 +21,17 @@ TargetOpt = Annotated[str, typer.Option("--to", help="folder inside the project 
 
 
 @data_app.command("init")
-def data_init(root: RootOpt = Path(".")) -> None:
-    """Write the built-in digits dataset to data/ (if absent) and track it with DVC."""
+def data_init(
+    root: RootOpt = Path("."),
+    task: Annotated[str, typer.Option(help="classification: the digits; segmentation: "
+                                           "generated shapes with index-PNG masks")
+                    ] = "classification",
+) -> None:
+    """Write the built-in dataset to data/ (if absent) and track it with DVC."""
     from visionflow.data.add import init_default_data
     from visionflow.layout import Layout
 
-    path = init_default_data(Layout.at(root))
+    path = init_default_data(Layout.at(root), task=task)
     typer.echo(f"data ready: {path} (tracked by data.dvc)")
 
 

@@ -17,17 +17,25 @@ from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
 from visionflow.data.images import FORMATS
 from visionflow.data.scan import scan_imagefolder
+from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.data.source import import_dataset
 from visionflow.errors import DataError
 from visionflow.layout import Layout
 
+DEFAULT_DATA = {"classification": materialize_digits, "segmentation": materialize_shapes}
 
-def init_default_data(layout: Layout, target: str = "data") -> Path:
-    """Write the bundled digits dataset to `data/` if absent, and `dvc add` it."""
+
+def init_default_data(layout: Layout, target: str = "data", task: str = "classification"
+                      ) -> Path:
+    """Write the bundled dataset of `task` to `data/` if absent, and `dvc add` it: the
+    digits (classification) or the generated shapes with masks (segmentation)."""
+    if task not in DEFAULT_DATA:
+        raise DataError(f"data init: unknown task {task!r}, choose one of "
+                        f"{', '.join(DEFAULT_DATA)}")
     path = layout.root / target
     created = not path.is_dir() or not any(path.iterdir())
     if created:
-        materialize_digits(path)
+        DEFAULT_DATA[task](path)
     ensure_dvc_repo(layout)
     dvc_file = layout.dvc_file(target)
     if created or not dvc_file.is_file() or changed(layout, dvc_file):

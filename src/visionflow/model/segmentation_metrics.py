@@ -1,0 +1,96 @@
+"""Segmentation metrics: the pixel confusion matrix (torchmetrics) and what follows from it.
+
+Rows are true classes, columns predicted ones; pixels labelled IGNORE_INDEX (255) count
+nowhere. Per class c: IoU = TP / (TP + FP + FN), Dice (= pixel F1) = 2 TP / (2 TP + FP + FN),
+NaN for a class absent from both the labels and the predictions. mIoU and mean Dice average
+the classes that are not NaN; pixel accuracy = trace / total. `per_image_iou` gives each
+image's mIoU (the classes in its labels or predictions), the unit of the gate's paired test.
+The matrix is K x K whatever the data size, so evaluation streams batch by batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from visionflow.model.segmentation import IGNORE_INDEX
+
+
+def _labels(preds: Tensor) -> Tensor:
+    """N x K x H x W logits -> N x H x W indices; indices pass through."""
+    return preds.argmax(1) if preds.ndim == 4 else preds
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    confusion: Tensor  # K x K, int64, rows = truth
+    iou: Tensor  # K, NaN where the class never occurs
+    dice: Tensor  # K
+    miou: float
+    mean_dice: float
+    pixel_accuracy: float
+
+    def as_dict(self, classes: list[str] | None = None) -> dict:
+        names = classes or [str(i) for i in range(len(self.iou))]
+        return {"miou": self.miou, "mean_dice": self.mean_dice,
+                "pixel_accuracy": self.pixel_accuracy,
+                "iou": {n: _num(v) for n, v in zip(names, self.iou.tolist(), strict=True)},
+                "dice": {n: _num(v) for n, v in zip(names, self.dice.tolist(), strict=True)}}
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else v  # NaN -> None (JSON)
+
+
+def scores_from_confusion(confusion: Tensor) -> SegmentationScores:
+    cm = confusion.to(torch.float64)
+    tp = cm.diagonal()
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    union = tp + fp + fn
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
+    dice = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), nan)
+    total = cm.sum()
+    return SegmentationScores(
+        confusion=confusion.to(torch.int64).cpu(), iou=iou.cpu(), dice=dice.cpu(),
+        miou=float(iou.nanmean()) if (union > 0).any() else float("nan"),
+        mean_dice=float(dice.nanmean()) if (union > 0).any() else float("nan"),
+        pixel_accuracy=float(tp.sum() / total) if total > 0 else float("nan"))
+
+
+class SegmentationMeter:
+    """Accumulates the pixel confusion matrix over batches (on the batches' device)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.matrix = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index,
+                                                validate_args=False)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """`preds`: N x K x H x W logits or N x H x W indices; `target`: N x H x W."""
+        self.matrix = self.matrix.to(target.device)
+        self.matrix.update(_labels(preds), target)
+
+    def compute(self) -> SegmentationScores:
+        return scores_from_confusion(self.matrix.compute())
+
+
+def per_image_iou(preds: Tensor, target: Tensor, num_classes: int,
+                  ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Each image's mIoU over the classes in its labels or its predictions (float64, N;
+    NaN for an image whose pixels are all ignored)."""
+    labels = _labels(preds).reshape(len(target), -1).long()
+    truth = target.reshape(len(target), -1).long()
+    valid = truth != ignore_index
+    n, k = len(truth), num_classes
+    image = torch.arange(n, device=truth.device).unsqueeze(1).expand_as(truth)
+    code = (image * k + truth.clamp(0, k - 1)) * k + labels.clamp(0, k - 1)
+    cm = torch.bincount(code[valid], minlength=n * k * k).reshape(n, k, k).to(torch.float64)
+    tp = cm.diagonal(dim1=1, dim2=2)
+    union = cm.sum(1) + cm.sum(2) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.nan)
+    return iou.nanmean(dim=1)
