@@ -5,9 +5,8 @@ the session's flow run (`stack_fixtures.flow_run`, checked in test_stack.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from builders import wait_for
 from stack_fixtures import TeamStack, assert_consistent, registry_state, wait_task
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -19,13 +18,25 @@ def _decided(state: dict) -> None:
     assert not undecided, state
 
 
+def registry_lock_held(ts: TeamStack) -> bool:
+    """Someone holds the registry's advisory lock: a registration is between reading the
+    champion and moving aliases (pg_locks covers every database of the cluster)."""
+    from visionflow.mlops.registry_lock import ADVISORY_KEY
+
+    rows = ts.admin_sql("mlflow", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND granted AND classid::bigint = %s AND objid::bigint = %s",
+                        ADVISORY_KEY)
+    return rows[0][0] > 0
+
+
 def test_mlflow_killed_during_register_then_restarted(team_stack: TeamStack, flow_run):
     ts = team_stack
     before = registry_state(ts.client())
     fr = ts.run_deployment("retrain/team", {"overrides": [  # register alone is stale
         "register.min_delta=0.001", "flow.retries=5", "flow.retry_delay_s=3"]})
     wait_task(ts, fr.id, "register", {"Running"})
-    time.sleep(2)  # into the registration (scoring, logging, registering)
+    # into the registration (scoring, logging, registering): the registry lock is taken
+    wait_for(lambda: registry_lock_held(ts), 300, "the registry lock held", every=0.1)
     assert ts.stack.kill_service("mlflow")
     ts.stack.start_service("mlflow", timeout=300)  # the same port, a new process
     final = ts.wait_final(fr.id, timeout=600)
