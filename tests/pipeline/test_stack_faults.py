@@ -73,3 +73,40 @@ def test_object_store_down_fails_in_one_line_and_moves_nothing(team_stack: TeamS
     assert "\n" not in msg and msg.startswith("artifact store unavailable")
     assert ts.stack.url("s3") in msg and ts.stack.url("mlflow") in msg
     assert registry_state(ts.client()) == before  # no version, no alias moved
+
+
+def _running_mlflow_runs(ts: TeamStack) -> list[tuple]:
+    return ts.admin_sql("mlflow", "SELECT run_uuid, name FROM runs WHERE status = 'RUNNING'")
+
+
+def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, flow_run):
+    """SIGKILL the Prefect server while train is between two epochs (its checkpoint is
+    on disk), start it again on the same port: the flow run ends completed (its client
+    retried through the outage) or failed, the champion moves only if this whole run passed
+    the gate, and no MLflow run is left RUNNING."""
+    from visionflow.layout import Layout
+
+    ts = team_stack
+    layout = Layout.at(ts.root)
+    before = registry_state(ts.client())
+    fr = ts.run_deployment("retrain/team", {"force": True})
+    wait_task(ts, fr.id, "train", {"Running"})
+    wait_for(layout.checkpoint.is_file, 600, "train's first checkpoint", every=0.1)
+    assert ts.stack.kill_service("prefect")
+    ts.stack.start_service("prefect", timeout=300)
+    final = ts.wait_final(fr.id, timeout=900)
+    logs = ts.logs(fr.id)[-3000:]
+    assert final.state.is_completed() or final.state.is_failed(), (final.state, logs)
+    after = registry_state(ts.client())
+    assert_consistent(after)
+    _decided(after)
+    new = set(after["versions"]) - set(before["versions"])
+    promoted = [v for v in new if after["versions"][v] == "promoted"]
+    if final.state.is_completed():
+        assert ts.task_runs(fr.id)["register"].state_name == "Completed", logs
+        assert new, after  # the whole run registered a version, promoted or not
+    if promoted:
+        assert final.state.is_completed() and after["aliases"]["champion"] in promoted
+    else:
+        assert after["aliases"]["champion"] == before["aliases"]["champion"], (before, after)
+    assert _running_mlflow_runs(ts) == []
