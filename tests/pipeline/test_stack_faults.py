@@ -81,9 +81,11 @@ def _running_mlflow_runs(ts: TeamStack) -> list[tuple]:
 
 def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, flow_run):
     """SIGKILL the Prefect server while train is between two epochs (its checkpoint is
-    on disk), start it again on the same port: the flow run ends completed (its client
-    retried through the outage) or failed, the champion moves only if this whole run passed
-    the gate, and no MLflow run is left RUNNING."""
+    on disk) and keep it down until train has ended (its model written, the checkpoint
+    gone), so the flow reports train's end and starts evaluate with no API; then start it
+    again on the same port. The flow run ends completed (its client retried through the
+    outage) or failed, the champion moves only if this whole run passed the gate, and no
+    MLflow run is left RUNNING."""
     from visionflow.layout import Layout
 
     ts = team_stack
@@ -93,6 +95,8 @@ def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, f
     wait_task(ts, fr.id, "train", {"Running"})
     wait_for(layout.checkpoint.is_file, 600, "train's first checkpoint", every=0.1)
     assert ts.stack.kill_service("prefect")
+    wait_for(lambda: not layout.checkpoint.exists() and layout.model.is_file(), 600,
+             "train's end with the Prefect server down", every=0.1)
     ts.stack.start_service("prefect", timeout=300)
     final = ts.wait_final(fr.id, timeout=900)
     logs = ts.logs(fr.id)[-3000:]
