@@ -44,7 +44,7 @@ for _p in (HERE, ROOT / "src"):
 # not on the GPU machine: the dry run (and step 5's pytest) prove we do without
 BLOCKED = ("pydantic", "mlflow", "dvc", "prefect")
 GPU_TEST_FILES = ["tests/model/test_gpu.py", "tests/model/test_augment_ops.py",
-                  "tests/model/test_gpu_decode.py"]
+                  "tests/model/test_gpu_decode.py", "tests/model/test_ddp_stop.py"]
 
 import torch  # noqa: E402
 from cifar_data import load_cifar  # noqa: E402

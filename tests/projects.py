@@ -3,13 +3,18 @@
 `trained_project` runs validate -> augment -> train -> evaluate once per test session on a
 small digits subset; `registered_project` adds one register run (v1 @champion) on a copy.
 Tests that change the registry take a `fresh_copy` with an empty store.
+`assert_stage_recorded` reads dvc.lock as DVC does (YAML), not as text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
+
+import yaml
 
 from visionflow.layout import Layout
 
@@ -68,3 +73,41 @@ def split_images(layout: Layout, limit: int | None = None) -> list[Path]:
     root = Path(json.loads(layout.validation.read_text())["dataset_root"])
     paths = torch.load(layout.cache, weights_only=True)["test_paths"]
     return [root / p for p in paths[:limit]]
+
+
+def assert_stage_recorded(root: Path, stage: str) -> None:
+    """dvc.lock records `stage` itself (not merely a later stage's dep naming its outputs):
+    its deps and outs are the ones dvc.yaml lists, each file's md5 is the file's md5 now, each
+    folder's entry counts the files it holds, and its params are params.yaml's values."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert stage in (lock.get("stages") or {}), f"{stage} not in dvc.lock's stages"
+    entry = lock["stages"][stage]
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+
+    def lookup(key: str) -> object:
+        here = params
+        for part in key.split("."):
+            here = here[part]
+        return here
+
+    def names(items: list) -> set[str]:  # `${data.source}`: dvc.yaml's templating
+        return {re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(m[1])),
+                       next(iter(i)) if isinstance(i, dict) else i) for i in items}
+
+    outs = names(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
+    assert {d["path"] for d in entry["deps"]} == names(spec["deps"])
+    assert {o["path"] for o in entry["outs"]} == outs
+    for item in entry["deps"] + entry["outs"]:
+        path = root / item["path"]
+        if item["md5"].endswith(".dir"):
+            files = [p for p in path.rglob("*") if p.is_file()  # (.dvcignore's patterns)
+                     and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+            assert item["nfiles"] == len(files), item
+            assert item["size"] == sum(p.stat().st_size for p in files), item
+        else:
+            assert item["md5"] == hashlib.md5(path.read_bytes()).hexdigest(), item["path"]
+    tracked = entry.get("params", {}).get("params.yaml", {})
+    assert set(tracked) == set(spec.get("params", [])), (set(tracked), spec.get("params"))
+    for key, value in tracked.items():
+        assert value == lookup(key), key

@@ -186,6 +186,45 @@ def test_archive_byte_limit_counts_what_is_written(tmp_path, hook):
         == 3 << 20
 
 
+def _bomb_zip(path: Path, size: int = 3 << 20) -> Path:
+    """A small image first, then `size` zeros deflated to a few KB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/cat/ok.png", encode(Image.new("L", (8, 8)), "PNG"))
+        zf.writestr("train/cat/zeros.png", bytes(size))
+    return path
+
+
+def test_zip_byte_limit_refuses_before_writing_anything(tmp_path):
+    """A zip's directory declares its sizes: one past the limit is refused before the first
+    member is written (not even the small image before the bomb), with one line."""
+    from visionflow.data.archive import extract_zip
+
+    archive = _bomb_zip(tmp_path / "in" / "bomb.zip")
+    assert archive.stat().st_size < 20_000
+    limits = ArchiveLimits(max_bytes=1 << 20, max_members=100)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    before = snapshot(tmp_path)
+    seen: list[str] = []
+    with pytest.raises(DataError) as err:
+        source.resolve_source(archive, cache, lambda n, d: seen.append(n), limits)
+    msg = str(err.value)
+    assert "\n" not in msg and str(archive) in msg and "data.max_archive_bytes=1048576" in msg
+    assert "nothing extracted" in msg
+    assert seen == [] and snapshot(tmp_path) == before
+    with pytest.raises(DataError, match="exceeds data.max_archive_bytes"):
+        source.import_dataset(archive, tmp_path / "imported", limits)
+    assert snapshot(tmp_path) == before
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(DataError, match="exceeds data.max_archive_bytes"):
+        extract_zip(archive, target, None, limits)
+    assert list(target.iterdir()) == []  # refused on the directory, before any write
+    assert (source.resolve_source(archive, cache) / "train/cat/zeros.png").stat().st_size \
+        == 3 << 20  # the default limits extract it
+
+
 def test_archive_member_limit(tmp_path):
     for archive in (_many_zip(tmp_path / "many.zip", 30),
                     tar_of(tmp_path / "many.tar", _many_zip_tree(tmp_path / "tree", 30), "", "w")):

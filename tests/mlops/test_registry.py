@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,50 @@ def test_version_has_card_tags_signature_and_example(registered: Layout):
     assert report.startswith("## Champion gate: PROMOTED")
     assert "register/gate_report.md" in {a.path for a in
                                          client.list_artifacts(reg["run_id"], "register")}
+
+
+def test_provenance_tags_hold_the_values_they_name(tmp_path_factory, digits_dir, tmp_path):
+    """In a git + DVC checkout whose stages are recorded in dvc.lock and committed: the
+    version's tags equal what they claim, each found here independently (not only present)."""
+    import hashlib
+
+    import yaml
+    from conftest import BIN, REPO, run
+
+    from visionflow.configfile import load_params
+    from visionflow.pipeline.freshness import DvcState
+    from visionflow.pipeline.stages import run_stage
+
+    layout = fresh_copy(trained_project(tmp_path_factory, digits_dir), tmp_path / "proj",
+                        keep_run=True)  # run.json: an out of train in dvc.lock
+    root = layout.root
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    run(["git", "init", "-q", "-b", "main"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    run([str(BIN / "dvc"), "add", "-q", "data"], root)
+    state = DvcState(layout)
+    for stage in ("validate", "augment", "train", "evaluate"):
+        state.record(stage)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "trained"], root)
+    head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    lock_sha = hashlib.sha256((root / "dvc.lock").read_bytes()).hexdigest()
+    data_md5 = yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+    validated = json.loads(layout.validation.read_text())["data_hash"]
+    params = load_params(layout.params)
+    dump = json.dumps(params.dump(), sort_keys=True)
+
+    run_stage("register", params, layout)
+    reg = json.loads(layout.registration.read_text())
+    tags = _client(layout).get_model_version(NAME, reg["version"]).tags
+    assert tags["git_commit"] == head  # the commit (not "-dirty": everything was committed)
+    assert tags["dvc_lock_hash"] == lock_sha[:16]
+    assert tags["dvc_data_md5"] == data_md5.removesuffix(".dir")
+    assert tags["data_hash"] == validated and len(validated) == 32
+    assert tags["params_hash"] == hashlib.sha256(dump.encode()).hexdigest()[:16]
+    assert json.loads(tags["params"]) == params.dump()
+    assert json.loads(tags["split_scheme"]) == json.loads(
+        layout.validation.read_text())["split_scheme"]
 
 
 def test_pyfunc_from_bytes_equals_evaluate(registered: Layout):

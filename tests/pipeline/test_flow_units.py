@@ -129,6 +129,29 @@ def test_overrides_decide_which_stages_run_unrecorded(proj: Layout):
     assert (v.run, v.record) == (True, False) and "not a DVC project" in v.reason
 
 
+def test_a_finished_stage_is_recorded_in_dvc_lock(tmp_path: Path, digits_dir: Path):
+    """`DvcState.record` writes the stage's own dvc.lock entry, md5s and params as DVC
+    would; a stage that ran but was not recorded has none (its outputs named elsewhere do
+    not count)."""
+    from projects import assert_stage_recorded
+
+    from visionflow.pipeline.stages import run_stage
+
+    layout = Layout.at(make_project(tmp_path / "proj", digits_dir, git=True))
+    params = load_params(layout.params)
+    state = freshness.DvcState(layout)
+    for stage in ("validate", "augment"):
+        run_stage(stage, params, layout)
+    state.record("validate")
+    assert_stage_recorded(layout.root, "validate")
+    with pytest.raises(AssertionError, match="augment not in dvc.lock"):
+        assert_stage_recorded(layout.root, "augment")  # ran, not recorded
+    assert state.stale("augment") == "not in dvc.lock yet"
+    state.record("augment")
+    assert_stage_recorded(layout.root, "augment")
+    assert state.stale("validate") is None and state.stale("augment") is None
+
+
 def test_compare_data():
     champ = {"version": "3", "data_hash": "aaa", "gate_decision": "promoted"}
     assert trigger.compare_data("aaa", champ, champ, "x").new_data is False

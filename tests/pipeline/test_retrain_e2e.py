@@ -191,6 +191,8 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
     assert "validate" not in recorded and "augment" not in recorded  # finished: recorded
     assert "train" in recorded
     manifest_mtime = layout.manifest.stat().st_mtime_ns
+    done, saved = _checkpointed(layout)  # what the killed run had trained
+    assert 1 <= done < 12 and len(saved) == done
 
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
     out = retrain(root=str(root))
@@ -203,3 +205,31 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
     from visionflow.model.classifier import load_classifier
 
     load_classifier(layout.model)
+    _assert_resumed_after(layout, done, saved, epochs=12)
+
+
+def _checkpointed(layout: Layout) -> tuple[int, list[dict[str, Any]]]:
+    """The epoch train's checkpoint was written after, and its history rows."""
+    import torch
+
+    ckpt = torch.load(layout.checkpoint, map_location="cpu", weights_only=True)
+    return int(ckpt["fit"]["epoch"]), json.loads(ckpt["history"])
+
+
+def _assert_resumed_after(layout: Layout, done: int, saved: list[dict[str, Any]],
+                          epochs: int) -> None:
+    """The rerun trained epochs done+1..epochs only: its MLflow run's per-epoch metrics start
+    after the checkpoint, and history.csv keeps the killed run's rows (their wall times) as
+    they were. A train that ignored its checkpoint would log from step 1 and time anew."""
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import tracking
+
+    tracking.setup(layout)
+    run_id = json.loads(layout.run_info.read_text())["run_id"]
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(done + 1, epochs + 1)), (done, steps)
+    with layout.history.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert [float(r["seconds"]) for r in rows[:done]] == [r["seconds"] for r in saved]

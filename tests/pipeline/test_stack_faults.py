@@ -5,9 +5,8 @@ the session's flow run (`stack_fixtures.flow_run`, checked in test_stack.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from builders import wait_for
 from stack_fixtures import TeamStack, assert_consistent, registry_state, wait_task
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -19,13 +18,25 @@ def _decided(state: dict) -> None:
     assert not undecided, state
 
 
+def registry_lock_held(ts: TeamStack) -> bool:
+    """Someone holds the registry's advisory lock: a registration is between reading the
+    champion and moving aliases (pg_locks covers every database of the cluster)."""
+    from visionflow.mlops.registry_lock import ADVISORY_KEY
+
+    rows = ts.admin_sql("mlflow", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND granted AND classid::bigint = %s AND objid::bigint = %s",
+                        ADVISORY_KEY)
+    return rows[0][0] > 0
+
+
 def test_mlflow_killed_during_register_then_restarted(team_stack: TeamStack, flow_run):
     ts = team_stack
     before = registry_state(ts.client())
     fr = ts.run_deployment("retrain/team", {"overrides": [  # register alone is stale
         "register.min_delta=0.001", "flow.retries=5", "flow.retry_delay_s=3"]})
     wait_task(ts, fr.id, "register", {"Running"})
-    time.sleep(2)  # into the registration (scoring, logging, registering)
+    # into the registration (scoring, logging, registering): the registry lock is taken
+    wait_for(lambda: registry_lock_held(ts), 300, "the registry lock held", every=0.1)
     assert ts.stack.kill_service("mlflow")
     ts.stack.start_service("mlflow", timeout=300)  # the same port, a new process
     final = ts.wait_final(fr.id, timeout=600)
@@ -62,3 +73,44 @@ def test_object_store_down_fails_in_one_line_and_moves_nothing(team_stack: TeamS
     assert "\n" not in msg and msg.startswith("artifact store unavailable")
     assert ts.stack.url("s3") in msg and ts.stack.url("mlflow") in msg
     assert registry_state(ts.client()) == before  # no version, no alias moved
+
+
+def _running_mlflow_runs(ts: TeamStack) -> list[tuple]:
+    return ts.admin_sql("mlflow", "SELECT run_uuid, name FROM runs WHERE status = 'RUNNING'")
+
+
+def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, flow_run):
+    """SIGKILL the Prefect server while train is between two epochs (its checkpoint is
+    on disk) and keep it down until train has ended (its model written, the checkpoint
+    gone), so the flow reports train's end and starts evaluate with no API; then start it
+    again on the same port. The flow run ends completed (its client retried through the
+    outage) or failed, the champion moves only if this whole run passed the gate, and no
+    MLflow run is left RUNNING."""
+    from visionflow.layout import Layout
+
+    ts = team_stack
+    layout = Layout.at(ts.root)
+    before = registry_state(ts.client())
+    fr = ts.run_deployment("retrain/team", {"force": True})
+    wait_task(ts, fr.id, "train", {"Running"})
+    wait_for(layout.checkpoint.is_file, 600, "train's first checkpoint", every=0.1)
+    assert ts.stack.kill_service("prefect")
+    wait_for(lambda: not layout.checkpoint.exists() and layout.model.is_file(), 600,
+             "train's end with the Prefect server down", every=0.1)
+    ts.stack.start_service("prefect", timeout=300)
+    final = ts.wait_final(fr.id, timeout=900)
+    logs = ts.logs(fr.id)[-3000:]
+    assert final.state.is_completed() or final.state.is_failed(), (final.state, logs)
+    after = registry_state(ts.client())
+    assert_consistent(after)
+    _decided(after)
+    new = set(after["versions"]) - set(before["versions"])
+    promoted = [v for v in new if after["versions"][v] == "promoted"]
+    if final.state.is_completed():
+        assert ts.task_runs(fr.id)["register"].state_name == "Completed", logs
+        assert new, after  # the whole run registered a version, promoted or not
+    if promoted:
+        assert final.state.is_completed() and after["aliases"]["champion"] in promoted
+    else:
+        assert after["aliases"]["champion"] == before["aliases"]["champion"], (before, after)
+    assert _running_mlflow_runs(ts) == []

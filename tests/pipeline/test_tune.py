@@ -187,6 +187,32 @@ def test_parallel_study_prunes_and_tracks_every_trial(project: Path, prefect_ser
     after = {p: snapshot(project / p) if (project / p).is_dir() else (project / p).read_bytes()
              for p in before}
     assert after == before
+    _assert_trials_are_task_runs(prefect_server, project, trials)
+
+
+def _assert_trials_are_task_runs(api_url: str, root: Path, trials: list) -> None:
+    """The study's trials ran as task runs of this project's `tune` flow run, as Prefect's
+    server recorded them: one `trial-<n>` per trial, completed, inside the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with prefect_settings(api_url), get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(
+            name=FlowFilterName(any_=["tune"]))) if r.parameters.get("root") == str(root)]
+        assert len(runs) == 1 and runs[0].state.is_completed(), runs
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[runs[0].id])))
+    by_name = {t.name: t for t in tasks}
+    assert sorted(by_name) == sorted(f"trial-{t.number}" for t in trials), sorted(by_name)
+    assert all(t.state.is_completed() and t.flow_run_id == runs[0].id for t in tasks)
+    for t in trials:  # the task run spans the trial Optuna recorded
+        task = by_name[f"trial-{t.number}"]
+        assert task.start_time <= t.datetime_complete.astimezone(task.start_time.tzinfo)
 
 
 def _vflow_tune(root: Path, api_url: str, *args: str) -> subprocess.Popen:

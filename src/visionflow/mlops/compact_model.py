@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from visionflow.compression.onnx_export import OrtModule
-from visionflow.mlops.pyfunc import ImageClassifierModel
+from visionflow.mlops.pyfunc import ImageClassifierModel, limits_from
 from visionflow.model.classifier import Arch
 
 ONNX_ARTIFACT = "onnx"
@@ -27,6 +27,7 @@ class CompactClassifierModel(ImageClassifierModel):
         self.model = OrtModule(context.artifacts[ONNX_ARTIFACT])
         self.topk = min(int(config.get("topk", 5)), self.arch.num_classes)
         self.tta = bool(config.get("tta", False))
+        self.limits = limits_from(config)
         self.device = "cpu"
 
     def to(self, device: Any) -> CompactClassifierModel:

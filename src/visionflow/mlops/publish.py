@@ -65,10 +65,19 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
         code_paths=[str(PACKAGE)],
         signature=signature,
         input_example=example,
-        model_config={"topk": topk, "tta": bool(params and params.evaluate.tta)},
+        model_config={"topk": topk, "tta": bool(params and params.evaluate.tta),
+                      **serving_limits(params)},
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=model_name,
     )
+
+
+def serving_limits(params: Params | None) -> dict[str, int]:
+    """What one served image may be: the data gate's file-size and pixel limits."""
+    if params is None:
+        return {}
+    return {"max_image_bytes": params.validate_.max_bytes,
+            "max_image_pixels": params.validate_.max_pixels}
 
 
 def log_train_hashes(train: list[str], val: list[str], version: str) -> str:
@@ -103,7 +112,8 @@ def log_compact(onnx_path: Path, arch: Any, model_name: str, params: Params):
         code_paths=[str(PACKAGE)],
         signature=signature,
         input_example=example,
-        model_config={"topk": topk, "tta": bool(params.evaluate.tta), "arch": asdict(arch)},
+        model_config={"topk": topk, "tta": bool(params.evaluate.tta), "arch": asdict(arch),
+                      **serving_limits(params)},
         pip_requirements=[*PIP_REQUIREMENTS, "onnxruntime"],
         registered_model_name=model_name,
     )

@@ -10,19 +10,27 @@ Input: a DataFrame (or dict) with an `image` column. Each value is encoded image
 array: H×W, H×W×C or C×H×W, uint8 0..255 or float 0..1, any size (resized like the
 training images). Output: one row per image with `label`, `score` (its probability) and
 `topk`, a JSON list of {"label", "probability"}, best first. `params={"topk": k}` changes k.
+
+Bad input (not an image, empty, an array that is no image, too many bytes or pixels, no
+rows, topk < 1) raises `BadInput`: `mlflow models serve` answers HTTP 400 with one line
+naming the image and the reason, and goes on serving.
 """
 
 from __future__ import annotations
 
-import io
+import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from visionflow.data.images import decode_resized
+from visionflow.data.images import DEFAULT_MAX_PIXELS, decode_resized
+from visionflow.errors import DataError, one_line
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits
 
@@ -33,10 +41,29 @@ PIP_REQUIREMENTS = [
 ]
 
 
-def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
+class BadInput(MlflowException):
+    """A request the model cannot answer: HTTP 400 from `mlflow models serve`, with this one
+    line as the JSON `message`. (The server rewrites a predict error's message to "Failed to
+    predict data '<the whole input>'. \\nError: ..."; this one keeps its own line.)"""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = one_line(reason)
+        super().__init__(self._reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, _value: str) -> None:
+        pass  # (the server's rewrite)
+
+
+def decode_image(data: bytes, size: int, channels: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes -> uint8 C×size×size, normalised exactly like the training cache."""
 
-    return decode_resized(io.BytesIO(data), size, channels)
+    return decode_resized(bytes(data), size, channels, max_pixels=max_pixels)
 
 
 def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
@@ -73,19 +100,41 @@ def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def _one(value: Any, size: int, channels: int) -> np.ndarray:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return decode_image(bytes(value), size, channels)
+@dataclass(frozen=True)
+class Limits:
+    """What one image of a request may be: encoded bytes, decoded pixels."""
+
+    max_bytes: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def _one(value: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
     if isinstance(value, str):  # base64 text (when a caller skipped the signature)
         import base64
 
-        return decode_image(base64.b64decode(value), size, channels)
+        value = base64.b64decode(value, validate=True)
+    if isinstance(value, bytes | bytearray | memoryview):
+        if limits.max_bytes is not None and len(value) > limits.max_bytes:
+            raise ValueError(f"{len(value)} bytes, more than the {limits.max_bytes} allowed "
+                             "(validate.max_bytes when the model was registered)")
+        return decode_image(bytes(value), size, channels, limits.max_pixels)
     return array_to_chw(value, size, channels)
 
 
-def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
+def to_batch(model_input: Any, size: int, channels: int,
+             limits: Limits | None = None) -> np.ndarray:
     """DataFrame/dict with an `image` column (bytes or arrays), a list of those, or an
-    N×C×H×W / N×H×W×C array -> uint8 N×C×size×size."""
+    N×C×H×W / N×H×W×C array -> uint8 N×C×size×size; `BadInput` naming the image that is
+    none."""
+    try:
+        return _to_batch(model_input, size, channels, limits or Limits())
+    except BadInput:
+        raise
+    except (DataError, ValueError, TypeError, binascii.Error) as err:
+        raise BadInput(one_line(err)) from None
+
+
+def _to_batch(model_input: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
     if isinstance(model_input, dict):
         model_input = model_input.get("image", next(iter(model_input.values()), []))
     if isinstance(model_input, pd.DataFrame):
@@ -95,13 +144,21 @@ def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
     if isinstance(model_input, list | tuple):
         if not model_input:
             return np.zeros((0, channels, size, size), dtype=np.uint8)
-        return np.stack([_one(v, size, channels) for v in model_input])
+        return np.stack([_numbered(i, v, size, channels, limits)
+                         for i, v in enumerate(model_input)])
     arr = np.asarray(model_input)
     if arr.ndim in (2, 3):  # a single image
         return array_to_chw(arr, size, channels)[None]
     if arr.ndim != 4:
         raise ValueError(f"expected images, got an array of shape {arr.shape}")
     return np.stack([array_to_chw(a, size, channels) for a in arr])
+
+
+def _numbered(i: int, value: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
+    try:
+        return _one(value, size, channels, limits)
+    except (DataError, ValueError, TypeError, binascii.Error) as err:
+        raise BadInput(f"image {i}: {one_line(err)}") from None
 
 
 def topk_frame(probs: Any, classes: list[str], k: int):
@@ -125,6 +182,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.model, self.arch = load_classifier(context.artifacts[WEIGHTS])
         self.topk = min(int(config.get("topk", 5)), self.arch.num_classes)
         self.tta = bool(config.get("tta", False))
+        self.limits = limits_from(config)
         self.device = "cpu"
 
     def to(self, device: Any) -> ImageClassifierModel:
@@ -144,6 +202,18 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     # pd.DataFrame: MLflow infers nothing from this hint (the signature is given explicitly)
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels)
-        k = int((params or {}).get("topk") or self.topk)
-        return topk_frame(self.probabilities(batch), self.arch.classes, k)
+        k = (params or {}).get("topk")
+        k = self.topk if k is None else k
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise BadInput(f"params.topk must be a whole number >= 1, got {k!r}")
+        batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels,
+                         getattr(self, "limits", None))
+        if not len(batch):
+            raise BadInput("no image in the request (the `image` column is empty)")
+        return topk_frame(self.probabilities(batch), self.arch.classes, int(k))
+
+
+def limits_from(config: dict[str, Any]) -> Limits:
+    """The per-image limits a model was registered with (none recorded: decoding's own)."""
+    return Limits(config.get("max_image_bytes"),
+                  int(config.get("max_image_pixels") or DEFAULT_MAX_PIXELS))

@@ -1,0 +1,65 @@
+"""`mlflow models serve` of a project's champion on a free loopback port, for the serving
+tests (no tests here)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import BIN
+
+from visionflow.layout import Layout
+
+NAME = "visionflow-classifier"
+START_TIMEOUT_S = 180
+
+
+def ping(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@contextlib.contextmanager
+def serve_champion(layout: Layout, log_path: Path, workers: int = 1) -> Iterator[str]:
+    """The champion served by `mlflow models serve` (local env); its base URL. The server
+    and its workers are stopped afterwards (SIGTERM, then SIGKILL)."""
+    from visionflow.mlops import tracking
+    from visionflow.pipeline.servers import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(layout),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w+") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+             "-w", str(workers)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not ping(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"server not up (rc={proc.poll()}):\n"
+                                         f"{log.read()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
