@@ -52,11 +52,12 @@ from visionflow.files import read_json
 from visionflow.layout import Layout
 from visionflow.mlops.tracking import ui_command
 from visionflow.pipeline import report as flow_report
-from visionflow.pipeline import retry, servers, trigger
+from visionflow.pipeline import retry, servers, stdio, trigger
 from visionflow.pipeline.freshness import DvcState
 from visionflow.pipeline.stages import run_stage
 
 quiet_env()
+stdio.outlive_the_reader()  # a worker's run goes on if the worker dies
 
 
 def _retry_condition(task_, task_run, state) -> bool:

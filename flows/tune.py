@@ -27,10 +27,11 @@ from visionflow.configfile import load_params
 from visionflow.env import quiet_env
 from visionflow.errors import VisionflowError
 from visionflow.layout import Layout
-from visionflow.pipeline import servers
+from visionflow.pipeline import servers, stdio
 from visionflow.pipeline.tune.search import Search, summary_markdown
 
 quiet_env()
+stdio.outlive_the_reader()  # a worker's run goes on if the worker dies
 _SEARCHES: dict[str, Search] = {}  # the flow's open search, by id, for its tasks
 
 

@@ -114,3 +114,31 @@ def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, f
     else:
         assert after["aliases"]["champion"] == before["aliases"]["champion"], (before, after)
     assert _running_mlflow_runs(ts) == []
+
+
+def test_worker_killed_mid_train(team_stack: TeamStack, flow_run):
+    """SIGKILL the worker whose subprocess runs the flow while train is between two epochs
+    (a host's agent dying, its flow run orphaned), then start a new worker. The flow run still
+    ends completed or failed (never Crashed half-way), the champion moves only if the whole
+    run passed the gate, and no MLflow run is left RUNNING."""
+    from visionflow.layout import Layout
+
+    ts = team_stack
+    layout = Layout.at(ts.root)
+    before = registry_state(ts.client())
+    fr = ts.run_deployment("retrain/team", {"force": True})
+    wait_task(ts, fr.id, "train", {"Running"})
+    wait_for(layout.checkpoint.is_file, 600, "train's first checkpoint", every=0.1)
+    assert ts.stack.kill_service("worker-1")
+    ts.stack.start_worker("worker-1", timeout=300)
+    final = ts.wait_final(fr.id, timeout=900)
+    logs = ts.logs(fr.id)[-3000:]
+    assert final.state.is_completed() or final.state.is_failed(), (final.state, logs)
+    after = registry_state(ts.client())
+    assert_consistent(after)
+    _decided(after)
+    promoted = [v for v in set(after["versions"]) - set(before["versions"])
+                if after["versions"][v] == "promoted"]
+    if not promoted:
+        assert after["aliases"]["champion"] == before["aliases"]["champion"], (before, after)
+    assert _running_mlflow_runs(ts) == []
