@@ -4,6 +4,7 @@ both with the same signature, input example and pinned requirements."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -21,7 +22,9 @@ from PIL import Image
 from visionflow.config import Params
 from visionflow.layout import Layout
 from visionflow.mlops.compact_model import ONNX_ARTIFACT
+from visionflow.mlops.datasets import dataset, log_datasets
 from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.registry import TEST_PREFIX
 from visionflow.model.classifier import load_classifier
 from visionflow.model.metrics import capped_topk
 
@@ -31,15 +34,32 @@ COMPACT_ARTIFACT = "compact_model"
 TRAIN_HASHES = "train_hashes-v{version}.json"
 
 
+DESCRIPTION_HEAD = "Image classifier trained by visionflow."
+
+
 def describe_registered_model(client: Any, name: str, alias: str) -> None:
+    """The registered model's description: what each alias means (kept when a person wrote
+    their own)."""
     rm = client.get_registered_model(name)
-    if not rm.description:
-        client.update_registered_model(name, description=(
-            f"Image classifier trained by visionflow. Alias `{alias}` marks the serving "
-            f"model, `previous` the one it replaced. Each version's description is its "
-            f"model card; tags hold provenance and the champion-gate decision. "
-            f"Browse: `vflow models list`; serve: `mlflow models serve -m "
-            f"models:/{name}@{alias}`."))
+    text = "\n".join([
+        f"{DESCRIPTION_HEAD} Each version's description is its model card (data, test "
+        "metrics, lineage, gate decision, usage); its metrics are its own logged model's; "
+        "tags starting `lineage.` say where it came from, `gate_` why it was (not) promoted.",
+        "",
+        "Aliases:",
+        f"- `{alias}`: the serving model, moved only by the champion gate (or by hand with "
+        "`vflow models promote/rollback`, recorded with who and why);",
+        "- `previous`: the version the champion replaced (what `vflow models rollback` "
+        "goes back to);",
+        "- `compact`: a compressed copy (ONNX, CPU) of the champion, registered as its own "
+        "version with its own test metrics, within `compress.max_top1_drop` of its parent.",
+        "",
+        f"Browse: `vflow models list`; serve: `mlflow models serve -m models:/{name}@{alias}` "
+        f"(or `@compact`).",
+    ])
+    if not rm.description or (rm.description.startswith(DESCRIPTION_HEAD)
+                              and rm.description != text):
+        client.update_registered_model(name, description=text)
 
 
 def signature_and_example(arch: Any, topk: int):
@@ -69,6 +89,36 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=model_name,
     )
+
+
+
+
+def log_model_metrics(metrics: dict[str, float], model_id: str, params: Params,
+                      layout: Layout, extra: dict[str, float] | None = None) -> None:
+    """A logged model's own metrics (what its version page and `search_logged_models`
+    show), measured on the test split; the datasets it trained and was evaluated on."""
+    test = dataset(params, layout, "test")
+    # a model logged into a run already carries the run's step-0 metrics: log only what
+    # it lacks (or has with another value), so its page lists each metric once
+    have = {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics or []}
+    own = {TEST_PREFIX + k: float(v) for k, v in metrics.items()}
+    own = {k: v for k, v in own.items() if k not in have or abs(have[k] - v) > 1e-9}
+    if own:
+        mlflow.log_metrics(own, model_id=model_id, dataset=test)
+    if extra:
+        mlflow.log_metrics({k: float(v) for k, v in extra.items()}, model_id=model_id)
+    log_datasets(params, layout, model_id)
+
+
+def sample_image(cache: dict[str, Any], arch: Any, layout: Layout) -> tuple[str, str] | None:
+    """(path of the first test image, relative to the project when inside it; its class)."""
+    paths = cache.get("test_paths") or []
+    if not len(paths):
+        return None
+    path = Path(str(paths[0]))
+    with contextlib.suppress(ValueError):
+        path = path.resolve().relative_to(layout.root.resolve())
+    return str(path), str(arch.classes[int(cache["test_y"][0])])
 
 
 def log_train_hashes(train: list[str], val: list[str], version: str) -> str:

@@ -78,7 +78,9 @@ def refresh_data(params: Params, layout: Layout) -> str:
 
 
 def _source_of(tags: dict[str, str]) -> str | None:
-    try:
+    if tags.get("data_source"):
+        return tags["data_source"]
+    try:  # older versions: the params as JSON
         return json.loads(tags.get("params", ""))["data"]["source"]
     except (ValueError, KeyError, TypeError):
         return None
