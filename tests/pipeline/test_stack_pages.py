@@ -125,6 +125,32 @@ def test_flow_runs_name_their_outcome(pages):
     assert (skipped.state.message or "").startswith("skipped: no new data"), \
         skipped.state.message
     assert "skipped" in skipped.tags
+    ts = pages["ts"]
+    summary, table = _artifacts(ts, promoted.id)
+    for shown in ("**Outcome:** promoted v", "| new data? |", "@compact (model card)](",
+                  "(model card)](", "MLflow run "):
+        assert shown in summary, shown
+    assert not re.search(r"\| dvc md5 \(data.dvc\) \| - \|", summary), summary
+    assert "| | |" not in summary and "n_test" not in summary and "iou[" not in summary
+    assert table and {row["metric"] for row in table} <= {
+        "top1", "top3", "top5", "f1_macro", "f1_weighted", "miou", "ece"}, table
+    summary, _ = _artifacts(ts, skipped.id)
+    assert "**Outcome:** skipped: no new data" in summary and "## Champion (unchanged)" in \
+        summary, summary
+    assert re.search(r"\| dvc md5 \(data.dvc\) \| `[0-9a-f]{32}` \|", summary), summary
+
+
+def _artifacts(ts: TeamStack, flow_run_id) -> tuple[str, list[dict[str, Any]]]:
+    """The run's `retrain-summary` markdown and `retrain-metrics` table rows."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with ts.prefect() as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a.data for a in found}
+    table = by_key.get("retrain-metrics")
+    table = json.loads(table) if isinstance(table, str) else table
+    return by_key.get("retrain-summary") or "", list(table or [])
 
 
 # ------------------------------------------------------------------------- a real browser
@@ -169,28 +195,44 @@ def _near(text: str, label: str, value: float, tol: float = 6e-4) -> bool:
 
 
 def test_pages_in_a_real_browser(pages, tmp_path):
+    """What a person sees: the registered model (aliases explained, lineage first in the
+    versions' tags), each version (aliases, lineage tags, the card with its own top-1), its
+    logged model (its own metrics, the dataset digest), the run (dataset, description), and
+    the Prefect flow runs of a promoted and a skipped run (the outcome in the runs list)."""
     sync_playwright = _browser_or_skip()
     ts, champion, compact = pages["ts"], pages["champion"], pages["compact"]
     mlflow_ui, prefect_ui = ts.stack.url("mlflow"), ts.stack.url("prefect")
-    mine, theirs = _model_metrics(ts, champion), _model_metrics(ts, compact)
     data_hash = champion_tag(champion, "lineage.data_hash")
     run = _get(ts, "runs/get", run_id=champion["run_id"])["run"]
+    exp = run["info"]["experiment_id"]
     shots = tmp_path
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
                                     args=["--headless=new", "--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            text = _open(page, f"{mlflow_ui}/#/models/{MODEL}", "champion", shots, "model")
-            assert "compact" in text and f"Version {champion['version']}" in text, text[:2000]
-            for mv, own, name in ((champion, mine, "version"), (compact, theirs, "compact")):
+            text = _open(page, f"{mlflow_ui}/#/models/{MODEL}", "Aliases:", shots, "model")
+            for shown in ("champion: the serving model", "previous: the version",
+                          "compact: a compressed copy", f"Version {champion['version']}",
+                          f"Version {compact['version']}"):
+                assert shown in text, shown
+            first = text.index(f"Version {compact['version']}")  # its tags: lineage first
+            assert text.index("lineage.data_hash", first) < text.index("compact_variant", first)
+            for mv, alias, name in ((champion, "champion", "version"),
+                                    (compact, "compact", "compact")):
+                own = _model_metrics(ts, mv)["test/top1"]
                 text = _open(page, f"{mlflow_ui}/#/models/{MODEL}/versions/{mv['version']}",
                              "lineage.data_hash", shots, name)
-                assert _near(text, "test/top1", own["test/top1"]), (name, own["test/top1"])
+                assert f"@ {alias}" in text, (name, alias)
+                assert _near(text, "top1", own), (name, own)  # the card: its own top-1
                 for key in LINEAGE_FOUR:
                     assert key in text and champion_tag(mv, key) in text, (name, key)
-            text = _open(page, f"{mlflow_ui}/#/experiments/{run['info']['experiment_id']}"
-                               f"/runs/{champion['run_id']}", "pipeline", shots, "run")
+                text = _open(page, f"{mlflow_ui}/#/experiments/{exp}/models/{_model_id(mv)}",
+                             "Datasets used", shots, f"{name}-model")
+                assert _near(text, "test/top1", own), (name, own)  # its logged model's
+                assert data_hash[:8] in text, f"{name}: no dataset digest"
+            text = _open(page, f"{mlflow_ui}/#/experiments/{exp}/runs/{champion['run_id']}",
+                         "visionflow pipeline run", shots, "run")
             assert data_hash[:8] in text, "the run page shows no dataset digest"
             for fr, outcome in ((pages["promoted"], "Promoted"), (pages["skipped"], "Skipped")):
                 _open(page, f"{prefect_ui}/runs/flow-run/{fr.id}", outcome, shots,
@@ -199,8 +241,8 @@ def test_pages_in_a_real_browser(pages, tmp_path):
             assert "Promoted" in text and "Skipped" in text, text[:2000]
         finally:
             browser.close()
-    keep = os.environ.get("VFLOW_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        for f in shots.glob("*.*"):
-            shutil.copy(f, Path(keep) / f.name)
+            keep = os.environ.get("VFLOW_SCREENSHOTS")
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                for f in shots.glob("*.*"):
+                    shutil.copy(f, Path(keep) / f.name)

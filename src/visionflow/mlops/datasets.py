@@ -36,6 +36,9 @@ class ImageDataset(MetaDataset):
     def profile(self) -> dict[str, Any]:
         return self._profile
 
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile, sort_keys=True)}
+
 
 def data_source_uri(params: Params, layout: Layout) -> str:
     """Where the data lives: `data.source` as DVC tracks it (its path in the repo)."""
@@ -74,7 +77,3 @@ def log_datasets(params: Params, layout: Layout, model_id: str | None = None) ->
             return
         model = LoggedModelInput(model_id) if model_id else None
         mlflow.log_input(ds, context=context, model=model)
-
-
-def profile_json(ds: ImageDataset) -> str:
-    return json.dumps(ds.profile, sort_keys=True)

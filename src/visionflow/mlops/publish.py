@@ -110,12 +110,16 @@ def log_model_metrics(metrics: dict[str, float], model_id: str, params: Params,
     log_datasets(params, layout, model_id)
 
 
-def sample_image(cache: dict[str, Any], arch: Any, layout: Layout) -> tuple[str, str] | None:
-    """(path of the first test image, relative to the project when inside it; its class)."""
+def sample_image(cache: dict[str, Any], arch: Any, layout: Layout,
+                 dataset_root: str) -> tuple[str, str] | None:
+    """(the first test image's path, relative to the project when inside it; its class).
+    `dataset_root`: where validate found the images (validation.json's `dataset_root`)."""
     paths = cache.get("test_paths") or []
     if not len(paths):
         return None
     path = Path(str(paths[0]))
+    if not path.is_absolute():  # recorded relative to the dataset's root
+        path = Path(dataset_root or layout.root) / path
     with contextlib.suppress(ValueError):
         path = path.resolve().relative_to(layout.root.resolve())
     return str(path), str(arch.classes[int(cache["test_y"][0])])

@@ -99,8 +99,9 @@ def run(params: Params, layout: Layout) -> Registration:
             tags[LINEAGE + "train_hashes"] = log_train_hashes(trained["train"],
                                                               trained["val"], version)
             report = decision.markdown(cfg.model_name, version)
+            sample = sample_image(cache, arch, layout, validation.get("dataset_root", ""))
             card = model_card(cfg.model_name, version, params, layout, arch, model, scores,
-                              validation, tags, decision, run, sample_image(cache, arch, layout))
+                              validation, tags, decision, run, sample)
             client.update_model_version(cfg.model_name, version, description=card)
             describe_registered_model(client, cfg.model_name, cfg.alias)
             lock.check()  # still ours (a restarted database drops it): else retry it all
@@ -119,7 +120,7 @@ def run(params: Params, layout: Layout) -> Registration:
                        tracking.ui_command(layout))
     if cfg.compact and alias:  # a compressed copy of the model that now serves
         reg.compact = register_compact(params, layout, version,
-                                       sample=sample_image(cache, arch, layout))
+                                       sample=sample)
     elif cfg.compact:
         print(f"compact: nothing registered (v{version} was not promoted)")
     write_json(layout.registration, {**asdict(reg), "tags": tags})
