@@ -76,6 +76,17 @@ def test_version_has_card_tags_signature_and_example(registered: Layout):
         registry.model_id_of(mv)).metrics}
     assert own["test/top1"] == pytest.approx(
         json.loads(registered.metrics.read_text())["top1"], abs=1e-6)
+    # the data it trained and was evaluated on: datasets whose digest is the data hash
+    inputs = client.get_run(mv.run_id).inputs.dataset_inputs
+    contexts: dict[str, set[str]] = {}
+    for i in inputs:
+        contexts.setdefault(i.dataset.digest, set()).update(t.value for t in i.tags)
+    assert "training" in contexts.get(tags["lineage.data_hash"], set()), contexts
+    assert "evaluation" in contexts.get(tags["lineage.data_hash"], set()), contexts
+    profile = json.loads(next(i.dataset.profile for i in inputs
+                              if i.dataset.digest == tags["lineage.data_hash"]))
+    assert profile["classes"] == 10 and profile["images"] > 0
+    assert "expect label" in card and "cat.png" not in card
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     assert info.signature.inputs.input_names() == ["image"]
     assert info.signature.inputs.inputs[0].type.name == "binary"

@@ -89,10 +89,13 @@ def test_versions_carry_their_own_metrics_datasets_and_readable_tags(pages):
     # the data: a dataset input whose digest is the data hash, on the run and the model
     data_hash = champion_tag(champion, "lineage.data_hash")
     run = _get(ts, "runs/get", run_id=run_id)["run"]
-    digests = {d["dataset"]["digest"]: d for d in run["inputs"].get("dataset_inputs", [])}
-    assert data_hash in digests, (data_hash, list(digests))
-    profile = json.loads(digests[data_hash]["dataset"]["profile"])
+    by_context = {t["value"]: d["dataset"] for d in run["inputs"].get("dataset_inputs", [])
+                  for t in d.get("tags", []) if t["key"] == "mlflow.data.context"}
+    assert {"training", "evaluation"} <= set(by_context), by_context
+    assert {d["digest"] for d in by_context.values()} == {data_hash}, by_context
+    profile = json.loads(by_context["training"]["profile"])
     assert set(profile["splits"]) == {"train", "val", "test"} and profile["classes"] == 10
+    assert set(json.loads(by_context["evaluation"]["profile"])["splits"]) == {"test"}
     # tags: flat, none empty, no JSON; the lineage four first, with one prefix
     for mv in (champion, compact):
         tags = [(t["key"], t.get("value", "")) for t in mv.get("tags", [])]
@@ -178,6 +181,9 @@ def _browser_or_skip():
 def _open(page, url: str, wait_for: str, shots: Path, name: str) -> str:
     page.goto(url)
     page.get_by_text(wait_for, exact=False).first.wait_for(timeout=60_000)
+    assistant = page.get_by_role("button", name="Close", exact=True)  # MLflow's chat panel
+    if assistant.count():
+        assistant.first.click()
     page.wait_for_timeout(1500)  # late tables and charts
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
     text = page.inner_text("body")
@@ -223,7 +229,7 @@ def test_pages_in_a_real_browser(pages, tmp_path):
                 own = _model_metrics(ts, mv)["test/top1"]
                 text = _open(page, f"{mlflow_ui}/#/models/{MODEL}/versions/{mv['version']}",
                              "lineage.data_hash", shots, name)
-                assert f"@ {alias}" in text, (name, alias)
+                assert re.search(rf"@\s*{alias}\b", text), (name, alias)
                 assert _near(text, "top1", own), (name, own)  # the card: its own top-1
                 for key in LINEAGE_FOUR:
                     assert key in text and champion_tag(mv, key) in text, (name, key)
@@ -234,6 +240,15 @@ def test_pages_in_a_real_browser(pages, tmp_path):
             text = _open(page, f"{mlflow_ui}/#/experiments/{exp}/runs/{champion['run_id']}",
                          "visionflow pipeline run", shots, "run")
             assert data_hash[:8] in text, "the run page shows no dataset digest"
+            # the data-quality report renders inside MLflow's artifact viewer (offline)
+            _open(page, f"{mlflow_ui}/#/experiments/{exp}/runs/{champion['run_id']}/artifacts/"
+                        "data/data_docs/data_quality.html", "data_quality.png", shots,
+                  "data-quality")
+            page.wait_for_timeout(2000)
+            framed = [f.inner_text("body") for f in page.frames if f != page.main_frame]
+            assert any("Expectations (Great Expectations)" in t and data_hash in t
+                       for t in framed), framed
+            page.screenshot(path=str(shots / "data-quality.png"), full_page=True)
             for fr, outcome in ((pages["promoted"], "Promoted"), (pages["skipped"], "Skipped")):
                 _open(page, f"{prefect_ui}/runs/flow-run/{fr.id}", outcome, shots,
                       f"flow-run-{outcome.lower()}")

@@ -293,6 +293,9 @@ def test_register_compact_registers_the_choice(wide):
     assert own["compact/size_bytes"] == sel["size_bytes"]
     assert "metrics" not in tags and "compact_metrics" not in tags
     assert not [k for k in own if k.startswith(("variants/", "curves/", "val/"))], own
+    for section in ("## Data", "## Test metrics (this model's own)", "## Lineage", "## Gate",
+                    "lineage", f"{sel['top1']:.4f}", "@compact"):
+        assert section in mv.description, section
     parent_mv = client.get_model_version(name, parent.version)
     theirs = {m.key: m.value for m in client.get_logged_model(
         registry.model_id_of(parent_mv)).metrics}

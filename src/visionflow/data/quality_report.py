@@ -24,7 +24,8 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:22px 0 8px}
 .muted{color:#59636e}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
-table{border-collapse:collapse;margin:6px 0;font-size:13px}
+table{border-collapse:collapse;margin:6px 0;font-size:13px;max-width:100%}
+td{overflow-wrap:anywhere}
 th,td{border:1px solid #d1d9e0;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f8fa}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #d1d9e0}
