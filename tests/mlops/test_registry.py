@@ -76,6 +76,7 @@ def test_version_has_card_tags_signature_and_example(registered: Layout):
         registry.model_id_of(mv)).metrics}
     assert own["test/top1"] == pytest.approx(
         json.loads(registered.metrics.read_text())["top1"], abs=1e-6)
+    assert all(k.startswith("test/") for k in own), own  # its own: nothing of the run's
     # the data it trained and was evaluated on: datasets whose digest is the data hash
     inputs = client.get_run(mv.run_id).inputs.dataset_inputs
     contexts: dict[str, set[str]] = {}

@@ -77,3 +77,12 @@ def log_datasets(params: Params, layout: Layout, model_id: str | None = None) ->
             return
         model = LoggedModelInput(model_id) if model_id else None
         mlflow.log_input(ds, context=context, model=model)
+
+
+def log_test_dataset(params: Params, layout: Layout) -> ImageDataset | None:
+    """Log the test split (context `evaluation`) on the active run and return it, for the
+    metrics measured on it (log it before them: a metric's dataset is logged untagged)."""
+    ds = dataset(params, layout, "test")
+    if ds is not None:
+        mlflow.log_input(ds, context=EVAL_CONTEXT)
+    return ds

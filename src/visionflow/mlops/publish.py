@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
@@ -78,7 +82,7 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
     _, arch = load_classifier(layout.model)
     topk = max(capped_topk(params.evaluate.topk if params else [5], arch.num_classes))
     signature, example = signature_and_example(arch, topk)
-    return mlflow.pyfunc.log_model(
+    return log_own_model("model", lambda model_id: mlflow.pyfunc.log_model(
         name="model",
         python_model=str(HERE / "pyfunc_model.py"),
         artifacts={WEIGHTS: str(layout.model)},
@@ -88,15 +92,44 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
         model_config={"topk": topk, "tta": bool(params and params.evaluate.tta)},
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=model_name,
-    )
+        model_id=model_id,
+    ))
 
 
+def log_own_model(name: str, log: Callable[[str], Any]) -> Any:
+    """Log a model into the active run so that it carries only the metrics logged on it.
+
+    MLflow copies a run's step-0 metrics (here the test, compress, calibration and system
+    metrics) onto every model logged inside the run. So: create the logged model (source
+    run = this run, the run's params), write it with `log(model_id)` from a thread that has
+    no active run (nothing copied), then record it as the run's output."""
+    run = mlflow.active_run()
+    info = mlflow.get_run(run.info.run_id)
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id,
+                                           experiment_id=run.info.experiment_id,
+                                           params=dict(info.data.params))
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["info"] = log(model.model_id)
+        except BaseException as err:  # noqa: BLE001 (raised in the caller's thread)
+            out["error"] = err
+
+    thread = threading.Thread(target=work, name=f"log-{name}")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    MlflowClient().log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return out["info"]
 
 
 def log_model_metrics(metrics: dict[str, float], model_id: str, params: Params,
                       layout: Layout, extra: dict[str, float] | None = None) -> None:
     """A logged model's own metrics (what its version page and `search_logged_models`
     show), measured on the test split; the datasets it trained and was evaluated on."""
+    log_datasets(params, layout, model_id)  # first: a metric's dataset is logged untagged
     test = dataset(params, layout, "test")
     # a model logged into a run already carries the run's step-0 metrics: log only what
     # it lacks (or has with another value), so its page lists each metric once
@@ -107,7 +140,6 @@ def log_model_metrics(metrics: dict[str, float], model_id: str, params: Params,
         mlflow.log_metrics(own, model_id=model_id, dataset=test)
     if extra:
         mlflow.log_metrics({k: float(v) for k, v in extra.items()}, model_id=model_id)
-    log_datasets(params, layout, model_id)
 
 
 def sample_image(cache: dict[str, Any], arch: Any, layout: Layout,
