@@ -180,7 +180,12 @@ def _browser_or_skip():
 
 def _open(page, url: str, wait_for: str, shots: Path, name: str) -> str:
     page.goto(url)
-    page.get_by_text(wait_for, exact=False).first.wait_for(timeout=60_000)
+    try:
+        page.get_by_text(wait_for, exact=False).first.wait_for(timeout=90_000)
+    except Exception:  # what the page shows instead, next to the test's failure
+        page.screenshot(path=str(shots / f"{name}-failed.png"), full_page=True)
+        (shots / f"{name}-failed.txt").write_text(page.inner_text("body"))
+        raise
     assistant = page.get_by_role("button", name="Close", exact=True)  # MLflow's chat panel
     if assistant.count():
         assistant.first.click()
