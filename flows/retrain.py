@@ -51,8 +51,8 @@ from visionflow.errors import ConfigError, VisionflowError
 from visionflow.files import read_json
 from visionflow.layout import Layout
 from visionflow.mlops.tracking import ui_command
+from visionflow.pipeline import outcome, retry, servers, trigger
 from visionflow.pipeline import report as flow_report
-from visionflow.pipeline import retry, servers, trigger
 from visionflow.pipeline.freshness import DvcState
 from visionflow.pipeline.stages import run_stage
 
@@ -149,32 +149,6 @@ def _ui_url(cfg: Params, layout: Layout) -> str:
 def _read_json(path: Path) -> dict[str, Any]:
     found = read_json(path, {})
     return found if isinstance(found, dict) else {}
-
-
-def _outcome(report: dict[str, Any], result: dict[str, Any], logger) -> State:
-    """The run's final state: named after its outcome (Promoted, Rejected, Skipped, Up to
-    date), with a one-line message, and the outcome as a flow-run tag, so the runs list
-    tells them apart."""
-    outcome = report.get("outcome") or {}
-    label, message = outcome.get("label", "completed"), outcome.get("message", "")
-    _tag_run(label, logger)
-    return Completed(name=label.capitalize(), message=message[:500], data=result)
-
-
-def _tag_run(tag: str, logger) -> None:
-    """Add `tag` (an outcome) to this flow run's tags; never fails the run."""
-    fr = _flow_run()
-    if fr is None:
-        return
-    try:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            current = client.read_flow_run(fr.id).tags or []
-            client.update_flow_run(fr.id, tags=[*current, *[t for t in (tag, f"outcome:{tag}")
-                                                           if t not in current]])
-    except Exception as err:  # noqa: BLE001 (tags are a report, not the job)
-        logger.warning("could not tag the flow run with its outcome: %s", err)
 
 
 def _publish(report: dict[str, Any], logger) -> None:
@@ -289,7 +263,7 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
         report.update(status="failed", headline=f"failed at {current}: {err}"[:300],
                       error={"stage": current, "message": msg})
         _publish(report, logger)
-        _tag_run("failed", logger)
+        outcome.tag_run(_flow_run(), "failed", logger)
         raise
     finally:
         if lock is not None:
@@ -318,7 +292,7 @@ def _skip(report: dict[str, Any], reason: str, check: dict[str, Any], cfg: Param
               "alias": cfg.register_.alias if version else None, "reason": reason,
               "ui_command": ui_command(layout), "skipped": True,
               "data_hash": report["data"].get("data_hash", ""), "stages": {}}
-    return _outcome(report, result, logger)
+    return outcome.final_state(report, result, _flow_run(), logger)
 
 
 def _compact_version(cfg: Params, layout: Layout) -> str | None:
@@ -340,10 +314,10 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
     cached = all(s["state"] == "cached" for s in report["stages"])
     headline = (f"v{reg['version']} {label}"
                 + (f" to @{reg['alias']}" if reg["alias"] else ", champion kept"))
-    outcome = {"label": label, "message": flow_report.outcome_message(reg["version"], decision)}
+    ending = {"label": label, "message": flow_report.outcome_message(reg["version"], decision)}
     if cached:
         headline = f"up to date: every stage cached (v{reg['version']}, registered earlier)"
-        outcome = {"label": "up to date", "message": headline}
+        ending = {"label": "up to date", "message": headline}
     report.update(
         status=label,
         headline=headline,
@@ -356,7 +330,7 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
         links=flow_report.mlflow_links(_ui_url(cfg, layout), _read_json(layout.run_info),
                                        reg["model_name"], reg["version"],
                                        (reg.get("compact") or {}).get("version")),
-        outcome=outcome,
+        outcome=ending,
     )
     if report["compress"]:
         report["compression_choice"] = flow_report.compression_choice(report["compress"])[0]
@@ -369,7 +343,7 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
               "stages": {s["name"]: s["state"] for s in report["stages"]},
               "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]
                                 if s["seconds"] is not None}}
-    return _outcome(report, result, logger)
+    return outcome.final_state(report, result, _flow_run(), logger)
 
 
 def serve_deployment(params: str = "params.yaml", overrides: list[str] | None = None,
