@@ -31,15 +31,16 @@ run: install
 	$(BIN)/python flows/retrain.py
 
 # The team-stack tests (-m stack) start PostgreSQL and, for two hosts, network namespaces
-# (iproute2). A clean Debian-like CI machine (root) gets both from apt when missing.
+# (iproute2); the browser test drives Debian's Chromium. A clean Debian-like CI machine
+# (root) gets them from apt when missing.
 PG_FOUND = command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 system-deps:
-	@if ! { $(PG_FOUND); } || ! command -v ip >/dev/null; then \
+	@if ! { $(PG_FOUND); } || ! command -v ip >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing PostgreSQL and iproute2 with apt (team-stack tests)"; \
+	    echo "installing PostgreSQL, iproute2 and Chromium with apt (team-stack tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends postgresql iproute2 >/dev/null; \
-	  else echo "note: PostgreSQL or iproute2 missing (not root with apt): stack tests skip"; fi; \
+	      --no-install-recommends postgresql iproute2 chromium >/dev/null; \
+	  else echo "note: PostgreSQL, iproute2 or Chromium missing (not root with apt): stack tests skip"; fi; \
 	fi
 
 # as root (CI) the stack tests must run: a missing prerequisite fails them instead of skipping

@@ -51,8 +51,8 @@ from visionflow.errors import ConfigError, VisionflowError
 from visionflow.files import read_json
 from visionflow.layout import Layout
 from visionflow.mlops.tracking import ui_command
+from visionflow.pipeline import outcome, retry, servers, stdio, trigger
 from visionflow.pipeline import report as flow_report
-from visionflow.pipeline import retry, servers, stdio, trigger
 from visionflow.pipeline.freshness import DvcState
 from visionflow.pipeline.stages import run_stage
 
@@ -158,11 +158,13 @@ def _publish(report: dict[str, Any], logger) -> None:
         create_markdown_artifact(flow_report.summary_markdown(report), key="retrain-summary",
                                  description=f"retrain: {report.get('headline', '')}"[:500])
         if report.get("metrics"):
-            create_table_artifact(flow_report.metric_rows(report["metrics"]),
-                                  key="retrain-metrics", description="test-split metrics")
+            create_table_artifact(
+                flow_report.metric_rows(report["metrics"], report.get("champion_metrics")),
+                key="retrain-metrics", description="test-split headline metrics, beside the "
+                "champion's before this run")
         for key, link in (report.get("links") or {}).items():
-            create_link_artifact(link, link_text=key, key=key,
-                                 description=f"{key} in the MLflow UI")
+            create_link_artifact(link["url"], link_text=link["text"], key=key,
+                                 description=link["text"])
     except Exception as err:  # noqa: BLE001 (artifacts are a report, not the job)
         logger.warning("could not publish the run summary artifacts: %s", err)
 
@@ -170,8 +172,9 @@ def _publish(report: dict[str, Any], logger) -> None:
 @flow(name="retrain", log_prints=True)
 def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
             root: str = ".", force: bool = False, data_source: str | None = None,
-            only_new_data: bool = False) -> dict[str, Any]:
-    """Run the six stages in order; returns the registration summary.
+            only_new_data: bool = False) -> Any:
+    """Run the six stages in order; returns the registration summary (as the data of a
+    final state named after the outcome: Promoted, Rejected, Skipped, Up to date).
 
     params: params file (relative to root); overrides: KEY=VALUE list; data_source: sets
     `data.source`; force: rerun every stage and skip the data check; only_new_data: stop
@@ -193,9 +196,11 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
         base = load_params(params_path, root=Path(root)) if overrides else cfg
         report.update(model_name=cfg.register_.model_name,
                       data={"source": cfg.data.source,
-                            "refresh": "not run (not a scheduled run)"})
+                            "refresh": "not run (not a scheduled run)",
+                            **trigger.data_version(cfg, layout)})
         current = "setup"
         lock = _project_lock(layout, logger)
+        report["champion_metrics"] = trigger.champion_metrics(cfg, layout)
         state = DvcState(layout)
         rerun_all = force or not cfg.flow.cache
         check: dict[str, Any] | None = None
@@ -236,7 +241,10 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
                 report["validation"] = _read_json(layout.validation)
                 data_hash = report["validation"].get("data_hash", "")
                 report["data"]["data_hash"] = data_hash
-                if check is not None and check["new_data"] is None:
+                if check is None:  # a manual run trains anyway: say what it would decide
+                    report["data"]["decision"] = (f"{trigger.data_news(cfg, layout, data_hash)}"
+                                                  " (a manual run trains regardless)")
+                elif check["new_data"] is None:
                     decided = trigger.compare_data(data_hash, check["champion"],
                                                    check["latest"], "validate", check["dvc_md5"])
                     report["data"]["decision"] = f"{decided.reason} (by validate)"
@@ -256,6 +264,7 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
         report.update(status="failed", headline=f"failed at {current}: {err}"[:300],
                       error={"stage": current, "message": msg})
         _publish(report, logger)
+        outcome.tag_run(_flow_run(), "failed", logger)
         raise
     finally:
         if lock is not None:
@@ -263,25 +272,36 @@ def retrain(params: str = "params.yaml", overrides: list[str] | None = None,
 
 
 def _skip(report: dict[str, Any], reason: str, check: dict[str, Any], cfg: Params,
-          layout: Layout, logger) -> dict[str, Any]:
+          layout: Layout, logger) -> State:
     """A run that trains nothing: "no new data" or a late scheduled slot."""
     champion = check.get("champion") or {}
     version = champion.get("version")
-    report.update(status="skipped", headline=reason)
+    report.update(status="skipped", headline=f"skipped: {reason}",
+                  outcome={"label": "skipped", "message": f"skipped: {reason}"})
     report["data"].setdefault("decision", reason)
+    report["data"].setdefault("dvc_md5", check.get("dvc_md5", ""))
     if version:
-        report["links"] = flow_report.mlflow_links(_ui_url(cfg, layout), None,
-                                                   cfg.register_.model_name, version)
+        report["champion"] = {"version": version, "alias": cfg.register_.alias,
+                              "data_hash": champion.get("data_hash", ""),
+                              "gate": champion.get("gate_reason", "")}
+        report["links"] = flow_report.mlflow_links(
+            _ui_url(cfg, layout), None, cfg.register_.model_name, version,
+            _compact_version(cfg, layout))
     logger.info("nothing to train: %s", reason)
     _publish(report, logger)
-    return {"model_name": cfg.register_.model_name, "version": version,
-            "alias": cfg.register_.alias if version else None, "reason": reason,
-            "ui_command": ui_command(layout), "skipped": True,
-            "data_hash": report["data"].get("data_hash", ""), "stages": {}}
+    result = {"model_name": cfg.register_.model_name, "version": version,
+              "alias": cfg.register_.alias if version else None, "reason": reason,
+              "ui_command": ui_command(layout), "skipped": True,
+              "data_hash": report["data"].get("data_hash", ""), "stages": {}}
+    return outcome.final_state(report, result, _flow_run(), logger)
+
+
+def _compact_version(cfg: Params, layout: Layout) -> str | None:
+    return trigger.champion_metrics(cfg, layout, "compact").get("version")
 
 
 def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: Layout,
-            logger) -> dict[str, Any]:
+            logger) -> State:
     """The registration (`outputs/register/registration.json`, this run's or, when register
     was up to date, the earlier one) as the run's result and summary."""
     if not reg:
@@ -295,8 +315,10 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
     cached = all(s["state"] == "cached" for s in report["stages"])
     headline = (f"v{reg['version']} {label}"
                 + (f" to @{reg['alias']}" if reg["alias"] else ", champion kept"))
+    ending = {"label": label, "message": flow_report.outcome_message(reg["version"], decision)}
     if cached:
         headline = f"up to date: every stage cached (v{reg['version']}, registered earlier)"
+        ending = {"label": "up to date", "message": headline}
     report.update(
         status=label,
         headline=headline,
@@ -307,19 +329,22 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
               "champion_before": champion_before,
               "champion_after": f"v{reg['version']}" if reg["alias"] else champion_before},
         links=flow_report.mlflow_links(_ui_url(cfg, layout), _read_json(layout.run_info),
-                                       reg["model_name"], reg["version"]),
+                                       reg["model_name"], reg["version"],
+                                       (reg.get("compact") or {}).get("version")),
+        outcome=ending,
     )
     if report["compress"]:
         report["compression_choice"] = flow_report.compression_choice(report["compress"])[0]
     report["compact"] = reg.get("compact")
     _publish(report, logger)
-    return {"model_name": reg["model_name"], "version": reg["version"], "alias": reg["alias"],
-            "reason": decision["reason"], "ui_command": reg["ui_command"], "skipped": False,
-            "compact": reg.get("compact"),
-            "data_hash": report["data"].get("data_hash", ""),
-            "stages": {s["name"]: s["state"] for s in report["stages"]},
-            "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]
-                              if s["seconds"] is not None}}
+    result = {"model_name": reg["model_name"], "version": reg["version"], "alias": reg["alias"],
+              "reason": decision["reason"], "ui_command": reg["ui_command"], "skipped": False,
+              "compact": reg.get("compact"),
+              "data_hash": report["data"].get("data_hash", ""),
+              "stages": {s["name"]: s["state"] for s in report["stages"]},
+              "stage_seconds": {s["name"]: s["seconds"] for s in report["stages"]
+                                if s["seconds"] is not None}}
+    return outcome.final_state(report, result, _flow_run(), logger)
 
 
 def serve_deployment(params: str = "params.yaml", overrides: list[str] | None = None,

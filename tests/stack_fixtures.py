@@ -24,11 +24,14 @@ import pytest
 from builders import wait_for
 from conftest import BIN, REPO, make_project, run
 
-# 30 digits per class and split, a few small batches, no compression search; training on
-# two processes (torchrun, gloo), so the flow launches it
+# 30 digits per class and split, a few small batches, one quick compression (int8, so a
+# promoted version gets its `compact` copy); training on two processes (torchrun, gloo), so
+# the flow launches it
 TEAM = {"train.epochs": 3, "train.batch_size": 16, "train.threads": 1,
-        "train.procs_per_node": 2, "data.limit_per_class": 30, "compress.methods": [],
-        "flow.retry_delay_s": 2, "flow.retry_jitter": 0}
+        "train.procs_per_node": 2, "data.limit_per_class": 30, "compress.methods": ["int8"],
+        "compress.combine": False, "compress.calibration_images": 64,
+        "compress.latency_reps": 3, "compress.latency_reps_large": 1,
+        "compress.max_top1_drop": 5.0, "flow.retry_delay_s": 2, "flow.retry_jitter": 0}
 MODEL = "visionflow-classifier"
 # clients in tests give up on a dead server after seconds (MLflow's default is minutes)
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -149,12 +152,14 @@ class TeamStack:
 
 
 def registry_state(client, name: str = MODEL) -> dict[str, Any]:
-    """Versions (with their gate decision), aliases and the alias history."""
+    """Versions (with their gate decision; `compact` copies, which the gate does not judge,
+    left out), aliases and the alias history."""
     from visionflow.mlops import registry
 
     try:
         versions = {v.version: v.tags.get("gate_decision", "")
-                    for v in registry.list_versions(client, name)}
+                    for v in registry.list_versions(client, name)
+                    if "parent_version" not in v.tags}
         aliases = registry.alias_map(client, name)
     except registry.RegistryError:
         return {"versions": {}, "aliases": {}, "history": []}
@@ -200,7 +205,8 @@ def _boot(env: dict[str, str]) -> None:
         root = make_checkout(base / "team", digits, TEAM)
         stack = Stack(Layout.at(root), base_env=env)
         _BOOT["stack"] = stack
-        stack.up(Options(workers=1, ui=False, timeout=300), log=lambda *_: None)
+        # the Prefect UI too: the browser test opens its flow-run pages
+        stack.up(Options(workers=1, ui=True, timeout=300), log=lambda *_: None)
         _BOOT["seconds"] = time.perf_counter() - t0
     except BaseException as err:  # noqa: BLE001 (reported by the fixture)
         _BOOT["error"] = err

@@ -37,7 +37,7 @@ def _pipeline(layout: Layout, overrides: list[str], stages=("validate", "augment
 def _recorded(client, version: str) -> dict[str, list[str]]:
     import mlflow
 
-    uri = client.get_model_version(MODEL, version).tags["train_hashes"]
+    uri = client.get_model_version(MODEL, version).tags["lineage.train_hashes"]
     assert uri.startswith("runs:/") and uri.endswith(f"train_hashes-v{version}.json")
     return json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri)).read_text())
 
@@ -83,7 +83,7 @@ def test_gate_scores_only_images_neither_model_trained_on(tmp_path: Path, digits
     tags = client.get_model_version(MODEL, "2").tags
     assert tags["gate_decision"] == "rejected" and f"{overlap} excluded" in tags[
         "gate_test_images"]
-    assert json.loads(tags["split_scheme"])["split_seed"] == 1
+    assert "split_seed=1" in tags["lineage.split_scheme"]
 
     # With a lower minimum the gate compares both models on exactly the remaining images.
     third = _pipeline(layout, ["data.split_seed=1", "register.min_test_images=5"],

@@ -308,6 +308,32 @@ def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
     assert res.exit_code != 0
 
 
+def test_models_list_reads_whole_at_80_columns(store: Path, user: str, monkeypatch):
+    """Every cell whole in an 80-column terminal (rich cuts cells to "vers…" otherwise)."""
+    from visionflow.cli.main import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    client = new_versions(store, "m-narrow-registry-name", 3)
+    name = "m-narrow-registry-name"
+    gate_into_registry(store, name, decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, name, decide(correct(70), correct(60), GateConfig(),
+                                           champion_version="1"), "2")
+    for v, top1 in (("1", 0.6), ("2", 0.7), ("3", 0.69)):  # (older versions' metrics tag)
+        client.set_model_version_tag(name, v, "metrics", json.dumps(
+            {"top1": top1, "f1_macro": top1 - 0.01}))
+        client.set_model_version_tag(name, v, "lineage.data_hash", "a5b079f87d32942d931f")
+    client.set_model_version_tag(name, "3", "compact_variant", "int8_static_per_channel")
+    client.set_registered_model_alias(name, "compact", "3")
+    res = CliRunner().invoke(app, ["models", "list", "--root", str(store), "--name", name])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out, out
+    for whole in ("champion", "previous", "compact", "promoted", "0.7000", "0.6900",
+                  "a5b079f8", "f1_macro", "aliases"):
+        assert whole in out, (whole, out)
+
+
 def test_cli_error_is_one_line(store: Path):
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "vflow"), "models", "rollback", "--root", str(store),

@@ -16,6 +16,7 @@ import pytest
 from projects import fresh_copy, registered_project, split_images, trained_project
 
 from visionflow.layout import Layout
+from visionflow.mlops import registry
 
 NAME = "visionflow-classifier"
 
@@ -62,17 +63,32 @@ def test_version_has_card_tags_signature_and_example(registered: Layout):
     mv = client.get_model_version(NAME, "1")
     card = mv.description
     for needle in ("# visionflow-classifier v1: alexnet", "## Data", "data hash", "## Test metrics",
-                   "| top1 |", "| ece |", "training time", "parent run", reg["run_id"],
+                   "| top1 |", "| ece |", "training time", "## Lineage", reg["run_id"],
                    "classes | 10: 0, 1, 2", "## Champion gate: PROMOTED", "hardware",
                    "```yaml"):
         assert needle in card, needle
     tags = mv.tags
-    for key in ("data_hash", "git_commit", "dvc_lock_hash", "params_hash", "gate_decision",
-                "gate_reason", "gate_checks", "metrics"):
+    for key in ("lineage.data_hash", "lineage.params_hash", "gate_decision", "gate_reason",
+                "gate_checks"):  # (no git, no dvc.lock here: no empty tags for them)
         assert key in tags, key
-    assert len(tags["data_hash"]) == 32 and tags["gate_decision"] == "promoted"
-    assert json.loads(tags["metrics"])["top1"] == pytest.approx(
+    assert len(tags["lineage.data_hash"]) == 32 and tags["gate_decision"] == "promoted"
+    assert all(v and not v.startswith(("{", "[")) for v in tags.values()), tags  # flat
+    own = {m.key: m.value for m in client.get_logged_model(
+        registry.model_id_of(mv)).metrics}
+    assert own["test/top1"] == pytest.approx(
         json.loads(registered.metrics.read_text())["top1"], abs=1e-6)
+    assert all(k.startswith("test/") for k in own), own  # its own: nothing of the run's
+    # the data it trained and was evaluated on: datasets whose digest is the data hash
+    inputs = client.get_run(mv.run_id).inputs.dataset_inputs
+    contexts: dict[str, set[str]] = {}
+    for i in inputs:
+        contexts.setdefault(i.dataset.digest, set()).update(t.value for t in i.tags)
+    assert "training" in contexts.get(tags["lineage.data_hash"], set()), contexts
+    assert "evaluation" in contexts.get(tags["lineage.data_hash"], set()), contexts
+    profile = json.loads(next(i.dataset.profile for i in inputs
+                              if i.dataset.digest == tags["lineage.data_hash"]))
+    assert profile["classes"] == 10 and profile["images"] > 0
+    assert "expect label" in card and "cat.png" not in card
     info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     assert info.signature.inputs.input_names() == ["image"]
     assert info.signature.inputs.inputs[0].type.name == "binary"

@@ -119,18 +119,18 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     # the last equals the one before (same params, deterministic): the champion is as good
     assert tags["gate_decision"] == "rejected", tags["gate_reason"]
     assert result["alias"] is None
-    assert tags["data_hash"] and tags["params_hash"]
-    assert len(tags["dvc_data_md5"]) == 32  # the hash data.dvc records
-    assert tags["git_commit"]
+    assert tags["lineage.data_hash"] and tags["lineage.params_hash"]
+    assert len(tags["lineage.dvc_data_md5"]) == 32  # the hash data.dvc records
+    assert tags["lineage.git_commit"]
     # lineage: every version, the compact ones too, says what data, code, params and
     # pipeline state it came from, and which images it learnt from
     for v, t in every.items():
         for key in ("data_hash", "git_commit", "params_hash", "dvc_lock_hash", "dvc_data_md5",
                     "split_scheme", "train_hashes"):
-            assert t.get(key), (v, key)
+            assert t.get(f"lineage.{key}"), (v, key)
     for v, parent in compact.items():
-        assert every[v]["train_hashes"] == every[parent]["train_hashes"]  # its parent's
-        assert every[v]["data_hash"] == every[parent]["data_hash"]
+        assert every[v]["lineage.train_hashes"] == every[parent]["lineage.train_hashes"]
+        assert every[v]["lineage.data_hash"] == every[parent]["lineage.data_hash"]
     champion = str(client.get_model_version_by_alias(name, "champion").version)
     assert champion in main[:2] and every[champion]["gate_decision"] == "promoted"
     compact_now = str(client.get_model_version_by_alias(name, "compact").version)

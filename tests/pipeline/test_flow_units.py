@@ -233,12 +233,19 @@ def test_summary_markdown_and_choice():
     assert "Registered as version 5 `@compact`." in flow_report.summary_markdown(
         {"compress": new_style, "compact": {"version": "5", "alias": "compact"}})
     links = flow_report.mlflow_links("http://h:5000/", {"run_id": "r1", "experiment_id": "7"},
-                                     "m", "4")
-    assert links == {"mlflow-run": "http://h:5000/#/experiments/7/runs/r1",
-                     "model-version": "http://h:5000/#/models/m/versions/4"}
+                                     "m", "4", "5")
+    assert {k: v["url"] for k, v in links.items()} == {
+        "mlflow-run": "http://h:5000/#/experiments/7/runs/r1",
+        "model-version": "http://h:5000/#/models/m/versions/4",
+        "compact-version": "http://h:5000/#/models/m/versions/5"}
+    assert [v["text"] for v in links.values()] == [  # each link says what it opens
+        "MLflow run r1 (all six stages)", "m v4 (model card)", "m v5 @compact (model card)"]
     md = flow_report.summary_markdown({
         "headline": "v4 promoted to @champion", "model_name": "m",
-        "data": {"source": "data", "data_hash": "abc", "decision": "new data"},
+        "data": {"source": "data", "data_hash": "abc", "decision": "new data",
+                 "dvc_md5": "d41d8", "dvc_file": "data.dvc"},
+        "outcome": {"label": "promoted", "message": "promoted v4: top-1 0.9000 > 0.8500 (v3)"},
+        "champion_metrics": {"version": "3", "metrics": {"top1": 0.85}},
         "validation": {"files": 10, "usable": 9, "quarantined": {"truncated": 1},
                        "classes": ["a", "b"],
                        "expectations": [{"expectation": "expect_x", "column": "c",
@@ -249,17 +256,27 @@ def test_summary_markdown_and_choice():
                  "champion_before": "v3", "champion_after": "v4",
                  "test_images": "90 of 100 test images scored, 10 excluded"},
         "compress": comp, "links": links,
-        "stages": [{"name": "train", "state": "cached", "seconds": 1.5}]})
+        "stages": [{"name": "train", "state": "cached", "seconds": 1.5},
+                   {"name": "evaluate", "state": "ran", "seconds": 2.34567}]})
     for text in ("# retrain: v4 promoted", "## Data", "## Validation", "**NO**", "1 \\| 2",
-                 "## Metrics", "| top1 | 0.9000 |", "## Gate", "beats v3",
+                 "## Metrics", "| top1 | 0.9000 | 0.8500 | +0.0500 |", "## Gate", "beats v3",
+                 "**Outcome:** promoted v4: top-1 0.9000 > 0.8500 (v3)", "| dvc md5 (data.dvc) "
+                 "| `d41d8` |", "| new data? | new data |", "[m v5 @compact (model card)]",
+                 "| evaluate | ran | 2.3 |",
                  "| test images | 90 of 100 test images scored, 10 excluded |", "## Compression",
                  "Choice: **original**", "Not registered as a `compact` version", "## Links", "(http://h:5000/#/models/m/versions/4)",
                  "| train | cached |"):
         assert text in md, text
+    assert "| | |" not in md and "2.34567" not in md  # no empty header row, seconds rounded
     rows = flow_report.metric_rows({"top1": 0.9, "n_test": 5, "ok": True, "iou_per_class":
-                                    [0.5]})
-    assert rows == [{"metric": "top1", "value": 0.9}, {"metric": "n_test", "value": 5},
-                    {"metric": "iou[0]", "value": 0.5}]
+                                    [0.5]}, {"version": "3", "metrics": {"top1": 0.85}})
+    assert rows == [{"metric": "top1", "this run": 0.9, "champion v3": 0.85,
+                     "change": "+0.0500"}]  # headline only: no n_test, no iou[i]
+    assert flow_report.outcome_message("3", {
+        "promote": True, "challenger_top1": 0.983, "champion_top1": 0.975,
+        "champion_version": "2"}) == "promoted v3: top-1 0.9830 > 0.9750 (v2)"
+    assert flow_report.outcome_message("4", {"promote": False, "reason": "kept champion v3"}) \
+        == "rejected v4: kept champion v3"
     failed = flow_report.summary_markdown({"headline": "failed at validate", "error": {
         "stage": "validate", "message": "ValidationFailed: data gate failed"}})
     assert "Stage **validate** failed" in failed and "no alias moved" in failed

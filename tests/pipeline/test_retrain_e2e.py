@@ -126,7 +126,7 @@ def test_data_trigger_pull_add_retrain_and_update(prefect_api, tmp_path: Path,
         layout.gate_report.read_text()
     from visionflow.mlops import registry
 
-    uri = registry.client_for(layout).get_model_version(MODEL, "1").tags["train_hashes"]
+    uri = registry.client_for(layout).get_model_version(MODEL, "1").tags["lineage.train_hashes"]
     champion = json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
                           .read_text())
     with layout.manifest.open(newline="") as f:

@@ -20,6 +20,7 @@ import torch
 
 from visionflow.configfile import load_params
 from visionflow.layout import Layout
+from visionflow.mlops import registry
 from visionflow.pipeline.stages import run_stage
 
 # A 'fast' model that learns digits in ~15 s on one core (~0.9 top-1), so agreement and
@@ -230,7 +231,7 @@ def test_pareto_table_plot_and_mlflow(wide):
     assert {"compress/compress.json", "compress/pareto.csv", "compress/pareto.png"} <= names
     run = client.get_run(run_id)
     assert run.data.tags["compress_selected"] == sel["name"]
-    assert "compress_int8_top1" in run.data.metrics
+    assert "variants/int8/top1" in run.data.metrics
 
 
 def test_choice_respects_the_budget(wide):
@@ -284,9 +285,26 @@ def test_register_compact_registers_the_choice(wide):
     assert str(mv.version) == out["version"]
     tags = mv.tags
     assert tags["parent_version"] == parent.version and tags["compact_variant"] == sel["name"]
-    assert json.loads(tags["compact_recipe"]) == sel["recipe"]
-    assert json.loads(tags["metrics"])["top1"] == pytest.approx(sel["top1"], abs=1e-6)
-    assert json.loads(tags["compact_metrics"])["size_bytes"] == sel["size_bytes"]
+    assert tags["compact_recipe"] and not tags["compact_recipe"].startswith("[")
+    # its own metrics, on its logged model (not its parent's, not a JSON tag)
+    own = {m.key: m.value for m in client.get_logged_model(
+        registry.model_id_of(mv)).metrics}
+    assert own["test/top1"] == pytest.approx(sel["top1"], abs=1e-6)
+    assert own["compact/size_bytes"] == sel["size_bytes"]
+    assert "metrics" not in tags and "compact_metrics" not in tags
+    assert not [k for k in own if k.startswith(("variants/", "curves/", "val/"))], own
+    for section in ("## Data", "## Test metrics (this model's own)", "## Lineage", "## Gate",
+                    f"{sel['top1']:.4f}", "@compact"):
+        assert section in mv.description, section
+    parent_mv = client.get_model_version(name, parent.version)
+    theirs = {m.key: m.value for m in client.get_logged_model(
+        registry.model_id_of(parent_mv)).metrics}
+    assert theirs["test/top1"] == pytest.approx(
+        json.loads(layout.metrics.read_text())["top1"], abs=1e-6)
+    assert all(k.startswith("test/") for k in theirs), theirs  # the parent's own only
+    listed = {i.version: i.metrics for i in registry.list_versions(client, name)}
+    assert listed[out["version"]]["top1"] == pytest.approx(sel["top1"], abs=1e-6)
+    assert listed[parent.version]["top1"] == pytest.approx(theirs["test/top1"])
     champ = client.get_model_version_by_alias(name, "champion")
     assert str(champ.version) == parent.version  # the compact version never takes champion
 

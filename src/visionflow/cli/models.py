@@ -55,11 +55,39 @@ def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+LIST_COLUMNS = ("v", "aliases", "gate", "top1", "f1_macro", "model", "data")
+
+
+def versions_table(name: str, infos: list[Any]):
+    """The versions as a table that reads whole in an 80-column terminal: one line per
+    version (aliases stacked), short values only; `show` and `--json` have the rest."""
+    from rich import box
+    from rich.table import Table
+
+    from visionflow.mlops.provenance import lineage
+
+    table = Table(title=f"{name}: {len(infos)} version(s)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), caption="data: lineage.data_hash; more: vflow models "
+                  "show V", caption_justify="left")
+    for col in LIST_COLUMNS:
+        numeric = col in ("v", "top1", "f1_macro")
+        table.add_column(col, justify="right" if numeric else "left",
+                         no_wrap=col != "model", overflow="fold")
+    for i in infos:
+        gate = i.gate or "-"
+        gate = f"[green]{gate}[/]" if gate == "promoted" else (
+            f"[red]{gate}[/]" if gate != "-" else gate)
+        variant = i.tags.get("compact_variant")
+        model = f"compact {variant}" if variant else i.tags.get("model", "-")
+        table.add_row(i.version, "\n".join(i.aliases) or "-", gate,
+                      _fmt(i.metrics.get("top1")), _fmt(i.metrics.get("f1_macro")), model,
+                      lineage(i.tags, "data_hash")[:8] or "-")
+    return table
+
+
 @models_app.command("list")
 def list_cmd(name: NameOpt = None, root: RootOpt = Path("."), as_json: JsonOpt = False) -> None:
     """Every version with its aliases, gate decision and test metrics, newest first."""
-    from rich.table import Table
-
     from visionflow.mlops import registry
 
     client, name = _open(root, name)
@@ -67,19 +95,7 @@ def list_cmd(name: NameOpt = None, root: RootOpt = Path("."), as_json: JsonOpt =
     if as_json:
         _echo_json([i.as_dict() | {"description": None} for i in infos])
         return
-    table = Table(title=f"{name}: {len(infos)} version(s)")
-    for col in ("version", "aliases", "created", "gate", "top1", "f1_macro", "ece", "model",
-                "data", "git"):
-        table.add_column(col, justify="right" if col in ("top1", "f1_macro", "ece") else "left")
-    for i in infos:
-        gate = i.gate
-        gate = f"[green]{gate}[/]" if gate == "promoted" else (f"[red]{gate}[/]" if gate else "-")
-        table.add_row(i.version, ", ".join(i.aliases) or "-", i.created, gate,
-                      _fmt(i.metrics.get("top1")), _fmt(i.metrics.get("f1_macro")),
-                      _fmt(i.metrics.get("ece")), i.tags.get("model", "-"),
-                      i.tags.get("data_hash", "")[:8] or "-",
-                      i.tags.get("git_commit", "")[:8] or "-")
-    _console().print(table)
+    _console().print(versions_table(name, infos))
 
 
 @models_app.command("show")
@@ -117,7 +133,7 @@ def show_cmd(version: Annotated[str, typer.Argument(help="version, vN, or an ali
     tags.add_column("tag")
     tags.add_column("value", overflow="fold")
     for k in sorted(info.tags):
-        if k not in ("metrics", "params"):
+        if k not in ("metrics", "params", "compact_metrics"):
             tags.add_row(k, info.tags[k])
     con.print(tags)
     if card and info.description:

@@ -169,7 +169,8 @@ def compare_schemes(current: Mapping[str, Any], reference: Mapping[str, Any] | N
     if reference["fingerprint"] == fp:
         return {"status": "same", "fingerprint": fp, "reference": reference["fingerprint"],
                 "message": f"same split as {who} ({fp})"}
-    old = describe_scheme(reference) if reference.get("carved") is not None else "unknown"
+    old = reference.get("description") or (
+        describe_scheme(reference) if reference.get("carved") is not None else "unknown")
     return {"status": "new_split", "fingerprint": fp, "reference": reference["fingerprint"],
             "message": f"NEW SPLIT: {describe_scheme(current)} ({fp}) differs from {who}'s "
                        f"{old} ({reference['fingerprint']}); images may change split, the "

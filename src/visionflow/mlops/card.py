@@ -12,6 +12,7 @@ from visionflow.config import Params
 from visionflow.env import hardware
 from visionflow.layout import Layout
 from visionflow.mlops.gate import Decision
+from visionflow.mlops.provenance import lineage
 from visionflow.model.metrics import headline
 
 
@@ -38,13 +39,57 @@ def _md_table(rows: list[tuple[str, Any]]) -> list[str]:
     return out
 
 
+SAMPLE_NOTE = "a test image of the data this version was trained on"
+
+
+def data_section(tags: dict[str, str], validation: dict, source: str) -> list[str]:
+    counts = validation.get("counts") or {}
+    return ["## Data", *_md_table([
+        ("data hash (dataset digest)", lineage(tags, "data_hash") or "-"),
+        ("DVC data md5", lineage(tags, "dvc_data_md5") or "-"),
+        ("source", validation.get("source", source)),
+        ("images", f"{validation.get('usable', '?')} usable of "
+                   f"{validation.get('files', '?')} files"),
+        ("splits", _split_sizes(counts) or "-"),
+        ("split scheme", lineage(tags, "split_scheme") or "-"),
+    ]), ""]
+
+
+def metrics_section(metrics: dict[str, float], n_test: Any, title: str = "Test metrics",
+                    extra: list[tuple[str, Any]] | None = None) -> list[str]:
+    return [f"## {title}", "| metric | value |", "|---|---|",
+            *[f"| {k} | {v:.4f} |" for k, v in metrics.items()],
+            f"| test images | {n_test} |",
+            *[f"| {k} | {v} |" for k, v in (extra or [])], ""]
+
+
+def lineage_section(tags: dict[str, str], run_id: str, experiment_id: str) -> list[str]:
+    return ["## Lineage", *_md_table([
+        ("data hash", lineage(tags, "data_hash") or "-"),
+        ("git commit", lineage(tags, "git_commit") or "-"),
+        ("params hash", lineage(tags, "params_hash") or "-"),
+        ("dvc.lock hash", lineage(tags, "dvc_lock_hash") or "-"),
+        ("source run", f"{run_id} (experiment {experiment_id})"),
+        ("training images (sha256)", lineage(tags, "train_hashes") or "-"),
+    ]), ""]
+
+
+def usage_section(name: str, ref: str, sample: tuple[str, str] | None) -> list[str]:
+    """How to load this version and predict one image: a real test image and its class."""
+    path, label = sample or ("image.png", "")
+    expect = f"  # {SAMPLE_NOTE}: expect label {label!r}" if label else ""
+    return ["## Use", "```python", "import mlflow, pandas as pd",
+            f'model = mlflow.pyfunc.load_model("models:/{name}{ref}")',
+            f'image = open("{path}", "rb").read()',
+            f'print(model.predict(pd.DataFrame({{"image": [image]}}))["label"][0]){expect}',
+            "```", ""]
+
+
 def model_card(name: str, version: str, params: Params, layout: Layout, arch: Any, model: Any,
                scores: dict[str, Any], validation: dict, tags: dict[str, str],
-               decision: Decision, run: Any) -> str:
+               decision: Decision, run: Any, sample: tuple[str, str] | None = None) -> str:
     """The version's description: what it is, what it was trained on, how good, provenance."""
     n_params = sum(p.numel() for p in model.parameters())
-    counts = validation.get("counts") or {}
-    split_sizes = _split_sizes(counts)
     train = _training_summary(layout)
     run_tags = dict(getattr(getattr(run, "data", None), "tags", {}) or {})
     p = params.dump()
@@ -63,21 +108,8 @@ def model_card(name: str, version: str, params: Params, layout: Layout, arch: An
             ("output", "label, score, top-k probabilities (JSON)"),
         ]),
         "",
-        "## Data",
-        *_md_table([
-            ("data hash", tags.get("data_hash") or "-"),
-            ("DVC data md5", tags.get("dvc_data_md5") or "-"),
-            ("source", validation.get("source", params.data.source)),
-            ("images", f"{validation.get('usable', '?')} usable of "
-                       f"{validation.get('files', '?')} files"),
-            ("splits", split_sizes or "-"),
-        ]),
-        "",
-        "## Test metrics",
-        "| metric | value |", "|---|---|",
-        *[f"| {k} | {v:.4f} |" for k, v in headline(scores).items()],
-        f"| test images | {scores['n']} |",
-        "",
+        *data_section(tags, validation, params.data.source),
+        *metrics_section(headline(scores), scores["n"]),
         "## Training",
         *_md_table([
             ("epochs", train.get("epochs", "-")),
@@ -85,12 +117,9 @@ def model_card(name: str, version: str, params: Params, layout: Layout, arch: An
             ("final train loss", f"{train['final_train_loss']:.4f}" if train else "-"),
             ("training device", run_tags.get("device", "-")),
             ("hardware (registering host)", hardware()),
-            ("parent run", f"{run.info.run_id} (experiment {run.info.experiment_id})"),
-            ("git commit", tags.get("git_commit") or "-"),
-            ("dvc.lock hash", tags.get("dvc_lock_hash") or "-"),
-            ("params hash", tags.get("params_hash")),
         ]),
         "",
+        *lineage_section(tags, run.info.run_id, run.info.experiment_id),
         "## Params",
         "```yaml",
         *_yaml_lines({k: p[k] for k in ("seed", "data", "augment", "train", "evaluate",
@@ -98,12 +127,7 @@ def model_card(name: str, version: str, params: Params, layout: Layout, arch: An
         "```",
         "",
         decision.markdown(name, version),
-        "## Use",
-        "```python",
-        "import mlflow, pandas as pd",
-        f'model = mlflow.pyfunc.load_model("models:/{name}/{version}")',
-        'model.predict(pd.DataFrame({"image": [open("cat.png", "rb").read()]}))',
-        "```",
+        *usage_section(name, f"/{version}", sample),
     ]
     return "\n".join(lines) + "\n"
 

@@ -25,10 +25,12 @@ from mlflow.exceptions import MlflowException
 
 from visionflow.compression.pareto import recipe_text
 from visionflow.config import Params
+from visionflow.files import read_json
 from visionflow.layout import Layout
 from visionflow.mlops import registry, tracking
-from visionflow.mlops.provenance import version_tags
-from visionflow.mlops.publish import log_compact
+from visionflow.mlops.card import data_section, lineage_section, metrics_section, usage_section
+from visionflow.mlops.provenance import LINEAGE, flat_tags, lineage, version_tags
+from visionflow.mlops.publish import log_compact, log_model_metrics
 from visionflow.model.classifier import load_classifier
 
 ALIAS = "compact"
@@ -61,12 +63,14 @@ def chosen_variant(params: Params, layout: Layout) -> tuple[dict[str, Any] | Non
 
 
 def register_compact(params: Params, layout: Layout, parent_version: str,
-                     require_champion_parent: bool = True) -> dict[str, Any] | None:
+                     require_champion_parent: bool = True,
+                     sample: tuple[str, str] | None = None) -> dict[str, Any] | None:
     """Register the chosen compressed variant; None (and nothing registered) when none fits.
 
     Call it outside any active MLflow run and outside `registry.registry_lock` (it opens the
     pipeline run and takes the lock itself). Returns `{model_name, version, alias, variant,
-    parent_version, metrics, reason}`; `alias` is None when it was not moved.
+    parent_version, metrics, run_id, reason}`; `alias` is None when it was not moved.
+    `sample`: (a test image's path, its class) for the card's usage example.
     """
     entry, why = chosen_variant(params, layout)
     if entry is None:
@@ -76,70 +80,103 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
     _, arch = load_classifier(layout.model)
     parent_version = str(parent_version)
     with tracking.stage_run(layout):
+        version, alias, reason, run_id = _register(params, layout, entry, arch, parent_version,
+                                                   require_champion_parent, sample)
+        mlflow.set_tags({"compact_version": version, "compact_variant": entry["name"],
+                         "compact_run": run_id})
+    print(f"compact: {entry['name']} registered as {name} v{version}"
+          + (f" @{alias}" if alias else f" ({reason})"))
+    return {"model_name": name, "version": version, "alias": alias, "variant": entry["name"],
+            "parent_version": parent_version, "metrics": _scalars(entry),
+            "run_id": run_id, "reason": reason}
+
+
+def _register(params: Params, layout: Layout, entry: dict[str, Any], arch: Any,
+              parent_version: str, require_champion_parent: bool,
+              sample: tuple[str, str] | None) -> tuple[str, str | None, str, str]:
+    """In a child run of the pipeline run (so the compact model inherits none of the
+    parent's metrics): log, register, tag, describe; move the alias. (version, alias,
+    reason, child run id)."""
+    name = params.register_.model_name
+    validation = read_json(layout.validation, {}) or {}
+    with mlflow.start_run(run_name=f"compact-{entry['name']}", nested=True,
+                             tags={"kind": "compact", "parent_version": parent_version,
+                                   tracking.NOTE: f"The compressed copy `{entry['name']}` of "
+                                   f"v{parent_version}, logged in its own run so that its "
+                                   "model carries only its own metrics."}) as run:
         uri = mlflow.get_tracking_uri()
         with registry.registry_lock(uri) as lock:
             client = registry.client_for(layout)
             info = log_compact(Path(entry["path"]), arch, name, params)
             version = str(info.registered_model_version)
+            log_model_metrics(_headline(entry), info.model_id, params, layout,
+                              {f"compact/{k}": v for k, v in _scalars(entry).items()})
             try:
                 parent_tags = client.get_model_version(name, parent_version).tags or {}
             except MlflowException:  # a parent unknown to this store: nothing to point at
                 parent_tags = {}
-            tags = {**version_tags(params, layout), **compact_tags(entry, parent_version, params),
+            tags = {**version_tags(params, layout),
                     # the images it learnt from are its parent's: the same record
-                    "train_hashes": parent_tags.get("train_hashes", "")}
-            for k, v in tags.items():
-                client.set_model_version_tag(name, version, k, v)
-            client.update_model_version(name, version,
-                                        description=compact_card(name, version, entry, tags))
-            lock.check()
+                    LINEAGE + "train_hashes": lineage(parent_tags, "train_hashes"),
+                    **compact_tags(entry, parent_version, params)}
             champion = registry.current_alias(client, name, params.register_.alias)
             alias, reason = None, f"{entry['name']} fits the budget"
             if require_champion_parent and champion != parent_version:
                 reason = (f"alias '{ALIAS}' not moved: parent v{parent_version} is not the "
                           f"'{params.register_.alias}' (v{champion or '-'})")
-                client.set_model_version_tag(name, version, "compact_alias", reason)
+                tags["compact_alias"] = reason
             else:
+                tags["compact_alias"] = f"set: {reason}"
+            for k, v in flat_tags(tags).items():
+                client.set_model_version_tag(name, version, k, v)
+            client.update_model_version(name, version, description=compact_card(
+                name, version, entry, tags, validation, params.data.source, run,
+                parent_tags, sample))
+            lock.check()
+            if tags["compact_alias"].startswith("set:"):
                 client.set_registered_model_alias(name, ALIAS, version)
                 alias = ALIAS
-                client.set_model_version_tag(name, version, "compact_alias", f"set: {reason}")
-        mlflow.set_tags({"compact_version": version, "compact_variant": entry["name"]})
-    print(f"compact: {entry['name']} registered as {name} v{version}"
-          + (f" @{alias}" if alias else f" ({reason})"))
-    return {"model_name": name, "version": version, "alias": alias, "variant": entry["name"],
-            "parent_version": parent_version, "metrics": json.loads(tags["compact_metrics"]),
-            "reason": reason}
+    return version, alias, reason, run.info.run_id
 
 
 SCALARS = ("top1", "top1_drop_points", "size_bytes", "size_ratio", "params", "param_ratio",
            "macs", "mac_ratio", "cpu_b1_ms", "cpu_b32_ms", "speedup_b1_vs_fp32_eager",
            "gpu_b1_ms", "agreement_with_fp32", "onnx_agreement")
+HEADLINE = ("top1", "top3", "top5", "f1_macro", "f1_micro", "f1_weighted", "precision_macro",
+            "recall_macro", "miou", "ece")
+
+
+def _headline(entry: dict[str, Any]) -> dict[str, float]:
+    """The variant's own test metrics (the compress stage scored it on the test split)."""
+    return {k: round(float(entry[k]), 6) for k in HEADLINE
+            if isinstance(entry.get(k), int | float)}
+
+
+def _scalars(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: entry[k] for k in SCALARS if isinstance(entry.get(k), int | float)}
 
 
 def compact_tags(entry: dict[str, Any], parent_version: str, params: Params) -> dict[str, str]:
-    headline = {k: round(float(v), 6) for k, v in entry.items()
-                if k in ("top1", "top3", "top5", "f1_macro", "f1_micro", "f1_weighted",
-                         "precision_macro", "recall_macro", "miou", "ece")
-                and isinstance(v, int | float)}
-    compact = {k: entry[k] for k in SCALARS if isinstance(entry.get(k), int | float)}
+    """Flat, readable tags (its metrics are its logged model's; its recipe as text)."""
     original = entry.get("original") or {}
     return {
         "parent_version": parent_version,
         "compact_variant": entry["name"],
-        "compact_recipe": json.dumps(entry.get("recipe") or [])[:5000],
+        "compact_recipe": recipe_text(entry.get("recipe") or [])[:5000],
         "compact_format": str(entry.get("format", "")),
         "compact_runtime": str(entry.get("runtime", "")),
         "compact_objective": str(entry.get("objective", params.compress.objective)),
         "compact_max_top1_drop": f"{params.compress.max_top1_drop:g}",
-        "compact_metrics": json.dumps(compact),
-        "metrics": json.dumps(headline),  # what `vflow models list/show` reads
-        "top1": f"{entry['top1']:.6f}",
         "parent_top1": f"{float(original.get('top1', 0.0)):.6f}",
         "model": f"{params.train.model} ({entry['name']})",
     }
 
 
-def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str, str]) -> str:
+def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str, str],
+                 validation: dict[str, Any], source: str, run: Any,
+                 parent_tags: dict[str, str], sample: tuple[str, str] | None) -> str:
+    """The compact version's model card: the same sections as its parent's (data, test
+    metrics, lineage, gate), plus the comparison with the parent."""
     o = entry.get("original") or {}
 
     def row(label: str, key: str, fmt: str = "{}") -> str:
@@ -147,15 +184,26 @@ def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str,
         show = [fmt.format(v) if isinstance(v, int | float) else "-" for v in (a, b)]
         return f"| {label} | {show[0]} | {show[1]} |"
 
+    parent = tags["parent_version"]
+    n_test = validation.get("counts", {}).get("test")
+    n_test = sum(n_test.values()) if isinstance(n_test, dict) else "-"
+    gate = parent_tags.get("gate_decision", "-")
     return "\n".join([
-        f"# {name} v{version}: compact variant `{entry['name']}` of v{tags['parent_version']}",
+        f"# {name} v{version}: compact variant `{entry['name']}` of v{parent}",
         "",
         f"Recipe: `{recipe_text(entry.get('recipe') or [])}`; served as {entry.get('format')} "
         f"by {entry.get('runtime')} (ONNX Runtime, CPU).",
         f"Chosen by objective `{tags['compact_objective']}` within "
         f"{tags['compact_max_top1_drop']} top-1 point(s) of the parent.",
         "",
-        "| | parent | compact |", "|---|---|---|",
+        *data_section(tags, validation, source),
+        *metrics_section(_headline(entry), n_test, "Test metrics (this model's own)",
+                         [("top-1 drop vs parent (points)",
+                           f"{float(entry.get('top1_drop_points', 0)):+.2f}"),
+                          ("agreement with the parent",
+                           f"{float(entry.get('agreement_with_fp32', 0)):.2%}")]),
+        "## Compared with the parent", "",
+        f"| | parent v{parent} | compact v{version} |", "|---|---|---|",
         row("top-1", "top1", "{:.4f}"),
         row("file bytes", "size_bytes", "{:,}"),
         row("parameters", "params", "{:,}"),
@@ -163,12 +211,13 @@ def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str,
         row("CPU ms, batch 1 (own runtime)", "cpu_b1_ms", "{:.3f}"),
         row("CPU ms, batch 32 (own runtime)", "cpu_b32_ms", "{:.3f}"),
         "",
-        f"Top-1 drop {entry['top1_drop_points']:+.2f} points; predictions agree with the parent "
-        f"on {float(entry.get('agreement_with_fp32', 0)):.2%} of the test images.",
+        *lineage_section(tags, run.info.run_id, run.info.experiment_id),
+        "## Gate",
         "",
-        "```python",
-        "import mlflow, pandas as pd",
-        f'model = mlflow.pyfunc.load_model("models:/{name}@{ALIAS}")',
-        'model.predict(pd.DataFrame({"image": [open("some.png", "rb").read()]}))',
-        "```",
+        f"The compact copy is not gated itself: it follows its parent. Parent v{parent}: "
+        f"**{gate}** ({parent_tags.get('gate_reason', 'no gate record')}).",
+        "",
+        f"Alias `{ALIAS}`: {tags.get('compact_alias', '-')}.",
+        "",
+        *usage_section(name, f"@{ALIAS}", sample),
     ]) + "\n"

@@ -145,7 +145,7 @@ class Decision:
         }
         if self.mcnemar_p is not None:
             tags["gate_mcnemar_p"] = f"{self.mcnemar_p:.6g}"
-        return {k: v[:5000] for k, v in tags.items()}
+        return {k: v[:5000] for k, v in tags.items() if v}  # no empty tags
 
     def markdown(self, model_name: str = "", version: str | None = None) -> str:
         head = f"## Champion gate: {self.label.upper()}"
@@ -261,7 +261,8 @@ def apply(client: Any, name: str, version: str, decision: Decision, alias: str =
     """
 
     for k, v in {**(extra_tags or {}), **decision.tags()}.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
+        if v is not None and str(v) != "":  # no empty tags
+            client.set_model_version_tag(name, str(version), k, str(v))
     if not decision.promote:
         return None
     registry.set_champion(client, name, str(version), alias=alias, action="gate", by=who,

@@ -12,6 +12,7 @@ from typing import Any
 
 from visionflow.config import Params
 from visionflow.layout import Layout
+from visionflow.mlops.provenance import LINEAGE_KEYS, lineage
 from visionflow.mlops.registry import champion_of, client_for
 
 SUMMARY_ARTIFACTS = ("data/data_summary.json", "data/validation.json")  # as train logs them
@@ -72,7 +73,7 @@ def trained_hashes(mv: Any) -> tuple[set[str] | None, str]:
     (None, why they are unknown). A `compact` version points at its parent's."""
     import mlflow
 
-    uri = (mv.tags or {}).get("train_hashes")
+    uri = lineage(mv.tags, "train_hashes")
     if not uri:
         return None, (f"champion v{mv.version} records no training-image hashes (registered "
                       "before they were recorded): its training images could not be excluded")
@@ -95,7 +96,11 @@ def champion_split_scheme(layout: Layout, model_name: str, alias: str = "champio
         if uri is None or mv is None:
             return None, "no champion yet"
         who = f"champion v{mv.version}"
-        raw = (mv.tags or {}).get("split_scheme")
+        tags = mv.tags or {}
+        if fingerprint := lineage(tags, "split_fingerprint"):
+            return {"fingerprint": fingerprint,
+                    "description": lineage(tags, "split_scheme")}, who
+        raw = tags.get("split_scheme")  # older versions: the scheme as JSON
         if not raw:
             return None, f"{who} records no split scheme"
         scheme = json.loads(raw)
@@ -116,8 +121,8 @@ def champion_tags(layout: Layout, model_name: str, alias: str) -> dict[str, Any]
             return {**info, "status": "no champion"}
         tags = mv.tags or {}
         return {**info, "status": "ok", "version": str(mv.version),
-                "data_hash": tags.get("data_hash", ""),
-                "dvc_data_md5": tags.get("dvc_data_md5", ""), "run_id": mv.run_id}
+                "data_hash": lineage(tags, "data_hash"),
+                "dvc_data_md5": lineage(tags, "dvc_data_md5"), "run_id": mv.run_id}
     except Exception as e:  # status is a report: never crash on the registry
         return {**info, "status": f"unavailable: {' '.join(str(e).split())[:160]}"}
 
@@ -129,7 +134,7 @@ def champion_and_latest(params: Params, layout: Layout) -> tuple[dict[str, str],
     client = client_for(layout)
     cfg = params.register_
     mv = champion_of(client, cfg.model_name, cfg.alias)
-    champion: dict[str, str] = {} if mv is None else {**mv.tags, "version": str(mv.version)}
+    champion: dict[str, str] = {} if mv is None else _flat(mv)
     latest: dict[str, str] = {}
     try:
         versions = client.search_model_versions(f"name='{cfg.model_name}'")
@@ -138,5 +143,12 @@ def champion_and_latest(params: Params, layout: Layout) -> tuple[dict[str, str],
     versions = [v for v in versions if "parent_version" not in (v.tags or {})]  # not `compact`
     if versions:
         mv = max(versions, key=lambda v: int(v.version))
-        latest = {**mv.tags, "version": str(mv.version)}
+        latest = _flat(mv)
     return champion, latest
+
+
+def _flat(mv: Any) -> dict[str, str]:
+    """A version's tags with the lineage ones under their bare names, plus `version`."""
+    tags = dict(mv.tags or {})
+    bare = {k: lineage(tags, k) for k in LINEAGE_KEYS if lineage(tags, k)}
+    return {**tags, **bare, "version": str(mv.version)}

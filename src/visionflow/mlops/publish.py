@@ -4,9 +4,12 @@ both with the same signature, input example and pinned requirements."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
@@ -21,7 +26,9 @@ from PIL import Image
 from visionflow.config import Params
 from visionflow.layout import Layout
 from visionflow.mlops.compact_model import ONNX_ARTIFACT
+from visionflow.mlops.datasets import dataset, log_datasets
 from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.registry import TEST_PREFIX
 from visionflow.model.classifier import load_classifier
 from visionflow.model.metrics import capped_topk
 
@@ -31,15 +38,32 @@ COMPACT_ARTIFACT = "compact_model"
 TRAIN_HASHES = "train_hashes-v{version}.json"
 
 
+DESCRIPTION_HEAD = "Image classifier trained by visionflow."
+
+
 def describe_registered_model(client: Any, name: str, alias: str) -> None:
+    """The registered model's description: what each alias means (kept when a person wrote
+    their own)."""
     rm = client.get_registered_model(name)
-    if not rm.description:
-        client.update_registered_model(name, description=(
-            f"Image classifier trained by visionflow. Alias `{alias}` marks the serving "
-            f"model, `previous` the one it replaced. Each version's description is its "
-            f"model card; tags hold provenance and the champion-gate decision. "
-            f"Browse: `vflow models list`; serve: `mlflow models serve -m "
-            f"models:/{name}@{alias}`."))
+    text = "\n".join([
+        f"{DESCRIPTION_HEAD} Each version's description is its model card (data, test "
+        "metrics, lineage, gate decision, usage); its metrics are its own logged model's; "
+        "tags starting `lineage.` say where it came from, `gate_` why it was (not) promoted.",
+        "",
+        "Aliases:",
+        f"- `{alias}`: the serving model, moved only by the champion gate (or by hand with "
+        "`vflow models promote/rollback`, recorded with who and why);",
+        "- `previous`: the version the champion replaced (what `vflow models rollback` "
+        "goes back to);",
+        "- `compact`: a compressed copy (ONNX, CPU) of the champion, registered as its own "
+        "version with its own test metrics, within `compress.max_top1_drop` of its parent.",
+        "",
+        f"Browse: `vflow models list`; serve: `mlflow models serve -m models:/{name}@{alias}` "
+        f"(or `@compact`).",
+    ])
+    if not rm.description or (rm.description.startswith(DESCRIPTION_HEAD)
+                              and rm.description != text):
+        client.update_registered_model(name, description=text)
 
 
 def signature_and_example(arch: Any, topk: int):
@@ -58,7 +82,7 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
     _, arch = load_classifier(layout.model)
     topk = max(capped_topk(params.evaluate.topk if params else [5], arch.num_classes))
     signature, example = signature_and_example(arch, topk)
-    return mlflow.pyfunc.log_model(
+    return log_own_model("model", lambda model_id: mlflow.pyfunc.log_model(
         name="model",
         python_model=str(HERE / "pyfunc_model.py"),
         artifacts={WEIGHTS: str(layout.model)},
@@ -69,7 +93,69 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
                       **serving_limits(params)},
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=model_name,
-    )
+        model_id=model_id,
+    ))
+
+
+def log_own_model(name: str, log: Callable[[str], Any]) -> Any:
+    """Log a model into the active run so that it carries only the metrics logged on it.
+
+    MLflow copies a run's step-0 metrics (here the test, compress, calibration and system
+    metrics) onto every model logged inside the run. So: create the logged model (source
+    run = this run, the run's params), write it with `log(model_id)` from a thread that has
+    no active run (nothing copied), then record it as the run's output."""
+    run = mlflow.active_run()
+    info = mlflow.get_run(run.info.run_id)
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id,
+                                           experiment_id=run.info.experiment_id,
+                                           params=dict(info.data.params))
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["info"] = log(model.model_id)
+        except BaseException as err:  # noqa: BLE001 (raised in the caller's thread)
+            out["error"] = err
+
+    thread = threading.Thread(target=work, name=f"log-{name}")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    MlflowClient().log_outputs(run.info.run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return out["info"]
+
+
+def log_model_metrics(metrics: dict[str, float], model_id: str, params: Params,
+                      layout: Layout, extra: dict[str, float] | None = None) -> None:
+    """A logged model's own metrics (what its version page and `search_logged_models`
+    show), measured on the test split; the datasets it trained and was evaluated on."""
+    log_datasets(params, layout, model_id)  # first: a metric's dataset is logged untagged
+    test = dataset(params, layout, "test")
+    # a model logged into a run already carries the run's step-0 metrics: log only what
+    # it lacks (or has with another value), so its page lists each metric once
+    have = {m.key: m.value for m in mlflow.get_logged_model(model_id).metrics or []}
+    own = {TEST_PREFIX + k: float(v) for k, v in metrics.items()}
+    own = {k: v for k, v in own.items() if k not in have or abs(have[k] - v) > 1e-9}
+    if own:
+        mlflow.log_metrics(own, model_id=model_id, dataset=test)
+    if extra:
+        mlflow.log_metrics({k: float(v) for k, v in extra.items()}, model_id=model_id)
+
+
+def sample_image(cache: dict[str, Any], arch: Any, layout: Layout,
+                 dataset_root: str) -> tuple[str, str] | None:
+    """(the first test image's path, relative to the project when inside it; its class).
+    `dataset_root`: where validate found the images (validation.json's `dataset_root`)."""
+    paths = cache.get("test_paths") or []
+    if not len(paths):
+        return None
+    path = Path(str(paths[0]))
+    if not path.is_absolute():  # recorded relative to the dataset's root
+        path = Path(dataset_root or layout.root) / path
+    with contextlib.suppress(ValueError):
+        path = path.resolve().relative_to(layout.root.resolve())
+    return str(path), str(arch.classes[int(cache["test_y"][0])])
 
 
 def serving_limits(params: Params | None) -> dict[str, int]:

@@ -165,8 +165,15 @@ def resolve(client: Any, name: str, ref: str) -> str:
     return version
 
 
-def version_metrics(mv: Any) -> dict[str, float]:
-    """The test metrics recorded with a version (its `metrics` tag)."""
+TEST_PREFIX = "test/"  # a logged model's metrics on the test split (publish logs them)
+
+
+def version_metrics(mv: Any, client: Any | None = None) -> dict[str, float]:
+    """The test metrics of a version: its logged model's own (`test/top1` -> `top1`), or,
+    for versions registered before those existed, its `metrics` / `top1` tags."""
+    found = _model_metrics(client, model_id_of(mv)) if client else {}
+    if found:
+        return found
     raw = (mv.tags or {}).get("metrics")
     if raw:
         try:
@@ -175,6 +182,31 @@ def version_metrics(mv: Any) -> dict[str, float]:
             pass
     top1 = (mv.tags or {}).get("top1")
     return {"top1": float(top1)} if top1 else {}
+
+
+def model_id_of(mv: Any) -> str | None:
+    """The logged model behind a version (some stores leave `model_id` unset: the source
+    `models:/m-...` names it)."""
+    found = getattr(mv, "model_id", None)
+    source = str(getattr(mv, "source", "") or "")
+    if not found and source.startswith("models:/m-"):
+        found = source.removeprefix("models:/").split("/")[0]
+    return found or None
+
+
+def _model_metrics(client: Any, model_id: str | None) -> dict[str, float]:
+    if not model_id:
+        return {}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_logged_model(model_id).metrics or []
+    except MlflowException:  # a model gone from the store: nothing to show
+        return {}
+    out = {m.key.removeprefix(TEST_PREFIX): float(m.value) for m in found
+           if m.key.startswith(TEST_PREFIX)}
+    ordered = [k for k in SHOWN_METRICS if k in out]
+    return {k: out[k] for k in ordered + sorted(set(out) - set(ordered))}
 
 
 @dataclass
@@ -199,22 +231,22 @@ class VersionInfo:
         return asdict(self)
 
 
-def _info(mv: Any, aliases: dict[str, list[str]]) -> VersionInfo:
+def _info(mv: Any, aliases: dict[str, list[str]], client: Any = None) -> VersionInfo:
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(mv.creation_timestamp) / 1000))
     return VersionInfo(str(mv.version), aliases.get(str(mv.version), []), created,
                        mv.run_id or "", str(mv.status), str(mv.source), dict(mv.tags or {}),
-                       version_metrics(mv), mv.description or "")
+                       version_metrics(mv, client), mv.description or "")
 
 
 def list_versions(client: Any, name: str) -> list[VersionInfo]:
     aliases = aliases_by_version(client, name)
-    return [_info(mv, aliases) for mv in all_versions(client, name)]
+    return [_info(mv, aliases, client) for mv in all_versions(client, name)]
 
 
 def show_version(client: Any, name: str, ref: str) -> VersionInfo:
     version = resolve(client, name, ref)
     mv = client.get_model_version(name, version)
-    return _info(mv, aliases_by_version(client, name))
+    return _info(mv, aliases_by_version(client, name), client)
 
 
 def compare_versions(client: Any, name: str, ref_a: str,
@@ -227,7 +259,7 @@ def compare_versions(client: Any, name: str, ref_a: str,
     for k in keys:
         va, vb = a.metrics.get(k), b.metrics.get(k)
         rows.append((k, va, vb, None if va is None or vb is None else vb - va))
-    skip = {"metrics", "params"}
+    skip = {"metrics", "params", "compact_metrics"}
     tag_rows = [(k, a.tags.get(k, ""), b.tags.get(k, ""))
                 for k in sorted(set(a.tags) | set(b.tags))
                 if k not in skip and a.tags.get(k) != b.tags.get(k)]
@@ -294,11 +326,13 @@ def set_champion(client: Any, name: str, version: str, alias: str = "champion",
         client.set_registered_model_alias(name, PREVIOUS, old)
         for k, v in {"demoted_by": by, "demoted_at": when, "demoted_action": action,
                      "demoted_reason": reason, "demoted_for": version}.items():
-            client.set_model_version_tag(name, old, k, v[:5000])
+            if v:
+                client.set_model_version_tag(name, old, k, v[:5000])
     client.set_registered_model_alias(name, alias, version)
     for k, v in {"champion_by": by, "champion_at": when, "champion_action": action,
                  "champion_reason": reason, "champion_replaced": old or ""}.items():
-        client.set_model_version_tag(name, version, k, v[:5000])
+        if v:  # no empty tags (a first champion replaced nothing)
+            client.set_model_version_tag(name, version, k, v[:5000])
     _append_history(client, name, {"at": when, "action": action, "alias": alias,
                                    "from": old, "to": version, "by": by,
                                    "reason": reason[:300]})

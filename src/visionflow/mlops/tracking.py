@@ -180,6 +180,32 @@ def log_validation(layout: Layout) -> None:
         log_dir_or_file(path, artifact_path)
 
 
+NOTE = "mlflow.note.content"  # the run's description in the UI
+STAGES = "validate > augment > train > evaluate > compress > register"
+
+
+def pipeline_run_tags(params: Any, data_hash: str, device: str, world: int) -> dict[str, str]:
+    """What the pipeline run is, as tags and a description (one run records all six
+    stages; register adds the outcome)."""
+    tags = {"kind": "pipeline", "stages": STAGES, "model": params.train.model,
+            "lineage.data_hash": data_hash, "device": device, "world_size": str(world),
+            NOTE: (f"visionflow pipeline run: {STAGES}. Trains `{params.train.model}` "
+                   f"({params.train.epochs} epochs) on `{params.data.source}` (data "
+                   f"{data_hash[:12] or '?'}), evaluates it on the test split, compresses "
+                   "it and registers it behind the champion gate. Charts: `curves/*` per "
+                   "epoch, `test/*` test split, `variants/*` compressed variants.")}
+    return {k: v for k, v in tags.items() if v}
+
+
+def add_outcome(text: str) -> None:
+    """Append the registration's outcome to the active run's description."""
+    import mlflow
+
+    run = mlflow.active_run()
+    note = mlflow.get_run(run.info.run_id).data.tags.get(NOTE, "") if run else ""
+    mlflow.set_tag(NOTE, (note + "\n\n" if note else "") + text)
+
+
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -10,7 +10,7 @@ from typing import Any
 
 # a compressed variant is "chosen" when it is the smallest within this top-1 drop
 CHOICE_MAX_TOP1_DROP = 0.01
-HEADLINE = ("top1", "top3", "top5", "f1_macro", "miou", "n_test")
+HEADLINE = ("top1", "top3", "top5", "f1_macro", "f1_weighted", "miou", "ece")
 
 
 def _fmt(v: Any) -> str:
@@ -21,22 +21,50 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _seconds(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.1f}"
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = "" if v is None else str(v)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def metric_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the table artifact: the scalar test metrics, then per-class IoU."""
-    rows = [{"metric": k, "value": round(v, 6) if isinstance(v, float) else v}
-            for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
-    iou = metrics.get("iou_per_class")
-    if isinstance(iou, dict):
-        rows += [{"metric": f"iou[{c}]", "value": round(float(v), 6)} for c, v in iou.items()]
-    elif isinstance(iou, list):
-        rows += [{"metric": f"iou[{i}]", "value": round(float(v), 6)} for i, v in enumerate(iou)]
+def metric_rows(metrics: dict[str, Any], champion: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
+    """Rows for the table artifact: the headline test metrics, this run's beside the
+    champion's before the run (its own version's metrics) and the change."""
+    theirs = (champion or {}).get("metrics") or {}
+    who = f"champion v{champion['version']}" if champion and champion.get("version") else \
+        "champion"
+    rows = []
+    for k in HEADLINE:
+        v = metrics.get(k)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        c = theirs.get(k)
+        rows.append({"metric": k, "this run": round(float(v), 4),
+                     who: "-" if c is None else round(float(c), 4),
+                     "change": "-" if c is None else f"{float(v) - float(c):+.4f}"})
     return rows
+
+
+def outcome_message(version: str, decision: dict[str, Any]) -> str:
+    """One line naming the outcome: "promoted v3: top-1 0.9833 > 0.9750 (v2)"."""
+    top1 = decision.get("challenger_top1")
+    champ, champ_v = decision.get("champion_top1"), decision.get("champion_version")
+    if decision.get("promote"):
+        if champ is not None and top1 is not None:
+            return f"promoted v{version}: top-1 {top1:.4f} > {champ:.4f} (v{champ_v})"
+        top = f"top-1 {top1:.4f}, " if top1 is not None else ""
+        return f"promoted v{version}: {top}{decision.get('reason', '')}"
+    return f"rejected v{version}: {decision.get('reason', '')}"
 
 
 def compression_choice(report: dict[str, Any] | None) -> tuple[str, str]:
@@ -73,20 +101,28 @@ def _drop_points(v: dict[str, Any]) -> float | None:
 
 
 def mlflow_links(ui_url: str, run: dict[str, Any] | None, model_name: str,
-                 version: str | None) -> dict[str, str]:
+                 version: str | None, compact: str | None = None) -> dict[str, dict[str, str]]:
+    """{artifact key: {url, text}}: each link says what it opens."""
     base = ui_url.rstrip("/")
-    links = {}
+    links: dict[str, dict[str, str]] = {}
     if run and run.get("run_id"):
-        links["mlflow-run"] = (f"{base}/#/experiments/{run.get('experiment_id', '0')}"
-                               f"/runs/{run['run_id']}")
+        links["mlflow-run"] = {
+            "url": f"{base}/#/experiments/{run.get('experiment_id', '0')}/runs/{run['run_id']}",
+            "text": f"MLflow run {run['run_id'][:8]} (all six stages)"}
     if version:
-        links["model-version"] = f"{base}/#/models/{model_name}/versions/{version}"
+        links["model-version"] = {"url": f"{base}/#/models/{model_name}/versions/{version}",
+                                  "text": f"{model_name} v{version} (model card)"}
+    if compact:
+        links["compact-version"] = {"url": f"{base}/#/models/{model_name}/versions/{compact}",
+                                    "text": f"{model_name} v{compact} @compact (model card)"}
     return links
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
     """The whole run on one page: headline, data, validation, metrics, gate, compression."""
     out = [f"# retrain: {r.get('headline', r.get('status', ''))}", ""]
+    if (r.get("outcome") or {}).get("message"):
+        out += [f"**Outcome:** {r['outcome']['message']}", ""]
     flags = [f"force={r.get('force', False)}", f"only_new_data={r.get('only_new_data', False)}"]
     out += [f"Run parameters: {', '.join(flags)}; root `{r.get('root', '')}`", ""]
 
@@ -98,9 +134,11 @@ def summary_markdown(r: dict[str, Any]) -> str:
 
     data = r.get("data") or {}
     out += ["## Data", ""]
+    md5 = data.get("dvc_md5") or ""
     rows = [["source", f"`{data.get('source', '')}`"],
             ["data_hash (manifest)", f"`{data.get('data_hash', '') or 'not computed'}`"],
-            ["dvc md5 (data.dvc)", f"`{data.get('dvc_md5', '') or '-'}`"],
+            [f"dvc md5 ({data.get('dvc_file') or 'data.dvc'})",
+             f"`{md5}`" if md5 else data.get("dvc_note") or "-"],
             ["refresh", data.get("refresh", "not run")],
             ["new data?", data.get("decision", "")]]
     v = r.get("validation") or {}
@@ -113,26 +151,37 @@ def summary_markdown(r: dict[str, Any]) -> str:
         if isinstance(drift, dict) and drift.get("status"):
             msg = drift.get("message") or ""
             rows.append(["drift", f"{drift['status']}: {msg}" if msg else drift["status"]])
-    out += [_table(["", ""], rows), ""]
+    out += [_table(["data", "value"], rows), ""]
+
+    champ = r.get("champion") or {}
+    if champ:
+        out += ["## Champion (unchanged)", "",
+                _table(["champion", "value"],
+                       [["version", f"{r.get('model_name', '')} v{champ.get('version')} "
+                                    f"@{champ.get('alias', 'champion')}"],
+                        ["data_hash", f"`{champ.get('data_hash') or '-'}`"],
+                        ["gate", champ.get("gate") or "-"]]), ""]
 
     exps = v.get("expectations") or []
     if exps:
         out += ["## Validation", "",
                 _table(["expectation", "column", "ok", "observed", "what it checks"],
                        [[e.get("expectation"), e.get("column") or "",
-                         "yes" if e.get("success") else "**NO**", e.get("observed"),
+                         "yes" if e.get("success") else "**NO**", _short(e.get("observed")),
                          e.get("description")] for e in exps]), ""]
 
     m = r.get("metrics") or {}
     if m:
+        rows = metric_rows(m, r.get("champion_metrics"))
+        header = list(rows[0]) if rows else ["metric", "this run"]
         out += ["## Metrics (test split)", "",
-                _table(["metric", "value"], [[k, m[k]] for k in HEADLINE if k in m]), ""]
+                _table(header, [list(row.values()) for row in rows]), ""]
 
     gate = r.get("gate") or {}
     if gate:
         out += ["## Gate", "",
                 f"**{gate.get('decision', '')}**: {gate.get('reason', '')}", "",
-                _table(["", ""], [["model version", f"{r.get('model_name', '')} "
+                _table(["gate", "value"], [["model version", f"{r.get('model_name', '')} "
                                    f"v{gate.get('version', '?')}"],
                                   ["champion before", gate.get("champion_before") or "none"],
                                   ["champion after", gate.get("champion_after") or "none"],
@@ -158,11 +207,13 @@ def summary_markdown(r: dict[str, Any]) -> str:
 
     links = r.get("links") or {}
     if links:
-        out += ["## Links", ""] + [f"- [{k}]({u})" for k, u in links.items()] + [""]
+        out += ["## Links", ""] + [f"- [{link['text']}]({link['url']})"
+                                   for link in links.values()] + [""]
 
     stages = r.get("stages") or []
     if stages:
         out += ["## Stages", "",
                 _table(["stage", "state", "seconds"],
-                       [[s["name"], s["state"], s.get("seconds")] for s in stages]), ""]
+                       [[s["name"], s["state"], _seconds(s.get("seconds"))]
+                        for s in stages]), ""]
     return "\n".join(out)

@@ -19,7 +19,8 @@ from visionflow.data.source import source_path
 from visionflow.errors import DataError
 from visionflow.files import read_json
 from visionflow.layout import Layout
-from visionflow.mlops.lineage import champion_and_latest, champion_tags
+from visionflow.mlops.lineage import champion_and_latest, champion_tags, champion_version
+from visionflow.mlops.registry import client_for, version_metrics
 
 
 @dataclass
@@ -47,6 +48,43 @@ def dvc_tracked(params: Params, layout: Layout) -> Path | None:
         return None
     dvc_file = src.with_name(src.name + ".dvc")
     return dvc_file if dvc_file.is_file() else None
+
+
+def data_version(params: Params, layout: Layout) -> dict[str, str]:
+    """What every run's summary shows about the data before anything runs: the md5
+    `data.dvc` records (or why there is none)."""
+    try:
+        dvc_file = dvc_tracked(params, layout)
+    except Exception:  # noqa: BLE001 (a summary line, never a failure)
+        dvc_file = None
+    if dvc_file is None:
+        return {"dvc_md5": "", "dvc_note": f"{params.data.source} is not DVC-tracked"}
+    return {"dvc_md5": dvc_md5(dvc_file), "dvc_file": dvc_file.name}
+
+
+def data_news(params: Params, layout: Layout, data_hash: str) -> str:
+    """"new data?" for a run that trains regardless (a manual run): the same comparison a
+    scheduled run makes, for the summary."""
+    try:
+        champion, latest = champion_and_latest(params, layout)
+    except Exception as err:  # noqa: BLE001 (a summary line, never a failure)
+        return f"unknown (registry: {' '.join(str(err).split())[:120]})"
+    return compare_data(data_hash, champion, latest, "validate").reason
+
+
+def champion_metrics(params: Params, layout: Layout, alias: str | None = None
+                     ) -> dict[str, Any]:
+    """The version holding `alias` (the champion by default) and its test metrics now ({}
+    when none or no registry)."""
+    try:
+        _, mv = champion_version(layout, params.register_.model_name,
+                                 alias or params.register_.alias)
+        if mv is None:
+            return {}
+        return {"version": str(mv.version),
+                "metrics": version_metrics(mv, client_for(layout))}
+    except Exception:  # noqa: BLE001 (a comparison in a report, never a failure)
+        return {}
 
 
 def refresh_data(params: Params, layout: Layout) -> str:
@@ -78,7 +116,9 @@ def refresh_data(params: Params, layout: Layout) -> str:
 
 
 def _source_of(tags: dict[str, str]) -> str | None:
-    try:
+    if tags.get("data_source"):
+        return tags["data_source"]
+    try:  # older versions: the params as JSON
         return json.loads(tags.get("params", ""))["data"]["source"]
     except (ValueError, KeyError, TypeError):
         return None

@@ -126,10 +126,10 @@ def _log(layout: Layout, report: dict[str, Any]) -> None:
             key = _metric_name(name)
             for field_ in ("top1", "size_ratio", "mac_ratio", "cpu_b1_ms"):
                 if isinstance(v.get(field_), int | float):
-                    metrics[f"compress_{key}_{field_}"] = float(v[field_])
+                    metrics[f"variants/{key}/{field_}"] = float(v[field_])
         sel = report["selected"]
         if sel:
-            metrics.update({f"compress_selected_{k}": float(sel[k]) for k in
+            metrics.update({f"variants/selected/{k}": float(sel[k]) for k in
                             ("top1", "top1_drop_points", "size_ratio", "mac_ratio",
                              "cpu_b1_ms", "speedup_b1_vs_fp32_eager")
                             if isinstance(sel.get(k), int | float)})

@@ -29,6 +29,7 @@ from visionflow.data.cache import load_cache
 from visionflow.files import write_csv, write_json
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
+from visionflow.mlops.datasets import log_test_dataset
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits, pick_device
 from visionflow.model.metrics import (
@@ -83,8 +84,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     plot_mistakes(layout.mistakes_png, cache["test_x"], target, pred, conf, classes,
                   cache.get("test_paths"), cfg.mistakes)
 
-    with tracking.stage_run(layout):
-        mlflow.log_metrics({f"test_{k}": v for k, v in headline(scores).items()})
+    with tracking.stage_run(layout):  # `test/*` sort after the learning curves (`curves/*`)
+        mlflow.log_metrics({f"test/{k}": v for k, v in headline(scores).items()},
+                           dataset=log_test_dataset(params, layout))
         for f in artifact_files(layout):
             mlflow.log_artifact(str(f), "evaluate")
     return metrics

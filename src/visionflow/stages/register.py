@@ -30,8 +30,14 @@ from visionflow.mlops.card import model_card
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import Decision, GateConfig, decide, scored_set
 from visionflow.mlops.lineage import trained_hashes
-from visionflow.mlops.provenance import version_tags
-from visionflow.mlops.publish import describe_registered_model, log_pyfunc, log_train_hashes
+from visionflow.mlops.provenance import LINEAGE, version_tags
+from visionflow.mlops.publish import (
+    describe_registered_model,
+    log_model_metrics,
+    log_pyfunc,
+    log_train_hashes,
+    sample_image,
+)
 from visionflow.model.metrics import headline, score_logits
 from visionflow.stages import main
 
@@ -49,10 +55,9 @@ class Registration:
 
 def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
-    metrics = json.loads(layout.metrics.read_text())
     validation = json.loads(layout.validation.read_text())
     cache = load_cache(layout.cache)
-    tags = {**version_tags(params, layout), "top1": f"{metrics['top1']:.6f}"}
+    tags = version_tags(params, layout)
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]
     trained = {s: split_hashes(cache, s) for s in ("train", "val", "test")}
@@ -65,7 +70,6 @@ def run(params: Params, layout: Layout) -> Registration:
             ch_logits, model, arch = scoring.trained_logits(layout, cache["test_x"], params)
             scores = score_logits(ch_logits, target, arch.classes, params.evaluate.topk,
                                   params.evaluate.calibration_bins)
-            tags["metrics"] = json.dumps({k: round(v, 6) for k, v in headline(scores).items()})
             champ = registry.current_alias(client, cfg.model_name, cfg.alias)
             champ_correct, note = None, ""
             champ_set, champ_note = None, "no champion"
@@ -90,10 +94,14 @@ def run(params: Params, layout: Layout) -> Registration:
                     raise tracking.ArtifactStoreUnavailable(why) from None
                 raise
             version = str(info.registered_model_version)
-            tags["train_hashes"] = log_train_hashes(trained["train"], trained["val"], version)
+            # the model's own metrics (the version page's), its data, the run's inputs
+            log_model_metrics(headline(scores), info.model_id, params, layout)
+            tags[LINEAGE + "train_hashes"] = log_train_hashes(trained["train"],
+                                                              trained["val"], version)
             report = decision.markdown(cfg.model_name, version)
+            sample = sample_image(cache, arch, layout, validation.get("dataset_root", ""))
             card = model_card(cfg.model_name, version, params, layout, arch, model, scores,
-                              validation, tags, decision, run)
+                              validation, tags, decision, run, sample)
             client.update_model_version(cfg.model_name, version, description=card)
             describe_registered_model(client, cfg.model_name, cfg.alias)
             lock.check()  # still ours (a restarted database drops it): else retry it all
@@ -102,13 +110,17 @@ def run(params: Params, layout: Layout) -> Registration:
         write_text(layout.model_card, card)
         mlflow.log_artifact(str(layout.gate_report), "register")
         mlflow.log_artifact(str(layout.model_card), "register")
-        mlflow.set_tags({"registered_version": version, "gate_decision": decision.label})
+        mlflow.set_tags({"registered_version": version, "gate_decision": decision.label,
+                         "gate_reason": decision.reason[:5000]})
+        tracking.add_outcome(f"**Outcome:** registered {cfg.model_name} v{version}, "
+                             f"{decision.label}: {decision.reason}")
     print(report)
 
     reg = Registration(cfg.model_name, version, alias, decision, run.info.run_id,
                        tracking.ui_command(layout))
     if cfg.compact and alias:  # a compressed copy of the model that now serves
-        reg.compact = register_compact(params, layout, version)
+        reg.compact = register_compact(params, layout, version,
+                                       sample=sample)
     elif cfg.compact:
         print(f"compact: nothing registered (v{version} was not promoted)")
     write_json(layout.registration, {**asdict(reg), "tags": tags})

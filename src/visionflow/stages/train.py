@@ -27,6 +27,7 @@ from visionflow.data.cache import load_cache, source_data_hash
 from visionflow.files import write_csv
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
+from visionflow.mlops.datasets import log_datasets
 from visionflow.model import engine
 from visionflow.model.calibration import fit_temperature
 from visionflow.model.classifier import save_classifier
@@ -150,7 +151,7 @@ def _stale_epochs(history: list[dict[str, Any]]) -> int:
 def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
     logits = device_logits(model, x, 1024, device).cpu()
     t = round(fit_temperature(logits, y.cpu()), 6)
-    mlflow.log_metric("temperature", t)
+    mlflow.log_metric("val/temperature", t)
     return t
 
 
@@ -166,11 +167,12 @@ def _run_context(layout: Layout, params: Params, device: torch.device, dist):
     if not dist.main:
         yield None
         return
-    tags = {"stage": "train", "data_hash": source_data_hash(layout), "device": str(device),
-            "world_size": str(dist.world)}
+    tags = tracking.pipeline_run_tags(params, source_data_hash(layout), str(device),
+                                      dist.world)
     name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tracking.new_run(layout, name, tags) as run, _system_metrics(run.info.run_id):
         mlflow.log_params(tracking.flat_params(params.dump()))
+        log_datasets(params, layout)  # the data it trains on: "Datasets used"
         tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
         tracking.log_dir_or_file(layout.policy, "data")
         yield run
@@ -197,8 +199,11 @@ def _system_metrics(run_id: str):
         monitor.mlflow_logger.flush()
 
 
+CURVES = "curves/"  # per-epoch metrics: first among the run's charts
+
+
 def _log_epoch(row: dict[str, Any]) -> None:
-    mlflow.log_metrics({k: v for k, v in row.items() if v is not None and k != "epoch"},
+    mlflow.log_metrics({CURVES + k: v for k, v in row.items() if v is not None and k != "epoch"},
                        step=row["epoch"])
 
 

@@ -32,6 +32,7 @@ from visionflow.data.manifest import (
     usable_rows,
     write_manifest,
 )
+from visionflow.data.quality_report import write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import build_manifest_ex
 from visionflow.errors import ValidationFailed, VisionflowError
@@ -138,6 +139,7 @@ def _run(params: Params, layout: Layout) -> ValidateResult:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json(layout.validation, summary)
+    write_report(summary, layout.data_docs)  # offline HTML + PNG for MLflow's viewer
     print_report(summary)
     _log_to_active_run(layout)
     if not summary["success"]:

@@ -257,7 +257,8 @@ class Stack:
         else:
             db = self.cluster().url("prefect", creds.prefect, "prefect", "postgresql+asyncpg")
             cmd = services.prefect_command(self.host, self.port("prefect"), opts.ui)
-            env = {**base, **services.prefect_env(db, self.layout.stack_prefect_home)}
+            env = {**base, **services.prefect_env(db, self.layout.stack_prefect_home,
+                                                  f"{self.url('prefect')}/api")}
         proc = procs.spawn(cmd, self.layout.stack_log(name), env, self.layout.root)
         self._record(name, proc.pid)
         self._live[name] = proc

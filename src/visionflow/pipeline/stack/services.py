@@ -46,8 +46,11 @@ def prefect_command(host: str, port: int, ui: bool) -> list[str]:
             *([] if ui else ["--no-ui"])]
 
 
-def prefect_env(db_url: str, home: Path) -> dict[str, str]:
-    return {"PREFECT_HOME": str(home), "PREFECT_SERVER_DATABASE_CONNECTION_URL": db_url,
+def prefect_env(db_url: str, home: Path, api_url: str = "") -> dict[str, str]:
+    """`api_url`: where the UI's browser code reaches the API (the UI's default is port 4200,
+    not the port the server was started on)."""
+    ui = {"PREFECT_UI_API_URL": api_url} if api_url else {}
+    return {**ui, "PREFECT_HOME": str(home), "PREFECT_SERVER_DATABASE_CONNECTION_URL": db_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
             "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "10"}
