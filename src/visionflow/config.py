@@ -22,7 +22,7 @@ from pydantic import (
 
 from visionflow.tuneconfig import TuneConfig, check_space
 
-STAGE_NAMES = ("validate", "augment", "train", "evaluate", "compress", "register")
+STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
 TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST")
 MODEL_NAMES = (
@@ -76,6 +76,24 @@ class DataConfig(_Section):
                                    "may extract to in total (bytes actually written)")
     max_archive_members: int = Field(5_000_000, gt=0, description="members an archive may "
                                      "hold")
+    # issue #18: how the pack stage stores the decoded set
+    storage: Literal["auto", "tensor", "shards"] = Field(
+        "auto", description="tensor: one uint8 N×C×S×S cache; shards: encoded images streamed "
+        "(LitData); auto: tensor while it fits storage_budget_bytes")
+    storage_budget_bytes: int = Field(2 * 2**30, gt=0, description="auto: the largest decoded "
+                                      "tensor cache (N×C×S×S bytes) kept as a tensor")
+    max_side: int = Field(1024, ge=16, le=16384, description="shards: JPEG bytes kept as they "
+                          "are up to this longer side, larger images re-encoded to it")
+    resize_size: int | None = Field(None, gt=0, description="shards, evaluation: shorter side "
+                                    "resized to this, then centre-cropped to image_size "
+                                    "(null = image_size / 0.875, torchvision's 256 -> 224)")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="shards, training: "
+                                            "RandomResizedCrop area fraction range")
+    crop_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="shards, training: "
+                                            "RandomResizedCrop aspect-ratio range")
+    shard_bytes: int = Field(64 * 2**20, ge=2**16, description="shards: bytes per shard file")
+    workers: int = Field(2, ge=0, description="shards: DataLoader workers decoding (0 = in "
+                         "the training process); not part of the run's identity")
 
     @field_validator("source")
     @classmethod
@@ -83,6 +101,28 @@ class DataConfig(_Section):
         if why := unknown_torchvision_dataset(v):
             raise ValueError(why)
         return v
+
+    @field_validator("max_side", "resize_size")
+    @classmethod
+    def _not_below_crop(cls, v: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("image_size")
+        if v is not None and size is not None and v < size:
+            raise ValueError(f"must be >= data.image_size ({size}): the crop is taken from it")
+        return v
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        low, high = v
+        top = 1.0 if info.field_name == "crop_scale" else 100.0
+        if not 0 < low <= high <= top:
+            raise ValueError(f"expected [low, high] with 0 < low <= high <= {top:g}")
+        return v
+
+    @property
+    def eval_resize(self) -> int:
+        """The shorter side evaluation resizes to before its centre crop."""
+        return self.resize_size or round(self.image_size / 0.875)
 
     @field_validator("test_fraction")
     @classmethod
@@ -365,7 +405,7 @@ class FlowConfig(_Section):
     retry_delay_s: float = Field(10.0, ge=0, description="first back-off, doubled each retry")
     retry_jitter: float = Field(0.5, ge=0, description="random extra delay, fraction of it")
     timeout_s: dict[str, float | None] = Field(
-        {"validate": 3600, "augment": 3600, "train": 86400, "evaluate": 3600,
+        {"validate": 3600, "pack": 3600, "train": 86400, "evaluate": 3600,
          "compress": 7200, "register": 3600},
         description="per-stage Prefect task timeout in seconds, null = none")
     cache: bool = Field(True, description="reuse finished stages: resume at the failed one")
