@@ -123,7 +123,7 @@ def test_overrides_decide_which_stages_run_unrecorded(proj: Layout):
     assert hit("train.lr=0.01") == ["train"]
     assert hit("evaluate.topk=[1,2]") == ["evaluate", "compress", "register"]
     assert hit("flow.retries=5") == []  # orchestration settings never invalidate results
-    assert hit("data.image_size=8") == ["validate", "augment"]
+    assert hit("data.image_size=8") == ["validate", "pack"]
     state = freshness.DvcState(proj)  # no .dvc/: nothing is recorded, everything runs
     v = state.verdict("train", base, base, force=False)
     assert (v.run, v.record) == (True, False) and "not a DVC project" in v.reason
