@@ -121,8 +121,6 @@ class ShardStream:
         """The next epoch's batches (the rest of it after `load_state_dict`)."""
         try:
             yield from self.loader
-        except DataError:
-            raise
         except Exception as e:  # a worker's DataError arrives wrapped, several lines long
             line = next((ln.strip() for ln in str(e).splitlines() if CORRUPT in ln), None)
             if line is None:
