@@ -16,6 +16,7 @@ import torch
 
 from visionflow.config import Params
 from visionflow.data.stream import ShardStream, View
+from visionflow.errors import DataError
 from visionflow.layout import Layout
 
 STATS_IMAGES = 512  # shards: train images (eval view) for channel statistics and whitening
@@ -86,3 +87,24 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
         val = eval_stream(layout, cache, "val", params.evaluate.batch_size, d.workers)
     return Feed(torch.cat(xs)[:STATS_IMAGES], torch.cat(ys)[:STATS_IMAGES], stream=stream,
                 val_stream=val)
+
+
+def with_images(layout: Layout, cache: dict[str, Any], splits: tuple[str, ...],
+                batch_size: int = 256, workers: int = 0) -> dict[str, Any]:
+    """The cache with `<split>_x` filled in: in shards mode the split decoded through the
+    evaluation view (resize + centre crop) into uint8 N×C×S×S, in shard order (the order of
+    the cache's labels and paths). Memory: the split's decoded size."""
+    if not is_shards(cache):
+        return cache
+    for split in splits:
+        xs, ys = [], []
+        for x, y in eval_stream(layout, cache, split, batch_size, workers).epoch():
+            xs.append(x)
+            ys.append(y)
+        s, c = cache["image_size"], cache["channels"]
+        cache[f"{split}_x"] = torch.cat(xs) if xs else torch.zeros(0, c, s, s, dtype=torch.uint8)
+        labels = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+        if not torch.equal(labels, cache[f"{split}_y"]):
+            raise DataError(f"the {split} shards do not match {layout.cache}: run the pack "
+                            "stage again")
+    return cache

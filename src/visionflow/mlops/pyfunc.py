@@ -22,7 +22,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from visionflow.data.images import decode_resized
+from visionflow.data.images import decode_eval, eval_crop
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits
 
@@ -33,13 +33,15 @@ PIP_REQUIREMENTS = [
 ]
 
 
-def decode_image(data: bytes, size: int, channels: int) -> np.ndarray:
-    """Image bytes -> uint8 C×size×size, normalised exactly like the training cache."""
+def decode_image(data: bytes, size: int, channels: int,
+                 resize: int | None = None) -> np.ndarray:
+    """Image bytes -> uint8 C×size×size, normalised exactly like the training cache (or, for
+    a shard-trained model, resized to `resize` and centre-cropped as in its evaluation)."""
+    return decode_eval(io.BytesIO(data), size, channels, resize)
 
-    return decode_resized(io.BytesIO(data), size, channels)
 
-
-def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
+def array_to_chw(value: Any, size: int, channels: int,
+                 resize: int | None = None) -> np.ndarray:
     """One image array (H×W, H×W×C or C×H×W; uint8 or float in 0..1) -> uint8 C×size×size."""
     from PIL import Image
 
@@ -63,6 +65,11 @@ def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
         out = arr
     elif arr.ndim == 2 and arr.shape == (size, size) and channels == 1:
         out = arr[..., None]
+    elif resize is not None:  # full size: the model's evaluation transform
+        img = Image.fromarray(arr)
+        out = np.asarray(img.convert(want) if img.mode != want else img, dtype=np.uint8)
+        out = out[..., None] if out.ndim == 2 else out
+        return eval_crop(out.transpose(2, 0, 1), size, resize)
     else:
         img = Image.fromarray(arr)
         img = img.convert(want) if img.mode != want else img
@@ -73,17 +80,18 @@ def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
-def _one(value: Any, size: int, channels: int) -> np.ndarray:
+def _one(value: Any, size: int, channels: int, resize: int | None = None) -> np.ndarray:
     if isinstance(value, bytes | bytearray | memoryview):
-        return decode_image(bytes(value), size, channels)
+        return decode_image(bytes(value), size, channels, resize)
     if isinstance(value, str):  # base64 text (when a caller skipped the signature)
         import base64
 
-        return decode_image(base64.b64decode(value), size, channels)
-    return array_to_chw(value, size, channels)
+        return decode_image(base64.b64decode(value), size, channels, resize)
+    return array_to_chw(value, size, channels, resize)
 
 
-def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
+def to_batch(model_input: Any, size: int, channels: int,
+             resize: int | None = None) -> np.ndarray:
     """DataFrame/dict with an `image` column (bytes or arrays), a list of those, or an
     N×C×H×W / N×H×W×C array -> uint8 N×C×size×size."""
     if isinstance(model_input, dict):
@@ -95,13 +103,13 @@ def to_batch(model_input: Any, size: int, channels: int) -> np.ndarray:
     if isinstance(model_input, list | tuple):
         if not model_input:
             return np.zeros((0, channels, size, size), dtype=np.uint8)
-        return np.stack([_one(v, size, channels) for v in model_input])
+        return np.stack([_one(v, size, channels, resize) for v in model_input])
     arr = np.asarray(model_input)
     if arr.ndim in (2, 3):  # a single image
-        return array_to_chw(arr, size, channels)[None]
+        return array_to_chw(arr, size, channels, resize)[None]
     if arr.ndim != 4:
         raise ValueError(f"expected images, got an array of shape {arr.shape}")
-    return np.stack([array_to_chw(a, size, channels) for a in arr])
+    return np.stack([array_to_chw(a, size, channels, resize) for a in arr])
 
 
 def topk_frame(probs: Any, classes: list[str], k: int):
@@ -144,6 +152,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     # pd.DataFrame: MLflow infers nothing from this hint (the signature is given explicitly)
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
-        batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels)
+        batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels,
+                         getattr(self.arch, "resize_size", None))
         k = int((params or {}).get("topk") or self.topk)
         return topk_frame(self.probabilities(batch), self.arch.classes, k)

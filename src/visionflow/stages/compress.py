@@ -32,6 +32,7 @@ from visionflow.compression.latency import environment, measure_latency
 from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.config import CompressConfig, Params
 from visionflow.data.cache import load_cache
+from visionflow.data.feed import with_images
 from visionflow.files import atomic_dir, write_json
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
@@ -73,7 +74,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 def _context(params: Params, layout: Layout, out: Path) -> Context:
     """The trained model, the pack cache's splits and the options, for the library."""
     model, arch = load_classifier(layout.model)
-    cache = load_cache(layout.cache)
+    cache = with_images(layout, load_cache(layout.cache), ("train", "test"),
+                        workers=params.data.workers)  # shards: decoded (resize + centre crop)
     return Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
                    cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
                    seed=params.seed, device=pick_device(params.train.device), out=out)

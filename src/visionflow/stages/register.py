@@ -23,6 +23,7 @@ import torch
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache, split_hashes
+from visionflow.data.feed import with_images
 from visionflow.files import write_json, write_text
 from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, scoring, tracking
@@ -51,7 +52,8 @@ def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
     metrics = json.loads(layout.metrics.read_text())
     validation = json.loads(layout.validation.read_text())
-    cache = load_cache(layout.cache)
+    cache = with_images(layout, load_cache(layout.cache), ("test",),
+                        workers=params.data.workers)  # shards: decoded (resize + centre crop)
     tags = {**version_tags(params, layout), "top1": f"{metrics['top1']:.6f}"}
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]

@@ -81,6 +81,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
                            data.policy(params.augment), device=device, seed=params.seed,
                            dist=dist, stream=data.stream, decode=decode)
     fit_run, arch, streaming = prepared.run, prepared.arch, prepared.streaming
+    if is_shards(cache):  # inputs are resized and centre-cropped when it predicts
+        arch.resize_size = cache["resize_size"]
     chash = config_hash(params)
     history: list[dict[str, Any]] = []
     resumed = engine.restore_checkpoint(layout.checkpoint, chash)
