@@ -89,7 +89,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
     if resumed is not None:
         state, history = resumed
         fit_run.load_state_dict(state)
-        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}")
+        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}, "
+                   f"step {fit_run.step}")
     if streaming:
         _log(dist, "dataset larger than half the free device memory: streaming batches "
                    "from pinned host memory")
