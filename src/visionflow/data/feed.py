@@ -84,7 +84,7 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
             break
     val = None
     if main and len(cache["val_y"]):
-        val = eval_stream(layout, cache, "val", params.evaluate.batch_size, d.workers)
+        val = eval_stream(layout, cache, "val", params.evaluate.batch_size, 0)
     return Feed(torch.cat(xs)[:STATS_IMAGES], torch.cat(ys)[:STATS_IMAGES], stream=stream,
                 val_stream=val)
 
