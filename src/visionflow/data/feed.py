@@ -90,15 +90,17 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
 
 
 def with_images(layout: Layout, cache: dict[str, Any], splits: tuple[str, ...],
-                batch_size: int = 256, workers: int = 0) -> dict[str, Any]:
+                batch_size: int = 256) -> dict[str, Any]:
     """The cache with `<split>_x` filled in: in shards mode the split decoded through the
     evaluation view (resize + centre crop) into uint8 N×C×S×S, in shard order (the order of
-    the cache's labels and paths). Memory: the split's decoded size."""
+    the cache's labels and paths). Memory: the split's decoded size. Decoded in this
+    process: DataLoader workers forked from a Prefect flow's process exited with status 1
+    at the end of an epoch."""
     if not is_shards(cache):
         return cache
     for split in splits:
         xs, ys = [], []
-        for x, y in eval_stream(layout, cache, split, batch_size, workers).epoch():
+        for x, y in eval_stream(layout, cache, split, batch_size, 0).epoch():
             xs.append(x)
             ys.append(y)
         s, c = cache["image_size"], cache["channels"]

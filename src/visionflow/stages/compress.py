@@ -74,8 +74,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 def _context(params: Params, layout: Layout, out: Path) -> Context:
     """The trained model, the pack cache's splits and the options, for the library."""
     model, arch = load_classifier(layout.model)
-    cache = with_images(layout, load_cache(layout.cache), ("train", "test"),
-                        workers=params.data.workers)  # shards: decoded (resize + centre crop)
+    # shards: the splits decoded through resize + centre crop
+    cache = with_images(layout, load_cache(layout.cache), ("train", "test"))
     return Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
                    cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
                    seed=params.seed, device=pick_device(params.train.device), out=out)

@@ -47,8 +47,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
-    cache = with_images(layout, load_cache(layout.cache), ("test",), cfg.batch_size,
-                        params.data.workers)  # shards: decoded (resize + centre crop)
+    cache = with_images(layout, load_cache(layout.cache), ("test",), cfg.batch_size)
+    # (shards: decoded through resize + centre crop)
     logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
                           arch.temperature)
     target = cache["test_y"]

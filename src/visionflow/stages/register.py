@@ -52,8 +52,8 @@ def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
     metrics = json.loads(layout.metrics.read_text())
     validation = json.loads(layout.validation.read_text())
-    cache = with_images(layout, load_cache(layout.cache), ("test",),
-                        workers=params.data.workers)  # shards: decoded (resize + centre crop)
+    # shards: the test split decoded through resize + centre crop
+    cache = with_images(layout, load_cache(layout.cache), ("test",))
     tags = {**version_tags(params, layout), "top1": f"{metrics['top1']:.6f}"}
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]
