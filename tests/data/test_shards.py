@@ -162,3 +162,22 @@ def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path)
     a, b = ((tmp_path / f"{r}.txt").read_text().split() for r in (0, 1))
     assert a and b and not set(a) & set(b)
     assert set(a) | set(b) == {r["sha256"] for r in rows}
+
+
+def test_served_model_sees_what_evaluation_saw(tmp_path):
+    """predict / the pyfunc on a full-size JPEG: the evaluation view of the shards (resize the
+    shorter side, centre crop), not the tensor cache's stretch."""
+    from visionflow.mlops.pyfunc import to_batch
+
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = photos(src, 6)
+    pack(rows, src, out)
+    stream = ShardStream(out, "test", View(64, 80), batch_size=6, workers=0, shuffle=False,
+                         drop_last=False)
+    (x, _), = list(stream.epoch())
+    order = [r["path"] for r in read_contents(out)["samples"]]
+    served = to_batch([(src / p).read_bytes() for p in order], 64, 3, resize=80)
+    assert served.shape == tuple(x.shape)
+    assert np.abs(served.astype(int) - x.numpy().astype(int)).max() <= 2
+    stretched = to_batch([(src / p).read_bytes() for p in order], 64, 3)
+    assert np.abs(stretched.astype(int) - x.numpy().astype(int)).max() > 20
