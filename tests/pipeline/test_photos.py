@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from builders import write_photo_folder
 from conftest import BIN, make_project, prefect_settings, run
 
@@ -62,8 +63,9 @@ def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, photos: Pa
     run([dvc, "repro", "-f", "-s", "pack"], root)  # the DVC driver packs: nothing new
     again = json.loads(layout.policy.read_text())["shards"]["train"]
     assert again["encoded"] == 0 and again["reused"] == policy["shards"]["train"]["samples"]
-    params = (root / "params.yaml").read_text().replace("epochs: 1 ", "epochs: 2 ", 1)
-    (root / "params.yaml").write_text(params)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([dvc, "repro"], root).stdout
     assert [s for s in STAGES if f"Running stage '{s}'" in out] == [
         "train", "evaluate", "compress", "register"], out

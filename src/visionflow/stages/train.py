@@ -6,6 +6,11 @@ state dict), `history.csv` and `run.json`, and logs params and per-epoch metrics
 MLflow. A checkpoint after every epoch lets an interrupted run resume (`kill -9` loses at
 most one epoch). `torchrun --nproc_per_node=N vflow stage train` runs the same code with
 DDP: data sharded per rank, rank 0 alone logs and writes.
+
+In shards mode (`data.storage`, issue #18) the images stream from the pack stage's shards
+(`data.feed`): decoded and cropped in DataLoader workers on the CPU, or decoded on the GPU
+(`model.gpu_decode`, nvJPEG) on CUDA; a checkpoint every `train.checkpoint_steps` steps
+holds the loader's position, so a kill resumes mid-epoch.
 """
 
 from __future__ import annotations
