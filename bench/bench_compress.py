@@ -13,7 +13,7 @@
        PYTHONPATH=src .venv/bin/python bench/bench_compress.py --reps 30 --json /tmp/bench.json
 
 2. `--cifar ARCHIVE`: the compress *stage* on a trained model, with accuracy. A project is
-   set up in `--workdir` (outside the repo) on the CIFAR-10 archive, validate / augment /
+   set up in `--workdir` (outside the repo) on the CIFAR-10 archive, validate / pack /
    train run (resnet18 preset at 32 px; `--limit-per-class` and `--epochs` set the training
    budget), then `compress` runs its search and the report gives, measured side by side in
    that one run: int8 size ratio and top-1 drop, structured pruning MACs and top-1 drop after
@@ -255,7 +255,7 @@ def cifar_main(args: argparse.Namespace) -> None:
     layout = Layout.at(root)
     params = load_params(layout.params)
     seconds: dict[str, float] = {}
-    stages = ["validate", "augment", "train", "evaluate", "compress"]
+    stages = ["validate", "pack", "train", "evaluate", "compress"]
     if layout.model.is_file() and layout.cache.is_file() and not args.retrain:
         stages = ["evaluate", "compress"]  # same workdir: reuse the trained model
     for name in stages:

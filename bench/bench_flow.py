@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
+STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 
 
 def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:

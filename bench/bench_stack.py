@@ -203,7 +203,7 @@ def bench_train(repeats: int, epochs: int) -> dict:
     src = _project(base / "prepared", sets)
     layout = Layout.at(src)
     params = load_params(layout.params, root=layout.root)
-    for name in ("validate", "augment"):
+    for name in ("validate", "pack"):
         run_stage(name, params, layout)
     env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -59,7 +59,7 @@ def _project(base: Path) -> Path:
     root = scratch_project(base, [], None)
     layout = Layout.at(root)
     params = load_params(layout.params, root=root)
-    for stage in ("validate", "augment"):
+    for stage in ("validate", "pack"):
         run_stage(stage, params, layout)
     return root
 

@@ -1,4 +1,4 @@
-"""The `retrain` Prefect flow: validate -> augment -> train -> evaluate -> compress -> register.
+"""The `retrain` Prefect flow: validate -> pack -> train -> evaluate -> compress -> register.
 
 Each task calls the same stage function that `dvc repro` runs through `vflow stage`, so
 the two drivers produce the same files from the same code, and they share one notion of

@@ -216,6 +216,25 @@ def write_imagefolder(root: Path, counts: dict[str, int], size: int = 16) -> Pat
     return root
 
 
+PHOTO_SIZES = [(500, 375), (375, 500), (320, 240), (640, 480), (260, 260), (1200, 900)]
+
+
+def write_photo_folder(root: Path, counts: dict[str, int], classes=("ants", "bees")) -> Path:
+    """Mixed-size JPEG "photos" (500×375 ... 1200×900): `counts` maps a split to images per
+    class. Each class has its own colour, with noise; pixels depend on the path only."""
+    for split, n in counts.items():
+        for ci, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng(zlib.crc32(f"{split}/{name}/{i}".encode()))
+                w, h = PHOTO_SIZES[(i + ci) % len(PHOTO_SIZES)]
+                base = rng.integers(0, 60, (4, 4, 3), dtype=np.uint8)
+                base[..., ci % 3] += 180
+                img = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+                (root / split / name / f"{i:03d}.jpg").write_bytes(encode(img, "JPEG"))
+    return root
+
+
 # 16 files with their own val/ and test/ (nothing carved, so the counts are exact)
 BASE = {"train/cat": 5, "val/cat": 1, "train/dog": 5, "val/dog": 1, "test/cat": 2, "test/dog": 2}
 

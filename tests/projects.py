@@ -1,6 +1,6 @@
 """Shared, built-once projects for the registry, serving and predict tests (no tests here).
 
-`trained_project` runs validate -> augment -> train -> evaluate once per test session on a
+`trained_project` runs validate -> pack -> train -> evaluate once per test session on a
 small digits subset; `registered_project` adds one register run (v1 @champion) on a copy.
 Tests that change the registry take a `fresh_copy` with an empty store.
 `assert_stage_recorded` reads dvc.lock as DVC does (YAML), not as text.
@@ -42,7 +42,7 @@ def trained_project(tmp_path_factory, digits_dir: Path) -> Layout:
 
         root = make_project(tmp_path_factory.mktemp("vf-trained") / "proj", digits_dir,
                             OVERRIDES)
-        _stages(Layout.at(root), ("validate", "augment", "train", "evaluate"))
+        _stages(Layout.at(root), ("validate", "pack", "train", "evaluate"))
         _BUILT["trained"] = root
     return Layout.at(_BUILT["trained"])
 

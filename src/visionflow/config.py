@@ -7,7 +7,6 @@ before any work starts (see `load_params`).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,11 +19,16 @@ from pydantic import (
     model_validator,
 )
 
+from visionflow.dataconfig import (  # noqa: F401  (the data section, re-exported)
+    TORCHVISION_DATASETS,
+    TORCHVISION_PREFIX,
+    DataConfig,
+    is_torchvision_source,
+    unknown_torchvision_dataset,
+)
 from visionflow.tuneconfig import TuneConfig, check_space
 
-STAGE_NAMES = ("validate", "augment", "train", "evaluate", "compress", "register")
-TORCHVISION_PREFIX = "torchvision:"
-TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST")
+STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
 MODEL_NAMES = (
     "alexnet",
     "resnet18",
@@ -45,52 +49,8 @@ def _known_model(v: str) -> str:
 ModelName = Annotated[str, AfterValidator(_known_model)]
 
 
-def is_torchvision_source(source: str | Path) -> bool:
-    return str(source).startswith(TORCHVISION_PREFIX)
-
-
-def unknown_torchvision_dataset(source: str) -> str | None:
-    """Why `torchvision:<NAME>` names no dataset read here (None when it does, or when the
-    source is not a torchvision one)."""
-    if not is_torchvision_source(source):
-        return None
-    name = source[len(TORCHVISION_PREFIX):]
-    return None if name in TORCHVISION_DATASETS else (
-        f"unknown torchvision dataset {name!r} (choose from {', '.join(TORCHVISION_DATASETS)})")
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(_Section):
-    source: str = Field("data", description="ImageFolder dir, .tar/.tar.gz/.zip archive, "
-                        "or torchvision:CIFAR10 (downloaded once, online)")
-    image_size: int = Field(16, gt=0, le=1024)
-    channels: Literal[1, 3] = 3
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.2, ge=0, lt=1, description="used only when no test/ split")
-    limit_per_class: int | None = Field(None, gt=0, description="stratified subset per split")
-    split_seed: int = 0
-    max_archive_bytes: int = Field(100 * 2**30, gt=0, description="what an archive source "
-                                   "may extract to in total (bytes actually written)")
-    max_archive_members: int = Field(5_000_000, gt=0, description="members an archive may "
-                                     "hold")
-
-    @field_validator("source")
-    @classmethod
-    def _known_torchvision_dataset(cls, v: str) -> str:
-        if why := unknown_torchvision_dataset(v):
-            raise ValueError(why)
-        return v
-
-    @field_validator("test_fraction")
-    @classmethod
-    def _fractions_leave_train(cls, v: float, info: ValidationInfo) -> float:
-        val = info.data.get("val_fraction")
-        if val is not None and val + v >= 1:
-            raise ValueError(f"data.val_fraction + data.test_fraction must be < 1 (val {val})")
-        return v
 
 
 # Pillow image modes (as stored in the file) that `validate.allowed_modes` may name
@@ -206,6 +166,8 @@ class TrainConfig(_Section):
     early_stop_patience: int | None = Field(None, gt=0, description="epochs without val gain")
     time_budget_s: float | None = Field(None, gt=0)
     calibrate: bool = Field(True, description="fit a softmax temperature on the val split")
+    checkpoint_steps: int = Field(100, ge=1, description="shards: a checkpoint every N steps "
+                                  "too (resumes mid-epoch); not part of the run's identity")
     progress: bool = True
     nodes: int = Field(1, ge=1, description="machines taking part (torchrun --nnodes)")
     procs_per_node: int = Field(1, ge=1, description="processes per machine (one per GPU; "
@@ -365,7 +327,7 @@ class FlowConfig(_Section):
     retry_delay_s: float = Field(10.0, ge=0, description="first back-off, doubled each retry")
     retry_jitter: float = Field(0.5, ge=0, description="random extra delay, fraction of it")
     timeout_s: dict[str, float | None] = Field(
-        {"validate": 3600, "augment": 3600, "train": 86400, "evaluate": 3600,
+        {"validate": 3600, "pack": 3600, "train": 86400, "evaluate": 3600,
          "compress": 7200, "register": 3600},
         description="per-stage Prefect task timeout in seconds, null = none")
     cache: bool = Field(True, description="reuse finished stages: resume at the failed one")

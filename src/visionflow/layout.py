@@ -206,18 +206,27 @@ class Layout:
         return [(self.validation, "data"), (self.data_summary, "data"),
                 (self.quarantine, "data"), (self.data_docs, "data/data_docs")]
 
-    # augment
+    # pack
     @property
-    def augment_dir(self) -> Path:
-        return self.outputs / "augment"
+    def pack_dir(self) -> Path:
+        return self.outputs / "pack"
 
     @property
     def cache(self) -> Path:
-        return self.augment_dir / "cache.pt"
+        """The tensor cache; in shards mode it holds the metadata only (no pixels)."""
+        return self.pack_dir / "cache.pt"
+
+    @property
+    def shards(self) -> Path:
+        """`shards/<split>/`: LitData shards of encoded images (shards mode only)."""
+        return self.pack_dir / "shards"
+
+    def split_shards(self, split: str) -> Path:
+        return self.shards / split
 
     @property
     def policy(self) -> Path:
-        return self.augment_dir / "policy.json"
+        return self.pack_dir / "policy.json"
 
     # train
     @property

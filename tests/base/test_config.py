@@ -33,6 +33,12 @@ def test_repo_params_are_valid():
         ({"bogus": 1}, "unknown key 'bogus'"),
         ({"data": {"image_size": -4}}, "data.image_size=-4"),
         ({"evaluate": {"topk": [0]}}, "evaluate.topk=[0]"),
+        ({"data": {"storage": "zip"}}, "data.storage='zip'"),
+        ({"data": {"storage_budget_bytes": 0}}, "data.storage_budget_bytes=0"),
+        ({"data": {"image_size": 224, "max_side": 100}},
+         "data.max_side=100: must be >= data.image_size (224)"),
+        ({"data": {"image_size": 224, "resize_size": 200}}, "data.resize_size=200"),
+        ({"data": {"crop_scale": [0.9, 0.1]}}, "data.crop_scale=[0.9, 0.1]"),
     ],
 )
 def test_bad_values_name_key_and_value(raw, expected):

@@ -68,7 +68,7 @@ def test_add_a_downloaded_folder_and_train_on_it(tmp_path: Path, digits_dir: Pat
 
     layout = Layout.at(root)
     params = load_params(layout.params)
-    for stage in ("validate", "augment", "train"):
+    for stage in ("validate", "pack", "train"):
         run_stage(stage, params, layout)
     summary = json.loads(layout.validation.read_text())
     assert summary["success"] and summary["ignored"] == []  # nothing left to ignore in data/

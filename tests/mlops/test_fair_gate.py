@@ -26,7 +26,7 @@ FAST = {"train.epochs": 1, "train.threads": 1, "compress.methods": [], "register
         "validate.drift": "off"}
 
 
-def _pipeline(layout: Layout, overrides: list[str], stages=("validate", "augment", "train",
+def _pipeline(layout: Layout, overrides: list[str], stages=("validate", "pack", "train",
                                                              "evaluate", "register")):
     params = load_params(layout.params, overrides)
     for name in stages:

@@ -121,7 +121,7 @@ def test_provenance_tags_hold_the_values_they_name(tmp_path_factory, digits_dir,
     run([str(BIN / "dvc"), "init", "-q"], root)
     run([str(BIN / "dvc"), "add", "-q", "data"], root)
     state = DvcState(layout)
-    for stage in ("validate", "augment", "train", "evaluate"):
+    for stage in ("validate", "pack", "train", "evaluate"):
         state.record(stage)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "trained"], root)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import BIN, make_project, prefect_settings, run
 
-STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
+STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 pytestmark = pytest.mark.slow
 
 
@@ -52,7 +52,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     tracked = set(run(["git", "ls-files"], root).stdout.split())
     assert {"dvc.lock", "outputs/evaluate/metrics.json", "outputs/evaluate/confusion.csv",
             "outputs/evaluate/confusion.png"} <= tracked
-    assert not {"outputs/train/model.pt", "outputs/augment/cache.pt"} & tracked
+    assert not {"outputs/train/model.pt", "outputs/pack/cache.pt"} & tracked
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 1
@@ -88,7 +88,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
         stale = json.loads(run([dvc, "status", "--json"], root).stdout)
         assert sorted(stale) == sorted(["train", "evaluate", "compress", "register"]), stale
         result = flow_mod["retrain"](root=str(root))
-    assert result["stages"] == {"validate": "cached", "augment": "cached", "train": "ran",
+    assert result["stages"] == {"validate": "cached", "pack": "cached", "train": "ran",
                                 "evaluate": "ran", "compress": "ran", "register": "ran"}
     after_flow = run([dvc, "repro"], root)  # the flow recorded what it ran in dvc.lock
     assert _ran(after_flow.stdout) == [], after_flow.stdout

@@ -148,7 +148,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     tasks = wait_for(lambda: (t := api.task_runs(fr_id)).get("register") and
                      t["register"].state_name == "Completed" and t, 30, "task runs recorded")
     assert tasks["train"].run_count == 2, "train should have been retried once"
-    assert tasks["validate"].run_count == tasks["augment"].run_count == 1
+    assert tasks["validate"].run_count == tasks["pack"].run_count == 1
     assert "transient MlflowException" in wait_for(lambda: api.logs(fr_id), 20, "flow logs")
     assert {"retrain-summary", "retrain-metrics", "mlflow-run", "model-version"} \
         <= api.artifact_keys(fr_id)
@@ -176,7 +176,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     tasks = wait_for(lambda: (t := api.task_runs(fr_id)).get("compress") and
                      t["compress"].state.is_final() and t, 30, "task runs recorded")
     assert tasks["compress"].run_count == 1  # RuntimeError: not transient, not retried
-    assert {tasks[s].state_name for s in ("validate", "augment", "train", "evaluate")} \
+    assert {tasks[s].state_name for s in ("validate", "pack", "train", "evaluate")} \
         == {"Cached"}
     assert "stage compress failed: RuntimeError: injected: compress crashed" in wait_for(
         lambda: api.logs(fr_id), 20, "flow logs")
@@ -189,7 +189,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     state = run(overrides=["compress.calibration_images=32"])
     assert state.is_completed(), state.message
     out = state.result()
-    assert out["stages"] == {"validate": "cached", "augment": "cached", "train": "cached",
+    assert out["stages"] == {"validate": "cached", "pack": "cached", "train": "cached",
                              "evaluate": "ran", "compress": "ran", "register": "ran"}
     assert out["version"] == "2" and (root / "outputs" / "evaluate" / "metrics.json").exists()
     assert registry(root)[0] == [1, 2]

@@ -123,7 +123,7 @@ def test_overrides_decide_which_stages_run_unrecorded(proj: Layout):
     assert hit("train.lr=0.01") == ["train"]
     assert hit("evaluate.topk=[1,2]") == ["evaluate", "compress", "register"]
     assert hit("flow.retries=5") == []  # orchestration settings never invalidate results
-    assert hit("data.image_size=8") == ["validate", "augment"]
+    assert hit("data.image_size=8") == ["validate", "pack"]
     state = freshness.DvcState(proj)  # no .dvc/: nothing is recorded, everything runs
     v = state.verdict("train", base, base, force=False)
     assert (v.run, v.record) == (True, False) and "not a DVC project" in v.reason
@@ -140,16 +140,16 @@ def test_a_finished_stage_is_recorded_in_dvc_lock(tmp_path: Path, digits_dir: Pa
     layout = Layout.at(make_project(tmp_path / "proj", digits_dir, git=True))
     params = load_params(layout.params)
     state = freshness.DvcState(layout)
-    for stage in ("validate", "augment"):
+    for stage in ("validate", "pack"):
         run_stage(stage, params, layout)
     state.record("validate")
     assert_stage_recorded(layout.root, "validate")
     with pytest.raises(AssertionError, match="augment not in dvc.lock"):
-        assert_stage_recorded(layout.root, "augment")  # ran, not recorded
-    assert state.stale("augment") == "not in dvc.lock yet"
-    state.record("augment")
-    assert_stage_recorded(layout.root, "augment")
-    assert state.stale("validate") is None and state.stale("augment") is None
+        assert_stage_recorded(layout.root, "pack")  # ran, not recorded
+    assert state.stale("pack") == "not in dvc.lock yet"
+    state.record("pack")
+    assert_stage_recorded(layout.root, "pack")
+    assert state.stale("validate") is None and state.stale("pack") is None
 
 
 def test_compare_data():

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 DVC, VFLOW = str(BIN / "dvc"), str(BIN / "vflow")
 MODEL = "visionflow-classifier"
-STAGES = ("validate", "augment", "train", "evaluate", "compress", "register")
+STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 FAST = {"train.epochs": 1, "train.threads": 1, "compress.methods": [],
         "flow.retry_delay_s": 0.5, "flow.retry_jitter": 0}
 
@@ -173,7 +173,7 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
     proc = subprocess.Popen([sys.executable, str(root / "flows" / "retrain.py"), "--root",
                              str(root)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    try:  # kill it once train has checkpointed an epoch (validate, augment are recorded)
+    try:  # kill it once train has checkpointed an epoch (validate, pack are recorded)
         deadline = time.monotonic() + 300
         while not layout.checkpoint.is_file():
             assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
@@ -188,7 +188,7 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
     assert proc.returncode == -signal.SIGKILL
     assert not layout.model.exists() and not layout.registration.exists()  # killed in train
     recorded = json.loads(run([DVC, "status", "--json"], root).stdout)
-    assert "validate" not in recorded and "augment" not in recorded  # finished: recorded
+    assert "validate" not in recorded and "pack" not in recorded  # finished: recorded
     assert "train" in recorded
     manifest_mtime = layout.manifest.stat().st_mtime_ns
     done, saved = _checkpointed(layout)  # what the killed run had trained
@@ -196,7 +196,7 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
 
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
     out = retrain(root=str(root))
-    assert out["stages"] == {"validate": "cached", "augment": "cached", "train": "ran",
+    assert out["stages"] == {"validate": "cached", "pack": "cached", "train": "ran",
                              "evaluate": "ran", "compress": "ran", "register": "ran"}
     assert layout.manifest.stat().st_mtime_ns == manifest_mtime  # validate did not rerun
     assert (out["version"], out["alias"]) == ("1", "champion")

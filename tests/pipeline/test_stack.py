@@ -65,7 +65,7 @@ def test_run_and_registry_are_in_postgres(team_stack: TeamStack, flow_run):
         "prefect", "SELECT state_type FROM flow_run WHERE id = %s", (fr_id,))
     assert prefect_row == [("COMPLETED",)]
     tasks = team_stack.task_runs(fr_id)
-    assert {"validate", "augment", "train", "evaluate", "compress", "register"} <= set(tasks)
+    assert {"validate", "pack", "train", "evaluate", "compress", "register"} <= set(tasks)
     # the flow ran in the worker's checkout (the `team` deployment's VFLOW_CHECKOUT)
     reg = json.loads((root / "outputs" / "register" / "registration.json").read_text())
     assert reg["model_name"] == MODEL and reg["run_id"] == run_id

@@ -1,7 +1,7 @@
 """`vflow tune` (issue #15) with the real parts: an Optuna study in the project's sqlite file,
 the `tune` Prefect flow with trials as parallel tasks, MLflow's sqlite store, the digits.
 
-One project is prepared per module (validate + augment on 30 digits per class, MLflow's store
+One project is prepared per module (validate + pack on 30 digits per class, MLflow's store
 created); each test works on a copy. The study: 6 trials, 2 at a time, a random sampler
 (seeded: the same params for the same trial numbers on every run), and a learning-rate range
 whose lower decades cannot learn in 3 epochs, so the median pruner has trials to stop.
@@ -80,7 +80,7 @@ def prepared(tmp_path_factory, digits_dir: Path) -> Path:
     (root / "params.yaml").write_text(_params_text())
     layout = Layout.at(root)
     params = load_params(layout.params)
-    for stage in ("validate", "augment"):
+    for stage in ("validate", "pack"):
         run_stage(stage, params, layout)
     setup(layout)  # MLflow's store, created once (its migrations take seconds)
     return root

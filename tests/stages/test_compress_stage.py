@@ -67,7 +67,7 @@ def trained(tmp_path_factory, digits_dir) -> Layout:
     root = make_project(tmp_path_factory.mktemp("compress") / "proj", digits_dir, MODEL)
     layout = Layout.at(root)
     params = load_params(layout.params)
-    for name in ("validate", "augment", "train"):
+    for name in ("validate", "pack", "train"):
         run_stage(name, params, layout)
     return layout
 

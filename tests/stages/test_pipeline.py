@@ -26,7 +26,7 @@ def done(tmp_path_factory, digits_dir) -> tuple[Layout, dict]:
     params = load_params(layout.params)
     results = {
         name: run_stage(name, params, layout)
-        for name in ("validate", "augment", "train", "evaluate", "compress", "register")
+        for name in ("validate", "pack", "train", "evaluate", "compress", "register")
     }
     return layout, results
 
@@ -45,7 +45,7 @@ def test_validate_writes_manifest_and_docs(done):
     assert (layout.data_docs / "index.html").is_file()
 
 
-def test_augment_cache_is_uint8_and_safe_to_load(done):
+def test_pack_cache_is_uint8_and_safe_to_load(done):
     layout, _ = done
     cache = torch.load(layout.cache, weights_only=True)
     assert cache["train_x"].dtype == torch.uint8
@@ -133,7 +133,7 @@ def test_corrupt_image_fails_validate_with_its_name(tmp_path: Path, digits_dir: 
     assert json.loads(layout.validation.read_text())["success"] is False
 
 
-def test_failed_validate_blocks_augment(tmp_path: Path, digits_dir: Path):
+def test_failed_validate_blocks_pack(tmp_path: Path, digits_dir: Path):
     from conftest import make_project
 
     from visionflow.errors import DataError
@@ -145,4 +145,4 @@ def test_failed_validate_blocks_augment(tmp_path: Path, digits_dir: Path):
     with pytest.raises(ValidationFailed, match="every val/test class also appears in train"):
         run_stage("validate", params, layout)
     with pytest.raises(DataError, match="data gate failed"):
-        run_stage("augment", params, layout)
+        run_stage("pack", params, layout)

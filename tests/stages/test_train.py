@@ -24,11 +24,11 @@ from visionflow.stages import train
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, digits_dir) -> Path:
-    """A project whose validate + augment stages have run (the train inputs)."""
+    """A project whose validate + pack stages have run (the train inputs)."""
     root = make_project(tmp_path_factory.mktemp("train") / "base", digits_dir)
     layout = Layout.at(root)
     params = load_params(layout.params)
-    for name in ("validate", "augment"):
+    for name in ("validate", "pack"):
         run_stage(name, params, layout)
     return root
 
@@ -98,12 +98,12 @@ def test_ema_tracks_the_formula():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, digits_dir) -> Path:
-    """validate + augment done on 12 digits per class and split: epochs take a second."""
+    """validate + pack done on 12 digits per class and split: epochs take a second."""
     root = make_project(tmp_path_factory.mktemp("train") / "small", digits_dir,
                         {"data.limit_per_class": 12})
     layout = Layout.at(root)
     params = load_params(layout.params)
-    for name in ("validate", "augment"):
+    for name in ("validate", "pack"):
         run_stage(name, params, layout)
     return root
 

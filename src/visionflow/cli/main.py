@@ -17,7 +17,7 @@ from visionflow.cli.tune import tune_command
 from visionflow.config import STAGE_NAMES
 from visionflow.errors import VisionflowError
 
-app = typer.Typer(help="visionflow: validate, augment, train, evaluate, compress, register.",
+app = typer.Typer(help="visionflow: validate, pack, train, evaluate, compress, register.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 stage_app = typer.Typer(help="Run one pipeline stage (what dvc.yaml calls).",

@@ -1,6 +1,6 @@
 """The uint8 tensor cache: every usable image decoded once, resized, as N×C×H×W uint8 per
 split, with labels, paths, content hashes (sha256, what the champion gate compares training
-sets by) and class names (`outputs/augment/cache.pt`)."""
+sets by) and class names (`outputs/pack/cache.pt`)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def split_hashes(blob: dict[str, Any], split: str) -> list[str]:
     """The sha256 of each image of `split`, in cache order."""
     hashes = blob.get(f"{split}_sha256")
     if hashes is None or len(hashes) != len(blob[f"{split}_paths"]):
-        raise DataError("outputs/augment/cache.pt records no image hashes (written by an "
+        raise DataError("outputs/pack/cache.pt records no image hashes (written by an "
                         "older version): run the augment stage again")
     return list(hashes)
 

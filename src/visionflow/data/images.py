@@ -264,3 +264,24 @@ def decode_resized(
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
+
+
+def eval_crop(chw: np.ndarray, size: int, resize: int) -> np.ndarray:
+    """Resize the shorter side to `resize`, then centre crop size x size: the evaluation
+    transform of shard-trained models (torchvision's, as `data.stream` applies it)."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    t = TF.resize(torch.from_numpy(np.ascontiguousarray(chw)), [resize], antialias=True)
+    return TF.center_crop(t, [size, size]).numpy()
+
+
+def decode_eval(path: ImageSource, size: int, channels: int = 3, resize: int | None = None,
+                *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image as the model was evaluated on it: stretched to size x size (tensor-cache
+    models, `resize` None) or resized and centre-cropped (shard-trained models)."""
+    if resize is None:
+        return decode_resized(path, size, channels, max_pixels=max_pixels)
+    arr = np.asarray(_decode(path, channels, max_pixels), dtype=np.uint8)
+    arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return eval_crop(arr, size, resize)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from visionflow.data.archive import ARCHIVE_SUFFIXES
-from visionflow.data.images import decode_resized
+from visionflow.data.images import decode_eval
 from visionflow.data.scan import IGNORED_NAMES
 from visionflow.data.source import resolve_source
 from visionflow.errors import ConfigError, DataError
@@ -140,7 +140,8 @@ def run_predict(model_uri: str, paths: list[str | Path], out: str | Path,
                 arrays, names = [], []
                 for name, path in chunk:
                     try:
-                        arrays.append(decode_resized(path, arch.image_size, arch.in_channels))
+                        arrays.append(decode_eval(path, arch.image_size, arch.in_channels,
+                                                  getattr(arch, "resize_size", None)))
                         names.append(name)
                     except DataError as err:
                         rows.append({"path": name, "label": "", "score": None, "topk": [],

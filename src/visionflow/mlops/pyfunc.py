@@ -19,6 +19,7 @@ naming the image and the reason, and goes on serving.
 from __future__ import annotations
 
 import binascii
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from visionflow.data.images import DEFAULT_MAX_PIXELS, decode_resized
+from visionflow.data.images import DEFAULT_MAX_PIXELS, decode_eval, eval_crop
 from visionflow.errors import DataError, one_line
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits
@@ -59,14 +60,15 @@ class BadInput(MlflowException):
         pass  # (the server's rewrite)
 
 
-def decode_image(data: bytes, size: int, channels: int,
+def decode_image(data: bytes, size: int, channels: int, resize: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Image bytes -> uint8 C×size×size, normalised exactly like the training cache."""
+    """Image bytes -> uint8 C×size×size, normalised exactly like the training cache (or, for
+    a shard-trained model, resized to `resize` and centre-cropped as in its evaluation)."""
+    return decode_eval(io.BytesIO(bytes(data)), size, channels, resize, max_pixels=max_pixels)
 
-    return decode_resized(bytes(data), size, channels, max_pixels=max_pixels)
 
-
-def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
+def array_to_chw(value: Any, size: int, channels: int,
+                 resize: int | None = None) -> np.ndarray:
     """One image array (H×W, H×W×C or C×H×W; uint8 or float in 0..1) -> uint8 C×size×size."""
     from PIL import Image
 
@@ -90,6 +92,11 @@ def array_to_chw(value: Any, size: int, channels: int) -> np.ndarray:
         out = arr
     elif arr.ndim == 2 and arr.shape == (size, size) and channels == 1:
         out = arr[..., None]
+    elif resize is not None:  # full size: the model's evaluation transform
+        img = Image.fromarray(arr)
+        out = np.asarray(img.convert(want) if img.mode != want else img, dtype=np.uint8)
+        out = out[..., None] if out.ndim == 2 else out
+        return eval_crop(out.transpose(2, 0, 1), size, resize)
     else:
         img = Image.fromarray(arr)
         img = img.convert(want) if img.mode != want else img
@@ -108,7 +115,8 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def _one(value: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
+def _one(value: Any, size: int, channels: int, limits: Limits,
+         resize: int | None = None) -> np.ndarray:
     if isinstance(value, str):  # base64 text (when a caller skipped the signature)
         import base64
 
@@ -117,24 +125,25 @@ def _one(value: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
         if limits.max_bytes is not None and len(value) > limits.max_bytes:
             raise ValueError(f"{len(value)} bytes, more than the {limits.max_bytes} allowed "
                              "(validate.max_bytes when the model was registered)")
-        return decode_image(bytes(value), size, channels, limits.max_pixels)
-    return array_to_chw(value, size, channels)
+        return decode_image(bytes(value), size, channels, resize, limits.max_pixels)
+    return array_to_chw(value, size, channels, resize)
 
 
-def to_batch(model_input: Any, size: int, channels: int,
-             limits: Limits | None = None) -> np.ndarray:
+def to_batch(model_input: Any, size: int, channels: int, limits: Limits | None = None,
+             resize: int | None = None) -> np.ndarray:
     """DataFrame/dict with an `image` column (bytes or arrays), a list of those, or an
     N×C×H×W / N×H×W×C array -> uint8 N×C×size×size; `BadInput` naming the image that is
     none."""
     try:
-        return _to_batch(model_input, size, channels, limits or Limits())
+        return _to_batch(model_input, size, channels, limits or Limits(), resize)
     except BadInput:
         raise
     except (DataError, ValueError, TypeError, binascii.Error) as err:
         raise BadInput(one_line(err)) from None
 
 
-def _to_batch(model_input: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
+def _to_batch(model_input: Any, size: int, channels: int, limits: Limits,
+              resize: int | None) -> np.ndarray:
     if isinstance(model_input, dict):
         model_input = model_input.get("image", next(iter(model_input.values()), []))
     if isinstance(model_input, pd.DataFrame):
@@ -144,19 +153,20 @@ def _to_batch(model_input: Any, size: int, channels: int, limits: Limits) -> np.
     if isinstance(model_input, list | tuple):
         if not model_input:
             return np.zeros((0, channels, size, size), dtype=np.uint8)
-        return np.stack([_numbered(i, v, size, channels, limits)
+        return np.stack([_numbered(i, v, size, channels, limits, resize)
                          for i, v in enumerate(model_input)])
     arr = np.asarray(model_input)
     if arr.ndim in (2, 3):  # a single image
-        return array_to_chw(arr, size, channels)[None]
+        return array_to_chw(arr, size, channels, resize)[None]
     if arr.ndim != 4:
         raise ValueError(f"expected images, got an array of shape {arr.shape}")
-    return np.stack([array_to_chw(a, size, channels) for a in arr])
+    return np.stack([array_to_chw(a, size, channels, resize) for a in arr])
 
 
-def _numbered(i: int, value: Any, size: int, channels: int, limits: Limits) -> np.ndarray:
+def _numbered(i: int, value: Any, size: int, channels: int, limits: Limits,
+              resize: int | None) -> np.ndarray:
     try:
-        return _one(value, size, channels, limits)
+        return _one(value, size, channels, limits, resize)
     except (DataError, ValueError, TypeError, binascii.Error) as err:
         raise BadInput(f"image {i}: {one_line(err)}") from None
 
@@ -207,7 +217,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         if not isinstance(k, int | np.integer) or k < 1:
             raise BadInput(f"params.topk must be a whole number >= 1, got {k!r}")
         batch = to_batch(model_input, self.arch.image_size, self.arch.in_channels,
-                         getattr(self, "limits", None))
+                         getattr(self, "limits", None), getattr(self.arch, "resize_size", None))
         if not len(batch):
             raise BadInput("no image in the request (the `image` column is empty)")
         return topk_frame(self.probabilities(batch), self.arch.classes, int(k))

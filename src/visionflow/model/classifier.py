@@ -27,6 +27,7 @@ class Arch:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     classes: list[str] = field(default_factory=list)
     temperature: float = 1.0  # softmax(logits / T): fitted on the val split (calibration.py)
+    resize_size: int | None = None  # shard-trained: inputs resized (shorter side) + centre crop
 
 
 class Classifier(nn.Module):

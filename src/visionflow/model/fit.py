@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,18 @@ class FitResult:
 
 Callback = Callable[[EpochEnd], bool | None]
 ProgressFn = Callable[[int, dict[str, float]], None]
+StepFn = Callable[["FitRun"], None]  # after every step (a mid-epoch checkpoint)
+
+
+class Stream(Protocol):
+    """Batches from outside the device (`data.stream.ShardStream`, duck-typed): uint8
+    N×C×S×S images, or a list of encoded images for `FitRun`'s `decode`, and labels."""
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def epoch(self) -> Iterator[tuple[Any, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def start_after(self, epochs_done: int) -> None: ...
 
 
 def _sync(device: torch.device) -> None:
@@ -131,8 +143,15 @@ class FitRun:
     def __init__(self, model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
                  recipe: Recipe, policy: AugmentPolicy, *, num_classes: int,
                  device: torch.device | str, seed: int = 0, dist: engine.Dist | None = None,
-                 backbone: set[str] | None = None, whiten: bool = True) -> None:
+                 backbone: set[str] | None = None, whiten: bool = True,
+                 stream: Stream | None = None,
+                 decode: Callable[[list[torch.Tensor], int, int], torch.Tensor] | None = None
+                 ) -> None:
+        """With `stream`, batches come from it and `train_x` is only a sample of the images
+        (whitening, compile warm-up); `decode(encoded, epoch, step)` turns a batch of encoded
+        images into uint8 images on the device (the GPU decoder)."""
         self.r, self.policy, self.num_classes = recipe, policy, num_classes
+        self.stream, self.decode = stream, decode
         self.device = torch.device(device)
         self.dist = dist or engine.Dist()
         self.backbone = backbone or set()
@@ -149,7 +168,8 @@ class FitRun:
         self.whiten_bias = net.whiten.bias if isinstance(net, FastNet) else None
 
         world_batch = recipe.batch_size * self.dist.world
-        self.steps_per_epoch = max(1, len(train_x) // world_batch)
+        self.steps_per_epoch = max(1, len(stream) if stream is not None
+                                   else len(train_x) // world_batch)
         self.total = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
         self.optimizer = engine.make_optimizer(self.model, recipe, self.backbone)
@@ -165,7 +185,7 @@ class FitRun:
             "aug": torch.Generator(device=self.device).manual_seed(seed + 1000 * self.dist.rank),
         }
         self.flip0 = None  # alternating flip: a fixed random half, then all flipped each epoch
-        if getattr(policy, "alternate_flip", False) and policy.hflip > 0:
+        if getattr(policy, "alternate_flip", False) and policy.hflip > 0 and stream is None:
             g = torch.Generator(device=train_x.device).manual_seed(seed + 1)
             self.flip0 = torch.rand(len(train_x), generator=g, device=train_x.device) \
                 < policy.hflip
@@ -189,7 +209,14 @@ class FitRun:
             "gens": {k: g.get_state() for k, g in self.gens.items()},
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # mid-epoch: where the stream stopped (at an epoch end the next epoch starts afresh)
+            "stream": self.stream.state_dict() if self.stream is not None and self._in_epoch()
+            else None,
         }
+
+    def _in_epoch(self) -> int:
+        """Steps already taken in the current epoch."""
+        return self.step - self.epoch * self.steps_per_epoch
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -204,6 +231,11 @@ class FitRun:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.stream is not None:
+            if state.get("stream") is not None and self._in_epoch():
+                self.stream.load_state_dict(state["stream"])
+            else:
+                self.stream.start_after(self.epoch)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -214,7 +246,7 @@ class FitRun:
     # --- the loop ------------------------------------------------------------------------
 
     def run(self, callbacks: Sequence[Callback] = (),
-            progress: ProgressFn | None = None) -> FitResult:
+            progress: ProgressFn | None = None, on_step: StepFn | None = None) -> FitResult:
         if self.r.compile and self.step < self.total:
             self._warm_up()
         _sync(self.device)
@@ -224,7 +256,7 @@ class FitRun:
         history: list[dict[str, Any]] = []
         train_seconds, images = 0.0, 0
         while self.epoch < self.epochs and self.step < self.total:
-            loss_sum, correct, seen = self._epoch(progress, t0)
+            loss_sum, correct, seen = self._epoch(progress, t0, on_step)
             _sync(self.device)
             dt = time.perf_counter() - t0
             train_seconds += dt
@@ -261,11 +293,20 @@ class FitRun:
         if self.ema is not None:
             self.ema.copy_from_model()
 
-    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xb = self.x[idx].to(self.device, non_blocking=True)
-        yb = self.y[idx].to(self.device, non_blocking=True)
+    def _batch(self, idx: torch.Tensor | None, streamed: tuple[Any, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if streamed is not None:
+            xb, yb = streamed
+            if isinstance(xb, list):  # encoded: decoded on the device
+                assert self.decode is not None, "a stream of encoded images needs `decode`"
+                xb = self.decode(xb, self.epoch, self.step)
+            xb = xb.to(self.device, non_blocking=True)
+            yb = yb.to(self.device, non_blocking=True)
+        else:
+            xb = self.x[idx].to(self.device, non_blocking=True)
+            yb = self.y[idx].to(self.device, non_blocking=True)
         flip = None
-        if self.flip0 is not None:
+        if self.flip0 is not None and idx is not None:
             flip = self.flip0[idx].to(self.device, non_blocking=True)
             if self.epoch % 2:
                 flip = ~flip
@@ -287,18 +328,28 @@ class FitRun:
             out.append(self.whiten_bias)
         return out
 
-    def _epoch(self, progress: ProgressFn | None, t0: float):
+    def _batches(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        r, d = self.r, self.dist
+        if self.stream is not None:
+            batches = self.stream.epoch()
+            for _, streamed in zip(range(steps), batches, strict=False):
+                yield self._batch(None, streamed)
+            return
+        perm = torch.randperm(len(self.x), device=self.x.device, generator=self.gens["perm"])
+        for i in range(steps):
+            start = (i * d.world + d.rank) * r.batch_size
+            yield self._batch(perm[start:start + r.batch_size])
+
+    def _epoch(self, progress: ProgressFn | None, t0: float, on_step: StepFn | None = None):
         r, d = self.r, self.dist
         self.model.train()
-        perm = torch.randperm(len(self.x), device=self.x.device, generator=self.gens["perm"])
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         frozen = self._frozen()
         seen = 0
-        steps = min(self.steps_per_epoch, self.total - self.step)
-        for i in range(steps):
-            start = (i * d.world + d.rank) * r.batch_size
-            xb, yb, target = self._batch(perm[start:start + r.batch_size])
+        done = self._in_epoch() if self.stream is not None else 0  # resumed mid-epoch
+        steps = min(self.steps_per_epoch - done, self.total - self.step)
+        for i, (xb, yb, target) in enumerate(self._batches(steps)):
             with engine.autocast(self.device, r.amp):
                 logits = self.step_model(xb)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=r.label_smoothing)
@@ -323,6 +374,8 @@ class FitRun:
                 dt = max(time.perf_counter() - t0, 1e-9)  # reading the sums syncs: every N only
                 progress(self.step, {"loss": float(loss_sum) / seen,
                                      "top1": int(correct) / seen, "img_per_s": seen * d.world / dt})
+            if on_step is not None and self._in_epoch() < self.steps_per_epoch:
+                on_step(self)
         return loss_sum, correct, seen
 
     def _warm_up(self) -> None:

@@ -124,3 +124,19 @@ class _Tempered(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) / self.temperature
+
+
+@torch.inference_mode()
+def stream_logits(model: nn.Module, batches, device: torch.device | str | None = None,
+                  tta: bool | int = 0, amp: bool = False,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) on the CPU for an iterable of (uint8 images, labels) batches: a split
+    streamed from shards, one batch on the device at a time."""
+    net = model if temperature == 1.0 else _Tempered(model, temperature)
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(device_logits(net, x, len(x) or 1, device, tta, amp).cpu())
+        labels.append(y.cpu())
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)

@@ -19,7 +19,7 @@ from torch import nn
 from visionflow.model import engine
 from visionflow.model.augment_ops import AugmentPolicy
 from visionflow.model.classifier import Arch, build_classifier, channel_stats
-from visionflow.model.fit import FitRun, Recipe
+from visionflow.model.fit import FitRun, Recipe, Stream
 from visionflow.model.inference import device_logits
 from visionflow.model.pretrained import load_pretrained
 
@@ -33,9 +33,11 @@ class Prepared:
 
 def prepare_fit(train_x: torch.Tensor, train_y: torch.Tensor, classes: Sequence[str],
                 train_cfg: Any, policy: AugmentPolicy, *, device: torch.device, seed: int,
-                dist: engine.Dist | None = None) -> Prepared:
+                dist: engine.Dist | None = None, stream: Stream | None = None,
+                decode: Any = None) -> Prepared:
     """The classifier, its weights and data, and the `FitRun` that trains it. The caller seeds
-    torch's global generator first (it draws the initial weights)."""
+    torch's global generator first (it draws the initial weights). With a `stream` (shards),
+    `train_x` is a sample of the training images: channel statistics and whitening."""
     channels, size = train_x.shape[1], train_x.shape[-1]
     mean, std = channel_stats(train_x)
     arch = Arch(train_cfg.model, len(classes), size, channels, mean, std, list(classes))
@@ -44,7 +46,8 @@ def prepare_fit(train_x: torch.Tensor, train_y: torch.Tensor, classes: Sequence[
                 if train_cfg.pretrained else set())
     x, y, streaming = place(train_x, train_y, device)
     run = FitRun(model, x, y, Recipe.from_params(train_cfg), policy, num_classes=len(classes),
-                 device=device, seed=seed, dist=dist, backbone=backbone)
+                 device=device, seed=seed, dist=dist, backbone=backbone, stream=stream,
+                 decode=decode)
     return Prepared(run, arch, streaming)
 
 

@@ -4,7 +4,7 @@ inside an accuracy budget.
 The variants (`params.yaml` `compress.methods`: int8, prune, structured, lowrank, distill,
 pt2e; strengths and fine-tuning there too) are built, saved and scored by
 `compression.sweep.build_variants` (see `compression.variants` for each method) and timed by
-`compression.latency`; fine-tuning and distillation use the augment cache's train split and
+`compression.latency`; fine-tuning and distillation use the pack cache's train split and
 run on `train.device`, scoring, export and timing on the CPU with `compress.threads`
 threads. Every variant is scored on the test split in the form it deploys in.
 
@@ -32,6 +32,7 @@ from visionflow.compression.latency import environment, measure_latency
 from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.config import CompressConfig, Params
 from visionflow.data.cache import load_cache
+from visionflow.data.feed import with_images
 from visionflow.files import atomic_dir, write_json
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
@@ -71,9 +72,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
 
 def _context(params: Params, layout: Layout, out: Path) -> Context:
-    """The trained model, the augment cache's splits and the options, for the library."""
+    """The trained model, the pack cache's splits and the options, for the library."""
     model, arch = load_classifier(layout.model)
-    cache = load_cache(layout.cache)
+    # shards: the splits decoded through resize + centre crop
+    cache = with_images(layout, load_cache(layout.cache), ("train", "test"))
     return Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
                    cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
                    seed=params.seed, device=pick_device(params.train.device), out=out)

@@ -26,6 +26,7 @@ import mlflow
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache
+from visionflow.data.feed import with_images
 from visionflow.files import write_csv, write_json
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
@@ -47,7 +48,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
-    cache = load_cache(layout.cache)
+    cache = with_images(layout, load_cache(layout.cache), ("test",), cfg.batch_size)
+    # (shards: decoded through resize + centre crop)
     logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
                           arch.temperature)
     target = cache["test_y"]

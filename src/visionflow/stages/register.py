@@ -23,6 +23,7 @@ import torch
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache, split_hashes
+from visionflow.data.feed import with_images
 from visionflow.files import write_json, write_text
 from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, scoring, tracking
@@ -56,7 +57,8 @@ class Registration:
 def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
     validation = json.loads(layout.validation.read_text())
-    cache = load_cache(layout.cache)
+    # shards: the test split decoded through resize + centre crop
+    cache = with_images(layout, load_cache(layout.cache), ("test",))
     tags = version_tags(params, layout)
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]

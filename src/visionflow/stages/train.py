@@ -1,4 +1,4 @@
-"""Stage 3, train: fit a registry CNN on the augment cache, GPU when present, else CPU.
+"""Stage 3, train: fit a registry CNN on the pack cache, GPU when present, else CPU.
 
 The uint8 cache goes to the training device once (streamed from pinned host memory when
 it does not fit); batches are indexed and augmented there. Writes `model.pt` (arch +
@@ -6,12 +6,18 @@ state dict), `history.csv` and `run.json`, and logs params and per-epoch metrics
 MLflow. A checkpoint after every epoch lets an interrupted run resume (`kill -9` loses at
 most one epoch). `torchrun --nproc_per_node=N vflow stage train` runs the same code with
 DDP: data sharded per rank, rank 0 alone logs and writes.
+
+In shards mode (`data.storage`, issue #18) the images stream from the pack stage's shards
+(`data.feed`): decoded and cropped in DataLoader workers on the CPU, or decoded on the GPU
+(`model.gpu_decode`, nvJPEG) on CUDA; a checkpoint every `train.checkpoint_steps` steps
+holds the loader's position, so a kill resumes mid-epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from torch import nn
 
 from visionflow.config import Params
 from visionflow.data.cache import load_cache, source_data_hash
+from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
 from visionflow.files import write_csv
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
@@ -32,7 +39,7 @@ from visionflow.model import engine
 from visionflow.model.calibration import fit_temperature
 from visionflow.model.classifier import save_classifier
 from visionflow.model.fit import EpochEnd
-from visionflow.model.inference import device_logits, pick_device
+from visionflow.model.inference import device_logits, pick_device, stream_logits
 from visionflow.model.trainer import prepare_fit, top1
 from visionflow.stages import main
 
@@ -47,8 +54,14 @@ class TrainResult:
     device: str
 
 
+# settings that change how fast a run goes, not what it computes
+NOT_IDENTITY = {"data": ("workers",), "train": ("checkpoint_steps", "progress")}
+
+
 def config_hash(params: Params) -> str:
     keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
+    for section, keys in NOT_IDENTITY.items():
+        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -63,38 +76,49 @@ def run(params: Params, layout: Layout) -> TrainResult:
     torch.manual_seed(params.seed)
 
     cache = load_cache(layout.cache)
-    prepared = prepare_fit(cache["train_x"], cache["train_y"], cache["classes"], cfg,
-                           params.augment, device=device, seed=params.seed, dist=dist)
+    decode = None
+    if is_shards(cache):
+        data = training_feed(params, layout, cache, main=dist.main, raw=device.type == "cuda")
+        if device.type == "cuda":  # nvJPEG: batched decode + crops on the GPU
+            decode = _gpu_decoder(params, cache, device)
+    else:
+        data = tensor_feed(cache, device, dist.main)
+    prepared = prepare_fit(data.sample_x, data.sample_y, cache["classes"], cfg,
+                           data.policy(params.augment), device=device, seed=params.seed,
+                           dist=dist, stream=data.stream, decode=decode)
     fit_run, arch, streaming = prepared.run, prepared.arch, prepared.streaming
+    if is_shards(cache):  # inputs are resized and centre-cropped when it predicts
+        arch.resize_size = cache["resize_size"]
     chash = config_hash(params)
     history: list[dict[str, Any]] = []
     resumed = engine.restore_checkpoint(layout.checkpoint, chash)
     if resumed is not None:
         state, history = resumed
         fit_run.load_state_dict(state)
-        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}")
+        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}, "
+                   f"step {fit_run.step}")
     if streaming:
         _log(dist, "dataset larger than half the free device memory: streaming batches "
                    "from pinned host memory")
-    val_x = cache["val_x"].to(device) if dist.main and len(cache["val_x"]) else None
-    val_y = cache["val_y"].to(device) if val_x is not None else None
 
     with _run_context(layout, params, device, dist):
         t_start = time.perf_counter()
-        epochs = _EpochLog(params, layout, dist, device, chash, history, val_x, val_y, t_start)
+        epochs = _EpochLog(params, layout, dist, device, chash, history, data, t_start)
         bar = engine.Progress(fit_run.total, start=fit_run.step) \
             if cfg.progress and dist.main else None
         try:
-            result = fit_run.run([epochs], progress=bar)
+            result = fit_run.run([epochs], progress=bar,
+                                 on_step=epochs.on_step if data.stream is not None else None)
         finally:
             if bar is not None:
                 bar.close()
         if dist.main:
             final = result.model
-            if cfg.calibrate and val_x is not None:
-                arch.temperature = _calibrate(final, val_x, val_y, device)
+            if cfg.calibrate and data.has_val:
+                logits, val_y = _val_logits(data, final, amp=False)
+                arch.temperature = _calibrate(logits, val_y)
                 _log(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
-                           f"{len(val_x)} val images)")
+                           f"{len(val_y)} val images)")
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             write_csv(layout.history, history)
             _log_artifact(layout.history)
@@ -111,16 +135,16 @@ class _EpochLog:
     and time budget. Runs between epochs, outside `fit`'s timed window."""
 
     def __init__(self, params: Params, layout: Layout, dist, device, chash: str,
-                 history: list[dict[str, Any]], val_x, val_y, t_start: float) -> None:
+                 history: list[dict[str, Any]], data, t_start: float) -> None:
         self.cfg, self.layout, self.dist, self.device = params.train, layout, dist, device
-        self.chash, self.history, self.val_x, self.val_y = chash, history, val_x, val_y
+        self.chash, self.history, self.data = chash, history, data
         self.t_start = t_start
         self.best = max((r["val_top1"] for r in history if r.get("val_top1") is not None),
                         default=-1.0)
         self.stale = _stale_epochs(history)
 
     def __call__(self, e: EpochEnd) -> bool:
-        val = top1(e.model, self.val_x, self.val_y) if self.val_x is not None else None
+        val = _val_top1(self.data, e.model) if self.data.has_val else None
         e.metrics["val_top1"] = val
         row = {"epoch": e.epoch, "train_loss": e.train_loss, "train_top1": e.train_top1,
                "val_top1": val, "lr": e.lr, "img_per_s": e.images / max(e.seconds, 1e-9),
@@ -137,6 +161,13 @@ class _EpochLog:
         return _should_stop(self.stale, self.cfg.early_stop_patience, self.t_start,
                             self.cfg.time_budget_s)
 
+    def on_step(self, run) -> None:
+        """Streaming: a checkpoint every `train.checkpoint_steps` steps, with the loader's
+        position, so that a kill resumes at the batch where it stopped."""
+        if self.dist.main and run.step % self.cfg.checkpoint_steps == 0:
+            engine.save_checkpoint(self.layout.checkpoint, self.chash, run.state_dict(),
+                                   self.history)
+
 
 def _stale_epochs(history: list[dict[str, Any]]) -> int:
     """Epochs since the best val accuracy (to resume early stopping where it was)."""
@@ -148,9 +179,31 @@ def _stale_epochs(history: list[dict[str, Any]]) -> int:
     return stale
 
 
-def _calibrate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device) -> float:
-    logits = device_logits(model, x, 1024, device).cpu()
-    t = round(fit_temperature(logits, y.cpu()), 6)
+def _gpu_decoder(params: Params, cache: dict[str, Any], device: torch.device):
+    # imported here only: the CUDA branch (torchvision's nvJPEG decode, issue #18)
+    gpu_decode = importlib.import_module("visionflow.model.gpu_decode")
+    d = params.data
+    return gpu_decode.GpuBatchTransform(train=True, size=cache["image_size"],
+                             resize_size=cache["resize_size"], scale=tuple(d.crop_scale),
+                             ratio=tuple(d.crop_ratio), hflip=params.augment.hflip > 0,
+                             channels=cache["channels"], device=device, seed=params.seed)
+
+
+def _val_logits(data: Feed, model: nn.Module, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if data.val_stream is not None:
+        return stream_logits(model, data.val_stream.epoch(), amp=amp)
+    return device_logits(model, data.val_x, 1024, amp=amp), data.val_y
+
+
+def _val_top1(data: Feed, model: nn.Module) -> float:
+    if data.val_stream is None:
+        return top1(model, data.val_x, data.val_y)  # the tensor path, as before
+    logits, y = _val_logits(data, model, amp=True)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def _calibrate(logits: torch.Tensor, y: torch.Tensor) -> float:
+    t = round(fit_temperature(logits.cpu(), y.cpu()), 6)
     mlflow.log_metric("val/temperature", t)
     return t
 

@@ -1,7 +1,7 @@
 """One trial: train the train stage's model with the trial's params on the train split and
 score it on the val split after every epoch, so that the pruner can stop it early.
 
-The search reads the train and val splits of the augment cache and nothing else: the test
+The search reads the train and val splits of the pack cache and nothing else: the test
 split is left for the gate that judges the final model (`data.cache.load_splits` never reads
 its bytes).
 """
@@ -47,17 +47,17 @@ class TrialData:
 
 
 def load_trial_data(params: Params, layout: Layout) -> TrialData:
-    """The augment cache's train and val splits; one line when the cache is missing, was
+    """The pack cache's train and val splits; one line when the cache is missing, was
     built for other image settings, or has no val split to score on."""
     if not layout.cache.is_file():
-        raise DataError(f"{layout.cache} not found: run `dvc repro augment` (or `vflow stage "
-                        "validate` then `vflow stage augment`) before `vflow tune`")
+        raise DataError(f"{layout.cache} not found: run `dvc repro pack` (or `vflow stage "
+                        "validate` then `vflow stage pack`) before `vflow tune`")
     blob = load_splits(layout.cache, SPLITS)
     size, channels = int(blob["image_size"]), int(blob["channels"])
     if (size, channels) != (params.data.image_size, params.data.channels):
         raise DataError(f"{layout.cache} holds {size}px {channels}-channel images, params ask "
                         f"for {params.data.image_size}px {params.data.channels}-channel: run "
-                        "`dvc repro augment` first")
+                        "`dvc repro pack` first")
     if len(blob["val_y"]) == 0:
         raise ConfigError(f"data.val_fraction={params.data.val_fraction}: the val split is "
                           "empty, and tuning scores trials on it (never on test): give it "

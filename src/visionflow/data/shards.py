@@ -1,0 +1,211 @@
+"""Shards (issue #18): each split as LitData shards of encoded images, written by `pack`.
+
+`outputs/pack/shards/<split>/` holds LitData's `index.json` and `chunk-0-K.bin` files (one
+sample: label, sha256, path, the encoded image) plus `contents.json`: the samples in shard
+order and the settings they were encoded with. A file's bytes are stored as they are when it
+is a JPEG or PNG in RGB or greyscale whose longer side is at most `data.max_side`; any other
+image is decoded, shrunk to that side and re-encoded as a JPEG.
+
+Packing is incremental: when the split's previous samples are all still there, unchanged, only
+the new files are encoded, into new shard files appended to the index (the old ones are not
+rewritten); otherwise the split is packed afresh into a temporary folder swapped into place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionflow.data.images import load_image
+from visionflow.errors import DataError
+from visionflow.files import atomic_dir, write_json
+
+CONTENTS = "contents.json"
+INDEX = "index.json"
+FORMAT = 1  # bump when the sample layout changes: old shards are then packed afresh
+KEPT_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
+KEPT_MODES = {3: ("RGB",), 1: ("L",)}
+REENCODE_QUALITY = 90
+
+
+def decoded_bytes(n_images: int, channels: int, size: int) -> int:
+    """Bytes of the uint8 N×C×S×S tensor cache."""
+    return n_images * channels * size * size
+
+
+def storage_for(storage: str, n_images: int, channels: int, size: int, budget: int) -> str:
+    """`tensor` or `shards`: `auto` keeps the tensor cache while it fits the byte budget."""
+    if storage != "auto":
+        return storage
+    return "tensor" if decoded_bytes(n_images, channels, size) <= budget else "shards"
+
+
+def encode(row: dict[str, Any], root: str, max_side: int, channels: int) -> tuple[bytes, bool]:
+    """The bytes a shard stores for a manifest row, and whether they were re-encoded."""
+    path = Path(root) / row["path"]
+    w, h = int(row.get("width") or 0), int(row.get("height") or 0)
+    if (row.get("format") in KEPT_FORMATS and row.get("mode") in KEPT_MODES[channels]
+            and 0 < max(w, h) <= max_side):
+        return path.read_bytes(), False
+    img = load_image(path, channels)
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=REENCODE_QUALITY)
+    return buf.getvalue(), True
+
+
+def _encode_job(args: tuple[dict[str, Any], str, int, int]) -> tuple[bytes, bool]:
+    return encode(*args)
+
+
+@dataclass
+class PackStats:
+    samples: int = 0
+    encoded: int = 0  # images read and written this run (new or repacked)
+    reencoded: int = 0  # of those, decoded and encoded again (too large, or not JPEG/PNG)
+    reused: int = 0  # samples already in the shards, not touched
+    shards: int = 0
+
+
+def read_contents(split_dir: Path) -> dict[str, Any] | None:
+    path = split_dir / CONTENTS
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, str]:
+    return (r["sha256"], r["label"], r["path"])
+
+
+def pack_split(rows: list[dict[str, Any]], root: Path, split_dir: Path, classes: list[str],
+               *, max_side: int, channels: int, shard_bytes: int, workers: int = 0) -> PackStats:
+    """Write (or extend) the shards of one split from its manifest rows."""
+    settings = {"format": FORMAT, "max_side": max_side, "channels": channels,
+                "classes": classes}
+    old = read_contents(split_dir)
+    old_rows = old["samples"] if old and old.get("settings") == settings else None
+    if old_rows is not None and not _index_matches(split_dir, len(old_rows)):
+        old_rows = None
+    if old_rows is not None:
+        have = {_key(r) for r in old_rows}
+        if have <= {_key(r) for r in rows}:
+            new = sorted((r for r in rows if _key(r) not in have), key=lambda r: r["sha256"])
+            if not new:
+                return PackStats(len(old_rows), reused=len(old_rows),
+                                 shards=len(_index(split_dir)["chunks"]))
+            return _append(old_rows, new, root, split_dir, classes, settings, max_side,
+                           channels, shard_bytes, workers)
+    with atomic_dir(split_dir) as tmp:
+        rows = sorted(rows, key=lambda r: r["sha256"])  # shards mix the classes
+        stats = _write(rows, root, tmp, classes, max_side, channels, shard_bytes, workers, 0)
+        _write_contents(tmp, settings, rows)
+    return stats
+
+
+def _append(old_rows, new, root, split_dir, classes, settings, max_side, channels,
+            shard_bytes, workers) -> PackStats:
+    index = _index(split_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".append.", dir=split_dir))
+    try:
+        stats = _write(new, root, tmp, classes, max_side, channels, shard_bytes, workers,
+                       len(index["chunks"]))
+        added = _index(tmp)
+        if added["config"] != index["config"]:
+            raise DataError(f"{split_dir}: new samples do not match the shards' layout")
+        for chunk in added["chunks"]:  # new file names: the index does not list them yet
+            os.replace(tmp / chunk["filename"], split_dir / chunk["filename"])
+        rows = old_rows + [_sample_row(r) for r in new]
+        _write_contents(split_dir, settings, rows)
+        write_json(split_dir / INDEX, {**index, "chunks": index["chunks"] + added["chunks"]})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stats.reused, stats.samples = len(old_rows), len(rows)
+    stats.shards = len(index["chunks"]) + len(added["chunks"])
+    return stats
+
+
+def _sample_row(r: dict[str, Any]) -> dict[str, str]:
+    return {"sha256": r["sha256"], "label": r["label"], "path": r["path"]}
+
+
+def _write_contents(split_dir: Path, settings: dict[str, Any], rows: list[dict]) -> None:
+    write_json(split_dir / CONTENTS, {"settings": settings,
+                                      "samples": [_sample_row(r) for r in rows]})
+
+
+def _encoded(rows, root: Path, max_side: int, channels: int, workers: int
+             ) -> Iterator[tuple[bytes, bool]]:
+    jobs = [(r, str(root), max_side, channels) for r in rows]
+    workers = workers or os.cpu_count() or 1
+    if len(jobs) < 256 or workers == 1:
+        yield from (_encode_job(j) for j in jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_encode_job, jobs, chunksize=64)
+
+
+def _write(rows, root: Path, out: Path, classes: list[str], max_side: int, channels: int,
+           shard_bytes: int, workers: int, first_chunk: int) -> PackStats:
+    from litdata.streaming.writer import BinaryWriter
+
+    index = {c: i for i, c in enumerate(classes)}
+    writer = BinaryWriter(str(out), chunk_bytes=shard_bytes, chunk_index=first_chunk)
+    stats = PackStats()
+    for i, (r, (data, re)) in enumerate(zip(rows, _encoded(rows, root, max_side, channels,
+                                                           workers), strict=True)):
+        writer[i] = {"label": index[r["label"]], "sha256": r["sha256"], "path": r["path"],
+                     "image": data}
+        stats.encoded += 1
+        stats.reencoded += int(re)
+    writer.done()
+    writer.merge()
+    stats.samples = len(rows)
+    stats.shards = len(_index(out)["chunks"]) if rows else 0
+    return stats
+
+
+def _index(split_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((split_dir / INDEX).read_text())
+    except (OSError, ValueError):
+        return {"chunks": [], "config": None}
+
+
+def _index_matches(split_dir: Path, n: int) -> bool:
+    return sum(c["chunk_size"] for c in _index(split_dir)["chunks"]) == n
+
+
+def check_shards(split_dir: Path, split: str) -> int:
+    """Every shard of the split is there, whole (size as indexed): the number of samples.
+
+    LitData waits for a local shard shorter than its index says (as for a download still
+    under way): a truncated file would hang training instead of failing, so it is checked
+    here first. A shard of the right size whose bytes are damaged fails when read
+    (`stream.ShardStream`), naming it too."""
+    if not (split_dir / INDEX).is_file():
+        raise DataError(f"no shards for split {split!r}: {split_dir / INDEX} is missing "
+                        "(run the pack stage)")
+    index = _index(split_dir)
+    if not index["chunks"] and index["config"] is None:
+        raise DataError(f"corrupt shard index {split_dir / INDEX} (split {split!r})")
+    for chunk in index["chunks"]:
+        path = split_dir / chunk["filename"]
+        size = path.stat().st_size if path.is_file() else -1
+        if size != chunk["chunk_bytes"]:
+            what = "missing" if size < 0 else f"{size} bytes, indexed {chunk['chunk_bytes']}"
+            raise DataError(f"corrupt shard {path} (split {split!r}): {what}")
+    return sum(c["chunk_size"] for c in index["chunks"])
+
+
+def chunk_file(split_dir: Path, chunk_index: int) -> Path:
+    return split_dir / _index(split_dir)["chunks"][chunk_index]["filename"]

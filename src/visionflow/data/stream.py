@@ -1,0 +1,148 @@
+"""Streaming the shards (issue #18): LitData's loader, decode and transforms per sample.
+
+Training (`train=True`): `torchvision.io.decode_image`, then transforms v2 RandomResizedCrop
+(`data.crop_scale`, `data.crop_ratio`) to `data.image_size` and a horizontal flip
+(`augment.hflip`); evaluation: resize the shorter side to `data.resize_size` and centre crop,
+as torchvision's classification references do. Each sample's randomness is seeded from
+(seed, epoch, sample index), so a run is the same whatever the worker count and after a
+resume. With `raw=True` the samples stay encoded (1-D uint8 tensors, collated as a list) for a
+device-side decoder (the CUDA path).
+
+`ShardStream` wraps LitData's `StreamingDataLoader`: its `state_dict` taken mid-epoch resumes
+at the next batch (`load_state_dict`); under DDP each rank reads its own shards (LitData
+assigns them), disjoint, their union the epoch. Shards are checked whole before the first read
+(`shards.check_shards`), and a sample that cannot be read or decoded stops the run with one
+line naming the shard and the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from visionflow.data.shards import check_shards, chunk_file
+from visionflow.errors import DataError
+
+CORRUPT = "corrupt shard"
+
+
+@dataclass(frozen=True)
+class View:
+    """How the samples of a split are turned into training or evaluation images."""
+
+    size: int
+    resize: int
+    channels: int = 3
+    train: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = 0.0
+    raw: bool = False  # keep the bytes encoded (a device decoder takes them)
+
+    def transform(self) -> v2.Transform:
+        if self.train:
+            steps: list[v2.Transform] = [v2.RandomResizedCrop(
+                self.size, scale=self.crop_scale, ratio=self.crop_ratio, antialias=True)]
+            if self.hflip > 0:
+                steps.append(v2.RandomHorizontalFlip(self.hflip))
+            return v2.Compose(steps)
+        return v2.Compose([v2.Resize(self.resize, antialias=True), v2.CenterCrop(self.size)])
+
+
+def decode(data: torch.Tensor, channels: int) -> torch.Tensor:
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    return decode_image(data, mode=mode)
+
+
+class ShardDataset(StreamingDataset):
+    """A split's shards; items are (uint8 C×S×S image, label), or (encoded bytes, label)."""
+
+    def __init__(self, split_dir: Path, split: str, view: View, *, seed: int,
+                 shuffle: bool) -> None:
+        super().__init__(str(split_dir), shuffle=shuffle, seed=seed, drop_last=None)
+        self.split_dir, self.split, self.view, self.base_seed = split_dir, split, view, seed
+        self._transform = view.transform()
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
+        try:
+            item = super().__getitem__(index)
+            data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
+            if self.view.raw:
+                return data, int(item["label"])
+            img = decode(data, self.view.channels)
+        except DataError:
+            raise
+        except Exception as e:  # damaged bytes: LitData's or the decoder's error
+            where = getattr(index, "chunk_index", None)
+            shard = chunk_file(self.split_dir, where) if where is not None else self.split_dir
+            raise DataError(f"{CORRUPT} {shard} (split {self.split!r}): "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        number = getattr(index, "index", index)
+        with torch.random.fork_rng(devices=[]):  # per sample: same with any worker count
+            torch.manual_seed(hash((self.base_seed, self.current_epoch, int(number))) % 2**62)
+            img = self._transform(img)
+        return img, int(item["label"])
+
+
+def _collate_raw(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor],
+                                                                  torch.Tensor]:
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.long)
+
+
+class ShardStream:
+    """Batches of one split, epoch after epoch, with a resumable position."""
+
+    def __init__(self, split_dir: Path, split: str, view: View, *, batch_size: int,
+                 workers: int, seed: int = 0, shuffle: bool | None = None,
+                 drop_last: bool | None = None) -> None:
+        self.samples = check_shards(split_dir, split)
+        self.split = split
+        shuffle = view.train if shuffle is None else shuffle
+        self.dataset = ShardDataset(split_dir, split, view, seed=seed, shuffle=shuffle)
+        kwargs: dict[str, Any] = {"collate_fn": _collate_raw} if view.raw else {}
+        if workers:
+            kwargs["persistent_workers"] = False
+        self.loader = StreamingDataLoader(
+            self.dataset, batch_size=batch_size, num_workers=workers,
+            drop_last=view.train if drop_last is None else drop_last, **kwargs)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    def epoch(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The next epoch's batches (the rest of it after `load_state_dict`)."""
+        try:
+            yield from self.loader
+        except Exception as e:  # a worker's DataError arrives wrapped, several lines long
+            line = next((ln.strip() for ln in str(e).splitlines() if CORRUPT in ln), None)
+            if line is None:
+                raise
+            raise DataError(line[line.index(CORRUPT):]) from None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def start_after(self, epochs_done: int) -> None:
+        """Resume at an epoch boundary: the next `epoch()` is number `epochs_done + 1`."""
+        self.loader.current_epoch = epochs_done
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """Up to `n` images in shard order (evaluation view), uint8 N×C×S×S."""
+        out, have = [], 0
+        for x, _ in self.loader:
+            out.append(x)
+            have += len(x)
+            if have >= n:
+                break
+        return torch.cat(out)[:n]

@@ -1,0 +1,90 @@
+"""Stage 2, pack: store the validated images the way training reads them (`data.storage`).
+
+- `tensor`: every image decoded once, resized to a square `data.image_size`, as one uint8
+  N×C×S×S tensor per split in `outputs/pack/cache.pt` (see `data.cache`); training loads it
+  straight onto its device. The fastest path for small images (digits, CIFAR-10).
+- `shards`: each split as LitData shards of encoded images under `outputs/pack/shards/<split>/`
+  (`data.shards`: the file's own JPEG/PNG bytes up to `data.max_side`, else re-encoded), packed
+  incrementally; training and evaluation stream them (`data.stream`). `cache.pt` then holds the
+  classes, labels, paths and hashes only (`"storage": "shards"`), no pixels.
+- `auto`: `tensor` while the decoded tensor (N×C×S×S bytes) fits `data.storage_budget_bytes`.
+
+The augmentation policy runs in training (per batch on the device; in shards mode the
+RandomResizedCrop and flip run per sample in the loader) and is recorded in `policy.json`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from visionflow.config import Params
+from visionflow.data.cache import SPLITS, build_cache, save_cache
+from visionflow.data.manifest import read_manifest, usable_rows
+from visionflow.data.shards import pack_split, read_contents, storage_for
+from visionflow.files import write_json
+from visionflow.layout import Layout
+from visionflow.stages import main
+
+
+@dataclass
+class PackResult:
+    cache: Path
+    counts: dict[str, int]
+    classes: list[str]
+    storage: str = "tensor"
+    shards: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def run(params: Params, layout: Layout) -> PackResult:
+    meta, rows = read_manifest(layout)
+    rows = usable_rows(rows)
+    classes: list[str] = meta["classes"]
+    d = params.data
+    size, channels = d.image_size, d.channels
+    storage = storage_for(d.storage, len(rows), channels, size, d.storage_budget_bytes)
+    layout.shards.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes
+    stats: dict[str, dict[str, int]] = {}
+    if storage == "tensor":
+        for split in SPLITS:  # shards of an earlier run would be stale
+            shutil.rmtree(layout.split_shards(split), ignore_errors=True)
+        blob = build_cache(rows, Path(meta["dataset_root"]), classes, size, channels,
+                           params.validate_.workers)
+    else:
+        blob = {"classes": classes, "image_size": size, "channels": channels,
+                "storage": "shards", "resize_size": d.eval_resize}
+        index = {c: i for i, c in enumerate(classes)}
+        for split in SPLITS:
+            split_rows = [r for r in rows if r["split"] == split]
+            s = pack_split(split_rows, Path(meta["dataset_root"]), layout.split_shards(split),
+                           classes, max_side=d.max_side, channels=channels,
+                           shard_bytes=d.shard_bytes, workers=params.validate_.workers)
+            stats[split] = vars(s)
+            order = (read_contents(layout.split_shards(split)) or {}).get("samples", [])
+            blob[f"{split}_y"] = torch.tensor([index[r["label"]] for r in order],
+                                              dtype=torch.long)  # in shard order
+            blob[f"{split}_paths"] = [r["path"] for r in order]
+            blob[f"{split}_sha256"] = [r["sha256"] for r in order]
+            print(f"pack {split}: {s.samples} images in {s.shards} shards ({s.encoded} "
+                  f"written, {s.reencoded} re-encoded, {s.reused} kept)", flush=True)
+    counts = {split: len(blob[f"{split}_paths"]) for split in SPLITS}
+    save_cache(blob, layout.cache)
+    write_json(layout.policy, {
+        "applied_in": "train (per sample, on the training device)",
+        "policy": params.augment.model_dump(),
+        "storage": storage,
+        "image_size": size,
+        "channels": channels,
+        "counts": counts,
+        **({"resize_size": d.eval_resize, "crop_scale": list(d.crop_scale),
+            "crop_ratio": list(d.crop_ratio), "max_side": d.max_side, "shards": stats}
+           if storage == "shards" else {}),
+    })
+    return PackResult(layout.cache, counts, classes, storage, stats)
+
+
+if __name__ == "__main__":
+    main("pack", run)

@@ -1,0 +1,183 @@
+"""Shards (issue #18): the storage rule, incremental packing, resumable and DDP-disjoint
+streams, and the one-line error for a damaged shard."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionflow.data.shards import check_shards, pack_split, read_contents, storage_for
+from visionflow.data.stream import ShardStream, View
+from visionflow.errors import DataError
+
+CLASSES = ["ants", "bees"]
+SIZES = [(500, 375), (375, 500), (320, 240), (640, 480), (260, 260), (90, 120)]
+
+
+def photos(root: Path, n: int, start: int = 0, seed: int = 0) -> list[dict]:
+    """Generated JPEGs of varying sizes, and their manifest rows."""
+    rng = np.random.default_rng(seed + start)
+    rows = []
+    for i in range(start, start + n):
+        label = CLASSES[i % 2]
+        w, h = SIZES[i % len(SIZES)]
+        base = rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)
+        path = root / label / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(base).resize((w, h)).save(path, quality=85)
+        rows.append({"path": f"{label}/{i:04d}.jpg", "label": label, "format": "JPEG",
+                     "mode": "RGB", "width": w, "height": h,
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return rows
+
+
+def pack(rows, root: Path, out: Path, **kw):
+    opts = {"max_side": 1024, "channels": 3, "shard_bytes": 1 << 16, "workers": 1} | kw
+    return pack_split(rows, root, out, CLASSES, **opts)
+
+
+def test_storage_rule():
+    # digits at 16 px: 1,797 x 3 x 16 x 16 bytes, far below the 2 GiB default
+    assert storage_for("auto", 1797, 3, 16, 2 * 2**30) == "tensor"
+    assert storage_for("auto", 100_000, 3, 224, 2 * 2**30) == "shards"  # 15 GB of tensor
+    assert storage_for("shards", 10, 3, 16, 2**30) == "shards"
+    assert storage_for("tensor", 10**7, 3, 224, 1) == "tensor"
+
+
+def test_large_images_are_reencoded_small_ones_kept(tmp_path):
+    rows = photos(tmp_path / "src", 12)
+    stats = pack(rows, tmp_path / "src", tmp_path / "shards", max_side=400)
+    big = sum(max(r["width"], r["height"]) > 400 for r in rows)
+    assert (stats.samples, stats.encoded, stats.reencoded) == (12, 12, big)
+    stream = ShardStream(tmp_path / "shards", "train", View(64, 73, raw=True),
+                         batch_size=4, workers=0, shuffle=False, drop_last=False)
+    kept = {r["sha256"] for r in rows if max(r["width"], r["height"]) <= 400}
+    seen = {hashlib.sha256(b.numpy().tobytes()).hexdigest() for xs, _ in stream.epoch()
+            for b in xs}
+    assert kept <= seen and len(seen) == 12  # kept bytes as they were, the others re-encoded
+
+
+def test_adding_ten_percent_encodes_only_the_new_files(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = photos(src, 40)
+    first = pack(rows, src, out)
+    assert first.shards > 1
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("chunk-*.bin")}
+    more = rows + photos(src, 4, start=40)
+    second = pack(more, src, out)
+    assert (second.encoded, second.reused, second.samples) == (4, 40, 44)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("chunk-*.bin")}
+    assert all(after[name] == before[name] for name in before)  # old shards untouched
+    assert len(after) > len(before)
+    assert check_shards(out, "train") == 44
+    assert [r["sha256"] for r in read_contents(out)["samples"]][:40] == \
+        [r["sha256"] for r in sorted(rows, key=lambda r: r["sha256"])]
+    # a file removed: the split is packed afresh
+    third = pack(more[1:], src, out)
+    assert (third.encoded, third.reused, check_shards(out, "train")) == (43, 0, 43)
+
+
+def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    pack(photos(src, 24), src, out)
+    view = View(32, 37, train=True, hflip=0.5)
+
+    def stream():
+        return ShardStream(out, "train", view, batch_size=4, workers=0, seed=3)
+
+    full = [(x, y) for x, y in stream().epoch()]
+    assert len(full) == 6
+    cut = stream()
+    it = cut.epoch()
+    for _ in range(2):
+        next(it)
+    state = cut.state_dict()
+    resumed = stream()
+    resumed.load_state_dict(state)
+    rest = list(resumed.epoch())
+    assert len(rest) == 4  # batches 3..6, none of the first two again
+    for (x, y), (rx, ry) in zip(full[2:], rest, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)  # same images, same crops
+
+
+def test_truncated_shard_is_one_line_naming_shard_and_split(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    pack(photos(src, 12), src, out)
+    shard = sorted(out.glob("chunk-*.bin"))[0]
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.raises(DataError) as err:
+        ShardStream(out, "val", View(32, 37), batch_size=4, workers=0)
+    msg = str(err.value)
+    assert str(shard) in msg and "'val'" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_damaged_bytes_are_one_line_naming_shard_and_split(tmp_path, workers):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    pack(photos(src, 6), src, out)
+    shard = sorted(out.glob("chunk-*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3:] = bytes(len(data) - len(data) // 3)  # zeros: same size
+    shard.write_bytes(bytes(data))
+    stream = ShardStream(out, "train", View(32, 37), batch_size=2, workers=workers,
+                         shuffle=False, drop_last=False)
+    with pytest.raises(DataError) as err:
+        list(stream.epoch())
+    msg = str(err.value)
+    assert msg.startswith("corrupt shard ") and str(shard) in msg and "'train'" in msg
+    assert "\n" not in msg
+
+
+def _rank_samples(rank: int, world: int, out: str, port: int, result: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        stream = ShardStream(Path(out), "train", View(32, 37, train=True, raw=True),
+                             batch_size=2, workers=0, seed=0)
+        seen = [hashlib.sha256(b.numpy().tobytes()).hexdigest()
+                for xs, _ in stream.epoch() for b in xs]
+        Path(result, f"{rank}.txt").write_text("\n".join(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from visionflow.pipeline.servers import free_port
+
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = photos(src, 32)
+    pack(rows, src, out, shard_bytes=1 << 15)
+    mp.spawn(_rank_samples, args=(2, str(out), free_port(), str(tmp_path)), nprocs=2)
+    a, b = ((tmp_path / f"{r}.txt").read_text().split() for r in (0, 1))
+    assert a and b and not set(a) & set(b)
+    assert set(a) | set(b) == {r["sha256"] for r in rows}
+
+
+def test_served_model_sees_what_evaluation_saw(tmp_path):
+    """predict / the pyfunc on a full-size JPEG: the evaluation view of the shards (resize the
+    shorter side, centre crop), not the tensor cache's stretch."""
+    from visionflow.mlops.pyfunc import to_batch
+
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = photos(src, 6)
+    pack(rows, src, out)
+    stream = ShardStream(out, "test", View(64, 80), batch_size=6, workers=0, shuffle=False,
+                         drop_last=False)
+    (x, _), = list(stream.epoch())
+    order = [r["path"] for r in read_contents(out)["samples"]]
+    served = to_batch([(src / p).read_bytes() for p in order], 64, 3, resize=80)
+    assert served.shape == tuple(x.shape)
+    assert np.abs(served.astype(int) - x.numpy().astype(int)).max() <= 2
+    stretched = to_batch([(src / p).read_bytes() for p in order], 64, 3)
+    assert np.abs(stretched.astype(int) - x.numpy().astype(int)).max() > 20

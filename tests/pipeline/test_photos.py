@@ -1,0 +1,148 @@
+"""Issue #18: a folder of mixed-size photos trains from shards at 224 px with
+RandomResizedCrop through both drivers; a SIGKILL mid-epoch resumes at the batch where it
+stopped; a corrupt shard stops training with one line and no model."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from builders import write_photo_folder
+from conftest import BIN, make_project, prefect_settings, run
+
+from visionflow.layout import Layout
+
+pytestmark = pytest.mark.slow
+STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
+PHOTOS = {  # storage shards, tiny net settings; 224 px crops of full-size JPEGs
+    "data.storage": "shards", "data.image_size": 224, "data.max_side": 640,
+    "data.workers": 1, "train.batch_size": 8, "train.epochs": 1, "train.progress": False,
+    "augment.hflip": 0.5, "augment.translate": 0, "augment.cutout": 0,
+    "compress.methods": ["int8"], "compress.calibration_images": 16,
+    "register.min_test_images": 1, "evaluate.batch_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4})
+
+
+def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, photos: Path,
+                                                      prefect_server: str):
+    root = make_project(tmp_path / "proj", photos, PHOTOS, git=True)
+    layout = Layout.at(root)
+    flow = runpy.run_path(str(root / "flows" / "retrain.py"))
+    with prefect_settings(prefect_server):
+        first = flow["retrain"](root=str(root))
+    assert first["stages"] == dict.fromkeys(STAGES, "ran")
+    policy = json.loads(layout.policy.read_text())
+    assert policy["storage"] == "shards" and policy["image_size"] == 224
+    assert policy["resize_size"] == 256 and policy["crop_scale"] == [0.08, 1.0]
+    assert policy["shards"]["train"]["reencoded"] > 0  # the 1200×900 photos
+    assert sorted(p.name for p in layout.shards.iterdir()) == ["test", "train", "val"]
+    blob = torch.load(layout.cache, weights_only=True)
+    assert "train_x" not in blob  # no pixels in the cache: they stream from the shards
+    arch = torch.load(layout.model, weights_only=True)["arch"]
+    assert (arch["image_size"], arch["resize_size"]) == (224, 256)
+    metrics = json.loads(layout.metrics.read_text())
+    assert metrics["n_test"] == len(blob["test_y"]) > 0
+
+    dvc = str(BIN / "dvc")
+    assert "up to date" in run([dvc, "repro"], root).stdout.lower()  # the flow recorded it
+    run([dvc, "repro", "-f", "-s", "pack"], root)  # the DVC driver packs: nothing new
+    again = json.loads(layout.policy.read_text())["shards"]["train"]
+    assert again["encoded"] == 0 and again["reused"] == policy["shards"]["train"]["samples"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([dvc, "repro"], root).stdout
+    assert [s for s in STAGES if f"Running stage '{s}'" in out] == [
+        "train", "evaluate", "compress", "register"], out
+    history = (layout.history).read_text().splitlines()
+    assert len(history) == 3  # header + 2 epochs
+
+    # the served model: a full-size JPEG, resized + centre-cropped as in evaluation
+    pred = run([str(BIN / "vflow"), "predict", str(next((photos / "val" / "bees").iterdir())),
+                "--root", str(root), "--out", "-", "--format", "json", "--no-progress"],
+               root, check=False)
+    assert pred.returncode == 0, pred.stdout + pred.stderr
+    assert json.loads(pred.stdout)[0]["label"] in ("ants", "bees")
+
+
+def _checkpoint_step(layout: Layout) -> tuple[int, bool]:
+    try:
+        ckpt = torch.load(layout.checkpoint, weights_only=True)
+    except Exception:  # not there yet, or being replaced
+        return 0, False
+    return int(ckpt["fit"]["step"]), ckpt["fit"].get("stream") is not None
+
+
+def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
+                                                                 photos: Path):
+    over = {**PHOTOS, "data.image_size": 64, "data.max_side": 400, "train.batch_size": 2,
+            "train.checkpoint_steps": 1, "train.epochs": 1, "data.workers": 0}
+    root = make_project(tmp_path / "proj", photos, over)
+    layout = Layout.at(root)
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    for stage in ("validate", "pack"):
+        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=env)
+    steps = len(torch.load(layout.cache, weights_only=True)["train_y"]) // 2  # one epoch
+    full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed
+    run([sys.executable, "-m", "visionflow.stages.train"], full.root, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "visionflow.stages.train"], cwd=root,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            step, mid = _checkpoint_step(layout)
+            if mid and step >= 3:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step, mid = _checkpoint_step(layout)  # the last one written before the kill
+    assert mid and 3 <= step < steps and not layout.model.exists()
+    resumed = run([sys.executable, "-m", "visionflow.stages.train"], root, env=env)
+    assert f"after epoch 0, step {step}" in resumed.stdout
+    (row,) = [r.split(",") for r in layout.history.read_text().splitlines()[1:]]
+    head = layout.history.read_text().splitlines()[0].split(",")
+    values = dict(zip(head, row, strict=True))
+    images = float(values["img_per_s"]) * float(values["seconds"])
+    assert round(images) == (steps - step) * 2  # only the batches after the kill ran
+    weights = [torch.load(x.model, weights_only=True)["state_dict"] for x in (layout, full)]
+    for k, v in weights[0].items():  # the same samples and crops as without the kill
+        assert torch.allclose(v.float(), weights[1][k].float(), atol=1e-5), k
+
+
+def test_corrupt_shard_stops_training_with_one_line(tmp_path: Path, photos: Path):
+    over = {**PHOTOS, "data.image_size": 32, "data.max_side": 64, "data.workers": 0}
+    root = make_project(tmp_path / "proj", photos, over)
+    layout = Layout.at(root)
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    for stage in ("validate", "pack"):
+        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=env)
+    shard = sorted(layout.split_shards("train").glob("chunk-*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 4:] = bytes(len(data) - len(data) // 4)
+    shard.write_bytes(bytes(data))
+    proc = run([sys.executable, "-m", "visionflow.stages.train"], root, check=False, env=env)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "corrupt shard" in ln]
+    assert len(lines) == 1 and str(shard) in lines[0] and "'train'" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not layout.model.exists()
