@@ -144,7 +144,7 @@ def test_a_finished_stage_is_recorded_in_dvc_lock(tmp_path: Path, digits_dir: Pa
         run_stage(stage, params, layout)
     state.record("validate")
     assert_stage_recorded(layout.root, "validate")
-    with pytest.raises(AssertionError, match="augment not in dvc.lock"):
+    with pytest.raises(AssertionError, match="pack not in dvc.lock"):
         assert_stage_recorded(layout.root, "pack")  # ran, not recorded
     assert state.stale("pack") == "not in dvc.lock yet"
     state.record("pack")

@@ -28,7 +28,7 @@ PHOTOS = {  # storage shards, tiny net settings; 224 px crops of full-size JPEGs
     "data.storage": "shards", "data.image_size": 224, "data.max_side": 640,
     "data.workers": 1, "train.batch_size": 8, "train.epochs": 1, "train.progress": False,
     "augment.hflip": 0.5, "augment.translate": 0, "augment.cutout": 0,
-    "compress.methods": ["int8"], "compress.calibration_images": 16,
+    "compress.methods": [], "compress.calibration_images": 16,
     "register.min_test_images": 1, "evaluate.batch_size": 16,
 }
 

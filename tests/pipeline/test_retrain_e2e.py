@@ -227,7 +227,7 @@ def _assert_resumed_after(layout: Layout, done: int, saved: list[dict[str, Any]]
 
     tracking.setup(layout)
     run_id = json.loads(layout.run_info.read_text())["run_id"]
-    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]
+    steps = [m.step for m in MlflowClient().get_metric_history(run_id, "curves/train_loss")]
     assert sorted(steps) == list(range(done + 1, epochs + 1)), (done, steps)
     with layout.history.open(newline="") as f:
         rows = list(csv.DictReader(f))

@@ -19,7 +19,6 @@ naming the image and the reason, and goes on serving.
 from __future__ import annotations
 
 import binascii
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,7 @@ def decode_image(data: bytes, size: int, channels: int, resize: int | None = Non
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image bytes -> uint8 C×size×size, normalised exactly like the training cache (or, for
     a shard-trained model, resized to `resize` and centre-cropped as in its evaluation)."""
-    return decode_eval(io.BytesIO(bytes(data)), size, channels, resize, max_pixels=max_pixels)
+    return decode_eval(bytes(data), size, channels, resize, max_pixels=max_pixels)
 
 
 def array_to_chw(value: Any, size: int, channels: int,

@@ -206,6 +206,7 @@ class Stack:
             raise StackError(f"the stack runs on {self.host}; `vflow stack down` before "
                              f"moving it to {opts.host}")
         self.state["host"] = opts.host
+        self.state["ui"] = opts.ui  # a server restarted later (start_service) keeps it
         creds, created = Credentials.load_or_create(self.layout)
         for name in SERVICES:
             if not self.state["ports"].get(name) or not self.running(name) and not \
@@ -269,7 +270,7 @@ class Stack:
                          timeout, self.layout.stack_log(name), proc)
 
     def start_service(self, name: str, timeout: float = 300.0,
-                      creds: Credentials | None = None, ui: bool = False) -> None:
+                      creds: Credentials | None = None, ui: bool | None = None) -> None:
         """Start one server if it is not up (after `kill_service`, for instance)."""
         if name == "postgres":
             cluster = self.cluster()
@@ -278,6 +279,7 @@ class Stack:
             return
         if self.healthy(name) and self.running(name):
             return
+        ui = self.state.get("ui", True) if ui is None else ui  # as `up` started it
         self._spawn(name, creds or self.credentials(), Options(host=self.host, ui=ui))
         self._wait(name, timeout)
 
