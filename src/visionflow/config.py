@@ -26,6 +26,7 @@ from visionflow.dataconfig import (  # noqa: F401  (the data section, re-exporte
     is_torchvision_source,
     unknown_torchvision_dataset,
 )
+from visionflow.segconfig import TASKS, SegmentationConfig
 from visionflow.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
@@ -346,7 +347,11 @@ class FlowConfig(_Section):
         return v
 
 
+Task = Literal[TASKS]  # type: ignore[valid-type]
+
+
 class Params(_Section):
+    task: Task = "classification"
     seed: int = 0
     preset: str | None = Field(None, description="presets/<name>.yaml merged over params.yaml")
     data: DataConfig = DataConfig()
@@ -358,6 +363,7 @@ class Params(_Section):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     flow: FlowConfig = FlowConfig()
     tune: TuneConfig = TuneConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

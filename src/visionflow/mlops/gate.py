@@ -124,6 +124,7 @@ class Decision:
     only_champion_right: int | None = None  # McNemar c
     config: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, Any] = field(default_factory=dict)  # ScoredSet.summary()
+    metric: str = "top-1"  # what challenger_top1 / champion_top1 hold (segmentation: mIoU)
 
     @property
     def label(self) -> str:
@@ -142,6 +143,7 @@ class Decision:
                                    else f"{self.champion_top1:.6f}"),
             "gate_config": ", ".join(f"{k}={v}" for k, v in self.config.items()),
             "gate_test_images": self.scored.get("text", f"{self.n} test images scored"),
+            "gate_metric": self.metric,
         }
         if self.mcnemar_p is not None:
             tags["gate_mcnemar_p"] = f"{self.mcnemar_p:.6g}"
@@ -151,10 +153,11 @@ class Decision:
         head = f"## Champion gate: {self.label.upper()}"
         who = f"`{model_name}` version {version}" if version else "the challenger"
         champ = ("no champion yet" if self.champion_version is None else
-                 f"champion v{self.champion_version}, top-1 {self.champion_top1:.4f}")
+                 f"champion v{self.champion_version}, {self.metric} {self.champion_top1:.4f}")
         lines = [
             head, "",
-            f"Challenger {who}: top-1 {self.challenger_top1:.4f} on {self.n} test images; "
+            f"Challenger {who}: {self.metric} {self.challenger_top1:.4f} on {self.n} test "
+            f"images; "
             f"{champ}.", "",
             f"Test images: {self.scored.get('text', f'{self.n} scored, none excluded')}.", "",
             "| check | required | result | detail |", "|---|---|---|---|",

@@ -41,6 +41,7 @@ def version_tags(params: Params, layout: Layout) -> dict[str, str]:
     }
     out = {LINEAGE + k: v for k, v in tags.items() if v}
     out["model"] = params.train.model
+    out["task"] = params.task
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,12 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
 
 def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: JointPolicy, *,
                   epochs: int, batch_size: int = 32, lr: float = 3e-3,
-                  weight_decay: float = 1e-4, seed: int = 0) -> dict:
+                  weight_decay: float = 1e-4, seed: int = 0,
+                  on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
     """Train on N x C x H x W uint8 `images` and N x H x W `masks` (on the model's device).
-    Returns {"img_per_s": training images per second over the run, "epoch_seconds": each
+    `on_epoch(epoch, mean loss, seconds)` runs after each epoch, outside its timed window
+    (it may evaluate: the model is put back in training mode). Returns {"img_per_s":
+    training images per second over the run, "epoch_seconds": each
     epoch's wall time, "loss": last epoch's mean loss, "seconds"}."""
     device = next(model.parameters()).device
     images, masks = images.to(device), masks.to(device)
@@ -63,6 +66,11 @@ def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: Joint
             sched.step()
             loss_sum, batches, seen = loss_sum + loss.item(), batches + 1, seen + len(idx)
         epoch_seconds.append(time.perf_counter() - epoch_start)
+        if on_epoch is not None:
+            paused = time.perf_counter()
+            on_epoch(len(epoch_seconds), loss_sum / max(batches, 1), epoch_seconds[-1])
+            model.train()
+            start += time.perf_counter() - paused
     elapsed = time.perf_counter() - start
     return {"img_per_s": seen / elapsed, "epoch_seconds": epoch_seconds,
             "loss": loss_sum / max(batches, 1), "seconds": elapsed}

@@ -94,3 +94,38 @@ def per_image_iou(preds: Tensor, target: Tensor, num_classes: int,
     union = cm.sum(1) + cm.sum(2) - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.nan)
     return iou.nanmean(dim=1)
+
+
+class PixelCalibration:
+    """Reliability bins over pixels, streamed (K bins of counts, whatever the data size):
+    the same rows as `model.metrics.reliability_bins`, and the pixel ECE."""
+
+    def __init__(self, n_bins: int = 15, ignore_index: int = IGNORE_INDEX) -> None:
+        self.n_bins, self.ignore_index = n_bins, ignore_index
+        self.count = torch.zeros(n_bins, dtype=torch.float64)
+        self.conf = torch.zeros(n_bins, dtype=torch.float64)
+        self.correct = torch.zeros(n_bins, dtype=torch.float64)
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        conf, pred = logits.softmax(1).max(1)
+        keep = target != self.ignore_index
+        conf, hit = conf[keep].double().cpu(), (pred[keep] == target[keep]).double().cpu()
+        idx = (conf * self.n_bins).long().clamp(0, self.n_bins - 1)
+        self.count += torch.bincount(idx, minlength=self.n_bins).double()
+        self.conf += torch.bincount(idx, conf, minlength=self.n_bins)
+        self.correct += torch.bincount(idx, hit, minlength=self.n_bins)
+
+    def rows(self) -> list[dict[str, float]]:
+        out = []
+        for b in range(self.n_bins):
+            n = float(self.count[b])
+            out.append({"bin": b, "lower": round(b / self.n_bins, 6),
+                        "upper": round((b + 1) / self.n_bins, 6),
+                        "confidence": float(self.conf[b]) / n if n else 0.0,
+                        "accuracy": float(self.correct[b]) / n if n else 0.0, "count": int(n)})
+        return out
+
+    def ece(self) -> float:
+        total = float(self.count.sum()) or 1.0
+        return sum(r["count"] / total * abs(r["accuracy"] - r["confidence"])
+                   for r in self.rows())

@@ -42,9 +42,15 @@ from visionflow.model.metrics import (
 )
 from visionflow.model.plots import plot_confusion, plot_mistakes, plot_per_class, plot_reliability
 from visionflow.stages import main
+from visionflow.tasks.segmentation import evaluate as segmentation
+
+# task -> its own run (params.task; classification is this module's `run`)
+TASKS = {"segmentation": segmentation.run}
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
+    if params.task in TASKS:
+        return TASKS[params.task](params, layout)
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)

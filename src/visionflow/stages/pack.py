@@ -28,6 +28,10 @@ from visionflow.data.shards import pack_split, read_contents, storage_for
 from visionflow.files import write_json
 from visionflow.layout import Layout
 from visionflow.stages import main
+from visionflow.tasks.segmentation import pack as segmentation
+
+# task -> its own run (params.task; classification is this module's `run`)
+TASKS = {"segmentation": segmentation.run}
 
 
 @dataclass
@@ -40,6 +44,8 @@ class PackResult:
 
 
 def run(params: Params, layout: Layout) -> PackResult:
+    if params.task in TASKS:
+        return TASKS[params.task](params, layout)
     meta, rows = read_manifest(layout)
     rows = usable_rows(rows)
     classes: list[str] = meta["classes"]

@@ -39,8 +39,13 @@ from visionflow.mlops.publish import (
     log_train_hashes,
     sample_image,
 )
+from visionflow.mlops.segmentation_gate import check_task
 from visionflow.model.metrics import headline, score_logits
 from visionflow.stages import main
+from visionflow.tasks.segmentation import register as segmentation
+
+# task -> its own run (params.task; classification is this module's `run`)
+TASKS = {"segmentation": segmentation.run}
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Registration:
 
 
 def run(params: Params, layout: Layout) -> Registration:
+    if params.task in TASKS:
+        return TASKS[params.task](params, layout)
     cfg = params.register_
     validation = json.loads(layout.validation.read_text())
     # shards: the test split decoded through resize + centre crop
@@ -76,8 +83,9 @@ def run(params: Params, layout: Layout) -> Registration:
             champ_correct, note = None, ""
             champ_set, champ_note = None, "no champion"
             if champ is not None:
-                champ_set, champ_note = trained_hashes(
-                    client.get_model_version(cfg.model_name, champ))
+                mv = client.get_model_version(cfg.model_name, champ)
+                check_task(cfg.model_name, champ, mv.tags, params.task)
+                champ_set, champ_note = trained_hashes(mv)
                 champ_logits, note = scoring.version_logits(cfg.model_name, champ, cache, params)
                 if champ_logits is not None:
                     champ_correct = champ_logits.argmax(1) == target

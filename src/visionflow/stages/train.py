@@ -42,6 +42,10 @@ from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import device_logits, pick_device, stream_logits
 from visionflow.model.trainer import prepare_fit, top1
 from visionflow.stages import main
+from visionflow.tasks.segmentation import train as segmentation
+
+# task -> its own run (params.task; classification is this module's `run`)
+TASKS = {"segmentation": segmentation.run}
 
 
 @dataclass
@@ -66,6 +70,8 @@ def config_hash(params: Params) -> str:
 
 
 def run(params: Params, layout: Layout) -> TrainResult:
+    if params.task in TASKS:
+        return TASKS[params.task](params, layout)
     cfg = params.train
     dist = engine.init_distributed(cfg.device)
     device = pick_device(cfg.device, dist.local_rank)

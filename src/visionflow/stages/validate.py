@@ -41,6 +41,10 @@ from visionflow.layout import Layout
 from visionflow.mlops.lineage import champion_split_scheme, champion_summary
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main
+from visionflow.tasks.segmentation import validate as segmentation
+
+# task -> its own run (params.task; classification is this module's `run`)
+TASKS = {"segmentation": segmentation.run}
 
 
 @dataclass
@@ -62,6 +66,8 @@ def _drift_report(params: Params, layout: Layout, current: dict[str, Any]) -> di
 
 
 def run(params: Params, layout: Layout) -> ValidateResult:
+    if params.task in TASKS:
+        return TASKS[params.task](params, layout)
     try:
         return _run(params, layout)
     except ValidationFailed:

@@ -1,0 +1,122 @@
+"""Registering a segmenter: logging it to MLflow "from code" (the weights file of
+`save_segmenter`, task "segmentation", behind the same pyfunc entry as classifiers: the
+served model dispatches on the file's task), scoring a registered version on the test pairs,
+and its model card (mIoU, pixel accuracy, Dice, per-class IoU)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from visionflow.config import Params
+from visionflow.env import hardware
+from visionflow.layout import Layout
+from visionflow.mlops import tracking
+from visionflow.mlops.card import _md_table, data_section, lineage_section, metrics_section
+from visionflow.mlops.gate import Decision
+from visionflow.mlops.publish import HERE, PACKAGE, log_own_model, serving_limits
+from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.model.segmentation import load_segmenter
+from visionflow.model.segmentation_fit import evaluate_segmenter
+from visionflow.model.segmentation_metrics import SegmentationScores
+
+HEADLINE = ("miou", "pixel_accuracy", "mean_dice")
+
+
+def headline(scores: SegmentationScores) -> dict[str, float]:
+    return {"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy,
+            "mean_dice": scores.mean_dice}
+
+
+def log_segmenter(layout: Layout, model_name: str, params: Params):
+    """Log the segmenter's weights as a pyfunc (no input example: nothing is run) and
+    register it as a new version of `model_name`."""
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                               outputs=Schema([ColSpec("binary", "mask")]))
+    return log_own_model("model", lambda model_id: mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(HERE / "pyfunc_model.py"),
+        artifacts={WEIGHTS: str(layout.model)},
+        code_paths=[str(PACKAGE)],
+        signature=signature,
+        model_config={"task": "segmentation", **serving_limits(params)},
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=model_name,
+        model_id=model_id,
+    ))
+
+
+def score(model: Any, cache: dict[str, Any], keep: list[bool], k: int):
+    """(scores, per-image IoU) of `model` on the kept test pairs, each at its own size."""
+    device = next(model.parameters()).device
+    pairs = ((x.to(device), y.to(device).long()) for x, y, ok in
+             zip(cache["test_x"], cache["test_masks"], keep, strict=True) if ok)
+    return evaluate_segmenter(model, pairs, k)
+
+
+def version_scores(name: str, version: str, cache: dict[str, Any], keep: list[bool],
+                   device: torch.device) -> tuple[Any, str]:
+    """((scores, per-image IoU) of a registered segmenter, "") or (None, why not)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        except Exception as err:
+            if why := tracking.artifact_store_error(err):
+                raise tracking.ArtifactStoreUnavailable(why) from None
+            return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
+        weights = next(local.rglob("model.pt"), None)
+        if weights is None:
+            return None, f"champion v{version} has no weights artifact"
+        model, arch = load_segmenter(weights, device)
+    if arch.classes != cache["classes"]:
+        return None, f"champion v{version} was trained on other classes"
+    return score(model, cache, keep, arch.num_classes), ""
+
+
+def segmentation_card(name: str, version: str, params: Params, layout: Layout, arch: Any,
+                      model: Any, scores: SegmentationScores, n_test: int, validation: dict,
+                      tags: dict[str, str], decision: Decision, run: Any) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    per_class = scores.as_dict(arch.classes)
+    run_tags = dict(getattr(getattr(run, "data", None), "tags", {}) or {})
+    s = params.segmentation
+    lines = [
+        f"# {name} v{version}: {arch.name} (segmentation)", "",
+        f"**Gate: {decision.label}.** {decision.reason}", "",
+        "## Model",
+        *_md_table([
+            ("task", "segmentation"),
+            ("architecture", f"{arch.name} {arch.kwargs or ''}, {n_params:,} parameters"),
+            ("input", "RGB images of any size (trained on "
+                      f"{s.image_size}x{s.image_size} crops)"),
+            ("classes", f"{arch.num_classes}: {', '.join(arch.classes)[:1500]}"),
+            ("output", "a mask of class indices at the image's size (255 = ignore in labels)"),
+        ]), "",
+        *data_section(tags, validation, params.data.source),
+        *metrics_section(headline(scores), n_test, "Test metrics (pixels, images at their "
+                                                     "own size)"),
+        "## Per-class IoU", "| class | IoU | Dice |", "|---|---|---|",
+        *[f"| {c} | {_f(per_class['iou'][c])} | {_f(per_class['dice'][c])} |"
+          for c in arch.classes], "",
+        "## Training",
+        *_md_table([("epochs", s.epochs), ("augmentation", f"joint crop {list(s.crop_scale)}, "
+                     f"hflip {s.hflip}, vflip {s.vflip}; colour on the image only"),
+                    ("training device", run_tags.get("device", "-")),
+                    ("hardware (registering host)", hardware())]), "",
+        *lineage_section(tags, run.info.run_id, run.info.experiment_id),
+        decision.markdown(name, version),
+        "## Use", "```bash", f"vflow predict --model models:/{name}/{version} IMAGE.png",
+        "```", "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"

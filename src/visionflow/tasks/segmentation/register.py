@@ -1,0 +1,120 @@
+"""Register for `task: segmentation`: log the segmenter, register a version tagged
+`task=segmentation`, and gate the champion alias on mIoU with the paired per-image IoU test
+(`mlops.segmentation_gate`), under the registry lock, as classification's register does.
+
+Both models are scored by the same code on the same test pairs: those neither of them
+trained or validated on (by the pair's sha256). A champion of another task is a one-line
+error naming its version and task. Writes `registration.json`, `gate_report.md` and
+`model_card.md`; the card is the version's description and shows mIoU.
+
+The compact copy: compress's choice for a segmenter is registered by compress's own code
+(`mlops.compact.register_compact`) once compress handles segmentation; until its report
+names a choice for this task (absent, failed or skipped), nothing compact is registered and
+registration.json says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import mlflow
+
+from visionflow.config import Params
+from visionflow.data.cache import load_cache, split_hashes
+from visionflow.files import read_json, write_json, write_text
+from visionflow.layout import Layout
+from visionflow.mlops import gate, registry, tracking
+from visionflow.mlops.gate import scored_set
+from visionflow.mlops.lineage import trained_hashes
+from visionflow.mlops.provenance import LINEAGE, version_tags
+from visionflow.mlops.publish import log_model_metrics, log_train_hashes
+from visionflow.mlops.segmentation_card import (
+    headline,
+    log_segmenter,
+    score,
+    segmentation_card,
+    version_scores,
+)
+from visionflow.mlops.segmentation_gate import check_task, decide_iou
+from visionflow.model.inference import pick_device
+from visionflow.model.segmentation import load_segmenter
+
+TASK = "segmentation"
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    cfg = params.register_
+    validation = read_json(layout.validation) or {}
+    cache = load_cache(layout.cache)
+    tags = {**version_tags(params, layout), "model": params.segmentation.model, "task": TASK}
+    trained = {s: split_hashes(cache, s) for s in ("train", "val", "test")}
+    device = pick_device(params.train.device)
+    layout.mlruns.mkdir(exist_ok=True)
+    with tracking.stage_run(layout) as run:
+        with registry.registry_lock(mlflow.get_tracking_uri()) as lock:
+            client = registry.client_for(layout)
+            registry.abandon_interrupted(client, cfg.model_name, run.info.run_id)
+            champ = registry.current_alias(client, cfg.model_name, cfg.alias)
+            champ_set, champ_note, note = None, "no champion", ""
+            if champ is not None:
+                mv = client.get_model_version(cfg.model_name, champ)
+                check_task(cfg.model_name, champ, mv.tags, TASK)
+                champ_set, champ_note = trained_hashes(mv)
+            scored = scored_set(trained["test"], trained["train"] + trained["val"],
+                                champ_set, champ_note)
+            model, arch = load_segmenter(layout.model, device)
+            scores, per_image = score(model, cache, scored.keep, arch.num_classes)
+            all_scores, _ = score(model, cache, [True] * len(scored.keep), arch.num_classes)
+            champion = None
+            if champ is not None:
+                champion, note = version_scores(cfg.model_name, champ, cache, scored.keep,
+                                                device)
+            decision = decide_iou(scores.miou, per_image,
+                                  champion[0].miou if champion else None,
+                                  champion[1] if champion else None, params,
+                                  champ if champion else None, note, scored)
+            try:
+                info = log_segmenter(layout, cfg.model_name, params)
+            except Exception as err:
+                if why := tracking.artifact_store_error(err):
+                    raise tracking.ArtifactStoreUnavailable(why) from None
+                raise
+            version = str(info.registered_model_version)
+            log_model_metrics(headline(all_scores), info.model_id, params, layout)
+            tags[LINEAGE + "train_hashes"] = log_train_hashes(trained["train"],
+                                                              trained["val"], version)
+            report = decision.markdown(cfg.model_name, version)
+            card = segmentation_card(cfg.model_name, version, params, layout, arch, model,
+                                     all_scores, len(scored.keep), validation, tags,
+                                     decision, run)
+            client.update_model_version(cfg.model_name, version, description=card)
+            lock.check()
+            alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
+        write_text(layout.gate_report, report)
+        write_text(layout.model_card, card)
+        mlflow.log_artifact(str(layout.gate_report), "register")
+        mlflow.log_artifact(str(layout.model_card), "register")
+        mlflow.set_tags({"registered_version": version, "gate_decision": decision.label,
+                         "gate_reason": decision.reason[:5000]})
+        tracking.add_outcome(f"**Outcome:** registered {cfg.model_name} v{version}, "
+                             f"{decision.label}: {decision.reason}")
+    print(report)
+    registration = {"model_name": cfg.model_name, "version": version, "alias": alias,
+                    "decision": asdict(decision), "run_id": run.info.run_id,
+                    "ui_command": tracking.ui_command(layout), "compact": None,
+                    "compact_note": compact_note(layout, bool(cfg.compact and alias)),
+                    "task": TASK, "tags": tags}
+    write_json(layout.registration, registration)
+    return registration
+
+
+def compact_note(layout: Layout, wanted: bool) -> str:
+    """Why no compact version was registered (see the module docstring)."""
+    if not wanted:
+        return "not requested or not promoted"
+    report = read_json(layout.compress_report) or {}
+    if not report or report.get("skipped") or report.get("task") != TASK:
+        return "compress has no segmentation choice (absent or skipped): nothing registered"
+    # segdeploy's compress plugs in here: register_compact(params, layout, version, ...)
+    return "compress chose a variant; registering it for segmentation is compress's part"

@@ -1,0 +1,111 @@
+"""Train for `task: segmentation`: a `segmentation.model` (U-Net by default, or torchvision's
+FCN / DeepLabV3 / LR-ASPP) on the pack cache's train pairs, with the joint augmentation on
+the training device (`model.segmentation_augment`: one crop / flip grid for image and mask,
+nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
+
+`train.pretrained` (a local weights file: a segmenter, a torchvision segmentation state dict
+or a ResNet / MobileNetV3 backbone, read with weights_only=True) starts the matching layers,
+as for classifiers. Writes `outputs/train/model.pt` with `save_segmenter` (task
+"segmentation": what compress, register and predict load), `history.csv` (loss and val mIoU
+per epoch) and opens the pipeline's MLflow run, as classification's train does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import mlflow
+import torch
+
+from visionflow.config import Params
+from visionflow.data.cache import load_cache, source_data_hash
+from visionflow.errors import ConfigError
+from visionflow.files import write_csv
+from visionflow.layout import Layout
+from visionflow.mlops import tracking
+from visionflow.mlops.datasets import log_datasets
+from visionflow.model.inference import pick_device
+from visionflow.model.segmentation import (
+    SegArch,
+    build_segmenter,
+    load_segmentation_weights,
+    save_segmenter,
+)
+from visionflow.model.segmentation_augment import JointPolicy
+from visionflow.model.segmentation_fit import evaluate_segmenter, fit_segmenter
+
+CURVES = "curves/"
+
+
+def arch_for(params: Params, classes: list[str]) -> SegArch:
+    s = params.segmentation
+    return SegArch(s.model, len(classes), 3, classes=list(classes), kwargs=dict(s.model_kwargs))
+
+
+def policy_for(params: Params) -> JointPolicy:
+    s = params.segmentation
+    return JointPolicy(out_size=(s.image_size, s.image_size), scale=tuple(s.crop_scale),
+                       hflip=s.hflip, vflip=s.vflip, brightness=s.brightness,
+                       contrast=s.contrast, saturation=s.saturation)
+
+
+def run(params: Params, layout: Layout) -> dict[str, Any]:
+    s, cfg = params.segmentation, params.train
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cache = load_cache(layout.cache)
+    if cache.get("task") != "segmentation":
+        raise ConfigError(f"{layout.cache}: packed for {cache.get('task', 'classification')}, "
+                          "task is segmentation: run pack again")
+    if not len(cache["train_x"]):
+        raise ConfigError("segmentation: no train pairs to train on (see validate's report)")
+    torch.manual_seed(params.seed)
+    arch = arch_for(params, cache["classes"])
+    model = build_segmenter(arch)
+    if cfg.pretrained:
+        if cfg.pretrained.startswith("torchvision:"):
+            raise ConfigError(f"train.pretrained={cfg.pretrained!r}: segmentation takes a "
+                              "local weights file (a backbone or segmenter state dict)")
+        loaded = load_segmentation_weights(model, layout.root / cfg.pretrained)
+        print(f"pretrained: {len(loaded)} tensors from {cfg.pretrained}", flush=True)
+    model = model.to(device)
+    k = len(arch.classes)
+    val = list(zip(cache["val_x"], cache["val_masks"], strict=True))
+    history: list[dict[str, Any]] = []
+    n_train = len(cache["train_x"])
+
+    def on_epoch(epoch: int, loss: float, seconds: float) -> None:
+        miou = (evaluate_segmenter(model, ((x, y.long()) for x, y in val), k)[0].miou
+                if val else None)
+        row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
+               "img_per_s": n_train / max(seconds, 1e-9), "seconds": seconds}
+        history.append(row)
+        mlflow.log_metrics({CURVES + key: v for key, v in row.items()
+                            if v is not None and key != "epoch"}, step=epoch)
+        print(f"epoch {epoch}/{s.epochs}: loss {loss:.4f}, val mIoU "
+              f"{'-' if miou is None else f'{miou:.4f}'} ({seconds:.1f} s)", flush=True)
+
+    tags = {**tracking.pipeline_run_tags(params, source_data_hash(layout), str(device), 1),
+            "model": s.model, "task": "segmentation"}
+    name = f"{s.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tracking.new_run(layout, name, tags):
+        mlflow.log_params(tracking.flat_params({k: v for k, v in params.dump().items()
+                                                if k not in ("tune", "flow", "compress")}))
+        log_datasets(params, layout)
+        tracking.log_validation(layout)
+        tracking.log_dir_or_file(layout.policy, "data")
+        fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
+                            policy_for(params), epochs=s.epochs, batch_size=s.batch_size,
+                            lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
+                            on_epoch=on_epoch)
+        save_segmenter(layout.model, model, arch, history=json.dumps(history))
+        write_csv(layout.history, history)
+        mlflow.log_artifact(str(layout.history), "train")
+    layout.checkpoint.unlink(missing_ok=True)
+    return {"model_path": str(layout.model), "epochs_run": len(history),
+            "val_miou": history[-1]["val_miou"] if history else None,
+            "seconds": round(fit["seconds"], 2), "images_per_s": round(fit["img_per_s"], 1),
+            "device": str(device)}

@@ -1,0 +1,79 @@
+"""Segmentation projects for the pipeline tests (#19): the generated shapes set, small and
+fast (160 images of 32..40 px, a width-8 U-Net, 20 epochs at 32 px, one thread), and a
+small Pascal VOC folder written from the same shapes.
+
+`compress_stand_in`: compress for segmentation is another branch's work (segdeploy). Until
+it lands, the stage's files are written here as "skipped" (the flow: in place of
+`stages.compress.run`; DVC: the stage frozen over those files), so that register runs and
+shows that it tolerates a missing compact model. Delete both uses once compress handles
+segmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionflow.data.segmentation_masks import voc_colour
+from visionflow.data.segmentation_synth import materialize_shapes, render_shapes
+from visionflow.layout import Layout
+
+SEG = {
+    "task": "segmentation",
+    "data.val_fraction": 0.1,
+    "data.test_fraction": 0.2,
+    "segmentation.model": "unet",
+    "segmentation.model_kwargs": {"width": 8, "depth": 3},
+    "segmentation.image_size": 32,
+    "segmentation.epochs": 20,
+    "segmentation.batch_size": 16,
+    "segmentation.lr": 0.01,
+    "segmentation.worst_images": 4,
+    "train.threads": 1,  # a shared, loaded CPU: one thread is several times faster
+    "register.model_name": "visionflow-segmenter",
+    "register.min_test_images": 10,
+}
+MIN_MIOU = 0.80
+
+
+def shapes(root: Path, n: int = 160) -> Path:
+    return materialize_shapes(root, n_images=n, seed=0, min_side=32, max_side=40)
+
+
+def compress_stand_in(params, layout: Layout) -> dict:
+    """What compress leaves for a segmenter until it handles one: a "skipped" report."""
+    report = {"task": "segmentation", "skipped": "compress for segmentation: not in this "
+              "branch", "variants": {}}
+    layout.compress_models.mkdir(parents=True, exist_ok=True)
+    (layout.compress_models / ".keep").write_text("")
+    layout.compress_report.write_text(json.dumps(report))
+    layout.pareto_csv.write_text("name,size_bytes,miou\n")
+    layout.pareto_png.write_bytes(b"")
+    return report
+
+
+def write_voc(root: Path, n: int = 40, bad: int = 1) -> Path:
+    """A Pascal VOC folder: JPEGImages/*.jpg, SegmentationClass/*.png in VOC colours (RGB),
+    ImageSets/Segmentation/{train,val}.txt; `bad` masks with a colour not in the palette."""
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i in range(n):
+        image, mask = render_shapes(1, i, 32, 40)
+        stem = f"2007_{i:06d}"
+        Image.fromarray(image).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
+        rgb = np.zeros((*mask.shape, 3), dtype=np.uint8)
+        for k in np.unique(mask):
+            rgb[mask == k] = voc_colour(int(k))
+        if i < bad:
+            rgb[0, 0] = (1, 2, 3)
+        Image.fromarray(rgb, "RGB").save(root / "SegmentationClass" / f"{stem}.png")
+        stems.append(stem)
+    (root / "classes.txt").write_text("background\ncircle\nrectangle\ntriangle\nellipse\n")
+    lists = root / "ImageSets" / "Segmentation"
+    (lists / "train.txt").write_text("\n".join(stems[: n * 3 // 4]) + "\n")
+    (lists / "val.txt").write_text("\n".join(stems[n * 3 // 4:]) + "\n")
+    return root

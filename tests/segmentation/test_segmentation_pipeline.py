@@ -1,0 +1,120 @@
+"""`task: segmentation` through the six stages (#19), on the generated shapes set, by both
+drivers: `dvc repro` in one git+DVC project, the Prefect flow in another, the same metrics;
+the gate report, model card and `vflow models show` show mIoU; a worse second run is
+refused by the gate; a champion of another task is a one-line error. One trained project
+per driver, shared by the module's tests (compress: see `seg_projects.compress_stand_in`)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, make_project, prefect_settings, run
+from seg_projects import MIN_MIOU, SEG, compress_stand_in, shapes
+
+STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory, prefect_server) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("seg-pipeline")
+    data = shapes(base / "shapes")
+    dvc_root = make_project(base / "dvc", data, SEG, git=True)
+    compress_stand_in(None, _layout(dvc_root))
+    run([str(BIN / "dvc"), "freeze", "compress"], dvc_root)
+    out = run([str(BIN / "dvc"), "repro"], dvc_root)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out.stdout]
+    assert ran == ["validate", "pack", "train", "evaluate", "register"], out.stdout
+
+    flow_root = make_project(base / "flow", data, SEG, git=True)
+    flow = runpy.run_path(str(flow_root / "flows" / "retrain.py"))
+    with pytest.MonkeyPatch.context() as mp, prefect_settings(prefect_server):
+        mp.setattr("visionflow.stages.compress.run", compress_stand_in)
+        result = flow["retrain"](root=str(flow_root))
+    assert result["stages"] == dict.fromkeys(STAGES, "ran"), result
+    return {"dvc": dvc_root, "flow": flow_root}
+
+
+def _layout(root: Path):
+    from visionflow.layout import Layout
+
+    return Layout.at(root)
+
+
+def _json(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+def test_both_drivers_train_the_same_segmenter(drivers):
+    dvc, flow = (_json(drivers[d], "outputs/evaluate/metrics.json") for d in ("dvc", "flow"))
+    assert dvc["miou"] >= MIN_MIOU, dvc
+    for key in ("miou", "pixel_accuracy", "mean_dice", "ece"):
+        assert flow[key] == pytest.approx(dvc[key], abs=1e-6), key
+    assert set(dvc["iou"]) == {"background", "circle", "rectangle", "triangle", "ellipse"}
+    validation = _json(drivers["dvc"], "outputs/validate/validation.json")
+    assert validation["task"] == "segmentation" and validation["success"]
+    assert validation["layout"] == "images+masks" and validation["usable"] == 160
+    assert any(e["expectation"] == "expect_column_values_to_be_in_set"
+               and "same_size" not in e["description"] for e in validation["expectations"])
+    summary = _json(drivers["dvc"], "outputs/validate/data_summary.json")
+    assert summary["pixels"]["background"] > summary["pixels"]["circle"] > 0
+    for name in ("per_class.png", "mistakes.png", "confusion.png", "reliability.png"):
+        assert (drivers["dvc"] / "outputs/evaluate" / name).stat().st_size > 1000, name
+    with (drivers["dvc"] / "outputs/evaluate/predictions.csv").open() as f:
+        assert next(f).strip() == "path,mask,iou"
+    for root in drivers.values():
+        reg = _json(root, "outputs/register/registration.json")
+        assert reg["version"] == "1" and reg["alias"] == "champion", reg
+        assert reg["decision"]["metric"] == "mIoU" and reg["compact"] is None
+        assert "compress has no segmentation choice" in reg["compact_note"]
+
+
+def test_gate_report_card_and_models_show_give_miou(drivers):
+    root = drivers["dvc"]
+    report = (root / "outputs/register/gate_report.md").read_text()
+    assert "mIoU" in report and "top-1" not in report
+    card = (root / "outputs/register/model_card.md").read_text()
+    assert "| miou |" in card and "Per-class IoU" in card and "segmentation" in card
+    shown = run([str(BIN / "vflow"), "models", "show", "1", "--name", "visionflow-segmenter",
+                 "--root", str(root), "--no-card"], root).stdout
+    assert "miou" in shown and "pixel_accuracy" in shown
+    as_json = json.loads(run([str(BIN / "vflow"), "models", "show", "1", "--name",
+                              "visionflow-segmenter", "--root", str(root), "--json"],
+                             root).stdout)
+    assert as_json["tags"]["task"] == "segmentation" and as_json["metrics"]["miou"] >= MIN_MIOU
+
+
+def test_a_worse_second_run_is_refused(drivers):
+    root = drivers["dvc"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["segmentation"]["epochs"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], root)
+    assert "Running stage 'train'" in out.stdout and "Running stage 'register'" in out.stdout
+    reg = _json(root, "outputs/register/registration.json")
+    assert reg["version"] == "2" and reg["alias"] is None, reg
+    assert reg["decision"]["promote"] is False
+    assert "kept champion v1" in reg["decision"]["reason"] and "mIoU" in reg["decision"]["reason"]
+    report = (root / "outputs/register/gate_report.md").read_text()
+    assert "REJECTED" in report and "wilcoxon" in report
+
+
+def test_a_champion_of_another_task_is_a_one_line_error(drivers):
+    root = drivers["flow"]
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import tracking
+
+    tracking.setup(_layout(root))
+    MlflowClient().set_model_version_tag("visionflow-segmenter", "1", "task", "classification")
+    proc = subprocess.run([str(BIN / "python"), "-m", "visionflow.stages.register"],
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: visionflow-segmenter v1 is a classification model; this "
+                           "project's task is segmentation"), proc.stderr[-2000:]

@@ -1,0 +1,63 @@
+"""The task switch (#19): `task:` in params (classification the default), the shapes preset,
+and a small Pascal VOC folder through validate (bad pair quarantined with its reason, never
+deleted), pack (the dataset's own train/val lists) and train (a segmenter file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import REPO, make_project
+from seg_projects import SEG, write_voc
+
+from visionflow.configfile import load_params
+from visionflow.errors import ConfigError, ValidationFailed
+from visionflow.layout import Layout
+from visionflow.pipeline.stages import run_stage
+
+
+def test_classification_stays_the_default_and_the_preset_switches_task():
+    default = load_params(REPO / "params.yaml")
+    assert default.task == "classification"
+    seg = load_params(REPO / "params.yaml", ["preset=shapes-unet"])
+    assert seg.task == "segmentation" and seg.segmentation.model == "unet"
+    assert seg.register_.model_name == "visionflow-segmenter"
+    with pytest.raises(ConfigError, match="segmentation.model"):
+        load_params(REPO / "params.yaml", ["task=segmentation", "segmentation.model=resnet18"])
+    with pytest.raises(ConfigError, match="task"):
+        load_params(REPO / "params.yaml", ["task=detection"])
+
+
+def test_a_voc_folder_imports_and_trains(tmp_path):
+    voc = write_voc(tmp_path / "VOC", n=40, bad=1)
+    before = sorted(p.relative_to(voc) for p in voc.rglob("*"))
+    root = make_project(tmp_path / "proj", voc, {
+        **SEG, "segmentation.epochs": 2, "validate.max_quarantine_fraction": 0.05})
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    for stage in ("validate", "pack", "train"):
+        run_stage(stage, params, layout)
+    validation = json.loads(layout.validation.read_text())
+    assert validation["layout"] == "voc" and validation["usable"] == 39
+    assert validation["quarantined"] == {"rgb_colour_not_in_palette": 1}
+    with layout.quarantine.open() as f:
+        (bad,) = list(csv.DictReader(f))
+    assert bad["path"] == "SegmentationClass/2007_000000.png"
+    assert bad["reason"] == "rgb_colour_not_in_palette"
+    assert sorted(p.relative_to(root / "data") for p in (root / "data").rglob("*")) == before
+    cache = torch.load(layout.cache, weights_only=True)
+    # VOC's lists: val as listed; test carved from train.txt (no test.txt) by content
+    n = {s: len(cache[f"{s}_paths"]) for s in ("train", "val", "test")}
+    assert n["val"] == 10 and n["train"] + n["test"] == 29 and n["test"] > 0, n
+    blob = torch.load(layout.model, weights_only=True)
+    assert blob["task"] == "segmentation" and blob["arch"]["num_classes"] == 5
+    with layout.history.open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+    # over the quarantine budget: the gate fails in one line, naming reason and file
+    strict = load_params(layout.params, ["validate.max_quarantine_fraction=0.0"])
+    with pytest.raises(ValidationFailed, match="rgb_colour_not_in_palette: "
+                                               "SegmentationClass/2007_000000.png"):
+        run_stage("validate", strict, layout)
