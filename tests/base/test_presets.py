@@ -32,7 +32,11 @@ def test_the_shipped_presets_exist_and_validate():
     assert base["preset"] is None
     for name in PRESETS:
         params = parse_params(load_raw(REPO / "params.yaml", name))
-        assert params.preset == name and params.data.image_size == 32
+        assert params.preset == name
+        if params.task == "classification":  # the CIFAR-10 presets
+            assert params.data.image_size == 32
+        else:  # shapes-unet: the generated segmentation set
+            assert params.segmentation.image_size == 64
 
 
 def test_preset_from_the_command_line_then_overrides(proj: Path):
