@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +22,7 @@ from visionflow.model.segmentation import load_segmenter
 from visionflow.model.segmentation_metrics import SegmentationMeter
 from visionflow.stages import compress
 
-BUDGET = 1.0  # mIoU points
+BUDGET = 1.5  # mIoU points (top-1 budget stays 1.0: the stage must read this one)
 SEARCH = {
     "compress.methods": ["int8", "structured"],
     "compress.max_miou_drop": BUDGET,
@@ -45,12 +46,14 @@ def compressed(tmp_path_factory):
     base = tmp_path_factory.mktemp("segmodel")
     layout = segmentation_project(base, tmp_path_factory.mktemp("segcompress") / "proj")
     params = load_params(layout.params, SEARCH)
-    threads = torch.get_num_threads()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
     torch.set_num_threads(1)
+    os.chdir(layout.root)  # as dvc and the flow run it
     try:
         report = compress.run(params, layout)
     finally:
         torch.set_num_threads(threads)
+        os.chdir(cwd)
     return layout, report
 
 
@@ -119,6 +122,8 @@ def test_pareto_table_reports_miou(compressed):
     assert float(by_name["int8"]["miou"]) == pytest.approx(
         report["variants"]["int8"]["miou"], abs=1e-6)
     assert by_name[report["selected"]["name"]]["selected"] == "True"
+    # ORT's failed symbolic shape inference leaves files in the working directory
+    assert not [p.name for p in layout.root.iterdir() if p.suffix in (".onnx", ".data")]
     saved = json.loads(layout.compress_report.read_text())
     assert saved["pareto"][0]["miou"] == report["original"]["miou"]
     assert layout.pareto_png.stat().st_size > 1000
