@@ -127,3 +127,18 @@ def test_pareto_table_reports_miou(compressed):
     saved = json.loads(layout.compress_report.read_text())
     assert saved["pareto"][0]["miou"] == report["original"]["miou"]
     assert layout.pareto_png.stat().st_size > 1000
+
+
+def test_the_pairs_adapter(compressed):
+    from visionflow.data.segmentation_feed import segmentation_pairs
+    from visionflow.errors import DataError
+
+    layout, report = compressed
+    params = load_params(layout.params)
+    pairs = list(segmentation_pairs(params, layout, "test"))
+    assert len(pairs) == report["original"]["n"] > 0
+    image, mask = pairs[0]
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    assert mask.dtype == torch.int64 and mask.shape == image.shape[1:]
+    with pytest.raises(DataError, match="segmentation split 'holdout': choose one of"):
+        next(segmentation_pairs(params, layout, "holdout"))

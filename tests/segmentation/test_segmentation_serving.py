@@ -183,3 +183,25 @@ def test_a_model_of_the_other_task_is_a_one_line_error(served, tmp_path):
         from visionflow.model.classifier import load_classifier
 
         load_classifier(layout.model)
+
+
+def test_vflow_predict_cli_masks_and_task(served, tmp_path):
+    from typer.testing import CliRunner
+
+    from visionflow.cli.main import app
+    from visionflow.errors import VisionflowError
+
+    layout, _, images = served
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--root", str(layout.root), "--model",
+                              f"models:/{SEG}@champion", "-o", str(tmp_path / "masks"),
+                              "--task", "segmentation", "--no-progress", str(images[0])])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "masks" / f"{images[0].stem}.png").is_file()
+    res = runner.invoke(app, ["predict", "--root", str(layout.root), "--model",
+                              f"models:/{SEG}@champion", "--task", "classification",
+                              str(images[0])])
+    assert isinstance(res.exception, VisionflowError)
+    assert str(res.exception) == (
+        f"--task classification: version 1 of '{SEG}' (models:/{SEG}@champion) is a "
+        "segmentation model, not a classification model")
