@@ -142,3 +142,39 @@ def test_the_pairs_adapter(compressed):
     assert mask.dtype == torch.int64 and mask.shape == image.shape[1:]
     with pytest.raises(DataError, match="segmentation split 'holdout': choose one of"):
         next(segmentation_pairs(params, layout, "holdout"))
+
+
+def test_register_compact_registers_the_segmentation_choice(compressed):
+    """register's `register_compact` with a segmentation report: the chosen ONNX variant
+    becomes the `compact` version (task tag, mIoU budget and card), serving masks."""
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from visionflow.mlops import registry, tracking
+    from visionflow.mlops.compact import register_compact
+    from visionflow.mlops.publish_segmentation import log_segmenter_pyfunc, tag_task
+
+    layout, report = compressed
+    params = load_params(layout.params, SEARCH)
+    name = params.register_.model_name
+    tracking.setup(layout)
+    with mlflow.start_run():
+        parent = str(log_segmenter_pyfunc(layout.model, name, params).registered_model_version)
+    client = registry.client_for(layout)
+    tag_task(client, name, parent, "segmentation")
+    client.set_registered_model_alias(name, params.register_.alias, parent)
+    out = register_compact(params, layout, parent)
+    assert out is not None and out["alias"] == "compact", out
+    assert out["variant"] == report["selected"]["name"]
+    mv = client.get_model_version(name, out["version"])
+    assert mv.tags["task"] == "segmentation" and mv.tags["compact_max_miou_drop"] == "1.5"
+    assert "within 1.5 mIoU point(s)" in mv.description and "| mIoU |" in mv.description
+    image = next(iter((layout.root / "data/images").glob("*.png")))
+    answer = mlflow.pyfunc.load_model(f"models:/{name}@compact").predict(
+        pd.DataFrame({"image": [image.read_bytes()]}))
+    mask = Image.open(io.BytesIO(base64.b64decode(answer["mask"][0])))
+    assert mask.mode == "P" and mask.size == Image.open(image).size
