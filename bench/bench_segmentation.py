@@ -2,9 +2,13 @@
 -> `scan_segmentation` (content-addressed splits) -> train pairs resized to one size ->
 `joint_augment` on the device -> U-Net (cross-entropy, ignore 255) -> val and test mIoU at
 each image's own size. Reports train img/s (whole run, and the median epoch) and the scores.
+With `--int8`, the trained model also goes through the compress stage's segmentation code
+(`compression.segmentation`): its ONNX export and ORT QDQ int8 copy, each scored by test
+mIoU at the images' own sizes, file size, and CPU batch-1 / batch-8 latency at the training
+size, timed round-robin side by side with the torch model (medians).
 
     nice -n 10 .venv/bin/python bench/bench_segmentation.py --images 600 --size 64 \
-        --width 16 --depth 3 --epochs 8 --threads 1
+        --width 16 --depth 3 --epochs 8 --threads 1 --int8
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from visionflow.compression.latency import measure_latency
+from visionflow.compression.segmentation import SegContext, build_segmentation_variants
+from visionflow.config import CompressConfig
 from visionflow.data.segmentation_layout import load_pair, scan_segmentation
 from visionflow.data.segmentation_synth import materialize_shapes
-from visionflow.model.segmentation import SegArch, build_segmenter
+from visionflow.model.segmentation import SegArch, build_segmenter, save_segmenter
 from visionflow.model.segmentation_augment import JointPolicy
 from visionflow.model.segmentation_fit import evaluate_segmenter, fit_segmenter, resize_pair
 from visionflow.model.zoo import count_params
@@ -42,6 +50,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", type=Path, default=Path("/tmp/vflow-bench-seg"))
+    ap.add_argument("--int8", action="store_true", help="also int8 vs fp32 (mIoU, size, "
+                    "CPU latency) through compress's segmentation code")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -57,7 +67,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     k = len(scan.classes)
-    model = build_segmenter(SegArch("unet", k, kwargs={"width": a.width, "depth": a.depth}))
+    arch = SegArch("unet", k, classes=list(scan.classes),
+                   kwargs={"width": a.width, "depth": a.depth})
+    model = build_segmenter(arch)
     model = model.to(device)
     policy = JointPolicy(out_size=(a.size, a.size), scale=(0.4, 1.4), hflip=0.5, vflip=0.5,
                          brightness=0.2, contrast=0.2, saturation=0.2)
@@ -76,9 +88,29 @@ def main() -> None:
         out[name] = {key: (round(v, 4) if isinstance(v, float) else
                            {c: None if x is None else round(x, 4) for c, x in v.items()})
                      for key, v in scores.as_dict(scan.classes).items()}
+    if a.int8:
+        test = [_tensors(root, p) for p in split["test"]]
+        out["int8"] = _int8(model.cpu().eval(), arch, torch.stack(images),
+                            torch.stack(masks), test)
     print(json.dumps(out, indent=2))
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _int8(model, arch: SegArch, images: torch.Tensor, masks: torch.Tensor,
+          test: list) -> dict:
+    """fp32 torch, fp32 ONNX and int8 ONNX of `model`: test mIoU, bytes, CPU latency."""
+    cfg = CompressConfig(methods=["int8"], calibration_images=64, latency_batches=[1, 8],
+                         latency_reps=30, latency_reps_large=10, latency_warmup=3)
+    with tempfile.TemporaryDirectory(prefix="vf-bench-seg-") as tmp:
+        ctx = SegContext(model, arch, lambda: test, images, masks, cfg=cfg, seed=0,
+                         device=torch.device("cpu"), out=Path(tmp))
+        save_segmenter(Path(tmp) / "model.pt", model, arch)
+        sweep = build_segmentation_variants(ctx, Path(tmp) / "model.pt")
+        measure_latency(sweep.variants, ctx.example, cfg)
+    keys = ("runtime", "miou", "miou_drop_points", "pixel_agreement_with_fp32",
+            "size_bytes", "size_ratio", "cpu_b1_ms", "cpu_b8_ms")
+    return {v.name: {k: v.entry.get(k) for k in keys} for v in sweep.variants}
 
 
 if __name__ == "__main__":

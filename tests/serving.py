@@ -33,6 +33,14 @@ def ping(url: str, timeout: float = 2.0) -> bool:
 def serve_champion(layout: Layout, log_path: Path, workers: int = 1) -> Iterator[str]:
     """The champion served by `mlflow models serve` (local env); its base URL. The server
     and its workers are stopped afterwards (SIGTERM, then SIGKILL)."""
+    with serve_uri(layout, f"models:/{NAME}@champion", log_path, workers) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_uri(layout: Layout, model_uri: str, log_path: Path,
+              workers: int = 1) -> Iterator[str]:
+    """`model_uri` (of the project's store) served by `mlflow models serve`; its base URL."""
     from visionflow.mlops import tracking
     from visionflow.pipeline.servers import free_port
 
@@ -42,7 +50,7 @@ def serve_champion(layout: Layout, log_path: Path, workers: int = 1) -> Iterator
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w+") as log:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri,
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
              "-w", str(workers)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

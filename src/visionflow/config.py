@@ -221,6 +221,8 @@ class CompressConfig(_Section):
     methods: list[Literal["int8", "prune", "structured", "lowrank", "distill", "pt2e"]] = [
         "int8", "prune", "structured"]
     max_top1_drop: float = Field(1.0, ge=0, le=100, description="budget, in top-1 points")
+    max_miou_drop: float = Field(1.0, ge=0, le=100,
+                                 description="segmentation models: budget, in mIoU points")
     objective: Literal["size", "macs", "cpu_latency"] = "size"
     combine: bool = Field(True, description="also int8 of each fp32 variant within budget")
     stop_at_first_miss: bool = Field(

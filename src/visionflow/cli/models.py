@@ -221,16 +221,23 @@ def predict_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     root: RootOpt = Path("."),
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    task: Annotated[str | None, typer.Option(
+        "--task", help="classification or segmentation: the task you expect (a model of "
+                       "the other task is an error); default: the model's")] = None,
 ) -> None:
-    """Predict top-k labels for images with a registered model; writes CSV or JSON."""
+    """Predict top-k labels for images with a registered model (CSV or JSON); with a
+    segmentation model, one PNG mask per image into the folder --out names (without its
+    .csv/.json suffix) and an index.csv there."""
     import sys
 
     from visionflow.mlops import registry
     from visionflow.mlops.predict import run_predict
 
     uri = model or f"models:/{registry.model_name_for(root)}@champion"
+    if task not in (None, "classification", "segmentation"):
+        raise typer.BadParameter(f"--task {task!r}: choose classification or segmentation")
     summary = run_predict(uri, list(paths), out, fmt, batch_size, topk, device, root,
-                          progress and sys.stderr.isatty())
+                          progress and sys.stderr.isatty(), task=task)
     msg = (f"{summary.images} image(s) predicted with {uri} on {summary.device}"
            + (f" -> {summary.out}" if summary.out != "-" else ""))
     if summary.failed:

@@ -22,11 +22,14 @@ def export_onnx(
     path: str | Path,
     opset: int | None = None,
     check: bool = True,
+    dynamic_hw: bool = False,
 ) -> Path:
     """Export `model` (N x C x H x W float in [0, 1] -> logits) to a single-file ONNX model.
 
-    Uses `torch.onnx.export(dynamo=True)`; the batch dimension is dynamic. The file is written
-    to a temp name and renamed into place. With `check`, ORT output is compared to eager.
+    Uses `torch.onnx.export(dynamo=True)`; the batch dimension is dynamic, and with
+    `dynamic_hw` the height and width too (segmenters: N x K x H x W logits for any size).
+    The file is written to a temp name and renamed into place. With `check`, ORT output is
+    compared to eager.
     """
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
@@ -34,7 +37,9 @@ def export_onnx(
     x = x.unsqueeze(0) if x.dim() == 3 else x
     if x.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dim to 1
         x = x[:1].repeat(2, 1, 1, 1)
-    batch = torch.export.Dim("batch", min=1)
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if dynamic_hw:
+        dims |= {2: torch.export.Dim("height", min=1), 3: torch.export.Dim("width", min=1)}
     with torch.no_grad():
         program = torch.onnx.export(
             model,
@@ -42,7 +47,7 @@ def export_onnx(
             dynamo=True,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=(dims,),
             opset_version=opset,
             external_data=False,
             verbose=False,

@@ -2,6 +2,7 @@
 and the Pareto table (CSV) and plot (PNG) the compress stage writes.
 
 Rows are the compress report's entries (plain dicts): `top1` (fraction), `top1_drop_points`,
+(segmentation: `miou`, `miou_drop_points`; every function takes the `metric` it ranks by),
 `size_bytes`, `macs`, `cpu_b1_ms` (batch-1 median of the runtime the row deploys with),
 `deployable`, `candidate` (False for the original and reference rows).
 """
@@ -24,6 +25,12 @@ TABLE_COLUMNS = (
     "onnx_agreement", "in_budget", "pareto_size", "pareto_macs", "pareto_cpu_latency",
     "selected",
 )
+# segmentation's table: mIoU (and pixel accuracy) where the classifiers have top-1
+SEG_TABLE_COLUMNS = tuple(
+    c for col in TABLE_COLUMNS
+    for c in ({"top1": ("miou", "pixel_accuracy"), "top1_drop_points": ("miou_drop_points",),
+               "agreement_with_fp32": ("pixel_agreement_with_fp32",)}.get(col, (col,))))
+METRIC_LABELS = {"top1": "top-1", "miou": "mIoU"}
 
 
 def objective_value(row: dict[str, Any], objective: str) -> float | None:
@@ -31,10 +38,11 @@ def objective_value(row: dict[str, Any], objective: str) -> float | None:
     return None if value is None else float(value)
 
 
-def pareto_flags(rows: list[dict[str, Any]], objective: str) -> list[bool]:
-    """For each row: no other row is at least as good on both top-1 (higher) and the
+def pareto_flags(rows: list[dict[str, Any]], objective: str,
+                 metric: str = "top1") -> list[bool]:
+    """For each row: no other row is at least as good on both `metric` (higher) and the
     objective (lower) and strictly better on one. Rows without the value are never on it."""
-    points = [(objective_value(r, objective), r.get("top1")) for r in rows]
+    points = [(objective_value(r, objective), r.get(metric)) for r in rows]
     flags = []
     for i, (cost, acc) in enumerate(points):
         if cost is None or acc is None:
@@ -48,12 +56,14 @@ def pareto_flags(rows: list[dict[str, Any]], objective: str) -> list[bool]:
 
 
 def choose(
-    rows: list[dict[str, Any]], original: dict[str, Any], objective: str, max_drop_points: float
+    rows: list[dict[str, Any]], original: dict[str, Any], objective: str, max_drop_points: float,
+    metric: str = "top1",
 ) -> tuple[str | None, str]:
     """The best deployable candidate within the budget: lowest objective value, then highest
-    top-1, then smallest file. It must improve on the original's objective value.
-    Returns (name or None, reason)."""
+    `metric` (top-1, or mIoU), then smallest file. It must improve on the original's objective
+    value. Returns (name or None, reason)."""
     key = OBJECTIVES[objective]
+    label = METRIC_LABELS.get(metric, metric)
     ref = objective_value(original, objective)
     fits, over, no_gain = [], [], []
     for r in rows:
@@ -62,37 +72,38 @@ def choose(
         value = objective_value(r, objective)
         if value is None:
             continue
-        if r["top1_drop_points"] > max_drop_points + 1e-9:
+        if r[f"{metric}_drop_points"] > max_drop_points + 1e-9:
             over.append(r["name"])
         elif ref is not None and value >= ref:
             no_gain.append(r["name"])
         else:
             fits.append(r)
     if not fits:
-        why = [f"no deployable variant within {max_drop_points:g} top-1 point(s) improves "
+        why = [f"no deployable variant within {max_drop_points:g} {label} point(s) improves "
                f"{UNITS[objective]} on the original"]
         if over:
             why.append(f"over budget: {', '.join(over)}")
         if no_gain:
             why.append(f"no gain: {', '.join(no_gain)}")
         return None, "; ".join(why)
-    best = min(fits, key=lambda r: (objective_value(r, objective), -r["top1"],
+    best = min(fits, key=lambda r: (objective_value(r, objective), -r[metric],
                                     r.get("size_bytes") or math.inf))
     ratio = objective_value(best, objective) / ref if ref else float("nan")
     return best["name"], (
         f"lowest {UNITS[objective]} ({key} {objective_value(best, objective):.4g}, "
         f"{ratio:.3f}x the original) among {len(fits)} deployable variant(s) within "
-        f"{max_drop_points:g} top-1 point(s): top-1 {best['top1']:.4f}, drop "
-        f"{best['top1_drop_points']:+.2f} pt")
+        f"{max_drop_points:g} {label} point(s): {label} {best[metric]:.4f}, drop "
+        f"{best[f'{metric}_drop_points']:+.2f} pt")
 
 
-def mark(rows: list[dict[str, Any]], max_drop_points: float, selected: str | None) -> None:
+def mark(rows: list[dict[str, Any]], max_drop_points: float, selected: str | None,
+         metric: str = "top1") -> None:
     """Fill `in_budget`, `pareto_<objective>` and `selected` on every row (in place)."""
     for objective in OBJECTIVES:
-        for row, flag in zip(rows, pareto_flags(rows, objective), strict=True):
+        for row, flag in zip(rows, pareto_flags(rows, objective, metric), strict=True):
             row[f"pareto_{objective}"] = flag
     for row in rows:
-        drop = row.get("top1_drop_points")
+        drop = row.get(f"{metric}_drop_points")
         row["in_budget"] = drop is not None and drop <= max_drop_points + 1e-9
         row["selected"] = row["name"] == selected
 
@@ -106,19 +117,21 @@ def recipe_text(recipe: list[dict[str, Any]]) -> str:
     return " -> ".join(parts) or "-"
 
 
-def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def table_rows(rows: list[dict[str, Any]],
+               columns: tuple[str, ...] = TABLE_COLUMNS) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        row = {c: r.get(c) for c in TABLE_COLUMNS}
+        row = {c: r.get(c) for c in columns}
         row["recipe"] = recipe_text(r.get("recipe") or [])
         out.append(row)
     return out
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """The Pareto table (`TABLE_COLUMNS`, floats to 6 places, None empty), atomically."""
-    table = [{k: _cell(v) for k, v in row.items()} for row in table_rows(rows)]
-    files.write_csv(path, table, header=TABLE_COLUMNS)
+def write_csv(path: str | Path, rows: list[dict[str, Any]],
+              columns: tuple[str, ...] = TABLE_COLUMNS) -> None:
+    """The Pareto table (`columns`, floats to 6 places, None empty), atomically."""
+    table = [{k: _cell(v) for k, v in row.items()} for row in table_rows(rows, columns)]
+    files.write_csv(path, table, header=columns)
 
 
 def _cell(v: Any) -> Any:
@@ -128,8 +141,9 @@ def _cell(v: Any) -> Any:
 
 
 def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
-         max_drop_points: float, selected: str | None) -> None:
-    """Two panels: top-1 against file size and against CPU batch-1 latency (log x), with
+         max_drop_points: float, selected: str | None, metric: str = "top1") -> None:
+    """Two panels: `metric` (top-1 or mIoU; `base_top1` is the original's) against file
+    size and against CPU batch-1 latency (log x), with
     the Pareto front, the budget line and the selected variant circled."""
     import matplotlib
 
@@ -143,9 +157,9 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
     families = sorted({r.get("family", "") for r in rows})
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
     for ax, (objective, key, scale, label) in zip(axes, panels, strict=True):
-        pts = [r for r in rows if r.get(key) is not None and r.get("top1") is not None]
+        pts = [r for r in rows if r.get(key) is not None and r.get(metric) is not None]
         for r in pts:
-            x, y = r[key] * scale, r["top1"] * 100
+            x, y = r[key] * scale, r[metric] * 100
             marker = "o" if r.get("deployable") or r.get("family") == "original" else "x"
             ax.scatter(x, y, color=colors[r.get("family", "")], marker=marker, s=36, zorder=3)
             ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3),
@@ -155,7 +169,7 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
                            zorder=4)
         front = sorted((r for r in pts if r.get(f"pareto_{objective}")), key=lambda r: r[key])
         if front:
-            ax.step([r[key] * scale for r in front], [r["top1"] * 100 for r in front],
+            ax.step([r[key] * scale for r in front], [r[metric] * 100 for r in front],
                     where="post", color="gray", lw=1, zorder=2, label="Pareto front")
         ax.axhline(base_top1 * 100 - max_drop_points, color="red", ls="--", lw=1,
                    label=f"budget: -{max_drop_points:g} pt")
@@ -165,7 +179,7 @@ def plot(path: str | Path, rows: list[dict[str, Any]], base_top1: float,
         ax.xaxis.set_minor_formatter(plain)
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(label)
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
         ax.grid(alpha=0.3, which="both")
     handles = [plt.Line2D([], [], color=colors[f], marker="o", ls="", label=f) for f in families]
     axes[0].legend(handles=handles + axes[0].get_legend_handles_labels()[0], fontsize=7,

@@ -118,11 +118,23 @@ def _first_conv(onnx_path: Path) -> list[str]:
 def _pre_process(src: Path, dst: Path) -> None:
     """ORT's recommended pre-processing; symbolic shape inference first, plain ONNX shape
     inference when it fails (it cannot follow e.g. ReduceMax -> Reshape of a global max-pool
-    exported by dynamo)."""
+    exported by dynamo). Models with a dynamic height / width (segmenters) go straight to
+    plain inference: the symbolic one cannot finish there and, failing, leaves
+    `sym_shape_infer_temp.onnx` and a `<uuid>.data` file in the working directory."""
+    if _dynamic_spatial(src):
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
     except Exception:  # onnxruntime.tools.symbolic_shape_infer raises plain TypeErrors
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def _dynamic_spatial(onnx_path: Path) -> bool:
+    """An input with a named (dynamic) dimension other than the batch."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(d.dim_param for i in model.graph.input
+               for d in list(i.type.tensor_type.shape.dim)[1:])
 
 
 def size_ratio(fp32_path: str | Path, int8_path: str | Path) -> float:

@@ -12,6 +12,10 @@ Nothing is registered when no variant fits (the report selected none, or the bud
 `params` no longer admits the selection). With `require_champion_parent` (the default) the
 alias moves only when the parent holds the champion alias, so `compact` is always a compressed
 copy of the serving model; the version is still registered and tagged otherwise.
+
+A segmentation model's report (`task: segmentation`, #19) is read the same way with its
+metric, mIoU, and budget, `compress.max_miou_drop`; the variant is logged by
+`publish_segmentation.log_compact_segmenter` (masks out) and tagged `task`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from visionflow.mlops import registry, tracking
 from visionflow.mlops.card import data_section, lineage_section, metrics_section, usage_section
 from visionflow.mlops.provenance import LINEAGE, flat_tags, lineage, version_tags
 from visionflow.mlops.publish import log_compact, log_model_metrics
+from visionflow.mlops.publish_segmentation import TASK_TAG, log_compact_segmenter
 from visionflow.model.classifier import load_classifier
+from visionflow.model.segmentation import TASK, load_segmenter
 
 ALIAS = "compact"
 
@@ -47,18 +53,20 @@ def chosen_variant(params: Params, layout: Layout) -> tuple[dict[str, Any] | Non
     entry = (report.get("variants") or {}).get(sel["name"])
     if entry is None:
         return None, f"selected variant {sel['name']!r} is missing from the report"
-    budget = params.compress.max_top1_drop
+    task = report.get("task", "classification")
+    metric, label = ("miou", "mIoU") if task == TASK else ("top1", "top-1")
+    budget = getattr(params.compress, f"max_{metric}_drop")
     if not entry.get("deployable"):
         return None, f"{sel['name']} is not deployable"
-    if entry["top1_drop_points"] > budget + 1e-9:
-        return None, (f"{sel['name']} drops {entry['top1_drop_points']:.2f} top-1 points, over "
-                      f"compress.max_top1_drop={budget:g}")
+    if entry[f"{metric}_drop_points"] > budget + 1e-9:
+        return None, (f"{sel['name']} drops {entry[f'{metric}_drop_points']:.2f} {label} "
+                      f"points, over compress.max_{metric}_drop={budget:g}")
     if not str(entry.get("file", "")).endswith(".onnx"):
         return None, f"{sel['name']} has no ONNX file to serve"
     path = layout.compress_models / entry["file"]
     if not path.is_file():
         return None, f"{path} is missing"
-    return {**entry, "objective": report.get("objective"),
+    return {**entry, "task": task, "metric": metric, "objective": report.get("objective"),
             "original": report.get("original") or {}, "path": str(path)}, "selected"
 
 
@@ -77,7 +85,8 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
         print(f"compact: nothing registered ({why})")
         return None
     name = params.register_.model_name
-    _, arch = load_classifier(layout.model)
+    segmentation = entry["task"] == TASK
+    _, arch = (load_segmenter if segmentation else load_classifier)(layout.model)
     parent_version = str(parent_version)
     with tracking.stage_run(layout):
         version, alias, reason, run_id = _register(params, layout, entry, arch, parent_version,
@@ -107,7 +116,8 @@ def _register(params: Params, layout: Layout, entry: dict[str, Any], arch: Any,
         uri = mlflow.get_tracking_uri()
         with registry.registry_lock(uri) as lock:
             client = registry.client_for(layout)
-            info = log_compact(Path(entry["path"]), arch, name, params)
+            log = log_compact_segmenter if entry.get("task") == TASK else log_compact
+            info = log(Path(entry["path"]), arch, name, params)
             version = str(info.registered_model_version)
             log_model_metrics(_headline(entry), info.model_id, params, layout,
                               {f"compact/{k}": v for k, v in _scalars(entry).items()})
@@ -139,11 +149,12 @@ def _register(params: Params, layout: Layout, entry: dict[str, Any], arch: Any,
     return version, alias, reason, run.info.run_id
 
 
-SCALARS = ("top1", "top1_drop_points", "size_bytes", "size_ratio", "params", "param_ratio",
+SCALARS = ("top1", "top1_drop_points", "miou", "miou_drop_points", "size_bytes", "size_ratio",
+           "params", "param_ratio",
            "macs", "mac_ratio", "cpu_b1_ms", "cpu_b32_ms", "speedup_b1_vs_fp32_eager",
-           "gpu_b1_ms", "agreement_with_fp32", "onnx_agreement")
+           "gpu_b1_ms", "agreement_with_fp32", "pixel_agreement_with_fp32", "onnx_agreement")
 HEADLINE = ("top1", "top3", "top5", "f1_macro", "f1_micro", "f1_weighted", "precision_macro",
-            "recall_macro", "miou", "ece")
+            "recall_macro", "miou", "ece", "pixel_accuracy", "mean_dice")
 
 
 def _headline(entry: dict[str, Any]) -> dict[str, float]:
@@ -159,15 +170,17 @@ def _scalars(entry: dict[str, Any]) -> dict[str, float]:
 def compact_tags(entry: dict[str, Any], parent_version: str, params: Params) -> dict[str, str]:
     """Flat, readable tags (its metrics are its logged model's; its recipe as text)."""
     original = entry.get("original") or {}
+    metric = entry.get("metric", "top1")
     return {
+        TASK_TAG: str(entry.get("task", "classification")),
         "parent_version": parent_version,
         "compact_variant": entry["name"],
         "compact_recipe": recipe_text(entry.get("recipe") or [])[:5000],
         "compact_format": str(entry.get("format", "")),
         "compact_runtime": str(entry.get("runtime", "")),
         "compact_objective": str(entry.get("objective", params.compress.objective)),
-        "compact_max_top1_drop": f"{params.compress.max_top1_drop:g}",
-        "parent_top1": f"{float(original.get('top1', 0.0)):.6f}",
+        f"compact_max_{metric}_drop": f"{getattr(params.compress, f'max_{metric}_drop'):g}",
+        f"parent_{metric}": f"{float(original.get(metric, 0.0)):.6f}",
         "model": f"{params.train.model} ({entry['name']})",
     }
 
@@ -178,6 +191,9 @@ def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str,
     """The compact version's model card: the same sections as its parent's (data, test
     metrics, lineage, gate), plus the comparison with the parent."""
     o = entry.get("original") or {}
+    metric = entry.get("metric", "top1")
+    label = "mIoU" if metric == "miou" else "top-1"
+    agreement = "pixel_agreement_with_fp32" if metric == "miou" else "agreement_with_fp32"
 
     def row(label: str, key: str, fmt: str = "{}") -> str:
         a, b = o.get(key), entry.get(key)
@@ -194,17 +210,17 @@ def compact_card(name: str, version: str, entry: dict[str, Any], tags: dict[str,
         f"Recipe: `{recipe_text(entry.get('recipe') or [])}`; served as {entry.get('format')} "
         f"by {entry.get('runtime')} (ONNX Runtime, CPU).",
         f"Chosen by objective `{tags['compact_objective']}` within "
-        f"{tags['compact_max_top1_drop']} top-1 point(s) of the parent.",
+        f"{tags[f'compact_max_{metric}_drop']} {label} point(s) of the parent.",
         "",
         *data_section(tags, validation, source),
         *metrics_section(_headline(entry), n_test, "Test metrics (this model's own)",
-                         [("top-1 drop vs parent (points)",
-                           f"{float(entry.get('top1_drop_points', 0)):+.2f}"),
+                         [(f"{label} drop vs parent (points)",
+                           f"{float(entry.get(f'{metric}_drop_points', 0)):+.2f}"),
                           ("agreement with the parent",
-                           f"{float(entry.get('agreement_with_fp32', 0)):.2%}")]),
+                           f"{float(entry.get(agreement, 0)):.2%}")]),
         "## Compared with the parent", "",
         f"| | parent v{parent} | compact v{version} |", "|---|---|---|",
-        row("top-1", "top1", "{:.4f}"),
+        row(label, metric, "{:.4f}"),
         row("file bytes", "size_bytes", "{:,}"),
         row("parameters", "params", "{:,}"),
         row("MACs / image", "macs", "{:,}"),

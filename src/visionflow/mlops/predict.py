@@ -5,6 +5,9 @@ URI); the network runs batched, on CUDA when present. Inputs are decoded by
 `visionflow.data.images` (the same normalisation as training) and archives are extracted
 with its safe extractor into a temporary folder. Unreadable files get a row with an
 `error` and do not stop the run. Output: CSV (one column pair per top-k rank) or JSON.
+A segmentation model writes one PNG mask per image instead (`predict_masks`); `task`
+(`--task`) names the task the caller expects: a model of the other task is a one-line
+error naming its version.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from visionflow.data.source import resolve_source
 from visionflow.errors import ConfigError, DataError
 from visionflow.files import write_text
 from visionflow.mlops import registry
+from visionflow.mlops.predict_masks import mask_folder, write_masks
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -108,15 +112,15 @@ def load_model(model_uri: str, root: str | Path = "."):
         msg = " ".join(str(err).split())[:300]
         raise DataError(f"--model {model_uri}: cannot load ({msg})") from None
     impl = pyfunc.unwrap_python_model()
-    if not hasattr(impl, "probabilities"):
-        raise DataError(f"--model {model_uri}: not a visionflow image classifier")
+    if not hasattr(impl, "probabilities") and not hasattr(impl, "masks"):
+        raise DataError(f"--model {model_uri}: not a visionflow image model")
     return pyfunc, impl
 
 
 def run_predict(model_uri: str, paths: list[str | Path], out: str | Path,
                 fmt: str | None = None, batch_size: int = 256, topk: int | None = None,
                 device: str = "auto", root: str | Path = ".",
-                progress: bool = True) -> PredictSummary:
+                progress: bool = True, task: str | None = None) -> PredictSummary:
 
 
     out_s = str(out)
@@ -130,8 +134,23 @@ def run_predict(model_uri: str, paths: list[str | Path], out: str | Path,
     with tempfile.TemporaryDirectory(prefix="vflow-predict-") as tmp:
         inputs = collect_inputs(paths, Path(tmp))  # bad paths fail before the model loads
         _, impl = load_model(model_uri, root)
+        model_task = getattr(impl, "task", "classification")
+        if task is not None and task != model_task:
+            raise ConfigError(f"--task {task}: {_which(model_uri, root)} is a {model_task} "
+                              f"model, not a {task} model")
         impl.to(dev)
         arch = impl.arch
+        if model_task == "segmentation":
+            folder = mask_folder(out)
+            bar = _bar(len(inputs), progress)
+            try:
+                masks = write_masks(impl, inputs, folder, batch_size, bar)
+            finally:
+                bar(None)
+            failed = [r for r in masks if r["error"]]
+            return PredictSummary(model_uri, str(folder), len(masks) - len(failed),
+                                  len(failed), dev, arch.num_classes,
+                                  [r["error"] for r in failed[:5]])
         k = max(1, min(topk or impl.topk, arch.num_classes))
         bar = _bar(len(inputs), progress)
         try:
@@ -170,6 +189,22 @@ def run_predict(model_uri: str, paths: list[str | Path], out: str | Path,
     failed = [r for r in rows if r["error"]]
     return PredictSummary(model_uri, out_s, len(rows) - len(failed), len(failed), dev,
                           arch.num_classes, [r["error"] for r in failed[:5]])
+
+
+def _which(model_uri: str, root: str | Path) -> str:
+    """`version 3 of 'name'` for a `models:/name@alias` or `models:/name/3` URI (else the
+    URI itself)."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    ref = model_uri.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    if not sep:
+        name, _, alias = ref.rpartition("/")
+    try:
+        version = registry.resolve(registry.client_for(root), name, alias)
+    except Exception:  # noqa: BLE001 (the URI is still a fine name)
+        return model_uri
+    return f"version {version} of '{name}' ({model_uri})"
 
 
 def _as_json(rows: list[dict[str, Any]]) -> str:

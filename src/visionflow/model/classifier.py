@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionflow.errors import ConfigError
 from visionflow.files import torch_save
 from visionflow.model.zoo import create_model
 
@@ -62,6 +63,9 @@ def save_classifier(path: str | Path, model: nn.Module, arch: Arch, **extra: Any
 def load_classifier(path: str | Path,
                     device: str | torch.device = "cpu") -> tuple[Classifier, Arch]:
     blob = torch.load(path, map_location=device, weights_only=True)
+    task = blob.get("task", "classification") if isinstance(blob, dict) else "unknown"
+    if task != "classification":  # a segmenter's file (#19): one line, not a TypeError
+        raise ConfigError(f"{path}: a {task} model, not a classification model")
     arch = Arch(**blob["arch"])
     model = build_classifier(arch)
     model.load_state_dict(blob["state_dict"])

@@ -204,6 +204,13 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), arch
 
 
+def saved_task(path: str | Path) -> str:
+    """The task a saved model file was trained for: "segmentation" (its `task` tag) or
+    "classification" (no tag: the classifiers' files predate it)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return str(blob.get("task", "classification")) if isinstance(blob, dict) else "unknown"
+
+
 def _candidates(key: str) -> list[str]:
     """Where a tensor of a weights file may live in a Segmenter: the same name, under
     `net.`, or a classification backbone's layer under torchvision's `net.net.backbone.`

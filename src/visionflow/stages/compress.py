@@ -14,6 +14,11 @@ and which improves on the original. Writes `outputs/compress/models/`, `compress
 (every variant, the Pareto table, the choice), `pareto.csv`, `pareto.png`; logs them to the
 pipeline's MLflow run. `visionflow.mlops.compact.register_compact` registers the choice
 after `register`.
+
+Segmentation models (#19; `model.pt` carries `task: segmentation`): int8 and structured
+variants (`compression.segmentation`), scored by mIoU on the test pairs at their own sizes
+(read through `data.segmentation_feed.segmentation_pairs`), chosen within `max_miou_drop`
+mIoU points; the Pareto table has `miou` where classifiers have `top1`.
 """
 
 from __future__ import annotations
@@ -29,44 +34,60 @@ import torch
 from visionflow.compression import pareto
 from visionflow.compression.context import Context
 from visionflow.compression.latency import environment, measure_latency
+from visionflow.compression.segmentation import SegContext, build_segmentation_variants
 from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.config import CompressConfig, Params
 from visionflow.data.cache import load_cache
 from visionflow.data.feed import with_images
+from visionflow.data.segmentation_feed import segmentation_pairs
 from visionflow.files import atomic_dir, write_json
 from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import pick_device
+from visionflow.model.segmentation import TASK, load_segmenter, saved_task
+from visionflow.model.segmentation_fit import resize_pair
 from visionflow.stages import main
+
+LABELS = {"top1": "top-1", "miou": "mIoU"}
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = params.compress
+    segmentation = saved_task(layout.model) == TASK
+    metric, budget = ("miou", cfg.max_miou_drop) if segmentation else ("top1", cfg.max_top1_drop)
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         with atomic_dir(layout.compress_models) as out:
-            ctx = _context(params, layout, out)
-            sweep = build_variants(ctx, layout.model)
+            if segmentation:
+                ctx: Context | SegContext = _seg_context(params, layout, out)
+                sweep = build_segmentation_variants(ctx, layout.model)
+            else:
+                ctx = _context(params, layout, out)
+                sweep = build_variants(ctx, layout.model)
             measure_latency(sweep.variants, ctx.example, cfg)
             env = environment()
     finally:
         torch.set_num_threads(threads_before)
 
     rows = [v.entry for v in sweep.variants]
-    selected, reason = pareto.choose(rows, rows[0], cfg.objective, cfg.max_top1_drop)
-    pareto.mark(rows, cfg.max_top1_drop, selected)
+    selected, reason = pareto.choose(rows, rows[0], cfg.objective, budget, metric)
+    pareto.mark(rows, budget, selected, metric)
     for row in rows:  # files now live in the final models dir
         row["path"] = row["file"]
-    base_top1 = ctx.base["top1"]
-    report = _report(cfg, sweep, base_top1, selected, reason, env, time.perf_counter() - t0)
-    pareto.write_csv(layout.pareto_csv, rows)
-    pareto.plot(layout.pareto_png, rows, base_top1, cfg.max_top1_drop, selected)
+    base = ctx.base[metric]
+    report = _report(cfg, sweep, base, selected, reason, env, time.perf_counter() - t0,
+                     metric, budget)
+    if segmentation:
+        report["task"] = TASK
+    pareto.write_csv(layout.pareto_csv, rows,
+                     pareto.SEG_TABLE_COLUMNS if segmentation else pareto.TABLE_COLUMNS)
+    pareto.plot(layout.pareto_png, rows, base, budget, selected, metric)
     write_json(layout.compress_report, report)
-    _log(layout, report)
+    _log(layout, report, metric)
     print(_summary_line(report))
     return report
 
@@ -81,22 +102,41 @@ def _context(params: Params, layout: Layout, out: Path) -> Context:
                    seed=params.seed, device=pick_device(params.train.device), out=out)
 
 
-def _report(cfg: CompressConfig, sweep: Sweep, base_top1: float, selected: str | None,
-            reason: str, env: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _seg_context(params: Params, layout: Layout, out: Path) -> SegContext:
+    """The trained segmenter, a bounded train subset resized to `data.image_size` (int8
+    calibration, fine-tuning) and the test pairs, streamed at their own sizes."""
+    model, arch = load_segmenter(layout.model)
+    cfg, side = params.compress, params.data.image_size
+    limit = max(cfg.calibration_images, cfg.finetune_images or 0) or None
+    if cfg.finetune_images is None and "structured" in cfg.methods:
+        limit = None  # fine-tuning on the whole train split, as for classifiers
+    train = [resize_pair(x, y, (side, side))
+             for x, y in segmentation_pairs(params, layout, "train", limit)]
+    return SegContext(model, arch, lambda: segmentation_pairs(params, layout, "test"),
+                      torch.stack([x for x, _ in train]), torch.stack([y for _, y in train]),
+                      cfg=cfg, seed=params.seed, device=pick_device(params.train.device),
+                      out=out)
+
+
+def _report(cfg: CompressConfig, sweep: Sweep, base_score: float, selected: str | None,
+            reason: str, env: dict[str, Any], seconds: float, metric: str = "top1",
+            budget: float | None = None) -> dict[str, Any]:
+    budget = cfg.max_top1_drop if budget is None else budget
     variants = {v.name: v.entry for v in sweep.variants[1:]}
     chosen = None
     if selected is not None:
         e = variants[selected]
         chosen = {"name": selected, "file": e["file"], "runtime": e["runtime"],
-                  "recipe": e["recipe"], "top1": e["top1"],
-                  "top1_drop_points": e["top1_drop_points"], "size_bytes": e["size_bytes"],
+                  "recipe": e["recipe"], metric: e[metric],
+                  f"{metric}_drop_points": e[f"{metric}_drop_points"],
+                  "size_bytes": e["size_bytes"],
                   "size_ratio": e.get("size_ratio"), "macs": e["macs"],
                   "mac_ratio": e.get("mac_ratio"), "cpu_b1_ms": e["cpu_b1_ms"],
                   "speedup_b1_vs_fp32_eager": e["speedup_b1_vs_fp32_eager"]}
     return {
         "objective": cfg.objective,
-        "max_top1_drop": cfg.max_top1_drop,
-        "budget_top1": round(base_top1 - cfg.max_top1_drop / 100, 6),
+        f"max_{metric}_drop": budget,
+        f"budget_{metric}": round(base_score - budget / 100, 6),
         "selected": chosen,
         "selected_reason": reason,
         "recommended": selected or "original",
@@ -104,9 +144,13 @@ def _report(cfg: CompressConfig, sweep: Sweep, base_top1: float, selected: str |
         "original": sweep.variants[0].entry,
         "variants": variants,
         "skipped": sweep.skipped,
-        "pareto": pareto.table_rows([v.entry for v in sweep.variants]),
+        "pareto": pareto.table_rows([v.entry for v in sweep.variants],
+                                    pareto.SEG_TABLE_COLUMNS if metric == "miou"
+                                    else pareto.TABLE_COLUMNS),
         "environment": env,
         "notes": [
+            "mIoU drop in points (percent); every variant scored in its deploy form on the "
+            "test pairs, each at its own size" if metric == "miou" else
             "top-1 drop in points (percent); every variant scored in its deploy form on the "
             "test split by evaluate.model_logits + score_logits",
             "latency: medians of round-robin timing on this machine, warm-up excluded; "
@@ -121,18 +165,18 @@ def _metric_name(text: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", text)
 
 
-def _log(layout: Layout, report: dict[str, Any]) -> None:
+def _log(layout: Layout, report: dict[str, Any], metric: str = "top1") -> None:
     with tracking.stage_run(layout):
         metrics: dict[str, float] = {}
         for name, v in report["variants"].items():
             key = _metric_name(name)
-            for field_ in ("top1", "size_ratio", "mac_ratio", "cpu_b1_ms"):
+            for field_ in (metric, "size_ratio", "mac_ratio", "cpu_b1_ms"):
                 if isinstance(v.get(field_), int | float):
                     metrics[f"variants/{key}/{field_}"] = float(v[field_])
         sel = report["selected"]
         if sel:
             metrics.update({f"variants/selected/{k}": float(sel[k]) for k in
-                            ("top1", "top1_drop_points", "size_ratio", "mac_ratio",
+                            (metric, f"{metric}_drop_points", "size_ratio", "mac_ratio",
                              "cpu_b1_ms", "speedup_b1_vs_fp32_eager")
                             if isinstance(sel.get(k), int | float)})
         mlflow.log_metrics(metrics)
@@ -147,11 +191,12 @@ def _summary_line(report: dict[str, Any]) -> str:
     sel = report["selected"]
     if not sel:
         return f"compress: nothing selected ({report['selected_reason']})"
+    metric = "miou" if "miou" in sel else "top1"
     return (f"compress: selected {sel['name']} ({report['objective']}): "
             f"{sel['size_bytes'] / 1e6:.2f} MB ({sel['size_ratio']}x), "
             f"{sel['mac_ratio']}x MACs, CPU b1 {sel['cpu_b1_ms']:.2f} ms "
-            f"({sel['speedup_b1_vs_fp32_eager']}x fp32 eager), top-1 {sel['top1']:.4f} "
-            f"({sel['top1_drop_points']:+.2f} pt)")
+            f"({sel['speedup_b1_vs_fp32_eager']}x fp32 eager), {LABELS[metric]} "
+            f"{sel[metric]:.4f} ({sel[f'{metric}_drop_points']:+.2f} pt)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,7 @@
+"""Entry file for MLflow "models from code": a compressed segmentation model (ONNX)."""
+
+from mlflow.models import set_model
+
+from visionflow.mlops.compact_segmentation import CompactSegmenterModel
+
+set_model(CompactSegmenterModel())

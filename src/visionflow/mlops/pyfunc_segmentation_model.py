@@ -1,0 +1,7 @@
+"""Entry file for MLflow "models from code": a segmentation model, nothing pickled."""
+
+from mlflow.models import set_model
+
+from visionflow.mlops.pyfunc_segmentation import ImageSegmenterModel
+
+set_model(ImageSegmenterModel())
