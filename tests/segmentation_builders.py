@@ -53,6 +53,16 @@ def shapes_and_model(base: Path) -> tuple[Path, Path]:
     return _CACHE["data"], _CACHE["model"]
 
 
+def with_packed_pairs(layout: Layout) -> None:
+    """Validate and pack the project's pairs (what compress reads, `segmentation_feed`)."""
+    from visionflow.configfile import load_params
+    from visionflow.pipeline.stages import run_stage
+
+    params = load_params(layout.params)
+    for stage in ("validate", "pack"):
+        run_stage(stage, params, layout)
+
+
 def segmentation_project(base: Path, dest: Path, overrides: dict | None = None) -> Layout:
     """A project (params, data/ = the shapes set, outputs/train/model.pt = the U-Net)."""
     from conftest import make_project
@@ -61,8 +71,9 @@ def segmentation_project(base: Path, dest: Path, overrides: dict | None = None) 
     root = make_project(dest, data, {
         "data.image_size": SIDE, "data.val_fraction": SPLITS["val_fraction"],
         "data.test_fraction": SPLITS["test_fraction"], "data.split_seed": SPLITS["seed"],
-        **(overrides or {})})
+        "task": "segmentation", "segmentation.image_size": SIDE, **(overrides or {})})
     layout = Layout.at(root)
+    with_packed_pairs(layout)
     layout.model.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(model, layout.model)
     return layout

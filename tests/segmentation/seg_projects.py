@@ -1,17 +1,10 @@
 """Segmentation projects for the pipeline tests (#19): the generated shapes set, small and
 fast (160 images of 32..40 px, a width-8 U-Net, 20 epochs at 32 px, one thread), and a
 small Pascal VOC folder written from the same shapes.
-
-`compress_stand_in`: compress for segmentation is another branch's work (segdeploy). Until
-it lands, the stage's files are written here as "skipped" (the flow: in place of
-`stages.compress.run`; DVC: the stage frozen over those files), so that register runs and
-shows that it tolerates a missing compact model. Delete both uses once compress handles
-segmentation.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +12,6 @@ from PIL import Image
 
 from visionflow.data.segmentation_masks import voc_colour
 from visionflow.data.segmentation_synth import materialize_shapes, render_shapes
-from visionflow.layout import Layout
 
 SEG = {
     "task": "segmentation",
@@ -35,24 +27,14 @@ SEG = {
     "train.threads": 1,  # a shared, loaded CPU: one thread is several times faster
     "register.model_name": "visionflow-segmenter",
     "register.min_test_images": 10,
+    "compress.methods": ["int8"],
+    "compress.max_miou_drop": 2.0,
 }
 MIN_MIOU = 0.80
 
 
 def shapes(root: Path, n: int = 160) -> Path:
     return materialize_shapes(root, n_images=n, seed=0, min_side=32, max_side=40)
-
-
-def compress_stand_in(params, layout: Layout) -> dict:
-    """What compress leaves for a segmenter until it handles one: a "skipped" report."""
-    report = {"task": "segmentation", "skipped": "compress for segmentation: not in this "
-              "branch", "variants": {}}
-    layout.compress_models.mkdir(parents=True, exist_ok=True)
-    (layout.compress_models / ".keep").write_text("")
-    layout.compress_report.write_text(json.dumps(report))
-    layout.pareto_csv.write_text("name,size_bytes,miou\n")
-    layout.pareto_png.write_bytes(b"")
-    return report
 
 
 def write_voc(root: Path, n: int = 40, bad: int = 1) -> Path:

@@ -2,7 +2,7 @@
 drivers: `dvc repro` in one git+DVC project, the Prefect flow in another, the same metrics;
 the gate report, model card and `vflow models show` show mIoU; a worse second run is
 refused by the gate; a champion of another task is a one-line error. One trained project
-per driver, shared by the module's tests (compress: see `seg_projects.compress_stand_in`)."""
+per driver, shared by the module's tests."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN, make_project, prefect_settings, run
-from seg_projects import MIN_MIOU, SEG, compress_stand_in, shapes
+from seg_projects import MIN_MIOU, SEG, shapes
 
 STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 pytestmark = pytest.mark.slow
@@ -25,16 +25,13 @@ def drivers(tmp_path_factory, prefect_server) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("seg-pipeline")
     data = shapes(base / "shapes")
     dvc_root = make_project(base / "dvc", data, SEG, git=True)
-    compress_stand_in(None, _layout(dvc_root))
-    run([str(BIN / "dvc"), "freeze", "compress"], dvc_root)
     out = run([str(BIN / "dvc"), "repro"], dvc_root)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out.stdout]
-    assert ran == ["validate", "pack", "train", "evaluate", "register"], out.stdout
+    assert ran == list(STAGES), out.stdout
 
     flow_root = make_project(base / "flow", data, SEG, git=True)
     flow = runpy.run_path(str(flow_root / "flows" / "retrain.py"))
-    with pytest.MonkeyPatch.context() as mp, prefect_settings(prefect_server):
-        mp.setattr("visionflow.stages.compress.run", compress_stand_in)
+    with prefect_settings(prefect_server):
         result = flow["retrain"](root=str(flow_root))
     assert result["stages"] == dict.fromkeys(STAGES, "ran"), result
     return {"dvc": dvc_root, "flow": flow_root}
@@ -70,8 +67,11 @@ def test_both_drivers_train_the_same_segmenter(drivers):
     for root in drivers.values():
         reg = _json(root, "outputs/register/registration.json")
         assert reg["version"] == "1" and reg["alias"] == "champion", reg
-        assert reg["decision"]["metric"] == "mIoU" and reg["compact"] is None
-        assert "compress has no segmentation choice" in reg["compact_note"]
+        assert reg["decision"]["metric"] == "mIoU", reg
+        compress = _json(root, "outputs/compress/compress.json")
+        assert compress["task"] == "segmentation" and compress["selected"]["name"] == "int8"
+        assert compress["variants"]["int8"]["miou_drop_points"] <= 2.0, compress
+        assert reg["compact"]["variant"] == "int8" and reg["compact"]["alias"] == "compact"
 
 
 def test_gate_report_card_and_models_show_give_miou(drivers):

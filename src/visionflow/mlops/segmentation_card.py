@@ -1,7 +1,6 @@
 """Registering a segmenter: logging it to MLflow "from code" (the weights file of
-`save_segmenter`, task "segmentation", behind the same pyfunc entry as classifiers: the
-served model dispatches on the file's task), scoring a registered version on the test pairs,
-and its model card (mIoU, pixel accuracy, Dice, per-class IoU)."""
+`save_segmenter`, served by `pyfunc_segmentation`: masks at any size), scoring a registered
+version on the test pairs, and its model card (mIoU, pixel accuracy, Dice, per-class IoU)."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 
 from visionflow.config import Params
 from visionflow.env import hardware
@@ -20,8 +17,8 @@ from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.card import _md_table, data_section, lineage_section, metrics_section
 from visionflow.mlops.gate import Decision
-from visionflow.mlops.publish import HERE, PACKAGE, log_own_model, serving_limits
-from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.publish import log_own_model
+from visionflow.mlops.publish_segmentation import log_segmenter_pyfunc
 from visionflow.model.segmentation import load_segmenter
 from visionflow.model.segmentation_fit import evaluate_segmenter
 from visionflow.model.segmentation_metrics import SegmentationScores
@@ -35,21 +32,10 @@ def headline(scores: SegmentationScores) -> dict[str, float]:
 
 
 def log_segmenter(layout: Layout, model_name: str, params: Params):
-    """Log the segmenter's weights as a pyfunc (no input example: nothing is run) and
-    register it as a new version of `model_name`."""
-    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
-                               outputs=Schema([ColSpec("binary", "mask")]))
-    return log_own_model("model", lambda model_id: mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(HERE / "pyfunc_model.py"),
-        artifacts={WEIGHTS: str(layout.model)},
-        code_paths=[str(PACKAGE)],
-        signature=signature,
-        model_config={"task": "segmentation", **serving_limits(params)},
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=model_name,
-        model_id=model_id,
-    ))
+    """Log the segmenter as its serving pyfunc (masks at any size) and register it as a new
+    version of `model_name`."""
+    return log_own_model("model", lambda model_id: log_segmenter_pyfunc(
+        layout.model, model_name, params, model_id=model_id))
 
 
 def score(model: Any, cache: dict[str, Any], keep: list[bool], k: int):

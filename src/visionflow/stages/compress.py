@@ -103,10 +103,10 @@ def _context(params: Params, layout: Layout, out: Path) -> Context:
 
 
 def _seg_context(params: Params, layout: Layout, out: Path) -> SegContext:
-    """The trained segmenter, a bounded train subset resized to `data.image_size` (int8
+    """The trained segmenter, a bounded train subset resized to `segmentation.image_size` (int8
     calibration, fine-tuning) and the test pairs, streamed at their own sizes."""
     model, arch = load_segmenter(layout.model)
-    cfg, side = params.compress, params.data.image_size
+    cfg, side = params.compress, params.segmentation.image_size
     limit = max(cfg.calibration_images, cfg.finetune_images or 0) or None
     if cfg.finetune_images is None and "structured" in cfg.methods:
         limit = None  # fine-tuning on the whole train split, as for classifiers

@@ -7,10 +7,9 @@ trained or validated on (by the pair's sha256). A champion of another task is a 
 error naming its version and task. Writes `registration.json`, `gate_report.md` and
 `model_card.md`; the card is the version's description and shows mIoU.
 
-The compact copy: compress's choice for a segmenter is registered by compress's own code
-(`mlops.compact.register_compact`) once compress handles segmentation; until its report
-names a choice for this task (absent, failed or skipped), nothing compact is registered and
-registration.json says why.
+The compact copy: compress's choice for a segmenter (an ONNX variant within
+`compress.max_miou_drop`) is registered by `mlops.compact.register_compact` once this version
+is the champion, as for classifiers.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from visionflow.data.cache import load_cache, split_hashes
 from visionflow.files import read_json, write_json, write_text
 from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, tracking
+from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
 from visionflow.mlops.lineage import trained_hashes
 from visionflow.mlops.provenance import LINEAGE, version_tags
@@ -103,18 +103,11 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     registration = {"model_name": cfg.model_name, "version": version, "alias": alias,
                     "decision": asdict(decision), "run_id": run.info.run_id,
                     "ui_command": tracking.ui_command(layout), "compact": None,
-                    "compact_note": compact_note(layout, bool(cfg.compact and alias)),
                     "task": TASK, "tags": tags}
+    if cfg.compact and alias:  # a compressed copy of the model that now serves
+        registration["compact"] = register_compact(params, layout, version)
+    elif cfg.compact:
+        print(f"compact: nothing registered (v{version} was not promoted)")
     write_json(layout.registration, registration)
     return registration
 
-
-def compact_note(layout: Layout, wanted: bool) -> str:
-    """Why no compact version was registered (see the module docstring)."""
-    if not wanted:
-        return "not requested or not promoted"
-    report = read_json(layout.compress_report) or {}
-    if not report or report.get("skipped") or report.get("task") != TASK:
-        return "compress has no segmentation choice (absent or skipped): nothing registered"
-    # segdeploy's compress plugs in here: register_compact(params, layout, version, ...)
-    return "compress chose a variant; registering it for segmentation is compress's part"
