@@ -64,13 +64,16 @@ def quantize_int8_onnx(
     activation_type: QuantType = QuantType.QInt8,
     calibrate_method: CalibrationMethod = CalibrationMethod.MinMax,
     keep_first_conv: bool = False,
+    keep_last_conv: bool = False,
 ) -> Path:
     """Quantize `fp32_onnx_path` to int8 QDQ at `out_path` (written atomically); returns it.
 
     `calib_images`: N x C x H x W float in [0, 1] (or uint8), e.g. 64-512 training images.
     The model is first pre-processed (ORT graph optimisation + shape inference), as ORT
     recommends. With `keep_first_conv` the first Conv node (the stem, which sees the raw
-    pixels: few MACs, and the layer int8 hurts most, e.g. a patch-whitening stem) stays fp32.
+    pixels: few MACs, and the layer int8 hurts most, e.g. a patch-whitening stem) stays fp32;
+    with `keep_last_conv` the last Conv (a segmenter's 1x1 head, whose logits decide each
+    pixel's class) does too.
     """
     if calib_images.dtype == torch.uint8:
         calib_images = calib_images.float().div(255)
@@ -91,7 +94,7 @@ def quantize_int8_onnx(
                 activation_type=activation_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calibrate_method,
-                nodes_to_exclude=_first_conv(pre) if keep_first_conv else [],
+                nodes_to_exclude=_kept_convs(pre, keep_first_conv, keep_last_conv),
             )
     return out_path
 
@@ -110,9 +113,11 @@ def _quiet_axis_warnings() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def _first_conv(onnx_path: Path) -> list[str]:
+def _kept_convs(onnx_path: Path, first: bool, last: bool) -> list[str]:
+    """The names of the first and / or last Conv nodes (those that stay fp32)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type == "Conv"][:1]
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    return sorted({*convs[:1 if first else 0], *(convs[-1:] if last else [])})
 
 
 def _pre_process(src: Path, dst: Path) -> None:
