@@ -24,7 +24,7 @@ import torch
 
 from visionflow.compression.latency import measure_latency
 from visionflow.compression.segmentation import SegContext, build_segmentation_variants
-from visionflow.config import CompressConfig
+from visionflow.core.config import CompressConfig
 from visionflow.data.segmentation_layout import load_pair, scan_segmentation
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.model.segmentation import SegArch, build_segmenter, save_segmenter

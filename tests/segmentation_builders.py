@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from visionflow.core.layout import Layout
 from visionflow.data.segmentation_layout import load_pair, scan_segmentation
 from visionflow.data.segmentation_synth import materialize_shapes
-from visionflow.layout import Layout
 from visionflow.model.segmentation import SegArch, build_segmenter, save_segmenter
 from visionflow.model.segmentation_augment import JointPolicy
 from visionflow.model.segmentation_fit import fit_segmenter, resize_pair
@@ -55,7 +55,7 @@ def shapes_and_model(base: Path) -> tuple[Path, Path]:
 
 def with_packed_pairs(layout: Layout) -> None:
     """Validate and pack the project's pairs (what compress reads, `segmentation_feed`)."""
-    from visionflow.configfile import load_params
+    from visionflow.core.configfile import load_params
     from visionflow.pipeline.stages import run_stage
 
     params = load_params(layout.params)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from segmentation_builders import SPLITS, segmentation_project, shapes_and_model, tensors
 
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
 from visionflow.data.segmentation_layout import scan_segmentation
 from visionflow.model.segmentation import load_segmenter
 from visionflow.model.segmentation_metrics import SegmentationMeter
@@ -130,8 +130,8 @@ def test_pareto_table_reports_miou(compressed):
 
 
 def test_the_pairs_adapter(compressed):
+    from visionflow.core.errors import DataError
     from visionflow.data.segmentation_feed import segmentation_pairs
-    from visionflow.errors import DataError
 
     layout, report = compressed
     params = load_params(layout.params)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError
 from visionflow.mlops.gate import scored_set
 from visionflow.mlops.segmentation_gate import check_task, decide_iou
 

@@ -38,7 +38,7 @@ def drivers(tmp_path_factory, prefect_server) -> dict[str, Path]:
 
 
 def _layout(root: Path):
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
 
     return Layout.at(root)
 

@@ -23,9 +23,9 @@ from serving import serve_uri
 
 from visionflow.compression.onnx_export import export_onnx
 from visionflow.compression.quantize import quantize_int8_onnx
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError
 from visionflow.data.segmentation_masks import voc_palette
-from visionflow.errors import ConfigError
 from visionflow.mlops import registry, tracking
 from visionflow.mlops.predict import run_predict
 from visionflow.mlops.publish import PACKAGE
@@ -189,7 +189,7 @@ def test_vflow_predict_cli_masks_and_task(served, tmp_path):
     from typer.testing import CliRunner
 
     from visionflow.cli.main import app
-    from visionflow.errors import VisionflowError
+    from visionflow.core.errors import VisionflowError
 
     layout, _, images = served
     runner = CliRunner()

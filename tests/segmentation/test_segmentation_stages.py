@@ -12,9 +12,9 @@ import torch
 from conftest import REPO, make_project
 from seg_projects import SEG, write_voc
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError, ValidationFailed
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError, ValidationFailed
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 

@@ -40,7 +40,7 @@ from visionflow.compression.quantize import quantize_int8_onnx
 from visionflow.compression.structure import load_structured, save_structured
 from visionflow.compression.sweep import Sweep
 from visionflow.compression.variants import Variant
-from visionflow.config import CompressConfig
+from visionflow.core.config import CompressConfig
 from visionflow.model.segmentation import TASK, SegArch, build_segmenter
 from visionflow.model.segmentation_augment import JointPolicy
 from visionflow.model.segmentation_fit import fit_segmenter

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import Tensor
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache
-from visionflow.errors import DataError
-from visionflow.layout import Layout
 
 SPLITS = ("train", "val", "test")
 

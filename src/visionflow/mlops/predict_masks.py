@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from visionflow.core.errors import ConfigError, DataError, one_line
+from visionflow.core.files import write_csv, write_with
 from visionflow.data.segmentation_masks import index_png_bytes
-from visionflow.errors import ConfigError, DataError, one_line
-from visionflow.files import write_csv, write_with
 from visionflow.mlops.pyfunc_segmentation import image_to_hwc
 
 INDEX_FILE = "index.csv"

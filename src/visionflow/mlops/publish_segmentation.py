@@ -28,8 +28,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from visionflow.config import Params
-from visionflow.errors import ConfigError
+from visionflow.core.config import Params
+from visionflow.core.errors import ConfigError
 from visionflow.mlops.compact_model import ONNX_ARTIFACT
 from visionflow.mlops.publish import COMPACT_ARTIFACT, HERE, PACKAGE, serving_limits
 from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS

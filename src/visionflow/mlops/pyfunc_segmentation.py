@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from visionflow.core.errors import DataError, one_line
 from visionflow.data.images import load_image
 from visionflow.data.segmentation_masks import index_png_bytes
-from visionflow.errors import DataError, one_line
 from visionflow.mlops.pyfunc import WEIGHTS, BadInput, Limits, limits_from
 from visionflow.model.segmentation import TASK, SegArch, load_segmenter
 

@@ -11,9 +11,9 @@ from typing import Any
 import mlflow
 import torch
 
-from visionflow.config import Params
-from visionflow.env import hardware
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.env import hardware
+from visionflow.core.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.card import _md_table, data_section, lineage_section, metrics_section
 from visionflow.mlops.gate import Decision

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 from visionflow.mlops.gate import EPS, Check, Decision, ScoredSet
 from visionflow.mlops.paired_iou import paired_iou_test
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.errors import ConfigError
-from visionflow.files import torch_save
+from visionflow.core.errors import ConfigError
+from visionflow.core.files import torch_save
 from visionflow.model.zoo import create_model
 
 

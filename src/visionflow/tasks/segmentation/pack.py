@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.files import read_json, write_json
+from visionflow.core.layout import Layout
 from visionflow.data.cache import SPLITS, save_cache
 from visionflow.data.segmentation_layout import Pair, load_pair
-from visionflow.errors import DataError
-from visionflow.files import read_json, write_json
-from visionflow.layout import Layout
 
 
 def read_pairs(layout: Layout) -> tuple[dict[str, Any], list[Pair], list[str]]:

@@ -19,10 +19,10 @@ from typing import Any
 
 import mlflow
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import read_json, write_json, write_text
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, split_hashes
-from visionflow.files import read_json, write_json, write_text
-from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, tracking
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set

@@ -19,11 +19,11 @@ from typing import Any
 import mlflow
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import ConfigError
+from visionflow.core.files import write_csv
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, source_data_hash
-from visionflow.errors import ConfigError
-from visionflow.files import write_csv
-from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
 from visionflow.model.inference import pick_device

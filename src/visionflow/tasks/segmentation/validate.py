@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import ValidationFailed
+from visionflow.core.files import atomic_dir, sha256_file, write_csv, write_json
+from visionflow.core.layout import Layout
 from visionflow.data.expectations import Check, run_gx
 from visionflow.data.quality_report import write_report
 from visionflow.data.segmentation_layout import Pair, scan_segmentation
 from visionflow.data.segmentation_stats import class_pixel_summary, pixel_frequency_drift
 from visionflow.data.source import resolve_source, source_path
-from visionflow.errors import ValidationFailed
-from visionflow.files import atomic_dir, sha256_file, write_csv, write_json
-from visionflow.layout import Layout
 from visionflow.mlops.lineage import champion_summary
 from visionflow.mlops.tracking import log_validation
 
