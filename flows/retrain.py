@@ -347,17 +347,17 @@ def _finish(report: dict[str, Any], reg: dict[str, Any], cfg: Params, layout: La
     return outcome.final_state(report, result, _flow_run(), logger)
 
 
-def serve_deployment(params: str = "params.yaml", overrides: list[str] | None = None,
-                     root: str = ".", cron: str | None = None, interval: float | None = None,
-                     timezone: str = "UTC", name: str = "nightly") -> None:
+def serve_deployment(params: str, overrides: list[str], root: str, *, cron: str,
+                     interval: float | None, timezone: str, name: str) -> None:
     """Serve `retrain` as a deployment against the running Prefect server (blocks).
 
     One run at a time (deployment concurrency limit 1; a run due while another is running
     waits, ENQUEUE); a scheduled run that waited past `flow.schedule.max_lateness_s` is
-    skipped by the flow itself. Must run with the project root as working directory."""
+    skipped by the flow itself. Must run with the project root as working directory.
+    `cron`, `timezone`, `name`: `flow.schedule`'s (`vflow schedule` passes them)."""
     try:
         schedule = (Interval(timedelta(seconds=interval), timezone=timezone) if interval
-                    else Cron(cron or "0 3 * * *", timezone=timezone))
+                    else Cron(cron, timezone=timezone))
     except ValueError as err:  # a bad cron string or time zone
         raise ConfigError(f"schedule: {str(err).splitlines()[0]}") from None
     retrain.serve(
