@@ -29,6 +29,11 @@ from visionflow.dataconfig import (  # noqa: F401  (the data section, re-exporte
 from visionflow.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
+# How fast or how visibly a stage runs, never what it produces: dvc.yaml does not track
+# these keys (changing one leaves every stage up to date) and a run's identity leaves them out.
+RUNTIME_KEYS = ("data.workers", "validate.workers", "validate.cache", "train.threads",
+                "train.progress", "train.checkpoint_steps", "train.rdzv_endpoint",
+                "train.rdzv_id")
 MODEL_NAMES = (
     "alexnet",
     "resnet18",

@@ -28,7 +28,7 @@ import mlflow
 import torch
 from torch import nn
 
-from visionflow.config import Params
+from visionflow.config import RUNTIME_KEYS, Params
 from visionflow.data.cache import load_cache, source_data_hash
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
 from visionflow.files import write_csv
@@ -54,14 +54,13 @@ class TrainResult:
     device: str
 
 
-# settings that change how fast a run goes, not what it computes
-NOT_IDENTITY = {"data": ("workers",), "train": ("checkpoint_steps", "progress")}
-
-
 def config_hash(params: Params) -> str:
+    """The run's identity: the settings that shape what it computes (not `RUNTIME_KEYS`)."""
     keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
-    for section, keys in NOT_IDENTITY.items():
-        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    for key in RUNTIME_KEYS:
+        section, name = key.split(".")
+        if section in keep:
+            keep[section].pop(name, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
