@@ -101,7 +101,7 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    from visionflow.config import TrainConfig
+    from visionflow.core.config import TrainConfig
     from visionflow.data.stream import ShardStream, View
     from visionflow.model.augment_ops import Policy
     from visionflow.model.classifier import Arch, build_classifier

@@ -44,7 +44,7 @@ for p in (HERE, HERE.parent / "src"):
     if p.is_dir() and str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from visionflow.config import TrainConfig  # noqa: E402
+from visionflow.core.config import TrainConfig  # noqa: E402
 from visionflow.model.augment_ops import Policy  # noqa: E402
 from visionflow.model.engine import autocast  # noqa: E402
 from visionflow.model.fit import FitRun, Recipe  # noqa: E402

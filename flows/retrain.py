@@ -31,9 +31,9 @@ from typing import Any
 
 from prefect import flow
 
-from visionflow.config import STAGE_NAMES
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
+from visionflow.core.config import STAGE_NAMES
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
 from visionflow.pipeline import stdio
 from visionflow.pipeline.retrain import RetrainRun, run_and_print
 

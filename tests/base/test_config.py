@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import BIN, REPO, run
 
-from visionflow.configfile import load_params, parse_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import load_params, parse_params
+from visionflow.core.errors import ConfigError
 
 
 def test_repo_params_are_valid():
@@ -33,8 +33,8 @@ def _differences(a, b, path: str = "") -> list[str]:
 def test_params_yaml_is_the_typed_config_dump():
     """Each default is defined once: params.yaml holds exactly what `Params()` dumps (the
     typed config is the source); a value changed in either place fails here."""
-    from visionflow.config import Params
-    from visionflow.tuneconfig import Dimension
+    from visionflow.core.config import Params
+    from visionflow.core.tuneconfig import Dimension
 
     on_disk = yaml.safe_load((REPO / "params.yaml").read_text())
     space = on_disk["tune"]["space"]  # a dimension's unset fields (log, step) as it reads them
@@ -79,8 +79,8 @@ def test_missing_dataset_path(tmp_path: Path):
     (tmp_path / "nowhere").mkdir()
     (tmp_path / "nowhere" / "images.dvc").write_text("outs:\n- path: images\n")
     assert load_params(p).data.source == "nowhere/images"
+    from visionflow.core.errors import DataError
     from visionflow.data.source import resolve_source
-    from visionflow.errors import DataError
 
     with pytest.raises(DataError, match=r"tracked by images\.dvc: `dvc pull` it"):
         resolve_source(tmp_path / "nowhere" / "images", tmp_path / "cache")

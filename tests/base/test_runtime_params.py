@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from conftest import BIN, REPO, make_project, run
 
-from visionflow.config import RUNTIME_KEYS, STAGE_NAMES, Params
+from visionflow.core.config import RUNTIME_KEYS, STAGE_NAMES, Params
 
 # sections a stage tracks key by key because they hold runtime keys: all the others
 WHOLE_BUT_RUNTIME = {"validate": ("data", "validate"), "train": ("train",)}

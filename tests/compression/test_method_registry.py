@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from visionflow.compression import sweep as sweep_mod
-from visionflow.config import COMPRESS_METHODS
-from visionflow.configfile import parse_params
-from visionflow.errors import ConfigError
+from visionflow.core.config import COMPRESS_METHODS
+from visionflow.core.configfile import parse_params
+from visionflow.core.errors import ConfigError
 
 
 def test_a_registered_method_runs_by_name(monkeypatch):

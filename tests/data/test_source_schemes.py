@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from visionflow.config import SOURCE_SCHEMES, Params
-from visionflow.configfile import parse_params
+from visionflow.core.config import SOURCE_SCHEMES, Params
+from visionflow.core.configfile import parse_params
+from visionflow.core.errors import ConfigError, DataError
+from visionflow.core.layout import Layout
 from visionflow.data import schemes
 from visionflow.data.source import source_path
-from visionflow.errors import ConfigError, DataError
-from visionflow.layout import Layout
 
 
 def test_a_registered_scheme_is_read_by_name(monkeypatch, tmp_path: Path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from visionflow.config import RegisterConfig
+from visionflow.core.config import RegisterConfig
 from visionflow.mlops.gate import apply, decide, scored_set
 
 N = 100

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from visionflow.config import TrainConfig
+from visionflow.core.config import TrainConfig
 from visionflow.model import engine
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier

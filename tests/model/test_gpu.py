@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionflow.config import TrainConfig
+from visionflow.core.config import TrainConfig
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
 from visionflow.model.fit import FitRun, Recipe

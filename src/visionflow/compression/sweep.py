@@ -36,7 +36,7 @@ from visionflow.compression.variants import (
     structured_variant,
     student_variant,
 )
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 
 
 @dataclass

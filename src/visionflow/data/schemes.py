@@ -14,9 +14,9 @@ import pkgutil
 from pathlib import Path
 from typing import Protocol
 
-from visionflow.dataconfig import source_scheme
-from visionflow.errors import DataError
-from visionflow.layout import Layout
+from visionflow.core.dataconfig import source_scheme
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 
 
 class SchemeReader(Protocol):

@@ -10,7 +10,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.files import sha256_file
+from visionflow.core.layout import Layout
 from visionflow.data import schemes
 from visionflow.data.archive import (
     EXTRACT_MARKER,
@@ -28,9 +31,6 @@ from visionflow.data.scan import (
     scan_imagefolder,
     visible,
 )
-from visionflow.errors import DataError
-from visionflow.files import sha256_file
-from visionflow.layout import Layout
 
 
 def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:

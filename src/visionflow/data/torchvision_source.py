@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import SOURCE_SCHEMES, source_scheme
+from visionflow.core.config import SOURCE_SCHEMES, source_scheme
+from visionflow.core.dataconfig import unknown_source
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 from visionflow.data.schemes import register_scheme
-from visionflow.dataconfig import unknown_source
-from visionflow.errors import DataError
-from visionflow.layout import Layout
 
 SCHEME = "torchvision"
 DATASETS = SOURCE_SCHEMES[SCHEME]

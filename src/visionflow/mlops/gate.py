@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from visionflow.config import RegisterConfig
+from visionflow.core.config import RegisterConfig
 from visionflow.mlops import registry
 
 EPS = 1e-12

@@ -13,7 +13,7 @@ from types import ModuleType
 from prefect.exceptions import ScriptError
 from prefect.utilities.importtools import load_script_as_module
 
-from visionflow.errors import VisionflowError
+from visionflow.core.errors import VisionflowError
 
 
 def load(path: Path) -> ModuleType:

@@ -29,10 +29,10 @@ from prefect.context import FlowRunContext
 from prefect.schedules import Cron, Interval
 from prefect.states import State
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError
-from visionflow.files import read_json
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError
+from visionflow.core.files import read_json
+from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import ui_command
 from visionflow.pipeline import outcome, servers, trigger
 from visionflow.pipeline import report as flow_report

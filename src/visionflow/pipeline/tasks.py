@@ -14,9 +14,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from visionflow.config import STAGE_NAMES, Params
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.config import STAGE_NAMES, Params
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.pipeline import retry, trigger
 from visionflow.pipeline.freshness import DvcState
 from visionflow.pipeline.stages import run_stage

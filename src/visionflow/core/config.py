@@ -19,12 +19,12 @@ from pydantic import (
     model_validator,
 )
 
-from visionflow.dataconfig import (  # noqa: F401  (the data section, re-exported)
+from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
     SOURCE_SCHEMES,
     DataConfig,
     source_scheme,
 )
-from visionflow.tuneconfig import TuneConfig, check_space
+from visionflow.core.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
 # How fast or how visibly a stage runs, never what it produces: dvc.yaml does not track
