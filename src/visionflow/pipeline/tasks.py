@@ -1,5 +1,6 @@
 """The Prefect tasks of the `retrain` flow: one per stage, the data refresh and check, and the
-"up to date" marker; `configured` gives a task the `flow:` section's retries and timeout.
+"up to date" marker; `configured` gives a task the `flow:` section's retries and timeout;
+`bring_up_to_date` runs the stale ones of some stages (the `tune` flow's validate and pack).
 
 A stage task calls the same `run` that `dvc repro` runs (`pipeline.stages.run_stage`) and,
 when its params are params.yaml's, records it in dvc.lock as `dvc repro` would.
@@ -86,3 +87,30 @@ def configured(t, name: str, cfg: Params):
         retry_jitter_factor=f.retry_jitter or None,
         timeout_seconds=f.timeout_s.get(name),
     )
+
+
+def bring_up_to_date(stages: tuple[str, ...], params_path: str, overrides: list[str],
+                     root: str) -> list[str]:
+    """Run the stages of `stages` that are stale, in order, as `dvc repro <last>` would: each
+    as its task, recorded in dvc.lock when its params are params.yaml's. Without DVC (no
+    .dvc/), those whose outputs are missing, and every one after a stage that ran. Returns
+    the stages that ran (for a flow that reads their outputs: `vflow tune` reads pack's)."""
+    layout = Layout.at(root)
+    cfg = load_params(params_path, overrides, root=layout.root)
+    base = load_params(params_path, root=layout.root) if overrides else cfg
+    state = DvcState(layout)
+    outputs = {"validate": layout.validation, "pack": layout.cache}
+    ran: list[str] = []
+    for name in stages:
+        if state.enabled:
+            verdict = state.verdict(name, cfg, base, force=False)
+            run, record, why = verdict.run, verdict.record, verdict.reason
+        else:
+            run = bool(ran) or not outputs.get(name, layout.root).exists()
+            record, why = False, "outputs missing (not a DVC project)"
+        if run:
+            get_run_logger().info("stage %s: run, %s", name, why)
+            configured(STAGE_TASKS[name], name, cfg)(params_path, overrides, str(layout.root),
+                                                     record)
+            ran.append(name)
+    return ran
