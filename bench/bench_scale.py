@@ -101,6 +101,7 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
     from torchvision import datasets
     from torchvision.transforms import v2
 
+    from visionflow.core.config import TrainConfig
     from visionflow.data.stream import ShardStream, View
     from visionflow.model.augment_ops import Policy
     from visionflow.model.classifier import Arch, build_classifier
@@ -108,8 +109,9 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
 
     torch.manual_seed(0)
     model_ = build_classifier(Arch(model, 10, 224, 3))
-    recipe = Recipe(epochs=1, batch_size=batch, lr=0.05, amp=False, channels_last=True,
-                    log_every=10**9)
+    recipe = Recipe.from_params(
+        TrainConfig(), epochs=1, batch_size=batch, lr=0.05, amp=False, channels_last=True,
+        log_every=10**9, label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0)
     if kind == "shards":
         stream = ShardStream(Path(data), "train", View(224, 256, train=True, hflip=0.5),
                              batch_size=batch, workers=workers, seed=0)

@@ -28,6 +28,7 @@ from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
 from visionflow.pipeline import servers, stdio
+from visionflow.pipeline.tasks import bring_up_to_date
 from visionflow.pipeline.tune.search import Search, summary_markdown
 
 quiet_env()
@@ -48,6 +49,8 @@ def tune(params: str = "params.yaml", overrides: list[str] | None = None,
     layout = Layout.at(root)
     params_path = params if Path(params).is_absolute() else str(layout.root / params)
     cfg = load_params(params_path, overrides or [], root=layout.root)
+    # the trials read pack's cache: validate and pack first when stale (as `dvc repro pack`)
+    bring_up_to_date(("validate", "pack"), params_path, overrides or [], str(layout.root))
     search = Search.open(cfg, layout)
     key = uuid.uuid4().hex
     _SEARCHES[key] = search

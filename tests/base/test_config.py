@@ -22,6 +22,27 @@ def test_repo_params_are_valid():
     assert params.register_.alias == "champion"
 
 
+def _differences(a, b, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k, "<missing>"), b.get(k, "<missing>"),
+                                      f"{path}.{k}" if path else str(k))]
+    return [] if a == b else [f"{path}: params.yaml {a!r} != config.py {b!r}"]
+
+
+def test_params_yaml_is_the_typed_config_dump():
+    """Each default is defined once: params.yaml holds exactly what `Params()` dumps (the
+    typed config is the source); a value changed in either place fails here."""
+    from visionflow.core.config import Params
+    from visionflow.core.tuneconfig import Dimension
+
+    on_disk = yaml.safe_load((REPO / "params.yaml").read_text())
+    space = on_disk["tune"]["space"]  # a dimension's unset fields (log, step) as it reads them
+    on_disk["tune"]["space"] = {k: Dimension(**v).model_dump(mode="json")
+                                for k, v in space.items()}
+    assert _differences(on_disk, Params().dump()) == []
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

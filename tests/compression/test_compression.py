@@ -198,7 +198,7 @@ def test_structured_prune_shrinks_macs_and_reloads(teacher, data, teacher_acc, t
     assert pruned.fc.out_features == 10  # classifier outputs kept
     mac_ratio = count_macs(pruned, shape) / count_macs(teacher, shape)
     assert 0.2 <= mac_ratio <= 0.35  # both sides of each conv halve: ~0.25x
-    finetune(pruned, data["x_train"], data["y_train"], epochs=2, lr=2e-3)
+    finetune(pruned, data["x_train"], data["y_train"], epochs=2, lr=2e-3, batch_size=64)
 
     path = tmp_path / "pruned.pt"
     save_pruned(path, pruned, ARCH)
@@ -366,7 +366,7 @@ def test_distill_takes_uint8_and_precomputed_teacher_logits(teacher, data):
     logits = torch_logits(teacher, x8)  # uint8 input is scaled like float [0, 1]
     torch.testing.assert_close(logits, torch_logits(teacher, x8.float() / 255))
     _, history = distill(student, None, x8, data["y_train"][:256], epochs=2, lr=3e-3,
-                         batch_size=32, teacher_logits=logits)
+                         temperature=4.0, alpha=0.7, batch_size=32, teacher_logits=logits)
     assert history[-1]["kl"] < history[0]["kl"]
 
 

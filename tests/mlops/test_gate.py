@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from visionflow.mlops.gate import GateConfig, apply, decide, scored_set
+from visionflow.core.config import RegisterConfig
+from visionflow.mlops.gate import apply, decide, scored_set
 
 N = 100
 
@@ -71,7 +72,7 @@ def state(root: Path, name: str) -> tuple[dict[str, str], dict[str, dict[str, st
 
 
 def test_no_champion_yet(store: Path, user: str):
-    d = decide(correct(70), None, GateConfig(min_top1=0.5))
+    d = decide(correct(70), None, RegisterConfig(min_top1=0.5))
     assert d.promote and d.reason == "no champion yet"
     assert d.challenger_top1 == pytest.approx(0.70)
     assert [c.name for c in d.checks] == ["floor"]
@@ -86,14 +87,14 @@ def test_no_champion_yet(store: Path, user: str):
 
 
 def test_no_champion_but_below_the_floor():
-    d = decide(correct(40), None, GateConfig(min_top1=0.5))
+    d = decide(correct(40), None, RegisterConfig(min_top1=0.5))
     assert not d.promote
     assert d.reason == "no champion yet, but top-1 0.4000 < min_top1 0.5000"
 
 
 def test_clear_win(store: Path, user: str):
     # champion right on 0..59, challenger right on 0..79: b=20 discordant wins, c=0
-    d = decide(correct(80), correct(60), GateConfig(min_delta=0.05, mcnemar=True, alpha=0.05),
+    d = decide(correct(80), correct(60), RegisterConfig(min_delta=0.05, mcnemar=True, alpha=0.05),
                champion_version="1")
     assert d.promote, d.reason
     assert d.gain == pytest.approx(0.20)
@@ -101,7 +102,7 @@ def test_clear_win(store: Path, user: str):
     assert d.mcnemar_p == pytest.approx(2 / 2**20)
     assert d.reason.startswith("top-1 0.8000 beats champion v1 0.6000 (gain +0.2000")
     client = new_versions(store, "m-win", 2)
-    gate_into_registry(store, "m-win", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-win", decide(correct(60), None, RegisterConfig()), "1")
     assert gate_into_registry(store, "m-win", d, "2") == "champion"
     aliases, tags = state(store, "m-win")
     assert aliases == {"champion": "2", "previous": "1"}
@@ -117,29 +118,29 @@ def test_clear_win(store: Path, user: str):
 
 def test_tie_within_the_delta(store: Path, user: str):
     # +1 point over the champion, 2 needed
-    d = decide(correct(61), correct(60), GateConfig(min_delta=0.02), champion_version="1")
+    d = decide(correct(61), correct(60), RegisterConfig(min_delta=0.02), champion_version="1")
     assert not d.promote
     assert [c.name for c in d.checks if not c.passed and c.required] == ["delta"]
     assert "gain +0.0100" in d.reason and "< min_delta 0.0200" in d.reason
     new_versions(store, "m-tie", 2)
-    gate_into_registry(store, "m-tie", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-tie", decide(correct(60), None, RegisterConfig()), "1")
     assert gate_into_registry(store, "m-tie", d, "2") is None
     aliases, tags = state(store, "m-tie")
     assert aliases == {"champion": "1"}
     assert tags["2"]["gate_decision"] == "rejected"
     assert tags["2"]["gate_reason"].startswith("kept champion v1: gain +0.0100")
     # an exact tie is never a win, even with min_delta 0
-    same = decide(correct(60), correct(60), GateConfig(), champion_version="1")
+    same = decide(correct(60), correct(60), RegisterConfig(), champion_version="1")
     assert not same.promote and "not an improvement" in same.reason
 
 
 def test_regression(store: Path, user: str):
-    d = decide(correct(55), correct(60), GateConfig(), champion_version="1")
+    d = decide(correct(55), correct(60), RegisterConfig(), champion_version="1")
     assert not d.promote
     assert d.gain == pytest.approx(-0.05)
     assert "gain -0.0500" in d.reason and "not an improvement" in d.reason
     new_versions(store, "m-worse", 2)
-    gate_into_registry(store, "m-worse", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-worse", decide(correct(60), None, RegisterConfig()), "1")
     gate_into_registry(store, "m-worse", d, "2")
     aliases, tags = state(store, "m-worse")
     assert aliases == {"champion": "1"}
@@ -150,7 +151,7 @@ def test_regression(store: Path, user: str):
 def test_non_significant_win_with_mcnemar(store: Path, user: str):
     # champion right on 0..59; challenger right on 0..58 and 60..62: b=3, c=1, gain +0.02
     challenger = [i < 59 or 60 <= i < 63 for i in range(N)]
-    cfg = GateConfig(min_delta=0.01, mcnemar=True, alpha=0.05)
+    cfg = RegisterConfig(min_delta=0.01, mcnemar=True, alpha=0.05)
     d = decide(challenger, correct(60), cfg, champion_version="1")
     assert not d.promote
     assert d.gain == pytest.approx(0.02)
@@ -159,10 +160,10 @@ def test_non_significant_win_with_mcnemar(store: Path, user: str):
     assert "exact p=0.625 > alpha 0.05" in d.reason
     assert [c.name for c in d.checks if not c.passed] == ["mcnemar"]
     # the same numbers pass without the test: the McNemar check is what stops it
-    off = decide(challenger, correct(60), GateConfig(min_delta=0.01), champion_version="1")
+    off = decide(challenger, correct(60), RegisterConfig(min_delta=0.01), champion_version="1")
     assert off.promote and not off.checks[-1].required
     new_versions(store, "m-noise", 2)
-    gate_into_registry(store, "m-noise", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-noise", decide(correct(60), None, RegisterConfig()), "1")
     gate_into_registry(store, "m-noise", d, "2")
     aliases, tags = state(store, "m-noise")
     assert aliases == {"champion": "1"}
@@ -172,13 +173,13 @@ def test_non_significant_win_with_mcnemar(store: Path, user: str):
 
 
 def test_floor_blocks_a_win():
-    d = decide(correct(45), correct(30), GateConfig(min_top1=0.5), champion_version="1")
+    d = decide(correct(45), correct(30), RegisterConfig(min_top1=0.5), champion_version="1")
     assert not d.promote
     assert d.reason == "kept champion v1: top-1 0.4500 < min_top1 0.5000"
 
 
 def test_report_lists_every_check_with_numbers():
-    d = decide(correct(80), correct(60), GateConfig(min_delta=0.05, mcnemar=True),
+    d = decide(correct(80), correct(60), RegisterConfig(min_delta=0.05, mcnemar=True),
                champion_version="1")
     md = d.markdown("m", "2")
     assert md.startswith("## Champion gate: PROMOTED")
@@ -204,7 +205,7 @@ def test_too_few_test_images_left_refuses_and_nothing_moves(store: Path, user: s
     test = [f"h{i}" for i in range(100)]
     scored = scored_set(test, [], test[:80])  # the champion trained on 80 of them
     # a clear win on the 20 left, but 20 < min_test_images: refused
-    d = decide(correct(18, n=20), correct(5, n=20), GateConfig(min_test_images=30), "1",
+    d = decide(correct(18, n=20), correct(5, n=20), RegisterConfig(min_test_images=30), "1",
                scored=scored)
     assert not d.promote and [c.name for c in d.checks] == ["test_images"]
     assert d.reason == ("refused: too few test images to judge: 20 test images left after "
@@ -212,14 +213,14 @@ def test_too_few_test_images_left_refuses_and_nothing_moves(store: Path, user: s
                         "register.min_test_images=30")
     assert "20 of 100 test images scored, 80 excluded" in d.markdown("m", "2")
     new_versions(store, "m-few", 2)
-    gate_into_registry(store, "m-few", decide(correct(60), None, GateConfig()), "1")
+    gate_into_registry(store, "m-few", decide(correct(60), None, RegisterConfig()), "1")
     assert gate_into_registry(store, "m-few", d, "2") is None
     aliases, tags = state(store, "m-few")
     assert aliases == {"champion": "1"}
     assert tags["2"]["gate_decision"] == "rejected"
     assert tags["2"]["gate_test_images"].startswith("20 of 100 test images scored, 80 excluded")
     # the same 20 with the minimum lowered: judged on them, McNemar on the reduced pairs
-    ok = decide(correct(18, n=20), correct(5, n=20), GateConfig(min_test_images=20), "1",
+    ok = decide(correct(18, n=20), correct(5, n=20), RegisterConfig(min_test_images=20), "1",
                 scored=scored)
     assert ok.promote and ok.n == 20 and (ok.only_challenger_right, ok.only_champion_right) \
         == (13, 0)
@@ -227,7 +228,7 @@ def test_too_few_test_images_left_refuses_and_nothing_moves(store: Path, user: s
 
 def test_unpaired_predictions_are_refused():
     with pytest.raises(ValueError, match="differ in length"):
-        decide(correct(5, n=10), correct(5, n=11), GateConfig(), champion_version="1")
+        decide(correct(5, n=10), correct(5, n=11), RegisterConfig(), champion_version="1")
 
 
 # --------------------------------------------------------------------------- rollback
@@ -239,7 +240,7 @@ def test_rollback_and_manual_promotion(store: Path, user: str):
 
     client = new_versions(store, "m-roll", 3)
     for v in ("1", "2"):
-        gate_into_registry(store, "m-roll", decide(correct(60 + int(v)), None, GateConfig()), v)
+        gate_into_registry(store, "m-roll", decide(correct(60 + int(v)), None, RegisterConfig()), v)
     assert registry.alias_map(client, "m-roll") == {"champion": "2", "previous": "1"}
 
     old, new = registry.rollback(client, "m-roll", "v2 mislabels class 3")
@@ -274,8 +275,8 @@ def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
 
     monkeypatch.setenv("COLUMNS", "200")
     new_versions(store, "m-cli", 2)
-    gate_into_registry(store, "m-cli", decide(correct(60), None, GateConfig()), "1")
-    gate_into_registry(store, "m-cli", decide(correct(70), correct(60), GateConfig(),
+    gate_into_registry(store, "m-cli", decide(correct(60), None, RegisterConfig()), "1")
+    gate_into_registry(store, "m-cli", decide(correct(70), correct(60), RegisterConfig(),
                                               champion_version="1"), "2")
     runner = CliRunner()
     base = ["--root", str(store), "--name", "m-cli"]
@@ -315,8 +316,8 @@ def test_models_list_reads_whole_at_80_columns(store: Path, user: str, monkeypat
     monkeypatch.setenv("COLUMNS", "80")
     client = new_versions(store, "m-narrow-registry-name", 3)
     name = "m-narrow-registry-name"
-    gate_into_registry(store, name, decide(correct(60), None, GateConfig()), "1")
-    gate_into_registry(store, name, decide(correct(70), correct(60), GateConfig(),
+    gate_into_registry(store, name, decide(correct(60), None, RegisterConfig()), "1")
+    gate_into_registry(store, name, decide(correct(70), correct(60), RegisterConfig(),
                                            champion_version="1"), "2")
     for v, top1 in (("1", 0.6), ("2", 0.7), ("3", 0.69)):  # (older versions' metrics tag)
         client.set_model_version_tag(name, v, "metrics", json.dumps(

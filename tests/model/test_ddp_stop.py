@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from visionflow.core.config import TrainConfig
 from visionflow.model import engine
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
@@ -41,7 +42,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     x = torch.randint(0, 256, (128, 3, 16, 16), generator=g, dtype=torch.uint8)
     torch.manual_seed(0)
     model = Classifier(FastNet(2, 3, widths=(4, 8, 8)), [0.5] * 3, [0.25] * 3)
-    recipe = Recipe(epochs=EPOCHS, batch_size=16, lr=0.1, channels_last=False, amp=False)
+    recipe = Recipe.from_params(
+        TrainConfig(), epochs=EPOCHS, batch_size=16, lr=0.1, channels_last=False, amp=False,
+        label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0)
     run = FitRun(model, x, y, recipe, Policy(), num_classes=2, device="cpu",
                  dist=engine.Dist(rank, world, rank))
     asked: list[int] = []

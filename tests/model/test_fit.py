@@ -54,8 +54,8 @@ def _fast(seed: int = 0) -> Classifier:
 
 def _recipe(**kw) -> Recipe:
     base = {"epochs": 2, "batch_size": 32, "lr": 0.2, "label_smoothing": 0.0,
-            "warmup_epochs": 0.5, "channels_last": False}
-    return Recipe(**{**base, **kw})
+            "warmup_epochs": 0.5, "channels_last": False, "schedule": "cosine"}
+    return Recipe.from_params(TrainConfig(), **{**base, **kw})
 
 
 def test_fit_learns_and_calls_back_every_epoch():

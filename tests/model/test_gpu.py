@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from visionflow.core.config import TrainConfig
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
 from visionflow.model.fit import FitRun, Recipe
@@ -33,8 +34,10 @@ def _model() -> Classifier:
 
 
 def _recipe(**kw) -> Recipe:
-    return Recipe(**{"epochs": 2, "batch_size": 128, "lr": 0.2, "warmup_epochs": 0.5,
-                     "ema_decay": 0.9, "ema_every": 2, **kw})
+    return Recipe.from_params(
+        TrainConfig(), **{"epochs": 2, "batch_size": 128, "lr": 0.2, "warmup_epochs": 0.5,
+                          "ema_decay": 0.9, "ema_every": 2, "label_smoothing": 0.0,
+                          "schedule": "cosine", **kw})
 
 
 def test_training_steps_never_sync_the_host():

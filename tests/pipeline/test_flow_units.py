@@ -102,8 +102,9 @@ def test_late_reason_only_for_auto_scheduled_runs():
 def test_stage_params_mirror_dvc_yaml():
     tracked = freshness.stage_params(Layout.at(REPO))
     assert list(tracked) == list(STAGES)
-    assert set(tracked["validate"]) == {"preset", "data", "validate"}
-    assert "train" in tracked["train"] and "evaluate.topk" in tracked["compress"]
+    assert {"preset", "data.source", "validate.min_width"} <= set(tracked["validate"])
+    assert "data.workers" not in tracked["validate"] and "train.progress" not in tracked["train"]
+    assert "train.lr" in tracked["train"] and "evaluate.topk" in tracked["compress"]
     assert freshness.stage_params(Layout.at(REPO / "tests")) == {}  # no dvc.yaml
 
 
@@ -123,6 +124,7 @@ def test_overrides_decide_which_stages_run_unrecorded(proj: Layout):
     assert hit("train.lr=0.01") == ["train"]
     assert hit("evaluate.topk=[1,2]") == ["evaluate", "compress", "register"]
     assert hit("flow.retries=5") == []  # orchestration settings never invalidate results
+    assert hit("train.progress=false") == [] and hit("data.workers=0") == []  # nor runtime
     assert hit("data.image_size=8") == ["validate", "pack"]
     state = freshness.DvcState(proj)  # no .dvc/: nothing is recorded, everything runs
     v = state.verdict("train", base, base, force=False)

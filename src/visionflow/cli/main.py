@@ -94,14 +94,13 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         root: RootOpt = Path("."), force: bool = False) -> None:
     """Run the whole pipeline once as the Prefect `retrain` flow."""
-    import runpy
+    from visionflow.core.layout import Layout
+    from visionflow.pipeline import flowfile
+    from visionflow.pipeline.retrain import run_and_print
 
-    layout_root = root.resolve()
-    flow_file = layout_root / "flows" / "retrain.py"
-    if not flow_file.is_file():
-        raise VisionflowError(f"{flow_file}: flow file not found")
-    mod = runpy.run_path(str(flow_file))
-    mod["main"](params=str(params), overrides=set_ or [], root=str(layout_root), force=force)
+    layout = Layout.at(root)
+    flows = flowfile.load(layout.flow_file)
+    run_and_print(flows.retrain, str(params), set_ or [], str(layout.root), force=force)
 
 
 def main() -> None:

@@ -120,8 +120,10 @@ def schedule_command(
     (concurrency limit 1, late runs wait, then are skipped past flow.schedule.max_lateness_s).
     """
     from visionflow.core.configfile import load_params
-    from visionflow.core.errors import ConfigError, VisionflowError
+    from visionflow.core.errors import ConfigError
     from visionflow.core.layout import Layout
+    from visionflow.pipeline import flowfile
+    from visionflow.pipeline.retrain import serve_deployment
     from visionflow.pipeline.servers import prefect_api
 
     layout = Layout.at(root)
@@ -130,17 +132,12 @@ def schedule_command(
     sc = cfg.flow.schedule
     if interval is not None and interval <= 0:
         raise ConfigError(f"--interval={interval}: must be > 0 seconds")
-    flow_file = layout.flow_file
-    if not flow_file.is_file():
-        raise VisionflowError(f"{flow_file}: flow file not found")
     with prefect_api(layout, require=True) as url:
         os.chdir(layout.root)  # the deployment's entrypoint is flows/retrain.py:retrain
+        flows = flowfile.load(layout.flow_file)
         when = f"every {interval:g} s" if interval else f"cron '{cron or sc.cron}'"
         typer.echo(f"serving retrain/{name or sc.deployment} ({when}, "
                    f"{timezone or sc.timezone}) against {url}; Ctrl-C stops and pauses it")
-        from prefect.utilities.importtools import load_script_as_module
-
-        mod = load_script_as_module(str(flow_file))  # a real module: Prefect finds its file
-        mod.serve_deployment(params=str(params), overrides=set_ or [], root=str(layout.root),
-                             cron=cron or sc.cron, interval=interval,
-                             timezone=timezone or sc.timezone, name=name or sc.deployment)
+        serve_deployment(flows.retrain, str(params), set_ or [], str(layout.root),
+                         cron=cron or sc.cron, interval=interval,
+                         timezone=timezone or sc.timezone, name=name or sc.deployment)

@@ -3,7 +3,6 @@ trial's params into params.yaml. Only typer at import time."""
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 from typing import Annotated
 
@@ -43,10 +42,9 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                    f"finished: {c.complete} complete, {c.pruned} pruned); raise tune.trials "
                    "to search on")
     else:
-        flow_file = layout.tune_flow_file
-        if not flow_file.is_file():
-            raise VisionflowError(f"{flow_file}: flow file not found")
-        summary = runpy.run_path(str(flow_file))["main"](
+        from visionflow.pipeline import flowfile
+
+        summary = flowfile.load(layout.tune_flow_file).main(
             params=str(path), overrides=set_ or [], root=str(layout.root))
         for line in search.summary_lines(summary):
             typer.echo(line)

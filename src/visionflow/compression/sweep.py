@@ -7,10 +7,16 @@ strengths are skipped once one misses the budget (`max_top1_drop`); with `combin
 top of every deployable fp32 variant inside the budget (prune -> int8, ...); `pt2e` last.
 A variant that fails is recorded in `skipped` (and printed) instead of failing the sweep, so
 one method that does not suit an architecture costs only itself.
+
+Methods register themselves (`@register_method(name, order)`, like `model.zoo`'s models): a
+new method is a module in `compression/` with its builder and step, plus its name in
+`config.COMPRESS_METHODS` (which validates `compress.methods` before any work).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from visionflow.compression.variants import (
     structured_variant,
     student_variant,
 )
+from visionflow.core.errors import ConfigError
 
 
 @dataclass
@@ -61,49 +68,112 @@ class Sweep:
             self.skip(name, reason)
         return None
 
-
-def build_variants(ctx: Context, original_file: Path) -> Sweep:
-    """Build, save (under `ctx.out`) and score every variant `ctx.cfg` asks for."""
-    cfg = ctx.cfg
-    methods = set(cfg.methods)
-    sweep = Sweep()
-    original = sweep.add(original_variant(ctx, original_file))
-    if "int8" in methods:
-        t0 = time.perf_counter()  # the original's int8 time counts its reference export
-        ref = sweep.attempt("int8", lambda: onnx_reference(ctx))
-        if ref is not None:
-            sweep.attempt("int8", lambda: int8_variant(ctx, original, "int8", src=ref.onnx,
-                                                       since=t0))
-    if "prune" in methods:
-        sweep.attempt("prune", lambda: magnitude_variant(ctx))
-    families: list[tuple[str, list[Any], Callable[[Any], Variant]]] = []
-    if "structured" in methods:
-        families.append(("structured", cfg.structured_ratios,
-                         lambda r: structured_variant(ctx, r)))
-    if "lowrank" in methods:
-        families.append(("lowrank", cfg.lowrank_energies, lambda e: lowrank_variant(ctx, e)))
-    if "distill" in methods:
-        families.append(("distill", [None], lambda _: student_variant(ctx)))
-    for family, strengths, build in families:
+    def family(self, ctx: Context, family: str, strengths: list[Any],
+               build: Callable[[Any], Variant]) -> None:
+        """A method's variants, strengths mildest first: with `stop_at_first_miss` the
+        stronger ones are skipped after a miss; with `combine` (and int8 among the methods)
+        int8 on top of each deployable one inside the budget."""
+        cfg = ctx.cfg
+        int8 = cfg.combine and "int8" in cfg.methods
         missed = None
         for strength in strengths:
             if missed is not None:
-                sweep.skip(f"{family}@{strength}",
-                           f"stop_at_first_miss: {missed} missed the budget")
+                self.skip(f"{family}@{strength}",
+                          f"stop_at_first_miss: {missed} missed the budget")
                 continue
-            v = sweep.attempt(f"{family}@{strength}", lambda b=build, s=strength: b(s))
+            v = self.attempt(f"{family}@{strength}", lambda s=strength: build(s))
             if v is None:
                 continue
             fits = v.entry["top1_drop_points"] <= cfg.max_top1_drop + 1e-9
-            if fits and cfg.combine and "int8" in methods and v.entry["deployable"]:
-                sweep.attempt(f"{v.name}+int8",
-                              lambda v=v: int8_variant(ctx, v, f"{v.name}+int8"))
-            elif cfg.combine and "int8" in methods:
-                sweep.skip(f"{v.name}+int8", "its base is over budget" if not fits
-                           else "its base is not deployable")
+            if fits and int8 and v.entry["deployable"]:
+                self.attempt(f"{v.name}+int8", lambda v=v: int8_variant(ctx, v, f"{v.name}+int8"))
+            elif int8:
+                self.skip(f"{v.name}+int8", "its base is over budget" if not fits
+                          else "its base is not deployable")
             if not fits and cfg.stop_at_first_miss:
                 missed = v.name
-    if "pt2e" in methods:
-        sweep.attempt("pt2e_int8", lambda: pt2e_variant(ctx))
+
+
+# ---------------------------------------------------------------------------
+# the methods: each registers a step that builds its variants into the sweep
+
+Step = Callable[[Sweep, Context, Variant], None]
+_METHODS: dict[str, tuple[int, Step]] = {}
+
+
+def register_method(name: str, order: int) -> Callable[[Step], Step]:
+    """Decorator registering `step(sweep, ctx, original)` as compression method `name`
+    (a `compress.methods` value); `order` places it in the sweep (int8 0, prune 10,
+    structured 20, lowrank 30, distill 40, pt2e 90). A module of `visionflow.compression`
+    that registers a method is found by itself (`registered_methods` imports them all)."""
+
+    def deco(step: Step) -> Step:
+        if name in _METHODS:
+            raise ValueError(f"compression method '{name}' is already registered")
+        _METHODS[name] = (order, step)
+        return step
+
+    return deco
+
+
+def registered_methods() -> list[str]:
+    """Every registered method, in sweep order."""
+    import visionflow.compression as package
+
+    for mod in pkgutil.iter_modules(package.__path__):  # each registers its own methods
+        importlib.import_module(f"{package.__name__}.{mod.name}")
+    return sorted(_METHODS, key=lambda n: (_METHODS[n][0], n))
+
+
+def method_steps(names: list[str]) -> list[tuple[str, Step]]:
+    """The steps of `names`, in sweep order; an unknown name: one line naming the known."""
+    known = registered_methods()
+    unknown = [n for n in names if n not in _METHODS]
+    if unknown:
+        raise ConfigError(f"compress.methods: unknown method {unknown[0]!r}, choose from "
+                          f"{', '.join(known)}")
+    return [(n, _METHODS[n][1]) for n in known if n in names]
+
+
+def build_variants(ctx: Context, original_file: Path) -> Sweep:
+    """Build, save (under `ctx.out`) and score every variant `ctx.cfg` asks for."""
+    sweep = Sweep()
+    original = sweep.add(original_variant(ctx, original_file))
+    for _, step in method_steps(list(ctx.cfg.methods)):
+        step(sweep, ctx, original)
     return sweep
 
+
+@register_method("int8", order=0)
+def _int8(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    t0 = time.perf_counter()  # the original's int8 time counts its reference export
+    ref = sweep.attempt("int8", lambda: onnx_reference(ctx))
+    if ref is not None:
+        sweep.attempt("int8", lambda: int8_variant(ctx, original, "int8", src=ref.onnx,
+                                                   since=t0))
+
+
+@register_method("prune", order=10)
+def _prune(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    sweep.attempt("prune", lambda: magnitude_variant(ctx))
+
+
+@register_method("structured", order=20)
+def _structured(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    sweep.family(ctx, "structured", ctx.cfg.structured_ratios,
+                 lambda r: structured_variant(ctx, r))
+
+
+@register_method("lowrank", order=30)
+def _lowrank(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    sweep.family(ctx, "lowrank", ctx.cfg.lowrank_energies, lambda e: lowrank_variant(ctx, e))
+
+
+@register_method("distill", order=40)
+def _distill(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    sweep.family(ctx, "distill", [None], lambda _: student_variant(ctx))
+
+
+@register_method("pt2e", order=90)
+def _pt2e(sweep: Sweep, ctx: Context, original: Variant) -> None:
+    sweep.attempt("pt2e_int8", lambda: pt2e_variant(ctx))

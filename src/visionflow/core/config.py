@@ -20,16 +20,19 @@ from pydantic import (
 )
 
 from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
-    TORCHVISION_DATASETS,
-    TORCHVISION_PREFIX,
+    SOURCE_SCHEMES,
     DataConfig,
-    is_torchvision_source,
-    unknown_torchvision_dataset,
+    source_scheme,
 )
 from visionflow.core.segconfig import TASKS, SegmentationConfig
 from visionflow.core.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
+# How fast or how visibly a stage runs, never what it produces: dvc.yaml does not track
+# these keys (changing one leaves every stage up to date) and a run's identity leaves them out.
+RUNTIME_KEYS = ("data.workers", "validate.workers", "validate.cache", "train.threads",
+                "train.progress", "train.checkpoint_steps", "train.rdzv_endpoint",
+                "train.rdzv_id")
 MODEL_NAMES = (
     "alexnet",
     "resnet18",
@@ -39,6 +42,10 @@ MODEL_NAMES = (
     "densenet_bc",
     "fast",
 )
+
+
+# the registered compression methods (`compression.sweep.register_method`), in sweep order
+COMPRESS_METHODS = ("int8", "prune", "structured", "lowrank", "distill", "pt2e")
 
 
 def _known_model(v: str) -> str:
@@ -218,8 +225,8 @@ class CompressConfig(_Section):
     registry student; `pt2e` torchao PT2E X86 int8 (measured, not deployable).
     """
 
-    methods: list[Literal["int8", "prune", "structured", "lowrank", "distill", "pt2e"]] = [
-        "int8", "prune", "structured"]
+    methods: list[str] = Field(["int8", "prune", "structured"],
+                               description="of COMPRESS_METHODS, run in its order")
     max_top1_drop: float = Field(1.0, ge=0, le=100, description="budget, in top-1 points")
     max_miou_drop: float = Field(1.0, ge=0, le=100,
                                  description="segmentation models: budget, in mIoU points")
@@ -257,6 +264,10 @@ class CompressConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _unique_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in COMPRESS_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}, choose from "
+                             f"{', '.join(COMPRESS_METHODS)}")
         return list(dict.fromkeys(v))
 
     @field_validator("structured_ratios")

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from visionflow.core import presets
-from visionflow.core.config import Params, is_torchvision_source
+from visionflow.core.config import Params, source_scheme
 from visionflow.core.errors import ConfigError
 
 
@@ -99,6 +99,6 @@ def load_params(
     src = Path(params.data.source)
     src = src if src.is_absolute() else root / src
     tracked = src.with_name(src.name + ".dvc").is_file()
-    if not src.exists() and not tracked and not is_torchvision_source(params.data.source):
+    if not src.exists() and not tracked and source_scheme(params.data.source) is None:
         raise ConfigError(f"{path}: data.source={params.data.source!r}: path does not exist")
     return params

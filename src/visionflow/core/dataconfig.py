@@ -4,27 +4,39 @@ image size and splits, and since issue #18 how the pack stage stores the set (`s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-TORCHVISION_PREFIX = "torchvision:"
-TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST")
+# `data.source: <scheme>:<name>` sources (`data/schemes.py` reads them): scheme -> the names
+# it serves. A folder or archive path has no scheme (a drive letter or `x://` is not one).
+SOURCE_SCHEMES: dict[str, tuple[str, ...]] = {
+    "torchvision": ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST"),
+}
+_SCHEME = re.compile(r"([A-Za-z][\w+.-]+):(?![/\\])(.*)")
 
 
-def is_torchvision_source(source: str | Path) -> bool:
-    return str(source).startswith(TORCHVISION_PREFIX)
+def source_scheme(source: str | Path) -> tuple[str, str] | None:
+    """(scheme, name) of a `<scheme>:<name>` source, None for a path."""
+    m = _SCHEME.fullmatch(str(source))
+    return (m[1], m[2]) if m else None
 
 
-def unknown_torchvision_dataset(source: str) -> str | None:
-    """Why `torchvision:<NAME>` names no dataset read here (None when it does, or when the
-    source is not a torchvision one)."""
-    if not is_torchvision_source(source):
+def unknown_source(source: str) -> str | None:
+    """Why a `<scheme>:<name>` source names nothing known (None when it does, or for a
+    path)."""
+    parsed = source_scheme(source)
+    if parsed is None:
         return None
-    name = source[len(TORCHVISION_PREFIX):]
-    return None if name in TORCHVISION_DATASETS else (
-        f"unknown torchvision dataset {name!r} (choose from {', '.join(TORCHVISION_DATASETS)})")
+    scheme, name = parsed
+    if scheme not in SOURCE_SCHEMES:
+        return (f"unknown source scheme {scheme!r} (choose from {', '.join(SOURCE_SCHEMES)}, "
+                "or give a folder or archive path)")
+    names = SOURCE_SCHEMES[scheme]
+    return None if name in names else (
+        f"unknown {scheme} dataset {name!r} (choose from {', '.join(names)})")
 
 
 class _Section(BaseModel):
@@ -65,8 +77,8 @@ class DataConfig(_Section):
 
     @field_validator("source")
     @classmethod
-    def _known_torchvision_dataset(cls, v: str) -> str:
-        if why := unknown_torchvision_dataset(v):
+    def _known_scheme_and_name(cls, v: str) -> str:
+        if why := unknown_source(v):
             raise ValueError(why)
         return v
 

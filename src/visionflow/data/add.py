@@ -10,10 +10,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from visionflow.core.config import is_torchvision_source
 from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
-from visionflow.data import torchvision_source
+from visionflow.data import schemes
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
@@ -54,8 +53,8 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     Folders and files without images next to the splits (`logs/`, scripts, a README) are
     left out and listed in `ignored`; every message names `source` as the user gave it."""
     root = layout.root
-    if is_torchvision_source(str(source)):  # downloaded once, then a folder
-        source = torchvision_source.materialize(str(source), layout)
+    if (read := schemes.reader(str(source))) is not None:  # downloaded once, then a folder
+        source = read.materialize(str(source), layout)
     src = Path(source).expanduser().resolve()
     dest = root / target
     if not src.exists():

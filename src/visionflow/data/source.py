@@ -1,5 +1,6 @@
 """The one `data.source` resolver: a folder, an archive (extracted safely once, by content
-hash), or `torchvision:<NAME>`; and `vflow data add`'s import of a folder or archive."""
+hash), or a registered `<scheme>:<name>` (`data.schemes`); and `vflow data add`'s import of
+a folder or archive."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionflow.core.config import Params, is_torchvision_source
+from visionflow.core.config import Params
 from visionflow.core.errors import DataError
 from visionflow.core.files import sha256_file
 from visionflow.core.layout import Layout
-from visionflow.data import torchvision_source
+from visionflow.data import schemes
 from visionflow.data.archive import (
     EXTRACT_MARKER,
     ArchiveLimits,
@@ -34,10 +35,10 @@ from visionflow.data.scan import (
 
 def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:
     """`data.source` on disk (relative to the root; an absolute source replaces it). A
-    `torchvision:` dataset: the folder it is written to, downloaded and written first when
-    `fetch`."""
-    if is_torchvision_source(params.data.source):
-        how = torchvision_source.materialize if fetch else torchvision_source.folder
+    `<scheme>:<name>` source (`torchvision:CIFAR10`, see `data.schemes`): the folder it is
+    written to, downloaded and written first when `fetch`."""
+    if (read := schemes.reader(params.data.source)) is not None:
+        how = read.materialize if fetch else read.folder
         return how(params.data.source, layout)
     return layout.root / params.data.source
 

@@ -16,20 +16,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from visionflow.core.config import TORCHVISION_DATASETS as DATASETS
-from visionflow.core.config import TORCHVISION_PREFIX as PREFIX
-from visionflow.core.config import is_torchvision_source, unknown_torchvision_dataset
+from visionflow.core.config import SOURCE_SCHEMES, source_scheme
+from visionflow.core.dataconfig import unknown_source
 from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
+from visionflow.data.schemes import register_scheme
 
+SCHEME = "torchvision"
+DATASETS = SOURCE_SCHEMES[SCHEME]
 COMPLETE = ".complete"
-__all__ = ["DATASETS", "PREFIX", "is_torchvision_source", "materialize", "folder"]
+__all__ = ["DATASETS", "materialize", "folder"]
 
 
 def dataset_name(source: str) -> str:
-    if why := unknown_torchvision_dataset(source):
+    if why := unknown_source(source):
         raise DataError(f"data.source={source}: {why}")
-    return source[len(PREFIX):]
+    parsed = source_scheme(source)
+    if parsed is None or parsed[0] != SCHEME:
+        raise DataError(f"data.source={source}: not a {SCHEME}: source")
+    return parsed[1]
 
 
 def folder(source: str, layout: Layout) -> Path:
@@ -84,3 +89,14 @@ def write_split(dataset: Any, folder: Path) -> int:
         img, label = dataset[i]
         img.save(folder / classes[int(label)] / f"{i:0{width}d}.png")
     return len(dataset)
+
+
+@register_scheme(SCHEME)
+class TorchvisionReader:
+    """`torchvision:<NAME>` sources (see the module docstring)."""
+
+    def folder(self, source: str, layout: Layout) -> Path:
+        return folder(source, layout)
+
+    def materialize(self, source: str, layout: Layout) -> Path:
+        return materialize(source, layout)

@@ -28,23 +28,14 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from visionflow.core.config import RegisterConfig
 from visionflow.mlops import registry
 
 EPS = 1e-12
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    min_top1: float = 0.0
-    min_delta: float = 0.0
-    mcnemar: bool = False
-    alpha: float = 0.05
-    min_test_images: int = 30
-
-    @classmethod
-    def from_params(cls, register_cfg: Any) -> GateConfig:
-        return cls(register_cfg.min_top1, register_cfg.min_delta, register_cfg.mcnemar,
-                   register_cfg.alpha, register_cfg.min_test_images)
+# the `register:` settings the gate reads (its decision records their values)
+GATE_KEYS = ("min_top1", "min_delta", "mcnemar", "alpha", "min_test_images")
 
 
 @dataclass
@@ -186,7 +177,7 @@ def _bools(x: Any) -> list[bool]:
     return [bool(v) for v in np.asarray(x).reshape(-1)]
 
 
-def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfig,
+def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterConfig,
            champion_version: str | None = None, note: str = "",
            scored: ScoredSet | None = None) -> Decision:
     """Gate decision from paired per-image correctness (True = that image is right).
@@ -199,7 +190,7 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: GateConfi
     ch = _bools(challenger_correct)
     n = len(ch)
     top1 = sum(ch) / n if n else 0.0
-    config = asdict(cfg)
+    config = {k: getattr(cfg, k) for k in GATE_KEYS}
     summary = scored.summary() if scored is not None else {}
     cp_all = _bools(champion_correct) if champion_correct is not None else None
     if cp_all is not None and len(cp_all) != n:

@@ -42,44 +42,48 @@ from visionflow.model.zoo import FastNet, dirac_init, init_whitening
 WHITEN_IMAGES = 5000  # images whose 2x2 patches set a `fast` net's whitening conv
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Recipe:
-    """How to train: the `train:` section of params.yaml (see `from_params`)."""
+    """How to train: the `train:` section of params.yaml (see `from_params`).
 
-    epochs: float = 10
-    batch_size: int = 512
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_biases: bool = False
-    bias_lr_scale: float = 1.0
-    label_smoothing: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start: float = 0.0
-    lr_end: float = 0.0
-    grad_clip: float | None = None
-    ema_decay: float | None = None
-    ema_every: int = 1
-    ema_ramp: float = 0.0
-    lookahead: bool = False
-    whiten_bias_epochs: int | None = None
-    dirac_init: bool = False
-    freeze_epochs: int = 0
-    backbone_lr_mult: float = 0.1
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    log_every: int = 10
+    No defaults here: `TrainConfig` (config.py) holds them; build one with `from_params`.
+    """
+
+    epochs: float
+    batch_size: int
+    lr: float
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    decay_biases: bool
+    bias_lr_scale: float
+    label_smoothing: float
+    schedule: str
+    warmup_epochs: float
+    warmup_start: float
+    lr_end: float
+    grad_clip: float | None
+    ema_decay: float | None
+    ema_every: int
+    ema_ramp: float
+    lookahead: bool
+    whiten_bias_epochs: int | None
+    dirac_init: bool
+    freeze_epochs: int
+    backbone_lr_mult: float
+    amp: bool
+    channels_last: bool
+    compile: bool
+    log_every: int = 10  # steps between progress reads (not a params key)
 
     @classmethod
-    def from_params(cls, train: Mapping[str, Any]) -> Recipe:
-        """From a params `train:` section (a dict or `TrainConfig`): the keys named here."""
+    def from_params(cls, train: Mapping[str, Any] | Any, **extra: Any) -> Recipe:
+        """From a params `train:` section (a dict or `TrainConfig`): the keys named here;
+        `extra` overrides them or sets the others (`log_every`)."""
         get = train.get if isinstance(train, Mapping) else lambda k: getattr(train, k)
         names = [f.name for f in fields(cls)]
         have = train.keys() if isinstance(train, Mapping) else type(train).model_fields
-        return cls(**{n: get(n) for n in names if n in have})
+        return cls(**{**{n: get(n) for n in names if n in have}, **extra})
 
 
 @dataclass

@@ -29,7 +29,7 @@ from visionflow.data.feed import with_images
 from visionflow.mlops import gate, registry, scoring, tracking
 from visionflow.mlops.card import model_card
 from visionflow.mlops.compact import register_compact
-from visionflow.mlops.gate import Decision, GateConfig, decide, scored_set
+from visionflow.mlops.gate import Decision, decide, scored_set
 from visionflow.mlops.lineage import trained_hashes
 from visionflow.mlops.provenance import LINEAGE, version_tags
 from visionflow.mlops.publish import (
@@ -94,7 +94,7 @@ def run(params: Params, layout: Layout) -> Registration:
             keep = torch.tensor(scored.keep, dtype=torch.bool)
             decision = decide((ch_logits.argmax(1) == target)[keep],
                               None if champ_correct is None else champ_correct[keep],
-                              GateConfig.from_params(cfg),
+                              cfg,
                               champ if champ_correct is not None else None, note, scored)
 
             try:

@@ -28,7 +28,7 @@ import mlflow
 import torch
 from torch import nn
 
-from visionflow.core.config import Params
+from visionflow.core.config import RUNTIME_KEYS, Params
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, source_data_hash
@@ -58,14 +58,13 @@ class TrainResult:
     device: str
 
 
-# settings that change how fast a run goes, not what it computes
-NOT_IDENTITY = {"data": ("workers",), "train": ("checkpoint_steps", "progress")}
-
-
 def config_hash(params: Params) -> str:
+    """The run's identity: the settings that shape what it computes (not `RUNTIME_KEYS`)."""
     keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
-    for section, keys in NOT_IDENTITY.items():
-        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    for key in RUNTIME_KEYS:
+        section, name = key.split(".")
+        if section in keep:
+            keep[section].pop(name, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
