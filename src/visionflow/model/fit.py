@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionflow.model import engine
+from visionflow.model import engine, optimizers
 from visionflow.model.augment_ops import AugmentPolicy, augment_batch, mix_batch
 from visionflow.model.zoo import FastNet, dirac_init, init_whitening
 
@@ -51,6 +51,8 @@ class Recipe:
     lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
     weight_decay: float = 5e-4
     decay_biases: bool = False
     bias_lr_scale: float = 1.0
@@ -70,7 +72,7 @@ class Recipe:
     backbone_lr_mult: float = 0.1
     amp: bool = True
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | str = False  # true, false or "auto" (on CUDA)
     log_every: int = 10
 
     @classmethod
@@ -172,7 +174,7 @@ class FitRun:
                                    else len(train_x) // world_batch)
         self.total = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
-        self.optimizer = engine.make_optimizer(self.model, recipe, self.backbone)
+        self.optimizer = optimizers.make_optimizer(self.model, recipe, self.backbone)
         warmup = int(recipe.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: engine.lr_factor(s, self.total, warmup, recipe.schedule,
@@ -193,7 +195,8 @@ class FitRun:
         if self.dist.enabled:
             self.step_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if recipe.compile:
+        self.compiled = optimizers.compile_on(recipe.compile, self.device)
+        if self.compiled:
             self.step_model = torch.compile(self.step_model)
         self.epoch, self.step = 0, 0
 
@@ -247,7 +250,7 @@ class FitRun:
 
     def run(self, callbacks: Sequence[Callback] = (),
             progress: ProgressFn | None = None, on_step: StepFn | None = None) -> FitResult:
-        if self.r.compile and self.step < self.total:
+        if self.compiled and self.step < self.total:
             self._warm_up()
         _sync(self.device)
         t0 = time.perf_counter()
