@@ -50,8 +50,7 @@ def _names(model, params) -> list[str]:
 
 
 def test_muon_trains_the_conv_filters_and_sgd_the_head_and_biases():
-    model = _model()
-    model.net.whiten.weight.requires_grad_(False)  # as `fit` does: set from data
+    model = _model()  # whitening filters left trainable here (`fit` freezes them): still SGD's
     opt = make_optimizer(model, _recipe(), set())
     assert isinstance(opt, Optimizers)
     sgd, muon = opt.optimizers
@@ -64,7 +63,7 @@ def test_muon_trains_the_conv_filters_and_sgd_the_head_and_biases():
     assert all(v.ndim == 2 for g in muon.param_groups for v in g["params"])
     sgd_params = [p for g in sgd.param_groups for p in g["params"]]
     assert "net.head.weight" in _names(model, sgd_params)
-    assert "net.whiten.weight" not in _names(model, sgd_params + [p for p, _ in muon.sources])
+    assert "net.whiten.weight" in _names(model, sgd_params)
     lrs = {n: g["lr"] for g in sgd.param_groups for n in _names(model, g["params"])}
     assert lrs["net.head.weight"] == 1.66
     assert lrs["net.whiten.bias"] == pytest.approx(1.66 * 64)  # at the norm-bias lr
@@ -89,6 +88,18 @@ def test_muon_step_updates_the_conv_weight_in_place_and_normalises_it():
     # an orthogonalised step: its singular values are of order one (not the gradient's scale)
     s = torch.linalg.svdvals(delta.permute(0, 2, 3, 1).reshape(len(delta), -1) / 0.24)
     assert 0.2 < s.max() < 2.0
+
+
+def test_muon_rescales_each_filter_bank_to_norm_sqrt_out_before_its_step():
+    model = _model()
+    with torch.no_grad():
+        for p in muon_filters(model):
+            p.mul_(3.0)
+    opt = make_optimizer(model, _recipe(muon_lr=1e-9), set())
+    model(torch.rand(4, 3, 16, 16)).square().mean().backward()
+    opt.step()
+    for p in muon_filters(model):
+        assert p.norm().item() == pytest.approx(len(p) ** 0.5, rel=1e-4)
 
 
 def test_muon_optimizer_state_round_trips_for_a_resume():
