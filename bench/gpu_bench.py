@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import platform
@@ -288,6 +289,12 @@ def main() -> None:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         torch.compile = functools.partial(torch.compile, backend="eager")  # trace, no codegen
     device = torch.device("cpu" if a.dry_run or not torch.cuda.is_available() else "cuda")
+    # every seed's FitRun compiles its own model (`train.compile: auto`); past Dynamo's
+    # recompile limit (8 per code object) it would silently run eager
+    dynamo_config = importlib.import_module("torch._dynamo").config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 64)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = a.steps.split(",")
