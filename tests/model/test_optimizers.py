@@ -147,3 +147,11 @@ def test_the_muon_preset_loads_and_builds_its_optimizer():
     model = _model()
     assert len(muon_filters(model)) == 6
     assert isinstance(make_optimizer(model, recipe, set()), Optimizers)
+
+
+def test_params_yaml_train_section_matches_the_config_defaults():
+    from visionflow.config import TrainConfig
+    from visionflow.configfile import read_params_file
+
+    train = parse_params(read_params_file(REPO / "params.yaml")).train
+    assert train == TrainConfig() and train.compile == "auto" and train.muon_lr == 0.24
