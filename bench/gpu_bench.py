@@ -312,7 +312,7 @@ def main() -> None:
     throughput: dict = {}
     # each step's share of what is left: it ends early (fewer seeds, fewer epochs) past it
     shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.4, "6": 0.6, "2c": 1.0,
-              "7": 0.75}
+              "7": 0.8}
     for step in steps:
         left = end - time.perf_counter()
         if left < 10:
