@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from visionflow.configfile import parse_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import parse_params
+from visionflow.core.errors import ConfigError
+from visionflow.core.presets import load_raw
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
 from visionflow.model.fit import FitRun, Recipe
@@ -20,7 +21,6 @@ from visionflow.model.optimizers import (
     muon_filters,
 )
 from visionflow.model.zoo import FastNet
-from visionflow.presets import load_raw
 
 SMALL = {"widths": (8, 16, 16)}
 
@@ -150,8 +150,8 @@ def test_the_muon_preset_loads_and_builds_its_optimizer():
 
 
 def test_params_yaml_train_section_matches_the_config_defaults():
-    from visionflow.config import TrainConfig
-    from visionflow.configfile import read_params_file
+    from visionflow.core.config import TrainConfig
+    from visionflow.core.configfile import read_params_file
 
     train = parse_params(read_params_file(REPO / "params.yaml")).train
     assert train == TrainConfig() and train.compile == "auto" and train.muon_lr == 0.24

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 from visionflow.model import engine
 from visionflow.model.zoo import FastNet
 
