@@ -33,6 +33,7 @@ from visionflow.model.augment_ops import Policy  # noqa: E402
 from visionflow.model.classifier import Arch, build_classifier, channel_stats  # noqa: E402
 from visionflow.model.fit import EpochEnd, FitRun, Recipe  # noqa: E402
 from visionflow.model.inference import device_logits  # noqa: E402
+from visionflow.model.trainer import place  # noqa: E402
 
 PARAMS = HERE.parent / "params.yaml"
 
@@ -83,7 +84,9 @@ def train_seed(data: dict, raw: dict, seed: int, device: torch.device, *, epochs
         return (stop_at_target and hit) or (deadline is not None
                                             and time.perf_counter() > deadline)
 
-    run = FitRun(model, data["train_x"], data["train_y"], recipe, policy,
+    # on the device before the clock, as the train stage places them (`trainer.place`)
+    train_x, train_y, _ = place(data["train_x"], data["train_y"], device)
+    run = FitRun(model, train_x, train_y, recipe, policy,
                  num_classes=len(data["classes"]), device=device, seed=seed)
     result = run.run([on_epoch])
     if device.type == "cuda":

@@ -27,7 +27,7 @@ def proj(tmp_path: Path) -> Path:
 
 
 def test_the_shipped_presets_exist_and_validate():
-    assert {"cifar10-fast", "cifar10-resnet18"} <= set(PRESETS)
+    assert {"cifar10-fast", "cifar10-muon", "cifar10-resnet18"} <= set(PRESETS)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     assert base["preset"] is None
     for name in PRESETS:
@@ -60,7 +60,7 @@ def test_unknown_preset_is_one_line_naming_the_choices(proj: Path):
     with pytest.raises(ConfigError) as err:
         load_params(proj / "params.yaml", ["preset=cifar100-fast"])
     msg = str(err.value)
-    assert "preset='cifar100-fast'" in msg and "cifar10-fast, cifar10-resnet18" in msg
+    assert "preset='cifar100-fast'" in msg and "cifar10-fast, cifar10-muon, cifar10-resnet18" in msg
     assert "\n" not in msg
 
 

@@ -157,3 +157,112 @@ def test_gpu_batches_raise_the_input_threads_error_in_the_training_loop():
     batches = gpu_batches(source(), tf, torch.device("cpu"))
     with pytest.raises(DataError, match="image 0 of the batch"):
         next(batches)
+
+
+# A stand-in for the record script (its code is never committed): the same interface the
+# runner drives (`CifarNet`, `main(run, model)` printing a table whose final 'eval' row ends
+# with the counted seconds, `logging_columns_list`), reading `cifar10/train.pt` and
+# `cifar10/test.pt` with the keys, shapes and dtypes the record's loader expects.
+RECORD_STUB = '''
+import torch
+from torch import nn
+
+logging_columns_list = ["run   ", "epoch", "train_acc", "val_acc", "tta_val_acc",
+                        "time_seconds"]
+
+
+class CifarNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.head(x.mean((2, 3)))
+
+
+def main(run, model):
+    for split in ("train", "test"):
+        d = torch.load(f"cifar10/{split}.pt", weights_only=True)
+        n = len(d["labels"])
+        assert d["images"].shape == (n, 32, 32, 3) and d["images"].dtype == torch.uint8
+        assert d["labels"].dtype == torch.int64 and len(d["classes"]) == 10
+    x = d["images"].permute(0, 3, 1, 2).float() / 255
+    acc = (model(x).argmax(1) == d["labels"]).float().mean().item()
+    print("|  run     |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |")
+    print("|          |   eval  |     0.5000  |           |       %.4f  |        %.4f  |"
+          % (acc, 1.25 if run != "warmup" else 9.0))
+    return acc
+'''
+
+
+def test_final_seconds_reads_the_records_last_row():
+    sys.path.insert(0, str(REPO / "bench"))
+    from airbench_run import final_seconds
+
+    printed = ("|  run     |  epoch  |  time_seconds  |\n|         0  |      1  |  0.3  |\n"
+               "|          |   eval  |        1.7321  |\n")
+    assert final_seconds(printed, ["run   ", "epoch", "time_seconds"]) == 1.7321
+    with pytest.raises(ValueError, match="no final 'eval' row"):
+        final_seconds("|  0  |  1  |  0.3  |\n")
+
+
+@pytest.mark.slow
+def test_record_step_dry_run_puts_ours_beside_the_record_script(tmp_path: Path):
+    """Step 7 on the CPU: the cifar10-muon preset through `fit` (compile on, eager backend),
+    the archive converted for the record's loader, the runner driving a stand-in script."""
+    archive = _tiny_archive(tmp_path / "tiny.tar.gz")
+    stub = tmp_path / "airbench" / "airbench94_muon.py"
+    stub.parent.mkdir()
+    stub.write_text(RECORD_STUB)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
+                "--steps", "7", "--archive", str(archive), "--seeds", "2",
+                "--record-script", str(stub), "--record-runs", "3",
+                "--record-data", str(tmp_path / "airbench-data")], REPO,
+               check=False, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["7_record.json", "7_record_runs.json", "env.json", "log.txt"], (
+        names, proc.stdout[-3000:])
+    res = json.loads((out / "7_record.json").read_text())
+    assert res["ours"]["preset"] == "cifar10-muon" and len(res["ours"]["runs"]) == 2
+    assert res["ours"]["warmup"]["wall_seconds"] > 0
+    assert all(r["seconds"] > 0 and 0 <= r["tta1"] <= 1 for r in res["ours"]["runs"])
+    rec = res["record"]
+    assert rec["returncode"] == 0 and rec["images"] == {"train": 130, "test": 40}
+    assert [r["seconds"] for r in rec["runs"]] == [1.25] * 3
+    assert rec["warmup"]["seconds"] == 9.0  # the warm-up run is reported, not counted
+    assert res["ratio_of_medians"] == pytest.approx(
+        res["ours"]["summary"]["seconds_median"] / 1.25)
+
+
+def test_record_step_without_the_script_is_one_line(tmp_path: Path):
+    proc = run([sys.executable, str(REPO / "bench" / "airbench_run.py"), "--script",
+                str(tmp_path / "absent.py"), "--data", str(tmp_path), "--out",
+                str(tmp_path / "r.json")], REPO, check=False, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "record script not found" in lines[0]
+
+
+RECORD_SCRIPT = REPO / ".gpu" / "airbench" / "airbench94_muon.py"  # git-ignored, when fetched
+
+
+@pytest.mark.skipif(not RECORD_SCRIPT.is_file(), reason="record script not fetched into .gpu/")
+def test_runner_reads_the_real_record_scripts_table():
+    """Before a GPU session (README_gpu.md): the fetched script imports on the CPU, builds its
+    net, and its own table printer's final row parses to the seconds it counted."""
+    import contextlib
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from airbench_run import final_seconds, load_script
+
+    mod = load_script(RECORD_SCRIPT)
+    assert sum(p.numel() for p in mod.CifarNet().parameters()) > 1e6
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mod.print_columns(mod.logging_columns_list, is_head=True)
+        mod.print_training_details({"run": 0, "epoch": 1, "time_seconds": 0.25}, False)
+        mod.print_training_details({"epoch": "eval", "tta_val_acc": 0.9, "time_seconds": 1.5},
+                                   True)
+    assert final_seconds(buf.getvalue(), mod.logging_columns_list) == 1.5

@@ -81,6 +81,32 @@ def test_compiled_fit_warms_up_outside_the_timed_window_and_keeps_the_weights():
     assert run.run().steps == 8
 
 
+def test_muon_compiled_auto_learns_without_host_syncs():
+    """`train.optimizer: muon` with `train.compile: auto` (issue #20): compiled on CUDA,
+    `torch.optim.Muon` on the conv filters, no host sync in a training step."""
+    x, y = _data(2048)
+    recipe = _recipe(epochs=4, optimizer="muon", lr=1.66, momentum=0.85, bias_lr_scale=64.0,
+                     weight_decay=0.0024, decay_biases=True, ema_decay=None,
+                     label_smoothing=0.2, schedule="linear", warmup_epochs=0.0,
+                     batch_size=256, compile="auto", dirac_init=True, whiten_bias_epochs=1)
+    run = FitRun(_model(), x, y, recipe, Policy(hflip=0.5, alternate_flip=True, translate=2),
+                 num_classes=10, device="cuda")
+    assert run.compiled and type(run.optimizer.optimizers[1]).__name__ == "FilterMuon"
+    run._warm_up()
+    run._whiten()  # what `run` does first at step 0
+    run._epoch(None, 0.0)  # lazy inits may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run._epoch(None, 0.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    run.epoch = 2
+    result = run.run()
+    logits = device_logits(result.model, x, 512, tta=1, amp=True)
+    assert float((logits.argmax(1) == y).float().mean()) > 0.3
+
+
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_device_tta_matches_the_cpu(level):
     x, _ = _data(256, device="cpu")

@@ -21,6 +21,8 @@ from pydantic import (
 
 from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
     SOURCE_SCHEMES,
+    TORCHVISION_DATASETS,
+    TORCHVISION_PREFIX,
     DataConfig,
     source_scheme,
 )
@@ -144,8 +146,10 @@ class TrainConfig(_Section):
     epochs: int = Field(4, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(0.5, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw", "muon"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
+    muon_lr: float = Field(0.24, gt=0, description="muon: lr of the conv filters")
+    muon_momentum: float = Field(0.6, ge=0, lt=1, description="muon: filters' momentum")
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.2, ge=0, lt=1)
     warmup_epochs: float = Field(1.0, ge=0)
@@ -165,7 +169,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     channels_last: bool = True
-    compile: bool = False
+    compile: Literal[True, False, "auto"] = Field("auto", description="torch.compile the model; "
+                                             "auto: on CUDA")
     deterministic: bool = False
     threads: int = Field(0, ge=0, description="CPU threads, 0 = torch default")
     pretrained: str | None = Field(None, description="local weights file, or torchvision:NAME")

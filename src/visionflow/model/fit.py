@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionflow.model import engine
+from visionflow.model import engine, optimizers
 from visionflow.model.augment_ops import AugmentPolicy, augment_batch, mix_batch
 from visionflow.model.zoo import FastNet, dirac_init, init_whitening
 
@@ -54,6 +54,8 @@ class Recipe:
     lr: float
     optimizer: str
     momentum: float
+    muon_lr: float
+    muon_momentum: float
     weight_decay: float
     decay_biases: bool
     bias_lr_scale: float
@@ -73,7 +75,7 @@ class Recipe:
     backbone_lr_mult: float
     amp: bool
     channels_last: bool
-    compile: bool
+    compile: bool | str  # true, false or "auto" (on CUDA)
     log_every: int = 10  # steps between progress reads (not a params key)
 
     @classmethod
@@ -176,7 +178,7 @@ class FitRun:
                                    else len(train_x) // world_batch)
         self.total = max(1, math.ceil(recipe.epochs * self.steps_per_epoch))
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
-        self.optimizer = engine.make_optimizer(self.model, recipe, self.backbone)
+        self.optimizer = optimizers.make_optimizer(self.model, recipe, self.backbone)
         warmup = int(recipe.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: engine.lr_factor(s, self.total, warmup, recipe.schedule,
@@ -197,7 +199,8 @@ class FitRun:
         if self.dist.enabled:
             self.step_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if recipe.compile:
+        self.compiled = optimizers.compile_on(recipe.compile, self.device)
+        if self.compiled:
             self.step_model = torch.compile(self.step_model)
         self.epoch, self.step = 0, 0
 
@@ -251,7 +254,7 @@ class FitRun:
 
     def run(self, callbacks: Sequence[Callback] = (),
             progress: ProgressFn | None = None, on_step: StepFn | None = None) -> FitResult:
-        if self.r.compile and self.step < self.total:
+        if self.compiled and self.step < self.total:
             self._warm_up()
         _sync(self.device)
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(params.seed)
+    # torch.compile's kernels survive between runs of a flow (train.compile: auto on CUDA)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(layout.cache_root / "inductor"))
 
     cache = load_cache(layout.cache)
     decode = None
