@@ -13,6 +13,7 @@ from visionflow.core.errors import ConfigError
 
 
 def test_a_registered_method_runs_by_name(monkeypatch):
+    sweep_mod.registered_methods()  # the real ones register into the real registry first
     monkeypatch.setattr(sweep_mod, "_METHODS", dict(sweep_mod._METHODS))
     ran: list[str] = []
 

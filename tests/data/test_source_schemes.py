@@ -17,6 +17,7 @@ from visionflow.data.source import source_path
 
 
 def test_a_registered_scheme_is_read_by_name(monkeypatch, tmp_path: Path):
+    schemes.registered_schemes()  # the real ones register into the real registry first
     monkeypatch.setattr(schemes, "_READERS", dict(schemes._READERS))
     layout = Layout.at(tmp_path)
 

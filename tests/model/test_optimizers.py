@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from visionflow.core.config import TrainConfig
 from visionflow.core.configfile import parse_params
 from visionflow.core.errors import ConfigError
 from visionflow.core.presets import load_raw
@@ -41,7 +42,7 @@ def _recipe(**over) -> Recipe:
     base = {"optimizer": "muon", "lr": 1.66, "momentum": 0.85, "weight_decay": 0.0024,
             "decay_biases": True, "bias_lr_scale": 64.0, "batch_size": 32, "epochs": 1,
             "schedule": "linear", "whiten_bias_epochs": 3, "dirac_init": True}
-    return Recipe.from_params(base | over)
+    return Recipe.from_params(TrainConfig(), **(base | over))
 
 
 def _names(model, params) -> list[str]:

@@ -21,8 +21,6 @@ from pydantic import (
 
 from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
     SOURCE_SCHEMES,
-    TORCHVISION_DATASETS,
-    TORCHVISION_PREFIX,
     DataConfig,
     source_scheme,
 )
