@@ -97,7 +97,7 @@ def test_a_worse_second_run_is_refused(drivers):
     out = run([str(BIN / "dvc"), "repro"], root)
     assert "Running stage 'train'" in out.stdout and "Running stage 'register'" in out.stdout
     reg = _json(root, "outputs/register/registration.json")
-    assert reg["version"] == "2" and reg["alias"] is None, reg
+    assert reg["version"] == "3" and reg["alias"] is None, reg  # v2: v1's compact copy
     assert reg["decision"]["promote"] is False
     assert "kept champion v1" in reg["decision"]["reason"] and "mIoU" in reg["decision"]["reason"]
     report = (root / "outputs/register/gate_report.md").read_text()
