@@ -2,9 +2,13 @@
 
 Generated ~500×375 JPEGs in 10 classes (in /tmp) at two sizes (default 10,000 and 40,000):
 - packing img/s (`data.shards.pack_split`, the pack stage's code, all cores);
-- train's peak RSS at each size: the same bounded number of steps of `FitRun` streaming the
+- train's peak memory at each size: the same bounded number of steps of `FitRun` streaming the
   shards (`data.stream.ShardStream`, RandomResizedCrop + flip at 224 px in DataLoader workers),
-  in a fresh process; peak of the training process and of its workers;
+  in a fresh process; peak of the training process and of its workers, sampled every 20 ms
+  from /proc as anonymous memory (`RssAnon`: what the process itself allocated) and mapped
+  file pages (`RssFile`: LitData maps local shard files in place and asks the kernel to read
+  ahead, so pages of the shards, which are page cache the kernel reclaims at will, count in
+  `ru_maxrss` when the files are hot, as right after packing); `ru_maxrss` is kept too;
 - CPU training img/s at 224 px side by side (round-robin, medians) with a plain torchvision
   `ImageFolder` + `DataLoader` loop over the same JPEGs: same model, batch, steps, workers and
   transforms (RandomResizedCrop + flip), the same optimizer step.
@@ -18,6 +22,7 @@ segment, so all bytes differ while generation stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -96,6 +101,53 @@ def pack(root: Path) -> tuple[Path, float]:
 
 
 # --- one training run in a fresh process ---------------------------------------------------
+class MemoryPeaks:
+    """Peak RssAnon / RssFile (MB) of this process and, summed, of its children, sampled."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        import threading
+
+        self.every, self.peak = every, dict.fromkeys(
+            ("main_anon_mb", "main_file_mb", "workers_anon_mb", "workers_file_mb"), 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _status(pid: int | str) -> tuple[float, float]:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return 0.0, 0.0
+        kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in text.splitlines()
+              if ln.startswith(("RssAnon", "RssFile"))}
+        return kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024
+
+    def _children(self) -> list[str]:
+        out = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += (task / "children").read_text().split()
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon, file = self._status("self")
+            kids = [self._status(pid) for pid in self._children()]
+            for key, value in (("main_anon_mb", anon), ("main_file_mb", file),
+                               ("workers_anon_mb", sum(k[0] for k in kids)),
+                               ("workers_file_mb", sum(k[1] for k in kids))):
+                self.peak[key] = max(self.peak[key], value)
+            time.sleep(self.every)
+
+    def __enter__(self) -> MemoryPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def train_child(kind: str, data: str, steps: int, batch: int, workers: int, model: str) -> None:
     import torch
     from torchvision import datasets
@@ -106,6 +158,7 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
     from visionflow.model.classifier import Arch, build_classifier
     from visionflow.model.fit import FitRun, Recipe
 
+    peaks = MemoryPeaks().__enter__()
     torch.manual_seed(0)
     model_ = build_classifier(Arch(model, 10, 224, 3))
     recipe = Recipe(epochs=1, batch_size=batch, lr=0.05, amp=False, channels_last=True,
@@ -136,8 +189,9 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
             loss.backward()
             opt.step()
     dt = time.perf_counter() - t0
+    peaks.__exit__()
     print(json.dumps({
-        "img_s": steps * batch / dt,
+        "img_s": steps * batch / dt, **{k: round(v) for k, v in peaks.peak.items()},
         "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
@@ -180,8 +234,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     res["train_img_s"] = {k: [round(x, 2) for x in v] for k, v in rates.items()}
     res["ratio_shards_vs_imagefolder"] = round(med["shards"] / med["imagefolder"], 3)
-    peaks = {n: r["train"][0]["rss_main_mb"] for n, r in res["sizes"].items()}
-    res["rss_growth"] = round(peaks[max(a.sizes)] / peaks[small] - 1, 4)
+    for key in ("rss_main_mb", "main_anon_mb", "workers_anon_mb"):
+        peaks = {n: r["train"][0][key] for n, r in res["sizes"].items()}
+        res[f"growth_{key}"] = round(peaks[max(a.sizes)] / max(peaks[small], 1) - 1, 4)
     print(json.dumps(res, indent=1))
 
 

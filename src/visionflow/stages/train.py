@@ -55,7 +55,8 @@ class TrainResult:
 
 
 # settings that change how fast a run goes, not what it computes
-NOT_IDENTITY = {"data": ("workers",), "train": ("checkpoint_steps", "progress")}
+NOT_IDENTITY = {"data": ("workers", "shard_cache_bytes"),
+                "train": ("checkpoint_steps", "progress")}
 
 
 def config_hash(params: Params) -> str:
