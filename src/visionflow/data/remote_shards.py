@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +153,14 @@ def allow_plain_http() -> None:
     options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
     if isinstance(options, dict):
         options["allow_http"] = True
+
+
+class _NoCacheSizeAdvice(logging.Filter):
+    """LitData advises a cache of at least 25 GB on every stream; the cap is the user's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_cache_size" not in record.getMessage()
+
+
+def quiet_cache_advice() -> None:
+    logging.getLogger("litdata.streaming.dataset").addFilter(_NoCacheSizeAdvice())

@@ -28,12 +28,18 @@ from litdata.streaming.resolver import Dir
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from visionflow.data.remote_shards import RemoteSplit, allow_plain_http, missing_remote
+from visionflow.data.remote_shards import (
+    RemoteSplit,
+    allow_plain_http,
+    missing_remote,
+    quiet_cache_advice,
+)
 from visionflow.data.shards import check_shards, chunk_file, indexed_samples
 from visionflow.errors import DataError
 
 CORRUPT = "corrupt shard"
 allow_plain_http()
+quiet_cache_advice()
 
 
 @dataclass(frozen=True)
