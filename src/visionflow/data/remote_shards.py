@@ -135,7 +135,11 @@ def remote_split(split_dir: Path, base_url: str, split: str, cache_root: Path,
                  cache_bytes: int) -> RemoteSplit:
     """The split's S3 location and this host's cache folder for its current index (older
     index versions' caches of the split are removed)."""
-    digest = hashlib.sha256((split_dir / INDEX).read_bytes()).hexdigest()[:16]
+    try:
+        digest = hashlib.sha256((split_dir / INDEX).read_bytes()).hexdigest()[:16]
+    except OSError:
+        raise DataError(f"no shards for split {split!r}: {split_dir / INDEX} is missing "
+                        "(run the pack stage, or `dvc pull` its output)") from None
     parent = cache_root / split
     if parent.is_dir():
         for old in parent.iterdir():
