@@ -14,6 +14,7 @@ Generated ~500×375 JPEGs in 10 classes (in /tmp) at two sizes (default 10,000 a
   transforms (RandomResizedCrop + flip), the same optimizer step.
 
     .venv/bin/python bench/bench_scale.py --sizes 10000 40000 --steps 30 --rounds 2
+    .venv/bin/python bench/bench_scale.py --decode-only   # the input paths alone, ms/image
 
 The JPEGs: 400 distinct generated photos; every file is one of them with its own JPEG comment
 segment, so all bytes differ while generation stays fast.
@@ -196,6 +197,39 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
+def decode_costs(reps: int = 300, passes: int = 2) -> dict[str, list[float]]:
+    """ms per image of the two input paths alone (1 thread, one generated 500×375 JPEG):
+    the stream's (`decode_image` of the bytes, transforms v2 on the uint8 tensor) and
+    `ImageFolder`'s (PIL decode, `PILToTensor`, the same transforms)."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from visionflow.data.stream import View, decode
+
+    torch.set_num_threads(1)
+    data = _base(0)
+    crop = View(224, 256, train=True, hflip=0.5).transform()
+    plain = v2.Compose([v2.PILToTensor(), crop])
+
+    def stream() -> None:
+        crop(decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), 3))
+
+    def imagefolder() -> None:
+        plain(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    out: dict[str, list[float]] = {"stream": [], "imagefolder": []}
+    for _ in range(passes):
+        for name, fn in (("stream", stream), ("imagefolder", imagefolder)):
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            out[name].append(round((time.perf_counter() - t) / reps * 1e3, 2))
+    return out
+
+
 def train(kind: str, data: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, str(data), str(a.steps), str(a.batch),
            str(a.workers), a.model]
@@ -216,7 +250,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--decode-only", action="store_true", help="the input paths' ms/image")
     a = ap.parse_args()
+    if a.decode_only:
+        return print(json.dumps(decode_costs()))
     res: dict = {"args": vars(a), "sizes": {}}
     for n in a.sizes:
         t = time.perf_counter()
