@@ -76,7 +76,7 @@ def _context(params: Params, layout: Layout, out: Path) -> Context:
     model, arch = load_classifier(layout.model)
     # shards: the splits decoded through resize + centre crop
     cache = with_images(layout, load_cache(layout.cache), ("train", "test"),
-                        params.data.shard_cache_bytes)
+                        params.data.shard_cache_bytes, params.evaluate.batch_size)
     cfg = params.compress
     if not isinstance(cache["train_x"], torch.Tensor) and cfg.finetune_images is None:
         # shards: the fine-tune set is held decoded; null = what fits the tensor budget
