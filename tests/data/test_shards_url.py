@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError
 
 
 def test_shards_url_and_cache_cap_are_checked(tmp_path: Path):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 from visionflow.data.feed import with_images
 from visionflow.data.shards import pack_split, read_contents
 from visionflow.data.split_images import SplitImages
 from visionflow.data.stream import ShardStream, View
-from visionflow.errors import DataError
-from visionflow.layout import Layout
 from visionflow.model.inference import model_logits
 
 CLASSES = ["ants", "bees"]

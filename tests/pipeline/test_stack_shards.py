@@ -21,7 +21,7 @@ from conftest import make_project
 from PIL import Image
 from stack_fixtures import TeamStack
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 
 pytestmark = pytest.mark.stack
 MiB = 2**20

@@ -12,9 +12,9 @@ from builders import write_photo_folder
 from conftest import make_project, prefect_settings
 from optuna.trial import TrialState
 
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.data import stream
-from visionflow.layout import Layout
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.layout import Layout
 from visionflow.data.remote_shards import RemoteSplit, remote_split
 from visionflow.data.split_images import SplitImages
 from visionflow.data.stream import ShardStream, View
-from visionflow.layout import Layout
 
 STATS_IMAGES = 512  # shards: train images (eval view) for channel statistics and whitening
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 
 CONTENTS = "contents.json"
 INDEX = "index.json"

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from visionflow.core.errors import DataError
 from visionflow.data.stream import ShardStream
-from visionflow.errors import DataError
 
 
 class SplitImages:

@@ -28,6 +28,7 @@ from litdata.streaming.resolver import Dir
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from visionflow.core.errors import DataError
 from visionflow.data.remote_shards import (
     RemoteSplit,
     allow_plain_http,
@@ -35,7 +36,6 @@ from visionflow.data.remote_shards import (
     quiet_cache_advice,
 )
 from visionflow.data.shards import check_shards, chunk_file, indexed_samples
-from visionflow.errors import DataError
 
 CORRUPT = "corrupt shard"
 allow_plain_http()

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import ConfigError, DataError
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, load_splits, source_data_hash
 from visionflow.data.feed import is_shards, training_feed
-from visionflow.errors import ConfigError, DataError
-from visionflow.layout import Layout
 from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import stream_logits
 from visionflow.model.trainer import prepare_fit, top1
