@@ -2,14 +2,19 @@
 
 Generated ~500×375 JPEGs in 10 classes (in /tmp) at two sizes (default 10,000 and 40,000):
 - packing img/s (`data.shards.pack_split`, the pack stage's code, all cores);
-- train's peak RSS at each size: the same bounded number of steps of `FitRun` streaming the
+- train's peak memory at each size: the same bounded number of steps of `FitRun` streaming the
   shards (`data.stream.ShardStream`, RandomResizedCrop + flip at 224 px in DataLoader workers),
-  in a fresh process; peak of the training process and of its workers;
+  in a fresh process; peak of the training process and of its workers, sampled every 20 ms
+  from /proc as anonymous memory (`RssAnon`: what the process itself allocated) and mapped
+  file pages (`RssFile`: LitData maps local shard files in place and asks the kernel to read
+  ahead, so pages of the shards, which are page cache the kernel reclaims at will, count in
+  `ru_maxrss` when the files are hot, as right after packing); `ru_maxrss` is kept too;
 - CPU training img/s at 224 px side by side (round-robin, medians) with a plain torchvision
   `ImageFolder` + `DataLoader` loop over the same JPEGs: same model, batch, steps, workers and
   transforms (RandomResizedCrop + flip), the same optimizer step.
 
     .venv/bin/python bench/bench_scale.py --sizes 10000 40000 --steps 30 --rounds 2
+    .venv/bin/python bench/bench_scale.py --decode-only   # the input paths alone, ms/image
 
 The JPEGs: 400 distinct generated photos; every file is one of them with its own JPEG comment
 segment, so all bytes differ while generation stays fast.
@@ -18,6 +23,7 @@ segment, so all bytes differ while generation stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -96,6 +102,53 @@ def pack(root: Path) -> tuple[Path, float]:
 
 
 # --- one training run in a fresh process ---------------------------------------------------
+class MemoryPeaks:
+    """Peak RssAnon / RssFile (MB) of this process and, summed, of its children, sampled."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        import threading
+
+        self.every, self.peak = every, dict.fromkeys(
+            ("main_anon_mb", "main_file_mb", "workers_anon_mb", "workers_file_mb"), 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _status(pid: int | str) -> tuple[float, float]:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return 0.0, 0.0
+        kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in text.splitlines()
+              if ln.startswith(("RssAnon", "RssFile"))}
+        return kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024
+
+    def _children(self) -> list[str]:
+        out = []
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += (task / "children").read_text().split()
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon, file = self._status("self")
+            kids = [self._status(pid) for pid in self._children()]
+            for key, value in (("main_anon_mb", anon), ("main_file_mb", file),
+                               ("workers_anon_mb", sum(k[0] for k in kids)),
+                               ("workers_file_mb", sum(k[1] for k in kids))):
+                self.peak[key] = max(self.peak[key], value)
+            time.sleep(self.every)
+
+    def __enter__(self) -> MemoryPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def train_child(kind: str, data: str, steps: int, batch: int, workers: int, model: str) -> None:
     import torch
     from torchvision import datasets
@@ -107,6 +160,7 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
     from visionflow.model.classifier import Arch, build_classifier
     from visionflow.model.fit import FitRun, Recipe
 
+    peaks = MemoryPeaks().__enter__()
     torch.manual_seed(0)
     model_ = build_classifier(Arch(model, 10, 224, 3))
     recipe = Recipe.from_params(
@@ -138,10 +192,44 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
             loss.backward()
             opt.step()
     dt = time.perf_counter() - t0
+    peaks.__exit__()
     print(json.dumps({
-        "img_s": steps * batch / dt,
+        "img_s": steps * batch / dt, **{k: round(v) for k, v in peaks.peak.items()},
         "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def decode_costs(reps: int = 300, passes: int = 2) -> dict[str, list[float]]:
+    """ms per image of the two input paths alone (1 thread, one generated 500×375 JPEG):
+    the stream's (`decode_image` of the bytes, transforms v2 on the uint8 tensor) and
+    `ImageFolder`'s (PIL decode, `PILToTensor`, the same transforms)."""
+    import io
+
+    import torch
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from visionflow.data.stream import View, decode
+
+    torch.set_num_threads(1)
+    data = _base(0)
+    crop = View(224, 256, train=True, hflip=0.5).transform()
+    plain = v2.Compose([v2.PILToTensor(), crop])
+
+    def stream() -> None:
+        crop(decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), 3))
+
+    def imagefolder() -> None:
+        plain(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    out: dict[str, list[float]] = {"stream": [], "imagefolder": []}
+    for _ in range(passes):
+        for name, fn in (("stream", stream), ("imagefolder", imagefolder)):
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            out[name].append(round((time.perf_counter() - t) / reps * 1e3, 2))
+    return out
 
 
 def train(kind: str, data: Path, a) -> dict:
@@ -164,7 +252,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--decode-only", action="store_true", help="the input paths' ms/image")
     a = ap.parse_args()
+    if a.decode_only:
+        return print(json.dumps(decode_costs()))
     res: dict = {"args": vars(a), "sizes": {}}
     for n in a.sizes:
         t = time.perf_counter()
@@ -182,8 +273,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     res["train_img_s"] = {k: [round(x, 2) for x in v] for k, v in rates.items()}
     res["ratio_shards_vs_imagefolder"] = round(med["shards"] / med["imagefolder"], 3)
-    peaks = {n: r["train"][0]["rss_main_mb"] for n, r in res["sizes"].items()}
-    res["rss_growth"] = round(peaks[max(a.sizes)] / peaks[small] - 1, 4)
+    for key in ("rss_main_mb", "main_anon_mb", "workers_anon_mb"):
+        peaks = {n: r["train"][0][key] for n, r in res["sizes"].items()}
+        res[f"growth_{key}"] = round(peaks[max(a.sizes)] / max(peaks[small], 1) - 1, 4)
     print(json.dumps(res, indent=1))
 
 

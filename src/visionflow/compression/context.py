@@ -121,6 +121,8 @@ class Context:
                 g = torch.Generator().manual_seed(self.seed + 1)
                 idx = torch.randperm(len(x), generator=g)[:n]
                 x, y = x[idx], y[idx]
+            if not isinstance(x, torch.Tensor):  # a streamed split, smaller than the subset
+                x = x[:]
             teacher = None
             if self.cfg.finetune_distill or "distill" in self.cfg.methods:
                 with on_device(self.model, self.device) as model:

@@ -30,8 +30,8 @@ from visionflow.core.tuneconfig import TuneConfig, check_space
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
 # How fast or how visibly a stage runs, never what it produces: dvc.yaml does not track
 # these keys (changing one leaves every stage up to date) and a run's identity leaves them out.
-RUNTIME_KEYS = ("data.workers", "validate.workers", "validate.cache", "train.threads",
-                "train.progress", "train.checkpoint_steps", "train.rdzv_endpoint",
+RUNTIME_KEYS = ("data.workers", "data.shard_cache_bytes", "validate.workers", "validate.cache",
+                "train.threads", "train.progress", "train.checkpoint_steps", "train.rdzv_endpoint",
                 "train.rdzv_id")
 MODEL_NAMES = (
     "alexnet",

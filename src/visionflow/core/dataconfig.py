@@ -74,12 +74,35 @@ class DataConfig(_Section):
     shard_bytes: int = Field(64 * 2**20, ge=2**16, description="shards: bytes per shard file")
     workers: int = Field(2, ge=0, description="shards: DataLoader workers decoding (0 = in "
                          "the training process); not part of the run's identity")
+    shards_url: str | None = Field(None, description="shards: an s3://bucket/prefix the pack "
+                                   "stage uploads each split to (<url>/<split>/); every stage "
+                                   "then streams from it (endpoint and keys: AWS_* env)")
+    shard_cache_bytes: int = Field(4 * 2**30, ge=16 * 2**20, description="shards_url: the most "
+                                   "bytes one split's local shard cache holds (LitData evicts "
+                                   "read shards); not part of the run's identity")
 
     @field_validator("source")
     @classmethod
     def _known_scheme_and_name(cls, v: str) -> str:
         if why := unknown_source(v):
             raise ValueError(why)
+        return v
+
+    @field_validator("shards_url")
+    @classmethod
+    def _s3_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("s3://") or len(v.rstrip("/")) <= len("s3://"):
+            raise ValueError(f"expected s3://bucket[/prefix], got {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("shard_cache_bytes")
+    @classmethod
+    def _holds_two_shards(cls, v: int, info: ValidationInfo) -> int:
+        shard = info.data.get("shard_bytes")
+        if shard is not None and v < 3 * shard:  # the one read, the next, headroom
+            raise ValueError(f"must hold three shards: >= 3 × data.shard_bytes ({3 * shard})")
         return v
 
     @field_validator("max_side", "resize_size")

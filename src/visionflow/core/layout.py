@@ -66,6 +66,11 @@ class Layout:
 
     # hyperparameter search (`vflow tune`): project state, not pipeline outputs
     @property
+    def shard_cache(self) -> Path:
+        """Shards streamed from S3 (`data.shards_url`): the local cache, one folder a split."""
+        return self.cache_root / "shards"
+
+    @property
     def tune_dir(self) -> Path:
         return self.cache_root / "tune"
 

@@ -5,6 +5,9 @@ before); in shards mode a `ShardStream` of the train split (RandomResizedCrop + 
 sample, in DataLoader workers) plus a small sample of train images for the channel statistics
 and a `fast` net's whitening, and the val split as an evaluation stream. `eval_stream` is the
 resize + centre-crop stream of one split that evaluation, compression and the gate read.
+With `data.shards_url` (recorded by pack in the cache as `shards_url`) every stream reads
+the split from S3 through a local cache capped by `data.shard_cache_bytes`
+(`data.remote_shards`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from typing import Any
 import torch
 
 from visionflow.core.config import Params
-from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
+from visionflow.data.remote_shards import RemoteSplit, remote_split
+from visionflow.data.split_images import SplitImages
 from visionflow.data.stream import ShardStream, View
 
 STATS_IMAGES = 512  # shards: train images (eval view) for channel statistics and whitening
@@ -30,11 +34,22 @@ def eval_view(cache: dict[str, Any]) -> View:
     return View(cache["image_size"], cache["resize_size"], cache["channels"])
 
 
+def shard_remote(layout: Layout, cache: dict[str, Any], split: str,
+                 cache_bytes: int) -> RemoteSplit | None:
+    """Where the split streams from when pack put it in S3 (None: the local shards)."""
+    url = cache.get("shards_url")
+    if not url:
+        return None
+    return remote_split(layout.split_shards(split), url, split, layout.shard_cache,
+                        cache_bytes)
+
+
 def eval_stream(layout: Layout, cache: dict[str, Any], split: str, batch_size: int,
-                workers: int) -> ShardStream:
+                workers: int, cache_bytes: int) -> ShardStream:
     """One split in shard order, evaluation view, every sample once."""
     return ShardStream(layout.split_shards(split), split, eval_view(cache),
-                       batch_size=batch_size, workers=workers, shuffle=False, drop_last=False)
+                       batch_size=batch_size, workers=workers, shuffle=False, drop_last=False,
+                       remote=shard_remote(layout, cache, split, cache_bytes))
 
 
 @dataclass
@@ -73,8 +88,9 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
                 hflip=params.augment.hflip, raw=raw)
     stream = ShardStream(layout.split_shards("train"), "train", view,
                          batch_size=params.train.batch_size, workers=d.workers,
-                         seed=params.seed)
-    sample = eval_stream(layout, cache, "train", 128, 0)
+                         seed=params.seed,
+                         remote=shard_remote(layout, cache, "train", d.shard_cache_bytes))
+    sample = eval_stream(layout, cache, "train", 128, 0, d.shard_cache_bytes)
     xs, ys, have = [], [], 0
     for x, y in sample.epoch():
         xs.append(x)
@@ -84,29 +100,25 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
             break
     val = None
     if main and len(cache["val_y"]):
-        val = eval_stream(layout, cache, "val", params.evaluate.batch_size, 0)
+        val = eval_stream(layout, cache, "val", params.evaluate.batch_size, 0,
+                          d.shard_cache_bytes)
     return Feed(torch.cat(xs)[:STATS_IMAGES], torch.cat(ys)[:STATS_IMAGES], stream=stream,
                 val_stream=val)
 
 
 def with_images(layout: Layout, cache: dict[str, Any], splits: tuple[str, ...],
-                batch_size: int = 256) -> dict[str, Any]:
-    """The cache with `<split>_x` filled in: in shards mode the split decoded through the
-    evaluation view (resize + centre crop) into uint8 N×C×S×S, in shard order (the order of
-    the cache's labels and paths). Memory: the split's decoded size. Decoded in this
-    process: DataLoader workers forked from a Prefect flow's process exited with status 1
-    at the end of an epoch."""
+                cache_bytes: int, batch_size: int = 256) -> dict[str, Any]:
+    """The cache with `<split>_x` filled in: in shards mode a `SplitImages` of the split (the
+    evaluation view, resize + centre crop, in shard order: the order of the cache's labels
+    and paths), read batch by batch when used, never whole; `batch_size` images at a time.
+    Decoded in this process: DataLoader workers forked from a Prefect flow's process exited
+    with status 1 at the end of an epoch."""
     if not is_shards(cache):
         return cache
     for split in splits:
-        xs, ys = [], []
-        for x, y in eval_stream(layout, cache, split, batch_size, 0).epoch():
-            xs.append(x)
-            ys.append(y)
-        s, c = cache["image_size"], cache["channels"]
-        cache[f"{split}_x"] = torch.cat(xs) if xs else torch.zeros(0, c, s, s, dtype=torch.uint8)
-        labels = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
-        if not torch.equal(labels, cache[f"{split}_y"]):
-            raise DataError(f"the {split} shards do not match {layout.cache}: run the pack "
-                            "stage again")
+        def open_stream(split: str = split) -> ShardStream:
+            return eval_stream(layout, cache, split, batch_size, 0, cache_bytes)
+
+        cache[f"{split}_x"] = SplitImages(open_stream, cache[f"{split}_y"], cache["channels"],
+                                          cache["image_size"], split)
     return cache

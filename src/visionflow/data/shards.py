@@ -185,6 +185,24 @@ def _index_matches(split_dir: Path, n: int) -> bool:
     return sum(c["chunk_size"] for c in _index(split_dir)["chunks"]) == n
 
 
+def indexed_samples(split_dir: Path, split: str) -> int:
+    """The number of samples the split's index lists (one-line error without an index)."""
+    if not (split_dir / INDEX).is_file():
+        raise DataError(f"no shards for split {split!r}: {split_dir / INDEX} is missing "
+                        "(run the pack stage)")
+    index = _index(split_dir)
+    if not index["chunks"] and index["config"] is None:
+        raise DataError(f"corrupt shard index {split_dir / INDEX} (split {split!r})")
+    return sum(c["chunk_size"] for c in index["chunks"])
+
+
+def local_shards_whole(split_dir: Path) -> bool:
+    """Every shard file the index names is here, of its indexed size."""
+    return all((split_dir / c["filename"]).is_file()
+               and (split_dir / c["filename"]).stat().st_size == c["chunk_bytes"]
+               for c in _index(split_dir)["chunks"])
+
+
 def check_shards(split_dir: Path, split: str) -> int:
     """Every shard of the split is there, whole (size as indexed): the number of samples.
 
@@ -192,19 +210,14 @@ def check_shards(split_dir: Path, split: str) -> int:
     under way): a truncated file would hang training instead of failing, so it is checked
     here first. A shard of the right size whose bytes are damaged fails when read
     (`stream.ShardStream`), naming it too."""
-    if not (split_dir / INDEX).is_file():
-        raise DataError(f"no shards for split {split!r}: {split_dir / INDEX} is missing "
-                        "(run the pack stage)")
-    index = _index(split_dir)
-    if not index["chunks"] and index["config"] is None:
-        raise DataError(f"corrupt shard index {split_dir / INDEX} (split {split!r})")
-    for chunk in index["chunks"]:
+    n = indexed_samples(split_dir, split)
+    for chunk in _index(split_dir)["chunks"]:
         path = split_dir / chunk["filename"]
         size = path.stat().st_size if path.is_file() else -1
         if size != chunk["chunk_bytes"]:
             what = "missing" if size < 0 else f"{size} bytes, indexed {chunk['chunk_bytes']}"
             raise DataError(f"corrupt shard {path} (split {split!r}): {what}")
-    return sum(c["chunk_size"] for c in index["chunks"])
+    return n
 
 
 def chunk_file(split_dir: Path, chunk_index: int) -> Path:

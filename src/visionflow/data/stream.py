@@ -24,13 +24,22 @@ from typing import Any
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.resolver import Dir
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from visionflow.core.errors import DataError
-from visionflow.data.shards import check_shards, chunk_file
+from visionflow.data.remote_shards import (
+    RemoteSplit,
+    allow_plain_http,
+    missing_remote,
+    quiet_cache_advice,
+)
+from visionflow.data.shards import check_shards, chunk_file, indexed_samples
 
 CORRUPT = "corrupt shard"
+allow_plain_http()
+quiet_cache_advice()
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,15 @@ class ShardDataset(StreamingDataset):
     """A split's shards; items are (uint8 C×S×S image, label), or (encoded bytes, label)."""
 
     def __init__(self, split_dir: Path, split: str, view: View, *, seed: int,
-                 shuffle: bool) -> None:
-        super().__init__(str(split_dir), shuffle=shuffle, seed=seed, drop_last=None)
+                 shuffle: bool, remote: RemoteSplit | None = None) -> None:
+        if remote is None:
+            super().__init__(str(split_dir), shuffle=shuffle, seed=seed, drop_last=None)
+        else:  # streamed from S3 into a capped local cache
+            super().__init__(Dir(path=str(remote.cache_dir), url=remote.url), shuffle=shuffle,
+                             seed=seed, drop_last=None,
+                             max_cache_size=remote.litdata_cache_bytes)
         self.split_dir, self.split, self.view, self.base_seed = split_dir, split, view, seed
+        self.where = remote.url if remote is not None else str(split_dir)
         self._transform = view.transform()
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
@@ -81,7 +96,8 @@ class ShardDataset(StreamingDataset):
             raise
         except Exception as e:  # damaged bytes: LitData's or the decoder's error
             where = getattr(index, "chunk_index", None)
-            shard = chunk_file(self.split_dir, where) if where is not None else self.split_dir
+            shard = (f"{self.where}/{chunk_file(self.split_dir, where).name}"
+                     if where is not None else self.where)
             raise DataError(f"{CORRUPT} {shard} (split {self.split!r}): "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         number = getattr(index, "index", index)
@@ -101,11 +117,17 @@ class ShardStream:
 
     def __init__(self, split_dir: Path, split: str, view: View, *, batch_size: int,
                  workers: int, seed: int = 0, shuffle: bool | None = None,
-                 drop_last: bool | None = None) -> None:
-        self.samples = check_shards(split_dir, split)
+                 drop_last: bool | None = None, remote: RemoteSplit | None = None) -> None:
+        if remote is None:
+            self.samples = check_shards(split_dir, split)
+        else:
+            self.samples = indexed_samples(split_dir, split)
+            if why := missing_remote(split_dir, remote.url):
+                raise DataError(f"{CORRUPT} {why} (split {split!r}): run the pack stage again")
         self.split = split
         shuffle = view.train if shuffle is None else shuffle
-        self.dataset = ShardDataset(split_dir, split, view, seed=seed, shuffle=shuffle)
+        self.dataset = ShardDataset(split_dir, split, view, seed=seed, shuffle=shuffle,
+                                    remote=remote)
         kwargs: dict[str, Any] = {"collate_fn": _collate_raw} if view.raw else {}
         if workers:
             kwargs["persistent_workers"] = False

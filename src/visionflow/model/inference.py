@@ -81,11 +81,13 @@ def device_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024,
     """Logits (TTA: log-probabilities) of N×C×H×W images, uint8 or float in [0, 1], computed
     on `device` (default: the model's) and returned there as float32: one transfer of the
     images in (batch by batch above 1 GiB), none out. `amp`: bf16 autocast on CUDA (fp32
-    elsewhere)."""
+    elsewhere). `x` may also be any sequence whose slices are such tensors (a split streamed
+    from shards, `data.split_images`): it is then read slice by slice, in order."""
     model.eval()
     device = torch.device(model_device(model) if device is None else device)
     level = tta_level(tta)
-    if x.numel() * x.element_size() <= 2**30:  # larger sets move batch by batch
+    if isinstance(x, torch.Tensor) and x.numel() * x.element_size() <= 2**30:
+        # larger sets (and streamed ones) move batch by batch
         x = x.to(device, non_blocking=True)
     use_amp = amp and device.type == "cuda"
     outs = []

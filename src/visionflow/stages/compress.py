@@ -96,9 +96,15 @@ def _context(params: Params, layout: Layout, out: Path) -> Context:
     """The trained model, the pack cache's splits and the options, for the library."""
     model, arch = load_classifier(layout.model)
     # shards: the splits decoded through resize + centre crop
-    cache = with_images(layout, load_cache(layout.cache), ("train", "test"))
+    cache = with_images(layout, load_cache(layout.cache), ("train", "test"),
+                        params.data.shard_cache_bytes, params.evaluate.batch_size)
+    cfg = params.compress
+    if not isinstance(cache["train_x"], torch.Tensor) and cfg.finetune_images is None:
+        # shards: the fine-tune set is held decoded; null = what fits the tensor budget
+        fits = params.data.storage_budget_bytes // (cache["channels"] * cache["image_size"]**2)
+        cfg = cfg.model_copy(update={"finetune_images": max(1, fits)})
     return Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
-                   cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
+                   cache["test_y"], cfg=cfg, evaluate=params.evaluate,
                    seed=params.seed, device=pick_device(params.train.device), out=out)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 
 from visionflow.core.config import Params
 from visionflow.core.files import write_csv, write_json
@@ -35,6 +36,7 @@ from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits, pick_device
 from visionflow.model.metrics import (
     PER_CLASS,
+    confident_mistakes,
     headline,
     metrics_json,
     reliability_bins,
@@ -54,7 +56,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
-    cache = with_images(layout, load_cache(layout.cache), ("test",), cfg.batch_size)
+    cache = with_images(layout, load_cache(layout.cache), ("test",),
+                        params.data.shard_cache_bytes, cfg.batch_size)
     # (shards: decoded through resize + centre crop)
     logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
                           arch.temperature)
@@ -89,7 +92,11 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                  "support": scores["support"][c]} for c in classes]
     write_csv(layout.per_class_csv, per_rows)
     plot_per_class(layout.per_class_png, per_rows)
-    plot_mistakes(layout.mistakes_png, cache["test_x"], target, pred, conf, classes,
+    images = cache["test_x"]
+    if not isinstance(images, torch.Tensor):  # shards: read only the mistakes it shows
+        shown = confident_mistakes(target, pred, conf, cfg.mistakes)
+        images = dict(zip(shown, images.gather(shown), strict=True))
+    plot_mistakes(layout.mistakes_png, images, target, pred, conf, classes,
                   cache.get("test_paths"), cfg.mistakes)
 
     with tracking.stage_run(layout):  # `test/*` sort after the learning curves (`curves/*`)

@@ -7,6 +7,10 @@
   (`data.shards`: the file's own JPEG/PNG bytes up to `data.max_side`, else re-encoded), packed
   incrementally; training and evaluation stream them (`data.stream`). `cache.pt` then holds the
   classes, labels, paths and hashes only (`"storage": "shards"`), no pixels.
+- `data.shards_url` (shards): each split is uploaded to `<url>/<split>/` and its local shard
+  files deleted (`data.remote_shards`): the output keeps the index and contents only, and
+  the stages stream from S3 through a capped cache. Shards the index names that are gone
+  (from S3, or from disk without a URL) make the split packed afresh.
 - `auto`: `tensor` while the decoded tensor (N×C×S×S bytes) fits `data.storage_budget_bytes`.
 
 The augmentation policy runs in training (per batch on the device; in shards mode the
@@ -26,7 +30,8 @@ from visionflow.core.files import write_json
 from visionflow.core.layout import Layout
 from visionflow.data.cache import SPLITS, build_cache, save_cache
 from visionflow.data.manifest import read_manifest, usable_rows
-from visionflow.data.shards import pack_split, read_contents, storage_for
+from visionflow.data.remote_shards import missing_remote, split_url, upload_split
+from visionflow.data.shards import local_shards_whole, pack_split, read_contents, storage_for
 from visionflow.stages import main
 from visionflow.tasks.segmentation import pack as segmentation
 
@@ -61,14 +66,24 @@ def run(params: Params, layout: Layout) -> PackResult:
                            params.validate_.workers)
     else:
         blob = {"classes": classes, "image_size": size, "channels": channels,
-                "storage": "shards", "resize_size": d.eval_resize}
+                "storage": "shards", "resize_size": d.eval_resize, "shards_url": d.shards_url}
         index = {c: i for i, c in enumerate(classes)}
         for split in SPLITS:
             split_rows = [r for r in rows if r["split"] == split]
-            s = pack_split(split_rows, Path(meta["dataset_root"]), layout.split_shards(split),
+            split_dir = layout.split_shards(split)
+            url = split_url(d.shards_url, split) if d.shards_url else None
+            gone = (missing_remote(split_dir, url) if url
+                    else None if local_shards_whole(split_dir) else "local shards")
+            if gone:  # the old shards cannot be appended to: pack the split afresh
+                print(f"pack {split}: packed afresh ({gone} missing)", flush=True)
+                shutil.rmtree(split_dir, ignore_errors=True)
+            s = pack_split(split_rows, Path(meta["dataset_root"]), split_dir,
                            classes, max_side=d.max_side, channels=channels,
                            shard_bytes=d.shard_bytes, workers=params.validate_.workers)
             stats[split] = vars(s)
+            if url:
+                sent = upload_split(split_dir, url)
+                print(f"pack {split}: {sent} shard files uploaded to {url}", flush=True)
             order = (read_contents(layout.split_shards(split)) or {}).get("samples", [])
             blob[f"{split}_y"] = torch.tensor([index[r["label"]] for r in order],
                                               dtype=torch.long)  # in shard order
@@ -86,6 +101,7 @@ def run(params: Params, layout: Layout) -> PackResult:
         "channels": channels,
         "counts": counts,
         **({"resize_size": d.eval_resize, "crop_scale": list(d.crop_scale),
+            "shards_url": d.shards_url,
             "crop_ratio": list(d.crop_ratio), "max_side": d.max_side, "shards": stats}
            if storage == "shards" else {}),
     })

@@ -65,7 +65,8 @@ def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
     validation = json.loads(layout.validation.read_text())
     # shards: the test split decoded through resize + centre crop
-    cache = with_images(layout, load_cache(layout.cache), ("test",))
+    cache = with_images(layout, load_cache(layout.cache), ("test",),
+                        params.data.shard_cache_bytes, params.evaluate.batch_size)
     tags = version_tags(params, layout)
     layout.mlruns.mkdir(exist_ok=True)
     target = cache["test_y"]

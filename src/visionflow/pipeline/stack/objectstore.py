@@ -2,7 +2,8 @@
 
 A real S3 server speaking the S3 API with SigV4 keys, path-style buckets, one folder per
 bucket under `.cache/stack/s3/`: `mlflow` holds MLflow's artifacts (written only by the
-tracking server, which proxies them), `dvc` is the DVC remote. A managed S3 (or MinIO, Ceph,
+tracking server, which proxies them), `dvc` is the DVC remote, `shards` holds the shards of
+runs whose `data.shards_url` points there (`s3://shards/<name>`). A managed S3 (or MinIO, Ceph,
 SeaweedFS) replaces it by configuration: `AWS_ENDPOINT_URL` and keys.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from visionflow.pipeline.stack.procs import StackError
 
-BUCKETS = ("mlflow", "dvc")
+BUCKETS = ("mlflow", "dvc", "shards")
 MARKER = "rclone"
 # Current AWS SDKs send CRC checksums in trailing (aws-chunked) headers by default; S3
 # look-alikes do not all take them. "when_required" keeps the classic Content-MD5 requests.

@@ -1,0 +1,117 @@
+"""Issue #18 on the team stack: pack uploads the shards to the stack's S3 (`data.shards_url`),
+and train and evaluate, in processes with the stack's environment (as its workers have),
+stream them through a local cache that never holds more than `data.shard_cache_bytes`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import encode
+from conftest import make_project
+from PIL import Image
+from stack_fixtures import TeamStack
+
+from visionflow.core.layout import Layout
+
+pytestmark = pytest.mark.stack
+MiB = 2**20
+CAP = 16 * MiB  # the smallest cap allowed; the train shards are about twice that
+
+
+def noisy_photos(root: Path, counts: dict[str, int]) -> Path:
+    """320×240 JPEGs of noise (about 90 kB each: many shards from few images)."""
+    for split, n in counts.items():
+        for ci, name in enumerate(("ants", "bees")):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng(zlib.crc32(f"{split}/{name}/{i}".encode()))
+                px = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+                px[..., ci] = px[..., ci] // 2 + 128
+                (root / split / name / f"{i:03d}.jpg").write_bytes(
+                    encode(Image.fromarray(px), "JPEG", quality=95))
+    return root
+
+
+class CachePeak:
+    """The largest size of a folder seen while it runs (sampled every few milliseconds)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.peak = folder, 0
+        self.files: dict[str, int] = {}  # every shard file seen, and its size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            size = 0
+            for dirpath, _, names in os.walk(self.folder):
+                for n in names:
+                    try:
+                        st = os.stat(os.path.join(dirpath, n)).st_size
+                    except OSError:
+                        continue
+                    size += st
+                    if n.startswith("chunk-") and n.endswith(".bin"):
+                        self.files[n] = max(st, self.files.get(n, 0))
+            self.peak = max(self.peak, size)
+            time.sleep(0.005)
+
+    def __enter__(self) -> CachePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stage(name: str, root: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", f"visionflow.stages.{name}"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+
+
+def test_train_streams_from_s3_through_a_capped_cache(team_stack: TeamStack, tmp_path: Path):
+    photos = noisy_photos(tmp_path / "photos", {"train": 180, "val": 10, "test": 10})
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    root = make_project(tmp_path / "proj", photos, {
+        "data.storage": "shards", "data.image_size": 32, "data.max_side": 320,
+        "data.shard_bytes": MiB, "data.shard_cache_bytes": CAP, "data.workers": 2,
+        "data.shards_url": f"s3://shards/{prefix}", "train.epochs": 1,
+        "train.batch_size": 16, "train.progress": False, "evaluate.batch_size": 32})
+    layout = Layout.at(root)
+    env = {**team_stack.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    stage("validate", root, env)
+    stage("pack", root, env)
+
+    # the shards are in S3; the DVC output keeps the index and contents only
+    keys = team_stack.s3_keys("shards", f"{prefix}/train/")
+    chunks = [k for k in keys if k.endswith(".bin")]
+    assert len(chunks) >= 30 and f"{prefix}/train/index.json" in keys, keys
+    assert sorted(p.name for p in layout.split_shards("train").iterdir()) == [
+        "contents.json", "index.json"]
+    total = sum(c["chunk_bytes"] for c in json.loads(
+        (layout.split_shards("train") / "index.json").read_text())["chunks"])
+    assert total > 1.6 * CAP
+
+    with CachePeak(layout.shard_cache / "train") as cache:
+        stage("train", root, env)
+    assert layout.model.is_file()
+    assert cache.peak <= CAP, f"local cache reached {cache.peak} bytes, cap {CAP}"
+    # more shards came through the cache than it can hold at once: read ones were evicted
+    assert sum(cache.files.values()) > 1.5 * CAP, cache.files
+
+    stage("evaluate", root, env)  # a consumer streams the test split from S3 too
+    metrics = json.loads(layout.metrics.read_text())
+    assert metrics["n_test"] == 20
+    assert any((layout.shard_cache / "test").rglob("index.json"))
