@@ -39,6 +39,12 @@ def photos(tmp_path_factory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4})
 
 
+@pytest.fixture(scope="module")
+def few_photos(tmp_path_factory) -> Path:
+    """Fewer for the 224-px runs (1200×900 ones still among the training photos)."""
+    return write_photo_folder(tmp_path_factory.mktemp("few"), {"train": 8, "val": 2})
+
+
 # 64-px shards, two images a step, a checkpoint after every step, no loader processes
 SMALL = {**PHOTOS, "data.image_size": 64, "data.max_side": 400, "train.batch_size": 2,
          "train.checkpoint_steps": 1, "train.epochs": 1, "data.workers": 0}
@@ -57,8 +63,9 @@ def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root / "src")}
 
 
-def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, photos: Path,
+def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, few_photos: Path,
                                                       prefect_server: str):
+    photos = few_photos
     root = make_project(tmp_path / "proj", photos, PHOTOS, git=True)
     layout = Layout.at(root)
     flow = runpy.run_path(str(root / "flows" / "retrain.py"))
