@@ -58,7 +58,7 @@ from visionflow.compression.onnx_export import export_onnx
 from visionflow.compression.prune import save_pruned, structured_prune
 from visionflow.compression.pt2e import quantize_pt2e_x86, torchao_available
 from visionflow.compression.quantize import quantize_int8_onnx
-from visionflow.files import torch_save
+from visionflow.core.files import torch_save
 from visionflow.model.classifier import Arch, build_classifier
 
 SHAPE = (1, 3, 32, 32)
@@ -240,8 +240,8 @@ def cifar_params(args: argparse.Namespace) -> dict[str, Any]:
 def cifar_main(args: argparse.Namespace) -> None:
     import time
 
-    from visionflow.configfile import apply_overrides, load_params, read_params_file
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import apply_overrides, load_params, read_params_file
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
     repo = Path(__file__).resolve().parents[1]

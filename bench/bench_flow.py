@@ -38,7 +38,7 @@ STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:
     import yaml
 
-    from visionflow.configfile import apply_overrides, read_params_file
+    from visionflow.core.configfile import apply_overrides, read_params_file
 
     root = base / "proj"
     root.mkdir(parents=True)
@@ -61,8 +61,8 @@ def _project(base: Path, overrides: list[str], data_source: str | None) -> Path:
 def worker(mode: str, root: Path) -> dict:
     """One sample, in this (fresh) process; prints one JSON line."""
     t_proc = time.perf_counter()
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
 
     layout = Layout.at(root)
     if mode == "direct":
@@ -131,7 +131,7 @@ def main() -> None:
         print(json.dumps(worker(a.worker, Path(a.root))))
         return
 
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline import servers as server
 
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]

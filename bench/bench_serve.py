@@ -91,9 +91,9 @@ def _scratch_project(base: Path) -> Path:
     """Digits, trained and registered (v1 @champion) with the six stage functions."""
     import yaml
 
-    from visionflow.configfile import apply_overrides, load_params, read_params_file
+    from visionflow.core.configfile import apply_overrides, load_params, read_params_file
+    from visionflow.core.layout import Layout
     from visionflow.data.digits import materialize_digits
-    from visionflow.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
     root = base / "proj"
@@ -112,7 +112,7 @@ def _scratch_project(base: Path) -> Path:
 
 @contextlib.contextmanager
 def served(root: Path, workers: int, log: Path) -> Iterator[str]:
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.mlops import tracking
     from visionflow.pipeline.servers import free_port
 

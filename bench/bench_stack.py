@@ -45,7 +45,7 @@ FLOW_SETS = ["train.epochs=1", "data.limit_per_class=30", "compress.methods=[pru
 def _project(root: Path, overrides: list[str]) -> Path:
     import yaml
 
-    from visionflow.configfile import apply_overrides, read_params_file
+    from visionflow.core.configfile import apply_overrides, read_params_file
     from visionflow.data.digits import materialize_digits
 
     root.mkdir(parents=True)
@@ -92,7 +92,7 @@ def _sample(root: Path, env: dict) -> dict:
 
 
 def bench_flow(repeats: int, overrides: list[str]) -> dict:
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline import servers
     from visionflow.pipeline.stack.core import Options, Stack
 
@@ -194,8 +194,8 @@ def _wait(procs: list[subprocess.Popen], what: str) -> None:
 
 
 def bench_train(repeats: int, epochs: int) -> dict:
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
     base = Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -52,8 +52,8 @@ def _project(base: Path) -> Path:
     validated and augmented: what the search reads."""
     from bench_flow import _project as scratch_project
 
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
     root = scratch_project(base, [], None)
@@ -70,7 +70,7 @@ def _server(base: Path):
     instead of the temporary API Prefect starts in this process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline import servers
 
     layout = Layout.at(base / "server")
@@ -89,8 +89,8 @@ def overhead(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.model.inference import pick_device
     from visionflow.pipeline.tune.objective import load_trial_data, run_trial
 
@@ -189,8 +189,8 @@ def _bookkeeping(params, layout, reps: int) -> dict[str, float]:
 
 
 def _stage_top1(root: Path, sets: list[str]) -> float:
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stages import run_stage
 
     layout = Layout.at(root)
@@ -203,8 +203,8 @@ def _stage_top1(root: Path, sets: list[str]) -> float:
 def gain(args: argparse.Namespace) -> dict:
     import optuna
 
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.tune.search import best_of
 
     with tempfile.TemporaryDirectory() as tmp:

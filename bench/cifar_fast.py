@@ -28,11 +28,11 @@ if (HERE.parent / "src").is_dir():
 
 from cifar_data import load_cifar  # noqa: E402
 
+from visionflow.core.presets import load_raw  # noqa: E402
 from visionflow.model.augment_ops import Policy  # noqa: E402
 from visionflow.model.classifier import Arch, build_classifier, channel_stats  # noqa: E402
 from visionflow.model.fit import EpochEnd, FitRun, Recipe  # noqa: E402
 from visionflow.model.inference import device_logits  # noqa: E402
-from visionflow.presets import load_raw  # noqa: E402
 
 PARAMS = HERE.parent / "params.yaml"
 

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from cifar_data import load_cifar  # noqa: E402
 from cifar_fast import summary, train_seed  # noqa: E402
 
-from visionflow.presets import load_raw  # noqa: E402
+from visionflow.core.presets import load_raw  # noqa: E402
 
 T0 = time.perf_counter()
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from cifar_data import load_cifar  # noqa: E402
 from cifar_fast import train_seed  # noqa: E402
 
-from visionflow.presets import load_raw  # noqa: E402
+from visionflow.core.presets import load_raw  # noqa: E402
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

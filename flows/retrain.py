@@ -44,12 +44,12 @@ from prefect.context import FlowRunContext
 from prefect.schedules import Cron, Interval
 from prefect.states import Completed, State
 
-from visionflow.config import STAGE_NAMES, Params
-from visionflow.configfile import load_params
-from visionflow.env import quiet_env
-from visionflow.errors import ConfigError, VisionflowError
-from visionflow.files import read_json
-from visionflow.layout import Layout
+from visionflow.core.config import STAGE_NAMES, Params
+from visionflow.core.configfile import load_params
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import ConfigError, VisionflowError
+from visionflow.core.files import read_json
+from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import ui_command
 from visionflow.pipeline import outcome, retry, servers, stdio, trigger
 from visionflow.pipeline import report as flow_report

@@ -23,10 +23,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from visionflow.configfile import load_params
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
+from visionflow.core.layout import Layout
 from visionflow.pipeline import servers, stdio
 from visionflow.pipeline.tune.search import Search, summary_markdown
 

@@ -133,7 +133,7 @@ def prefect_settings(api_url: str) -> Iterator[None]:
 
 
 def write_params(path: Path, overrides: dict) -> None:
-    from visionflow.configfile import apply_overrides, read_params_file
+    from visionflow.core.configfile import apply_overrides, read_params_file
 
     raw = apply_overrides(read_params_file(REPO / "params.yaml"), overrides)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 
 OVERRIDES = {
     "data.limit_per_class": 20,
@@ -28,7 +28,7 @@ _BUILT: dict[str, Path] = {}
 
 
 def _stages(layout: Layout, names: tuple[str, ...]) -> None:
-    from visionflow.configfile import load_params
+    from visionflow.core.configfile import load_params
     from visionflow.pipeline.stages import run_stage
 
     params = load_params(layout.params)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import BIN
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 
 NAME = "visionflow-classifier"
 START_TIMEOUT_S = 180

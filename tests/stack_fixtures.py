@@ -193,8 +193,8 @@ _BOOT: dict[str, Any] = {}
 
 
 def _boot(env: dict[str, str]) -> None:
+    from visionflow.core.layout import Layout
     from visionflow.data.digits import materialize_digits
-    from visionflow.layout import Layout
     from visionflow.pipeline.stack.core import Options, Stack
 
     try:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import BIN, REPO
 
-from visionflow.config import STAGE_NAMES
+from visionflow.core.config import STAGE_NAMES
 
 PKG = REPO / "src" / "visionflow"
 MAX_LINES = 420  # "about 400"

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import BIN, REPO, run
 
-from visionflow.configfile import load_params, parse_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import load_params, parse_params
+from visionflow.core.errors import ConfigError
 
 
 def test_repo_params_are_valid():
@@ -58,8 +58,8 @@ def test_missing_dataset_path(tmp_path: Path):
     (tmp_path / "nowhere").mkdir()
     (tmp_path / "nowhere" / "images.dvc").write_text("outs:\n- path: images\n")
     assert load_params(p).data.source == "nowhere/images"
+    from visionflow.core.errors import DataError
     from visionflow.data.source import resolve_source
-    from visionflow.errors import DataError
 
     with pytest.raises(DataError, match=r"tracked by images\.dvc: `dvc pull` it"):
         resolve_source(tmp_path / "nowhere" / "images", tmp_path / "cache")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import BIN, REPO, run
 
-from visionflow.configfile import load_params, parse_params
-from visionflow.errors import ConfigError
-from visionflow.presets import available, deep_merge, load_raw
+from visionflow.core.configfile import load_params, parse_params
+from visionflow.core.errors import ConfigError
+from visionflow.core.presets import available, deep_merge, load_raw
 
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 

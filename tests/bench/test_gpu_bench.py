@@ -146,7 +146,7 @@ def test_gpu_batches_raise_the_input_threads_error_in_the_training_loop():
     sys.path.insert(0, str(REPO / "bench"))
     from gpu_scale import gpu_batches
 
-    from visionflow.errors import DataError
+    from visionflow.core.errors import DataError
     from visionflow.model.gpu_decode import GpuBatchTransform
 
     def source():

@@ -12,8 +12,8 @@ import pytest
 from builders import evil_tar, snapshot, write_imagefolder, write_mnist_raw
 from conftest import BIN, make_project, run
 
+from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_out
-from visionflow.layout import Layout
 
 VFLOW, DVC = str(BIN / "vflow"), str(BIN / "dvc")
 

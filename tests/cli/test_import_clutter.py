@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, make_project
 
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_archive_limits_from_params_stop_data_add_and_validate(tmp_path: Path,
                                                                digits_dir: Path):
     import tarfile
 
-    from visionflow.errors import DataError
+    from visionflow.core.errors import DataError
 
     folder = _downloaded(tmp_path / "dl" / "mini", digits_dir, per_class=3)
     archive = tmp_path / "mini.tar.gz"

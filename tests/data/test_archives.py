@@ -13,9 +13,9 @@ import pytest
 from builders import encode, evil_tar, evil_zip, small_dataset, snapshot, tar_member, tar_of, zip_of
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data import scan, source
 from visionflow.data.archive import EXTRACT_MARKER, ArchiveLimits
-from visionflow.errors import DataError
 
 # ---------------------------------------------------------------------------
 # archives
@@ -247,7 +247,7 @@ def _many_zip_tree(root: Path, n: int) -> Path:
 
 
 def test_archive_limits_come_from_params(tmp_path):
-    from visionflow.configfile import parse_params
+    from visionflow.core.configfile import parse_params
 
     data = parse_params({"data": {"max_archive_bytes": 5, "max_archive_members": 7}}).data
     assert ArchiveLimits.from_params(data) == ArchiveLimits(5, 7)

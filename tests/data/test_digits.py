@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data import scan
 from visionflow.data.digits import N_DIGITS, materialize_digits
-from visionflow.errors import DataError
 
 
 def _tree_hash(root: Path) -> str:

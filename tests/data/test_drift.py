@@ -13,10 +13,10 @@ import pytest
 from builders import write_imagefolder
 from conftest import make_project
 
-from visionflow.configfile import load_params, parse_params
+from visionflow.core.configfile import load_params, parse_params
+from visionflow.core.errors import ValidationFailed
+from visionflow.core.layout import Layout
 from visionflow.data import drift
-from visionflow.errors import ValidationFailed
-from visionflow.layout import Layout
 from visionflow.mlops import lineage
 from visionflow.pipeline.stages import run_stage
 
@@ -101,7 +101,7 @@ def test_no_registry_means_no_mlflow_import(tmp_path):
     code = (
         "import sys\n"
         "from visionflow.mlops.lineage import champion_summary\n"
-        "from visionflow.layout import Layout\n"
+        "from visionflow.core.layout import Layout\n"
         f"print(champion_summary(Layout.at({str(tmp_path)!r}), 'm')[1]['status'],"
         " 'mlflow' in sys.modules)\n"
     )

@@ -13,8 +13,8 @@ import pytest
 from builders import catalogue_files, encode, snapshot
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data import images, inspect
-from visionflow.errors import DataError
 
 
 @pytest.fixture(scope="module")

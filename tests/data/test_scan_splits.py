@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from builders import snapshot, touch_png
 
+from visionflow.core.errors import DataError
 from visionflow.data import scan, splits
 from visionflow.data.scan import FileEntry
-from visionflow.errors import DataError
 
 # ---------------------------------------------------------------------------
 # scanning

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data.shards import check_shards, pack_split, read_contents, storage_for
 from visionflow.data.stream import ShardStream, View
-from visionflow.errors import DataError
 
 CLASSES = ["ants", "bees"]
 SIZES = [(500, 375), (375, 500), (320, 240), (640, 480), (260, 260), (90, 120)]

@@ -15,11 +15,11 @@ from builders import encode
 from conftest import make_project
 from PIL import Image
 
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.data import splits
 from visionflow.data.scan import FileEntry
 from visionflow.data.survey import build_manifest_ex
-from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 CLASSES = ("cat", "dog", "fox")

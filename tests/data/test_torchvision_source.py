@@ -12,10 +12,10 @@ from builders import write_mnist_raw
 from conftest import make_project
 from PIL import Image
 
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError, DataError
+from visionflow.core.layout import Layout
 from visionflow.data import torchvision_source
-from visionflow.errors import ConfigError, DataError
-from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 

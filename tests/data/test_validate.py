@@ -17,12 +17,12 @@ from builders import BASE, write_imagefolder
 from conftest import make_project
 from PIL import Image
 
-from visionflow.configfile import load_params
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ValidationFailed
+from visionflow.core.layout import Layout
 from visionflow.data import expectations
 from visionflow.data.manifest import data_hash
 from visionflow.data.survey import build_manifest_ex, cache_file
-from visionflow.errors import ValidationFailed
-from visionflow.layout import Layout
 from visionflow.pipeline.stages import run_stage
 from visionflow.stages import validate
 
@@ -124,7 +124,7 @@ def test_leakage_expectation_fails_on_a_shared_file():
 
 
 def load_params_raw():
-    from visionflow.configfile import parse_params
+    from visionflow.core.configfile import parse_params
 
     return parse_params({})
 

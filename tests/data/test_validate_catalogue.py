@@ -18,9 +18,9 @@ from builders import BASE, catalogue_files, evil_tar, evil_zip, snapshot, write_
 from conftest import BIN, make_project, run
 from PIL import Image
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError, DataError, ValidationFailed
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError, DataError, ValidationFailed
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 

@@ -15,8 +15,8 @@ import torch
 from builders import flat_digits
 from conftest import make_project
 
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 pytestmark = pytest.mark.slow

@@ -96,7 +96,7 @@ def test_predict_json_with_topk(registered, inputs, tmp_path):
 
 def test_predict_user_errors(registered, tmp_path):
     from visionflow.cli.main import app
-    from visionflow.errors import VisionflowError
+    from visionflow.core.errors import VisionflowError
 
     runner = CliRunner()
     res = runner.invoke(app, ["predict", "--root", str(registered.root), str(tmp_path / "nope")])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from projects import fresh_copy, registered_project, split_images, trained_project
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 from visionflow.mlops import registry
 
 NAME = "visionflow-classifier"
@@ -109,7 +109,7 @@ def test_provenance_tags_hold_the_values_they_name(tmp_path_factory, digits_dir,
     import yaml
     from conftest import BIN, REPO, run
 
-    from visionflow.configfile import load_params
+    from visionflow.core.configfile import load_params
     from visionflow.pipeline.freshness import DvcState
     from visionflow.pipeline.stages import run_stage
 
@@ -179,8 +179,8 @@ def test_pyfunc_from_bytes_equals_evaluate(registered: Layout):
 _REGISTER = """
 import sys, time
 from pathlib import Path
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 layout = Layout.at(sys.argv[1])
 params = load_params(layout.params)

@@ -272,7 +272,7 @@ def test_cuda_no_host_sync_and_matches_shapes() -> None:
 
 def test_params_policy_and_plain_policy_agree() -> None:
     """`config.AugmentConfig` (pydantic) and `Policy` drive the ops identically."""
-    config = pytest.importorskip("visionflow.config")
+    config = pytest.importorskip("visionflow.core.config")
     kw = {"hflip": 0.5, "translate": 3, "cutout": 4, "cutout_p": 0.5, "brightness": 0.2}
     x = _images()
     a = augment_batch(x, config.AugmentConfig(**kw), _gen(1))

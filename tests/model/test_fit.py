@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionflow.config import TrainConfig
+from visionflow.core.config import TrainConfig
 from visionflow.model import engine
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Arch, Classifier, build_classifier

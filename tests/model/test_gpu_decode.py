@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.io import decode_image
 from torchvision.transforms import v2
 
-from visionflow.errors import ConfigError, DataError
+from visionflow.core.errors import ConfigError, DataError
 from visionflow.model.gpu_decode import (
     GpuBatchTransform,
     jpeg_frame,

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from visionflow.config import MODEL_NAMES
+from visionflow.core.config import MODEL_NAMES
 from visionflow.model.zoo import (
     count_params,
     create_model,

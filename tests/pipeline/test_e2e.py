@@ -102,7 +102,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     # model also gets its `compact` version.
     from mlflow import MlflowClient
 
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.mlops import tracking
 
     tracking.setup(Layout.at(root))

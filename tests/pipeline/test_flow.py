@@ -90,7 +90,7 @@ def registry(root: Path) -> tuple[list[int], str | None]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.mlops import tracking
 
     tracking.setup(Layout.at(root))
@@ -234,7 +234,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
 def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline import servers as server
 
     root = make_project(tmp_path / "sched", digits_dir, FAST)

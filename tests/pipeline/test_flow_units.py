@@ -18,11 +18,11 @@ import pytest
 import yaml
 from conftest import BIN, REPO, make_project
 
-from visionflow.config import STAGE_NAMES as STAGES
-from visionflow.configfile import load_params
+from visionflow.core.config import STAGE_NAMES as STAGES
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError, DataError, ValidationFailed, VisionflowError
+from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_md5
-from visionflow.errors import ConfigError, DataError, ValidationFailed, VisionflowError
-from visionflow.layout import Layout
 from visionflow.pipeline import freshness, retry, trigger
 
 
@@ -369,7 +369,7 @@ def test_prefect_compat_patch_drops_the_state_key():
 
 
 def test_flow_config_section():
-    from visionflow.configfile import apply_overrides, parse_params, read_params_file
+    from visionflow.core.configfile import apply_overrides, parse_params, read_params_file
 
     raw = read_params_file(REPO / "params.yaml")
     cfg = parse_params(raw).flow

@@ -8,9 +8,9 @@ import socket
 
 import pytest
 
-from visionflow.configfile import parse_params
-from visionflow.errors import ConfigError
-from visionflow.layout import Layout
+from visionflow.core.configfile import parse_params
+from visionflow.core.errors import ConfigError
+from visionflow.core.layout import Layout
 from visionflow.pipeline import launch, stages
 
 
@@ -65,7 +65,7 @@ def test_multinode_command_says_which_node_hosts_the_rendezvous(tmp_path):
 
 
 def test_resolved_params_round_trip(tmp_path):
-    from visionflow.configfile import load_params
+    from visionflow.core.configfile import load_params
 
     (tmp_path / "data").mkdir()
     params = parse_params({"train": {"procs_per_node": 2, "epochs": 7}})

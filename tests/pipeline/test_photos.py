@@ -20,7 +20,7 @@ import yaml
 from builders import write_photo_folder
 from conftest import BIN, make_project, prefect_settings, run
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 
 pytestmark = pytest.mark.slow
 STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")

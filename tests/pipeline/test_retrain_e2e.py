@@ -27,7 +27,7 @@ import pytest
 from builders import flat_digits
 from conftest import BIN, make_project, prefect_settings, run
 
-from visionflow.layout import Layout
+from visionflow.core.layout import Layout
 
 pytestmark = pytest.mark.slow
 

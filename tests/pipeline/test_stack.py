@@ -134,7 +134,7 @@ def _md5s(folder: Path) -> dict[str, str]:
 
 def test_dvc_push_then_pull_into_a_fresh_clone(team_stack: TeamStack, flow_run,
                                                tmp_path: Path):
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stack.core import configure_dvc_remote
 
     root, dvc = team_stack.root, str(BIN / "dvc")

@@ -57,8 +57,8 @@ def test_mlflow_killed_during_register_then_restarted(team_stack: TeamStack, flo
 
 def test_object_store_down_fails_in_one_line_and_moves_nothing(team_stack: TeamStack,
                                                               flow_run, monkeypatch):
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.mlops.tracking import ArtifactStoreUnavailable
     from visionflow.pipeline.stages import run_stage
 
@@ -85,7 +85,7 @@ def _running_mlflow_runs(ts: TeamStack) -> list[tuple]:
 
 def _start_run_until_checkpoint(ts: TeamStack):
     """A forced `retrain/team` run, returned once train has written its first checkpoint."""
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
 
     layout = Layout.at(ts.root)
     fr = ts.run_deployment("retrain/team", {"force": True})

@@ -200,8 +200,8 @@ def _weak_champion(ts: TeamStack, tmp: Path, monkeypatch) -> str:
     model the hosts register beats it."""
     import torch
 
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.mlops import registry
     from visionflow.model.classifier import build_classifier, load_classifier, save_classifier
     from visionflow.pipeline.stages import run_stage

@@ -25,8 +25,8 @@ from conftest import BIN, REPO, make_project, prefect_settings, run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 
 STUDY = "tune-test"
 TUNE = f"""\

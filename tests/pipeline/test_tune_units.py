@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import BIN, REPO, run
 
-from visionflow.configfile import load_params, parse_params
-from visionflow.errors import ConfigError
+from visionflow.core.configfile import load_params, parse_params
+from visionflow.core.errors import ConfigError
 from visionflow.pipeline.tune.apply import apply_best, rewrite
 from visionflow.pipeline.tune.space import baseline, fingerprint, fixed_settings
 from visionflow.pipeline.tune.study import redact

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data.segmentation_layout import (
     LAYOUT_MASKS,
     LAYOUT_VOC,
@@ -14,7 +15,6 @@ from visionflow.data.segmentation_layout import (
     scan_segmentation,
 )
 from visionflow.data.segmentation_masks import IGNORE_INDEX, index_png_bytes, voc_colour
-from visionflow.errors import DataError
 
 
 def _image(path, w=12, h=10, seed=0):

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
+from visionflow.core.errors import ConfigError
 from visionflow.data import segmentation_masks
-from visionflow.errors import ConfigError
 from visionflow.model.classifier import Arch, build_classifier, save_classifier
 from visionflow.model.segmentation import (
     IGNORE_INDEX,

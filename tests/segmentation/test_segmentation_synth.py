@@ -8,9 +8,9 @@ import pytest
 from conftest import BIN, run
 from PIL import Image
 
+from visionflow.core.errors import DataError
 from visionflow.data.segmentation_masks import read_classes, voc_colour
 from visionflow.data.segmentation_synth import SHAPE_CLASSES, materialize_shapes, render_shapes
-from visionflow.errors import DataError
 
 
 def _files(folder):

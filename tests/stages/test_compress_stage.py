@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.mlops import registry
 from visionflow.pipeline.stages import run_stage
 
@@ -378,8 +378,8 @@ def test_sweep_stops_at_first_miss_and_records_failures(trained, tmp_path, capsy
 def test_params_yaml_matches_the_config_defaults():
     from conftest import REPO
 
-    from visionflow.config import CompressConfig
-    from visionflow.configfile import parse_params, read_params_file
+    from visionflow.core.config import CompressConfig
+    from visionflow.core.configfile import parse_params, read_params_file
 
     assert parse_params(read_params_file(REPO / "params.yaml")).compress == CompressConfig()
 
@@ -388,7 +388,7 @@ def test_gpu_timing_code_path_on_cpu():
     """The stage's GPU timing (run only when CUDA is present), exercised with device='cpu'."""
     from visionflow.compression.latency import measure_gpu
     from visionflow.compression.variants import Variant
-    from visionflow.config import CompressConfig
+    from visionflow.core.config import CompressConfig
 
     cfg = CompressConfig(latency_batches=[1, 4], latency_reps=2, latency_reps_large=2,
                          latency_warmup=1)
@@ -411,7 +411,7 @@ def test_gpu_latency_is_measured(wide):
 
 
 def test_register_compact_without_a_report(tmp_path: Path):
-    from visionflow.config import Params
+    from visionflow.core.config import Params
     from visionflow.mlops.compact import chosen_variant
 
     entry, why = chosen_variant(Params(), Layout.at(tmp_path))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionflow.configfile import load_params
-from visionflow.errors import ValidationFailed
-from visionflow.layout import Layout
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ValidationFailed
+from visionflow.core.layout import Layout
 from visionflow.pipeline.stages import run_stage
 
 
@@ -136,7 +136,7 @@ def test_corrupt_image_fails_validate_with_its_name(tmp_path: Path, digits_dir: 
 def test_failed_validate_blocks_pack(tmp_path: Path, digits_dir: Path):
     from conftest import make_project
 
-    from visionflow.errors import DataError
+    from visionflow.core.errors import DataError
 
     root = make_project(tmp_path / "p", digits_dir)
     shutil.rmtree(root / "data" / "train" / "7")  # test class missing from train

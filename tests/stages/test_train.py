@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import BIN, make_project, run, write_params
 
-from visionflow.config import TrainConfig
-from visionflow.configfile import load_params
-from visionflow.layout import Layout
+from visionflow.core.config import TrainConfig
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
 from visionflow.model import engine
 from visionflow.model.classifier import load_classifier
 from visionflow.model.pretrained import load_pretrained
@@ -157,7 +157,7 @@ def test_backbone_unfreezes_after_freeze_epochs(small, tmp_path):
 def test_torchvision_weight_names_come_from_the_registry_name():
     from torchvision.models import DenseNet121_Weights, ResNet18_Weights, ResNet50_Weights
 
-    from visionflow.errors import ConfigError
+    from visionflow.core.errors import ConfigError
     from visionflow.model.pretrained import torchvision_weights
 
     assert torchvision_weights("resnet18", "DEFAULT") is ResNet18_Weights.DEFAULT
@@ -172,7 +172,7 @@ def test_torchvision_weight_names_come_from_the_registry_name():
 def test_torchvision_weights_offline_is_one_config_error(tmp_path, monkeypatch):
     """No network here: the download fails (a closed local proxy makes it fail at once) and
     the user gets one line naming the key and the URL."""
-    from visionflow.errors import ConfigError
+    from visionflow.core.errors import ConfigError
     from visionflow.model.classifier import Arch, build_classifier
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -218,7 +218,7 @@ def test_transfer_learning_from_saved_weights(small, tmp_path):
 
 
 def test_pretrained_with_no_matching_tensor_fails(tmp_path):
-    from visionflow.errors import ConfigError
+    from visionflow.core.errors import ConfigError
     from visionflow.model.classifier import Arch, build_classifier
 
     bogus = tmp_path / "w.pt"

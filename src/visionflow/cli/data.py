@@ -28,8 +28,8 @@ def data_init(
                     ] = "classification",
 ) -> None:
     """Write the built-in dataset to data/ (if absent) and track it with DVC."""
+    from visionflow.core.layout import Layout
     from visionflow.data.add import init_default_data
-    from visionflow.layout import Layout
 
     path = init_default_data(Layout.at(root), task=task)
     typer.echo(f"data ready: {path} (tracked by data.dvc)")
@@ -48,10 +48,10 @@ def data_add(
                                             "default remote")] = False,
 ) -> None:
     """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version."""
-    from visionflow.configfile import parse_params, read_params_file
+    from visionflow.core.configfile import parse_params, read_params_file
+    from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
     from visionflow.data.archive import ArchiveLimits
-    from visionflow.layout import Layout
 
     layout = Layout.at(root)
     params = (parse_params(read_params_file(layout.params), str(layout.params))
@@ -85,8 +85,8 @@ def data_status(
                                                     "(reads the data; cached)")] = True,
 ) -> None:
     """The current data version (data hash, data.dvc md5) next to the champion's."""
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.trigger import data_status as status
 
     layout = Layout.at(root)

@@ -14,8 +14,8 @@ from visionflow.cli.models import models_app, predict_command
 from visionflow.cli.servers import schedule_command, server_app, ui_app
 from visionflow.cli.stack import stack_app
 from visionflow.cli.tune import tune_command
-from visionflow.config import STAGE_NAMES
-from visionflow.errors import VisionflowError
+from visionflow.core.config import STAGE_NAMES
+from visionflow.core.errors import VisionflowError
 
 app = typer.Typer(help="visionflow: validate, pack, train, evaluate, compress, register.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
@@ -45,8 +45,8 @@ def _options(debug: Annotated[bool, typer.Option(
 
 
 def _load(params: Path, overrides: list[str] | None, root: Path):
-    from visionflow.configfile import load_params
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
 
     layout = Layout.at(root)
     path = params if params.is_absolute() else layout.root / params

@@ -23,7 +23,7 @@ TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait fo
 
 
 def _layout(root: Path):
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
 
     return Layout.at(root)
 
@@ -119,9 +119,9 @@ def schedule_command(
     `prefect deployment run retrain/nightly --param force=true`); runs never overlap
     (concurrency limit 1, late runs wait, then are skipped past flow.schedule.max_lateness_s).
     """
-    from visionflow.configfile import load_params
-    from visionflow.errors import ConfigError, VisionflowError
-    from visionflow.layout import Layout
+    from visionflow.core.configfile import load_params
+    from visionflow.core.errors import ConfigError, VisionflowError
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.servers import prefect_api
 
     layout = Layout.at(root)

@@ -20,7 +20,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root (the checkou
 
 
 def _stack(root: Path):
-    from visionflow.layout import Layout
+    from visionflow.core.layout import Layout
     from visionflow.pipeline.stack.core import Stack
 
     return Stack(Layout.at(root))
@@ -88,8 +88,8 @@ def worker(root: RootOpt = Path("."),
     MLFLOW_TRACKING_URI, VFLOW_REGISTRY_LOCK_URL) in the environment: `source env.sh`."""
     import socket
 
-    from visionflow.env import quiet_env
-    from visionflow.errors import VisionflowError
+    from visionflow.core.env import quiet_env
+    from visionflow.core.errors import VisionflowError
     from visionflow.pipeline.stack import services
 
     if not os.environ.get("PREFECT_API_URL"):

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from visionflow.errors import VisionflowError
+from visionflow.core.errors import VisionflowError
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override KEY=VALUE")]
@@ -23,9 +23,9 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     """Search hyperparameters (`tune:` in params.yaml): trials as parallel Prefect tasks,
     scored on the val split, pruned per epoch, tracked in MLflow; a rerun continues the
     study. Nothing in the project changes unless --apply."""
-    from visionflow.configfile import load_params
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
     from visionflow.data.cache import source_data_hash
-    from visionflow.layout import Layout
     from visionflow.pipeline.tune import search, study
     from visionflow.pipeline.tune.apply import apply_best
     from visionflow.pipeline.tune.space import fixed_settings

@@ -21,7 +21,7 @@ from torch import nn
 
 from visionflow.compression.distill import distill, finetune
 from visionflow.compression.measure import count_macs, count_params, model_size_bytes
-from visionflow.config import CompressConfig, EvaluateConfig
+from visionflow.core.config import CompressConfig, EvaluateConfig
 from visionflow.model.classifier import Arch
 from visionflow.model.inference import model_logits, predict_logits
 from visionflow.model.metrics import headline, score_logits

@@ -27,8 +27,8 @@ from visionflow.compression.measure import (
     interleaved_latency_ms,
 )
 from visionflow.compression.variants import Variant
-from visionflow.config import CompressConfig
-from visionflow.env import cpu_name
+from visionflow.core.config import CompressConfig
+from visionflow.core.env import cpu_name
 
 
 def measure_latency(variants: list[Variant], example: torch.Tensor,

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from visionflow.files import atomic_path
+from visionflow.core.files import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

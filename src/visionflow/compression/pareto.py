@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from visionflow import files
+from visionflow.core import files
 
 OBJECTIVES = {"size": "size_bytes", "macs": "macs", "cpu_latency": "cpu_b1_ms"}
 UNITS = {"size": "bytes on disk", "macs": "MACs per image", "cpu_latency": "CPU batch-1 ms"}

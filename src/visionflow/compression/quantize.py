@@ -25,7 +25,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from visionflow.compression.measure import model_size_bytes
-from visionflow.files import atomic_path
+from visionflow.core.files import atomic_path
 
 
 class ImageCalibrationReader(CalibrationDataReader):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.files import torch_save
+from visionflow.core.files import torch_save
 from visionflow.model.classifier import Arch, build_classifier
 
 FORMAT = "visionflow-structure-v1"

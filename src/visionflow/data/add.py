@@ -10,7 +10,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from visionflow.config import is_torchvision_source
+from visionflow.core.config import is_torchvision_source
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 from visionflow.data import torchvision_source
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
@@ -19,8 +21,6 @@ from visionflow.data.images import FORMATS
 from visionflow.data.scan import scan_imagefolder
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.data.source import import_dataset
-from visionflow.errors import DataError
-from visionflow.layout import Layout
 
 DEFAULT_DATA = {"classification": materialize_digits, "segmentation": materialize_shapes}
 

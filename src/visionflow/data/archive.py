@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from visionflow.config import DataConfig
-from visionflow.errors import DataError, one_line
+from visionflow.core.config import DataConfig
+from visionflow.core.errors import DataError, one_line
 
 MemberHook = Callable[[str, bytes], None]  # (archive member name, its bytes)
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")

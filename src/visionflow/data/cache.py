@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from visionflow.core.errors import DataError
+from visionflow.core.files import read_json, torch_save
+from visionflow.core.layout import Layout
 from visionflow.data.images import decode_resized
-from visionflow.errors import DataError
-from visionflow.files import read_json, torch_save
-from visionflow.layout import Layout
 
 SPLITS = ("train", "val", "test")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visionflow.errors import DataError
-from visionflow.files import atomic_dir
+from visionflow.core.errors import DataError
+from visionflow.core.files import atomic_dir
 
 N_DIGITS = 1797
 

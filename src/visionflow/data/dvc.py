@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from visionflow.env import quiet_env
-from visionflow.errors import DataError
-from visionflow.layout import Layout
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 
 DEFAULT_REMOTE = ("local", ".dvc-storage")
 

@@ -15,10 +15,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import atomic_dir
+from visionflow.core.layout import Layout
 from visionflow.data.manifest import usable_rows
-from visionflow.files import atomic_dir
-from visionflow.layout import Layout
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 from visionflow.data.stream import ShardStream, View
-from visionflow.errors import DataError
-from visionflow.layout import Layout
 
 STATS_IMAGES = 512  # shards: train images (eval view) for channel statistics and whitening
 

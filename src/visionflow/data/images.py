@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from visionflow.errors import DataError, one_line
+from visionflow.core.errors import DataError, one_line
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionflow.core.errors import one_line
+from visionflow.core.files import sha256_file
 from visionflow.data.images import (
     DEFAULT_MAX_PIXELS,
     READ_WHOLE_BELOW,
@@ -24,8 +26,6 @@ from visionflow.data.images import (
     normalise,
     open_loaded,
 )
-from visionflow.errors import one_line
-from visionflow.files import sha256_file
 
 _IN_PROCESS_BELOW = 500
 

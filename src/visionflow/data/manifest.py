@@ -10,9 +10,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from visionflow.errors import DataError
-from visionflow.files import write_csv
-from visionflow.layout import Layout
+from visionflow.core.errors import DataError
+from visionflow.core.files import write_csv
+from visionflow.core.layout import Layout
 
 COLUMNS = [
     "path", "split", "label", "sha256", "bytes", "format", "width", "height", "mode",

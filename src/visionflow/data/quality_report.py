@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from visionflow.files import write_text, write_with
+from visionflow.core.files import write_text, write_with
 
 HTML_NAME = "data_quality.html"
 PNG_NAME = "data_quality.png"

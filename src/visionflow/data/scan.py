@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionflow.core.errors import DataError
 from visionflow.data.images import IMAGE_SUFFIXES, NOT_IMAGE_SUFFIXES, looks_like_image
-from visionflow.errors import DataError
 
 SPLITS = ("train", "val", "test")
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from visionflow.core.errors import DataError
+from visionflow.core.files import sha256_file
 from visionflow.data.images import IMAGE_SUFFIXES
 from visionflow.data.scan import FileEntry
 from visionflow.data.segmentation_masks import (
@@ -42,8 +44,6 @@ from visionflow.data.segmentation_masks import (
     voc_colour,
 )
 from visionflow.data.splits import assign_splits
-from visionflow.errors import DataError
-from visionflow.files import sha256_file
 
 LAYOUT_MASKS = "images+masks"
 LAYOUT_VOC = "voc"

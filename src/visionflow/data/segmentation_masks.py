@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visionflow.errors import DataError
+from visionflow.core.errors import DataError
 
 IGNORE_INDEX = 255  # the same value as model.segmentation.IGNORE_INDEX (a test checks)
 CLASSES_FILE = "classes.txt"

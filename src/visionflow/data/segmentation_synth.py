@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visionflow.core.errors import DataError
+from visionflow.core.files import atomic_dir
 from visionflow.data.segmentation_masks import CLASSES_FILE, index_png_bytes, write_classes
-from visionflow.errors import DataError
-from visionflow.files import atomic_dir
 
 SHAPE_CLASSES = ("background", "circle", "rectangle", "triangle", "ellipse")
 _HUES = {1: 0.0, 2: 0.3, 3: 0.6, 4: 0.8}  # centre hue per class (0..1)

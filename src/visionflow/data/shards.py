@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionflow.core.errors import DataError
+from visionflow.core.files import atomic_dir, write_json
 from visionflow.data.images import load_image
-from visionflow.errors import DataError
-from visionflow.files import atomic_dir, write_json
 
 CONTENTS = "contents.json"
 INDEX = "index.json"

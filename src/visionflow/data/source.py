@@ -9,7 +9,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionflow.config import Params, is_torchvision_source
+from visionflow.core.config import Params, is_torchvision_source
+from visionflow.core.errors import DataError
+from visionflow.core.files import sha256_file
+from visionflow.core.layout import Layout
 from visionflow.data import torchvision_source
 from visionflow.data.archive import (
     EXTRACT_MARKER,
@@ -27,9 +30,6 @@ from visionflow.data.scan import (
     scan_imagefolder,
     visible,
 )
-from visionflow.errors import DataError
-from visionflow.files import sha256_file
-from visionflow.layout import Layout
 
 
 def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:

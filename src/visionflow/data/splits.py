@@ -27,8 +27,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from visionflow.core.errors import DataError
 from visionflow.data.scan import SPLITS, FileEntry
-from visionflow.errors import DataError
 
 METHOD = "blake2b(sha256, key=split_seed) bands v1"
 _SCALE = float(1 << 64)

@@ -27,8 +27,8 @@ from litdata import StreamingDataLoader, StreamingDataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from visionflow.core.errors import DataError
 from visionflow.data.shards import check_shards, chunk_file
-from visionflow.errors import DataError
 
 CORRUPT = "corrupt shard"
 

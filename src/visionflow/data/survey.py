@@ -21,13 +21,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.files import atomic_path, sha256_file
+from visionflow.core.layout import Layout
 from visionflow.data import inspect, scan, source, splits
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.manifest import COLUMNS
-from visionflow.errors import DataError
-from visionflow.files import atomic_path, sha256_file
-from visionflow.layout import Layout
 
 CACHE_VERSION = 1
 # what the cache keeps per file, after the stat key (size, mtime_ns, inode)

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import TORCHVISION_DATASETS as DATASETS
-from visionflow.config import TORCHVISION_PREFIX as PREFIX
-from visionflow.config import is_torchvision_source, unknown_torchvision_dataset
-from visionflow.errors import DataError
-from visionflow.layout import Layout
+from visionflow.core.config import TORCHVISION_DATASETS as DATASETS
+from visionflow.core.config import TORCHVISION_PREFIX as PREFIX
+from visionflow.core.config import is_torchvision_source, unknown_torchvision_dataset
+from visionflow.core.errors import DataError
+from visionflow.core.layout import Layout
 
 COMPLETE = ".complete"
 __all__ = ["DATASETS", "PREFIX", "is_torchvision_source", "materialize", "folder"]

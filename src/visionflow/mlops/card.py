@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from visionflow.config import Params
-from visionflow.env import hardware
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.env import hardware
+from visionflow.core.layout import Layout
 from visionflow.mlops.gate import Decision
 from visionflow.mlops.provenance import lineage
 from visionflow.model.metrics import headline

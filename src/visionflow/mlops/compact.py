@@ -24,9 +24,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from visionflow.compression.pareto import recipe_text
-from visionflow.config import Params
-from visionflow.files import read_json
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.files import read_json
+from visionflow.core.layout import Layout
 from visionflow.mlops import registry, tracking
 from visionflow.mlops.card import data_section, lineage_section, metrics_section, usage_section
 from visionflow.mlops.provenance import LINEAGE, flat_tags, lineage, version_tags

@@ -16,9 +16,9 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import LoggedModelInput
 from mlflow.types import ColSpec, Schema
 
-from visionflow.config import Params
-from visionflow.files import read_json
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.files import read_json
+from visionflow.core.layout import Layout
 
 TRAIN_CONTEXT = "training"
 EVAL_CONTEXT = "evaluation"

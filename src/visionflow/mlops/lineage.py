@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.layout import Layout
 from visionflow.mlops.provenance import LINEAGE_KEYS, lineage
 from visionflow.mlops.registry import champion_of, client_for
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from visionflow.core.errors import ConfigError, DataError
+from visionflow.core.files import write_text
 from visionflow.data.archive import ARCHIVE_SUFFIXES
 from visionflow.data.images import decode_eval
 from visionflow.data.scan import IGNORED_NAMES
 from visionflow.data.source import resolve_source
-from visionflow.errors import ConfigError, DataError
-from visionflow.files import write_text
 from visionflow.mlops import registry
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

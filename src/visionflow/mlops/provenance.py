@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import read_json, sha256_file
+from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_md5
 from visionflow.data.splits import describe_scheme
-from visionflow.files import read_json, sha256_file
-from visionflow.layout import Layout
 
 LINEAGE = "lineage."  # the prefix of every lineage tag; the first four come first
 LINEAGE_KEYS = ("data_hash", "git_commit", "params_hash", "dvc_lock_hash", "dvc_data_md5",

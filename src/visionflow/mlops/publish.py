@@ -23,8 +23,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from visionflow.config import Params
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.layout import Layout
 from visionflow.mlops.compact_model import ONNX_ARTIFACT
 from visionflow.mlops.datasets import dataset, log_datasets
 from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS

@@ -29,8 +29,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from visionflow.core.errors import DataError, one_line
 from visionflow.data.images import DEFAULT_MAX_PIXELS, decode_eval, eval_crop
-from visionflow.errors import DataError, one_line
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits
 

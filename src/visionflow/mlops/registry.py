@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
-from visionflow.layout import Layout
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
+from visionflow.core.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.registry_lock import lock_path, registry_lock
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from visionflow.errors import VisionflowError
+from visionflow.core.errors import VisionflowError
 
 LOCK_URL_VAR = "VFLOW_REGISTRY_LOCK_URL"
 # pg_advisory_lock(int4, int4): "vflw" and 1 = the registry. Constant, not derived from a URL:

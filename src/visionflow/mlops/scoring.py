@@ -11,8 +11,8 @@ from typing import Any
 import mlflow
 import torch
 
-from visionflow.config import Params
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import model_logits, pick_device

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
-from visionflow.files import write_json
-from visionflow.layout import Layout
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
+from visionflow.core.files import write_json
+from visionflow.core.layout import Layout
 
 EXPERIMENT = "visionflow"
 _PROXY_CALL = re.compile(r"API request to (https?://[^/\s]+)(/api/2\.0/mlflow-artifacts)\S* "

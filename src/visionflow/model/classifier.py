@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.files import torch_save
+from visionflow.core.files import torch_save
 from visionflow.model.zoo import create_model
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.files import torch_save
+from visionflow.core.files import torch_save
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 

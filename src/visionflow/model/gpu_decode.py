@@ -36,7 +36,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from visionflow.errors import ConfigError, DataError, one_line
+from visionflow.core.errors import ConfigError, DataError, one_line
 
 _TRIES = 10  # RandomResizedCrop's attempts before its centre-crop fallback
 _NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive (Huffman)

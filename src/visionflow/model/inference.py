@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 
 TTA_LEVELS = (0, 1, 2)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from visionflow.files import atomic_path
+from visionflow.core.files import atomic_path
 from visionflow.model.metrics import PER_CLASS, confident_mistakes
 
 

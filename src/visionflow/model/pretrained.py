@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 
 TORCHVISION_PREFIX = "torchvision:"
 # registry models whose layers are torchvision's own (the small-image stem aside)

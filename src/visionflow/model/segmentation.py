@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import segmentation as tvseg
 
-from visionflow.errors import ConfigError
-from visionflow.files import torch_save
+from visionflow.core.errors import ConfigError
+from visionflow.core.files import torch_save
 
 IGNORE_INDEX = 255  # label of pixels that count nowhere (data.segmentation_masks agrees)
 TASK = "segmentation"  # saved with the model; a file without it is a classifier

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from visionflow.config import Params
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.layout import Layout
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import yaml
 
-from visionflow.config import Params
-from visionflow.errors import VisionflowError
-from visionflow.files import write_text
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.errors import VisionflowError
+from visionflow.core.files import write_text
+from visionflow.core.layout import Layout
 
 
 class LaunchError(VisionflowError):

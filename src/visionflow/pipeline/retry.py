@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import re
 
-from visionflow.errors import VisionflowError
+from visionflow.core.errors import VisionflowError
 
 _PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                         NotADirectoryError)

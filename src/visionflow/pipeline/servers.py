@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
-from visionflow.layout import Layout
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
+from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
 
 HOST = "127.0.0.1"

@@ -12,9 +12,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from visionflow.config import STAGE_NAMES, Params
-from visionflow.env import quiet_env
-from visionflow.layout import Layout
+from visionflow.core.config import STAGE_NAMES, Params
+from visionflow.core.env import quiet_env
+from visionflow.core.layout import Layout
 from visionflow.pipeline import launch
 
 STAGES: dict[str, str] = {name: f"visionflow.stages.{name}" for name in STAGE_NAMES}

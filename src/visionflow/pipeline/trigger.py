@@ -12,13 +12,13 @@ from typing import Any
 
 import yaml
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import DataError
+from visionflow.core.files import read_json
+from visionflow.core.layout import Layout
 from visionflow.data import manifest, survey
 from visionflow.data.dvc import changed, dvc, dvc_md5, dvc_out, remotes, workspace_state
 from visionflow.data.source import source_path
-from visionflow.errors import DataError
-from visionflow.files import read_json
-from visionflow.layout import Layout
 from visionflow.mlops.lineage import champion_and_latest, champion_tags, champion_version
 from visionflow.mlops.registry import client_for, version_metrics
 

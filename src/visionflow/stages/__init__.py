@@ -15,11 +15,11 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
-from visionflow.configfile import load_params
-from visionflow.env import quiet_env
-from visionflow.errors import VisionflowError
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.configfile import load_params
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import VisionflowError
+from visionflow.core.layout import Layout
 
 
 def print_result(name: str, result: Any) -> None:

@@ -30,11 +30,11 @@ from visionflow.compression import pareto
 from visionflow.compression.context import Context
 from visionflow.compression.latency import environment, measure_latency
 from visionflow.compression.sweep import Sweep, build_variants
-from visionflow.config import CompressConfig, Params
+from visionflow.core.config import CompressConfig, Params
+from visionflow.core.files import atomic_dir, write_json
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache
 from visionflow.data.feed import with_images
-from visionflow.files import atomic_dir, write_json
-from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import pick_device

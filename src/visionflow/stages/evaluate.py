@@ -24,11 +24,11 @@ from typing import Any
 
 import mlflow
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import write_csv, write_json
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache
 from visionflow.data.feed import with_images
-from visionflow.files import write_csv, write_json
-from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_test_dataset
 from visionflow.model.classifier import load_classifier

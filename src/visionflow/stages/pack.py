@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import write_json
+from visionflow.core.layout import Layout
 from visionflow.data.cache import SPLITS, build_cache, save_cache
 from visionflow.data.manifest import read_manifest, usable_rows
 from visionflow.data.shards import pack_split, read_contents, storage_for
-from visionflow.files import write_json
-from visionflow.layout import Layout
 from visionflow.stages import main
 
 

@@ -21,11 +21,11 @@ from typing import Any
 import mlflow
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import write_json, write_text
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, split_hashes
 from visionflow.data.feed import with_images
-from visionflow.files import write_json, write_text
-from visionflow.layout import Layout
 from visionflow.mlops import gate, registry, scoring, tracking
 from visionflow.mlops.card import model_card
 from visionflow.mlops.compact import register_compact

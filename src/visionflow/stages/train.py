@@ -28,11 +28,11 @@ import mlflow
 import torch
 from torch import nn
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.files import write_csv
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_cache, source_data_hash
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
-from visionflow.files import write_csv
-from visionflow.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
 from visionflow.model import engine

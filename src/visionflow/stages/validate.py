@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import ValidationFailed, VisionflowError
+from visionflow.core.files import write_csv, write_json
+from visionflow.core.layout import Layout
 from visionflow.data import drift
 from visionflow.data.expectations import build_checks, run_suite
 from visionflow.data.manifest import (
@@ -35,9 +38,6 @@ from visionflow.data.manifest import (
 from visionflow.data.quality_report import write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import build_manifest_ex
-from visionflow.errors import ValidationFailed, VisionflowError
-from visionflow.files import write_csv, write_json
-from visionflow.layout import Layout
 from visionflow.mlops.lineage import champion_split_scheme, champion_summary
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main

@@ -19,9 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from visionflow.env import QUIET
-from visionflow.files import write_json, write_text
-from visionflow.layout import Layout
+from visionflow.core.env import QUIET
+from visionflow.core.files import write_json, write_text
+from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import PROXY_ONLY
 from visionflow.pipeline.servers import free_port, port_free
 from visionflow.pipeline.stack import objectstore, postgres, procs, services

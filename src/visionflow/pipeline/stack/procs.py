@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from visionflow.errors import VisionflowError
+from visionflow.core.errors import VisionflowError
 from visionflow.pipeline.servers import _alive, _kill_group, _tail
 
 

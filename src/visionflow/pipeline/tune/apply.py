@@ -19,9 +19,9 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from visionflow.configfile import load_params
-from visionflow.errors import ConfigError
-from visionflow.files import write_text
+from visionflow.core.configfile import load_params
+from visionflow.core.errors import ConfigError
+from visionflow.core.files import write_text
 
 
 def _flow_value(value: Any) -> str:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from visionflow.config import Params
+from visionflow.core.config import Params
+from visionflow.core.errors import ConfigError, DataError
+from visionflow.core.layout import Layout
 from visionflow.data.cache import load_splits, source_data_hash
-from visionflow.errors import ConfigError, DataError
-from visionflow.layout import Layout
 from visionflow.model.fit import EpochEnd
 from visionflow.model.trainer import prepare_fit, top1
 

@@ -24,9 +24,9 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from visionflow.config import Params
-from visionflow.errors import VisionflowError, one_line
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.errors import VisionflowError, one_line
+from visionflow.core.layout import Layout
 from visionflow.model.inference import pick_device
 from visionflow.pipeline.tune import study as studies
 from visionflow.pipeline.tune.objective import TrialData, load_trial_data, run_trial

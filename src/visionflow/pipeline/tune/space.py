@@ -9,9 +9,9 @@ from typing import Any
 
 import optuna
 
-from visionflow.config import AugmentConfig, Params, TrainConfig
-from visionflow.configfile import apply_overrides, parse_params
-from visionflow.tuneconfig import Dimension, value_kind
+from visionflow.core.config import AugmentConfig, Params, TrainConfig
+from visionflow.core.configfile import apply_overrides, parse_params
+from visionflow.core.tuneconfig import Dimension, value_kind
 
 SECTIONS = {"train": TrainConfig, "augment": AugmentConfig}
 # keys that change how fast a trial runs or what it prints, never its score

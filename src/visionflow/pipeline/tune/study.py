@@ -29,9 +29,9 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from visionflow.config import Params
-from visionflow.errors import ConfigError, one_line
-from visionflow.layout import Layout
+from visionflow.core.config import Params
+from visionflow.core.errors import ConfigError, one_line
+from visionflow.core.layout import Layout
 from visionflow.pipeline.tune.space import baseline, changed_keys, fingerprint
 
 STORAGE_ENV = "VFLOW_TUNE_STORAGE"

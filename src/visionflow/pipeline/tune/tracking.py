@@ -23,9 +23,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from visionflow.env import quiet_env
-from visionflow.errors import one_line
-from visionflow.layout import Layout
+from visionflow.core.env import quiet_env
+from visionflow.core.errors import one_line
+from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
 from visionflow.pipeline.tune.study import CREATOR_ATTR, worker_id
 

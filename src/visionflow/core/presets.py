@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from visionflow.errors import ConfigError
+from visionflow.core.errors import ConfigError
 
 PRESETS_DIR = "presets"
 

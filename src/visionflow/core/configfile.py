@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from visionflow import presets
-from visionflow.config import Params, is_torchvision_source
-from visionflow.errors import ConfigError
+from visionflow.core import presets
+from visionflow.core.config import Params, is_torchvision_source
+from visionflow.core.errors import ConfigError
 
 
 def _format_error(err: ValidationError, source: str, raw: dict[str, Any]) -> str:

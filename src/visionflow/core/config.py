@@ -19,14 +19,14 @@ from pydantic import (
     model_validator,
 )
 
-from visionflow.dataconfig import (  # noqa: F401  (the data section, re-exported)
+from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
     TORCHVISION_DATASETS,
     TORCHVISION_PREFIX,
     DataConfig,
     is_torchvision_source,
     unknown_torchvision_dataset,
 )
-from visionflow.tuneconfig import TuneConfig, check_space
+from visionflow.core.tuneconfig import TuneConfig, check_space
 
 STAGE_NAMES = ("validate", "pack", "train", "evaluate", "compress", "register")
 MODEL_NAMES = (
