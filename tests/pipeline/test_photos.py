@@ -28,7 +28,8 @@ PHOTOS = {  # storage shards, tiny net settings; 224 px crops of full-size JPEGs
     "data.storage": "shards", "data.image_size": 224, "data.max_side": 640,
     "data.workers": 1, "train.batch_size": 8, "train.epochs": 1, "train.progress": False,
     "augment.hflip": 0.5, "augment.translate": 0, "augment.cutout": 0,
-    "compress.methods": [], "compress.calibration_images": 16,
+    "compress.methods": [], "compress.calibration_images": 16,  # latency: batch 1, 2 rounds
+    "compress.latency_batches": [1], "compress.latency_reps": 2, "compress.latency_warmup": 0,
     "register.min_test_images": 1, "evaluate.batch_size": 16,
 }
 
@@ -38,8 +39,33 @@ def photos(tmp_path_factory) -> Path:
     return write_photo_folder(tmp_path_factory.mktemp("photos"), {"train": 12, "val": 4})
 
 
-def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, photos: Path,
+@pytest.fixture(scope="module")
+def few_photos(tmp_path_factory) -> Path:
+    """Fewer for the 224-px runs (1200×900 ones still among the training photos)."""
+    return write_photo_folder(tmp_path_factory.mktemp("few"), {"train": 8, "val": 2})
+
+
+# 64-px shards, two images a step, a checkpoint after every step, no loader processes
+SMALL = {**PHOTOS, "data.image_size": 64, "data.max_side": 400, "train.batch_size": 2,
+         "train.checkpoint_steps": 1, "train.epochs": 1, "data.workers": 0}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, photos: Path) -> Path:
+    """The photos validated and packed (SMALL) once; each test trains on its own copy."""
+    root = make_project(tmp_path_factory.mktemp("packed") / "proj", photos, SMALL)
+    for stage in ("validate", "pack"):
+        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=_env(root))
+    return root
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root / "src")}
+
+
+def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, few_photos: Path,
                                                       prefect_server: str):
+    photos = few_photos
     root = make_project(tmp_path / "proj", photos, PHOTOS, git=True)
     layout = Layout.at(root)
     flow = runpy.run_path(str(root / "flows" / "retrain.py"))
@@ -89,14 +115,10 @@ def _checkpoint_step(layout: Layout) -> tuple[int, bool]:
 
 
 def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
-                                                                 photos: Path):
-    over = {**PHOTOS, "data.image_size": 64, "data.max_side": 400, "train.batch_size": 2,
-            "train.checkpoint_steps": 1, "train.epochs": 1, "data.workers": 0}
-    root = make_project(tmp_path / "proj", photos, over)
+                                                                 packed: Path):
+    root = Path(shutil.copytree(packed, tmp_path / "proj"))
     layout = Layout.at(root)
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    for stage in ("validate", "pack"):
-        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=env)
+    env = _env(root)
     steps = len(torch.load(layout.cache, weights_only=True)["train_y"]) // 2  # one epoch
     full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed
     run([sys.executable, "-m", "visionflow.stages.train"], full.root, env=env)
@@ -129,13 +151,10 @@ def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
         assert torch.allclose(v.float(), weights[1][k].float(), atol=1e-5), k
 
 
-def test_corrupt_shard_stops_training_with_one_line(tmp_path: Path, photos: Path):
-    over = {**PHOTOS, "data.image_size": 32, "data.max_side": 64, "data.workers": 0}
-    root = make_project(tmp_path / "proj", photos, over)
+def test_corrupt_shard_stops_training_with_one_line(tmp_path: Path, packed: Path):
+    root = Path(shutil.copytree(packed, tmp_path / "proj"))
     layout = Layout.at(root)
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    for stage in ("validate", "pack"):
-        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=env)
+    env = _env(root)
     shard = sorted(layout.split_shards("train").glob("chunk-*.bin"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 4:] = bytes(len(data) - len(data) // 4)
