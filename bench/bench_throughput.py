@@ -44,7 +44,7 @@ for p in (HERE, HERE.parent / "src"):
     if p.is_dir() and str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from visionflow.core.config import TrainConfig  # noqa: E402
+from visionflow.core.presets import load_raw  # noqa: E402  (PyYAML only, as on the GPU)
 from visionflow.model.augment_ops import Policy  # noqa: E402
 from visionflow.model.engine import autocast  # noqa: E402
 from visionflow.model.fit import FitRun, Recipe  # noqa: E402
@@ -132,7 +132,8 @@ def make_loops(x, y, *, model: str, batch: int, block: int, workers: int, device
     # the project's loop: one "epoch" of a FitRun is `block` steps over block x batch images
     sub = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:block * batch]
     recipe = Recipe.from_params(
-        TrainConfig(), epochs=10**6, batch_size=batch, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        load_raw(HERE.parent / "params.yaml")["train"], epochs=10**6, batch_size=batch,
+        lr=0.01, momentum=0.9, weight_decay=5e-4,
         label_smoothing=0.1, schedule="linear", ema_decay=0.95, ema_every=5, ema_ramp=3.0,
         lookahead=True, compile=compile, warmup_epochs=0.0)
     fit_run = FitRun(_model(model, num_classes, size, device), x[sub].to(device),

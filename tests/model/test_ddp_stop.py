@@ -17,13 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 
-from visionflow.core.config import TrainConfig
 from visionflow.model import engine
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
 from visionflow.model.fit import FitRun, Recipe
 from visionflow.model.zoo import FastNet
+
+# params.yaml's train section (= TrainConfig's defaults; no pydantic on the GPU machine)
+TRAIN = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "params.yaml").read_text())["train"]
 
 EPOCHS = 4
 STOP_AFTER = 1  # rank 0 alone asks to stop after this epoch
@@ -43,7 +47,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.manual_seed(0)
     model = Classifier(FastNet(2, 3, widths=(4, 8, 8)), [0.5] * 3, [0.25] * 3)
     recipe = Recipe.from_params(
-        TrainConfig(), epochs=EPOCHS, batch_size=16, lr=0.1, channels_last=False, amp=False,
+        TRAIN, epochs=EPOCHS, batch_size=16, lr=0.1, channels_last=False, amp=False,
         label_smoothing=0.0, schedule="cosine", warmup_epochs=0.0)
     run = FitRun(model, x, y, recipe, Policy(), num_classes=2, device="cpu",
                  dist=engine.Dist(rank, world, rank))

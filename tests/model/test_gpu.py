@@ -6,15 +6,21 @@ which has no pydantic or MLflow.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
-from visionflow.core.config import TrainConfig
 from visionflow.model.augment_ops import Policy
 from visionflow.model.classifier import Classifier
 from visionflow.model.fit import FitRun, Recipe
 from visionflow.model.inference import device_logits, model_logits
 from visionflow.model.zoo import FastNet, create_model
+
+# params.yaml's train section (= TrainConfig's defaults; no pydantic on the GPU machine)
+TRAIN = yaml.safe_load(
+    (Path(__file__).resolve().parents[2] / "params.yaml").read_text())["train"]
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -35,7 +41,7 @@ def _model() -> Classifier:
 
 def _recipe(**kw) -> Recipe:
     return Recipe.from_params(
-        TrainConfig(), **{"epochs": 2, "batch_size": 128, "lr": 0.2, "warmup_epochs": 0.5,
+        TRAIN, **{"epochs": 2, "batch_size": 128, "lr": 0.2, "warmup_epochs": 0.5,
                           "ema_decay": 0.9, "ema_every": 2, "label_smoothing": 0.0,
                           "schedule": "cosine", **kw})
 
