@@ -242,7 +242,7 @@ def cifar_main(args: argparse.Namespace) -> None:
 
     from visionflow.core.configfile import apply_overrides, load_params, read_params_file
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     repo = Path(__file__).resolve().parents[1]
     root = args.workdir.resolve()
@@ -256,7 +256,7 @@ def cifar_main(args: argparse.Namespace) -> None:
     params = load_params(layout.params)
     seconds: dict[str, float] = {}
     stages = ["validate", "pack", "train", "evaluate", "compress"]
-    if layout.model.is_file() and layout.cache.is_file() and not args.retrain:
+    if layout.model.is_file() and layout.packed.is_file() and not args.retrain:
         stages = ["evaluate", "compress"]  # same workdir: reuse the trained model
     for name in stages:
         t0 = time.perf_counter()

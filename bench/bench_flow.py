@@ -3,7 +3,7 @@
 Each sample is one fresh process on a scratch copy of the project (repo's params.yaml plus
 `--set` overrides), so imports and Prefect's API start-up are paid the way a user pays them:
 
-- direct:    the six stage functions called in order (`visionflow.pipeline.stages.run_stage`);
+- direct:    the six stage functions called in order (`visionflow.orchestration.stage_runner.run_stage`);
 - ephemeral: `retrain(force=True)` with no server: Prefect starts its temporary API in-process;
 - server:    the same against a running `vflow server` (PREFECT_API_URL).
 
@@ -66,7 +66,7 @@ def worker(mode: str, root: Path) -> dict:
 
     layout = Layout.at(root)
     if mode == "direct":
-        from visionflow.pipeline.stages import run_stage
+        from visionflow.orchestration.stage_runner import run_stage
 
         params = load_params(layout.params, root=layout.root)
         seconds = {}
@@ -82,7 +82,7 @@ def worker(mode: str, root: Path) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.utilities.importtools import load_script_as_module
 
-    from visionflow.pipeline.servers import prefect_api
+    from visionflow.orchestration.servers import prefect_api
 
     flow_mod = load_script_as_module(str(root / "flows" / "retrain.py"))
     with prefect_api(layout) as url:
@@ -132,7 +132,7 @@ def main() -> None:
         return
 
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     base = Path(tempfile.mkdtemp(prefix="bench-flow-"))

@@ -94,7 +94,7 @@ def _scratch_project(base: Path) -> Path:
     from visionflow.core.configfile import apply_overrides, load_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.digits import materialize_digits
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     root = base / "proj"
     root.mkdir(parents=True)
@@ -114,7 +114,7 @@ def _scratch_project(base: Path) -> Path:
 def served(root: Path, workers: int, log: Path) -> Iterator[str]:
     from visionflow.core.layout import Layout
     from visionflow.mlops import tracking
-    from visionflow.pipeline.servers import free_port
+    from visionflow.orchestration.servers import free_port
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(Layout.at(root)),

@@ -93,8 +93,8 @@ def _sample(root: Path, env: dict) -> dict:
 
 def bench_flow(repeats: int, overrides: list[str]) -> dict:
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import servers
-    from visionflow.pipeline.stack.core import Options, Stack
+    from visionflow.orchestration import servers
+    from visionflow.stack.core import Options, Stack
 
     base = Path(tempfile.mkdtemp(prefix="bench-stack-"))
     base.chmod(0o755)  # PostgreSQL's own user must reach the stack's data
@@ -196,7 +196,7 @@ def _wait(procs: list[subprocess.Popen], what: str) -> None:
 def bench_train(repeats: int, epochs: int) -> dict:
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     base = Path(tempfile.mkdtemp(prefix="bench-train-"))
     sets = [f"train.epochs={epochs}", "train.progress=false", "train.calibrate=false"]

@@ -1,4 +1,4 @@
-"""Training throughput (img/s) of the registry models, with the augmentation policy on.
+"""Training throughput (img/s) of the zoo models, with the augmentation policy on.
 
 Each step = augment_batch on device-resident uint8 data + forward + backward + SGD step,
 the same work `train.py` does. Median over timed steps after warm-up; all models measured

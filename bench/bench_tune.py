@@ -54,7 +54,7 @@ def _project(base: Path) -> Path:
 
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     root = scratch_project(base, [], None)
     layout = Layout.at(root)
@@ -71,7 +71,7 @@ def _server(base: Path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import servers
+    from visionflow.orchestration import servers
 
     layout = Layout.at(base / "server")
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def overhead(args: argparse.Namespace) -> dict:
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
     from visionflow.model.inference import pick_device
-    from visionflow.pipeline.tune.objective import load_trial_data, run_trial
+    from visionflow.tune.objective import load_trial_data, run_trial
 
     with tempfile.TemporaryDirectory() as tmp:
         root = _project(Path(tmp))
@@ -155,9 +155,9 @@ def _bookkeeping(params, layout, reps: int) -> dict[str, float]:
     calls on the sqlite study (ask, attributes, suggest, report + should_prune per epoch,
     tell) and the MLflow calls on the sqlite store (child run, params, per-epoch metrics,
     end). The rest of the orchestration overhead is Prefect's task run."""
-    from visionflow.pipeline.tune import study as studies
-    from visionflow.pipeline.tune.space import fixed_settings, suggest
-    from visionflow.pipeline.tune.tracking import StudyRuns
+    from visionflow.tune import study as studies
+    from visionflow.tune.mlflow_runs import StudyRuns
+    from visionflow.tune.space import fixed_settings, suggest
 
     p = params.model_copy(update={"tune": params.tune.model_copy(
         update={"study": "bookkeeping", "baseline": False, "pruner": "median"})})
@@ -191,7 +191,7 @@ def _bookkeeping(params, layout, reps: int) -> dict[str, float]:
 def _stage_top1(root: Path, sets: list[str]) -> float:
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     layout = Layout.at(root)
     params = load_params(layout.params, sets, root=root)
@@ -205,7 +205,7 @@ def gain(args: argparse.Namespace) -> dict:
 
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.tune.search import best_of
+    from visionflow.tune.search import best_of
 
     with tempfile.TemporaryDirectory() as tmp:
         root = _project(Path(tmp))

@@ -4,7 +4,7 @@ Each task calls the same stage function that `dvc repro` runs through `vflow sta
 the two drivers produce the same files from the same code, and they share one notion of
 "up to date": `dvc.lock`. Before each stage the flow asks DVC whether it is stale; a stage
 that is up to date is skipped ("cached"), and a stage that ran is recorded in `dvc.lock`
-the way `dvc repro` records it (see `visionflow.pipeline.freshness`). On top of the stages:
+the way `dvc repro` records it (see `visionflow.orchestration.freshness`). On top of the stages:
 
 - retries with exponential back-off on transient errors only (I/O, a tracking server that
   does not answer), never on the data gate or bad config; a timeout per stage;
@@ -15,7 +15,7 @@ the way `dvc repro` records it (see `visionflow.pipeline.freshness`). On top of 
 - a summary (markdown), a metrics table and MLflow links as Prefect artifacts, every run.
 
 This file is the entry point (deployments name `flows/retrain.py:retrain`); the tasks are in
-`visionflow.pipeline.tasks`, the run's decisions and report in `visionflow.pipeline.retrain`.
+`visionflow.orchestration.tasks`, the run's decisions and report in `visionflow.orchestration.retrain`.
 
     python flows/retrain.py                        # one run (ephemeral API or PREFECT_API_URL)
     python flows/retrain.py -s train.epochs=3      # overridden stages run, unrecorded
@@ -34,8 +34,8 @@ from prefect import flow
 from visionflow.core.config import STAGE_NAMES
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
-from visionflow.pipeline import stdio
-from visionflow.pipeline.retrain import RetrainRun, run_and_print
+from visionflow.orchestration import stdio
+from visionflow.orchestration.retrain import RetrainRun, run_and_print
 
 quiet_env()
 stdio.outlive_the_reader()  # a worker's run goes on if the worker dies

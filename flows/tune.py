@@ -2,7 +2,7 @@
 
 Trials run `tune.parallel` at a time on a thread pool (`ThreadPoolTaskRunner`); each trains
 on the train split, is scored on the val split after every epoch and may be pruned. The
-search itself (study, storage, MLflow runs, progress) is `visionflow.pipeline.tune`; this
+search itself (study, storage, MLflow runs, progress) is `visionflow.tune`; this
 file holds the Prefect wrappers only. A rerun continues the study; on several hosts, run it
 on each against one storage (`VFLOW_TUNE_STORAGE`).
 
@@ -27,9 +27,9 @@ from visionflow.core.configfile import load_params
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
-from visionflow.pipeline import servers, stdio
-from visionflow.pipeline.tasks import bring_up_to_date
-from visionflow.pipeline.tune.search import Search, summary_markdown
+from visionflow.orchestration import servers, stdio
+from visionflow.orchestration.tasks import bring_up_to_date
+from visionflow.tune.search import Search, summary_markdown
 
 quiet_env()
 stdio.outlive_the_reader()  # a worker's run goes on if the worker dies

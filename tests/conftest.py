@@ -7,13 +7,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import BIN, make_project
 
 # `import dvc` binds DVC's log handlers to the sys.stdout/stderr of that moment: here, the
 # session's capture streams. Imported first inside a test using capsys, they would hold that
@@ -24,9 +23,6 @@ with contextlib.suppress(ImportError):
     import dvc  # noqa: F401
 pytest_plugins = ["stack_fixtures"]  # the team stack, once per session (`-m stack` tests)
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="vflow-tests-"))
 for _key, _value in {
@@ -55,18 +51,6 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 (_SANDBOX / "home").mkdir(parents=True, exist_ok=True)
 
-# Small and fast: the whole pipeline on a digits subset in seconds.
-TINY = {
-    "data.image_size": 16,
-    "train.model": "fast",
-    "train.lr": 0.5,
-    "train.epochs": 2,
-    "train.batch_size": 64,
-    "train.threads": 2,
-    "train.deterministic": True,
-    "compress.calibration_images": 64,
-}
-
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SANDBOX, ignore_errors=True)
@@ -88,7 +72,7 @@ def prefect_server() -> Iterator[str]:
     `prefect_settings(url)`. `vflow server stop` at the end must leave no process behind."""
     import json
 
-    from visionflow.pipeline.servers import _alive
+    from visionflow.orchestration.servers import _alive
 
     base = _SANDBOX / "prefect-server"
     base.mkdir(parents=True, exist_ok=True)
@@ -121,63 +105,6 @@ def prefect_server() -> Iterator[str]:
             if _alive(pid, "prefect"):
                 os.kill(pid, 9)
                 pytest.fail(f"prefect server pid {pid} survived `vflow server stop`")
-
-
-@contextlib.contextmanager
-def prefect_settings(api_url: str) -> Iterator[None]:
-    """Flows run in this process talk to the server at `api_url`."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        yield
-
-
-def write_params(path: Path, overrides: dict) -> None:
-    from visionflow.core.configfile import apply_overrides, read_params_file
-
-    raw = apply_overrides(read_params_file(REPO / "params.yaml"), overrides)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def make_project(
-    root: Path, data_src: Path, overrides: dict | None = None, git: bool = False
-) -> Path:
-    """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "flows", "src", "presets"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(
-            src,
-            root / name,
-            **(
-                {"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")}
-                if src.is_dir()
-                else {}
-            ),
-        )
-    if data_src.is_dir():
-        shutil.copytree(data_src, root / "data")
-        source = "data"
-    else:
-        source = str(data_src)
-    write_params(root / "params.yaml", {**TINY, "data.source": source, **(overrides or {})})
-    (root / "mlruns").mkdir()
-    if git:
-        run(["git", "init", "-q", "-b", "main"], root)
-        shutil.copy(REPO / ".gitignore", root / ".gitignore")
-        run([str(BIN / "dvc"), "init", "-q"], root)
-        if (root / "data").is_dir():
-            run([str(BIN / "dvc"), "add", "-q", "data"], root)
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-q", "-m", "init"], root)
-    return root
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ _BUILT: dict[str, Path] = {}
 
 def _stages(layout: Layout, names: tuple[str, ...]) -> None:
     from visionflow.core.configfile import load_params
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     params = load_params(layout.params)
     for name in names:
@@ -38,7 +38,7 @@ def _stages(layout: Layout, names: tuple[str, ...]) -> None:
 
 def trained_project(tmp_path_factory, digits_dir: Path) -> Layout:
     if "trained" not in _BUILT:
-        from conftest import make_project
+        from helpers import make_project
 
         root = make_project(tmp_path_factory.mktemp("vf-trained") / "proj", digits_dir,
                             OVERRIDES)
@@ -71,7 +71,7 @@ def split_images(layout: Layout, limit: int | None = None) -> list[Path]:
     import torch
 
     root = Path(json.loads(layout.validation.read_text())["dataset_root"])
-    paths = torch.load(layout.cache, weights_only=True)["test_paths"]
+    paths = torch.load(layout.packed, weights_only=True)["test_paths"]
     return [root / p for p in paths[:limit]]
 
 

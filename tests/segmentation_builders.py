@@ -56,7 +56,7 @@ def shapes_and_model(base: Path) -> tuple[Path, Path]:
 def with_packed_pairs(layout: Layout) -> None:
     """Validate and pack the project's pairs (what compress reads, `segmentation_feed`)."""
     from visionflow.core.configfile import load_params
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     params = load_params(layout.params)
     for stage in ("validate", "pack"):
@@ -65,7 +65,7 @@ def with_packed_pairs(layout: Layout) -> None:
 
 def segmentation_project(base: Path, dest: Path, overrides: dict | None = None) -> Layout:
     """A project (params, data/ = the shapes set, outputs/train/model.pt = the U-Net)."""
-    from conftest import make_project
+    from helpers import make_project
 
     data, model = shapes_and_model(base)
     root = make_project(dest, data, {

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import BIN
+from helpers import BIN
 
 from visionflow.core.layout import Layout
 
@@ -42,7 +42,7 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
               workers: int = 1) -> Iterator[str]:
     """`model_uri` (of the project's store) served by `mlflow models serve`; its base URL."""
     from visionflow.mlops import tracking
-    from visionflow.pipeline.servers import free_port
+    from visionflow.orchestration.servers import free_port
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(layout),

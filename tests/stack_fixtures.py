@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from builders import wait_for
-from conftest import BIN, REPO, make_project, run
+from helpers import BIN, REPO, make_project, run
 
 # 30 digits per class and split, a few small batches, one quick compression (int8, so a
 # promoted version gets its `compact` copy); training on two processes (torchrun, gloo), so
@@ -43,8 +43,8 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
 
 
 def stack_unavailable() -> str | None:
-    from visionflow.pipeline.stack import objectstore, postgres
-    from visionflow.pipeline.stack.procs import StackError
+    from visionflow.stack import objectstore, postgres
+    from visionflow.stack.procs import StackError
 
     try:
         postgres.pg_bin("initdb")
@@ -84,7 +84,7 @@ def make_checkout(root: Path, digits_dir: Path, overrides: dict) -> Path:
 
 @dataclass
 class TeamStack:
-    stack: Any  # visionflow.pipeline.stack.core.Stack
+    stack: Any  # visionflow.stack.core.Stack
     root: Path
 
     @property
@@ -95,7 +95,7 @@ class TeamStack:
     def admin_sql(self, db: str, query: str, args: tuple = ()) -> list[tuple]:
         import psycopg
 
-        from visionflow.pipeline.stack import postgres
+        from visionflow.stack import postgres
 
         c = self.stack.credentials()
         with psycopg.connect(self.stack.cluster().url(postgres.ADMIN, c.admin, db),
@@ -104,7 +104,7 @@ class TeamStack:
             return cur.fetchall() if cur.description else []
 
     def s3_keys(self, bucket: str, prefix: str = "") -> list[str]:
-        from visionflow.pipeline.stack import objectstore
+        from visionflow.stack import objectstore
 
         c = self.stack.credentials()
         return objectstore.list_objects(self.stack.url("s3"), c.s3_access_key,
@@ -195,7 +195,7 @@ _BOOT: dict[str, Any] = {}
 def _boot(env: dict[str, str]) -> None:
     from visionflow.core.layout import Layout
     from visionflow.data.digits import materialize_digits
-    from visionflow.pipeline.stack.core import Options, Stack
+    from visionflow.stack.core import Options, Stack
 
     try:
         t0 = time.perf_counter()

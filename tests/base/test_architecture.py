@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO
+from helpers import BIN, REPO
 
 from visionflow.core.config import STAGE_NAMES
 

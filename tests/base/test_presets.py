@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, run
+from helpers import BIN, REPO, run
 
 from visionflow.core.configfile import load_params, parse_params
 from visionflow.core.errors import ConfigError

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import BIN, REPO, make_project, run
+from helpers import BIN, REPO, make_project, run
 
 from visionflow.core.config import RUNTIME_KEYS, STAGE_NAMES, Params
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run
+from helpers import REPO, run
 
 CLASSES = [f"c{i}" for i in range(10)]
 

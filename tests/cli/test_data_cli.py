@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from builders import evil_tar, snapshot, write_imagefolder, write_mnist_raw
-from conftest import BIN, make_project, run
+from helpers import BIN, make_project, run
 
 from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_out

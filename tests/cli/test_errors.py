@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from conftest import BIN
+from helpers import BIN
 
 
 def _vflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:

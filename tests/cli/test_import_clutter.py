@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, make_project
+from helpers import BIN, make_project
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 pytestmark = pytest.mark.slow
 

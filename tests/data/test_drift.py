@@ -11,14 +11,14 @@ from contextlib import suppress
 
 import pytest
 from builders import write_imagefolder
-from conftest import make_project
+from helpers import make_project
 
 from visionflow.core.configfile import load_params, parse_params
 from visionflow.core.errors import ValidationFailed
 from visionflow.core.layout import Layout
 from visionflow.data import drift
 from visionflow.mlops import lineage
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 CFG = parse_params({}).validate_
 

@@ -14,7 +14,7 @@ from builders import catalogue_files, encode, snapshot
 from PIL import Image
 
 from visionflow.core.errors import DataError
-from visionflow.data import images, inspect
+from visionflow.data import image_checks, images
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def catalogue(tmp_path_factory) -> dict[str, Path]:
     ],
 )
 def test_defective_files_get_a_reason(catalogue, name, reason):
-    info = inspect.inspect_image(catalogue[name], 3, min_width=8, min_height=8)
+    info = image_checks.inspect_image(catalogue[name], 3, min_width=8, min_height=8)
     assert info.reason == reason
     assert not info.decodable
     assert info.error and "\n" not in info.error
@@ -47,20 +47,20 @@ def test_defective_files_get_a_reason(catalogue, name, reason):
 
 
 def test_too_small_is_decodable_but_flagged(catalogue):
-    info = inspect.inspect_image(catalogue["small.png"], 3, min_width=8, min_height=8)
+    info = image_checks.inspect_image(catalogue["small.png"], 3, min_width=8, min_height=8)
     assert (info.decodable, info.reason, info.width, info.height) == (True, "too_small", 4, 4)
-    assert inspect.inspect_image(catalogue["small.png"]).reason is None  # default limits
+    assert image_checks.inspect_image(catalogue["small.png"]).reason is None  # default limits
 
 
 def test_max_pixels_limit(catalogue):
-    info = inspect.inspect_image(catalogue["ok.png"], max_pixels=100)
+    info = image_checks.inspect_image(catalogue["ok.png"], max_pixels=100)
     assert info.reason == "decompression_bomb"
     assert "40x30" in info.error or "1200" in info.error
-    assert inspect.inspect_image(catalogue["ok.png"]).reason is None
+    assert image_checks.inspect_image(catalogue["ok.png"]).reason is None
 
 
 def test_good_file_info(catalogue):
-    info = inspect.inspect_image(catalogue["ok.png"])
+    info = image_checks.inspect_image(catalogue["ok.png"])
     data = catalogue["ok.png"].read_bytes()
     assert info.ok and info.decodable
     assert (info.width, info.height, info.mode, info.format) == (40, 30, "RGB", "PNG")
@@ -68,12 +68,12 @@ def test_good_file_info(catalogue):
     arr = np.asarray(Image.open(catalogue["ok.png"]), dtype=np.float64) / 255
     assert np.allclose(info.mean, arr.reshape(-1, 3).mean(0), atol=1e-5)
     assert np.allclose(info.std, arr.reshape(-1, 3).std(0), atol=1e-5)
-    gray = inspect.inspect_image(catalogue["ok.png"], channels=1)
+    gray = image_checks.inspect_image(catalogue["ok.png"], channels=1)
     assert len(gray.mean) == 1 and len(gray.std) == 1
 
 
 def test_cmyk_jpeg_to_rgb(catalogue):
-    info = inspect.inspect_image(catalogue["cmyk.jpg"])
+    info = image_checks.inspect_image(catalogue["cmyk.jpg"])
     assert info.ok and info.mode == "CMYK"
     img = images.load_image(catalogue["cmyk.jpg"])
     assert img.mode == "RGB"
@@ -82,7 +82,7 @@ def test_cmyk_jpeg_to_rgb(catalogue):
 
 
 def test_palette_transparency_composited_on_black(catalogue):
-    assert inspect.inspect_image(catalogue["palette.png"]).mode == "P"
+    assert image_checks.inspect_image(catalogue["palette.png"]).mode == "P"
     img = images.load_image(catalogue["palette.png"])
     assert img.mode == "RGB"
     assert img.getpixel((0, 0)) == (0, 0, 0)  # transparent -> black
@@ -90,7 +90,7 @@ def test_palette_transparency_composited_on_black(catalogue):
 
 
 def test_sixteen_bit_scaled_not_clipped(catalogue):
-    info = inspect.inspect_image(catalogue["sixteen.png"])
+    info = image_checks.inspect_image(catalogue["sixteen.png"])
     assert info.ok and info.mode.startswith("I")
     arr = np.asarray(images.load_image(catalogue["sixteen.png"], channels=1))
     assert arr.dtype == np.uint8
@@ -105,7 +105,7 @@ def test_alpha_composited_on_black(catalogue):
 
 
 def test_animated_gif_first_frame(catalogue):
-    info = inspect.inspect_image(catalogue["anim.gif"])
+    info = image_checks.inspect_image(catalogue["anim.gif"])
     assert info.ok and info.format == "GIF" and info.frames == 2
     r, g, b = images.load_image(catalogue["anim.gif"]).getpixel((4, 4))
     assert r > 200 and b < 50
@@ -114,7 +114,7 @@ def test_animated_gif_first_frame(catalogue):
 def test_exif_orientation_applied(catalogue):
     assert Image.open(catalogue["rotated.jpg"]).size == (40, 20)
     assert images.load_image(catalogue["rotated.jpg"]).size == (20, 40)
-    info = inspect.inspect_image(catalogue["rotated.jpg"])
+    info = image_checks.inspect_image(catalogue["rotated.jpg"])
     assert (info.width, info.height) == (20, 40)
     assert images.decode_resized(catalogue["rotated.jpg"], 16, 3).shape == (3, 16, 16)
 
@@ -125,7 +125,7 @@ def test_exif_orientation_applied(catalogue):
 def test_other_formats(catalogue, name, fmt):
     if name not in catalogue:
         pytest.skip("Pillow built without WebP")
-    info = inspect.inspect_image(catalogue[name])
+    info = image_checks.inspect_image(catalogue[name])
     assert info.ok and info.format == fmt and (info.width, info.height) == (12, 10)
     expected = np.asarray(Image.open(catalogue[name]).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(
@@ -160,7 +160,7 @@ def test_inputs_never_modified(tmp_path):
     files = catalogue_files(tmp_path / "in")
     before = snapshot(tmp_path)
     paths = sorted(files.values())
-    infos = inspect.inspect_many(paths, 3, workers=1, min_width=8, min_height=8)
+    infos = image_checks.inspect_many(paths, 3, workers=1, min_width=8, min_height=8)
     for p in paths:
         try:
             images.load_image(p)
@@ -179,7 +179,7 @@ def test_inspect_many_pool_keeps_order(tmp_path):
         p.write_bytes(png if i % 100 else b"")
         paths.append(p)
     paths.reverse()
-    infos = inspect.inspect_many(paths, 1, workers=2, min_width=8, min_height=8)
+    infos = image_checks.inspect_many(paths, 1, workers=2, min_width=8, min_height=8)
     assert [i.path for i in infos] == [str(p) for p in paths]
     assert Counter(i.reason for i in infos) == {None: 514, "zero_byte": 6}
 

@@ -153,7 +153,7 @@ def _rank_samples(rank: int, world: int, out: str, port: int, result: str) -> No
 def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path):
     import torch.multiprocessing as mp
 
-    from visionflow.pipeline.servers import free_port
+    from visionflow.orchestration.servers import free_port
 
     src, out = tmp_path / "src", tmp_path / "shards"
     rows = photos(src, 32)
@@ -167,7 +167,7 @@ def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path)
 def test_served_model_sees_what_evaluation_saw(tmp_path):
     """predict / the pyfunc on a full-size JPEG: the evaluation view of the shards (resize the
     shorter side, centre crop), not the tensor cache's stretch."""
-    from visionflow.mlops.pyfunc import to_batch
+    from visionflow.mlops.pyfunc_classifier import to_batch
 
     src, out = tmp_path / "src", tmp_path / "shards"
     rows = photos(src, 6)

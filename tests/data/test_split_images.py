@@ -82,5 +82,5 @@ def test_shards_that_no_longer_match_the_cache_stop_the_stage(tmp_path: Path):
     layout, cache = packed(tmp_path, 20)
     cache["test_y"] = 1 - cache["test_y"]
     images = with_images(layout, cache, ("test",), cache_bytes=2**30, batch_size=8)["test_x"]
-    with pytest.raises(DataError, match="the test shards do not match the pack cache"):
+    with pytest.raises(DataError, match="the test shards do not match the packed data"):
         images[0:8]

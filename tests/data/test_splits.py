@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import encode
-from conftest import make_project
+from helpers import make_project
 from PIL import Image
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
 from visionflow.data import splits
 from visionflow.data.scan import FileEntry
-from visionflow.data.survey import build_manifest_ex
-from visionflow.pipeline.stages import run_stage
+from visionflow.data.survey import survey_dataset
+from visionflow.orchestration.stage_runner import run_stage
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -40,7 +40,7 @@ def _flat(root: Path, per_class: int, start: int = 0) -> Path:
 
 
 def _splits(layout: Layout, overrides: list[str] | None = None) -> dict[str, str]:
-    rows = build_manifest_ex(load_params(layout.params, overrides or []), layout).rows
+    rows = survey_dataset(load_params(layout.params, overrides or []), layout).rows
     return {r["path"]: r["split"] for r in rows if not r["quarantine_reason"]}
 
 
@@ -66,7 +66,7 @@ def test_ten_percent_more_files_move_no_existing_file(tmp_path: Path):
     new = [p for p in after if p not in before]
     assert len(new) == 3 * 6 + 2 and {after[p] for p in new} <= {"train", "val", "test"}
     # each split is the band of the file's content position (nothing depends on neighbours)
-    rows = build_manifest_ex(load_params(layout.params), layout).rows
+    rows = survey_dataset(load_params(layout.params), layout).rows
     for r in rows:
         u = splits.split_position(r["sha256"], 0)
         assert r["split"] == ("test" if u < 0.2 else "val" if u < 0.3 else "train"), r
@@ -110,7 +110,7 @@ def champion_project(tmp_path: Path):
     data = _flat(tmp_path / "src", 10)
     layout = Layout.at(make_project(tmp_path / "proj", data,
                                     {"validate.min_images_per_class": 1}))
-    scheme = build_manifest_ex(load_params(layout.params), layout).scheme
+    scheme = survey_dataset(load_params(layout.params), layout).scheme
     client = registry.client_for(layout)
     client.create_registered_model("visionflow-classifier")
     client.create_model_version("visionflow-classifier", source=(tmp_path / "none").as_uri(),

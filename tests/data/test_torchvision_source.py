@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import write_mnist_raw
-from conftest import make_project
+from helpers import make_project
 from PIL import Image
 
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ConfigError, DataError
 from visionflow.core.layout import Layout
 from visionflow.data import torchvision_source
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 
 def test_mnist_becomes_an_imagefolder_once(tmp_path: Path):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from builders import BASE, write_imagefolder
-from conftest import make_project
+from helpers import make_project
 from PIL import Image
 
 from visionflow.core.configfile import load_params
@@ -22,8 +22,8 @@ from visionflow.core.errors import ValidationFailed
 from visionflow.core.layout import Layout
 from visionflow.data import expectations
 from visionflow.data.manifest import data_hash
-from visionflow.data.survey import build_manifest_ex, cache_file
-from visionflow.pipeline.stages import run_stage
+from visionflow.data.survey import row_cache_file, survey_dataset
+from visionflow.orchestration.stage_runner import run_stage
 from visionflow.stages import validate
 
 
@@ -168,11 +168,11 @@ def cached(tmp_path):
 
 def test_row_cache_reuses_unchanged_and_sees_changes(cached):
     layout, params = cached
-    found = build_manifest_ex(params, layout)
+    found = survey_dataset(params, layout)
     root, rows, stats = found.root, found.rows, found.stats
     assert (stats.status, stats.decoded, stats.reused) == ("new", 16, 0)
-    assert cache_file(layout, root).is_file()
-    found = build_manifest_ex(params, layout)
+    assert row_cache_file(layout, root).is_file()
+    found = survey_dataset(params, layout)
     rows2, stats = found.rows, found.stats
     assert (stats.status, stats.reused, stats.decoded) == ("loaded", 16, 0)
     assert rows2 == rows
@@ -182,37 +182,37 @@ def test_row_cache_reuses_unchanged_and_sees_changes(cached):
     os.utime(cat / "002.png")  # touched: same bytes, new mtime
     (cat / "003.png").unlink()
     shutil.copy(cat / "004.png", cat / "copy.png")  # a new file with known content
-    found = build_manifest_ex(params, layout)
+    found = survey_dataset(params, layout)
     rows3, stats = found.rows, found.stats
     assert (stats.reused, stats.rehashed, stats.decoded) == (13, 2, 1)
     by_path = {r["path"]: r for r in rows3}
     assert "train/cat/003.png" not in by_path
     assert by_path["train/cat/001.png"]["mean"].startswith("0.0353")  # re-decoded: 9/255
     assert by_path["train/cat/copy.png"]["sha256"] == by_path["train/cat/004.png"]["sha256"]
-    fresh = build_manifest_ex(load_params(layout.params, ["validate.cache=false"]), layout).rows
+    fresh = survey_dataset(load_params(layout.params, ["validate.cache=false"]), layout).rows
     assert data_hash(fresh) == data_hash(rows3)
 
 
 def test_row_cache_corrupt_or_foreign_is_ignored(cached):
     layout, params = cached
-    found = build_manifest_ex(params, layout)
+    found = survey_dataset(params, layout)
     root, rows = found.root, found.rows
-    path = cache_file(layout, root)
+    path = row_cache_file(layout, root)
     for garbage in (b"{not json", b'{"signature": 1}', b"\x00" * 100,
                     json.dumps({"signature": json.loads(path.read_text())["signature"],
                                 "columns": ["x"], "entries": {}}).encode()):
         path.write_bytes(garbage)
-        found = build_manifest_ex(params, layout)
+        found = survey_dataset(params, layout)
         again, stats = found.rows, found.stats
         assert stats.status.startswith("discarded") and stats.decoded == 16
         assert again == rows
     small = load_params(layout.params, ["validate.min_width=20"])  # a row check, not decode
-    found = build_manifest_ex(small, layout)
+    found = survey_dataset(small, layout)
     rows_small, stats = found.rows, found.stats
     assert (stats.status, stats.reused) == ("loaded", 16)
     assert {r["quarantine_reason"] for r in rows_small} == {"too_small"}
     gray = load_params(layout.params, ["data.channels=1"])  # other decode settings
-    assert build_manifest_ex(gray, layout).stats.status == "discarded (made with other settings)"
+    assert survey_dataset(gray, layout).stats.status == "discarded (made with other settings)"
 
 
 def test_suite_memo_survives_removed_outputs(cached):
@@ -249,11 +249,11 @@ def test_archive_source_is_decoded_while_extracting(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(data, arcname="wrap")  # a wrapper folder: the dataset root is one level down
     layout = Layout.at(make_project(tmp_path / "proj", archive))
-    found = build_manifest_ex(load_params(layout.params), layout)
+    found = survey_dataset(load_params(layout.params), layout)
     rows, stats = found.rows, found.stats
     assert (stats.decoded, stats.while_extracting, stats.reused) == (16, 16, 0)
-    found = build_manifest_ex(load_params(layout.params), layout)
+    found = survey_dataset(load_params(layout.params), layout)
     again, stats = found.rows, found.stats
     assert stats.decoded == 0 and again == rows
-    plain = build_manifest_ex(load_params(layout.params, ["validate.cache=false"]), layout).rows
+    plain = survey_dataset(load_params(layout.params, ["validate.cache=false"]), layout).rows
     assert plain == rows  # the same rows as decoding the extracted files

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from builders import BASE, catalogue_files, evil_tar, evil_zip, snapshot, write_imagefolder
-from conftest import BIN, make_project, run
+from helpers import BIN, make_project, run
 from PIL import Image
 
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ConfigError, DataError, ValidationFailed
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 
 def _validate(root: Path, overrides: list[str] | None = None):

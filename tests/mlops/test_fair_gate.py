@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from builders import flat_digits
-from conftest import make_project
+from helpers import make_project
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_gate_scores_only_images_neither_model_trained_on(tmp_path: Path, digits
 
     first = _pipeline(layout, [])
     assert (first.version, first.alias) == ("1", "champion")
-    cache = torch.load(layout.cache, weights_only=True)
+    cache = torch.load(layout.packed, weights_only=True)
     client = registry.client_for(layout)
     v1 = _recorded(client, "1")
     champion_set = set(v1["train"]) | set(v1["val"])
@@ -62,7 +62,7 @@ def test_gate_scores_only_images_neither_model_trained_on(tmp_path: Path, digits
     second = _pipeline(layout, ["data.split_seed=1"])
     validation = json.loads(layout.validation.read_text())
     assert validation["split"]["status"] == "new_split"
-    cache = torch.load(layout.cache, weights_only=True)
+    cache = torch.load(layout.packed, weights_only=True)
     test = cache["test_sha256"]
     overlap = sum(h in champion_set for h in test)
     assert overlap > len(test) // 2

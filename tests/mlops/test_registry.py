@@ -107,11 +107,11 @@ def test_provenance_tags_hold_the_values_they_name(tmp_path_factory, digits_dir,
     import hashlib
 
     import yaml
-    from conftest import BIN, REPO, run
+    from helpers import BIN, REPO, run
 
     from visionflow.core.configfile import load_params
-    from visionflow.pipeline.freshness import DvcState
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.freshness import DvcState
+    from visionflow.orchestration.stage_runner import run_stage
 
     layout = fresh_copy(trained_project(tmp_path_factory, digits_dir), tmp_path / "proj",
                         keep_run=True)  # run.json: an out of train in dvc.lock
@@ -167,7 +167,7 @@ def test_pyfunc_from_bytes_equals_evaluate(registered: Layout):
     assert len(top) == 3 and top[0]["label"] == out["label"][0]  # evaluate.topk [1, 3]
     assert sum(t["probability"] for t in top) <= 1.0 + 1e-6
     # arrays (the uint8 test tensor, C×H×W) give the same answer as the encoded files
-    cache = torch.load(registered.cache, weights_only=True)
+    cache = torch.load(registered.packed, weights_only=True)
     arrays = model.predict(pd.DataFrame({"image": list(cache["test_x"][:20].numpy())}))
     assert arrays["label"].tolist() == out["label"][:20].tolist()
     assert arrays["score"].to_numpy() == pytest.approx(out["score"][:20].to_numpy(), abs=1e-6)
@@ -181,7 +181,7 @@ import sys, time
 from pathlib import Path
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 layout = Layout.at(sys.argv[1])
 params = load_params(layout.params)
 go = Path(sys.argv[2])

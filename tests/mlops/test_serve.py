@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN
+from helpers import BIN
 from projects import registered_project, split_images
 
 NAME = "visionflow-classifier"
@@ -21,7 +21,7 @@ START_TIMEOUT_S = 180
 
 
 def _free_port() -> int:
-    from visionflow.pipeline.servers import free_port
+    from visionflow.orchestration.servers import free_port
 
     return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 

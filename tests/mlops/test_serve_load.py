@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from builders import bomb_png
-from conftest import REPO
+from helpers import REPO
 from projects import registered_project, split_images, trained_project
 from serving import ping, serve_champion
 
-from visionflow.mlops.pyfunc import BadInput, ImageClassifierModel, Limits
+from visionflow.mlops.pyfunc_classifier import BadInput, ImageClassifierModel, Limits
 from visionflow.model.classifier import load_classifier
 
 pytestmark = pytest.mark.slow

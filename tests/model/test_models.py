@@ -15,7 +15,7 @@ from visionflow.model.zoo import (
     create_model,
     init_whitening,
     list_models,
-    register_model,
+    zoo_model,
 )
 
 NUM_CLASSES = 3
@@ -55,7 +55,7 @@ def _call_counts(model: nn.Module, x: torch.Tensor) -> Counter[str]:
     return counts
 
 
-def test_registry_matches_config() -> None:
+def test_zoo_matches_config() -> None:
     assert list_models() == sorted(MODEL_NAMES)
 
 
@@ -66,7 +66,7 @@ def test_unknown_model_names_choices() -> None:
 
 def test_register_duplicate_rejected() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        register_model("fast")(lambda **_: nn.Identity())
+        zoo_model("fast")(lambda **_: nn.Identity())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

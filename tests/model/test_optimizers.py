@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from visionflow.core.config import TrainConfig
 from visionflow.core.configfile import parse_params

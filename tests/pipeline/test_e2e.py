@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, make_project, prefect_settings, run
+from helpers import BIN, make_project, prefect_settings, run
 
 STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     tracked = set(run(["git", "ls-files"], root).stdout.split())
     assert {"dvc.lock", "outputs/evaluate/metrics.json", "outputs/evaluate/confusion.csv",
             "outputs/evaluate/confusion.png"} <= tracked
-    assert not {"outputs/train/model.pt", "outputs/pack/cache.pt"} & tracked
+    assert not {"outputs/train/model.pt", "outputs/pack/packed.pt"} & tracked
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 1

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from builders import wait_for
-from conftest import BIN, REPO, make_project
+from helpers import BIN, REPO, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visionflow.pipeline import stages
+    from visionflow.orchestration import stage_runner
 
     root = make_project(tmp_path / "proj", digits_dir, FAST, git=True)  # dvc.lock: resume
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
@@ -158,7 +158,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
 
     # 2. A non-transient crash in compress (a changed compress param, so compress reruns):
     #    no retry, the flow fails with the stage's error, nothing is registered.
-    real_stage_function = stages.stage_function
+    real_stage_function = stage_runner.stage_function
 
     def broken(name: str):
         if name == "compress":
@@ -167,9 +167,9 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
             return crash
         return real_stage_function(name)
 
-    monkeypatch.setattr(stages, "stage_function", broken)
+    monkeypatch.setattr(stage_runner, "stage_function", broken)
     state = run(overrides=["compress.calibration_images=32"])
-    monkeypatch.setattr(stages, "stage_function", real_stage_function)
+    monkeypatch.setattr(stage_runner, "stage_function", real_stage_function)
     assert state.is_failed()
     assert "injected: compress crashed" in state.message
     fr_id = state.state_details.flow_run_id
@@ -235,7 +235,7 @@ def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     root = make_project(tmp_path / "sched", digits_dir, FAST)
     layout = Layout.at(root)

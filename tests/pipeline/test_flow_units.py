@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, make_project
+from helpers import BIN, REPO, make_project
 
 from visionflow.core.config import STAGE_NAMES as STAGES
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ConfigError, DataError, ValidationFailed, VisionflowError
 from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_md5
-from visionflow.pipeline import freshness, retry, trigger
+from visionflow.orchestration import freshness, retry, trigger
 
 
 def _mlflow_error(msg: str, code: str = "INTERNAL_ERROR"):
@@ -137,7 +137,7 @@ def test_a_finished_stage_is_recorded_in_dvc_lock(tmp_path: Path, digits_dir: Pa
     not count)."""
     from projects import assert_stage_recorded
 
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     layout = Layout.at(make_project(tmp_path / "proj", digits_dir, git=True))
     params = load_params(layout.params)
@@ -213,7 +213,7 @@ def test_refresh_data_without_dvc(proj: Layout):
 
 
 def test_summary_markdown_and_choice():
-    from visionflow.pipeline import report as flow_report
+    from visionflow.orchestration import report as flow_report
 
     comp = {"original": {"format": "torch fp32", "size_bytes": 4_000_000, "top1": 0.9},
             "variants": {"int8": {"format": "onnx int8", "size_bytes": 1_000_000,
@@ -285,7 +285,7 @@ def test_summary_markdown_and_choice():
 
 
 def test_server_bookkeeping(tmp_path: Path):
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     lay = Layout.at(tmp_path)
     st = server.status(server.PREFECT, lay)
@@ -313,7 +313,7 @@ def test_server_bookkeeping(tmp_path: Path):
 
 
 def test_port_zero_picks_again_when_the_port_is_taken(tmp_path: Path, monkeypatch):
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     port = server.free_port()
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -344,7 +344,7 @@ def test_port_zero_picks_again_when_the_port_is_taken(tmp_path: Path, monkeypatc
 def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), \
             pytest.raises(VisionflowError, match="no Prefect server answers"), \
@@ -355,7 +355,7 @@ def test_prefect_api_url_that_does_not_answer(tmp_path: Path):
 def test_prefect_compat_patch_drops_the_state_key():
     from sqlalchemy.ext.hybrid import hybrid_property
 
-    from visionflow.pipeline.prefect_compat import _drop, patch_hybrid_bulk_dml
+    from visionflow.orchestration.prefect_compat import _drop, patch_hybrid_bulk_dml
 
     patched = patch_hybrid_bulk_dml()
     if hasattr(hybrid_property, "bulk_dml"):  # SQLAlchemy 2.1

@@ -11,7 +11,7 @@ import pytest
 from visionflow.core.configfile import parse_params
 from visionflow.core.errors import ConfigError
 from visionflow.core.layout import Layout
-from visionflow.pipeline import launch, stages
+from visionflow.orchestration import launch, stage_runner
 
 
 def _params(**train):
@@ -78,6 +78,6 @@ def test_run_stage_launches_train_when_params_ask(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     calls = []
     monkeypatch.setattr(launch, "train", lambda p, lay: calls.append(p.train.procs_per_node))
-    monkeypatch.setattr(stages, "stage_function", lambda name: pytest.fail("ran in place"))
-    stages.run_stage("train", _params(procs_per_node=2), Layout.at(tmp_path))
+    monkeypatch.setattr(stage_runner, "stage_function", lambda name: pytest.fail("ran in place"))
+    stage_runner.run_stage("train", _params(procs_per_node=2), Layout.at(tmp_path))
     assert calls == [2]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from builders import write_photo_folder
-from conftest import BIN, make_project, prefect_settings, run
+from helpers import BIN, make_project, prefect_settings, run
 
 from visionflow.core.layout import Layout
 
@@ -77,7 +77,7 @@ def test_photos_train_at_224_through_the_flow_and_dvc(tmp_path: Path, few_photos
     assert policy["resize_size"] == 256 and policy["crop_scale"] == [0.08, 1.0]
     assert policy["shards"]["train"]["reencoded"] > 0  # the 1200×900 photos
     assert sorted(p.name for p in layout.shards.iterdir()) == ["test", "train", "val"]
-    blob = torch.load(layout.cache, weights_only=True)
+    blob = torch.load(layout.packed, weights_only=True)
     assert "train_x" not in blob  # no pixels in the cache: they stream from the shards
     arch = torch.load(layout.model, weights_only=True)["arch"]
     assert (arch["image_size"], arch["resize_size"]) == (224, 256)
@@ -119,7 +119,7 @@ def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
     root = Path(shutil.copytree(packed, tmp_path / "proj"))
     layout = Layout.at(root)
     env = _env(root)
-    steps = len(torch.load(layout.cache, weights_only=True)["train_y"]) // 2  # one epoch
+    steps = len(torch.load(layout.packed, weights_only=True)["train_y"]) // 2  # one epoch
     full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed
     run([sys.executable, "-m", "visionflow.stages.train"], full.root, env=env)
     proc = subprocess.Popen([sys.executable, "-m", "visionflow.stages.train"], cwd=root,

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from builders import flat_digits
-from conftest import BIN, make_project, prefect_settings, run
+from helpers import BIN, make_project, prefect_settings, run
 
 from visionflow.core.layout import Layout
 

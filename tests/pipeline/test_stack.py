@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, run
+from helpers import BIN, run
 from projects import assert_stage_recorded
 from stack_fixtures import (
     CLIENT_ENV,
@@ -135,7 +135,7 @@ def _md5s(folder: Path) -> dict[str, str]:
 def test_dvc_push_then_pull_into_a_fresh_clone(team_stack: TeamStack, flow_run,
                                                tmp_path: Path):
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stack.core import configure_dvc_remote
+    from visionflow.stack.core import configure_dvc_remote
 
     root, dvc = team_stack.root, str(BIN / "dvc")
     lock = root / "dvc.lock"

@@ -60,7 +60,7 @@ def test_object_store_down_fails_in_one_line_and_moves_nothing(team_stack: TeamS
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
     from visionflow.mlops.tracking import ArtifactStoreUnavailable
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     ts = team_stack
     layout = Layout.at(ts.root)
@@ -135,7 +135,7 @@ def test_prefect_server_killed_mid_train_then_restarted(team_stack: TeamStack, f
 def test_worker_killed_mid_train(team_stack: TeamStack, flow_run):
     """SIGKILL the worker whose subprocess runs the flow while train is between two epochs
     (a host's agent dying, its flow run orphaned), then start a new worker. The run survives
-    (`_assert_survived`): before `pipeline.stdio` it ended Crashed at evaluate, its MLflow run
+    (`_assert_survived`): before `orchestration.stdio` it ended Crashed at evaluate, its MLflow run
     left RUNNING."""
     ts = team_stack
     before = registry_state(ts.client())

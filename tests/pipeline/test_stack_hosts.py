@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN
+from helpers import BIN
 from stack_fixtures import (
     MODEL,
     TeamStack,
@@ -174,7 +174,7 @@ def hosts(team_stack: TeamStack, flow_run) -> Hosts:
                                         capture_output=True).returncode == 0,
                  60, "host B reaching the Prefect server on host A")
         with team_stack.prefect() as c:
-            from visionflow.pipeline.stack.services import POOL
+            from visionflow.stack.services import POOL
 
             for h in "ab":
                 c.create_work_queue(name=f"host-{h}", work_pool_name=POOL)
@@ -182,7 +182,7 @@ def hosts(team_stack: TeamStack, flow_run) -> Hosts:
             hosts.spawn(h, [str(BIN / "vflow"), "stack", "worker", "--root", str(roots[h]),
                             "--name", f"host-{h}", "--queue", f"host-{h}"],
                         base / f"worker-{h}.log")
-        from visionflow.pipeline.stack.services import workers_online
+        from visionflow.stack.services import workers_online
 
         wait_for(lambda: {"host-a", "host-b"} <= workers_online(st.url("prefect") + "/api"),
                  120, "both hosts' workers")
@@ -204,7 +204,7 @@ def _weak_champion(ts: TeamStack, tmp: Path, monkeypatch) -> str:
     from visionflow.core.layout import Layout
     from visionflow.mlops import registry
     from visionflow.model.classifier import build_classifier, load_classifier, save_classifier
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     src = Layout.at(ts.root)
     dst = tmp / "weak"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from builders import encode
-from conftest import make_project
+from helpers import make_project
 from PIL import Image
 from stack_fixtures import TeamStack
 

@@ -1,4 +1,4 @@
-"""pipeline.stdio: a process whose stdout pipe loses its reader goes on and exits 0."""
+"""orchestration.stdio: a process whose stdout pipe loses its reader goes on and exits 0."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 CHILD = """\
 import sys, time
-from visionflow.pipeline.stdio import outlive_the_reader
+from visionflow.orchestration.stdio import outlive_the_reader
 from rich.console import Console
 relayed = outlive_the_reader(only_worker_runs=False)
 print("relayed" if relayed else "direct", flush=True)

@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 from builders import snapshot
-from conftest import BIN, REPO, make_project, prefect_settings, run
+from helpers import BIN, REPO, make_project, prefect_settings, run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -73,7 +73,7 @@ def _params_text() -> str:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, digits_dir: Path) -> Path:
     from visionflow.mlops.tracking import setup
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     root = make_project(tmp_path_factory.mktemp("tune") / "proj", digits_dir)
     (root / "presets" / "tune-test.yaml").write_text(PRESET)
@@ -126,7 +126,7 @@ def test_parallel_study_prunes_and_tracks_every_trial(project: Path, prefect_ser
 
     def spying_load(path, *args, **kwargs):
         out = real_load(path, *args, **kwargs)
-        return _Recorder(out) if Path(path) == layout.cache else out
+        return _Recorder(out) if Path(path) == layout.packed else out
 
     monkeypatch.setattr(torch, "load", spying_load)
     _Recorder.read = set()
@@ -225,8 +225,8 @@ def _vflow_tune(root: Path, api_url: str, *args: str) -> subprocess.Popen:
 def test_killed_study_resumes_without_repeating_trials_then_applies(project: Path,
                                                                    prefect_server: str):
     layout = Layout.at(project)
-    blob = torch.load(layout.cache, weights_only=True)  # a cache with no test split at all:
-    torch.save({k: v for k, v in blob.items() if not k.startswith("test")}, layout.cache)
+    blob = torch.load(layout.packed, weights_only=True)  # a cache with no test split at all:
+    torch.save({k: v for k, v in blob.items() if not k.startswith("test")}, layout.packed)
     text_before = layout.params.read_text()
     proc = _vflow_tune(project, prefect_server, "-s", "tune.parallel=1")
     try:
@@ -348,7 +348,7 @@ def test_two_hosts_share_one_study_in_the_stack_postgres(project: Path, team_sta
 
 _OPEN_AT_GO = """\
 import sys
-from visionflow.pipeline.tune.study import open_storage
+from visionflow.tune.study import open_storage
 print("ready", flush=True)
 sys.stdin.readline()
 open_storage(sys.argv[1])

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import BIN, make_project, run
+from helpers import BIN, make_project, run
 from projects import assert_stage_recorded
 
 SMALL = {"data.limit_per_class": 10, "train.epochs": 1, "train.threads": 1,

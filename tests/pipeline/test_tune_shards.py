@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 from builders import write_photo_folder
-from conftest import make_project, prefect_settings
+from helpers import make_project, prefect_settings
 from optuna.trial import TrialState
 
 from visionflow.core.configfile import load_params
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tune_streams_the_shards(tmp_path: Path, prefect_server: str, monkeypatch):
-    from visionflow.pipeline.stages import run_stage
+    from visionflow.orchestration.stage_runner import run_stage
 
     photos = write_photo_folder(tmp_path / "photos", {"train": 10, "val": 3, "test": 2})
     root = make_project(tmp_path / "proj", photos, {

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, run
+from helpers import BIN, REPO, run
 
 from visionflow.core.configfile import load_params, parse_params
 from visionflow.core.errors import ConfigError
-from visionflow.pipeline.tune.apply import apply_best, rewrite
-from visionflow.pipeline.tune.space import baseline, fingerprint, fixed_settings
-from visionflow.pipeline.tune.study import redact
+from visionflow.tune.apply import apply_best, rewrite
+from visionflow.tune.space import baseline, fingerprint, fixed_settings
+from visionflow.tune.study import redact
 
 
 def _raw(space: dict) -> dict:
@@ -134,7 +134,7 @@ def test_redact_hides_the_password():
 def test_sampler_and_pruner_follow_the_config():
     import optuna
 
-    from visionflow.pipeline.tune.study import pruner, sampler
+    from visionflow.tune.study import pruner, sampler
 
     raw = _raw({"train.lr": {"low": 0.01, "high": 1.0, "log": True}})
     raw["train"]["epochs"] = 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ConfigError

@@ -27,7 +27,7 @@ TORCHVISION = ["deeplabv3_mobilenet_v3_large", "deeplabv3_resnet101", "deeplabv3
                "fcn_resnet101", "fcn_resnet50", "lraspp_mobilenet_v3_large"]
 
 
-def test_registry_names_and_ignore_index():
+def test_zoo_names_and_ignore_index():
     assert list_segmentation_models() == sorted(["unet", *TORCHVISION])
     assert IGNORE_INDEX == segmentation_masks.IGNORE_INDEX == 255
     with pytest.raises(ValueError, match="unknown segmentation model 'segnet'"):

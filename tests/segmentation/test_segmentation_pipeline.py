@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, make_project, prefect_settings, run
+from helpers import BIN, make_project, prefect_settings, run
 from seg_projects import MIN_MIOU, SEG, shapes
 
 STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")

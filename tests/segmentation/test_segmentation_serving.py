@@ -36,7 +36,7 @@ from visionflow.mlops.publish_segmentation import (
     tag_task,
     version_task,
 )
-from visionflow.mlops.pyfunc import WEIGHTS, BadInput
+from visionflow.mlops.pyfunc_classifier import WEIGHTS, BadInput
 from visionflow.model.classifier import Arch, build_classifier, save_classifier
 from visionflow.model.segmentation import TASK, load_segmenter
 
@@ -68,7 +68,7 @@ def served(tmp_path_factory):
         v1 = log_segmenter_pyfunc(layout.model, SEG, params).registered_model_version
         v2 = log_compact_segmenter(int8, arch, SEG, params).registered_model_version
         clf = mlflow.pyfunc.log_model(
-            name="classifier", python_model=str(PACKAGE / "mlops/pyfunc_model.py"),
+            name="classifier", python_model=str(PACKAGE / "mlops/pyfunc_classifier_entry.py"),
             artifacts={WEIGHTS: str(clf_file)}, code_paths=[str(PACKAGE)],
             pip_requirements=["torch"], registered_model_name=CLF).registered_model_version
     for version in (v1, v2):

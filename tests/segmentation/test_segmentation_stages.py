@@ -9,13 +9,13 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, make_project
+from helpers import REPO, make_project
 from seg_projects import SEG, write_voc
 
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ConfigError, ValidationFailed
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 
 def test_classification_stays_the_default_and_the_preset_switches_task():
@@ -47,7 +47,7 @@ def test_a_voc_folder_imports_and_trains(tmp_path):
     assert bad["path"] == "SegmentationClass/2007_000000.png"
     assert bad["reason"] == "rgb_colour_not_in_palette"
     assert sorted(p.relative_to(root / "data") for p in (root / "data").rglob("*")) == before
-    cache = torch.load(layout.cache, weights_only=True)
+    cache = torch.load(layout.packed, weights_only=True)
     # VOC's lists: val as listed; test carved from train.txt (no test.txt) by content
     n = {s: len(cache[f"{s}_paths"]) for s in ("train", "val", "test")}
     assert n["val"] == 10 and n["train"] + n["test"] == 29 and n["test"] > 0, n

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import BIN, run
+from helpers import BIN, run
 from PIL import Image
 
 from visionflow.core.errors import DataError

@@ -21,7 +21,7 @@ import torch
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
 from visionflow.mlops import registry
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 # A 'fast' model that learns digits in ~15 s on one core (~0.9 top-1), so agreement and
 # accuracy checks mean something; the search is the wide one, kept cheap.
@@ -62,7 +62,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, digits_dir) -> Layout:
-    from conftest import make_project
+    from helpers import make_project
 
     root = make_project(tmp_path_factory.mktemp("compress") / "proj", digits_dir, MODEL)
     layout = Layout.at(root)
@@ -79,9 +79,9 @@ def wide(trained) -> tuple[Layout, dict]:
 
 
 def _test_split(layout: Layout):
-    from visionflow.data.cache import load_cache
+    from visionflow.data.packed import load_packed
 
-    cache = load_cache(layout.cache)
+    cache = load_packed(layout.packed)
     return cache["test_x"], cache["test_y"]
 
 
@@ -349,7 +349,7 @@ def test_sweep_stops_at_first_miss_and_records_failures(trained, tmp_path, capsy
     first miss, and a method that fails is recorded (and printed), not raised."""
     from visionflow.compression.context import Context
     from visionflow.compression.sweep import build_variants
-    from visionflow.data.cache import load_cache
+    from visionflow.data.packed import load_packed
     from visionflow.model.classifier import load_classifier
 
     params = load_params(trained.params, {
@@ -357,7 +357,7 @@ def test_sweep_stops_at_first_miss_and_records_failures(trained, tmp_path, capsy
         "compress.lowrank_energies": [0.5, 0.3], "compress.finetune_epochs": 0,
         "compress.student_kwargs": {"no_such_argument": 1}})
     model, arch = load_classifier(trained.model)
-    cache = load_cache(trained.cache)
+    cache = load_packed(trained.packed)
     ctx = Context(model, arch, cache["train_x"], cache["train_y"], cache["test_x"],
                   cache["test_y"], cfg=params.compress, evaluate=params.evaluate,
                   seed=params.seed, device=torch.device("cpu"), out=tmp_path)
@@ -376,7 +376,7 @@ def test_sweep_stops_at_first_miss_and_records_failures(trained, tmp_path, capsy
 
 
 def test_params_yaml_matches_the_config_defaults():
-    from conftest import REPO
+    from helpers import REPO
 
     from visionflow.core.config import CompressConfig
     from visionflow.core.configfile import parse_params, read_params_file

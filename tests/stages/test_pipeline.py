@@ -13,13 +13,13 @@ import torch
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import ValidationFailed
 from visionflow.core.layout import Layout
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, digits_dir) -> tuple[Layout, dict]:
     """Run all six stages once; tests below inspect what they wrote."""
-    from conftest import make_project
+    from helpers import make_project
 
     root = make_project(tmp_path_factory.mktemp("stages") / "proj", digits_dir)
     layout = Layout.at(root)
@@ -47,7 +47,7 @@ def test_validate_writes_manifest_and_docs(done):
 
 def test_pack_cache_is_uint8_and_safe_to_load(done):
     layout, _ = done
-    cache = torch.load(layout.cache, weights_only=True)
+    cache = torch.load(layout.packed, weights_only=True)
     assert cache["train_x"].dtype == torch.uint8
     assert cache["train_x"].shape[1:] == (3, 16, 16)
     assert len(cache["test_x"]) == len(cache["test_y"]) > 0
@@ -119,7 +119,7 @@ def test_register_promotes_first_then_keeps_on_tie(done):
 
 
 def test_corrupt_image_fails_validate_with_its_name(tmp_path: Path, digits_dir: Path):
-    from conftest import make_project
+    from helpers import make_project
 
     root = make_project(tmp_path / "p", digits_dir)
     bad = root / "data" / "train" / "3" / "corrupt.png"
@@ -134,7 +134,7 @@ def test_corrupt_image_fails_validate_with_its_name(tmp_path: Path, digits_dir: 
 
 
 def test_failed_validate_blocks_pack(tmp_path: Path, digits_dir: Path):
-    from conftest import make_project
+    from helpers import make_project
 
     from visionflow.core.errors import DataError
 

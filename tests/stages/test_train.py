@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, make_project, run, write_params
+from helpers import BIN, make_project, run, write_params
 
 from visionflow.core.config import TrainConfig
 from visionflow.core.configfile import load_params
@@ -18,7 +18,7 @@ from visionflow.core.layout import Layout
 from visionflow.model import engine
 from visionflow.model.classifier import load_classifier
 from visionflow.model.pretrained import load_pretrained
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration.stage_runner import run_stage
 from visionflow.stages import train
 
 
@@ -35,7 +35,7 @@ def prepared(tmp_path_factory, digits_dir) -> Path:
 
 def _copy(prepared: Path, dest: Path, **overrides) -> Layout:
     shutil.copytree(prepared, dest)
-    from conftest import TINY
+    from helpers import TINY
 
     write_params(dest / "params.yaml", {**TINY, "train.progress": False, **overrides})
     return Layout.at(dest)

@@ -87,7 +87,7 @@ def data_status(
     """The current data version (data hash, data.dvc md5) next to the champion's."""
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.trigger import data_status as status
+    from visionflow.orchestration.trigger import data_status as status
 
     layout = Layout.at(root)
     cfg = load_params(params if params.is_absolute() else layout.root / params,

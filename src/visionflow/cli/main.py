@@ -56,7 +56,7 @@ def _load(params: Path, overrides: list[str] | None, root: Path):
 def _stage_command(name: str):
     def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 root: RootOpt = Path(".")) -> None:
-        from visionflow.pipeline.stages import run_stage
+        from visionflow.orchestration.stage_runner import run_stage
         from visionflow.stages import print_result
 
         cfg, layout = _load(params, set_, root)
@@ -79,7 +79,7 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                                                     "command, run nothing")] = False) -> None:
     """Train through torchrun as params ask (train.nodes x train.procs_per_node processes):
     run the same command on every node."""
-    from visionflow.pipeline import launch as launcher
+    from visionflow.orchestration import launch as launcher
     from visionflow.stages import print_result
 
     cfg, layout = _load(params, set_, root)
@@ -95,8 +95,8 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         root: RootOpt = Path("."), force: bool = False) -> None:
     """Run the whole pipeline once as the Prefect `retrain` flow."""
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import flowfile
-    from visionflow.pipeline.retrain import run_and_print
+    from visionflow.orchestration import flowfile
+    from visionflow.orchestration.retrain import run_and_print
 
     layout = Layout.at(root)
     flows = flowfile.load(layout.flow_file)

@@ -30,7 +30,7 @@ def _layout(root: Path):
 
 def _start(service_name: str, root: Path, host: str, port: int | None, timeout: float,
            ui: bool = True) -> None:
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     service = server.PREFECT if service_name == "prefect" else server.MLFLOW
     st = server.start(service, _layout(root), host, port, timeout, ui=ui)
@@ -41,7 +41,7 @@ def _start(service_name: str, root: Path, host: str, port: int | None, timeout: 
 
 
 def _stop(service_name: str, root: Path) -> None:
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     service = server.PREFECT if service_name == "prefect" else server.MLFLOW
     st = server.stop(service, _layout(root))
@@ -50,7 +50,7 @@ def _stop(service_name: str, root: Path) -> None:
 
 
 def _status(service_name: str, root: Path) -> None:
-    from visionflow.pipeline import servers as server
+    from visionflow.orchestration import servers as server
 
     service = server.PREFECT if service_name == "prefect" else server.MLFLOW
     st = server.status(service, _layout(root))
@@ -122,9 +122,9 @@ def schedule_command(
     from visionflow.core.configfile import load_params
     from visionflow.core.errors import ConfigError
     from visionflow.core.layout import Layout
-    from visionflow.pipeline import flowfile
-    from visionflow.pipeline.retrain import serve_deployment
-    from visionflow.pipeline.servers import prefect_api
+    from visionflow.orchestration import flowfile
+    from visionflow.orchestration.retrain import serve_deployment
+    from visionflow.orchestration.servers import prefect_api
 
     layout = Layout.at(root)
     path = params if params.is_absolute() else layout.root / params

@@ -21,7 +21,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="project root (the checkou
 
 def _stack(root: Path):
     from visionflow.core.layout import Layout
-    from visionflow.pipeline.stack.core import Stack
+    from visionflow.stack.core import Stack
 
     return Stack(Layout.at(root))
 
@@ -36,7 +36,7 @@ def up(root: RootOpt = Path("."),
        timeout: Annotated[float, typer.Option(help="seconds to wait for each server")] = 300,
        ) -> None:
     """Start every service that is not running (data under .cache/stack/)."""
-    from visionflow.pipeline.stack.core import Options
+    from visionflow.stack.core import Options
 
     stack = _stack(root)
     created = stack.up(Options(host=host, workers=workers, ui=ui, deploy=deploy,
@@ -90,7 +90,7 @@ def worker(root: RootOpt = Path("."),
 
     from visionflow.core.env import quiet_env
     from visionflow.core.errors import VisionflowError
-    from visionflow.pipeline.stack import services
+    from visionflow.stack import services
 
     if not os.environ.get("PREFECT_API_URL"):
         raise VisionflowError("PREFECT_API_URL is not set: source the stack's env.sh (or "

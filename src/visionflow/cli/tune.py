@@ -24,10 +24,10 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     study. Nothing in the project changes unless --apply."""
     from visionflow.core.configfile import load_params
     from visionflow.core.layout import Layout
-    from visionflow.data.cache import source_data_hash
-    from visionflow.pipeline.tune import search, study
-    from visionflow.pipeline.tune.apply import apply_best
-    from visionflow.pipeline.tune.space import fixed_settings
+    from visionflow.data.packed import source_data_hash
+    from visionflow.tune import search, study
+    from visionflow.tune.apply import apply_best
+    from visionflow.tune.space import fixed_settings
 
     layout = Layout.at(root)
     path = params if params.is_absolute() else layout.root / params
@@ -42,7 +42,7 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                    f"finished: {c.complete} complete, {c.pruned} pruned); raise tune.trials "
                    "to search on")
     else:
-        from visionflow.pipeline import flowfile
+        from visionflow.orchestration import flowfile
 
         summary = flowfile.load(layout.tune_flow_file).main(
             params=str(path), overrides=set_ or [], root=str(layout.root))

@@ -31,7 +31,7 @@ RELOAD_CHECK_IMAGES = 64  # test images a reloaded file must reproduce
 
 @dataclass
 class Context:
-    """The original (fp32, CPU), the pack cache's uint8 splits, the options, and the
+    """The original (fp32, CPU), the packed data's uint8 splits, the options, and the
     original's scores once `set_original` has run (every ratio and drop is against them)."""
 
     model: nn.Module

@@ -4,7 +4,7 @@ Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))
                    + (1 - alpha) * CE(student, labels).
 
 Images are N x C x H x W, float in [0, 1] or uint8 (scaled to [0, 1] batch by batch, so the
-pack cache's uint8 train split is used without a float copy of it).
+packed data's uint8 train split is used without a float copy of it).
 """
 
 from __future__ import annotations

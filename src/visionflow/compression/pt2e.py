@@ -15,7 +15,7 @@ deployable artifact (serving it needs torchao and a lowering or compile at load 
 
 Models must give every ReLU call site its own module (torchvision ResNets reuse one per
 block, which fails with "Input partition has more than one output node"); the project's
-registry models do.
+zoo models do.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
 
 
 def default_builder(arch: dict[str, Any]) -> nn.Module:
-    """The project's classifier for an `Arch` dict (normalisation + registry network)."""
+    """The project's classifier for an `Arch` dict (normalisation + zoo network)."""
     return build_classifier(Arch(**arch))
 
 

@@ -11,7 +11,7 @@
   saved as layer structure + state dict;
 - `lowrank_variant`: Tucker-2 convolutions / SVD linears at one singular-value energy,
   fine-tuned;
-- `student_variant`: a smaller registry student (`student_model`, `student_kwargs`) trained
+- `student_variant`: a smaller zoo student (`student_model`, `student_kwargs`) trained
   on the original's soft targets plus the labels;
 - `pt2e_variant`: torchao PT2E int8 (X86InductorQuantizer), lowered to oneDNN kernels for
   timing. Measured, not deployable (its saved form cannot be loaded without unpickling; a

@@ -225,7 +225,7 @@ class CompressConfig(_Section):
     Methods: `int8` ONNX Runtime QDQ static int8 (per-channel); `prune` unstructured magnitude
     sparsity (report only: no gain in dense kernels); `structured` channel pruning
     (torch-pruning) + fine-tune; `lowrank` Tucker-2 / SVD + fine-tune; `distill` a smaller
-    registry student; `pt2e` torchao PT2E X86 int8 (measured, not deployable).
+    zoo student; `pt2e` torchao PT2E X86 int8 (measured, not deployable).
     """
 
     methods: list[str] = Field(["int8", "prune", "structured"],

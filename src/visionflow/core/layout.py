@@ -127,7 +127,7 @@ class Layout:
 
     @property
     def launch_dir(self) -> Path:
-        """The resolved params file each torchrun rank loads (`pipeline/launch.py`)."""
+        """The resolved params file each torchrun rank loads (`orchestration/launch.py`)."""
         return self.cache_root / "launch"
 
     @property
@@ -217,9 +217,9 @@ class Layout:
         return self.outputs / "pack"
 
     @property
-    def cache(self) -> Path:
-        """The tensor cache; in shards mode it holds the metadata only (no pixels)."""
-        return self.pack_dir / "cache.pt"
+    def packed(self) -> Path:
+        """The packed data; in shards mode it holds the metadata only (no pixels)."""
+        return self.pack_dir / "packed.pt"
 
     @property
     def shards(self) -> Path:

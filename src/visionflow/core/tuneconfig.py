@@ -48,7 +48,7 @@ class Dimension(BaseModel):
 
 
 class TuneConfig(BaseModel):
-    """`vflow tune` (pipeline/tune): an Optuna study over `space`, trials as Prefect tasks."""
+    """`vflow tune` (tune): an Optuna study over `space`, trials as Prefect tasks."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -2,7 +2,7 @@
 
 The compress stage (and anything else that scores a segmenter on a split) reads its data only
 through `segmentation_pairs(params, layout, split)`: (C x H x W uint8 image, H x W int64
-mask) tensors, one at a time, from the pack stage's `cache.pt` (train resized to
+mask) tensors, one at a time, from the pack stage's `packed.pt` (train resized to
 `segmentation.image_size`, val and test at each pair's own size; bounded by
 `data.storage_budget_bytes`, see `tasks.segmentation.pack`).
 """
@@ -18,17 +18,17 @@ from torch import Tensor
 from visionflow.core.config import Params
 from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache
+from visionflow.data.packed import load_packed
 
 SPLITS = ("train", "val", "test")
 
 
 def _packed(layout: Layout) -> dict[str, Any]:
-    if not layout.cache.is_file():
-        raise DataError(f"{layout.cache}: no packed data: run validate and pack first")
-    blob = load_cache(layout.cache)
+    if not layout.packed.is_file():
+        raise DataError(f"{layout.packed}: no packed data: run validate and pack first")
+    blob = load_packed(layout.packed)
     if blob.get("task") != "segmentation":
-        raise DataError(f"{layout.cache}: packed for {blob.get('task', 'classification')}, "
+        raise DataError(f"{layout.packed}: packed for {blob.get('task', 'classification')}, "
                         f"not segmentation: run pack again")
     return blob
 
@@ -46,6 +46,6 @@ def segmentation_pairs(params: Params, layout: Layout, split: str,
     blob = _packed(layout)
     images, masks = blob[f"{split}_x"], blob[f"{split}_masks"]
     if len(images) == 0:
-        raise DataError(f"{layout.cache}: no segmentation pairs in the {split} split")
+        raise DataError(f"{layout.packed}: no segmentation pairs in the {split} split")
     for image, mask in islice(zip(images, masks, strict=True), limit):
         yield image, mask.long()

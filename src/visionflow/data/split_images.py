@@ -47,7 +47,7 @@ class SplitImages:
             self._buf = self._buf[:0]
             return False
         if not torch.equal(y, self.labels[self._pos:self._pos + len(y)]):
-            raise DataError(f"the {self.split} shards do not match the pack cache: run the "
+            raise DataError(f"the {self.split} shards do not match the packed data: run the "
                             "pack stage again")
         self._buf = x
         self.peak_images = max(self.peak_images, len(x))

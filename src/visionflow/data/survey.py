@@ -25,7 +25,7 @@ from visionflow.core.config import Params
 from visionflow.core.errors import DataError
 from visionflow.core.files import atomic_path, sha256_file
 from visionflow.core.layout import Layout
-from visionflow.data import inspect, scan, source, splits
+from visionflow.data import image_checks, scan, source, splits
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.manifest import COLUMNS
 
@@ -50,7 +50,7 @@ class CacheStats:
         return asdict(self)
 
 
-def cache_file(layout: Layout, dataset_root: Path) -> Path:
+def row_cache_file(layout: Layout, dataset_root: Path) -> Path:
     key = hashlib.sha256(str(dataset_root).encode()).hexdigest()[:16]
     return layout.row_cache(key)
 
@@ -193,7 +193,7 @@ def inspect_entries(entries: list[Any], channels: int, workers: int, max_pixels:
                 still.append(i)
         misses = still
     if misses:
-        infos = inspect.inspect_many([entries[i].fspath for i in misses], channels, workers,
+        infos = image_checks.inspect_many([entries[i].fspath for i in misses], channels, workers,
                                     max_pixels=max_pixels)
         for i, info in zip(misses, infos, strict=True):
             key = stat_keys[i] or [info.bytes, 0, 0]
@@ -215,7 +215,7 @@ def inspect_entries(entries: list[Any], channels: int, workers: int, max_pixels:
 
 @dataclass
 class Survey:
-    """What `build_manifest_ex` found: the dataset root, manifest rows, empty class
+    """What `survey_dataset` found: the dataset root, manifest rows, empty class
     folders, row-cache statistics, the split scheme and what was ignored (no images)."""
 
     root: Path
@@ -230,18 +230,18 @@ def build_manifest(params: Params, layout: Layout) -> tuple[Path, list[dict[str,
     """Resolve the source, scan it, assign splits, inspect every file.
 
     Returns (dataset root, rows, empty class folders)."""
-    found = build_manifest_ex(params, layout)
+    found = survey_dataset(params, layout)
     return found.root, found.rows, found.empty
 
 
-def build_manifest_ex(params: Params, layout: Layout) -> Survey:
+def survey_dataset(params: Params, layout: Layout) -> Survey:
     """`build_manifest` plus the row-cache statistics, phase timings, the split scheme and
     the ignored top-level entries."""
     t = {"start": time.perf_counter()}
     v, d = params.validate_, params.data
     src = source.source_path(params, layout, fetch=True)
     # a first extraction feeds each member to a process pool: decode overlaps extraction
-    early = inspect.BackgroundInspector(d.channels, v.workers, v.max_pixels) \
+    early = image_checks.BackgroundInspector(d.channels, v.workers, v.max_pixels) \
         if v.cache else None
     try:
         root = source.resolve_source(src, layout.extract_cache,
@@ -259,7 +259,7 @@ def build_manifest_ex(params: Params, layout: Layout) -> Survey:
     cache = None
     seeded: set[str] = set()
     if v.cache:
-        cache = RowCache.load(cache_file(layout, root), _signature(d.channels, v.max_pixels))
+        cache = RowCache.load(row_cache_file(layout, root), _signature(d.channels, v.max_pixels))
         # drop entries of files that are gone (kept: every scanned file, even outside subset)
         present = {e.relpath for e in found.entries}
         kept = {k: e for k, e in cache.entries.items() if k in present}

@@ -16,7 +16,7 @@ from typing import Any
 from visionflow.core.errors import ConfigError, DataError, one_line
 from visionflow.core.files import write_csv, write_with
 from visionflow.data.segmentation_masks import index_png_bytes
-from visionflow.mlops.pyfunc_segmentation import image_to_hwc
+from visionflow.mlops.pyfunc_segmenter import image_to_hwc
 
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ("path", "mask", "height", "width", "classes", "error")

@@ -1,5 +1,5 @@
 """Logging models to MLflow "from code" (nothing pickled) and registering them as versions:
-the trained classifier (`pyfunc_model.py`) and the compressed copy (`compact_pyfunc.py`),
+the trained classifier (`pyfunc_classifier_entry.py`) and the compressed copy (`pyfunc_compact_entry.py`),
 both with the same signature, input example and pinned requirements."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from PIL import Image
 
 from visionflow.core.config import Params
 from visionflow.core.layout import Layout
-from visionflow.mlops.compact_model import ONNX_ARTIFACT
 from visionflow.mlops.datasets import dataset, log_datasets
-from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.pyfunc_classifier import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.pyfunc_compact import ONNX_ARTIFACT
 from visionflow.mlops.registry import TEST_PREFIX
 from visionflow.model.classifier import load_classifier
 from visionflow.model.metrics import capped_topk
@@ -84,7 +84,7 @@ def log_pyfunc(layout: Layout, model_name: str, params: Params | None = None):
     signature, example = signature_and_example(arch, topk)
     return log_own_model("model", lambda model_id: mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(HERE / "pyfunc_model.py"),
+        python_model=str(HERE / "pyfunc_classifier_entry.py"),
         artifacts={WEIGHTS: str(layout.model)},
         code_paths=[str(PACKAGE)],
         signature=signature,
@@ -193,7 +193,7 @@ def log_compact(onnx_path: Path, arch: Any, model_name: str, params: Params):
     signature, example = signature_and_example(arch, topk)
     return mlflow.pyfunc.log_model(
         name=COMPACT_ARTIFACT,
-        python_model=str(HERE / "compact_pyfunc.py"),
+        python_model=str(HERE / "pyfunc_compact_entry.py"),
         artifacts={ONNX_ARTIFACT: str(onnx_path)},
         code_paths=[str(PACKAGE)],
         signature=signature,

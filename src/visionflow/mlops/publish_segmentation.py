@@ -1,10 +1,10 @@
 """Logging segmentation models to MLflow "from code" (#19), for the register stage:
 
 - `log_segmenter_pyfunc(model_path, model_name, params, model_id=...)`: the trained
-  segmenter (`pyfunc_segmentation_model.py`, weights as an artifact), registered as a new
+  segmenter (`pyfunc_segmenter_entry.py`, weights as an artifact), registered as a new
   version of `model_name` when it is given;
 - `log_compact_segmenter(onnx_path, arch, model_name, params)`: compress's chosen ONNX
-  variant (`compact_segmentation_pyfunc.py`);
+  variant (`pyfunc_compact_segmenter_entry.py`);
 - `tag_task(client, name, version, task)` and `version_task(mv)`: the `task` tag every
   version carries (a version without one predates #19: a classifier);
 - `check_task(where, mv, want)`: the one-line error when a version of the other task is
@@ -30,9 +30,9 @@ from PIL import Image
 
 from visionflow.core.config import Params
 from visionflow.core.errors import ConfigError
-from visionflow.mlops.compact_model import ONNX_ARTIFACT
 from visionflow.mlops.publish import COMPACT_ARTIFACT, HERE, PACKAGE, serving_limits
-from visionflow.mlops.pyfunc import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.pyfunc_classifier import PIP_REQUIREMENTS, WEIGHTS
+from visionflow.mlops.pyfunc_compact import ONNX_ARTIFACT
 from visionflow.model.segmentation import TASK, SegArch, load_segmenter
 
 TASK_TAG = "task"
@@ -63,7 +63,7 @@ def log_segmenter_pyfunc(model_path: Path, model_name: str | None = None,
     signature, example = segmentation_signature(arch.in_channels)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=str(HERE / "pyfunc_segmentation_model.py"),
+        python_model=str(HERE / "pyfunc_segmenter_entry.py"),
         artifacts={WEIGHTS: str(model_path)},
         code_paths=[str(PACKAGE)],
         signature=signature,
@@ -81,7 +81,7 @@ def log_compact_segmenter(onnx_path: Path, arch: SegArch, model_name: str | None
     signature, example = segmentation_signature(arch.in_channels)
     return mlflow.pyfunc.log_model(
         name=COMPACT_ARTIFACT,
-        python_model=str(HERE / "compact_segmentation_pyfunc.py"),
+        python_model=str(HERE / "pyfunc_compact_segmenter_entry.py"),
         artifacts={ONNX_ARTIFACT: str(onnx_path)},
         code_paths=[str(PACKAGE)],
         signature=signature,

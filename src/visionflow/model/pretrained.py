@@ -1,7 +1,7 @@
 """Transfer learning: copy matching tensors from local weights or torchvision's weights.
 
 `train.pretrained` is a weights file (a state dict, or a saved classifier) or
-`torchvision:<WEIGHTS>` (e.g. `torchvision:DEFAULT`): torchvision's weights for the registry
+`torchvision:<WEIGHTS>` (e.g. `torchvision:DEFAULT`): torchvision's weights for the zoo
 model of the same name (resnet18 -> ResNet18_Weights), downloaded once (online only).
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 from visionflow.core.errors import ConfigError
 
 TORCHVISION_PREFIX = "torchvision:"
-# registry models whose layers are torchvision's own (the small-image stem aside)
+# zoo models whose layers are torchvision's own (the small-image stem aside)
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "densenet121")
 # torchvision's DenseNet checkpoints name layers 'norm.1'; the modules are 'norm1'
 _DENSE_KEY = re.compile(
@@ -25,7 +25,7 @@ _DENSE_KEY = re.compile(
 
 
 def torchvision_weights(model_name: str, weights: str) -> torchvision.models.WeightsEnum:
-    """The torchvision weights enum member for a registry model (no download)."""
+    """The torchvision weights enum member for a zoo model (no download)."""
     key = f"train.pretrained='{TORCHVISION_PREFIX}{weights}'"
     if model_name not in TORCHVISION_NAMES:
         raise ConfigError(f"{key}: model '{model_name}' has no torchvision weights (choose "

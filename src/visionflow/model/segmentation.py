@@ -1,5 +1,5 @@
 """Segmentation models (torch only: they run where the GPU is): a U-Net and torchvision's
-FCN / DeepLabV3 / LR-ASPP heads, behind one registry like the classifiers' `zoo`.
+FCN / DeepLabV3 / LR-ASPP heads, behind one zoo like the classifiers' `zoo`.
 
 Every model maps float32 N x C x H x W in [0, 1] (normalisation is its first step, as for
 `Classifier`) to N x K x H x W logits at the input's size, for any H x W. Transfer learning
@@ -26,35 +26,35 @@ from visionflow.core.files import torch_save
 IGNORE_INDEX = 255  # label of pixels that count nowhere (data.segmentation_masks agrees)
 TASK = "segmentation"  # saved with the model; a file without it is a classifier
 SegModelFn = Callable[..., nn.Module]
-_SEG_REGISTRY: dict[str, SegModelFn] = {}
+_SEG_ZOO: dict[str, SegModelFn] = {}
 
 
-def register_segmentation_model(name: str) -> Callable[[SegModelFn], SegModelFn]:
+def segmentation_zoo_model(name: str) -> Callable[[SegModelFn], SegModelFn]:
     """Decorator registering `fn(num_classes, in_channels, **kwargs) -> nn.Module`."""
 
     def deco(fn: SegModelFn) -> SegModelFn:
-        if name in _SEG_REGISTRY:
+        if name in _SEG_ZOO:
             raise ValueError(f"segmentation model '{name}' is already registered")
-        _SEG_REGISTRY[name] = fn
+        _SEG_ZOO[name] = fn
         return fn
 
     return deco
 
 
 def list_segmentation_models() -> list[str]:
-    return sorted(_SEG_REGISTRY)
+    return sorted(_SEG_ZOO)
 
 
 def create_segmentation_model(name: str, num_classes: int, in_channels: int = 3,
                               **kwargs) -> nn.Module:
     """A freshly initialised network (no normalisation; see `build_segmenter`)."""
-    if name not in _SEG_REGISTRY:
+    if name not in _SEG_ZOO:
         raise ValueError(f"unknown segmentation model '{name}', choose one of "
                          f"{', '.join(list_segmentation_models())}")
     if num_classes < 2 or in_channels < 1:
         raise ValueError(f"segmentation needs num_classes >= 2 and in_channels >= 1, got "
                          f"{num_classes}, {in_channels}")
-    return _SEG_REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return _SEG_ZOO[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 # --------------------------------------------------------------------------- U-Net
@@ -105,7 +105,7 @@ class UNet(nn.Module):
         return self.head(y)
 
 
-@register_segmentation_model("unet")
+@segmentation_zoo_model("unet")
 def unet(num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
     return UNet(num_classes, in_channels, **kwargs)
 
@@ -147,7 +147,7 @@ for _name, _builder, _aux in (
     ("deeplabv3_mobilenet_v3_large", tvseg.deeplabv3_mobilenet_v3_large, True),
     ("lraspp_mobilenet_v3_large", tvseg.lraspp_mobilenet_v3_large, False),
 ):
-    register_segmentation_model(_name)(_torchvision(_builder, _aux))
+    segmentation_zoo_model(_name)(_torchvision(_builder, _aux))
 
 
 # --------------------------------------------------------------------------- normalised model

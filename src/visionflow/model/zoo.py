@@ -1,4 +1,4 @@
-"""Model registry (timm-style): `create_model(name, num_classes, image_size, in_channels)`.
+"""The model zoo (timm-style): `create_model(name, num_classes, image_size, in_channels)`.
 
 Every model takes float32 N x C x H x W input (C = `in_channels`, 1 or 3) and works at 16..64 px
 and above (`alexnet` down to 8 px), in contiguous or channels_last memory format.
@@ -17,38 +17,38 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 ModelFn = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, ModelFn] = {}
+_ZOO: dict[str, ModelFn] = {}
 SMALL_IMAGE_MAX = 64  # inputs up to this size get the CIFAR-style stem
 
 
-def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
+def zoo_model(name: str) -> Callable[[ModelFn], ModelFn]:
     """Decorator registering `fn(num_classes, image_size, in_channels, **kwargs) -> nn.Module`."""
 
     def deco(fn: ModelFn) -> ModelFn:
-        if name in _REGISTRY:
+        if name in _ZOO:
             raise ValueError(f"model '{name}' is already registered")
-        _REGISTRY[name] = fn
+        _ZOO[name] = fn
         return fn
 
     return deco
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_ZOO)
 
 
 def create_model(
     name: str, num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs
 ) -> nn.Module:
-    """Build a freshly initialised (no pretrained weights) model from the registry."""
-    if name not in _REGISTRY:
+    """Build a freshly initialised (no pretrained weights) model from the zoo."""
+    if name not in _ZOO:
         raise ValueError(f"unknown model '{name}', choose one of {', '.join(list_models())}")
     if num_classes < 1 or image_size < 1 or in_channels < 1:
         raise ValueError(
             f"num_classes, image_size and in_channels must be >= 1, got "
             f"{num_classes}, {image_size}, {in_channels}"
         )
-    return _REGISTRY[name](
+    return _ZOO[name](
         num_classes=num_classes, image_size=image_size, in_channels=in_channels, **kwargs
     )
 
@@ -118,7 +118,7 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model("alexnet")
+@zoo_model("alexnet")
 def alexnet(num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
     return AlexNet(num_classes, in_channels, **kwargs)
 
@@ -172,17 +172,17 @@ def _resnet(
     return model
 
 
-@register_model("resnet18")
+@zoo_model("resnet18")
 def resnet18(num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
     return _resnet(_BasicBlock, [2, 2, 2, 2], num_classes, image_size, in_channels, **kwargs)
 
 
-@register_model("resnet34")
+@zoo_model("resnet34")
 def resnet34(num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
     return _resnet(_BasicBlock, [3, 4, 6, 3], num_classes, image_size, in_channels, **kwargs)
 
 
-@register_model("resnet50")
+@zoo_model("resnet50")
 def resnet50(num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
     return _resnet(_Bottleneck, [3, 4, 6, 3], num_classes, image_size, in_channels, **kwargs)
 
@@ -215,14 +215,14 @@ def _densenet(
     return model
 
 
-@register_model("densenet121")
+@zoo_model("densenet121")
 def densenet121(
     num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs
 ) -> nn.Module:
     return _densenet(num_classes, image_size, in_channels, 32, (6, 12, 24, 16), 64, **kwargs)
 
 
-@register_model("densenet_bc")
+@zoo_model("densenet_bc")
 def densenet_bc(
     num_classes: int,
     image_size: int = 32,
@@ -341,7 +341,7 @@ class FastNet(nn.Module):
         return self.scale(self.head(torch.flatten(self.pool(x), 1)))
 
 
-@register_model("fast")
+@zoo_model("fast")
 def fast(num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
     if image_size < 16:
         raise ValueError(f"model 'fast' needs image_size >= 16, got {image_size}")

@@ -4,7 +4,7 @@ inside an accuracy budget.
 The variants (`params.yaml` `compress.methods`: int8, prune, structured, lowrank, distill,
 pt2e; strengths and fine-tuning there too) are built, saved and scored by
 `compression.sweep.build_variants` (see `compression.variants` for each method) and timed by
-`compression.latency`; fine-tuning and distillation use the pack cache's train split and
+`compression.latency`; fine-tuning and distillation use the packed data's train split and
 run on `train.device`, scoring, export and timing on the CPU with `compress.threads`
 threads. Every variant is scored on the test split in the form it deploys in.
 
@@ -39,8 +39,8 @@ from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.core.config import CompressConfig, Params
 from visionflow.core.files import atomic_dir, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache
 from visionflow.data.feed import with_images
+from visionflow.data.packed import load_packed
 from visionflow.data.segmentation_feed import segmentation_pairs
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
@@ -93,10 +93,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
 
 def _context(params: Params, layout: Layout, out: Path) -> Context:
-    """The trained model, the pack cache's splits and the options, for the library."""
+    """The trained model, the packed data's splits and the options, for the library."""
     model, arch = load_classifier(layout.model)
     # shards: the splits decoded through resize + centre crop
-    cache = with_images(layout, load_cache(layout.cache), ("train", "test"),
+    cache = with_images(layout, load_packed(layout.packed), ("train", "test"),
                         params.data.shard_cache_bytes, params.evaluate.batch_size)
     cfg = params.compress
     if not isinstance(cache["train_x"], torch.Tensor) and cfg.finetune_images is None:

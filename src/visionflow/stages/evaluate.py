@@ -28,8 +28,8 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.files import write_csv, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache
 from visionflow.data.feed import with_images
+from visionflow.data.packed import load_packed
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_test_dataset
 from visionflow.model.classifier import load_classifier
@@ -56,7 +56,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, arch = load_classifier(layout.model, device)
-    cache = with_images(layout, load_cache(layout.cache), ("test",),
+    cache = with_images(layout, load_packed(layout.packed), ("test",),
                         params.data.shard_cache_bytes, cfg.batch_size)
     # (shards: decoded through resize + centre crop)
     logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,

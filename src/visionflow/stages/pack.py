@@ -1,11 +1,11 @@
 """Stage 2, pack: store the validated images the way training reads them (`data.storage`).
 
 - `tensor`: every image decoded once, resized to a square `data.image_size`, as one uint8
-  N×C×S×S tensor per split in `outputs/pack/cache.pt` (see `data.cache`); training loads it
+  N×C×S×S tensor per split in `outputs/pack/packed.pt` (see `data.packed`); training loads it
   straight onto its device. The fastest path for small images (digits, CIFAR-10).
 - `shards`: each split as LitData shards of encoded images under `outputs/pack/shards/<split>/`
   (`data.shards`: the file's own JPEG/PNG bytes up to `data.max_side`, else re-encoded), packed
-  incrementally; training and evaluation stream them (`data.stream`). `cache.pt` then holds the
+  incrementally; training and evaluation stream them (`data.stream`). `packed.pt` then holds the
   classes, labels, paths and hashes only (`"storage": "shards"`), no pixels.
 - `data.shards_url` (shards): each split is uploaded to `<url>/<split>/` and its local shard
   files deleted (`data.remote_shards`): the output keeps the index and contents only, and
@@ -28,8 +28,8 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.files import write_json
 from visionflow.core.layout import Layout
-from visionflow.data.cache import SPLITS, build_cache, save_cache
 from visionflow.data.manifest import read_manifest, usable_rows
+from visionflow.data.packed import SPLITS, build_packed, save_packed
 from visionflow.data.remote_shards import missing_remote, split_url, upload_split
 from visionflow.data.shards import local_shards_whole, pack_split, read_contents, storage_for
 from visionflow.stages import main
@@ -62,7 +62,7 @@ def run(params: Params, layout: Layout) -> PackResult:
     if storage == "tensor":
         for split in SPLITS:  # shards of an earlier run would be stale
             shutil.rmtree(layout.split_shards(split), ignore_errors=True)
-        blob = build_cache(rows, Path(meta["dataset_root"]), classes, size, channels,
+        blob = build_packed(rows, Path(meta["dataset_root"]), classes, size, channels,
                            params.validate_.workers)
     else:
         blob = {"classes": classes, "image_size": size, "channels": channels,
@@ -92,7 +92,7 @@ def run(params: Params, layout: Layout) -> PackResult:
             print(f"pack {split}: {s.samples} images in {s.shards} shards ({s.encoded} "
                   f"written, {s.reencoded} re-encoded, {s.reused} kept)", flush=True)
     counts = {split: len(blob[f"{split}_paths"]) for split in SPLITS}
-    save_cache(blob, layout.cache)
+    save_packed(blob, layout.packed)
     write_json(layout.policy, {
         "applied_in": "train (per sample, on the training device)",
         "policy": params.augment.model_dump(),
@@ -105,7 +105,7 @@ def run(params: Params, layout: Layout) -> PackResult:
             "crop_ratio": list(d.crop_ratio), "max_side": d.max_side, "shards": stats}
            if storage == "shards" else {}),
     })
-    return PackResult(layout.cache, counts, classes, storage, stats)
+    return PackResult(layout.packed, counts, classes, storage, stats)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.files import write_json, write_text
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache, split_hashes
 from visionflow.data.feed import with_images
+from visionflow.data.packed import load_packed, split_hashes
 from visionflow.mlops import gate, registry, scoring, tracking
 from visionflow.mlops.card import model_card
 from visionflow.mlops.compact import register_compact
@@ -65,7 +65,7 @@ def run(params: Params, layout: Layout) -> Registration:
     cfg = params.register_
     validation = json.loads(layout.validation.read_text())
     # shards: the test split decoded through resize + centre crop
-    cache = with_images(layout, load_cache(layout.cache), ("test",),
+    cache = with_images(layout, load_packed(layout.packed), ("test",),
                         params.data.shard_cache_bytes, params.evaluate.batch_size)
     tags = version_tags(params, layout)
     layout.mlruns.mkdir(exist_ok=True)

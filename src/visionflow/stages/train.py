@@ -1,4 +1,4 @@
-"""Stage 3, train: fit a registry CNN on the pack cache, GPU when present, else CPU.
+"""Stage 3, train: fit a zoo CNN on the packed data, GPU when present, else CPU.
 
 The uint8 cache goes to the training device once (streamed from pinned host memory when
 it does not fit); batches are indexed and augmented there. Writes `model.pt` (arch +
@@ -32,8 +32,8 @@ from torch import nn
 from visionflow.core.config import RUNTIME_KEYS, Params
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache, source_data_hash
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
+from visionflow.data.packed import load_packed, source_data_hash
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
 from visionflow.model import engine
@@ -83,7 +83,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
     # torch.compile's kernels survive between runs of a flow (train.compile: auto on CUDA)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(layout.cache_root / "inductor"))
 
-    cache = load_cache(layout.cache)
+    cache = load_packed(layout.packed)
     decode = None
     if is_shards(cache):
         data = training_feed(params, layout, cache, main=dist.main, raw=device.type == "cuda")

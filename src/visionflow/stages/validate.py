@@ -37,7 +37,7 @@ from visionflow.data.manifest import (
 )
 from visionflow.data.quality_report import write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
-from visionflow.data.survey import build_manifest_ex
+from visionflow.data.survey import survey_dataset
 from visionflow.mlops.lineage import champion_split_scheme, champion_summary
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main
@@ -81,7 +81,7 @@ def run(params: Params, layout: Layout) -> ValidateResult:
 def _run(params: Params, layout: Layout) -> ValidateResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    found = build_manifest_ex(params, layout)
+    found = survey_dataset(params, layout)
     root, rows, empty_classes, cache_stats = found.root, found.rows, found.empty, found.stats
     timings["manifest"] = time.perf_counter() - t0
     labels = params.validate_.labels or sorted(

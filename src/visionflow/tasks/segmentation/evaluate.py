@@ -24,7 +24,7 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.files import write_csv, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache
+from visionflow.data.packed import load_packed
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_test_dataset
 from visionflow.model.inference import pick_device
@@ -44,7 +44,7 @@ HEADLINE = ("miou", "pixel_accuracy", "mean_dice", "ece")
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     device = pick_device(params.train.device)
     model, arch = load_segmenter(layout.model, device)
-    cache = load_cache(layout.cache)
+    cache = load_packed(layout.packed)
     classes, k = arch.classes, arch.num_classes
     meter, calib = SegmentationMeter(k), PixelCalibration(params.evaluate.calibration_bins)
     per_image: list[float] = []

@@ -1,4 +1,4 @@
-"""Pack for `task: segmentation`: the validated pairs as tensors in `outputs/pack/cache.pt`
+"""Pack for `task: segmentation`: the validated pairs as tensors in `outputs/pack/packed.pt`
 (the tensor path of `data.storage`; shards are classification's only, for now).
 
 - train: images (N x 3 x S x S uint8) and masks (N x S x S uint8) resized to
@@ -27,7 +27,7 @@ from visionflow.core.config import Params
 from visionflow.core.errors import DataError
 from visionflow.core.files import read_json, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.cache import SPLITS, save_cache
+from visionflow.data.packed import SPLITS, save_packed
 from visionflow.data.segmentation_layout import Pair, load_pair
 
 
@@ -88,7 +88,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     for split in SPLITS:  # shards of an earlier classification run would be stale
         shutil.rmtree(layout.split_shards(split), ignore_errors=True)
     layout.shards.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes
-    save_cache(blob, layout.cache)
+    save_packed(blob, layout.packed)
     counts = {split: len(blob[f"{split}_paths"]) for split in SPLITS}
     s = params.segmentation
     write_json(layout.policy, {
@@ -101,4 +101,4 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         "bytes": used,
     })
     print(f"pack (segmentation): {counts} pairs, {used / 2**20:.1f} MiB", flush=True)
-    return {"cache": str(layout.cache), "counts": counts, "classes": blob["classes"]}
+    return {"cache": str(layout.packed), "counts": counts, "classes": blob["classes"]}

@@ -22,7 +22,7 @@ import mlflow
 from visionflow.core.config import Params
 from visionflow.core.files import read_json, write_json, write_text
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache, split_hashes
+from visionflow.data.packed import load_packed, split_hashes
 from visionflow.mlops import gate, registry, tracking
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
@@ -46,7 +46,7 @@ TASK = "segmentation"
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.register_
     validation = read_json(layout.validation) or {}
-    cache = load_cache(layout.cache)
+    cache = load_packed(layout.packed)
     tags = {**version_tags(params, layout), "model": params.segmentation.model, "task": TASK}
     trained = {s: split_hashes(cache, s) for s in ("train", "val", "test")}
     device = pick_device(params.train.device)

@@ -1,5 +1,5 @@
 """Train for `task: segmentation`: a `segmentation.model` (U-Net by default, or torchvision's
-FCN / DeepLabV3 / LR-ASPP) on the pack cache's train pairs, with the joint augmentation on
+FCN / DeepLabV3 / LR-ASPP) on the packed data's train pairs, with the joint augmentation on
 the training device (`model.segmentation_augment`: one crop / flip grid for image and mask,
 nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
 
@@ -23,7 +23,7 @@ from visionflow.core.config import Params
 from visionflow.core.errors import ConfigError
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache, source_data_hash
+from visionflow.data.packed import load_packed, source_data_hash
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
 from visionflow.model.inference import pick_device
@@ -56,9 +56,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cache = load_cache(layout.cache)
+    cache = load_packed(layout.packed)
     if cache.get("task") != "segmentation":
-        raise ConfigError(f"{layout.cache}: packed for {cache.get('task', 'classification')}, "
+        raise ConfigError(f"{layout.packed}: packed for {cache.get('task', 'classification')}, "
                           "task is segmentation: run pack again")
     if not len(cache["train_x"]):
         raise ConfigError("segmentation: no train pairs to train on (see validate's report)")

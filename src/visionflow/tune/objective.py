@@ -1,8 +1,8 @@
 """One trial: train the train stage's model with the trial's params on the train split and
 score it on the val split after every epoch, so that the pruner can stop it early.
 
-The search reads the train and val splits of the pack cache and nothing else: the test
-split is left for the gate that judges the final model (`data.cache.load_splits` never reads
+The search reads the train and val splits of the packed data and nothing else: the test
+split is left for the gate that judges the final model (`data.packed.load_splits` never reads
 its bytes). In shards mode (issue #18) each trial streams the train split (RandomResizedCrop +
 flip, decoded in the trial's thread: `data.workers` is 0 for trials, which run in parallel
 threads already) and scores on the val stream, as the train stage does.
@@ -21,8 +21,8 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.errors import ConfigError, DataError
 from visionflow.core.layout import Layout
-from visionflow.data.cache import load_cache, load_splits, source_data_hash
 from visionflow.data.feed import is_shards, training_feed
+from visionflow.data.packed import load_packed, load_splits, source_data_hash
 from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import stream_logits
 from visionflow.model.trainer import prepare_fit, top1
@@ -43,7 +43,7 @@ class TrialData:
     classes: list[str]
     data_hash: str
     layout: Layout | None = None  # shards mode: the project ...
-    shards: dict[str, Any] | None = None  # ... and its pack cache (metadata, no pixels)
+    shards: dict[str, Any] | None = None  # ... and its packed data (metadata, no pixels)
     _on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def val_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,16 +55,16 @@ class TrialData:
 
 
 def load_trial_data(params: Params, layout: Layout) -> TrialData:
-    """The pack cache's train and val splits; one line when the cache is missing, was
+    """The packed data's train and val splits; one line when the cache is missing, was
     built for other image settings, or has no val split to score on."""
-    if not layout.cache.is_file():
-        raise DataError(f"{layout.cache} not found: run `dvc repro pack` (or `vflow stage "
+    if not layout.packed.is_file():
+        raise DataError(f"{layout.packed} not found: run `dvc repro pack` (or `vflow stage "
                         "validate` then `vflow stage pack`) before `vflow tune`")
-    meta = load_cache(layout.cache) if _shards_cache(layout) else None
-    blob = meta if meta is not None else load_splits(layout.cache, SPLITS)
+    meta = load_packed(layout.packed) if _shards_cache(layout) else None
+    blob = meta if meta is not None else load_splits(layout.packed, SPLITS)
     size, channels = int(blob["image_size"]), int(blob["channels"])
     if (size, channels) != (params.data.image_size, params.data.channels):
-        raise DataError(f"{layout.cache} holds {size}px {channels}-channel images, params ask "
+        raise DataError(f"{layout.packed} holds {size}px {channels}-channel images, params ask "
                         f"for {params.data.image_size}px {params.data.channels}-channel: run "
                         "`dvc repro pack` first")
     if len(blob["val_y"]) == 0:
@@ -77,7 +77,7 @@ def load_trial_data(params: Params, layout: Layout) -> TrialData:
 
 
 def _shards_cache(layout: Layout) -> bool:
-    blob = torch.load(layout.cache, map_location="cpu", weights_only=True, mmap=True)
+    blob = torch.load(layout.packed, map_location="cpu", weights_only=True, mmap=True)
     return is_shards(blob)
 
 

@@ -27,7 +27,7 @@ from visionflow.core.env import quiet_env
 from visionflow.core.errors import one_line
 from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
-from visionflow.pipeline.tune.study import CREATOR_ATTR, worker_id
+from visionflow.tune.study import CREATOR_ATTR, worker_id
 
 EXPERIMENT = "visionflow-tune"
 PARENT_ATTR = "mlflow_parent_run_id"

@@ -1,6 +1,6 @@
-"""The uint8 tensor cache: every usable image decoded once, resized, as N×C×H×W uint8 per
+"""The packed data: every usable image decoded once, resized, as N×C×H×W uint8 per
 split, with labels, paths, content hashes (sha256, what the champion gate compares training
-sets by) and class names (`outputs/pack/cache.pt`)."""
+sets by) and class names (`outputs/pack/packed.pt`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def decode_all(paths: list[str], size: int, channels: int, workers: int = 0) -> 
     return np.stack(arrays)
 
 
-def build_cache(rows: list[dict[str, Any]], root: Path, classes: list[str], size: int,
+def build_packed(rows: list[dict[str, Any]], root: Path, classes: list[str], size: int,
                 channels: int, workers: int = 0) -> dict[str, Any]:
     """The cache for manifest rows (path relative to `root`, split, label)."""
     index = {c: i for i, c in enumerate(classes)}
@@ -59,16 +59,16 @@ def split_hashes(blob: dict[str, Any], split: str) -> list[str]:
     """The sha256 of each image of `split`, in cache order."""
     hashes = blob.get(f"{split}_sha256")
     if hashes is None or len(hashes) != len(blob[f"{split}_paths"]):
-        raise DataError("outputs/pack/cache.pt records no image hashes (written by an "
+        raise DataError("outputs/pack/packed.pt records no image hashes (written by an "
                         "older version): run the augment stage again")
     return list(hashes)
 
 
-def save_cache(blob: dict[str, Any], path: Path) -> None:
+def save_packed(blob: dict[str, Any], path: Path) -> None:
     torch_save(blob, path)
 
 
-def load_cache(path: Path, device: str = "cpu") -> dict[str, Any]:
+def load_packed(path: Path, device: str = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=device, weights_only=True)
 
 

@@ -1,6 +1,6 @@
 """MLflow pyfunc for a compressed segmentation variant: an ONNX file (int8 QDQ or the fp32
 export of a pruned network, dynamic height and width) run by ONNX Runtime. Same interface
-and output as `visionflow.mlops.pyfunc_segmentation.ImageSegmenterModel`; the architecture
+and output as `visionflow.mlops.pyfunc_segmenter.ImageSegmenterModel`; the architecture
 (channels, classes) comes from the logged `model_config`."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from visionflow.compression.onnx_export import OrtModule
-from visionflow.mlops.compact_model import ONNX_ARTIFACT
-from visionflow.mlops.pyfunc_segmentation import ImageSegmenterModel
+from visionflow.mlops.pyfunc_compact import ONNX_ARTIFACT
+from visionflow.mlops.pyfunc_segmenter import ImageSegmenterModel
 from visionflow.model.segmentation import SegArch
 
 

@@ -9,7 +9,7 @@ Each rank runs the stage module itself (`python3 -m visionflow.stages.train`).
 torch's c10d rendezvous ranks the nodes by their address (`--local-addr`, else the host's
 name): rank 0, which writes `outputs/train/`, is the node whose address sorts first. The
 flow checks that this node got the outputs and says so when rank 0 ran elsewhere. Each node
-needs the pack cache (`dvc pull outputs/pack/cache.pt`, or a run of `pack`).
+needs the packed data (`dvc pull outputs/pack/packed.pt`, or a run of `pack`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from visionflow.mlops.compact_segmentation import CompactSegmenterModel
+from visionflow.mlops.pyfunc_compact_segmenter import CompactSegmenterModel
 
 set_model(CompactSegmenterModel())

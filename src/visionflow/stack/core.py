@@ -23,9 +23,9 @@ from visionflow.core.env import QUIET
 from visionflow.core.files import write_json, write_text
 from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import PROXY_ONLY
-from visionflow.pipeline.servers import free_port, port_free
-from visionflow.pipeline.stack import objectstore, postgres, procs, services
-from visionflow.pipeline.stack.procs import StackError
+from visionflow.orchestration.servers import free_port, port_free
+from visionflow.stack import objectstore, postgres, procs, services
+from visionflow.stack.procs import StackError
 
 SERVICES = ("postgres", "s3", "mlflow", "prefect")
 LOCK_URL_VAR = "VFLOW_REGISTRY_LOCK_URL"

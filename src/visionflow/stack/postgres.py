@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from visionflow.pipeline.stack.procs import StackError, tcp_answers
+from visionflow.stack.procs import StackError, tcp_answers
 
 ADMIN = "vflow_admin"
 # role -> the database it owns

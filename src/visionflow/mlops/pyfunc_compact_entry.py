@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from visionflow.mlops.compact_model import CompactClassifierModel
+from visionflow.mlops.pyfunc_compact import CompactClassifierModel
 
 set_model(CompactClassifierModel())

@@ -3,7 +3,7 @@
 Preprocessing (decode, RGB/L conversion, resize, [0,1] scaling, normalisation) lives
 inside the model, so `mlflow.pyfunc.load_model("models:/<name>@champion")` cannot be
 fed wrongly. Weights load with `torch.load(weights_only=True)`: nothing is unpickled.
-The model is logged "from code" (`pyfunc_model.py`), so no Python object is pickled.
+The model is logged "from code" (`pyfunc_classifier_entry.py`), so no Python object is pickled.
 
 Input: a DataFrame (or dict) with an `image` column. Each value is encoded image bytes
 (PNG, JPEG, ...; base64 in JSON over HTTP, which MLflow decodes from the signature) or an

@@ -34,10 +34,16 @@ from visionflow.core.errors import ConfigError
 from visionflow.core.files import read_json
 from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import ui_command
-from visionflow.pipeline import outcome, servers, trigger
-from visionflow.pipeline import report as flow_report
-from visionflow.pipeline.freshness import DvcState
-from visionflow.pipeline.tasks import STAGE_TASKS, check_data, configured, refresh_data, up_to_date
+from visionflow.orchestration import outcome, servers, trigger
+from visionflow.orchestration import report as flow_report
+from visionflow.orchestration.freshness import DvcState
+from visionflow.orchestration.tasks import (
+    STAGE_TASKS,
+    check_data,
+    configured,
+    refresh_data,
+    up_to_date,
+)
 
 
 def _flow_run():

@@ -2,7 +2,7 @@
 `flows/retrain.py`) call, so they can never drift apart. Each is `stages/<name>.py:run`.
 
 When params ask for more than one training process (`train.nodes`, `train.procs_per_node`),
-train runs through torchrun in a subprocess (`pipeline/launch.py`): from the flow and from
+train runs through torchrun in a subprocess (`orchestration/launch.py`): from the flow and from
 `vflow stage train`. (`dvc repro` runs the stage module itself, one process; `vflow launch`
 is the multi-process command.)"""
 
@@ -15,7 +15,7 @@ from typing import Any
 from visionflow.core.config import STAGE_NAMES, Params
 from visionflow.core.env import quiet_env
 from visionflow.core.layout import Layout
-from visionflow.pipeline import launch
+from visionflow.orchestration import launch
 
 STAGES: dict[str, str] = {name: f"visionflow.stages.{name}" for name in STAGE_NAMES}
 

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from visionflow.mlops.pyfunc import ImageClassifierModel
+from visionflow.mlops.pyfunc_classifier import ImageClassifierModel
 
 set_model(ImageClassifierModel())

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from visionflow.core.config import Params
 from visionflow.core.errors import ConfigError, one_line
 from visionflow.core.layout import Layout
-from visionflow.pipeline.tune.space import baseline, changed_keys, fingerprint
+from visionflow.tune.space import baseline, changed_keys, fingerprint
 
 STORAGE_ENV = "VFLOW_TUNE_STORAGE"
 HEARTBEAT_S = 10  # a running trial's liveness record in the storage, this often

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from visionflow.core.errors import VisionflowError
-from visionflow.pipeline.servers import _alive, _kill_group, _tail
+from visionflow.orchestration.servers import _alive, _kill_group, _tail
 
 
 class StackError(VisionflowError):

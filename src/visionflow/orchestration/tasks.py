@@ -2,7 +2,7 @@
 "up to date" marker; `configured` gives a task the `flow:` section's retries and timeout;
 `bring_up_to_date` runs the stale ones of some stages (the `tune` flow's validate and pack).
 
-A stage task calls the same `run` that `dvc repro` runs (`pipeline.stages.run_stage`) and,
+A stage task calls the same `run` that `dvc repro` runs (`orchestration.stage_runner.run_stage`) and,
 when its params are params.yaml's, records it in dvc.lock as `dvc repro` would.
 """
 
@@ -18,13 +18,13 @@ from prefect.states import Completed, State
 from visionflow.core.config import STAGE_NAMES, Params
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
-from visionflow.pipeline import retry, trigger
-from visionflow.pipeline.freshness import DvcState
-from visionflow.pipeline.stages import run_stage
+from visionflow.orchestration import retry, trigger
+from visionflow.orchestration.freshness import DvcState
+from visionflow.orchestration.stage_runner import run_stage
 
 
 def _retry_condition(task_, task_run, state) -> bool:
-    """Retry only what may pass next time (see `pipeline.retry.is_transient`)."""
+    """Retry only what may pass next time (see `orchestration.retry.is_transient`)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
@@ -99,7 +99,7 @@ def bring_up_to_date(stages: tuple[str, ...], params_path: str, overrides: list[
     cfg = load_params(params_path, overrides, root=layout.root)
     base = load_params(params_path, root=layout.root) if overrides else cfg
     state = DvcState(layout)
-    outputs = {"validate": layout.validation, "pack": layout.cache}
+    outputs = {"validate": layout.validation, "pack": layout.packed}
     ran: list[str] = []
     for name in stages:
         if state.enabled:

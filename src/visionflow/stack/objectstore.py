@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from visionflow.pipeline.stack.procs import StackError
+from visionflow.stack.procs import StackError
 
 BUCKETS = ("mlflow", "dvc", "shards")
 MARKER = "rclone"

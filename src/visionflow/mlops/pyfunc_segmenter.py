@@ -1,6 +1,6 @@
 """MLflow pyfunc for segmentation models (#19): images of any size in, masks out.
 
-Input: like the classifiers' (`visionflow.mlops.pyfunc`): a DataFrame (or dict) with an
+Input: like the classifiers' (`visionflow.mlops.pyfunc_classifier`): a DataFrame (or dict) with an
 `image` column of encoded bytes (base64 in JSON over HTTP) or arrays (H x W, H x W x C or
 C x H x W; uint8 or float 0..1). Each image runs at its own size (the models take any
 H x W), so the mask has the input's size. Output, one row per image: `mask`, the index PNG
@@ -9,7 +9,7 @@ JSON list of the class names present. `masks(images)` gives the H x W uint8 arra
 directly (`vflow predict`).
 
 Weights load with `torch.load(weights_only=True)`; the model is logged "from code"
-(`pyfunc_segmentation_model.py`), nothing pickled. Bad input raises `BadInput` (HTTP 400,
+(`pyfunc_segmenter_entry.py`), nothing pickled. Bad input raises `BadInput` (HTTP 400,
 one line naming the image).
 """
 
@@ -29,7 +29,7 @@ from torch import nn
 from visionflow.core.errors import DataError, one_line
 from visionflow.data.images import load_image
 from visionflow.data.segmentation_masks import index_png_bytes
-from visionflow.mlops.pyfunc import WEIGHTS, BadInput, Limits, limits_from
+from visionflow.mlops.pyfunc_classifier import WEIGHTS, BadInput, Limits, limits_from
 from visionflow.model.segmentation import TASK, SegArch, load_segmenter
 
 OUTPUT_COLUMNS = ("mask", "height", "width", "classes")

@@ -1,6 +1,6 @@
 """MLflow pyfunc for a compressed variant: an ONNX file run by ONNX Runtime.
 
-Same interface as the main model (`visionflow.mlops.pyfunc.ImageClassifierModel`: image bytes or
+Same interface as the main model (`visionflow.mlops.pyfunc_classifier.ImageClassifierModel`: image bytes or
 arrays in an `image` column -> `label`, `score`, `topk`; `probabilities`, `to`, `arch` for
 `vflow predict`), same preprocessing. Only the network differs: the variant's ONNX file
 (int8 QDQ, or the fp32 export of a pruned / factorised / distilled network), so nothing is
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from visionflow.compression.onnx_export import OrtModule
-from visionflow.mlops.pyfunc import ImageClassifierModel, limits_from
+from visionflow.mlops.pyfunc_classifier import ImageClassifierModel, limits_from
 from visionflow.model.classifier import Arch
 
 ONNX_ARTIFACT = "onnx"

@@ -8,7 +8,7 @@ ignored such keys (Prefect inserts the states itself right after); this restores
 that. It is a no-op on SQLAlchemy 2.0, or once Prefect defines the setter. Pinning
 SQLAlchemy<2.1 makes it unnecessary.
 
-    python -m visionflow.pipeline.prefect_compat server start --host 127.0.0.1 --port 4200
+    python -m visionflow.orchestration.prefect_compat server start --host 127.0.0.1 --port 4200
 """
 
 from __future__ import annotations

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from visionflow.mlops.pyfunc_segmentation import ImageSegmenterModel
+from visionflow.mlops.pyfunc_segmenter import ImageSegmenterModel
 
 set_model(ImageSegmenterModel())

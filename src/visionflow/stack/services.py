@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from visionflow.pipeline.stack.procs import StackError
+from visionflow.stack.procs import StackError
 
 POOL = "visionflow-process"
 QUEUE = "default"  # the pool's own queue; a host can take its own (`vflow stack worker --queue`)
@@ -40,8 +40,8 @@ def mlflow_env(backend_uri: str, s3_endpoint: str, access_key: str,
 
 
 def prefect_command(host: str, port: int, ui: bool) -> list[str]:
-    # `prefect server start` with the SQLAlchemy 2.1 fix (see pipeline/prefect_compat.py)
-    return [sys.executable, "-m", "visionflow.pipeline.prefect_compat", "server", "start",
+    # `prefect server start` with the SQLAlchemy 2.1 fix (see orchestration/prefect_compat.py)
+    return [sys.executable, "-m", "visionflow.orchestration.prefect_compat", "server", "start",
             "--host", host, "--port", str(port), "--analytics-off",
             *([] if ui else ["--no-ui"])]
 

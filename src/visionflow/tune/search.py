@@ -28,11 +28,11 @@ from visionflow.core.config import Params
 from visionflow.core.errors import VisionflowError, one_line
 from visionflow.core.layout import Layout
 from visionflow.model.inference import pick_device
-from visionflow.pipeline.tune import study as studies
-from visionflow.pipeline.tune.objective import TrialData, load_trial_data, run_trial
-from visionflow.pipeline.tune.progress import Display, Status
-from visionflow.pipeline.tune.space import fixed_settings, suggest, trial_params
-from visionflow.pipeline.tune.tracking import StudyRuns
+from visionflow.tune import study as studies
+from visionflow.tune.mlflow_runs import StudyRuns
+from visionflow.tune.objective import TrialData, load_trial_data, run_trial
+from visionflow.tune.progress import Display, Status
+from visionflow.tune.space import fixed_settings, suggest, trial_params
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 3

@@ -1,0 +1,88 @@
+"""What the test modules share that is not a fixture: the repository and venv paths,
+`run` (a command that must succeed), a fresh project (`make_project`, `write_params`, the
+small `TINY` params) and Prefect settings for in-process flows. No tests, no fixtures here
+(those stay in conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+# Small and fast: the whole pipeline on a digits subset in seconds.
+TINY = {
+    "data.image_size": 16,
+    "train.model": "fast",
+    "train.lr": 0.5,
+    "train.epochs": 2,
+    "train.batch_size": 64,
+    "train.threads": 2,
+    "train.deterministic": True,
+    "compress.calibration_images": 64,
+}
+
+
+@contextlib.contextmanager
+def prefect_settings(api_url: str) -> Iterator[None]:
+    """Flows run in this process talk to the server at `api_url`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        yield
+
+
+def write_params(path: Path, overrides: dict) -> None:
+    from visionflow.core.configfile import apply_overrides, read_params_file
+
+    raw = apply_overrides(read_params_file(REPO / "params.yaml"), overrides)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def make_project(
+    root: Path, data_src: Path, overrides: dict | None = None, git: bool = False
+) -> Path:
+    """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "flows", "src", "presets"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(
+            src,
+            root / name,
+            **(
+                {"ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")}
+                if src.is_dir()
+                else {}
+            ),
+        )
+    if data_src.is_dir():
+        shutil.copytree(data_src, root / "data")
+        source = "data"
+    else:
+        source = str(data_src)
+    write_params(root / "params.yaml", {**TINY, "data.source": source, **(overrides or {})})
+    (root / "mlruns").mkdir()
+    if git:
+        run(["git", "init", "-q", "-b", "main"], root)
+        shutil.copy(REPO / ".gitignore", root / ".gitignore")
+        run([str(BIN / "dvc"), "init", "-q"], root)
+        if (root / "data").is_dir():
+            run([str(BIN / "dvc"), "add", "-q", "data"], root)
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-q", "-m", "init"], root)
+    return root
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
