@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,35 +287,41 @@ def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
             f"{ui[0].url}/ajax-api/2.0/mlflow/registered-models/search", timeout=30).read())
         assert [m["name"] for m in models["registered_models"]] == [MODEL]
 
-        # Stop the schedule, let what runs finish, then trigger two runs at once: a forced
-        # one (retrains) and a plain one (no new data). They run one after the other.
-        api.c.pause_deployment(dep.id)
-        wait_for(lambda: not any(r.state and r.state.type.value in ("RUNNING", "PENDING")
-                                 for r in api.deployment_runs(dep.id)), 180, "idle deployment")
-        seen = {r.id for r in api.deployment_runs(dep.id)}
-        forced = api.c.create_flow_run_from_deployment(dep.id, parameters={"force": True})
-        plain = api.c.create_flow_run_from_deployment(dep.id, parameters={})
-        def both_final():
-            rs = [api.c.read_flow_run(forced.id), api.c.read_flow_run(plain.id)]
-            return rs if all(r.state.is_final() for r in rs) else None
-
-        runs = wait_for(both_final, 360, "the two triggered runs")
-        for r in runs:
-            assert r.state.is_completed(), f"{r.name}: {r.state.message}\n{served_log()}"
-        a, b = sorted(runs, key=lambda r: r.start_time)
-        assert a.end_time <= b.start_time, "the two runs overlapped"
-        assert "AwaitingConcurrencySlot" in {s.name for s in api.c.read_flow_run_states(b.id)}
-        assert "v2 " in api.summary(forced.id)  # retrained and registered as v2
-        assert f"({ui[0].url}/#/models/{MODEL}/versions/2)" in api.summary(forced.id)
-        assert "no new data" in api.summary(plain.id)
-        assert registry(root)[0] == [1, 2]
-        assert {r.id for r in api.deployment_runs(dep.id)} - seen == {forced.id, plain.id}
+        _two_triggered_runs_queue(api, dep, root, ui[0].url, served_log)
     finally:
         _stop(proc)
         log.close()
         ui_thread.join(240)
         server.stop(server.MLFLOW, layout)
         assert not server.status(server.MLFLOW, layout).running
+
+
+def _two_triggered_runs_queue(api: Api, dep: Any, root: Path, ui_url: str,
+                              served_log: Callable[[], str]) -> None:
+    """Stop the schedule, let what runs finish, then trigger two runs at once: a forced one
+    (retrains) and a plain one (no new data). They run one after the other."""
+    api.c.pause_deployment(dep.id)
+    wait_for(lambda: not any(r.state and r.state.type.value in ("RUNNING", "PENDING")
+                             for r in api.deployment_runs(dep.id)), 180, "idle deployment")
+    seen = {r.id for r in api.deployment_runs(dep.id)}
+    forced = api.c.create_flow_run_from_deployment(dep.id, parameters={"force": True})
+    plain = api.c.create_flow_run_from_deployment(dep.id, parameters={})
+
+    def both_final():
+        rs = [api.c.read_flow_run(forced.id), api.c.read_flow_run(plain.id)]
+        return rs if all(r.state.is_final() for r in rs) else None
+
+    runs = wait_for(both_final, 360, "the two triggered runs")
+    for r in runs:
+        assert r.state.is_completed(), f"{r.name}: {r.state.message}\n{served_log()}"
+    a, b = sorted(runs, key=lambda r: r.start_time)
+    assert a.end_time <= b.start_time, "the two runs overlapped"
+    assert "AwaitingConcurrencySlot" in {s.name for s in api.c.read_flow_run_states(b.id)}
+    assert "v2 " in api.summary(forced.id)  # retrained and registered as v2
+    assert f"({ui_url}/#/models/{MODEL}/versions/2)" in api.summary(forced.id)
+    assert "no new data" in api.summary(plain.id)
+    assert registry(root)[0] == [1, 2]
+    assert {r.id for r in api.deployment_runs(dep.id)} - seen == {forced.id, plain.id}
 
 
 def _deployment(api: Api):
