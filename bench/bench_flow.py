@@ -3,7 +3,8 @@
 Each sample is one fresh process on a scratch copy of the project (repo's params.yaml plus
 `--set` overrides), so imports and Prefect's API start-up are paid the way a user pays them:
 
-- direct:    the six stage functions called in order (`visionflow.orchestration.stage_runner.run_stage`);
+- direct:    the six stage functions called in order
+  (`visionflow.orchestration.stage_runner.run_stage`);
 - ephemeral: `retrain(force=True)` with no server: Prefect starts its temporary API in-process;
 - server:    the same against a running `vflow server` (PREFECT_API_URL).
 

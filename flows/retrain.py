@@ -15,7 +15,8 @@ the way `dvc repro` records it (see `visionflow.orchestration.freshness`). On to
 - a summary (markdown), a metrics table and MLflow links as Prefect artifacts, every run.
 
 This file is the entry point (deployments name `flows/retrain.py:retrain`); the tasks are in
-`visionflow.orchestration.tasks`, the run's decisions and report in `visionflow.orchestration.retrain`.
+`visionflow.orchestration.tasks`, the run's decisions and report in
+`visionflow.orchestration.retrain`.
 
     python flows/retrain.py                        # one run (ephemeral API or PREFECT_API_URL)
     python flows/retrain.py -s train.epochs=3      # overridden stages run, unrecorded

@@ -1,6 +1,7 @@
 """Logging models to MLflow "from code" (nothing pickled) and registering them as versions:
-the trained classifier (`pyfunc_classifier_entry.py`) and the compressed copy (`pyfunc_compact_entry.py`),
-both with the same signature, input example and pinned requirements."""
+the trained classifier (`pyfunc_classifier_entry.py`) and the compressed copy
+(`pyfunc_compact_entry.py`), both with the same signature, input example and pinned
+requirements."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """MLflow pyfunc for a compressed variant: an ONNX file run by ONNX Runtime.
 
-Same interface as the main model (`visionflow.mlops.pyfunc_classifier.ImageClassifierModel`: image bytes or
-arrays in an `image` column -> `label`, `score`, `topk`; `probabilities`, `to`, `arch` for
-`vflow predict`), same preprocessing. Only the network differs: the variant's ONNX file
+Same interface as the main model (`visionflow.mlops.pyfunc_classifier.ImageClassifierModel`:
+image bytes or arrays in an `image` column -> `label`, `score`, `topk`; `probabilities`, `to`,
+`arch` for `vflow predict`), same preprocessing. Only the network differs: the variant's ONNX file
 (int8 QDQ, or the fp32 export of a pruned / factorised / distilled network), so nothing is
 unpickled and no structure-aware rebuild is needed. The architecture dict (input size,
 channels, classes) comes from the logged `model_config`.

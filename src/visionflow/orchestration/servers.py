@@ -46,8 +46,8 @@ class Service:
     def command(self, layout: Layout, host: str, port: int, ui: bool = True) -> list[str]:
         if self.name == "prefect":
             # `prefect server start`, with a fix for SQLAlchemy 2.1 (see prefect_compat)
-            return [sys.executable, "-m", "visionflow.orchestration.prefect_compat", "server", "start",
-                    "--host", host, "--port", str(port), "--analytics-off",
+            return [sys.executable, "-m", "visionflow.orchestration.prefect_compat", "server",
+                    "start", "--host", host, "--port", str(port), "--analytics-off",
                     *([] if ui else ["--no-ui"])]
 
         uri = tracking_uri(layout)

@@ -2,8 +2,9 @@
 "up to date" marker; `configured` gives a task the `flow:` section's retries and timeout;
 `bring_up_to_date` runs the stale ones of some stages (the `tune` flow's validate and pack).
 
-A stage task calls the same `run` that `dvc repro` runs (`orchestration.stage_runner.run_stage`) and,
-when its params are params.yaml's, records it in dvc.lock as `dvc repro` would.
+A stage task calls the same `run` that `dvc repro` runs
+(`orchestration.stage_runner.run_stage`) and, when its params are params.yaml's, records it
+in dvc.lock as `dvc repro` would.
 """
 
 from __future__ import annotations
