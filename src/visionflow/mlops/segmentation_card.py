@@ -1,5 +1,5 @@
 """Registering a segmenter: logging it to MLflow "from code" (the weights file of
-`save_segmenter`, served by `pyfunc_segmentation`: masks at any size), scoring a registered
+`save_segmenter`, served by `pyfunc_segmenter`: masks at any size), scoring a registered
 version on the test pairs, and its model card (mIoU, pixel accuracy, Dice, per-class IoU)."""
 
 from __future__ import annotations
