@@ -22,9 +22,6 @@ from pathlib import Path
 
 import torch
 
-from visionflow.compression.latency import measure_latency
-from visionflow.compression.segmentation import SegContext, build_segmentation_variants
-from visionflow.core.config import CompressConfig
 from visionflow.data.segmentation_layout import load_pair, scan_segmentation
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.model.segmentation import SegArch, build_segmenter, save_segmenter
@@ -100,6 +97,11 @@ def main() -> None:
 def _int8(model, arch: SegArch, images: torch.Tensor, masks: torch.Tensor,
           test: list) -> dict:
     """fp32 torch, fp32 ONNX and int8 ONNX of `model`: test mIoU, bytes, CPU latency."""
+    # here, not at the top: the GPU machine (gpu_bench step 8) has no ONNX, ORT or pydantic
+    from visionflow.compression.latency import measure_latency
+    from visionflow.compression.segmentation import SegContext, build_segmentation_variants
+    from visionflow.core.config import CompressConfig
+
     cfg = CompressConfig(methods=["int8"], calibration_images=64, latency_batches=[1, 8],
                          latency_reps=30, latency_reps_large=10, latency_warmup=3)
     with tempfile.TemporaryDirectory(prefix="vf-bench-seg-") as tmp:

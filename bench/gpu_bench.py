@@ -247,6 +247,28 @@ def step_scale(a: argparse.Namespace, device: torch.device, out: Path,
     run_scale(data, device, a.dry_run, deadline, lambda res: write(out, "6_scale.json", res))
 
 
+def step_segmentation(a: argparse.Namespace, device: torch.device, out: Path,
+                      timeout: float) -> None:
+    """`bench_segmentation.py` (U-Net on the generated shapes set: train img/s, val / test
+    mIoU) on the device, in a process where the packages the GPU machine lacks are blocked."""
+    log("8 segmentation: U-Net on the generated shapes set")
+    size = (["--images", "40", "--size", "32", "--width", "8", "--epochs", "1"] if a.dry_run
+            else ["--images", "600", "--size", "64", "--width", "16", "--epochs", "8",
+                  "--batch", "64"])
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in BLOCKED)
+    code = (f"import runpy, sys; {block}; sys.argv = sys.argv[1:]; "
+            f"runpy.run_path(sys.argv[0], run_name='__main__')")
+    cmd = [sys.executable, "-c", code, str(HERE / "bench_segmentation.py"), *size,
+           "--device", device.type, "--threads", str(torch.get_num_threads()),
+           "--data", str(Path(a.scale_data).parent / "vflow-gpu-seg"),
+           "--out", str(out / "8_segmentation.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    if proc.returncode:
+        raise RuntimeError(f"bench_segmentation.py exited {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout)[-2000:]}")
+
+
 def step_tests(a: argparse.Namespace, out: Path, timeout: float) -> None:
     log("5 pytest -m gpu")
     files = GPU_TEST_FILES
@@ -271,7 +293,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=520, help="seconds for all steps")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, every step")
-    ap.add_argument("--steps", default="1,3,2e,4,5,6,2c",
+    ap.add_argument("--steps", default="1,3,2e,4,5,6,8,2c",
                     help="order; 2e/2c: eager/compiled")
     ap.add_argument("--scale-data", default="/tmp/vflow-gpu-scale",
                     help="step 6's generated JPEGs (reused when there)")
@@ -311,8 +333,8 @@ def main() -> None:
     end = T0 + a.budget
     throughput: dict = {}
     # each step's share of what is left: it ends early (fewer seeds, fewer epochs) past it
-    shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.4, "6": 0.6, "2c": 1.0,
-              "7": 0.8}
+    shares = {"1": 0.2, "3": 0.35, "2e": 0.25, "4": 0.3, "5": 0.4, "6": 0.6, "8": 0.3,
+              "2c": 1.0, "7": 0.8}
     for step in steps:
         left = end - time.perf_counter()
         if left < 10:
@@ -333,6 +355,8 @@ def main() -> None:
                 step_scale(a, device, out, deadline)
             elif step == "7":
                 step_record(data, a, device, out, deadline)
+            elif step == "8":
+                step_segmentation(a, device, out, timeout=max(30.0, deadline - time.perf_counter()))
             elif step == "5":
                 step_tests(a, out, timeout=max(30.0, shares["5"] * left))
             else:

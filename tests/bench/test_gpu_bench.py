@@ -55,7 +55,10 @@ def test_dry_run_writes_every_step(tmp_path: Path):
     assert not [n for n in names if n.startswith(("error_", "skipped_"))], (
         names, proc.stdout[-4000:])
     assert names == ["1_fast.json", "2_throughput.json", "3_resnet18.json", "4_augment.json",
-                     "5_gpu_tests.json", "6_scale.json", "env.json", "log.txt"]
+                     "5_gpu_tests.json", "6_scale.json", "8_segmentation.json", "env.json",
+                     "log.txt"]
+    seg = json.loads((out / "8_segmentation.json").read_text())
+    assert seg["train_img_per_s"] > 0 and 0 <= seg["test"]["miou"] <= 1
     env_json = json.loads((out / "env.json").read_text())
     assert env_json["dry_run"] and env_json["images"] == {"train": 130, "test": 40}
 
