@@ -46,6 +46,34 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     assert _ran(again.stdout) == [], again.stdout
     assert "up to date" in again.stdout.lower()
 
+    dvc_files, dvc_metrics, dvc_version = _commit_then_change_params(root, dvc)
+
+    with prefect_settings(prefect_server):
+        cached = flow_mod["retrain"](root=str(root))
+        assert cached["stages"] == dict.fromkeys(STAGES, "cached")  # dvc repro, then nothing
+        assert cached["version"] == dvc_version and _outputs(root) == dvc_files
+
+        # A code change in model/: DVC and the flow agree on exactly which stages it touches.
+        zoo = root / "src" / "visionflow" / "model" / "zoo.py"
+        zoo.write_text(zoo.read_text() + "\n# an edit\n")
+        stale = json.loads(run([dvc, "status", "--json"], root).stdout)
+        assert sorted(stale) == sorted(["train", "evaluate", "compress", "register"]), stale
+        result = flow_mod["retrain"](root=str(root))
+    assert result["stages"] == {"validate": "cached", "pack": "cached", "train": "ran",
+                                "evaluate": "ran", "compress": "ran", "register": "ran"}
+    after_flow = run([dvc, "repro"], root)  # the flow recorded what it ran in dvc.lock
+    assert _ran(after_flow.stdout) == [], after_flow.stdout
+    assert _outputs(root) == dvc_files
+    flow_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
+    assert flow_metrics["top1"] == pytest.approx(dvc_metrics["top1"])
+    assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
+
+    _assert_registry_versions(root, result)
+
+
+def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
+    """Commit the run the DVC way, change a param, `dvc repro`: the metrics and plots diffs
+    against the commit; returns (outputs, metrics, registered version) after it."""
     # Commit the run the DVC way: dvc.lock, metrics and plots in git, cached outs not.
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "first run"], root)
@@ -76,27 +104,10 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     dvc_files = _outputs(root)
     dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     dvc_version = json.loads((root / "outputs/register/registration.json").read_text())["version"]
+    return dvc_files, dvc_metrics, dvc_version
 
-    with prefect_settings(prefect_server):
-        cached = flow_mod["retrain"](root=str(root))
-        assert cached["stages"] == dict.fromkeys(STAGES, "cached")  # dvc repro, then nothing
-        assert cached["version"] == dvc_version and _outputs(root) == dvc_files
 
-        # A code change in model/: DVC and the flow agree on exactly which stages it touches.
-        zoo = root / "src" / "visionflow" / "model" / "zoo.py"
-        zoo.write_text(zoo.read_text() + "\n# an edit\n")
-        stale = json.loads(run([dvc, "status", "--json"], root).stdout)
-        assert sorted(stale) == sorted(["train", "evaluate", "compress", "register"]), stale
-        result = flow_mod["retrain"](root=str(root))
-    assert result["stages"] == {"validate": "cached", "pack": "cached", "train": "ran",
-                                "evaluate": "ran", "compress": "ran", "register": "ran"}
-    after_flow = run([dvc, "repro"], root)  # the flow recorded what it ran in dvc.lock
-    assert _ran(after_flow.stdout) == [], after_flow.stdout
-    assert _outputs(root) == dvc_files
-    flow_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
-    assert flow_metrics["top1"] == pytest.approx(dvc_metrics["top1"])
-    assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
-
+def _assert_registry_versions(root: Path, result: dict) -> None:
     # Registry: the first model (the flow's) promoted (no champion yet), then the 1-epoch
     # model (twice: dvc, and the flow after the code edit) judged against it. A promoted
     # model also gets its `compact` version.

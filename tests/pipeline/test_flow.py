@@ -117,10 +117,7 @@ def _connection_refused():
 
 def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digits_dir,
                                             monkeypatch):
-    import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from visionflow.orchestration import stage_runner
 
     root = make_project(tmp_path / "proj", digits_dir, FAST, git=True)  # dvc.lock: resume
     retrain = runpy.run_path(str(root / "flows" / "retrain.py"))["retrain"]
@@ -128,6 +125,38 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     def run(**kw):
         with temporary_settings({PREFECT_API_URL: prefect_server}):
             return retrain(root=str(root), return_state=True, **kw)
+
+    _flaky_tracking_is_retried(run, api, root, monkeypatch)
+    _compress_crash_is_not_retried(run, api, root, monkeypatch)
+
+    # 3. Rerun: resumes at compress. An output file that disappeared meanwhile (metrics.json)
+    #    makes its stage run again even though its cache key matches.
+    (root / "outputs" / "evaluate" / "metrics.json").unlink()
+    state = run(overrides=["compress.calibration_images=32"])
+    assert state.is_completed(), state.message
+    out = state.result()
+    assert out["stages"] == {"validate": "cached", "pack": "cached", "train": "cached",
+                             "evaluate": "ran", "compress": "ran", "register": "ran"}
+    assert out["version"] == "2" and (root / "outputs" / "evaluate" / "metrics.json").exists()
+    assert registry(root)[0] == [1, 2]
+    champion = registry(root)[1]
+
+    victim = _data_gate_fails_naming_the_expectation(run, api, root, champion)
+
+    # 5. Per-stage timeout: train (rerun: its params changed) gets one second; the timeout
+    #    fails the flow and is not retried.
+    shutil.copy2(digits_dir / victim, root / "data" / victim)  # the image as it was
+    state = run(overrides=["train.epochs=50", "flow.timeout_s.train=1"])
+    assert state.is_failed() and "timed out" in state.message
+    fr_id = state.state_details.flow_run_id
+    tasks = wait_for(lambda: (t := api.task_runs(fr_id)).get("train") and
+                     t["train"].state.is_final() and t, 30, "task runs recorded")
+    assert tasks["train"].run_count == 1
+    assert registry(root) == ([1, 2], champion)
+
+
+def _flaky_tracking_is_retried(run, api, root: Path, monkeypatch) -> None:
+    import mlflow
 
     # 1. The first MLflow call of the pipeline (train opening its run) fails as if the
     #    tracking server did not answer: the train task retries and the run completes.
@@ -157,6 +186,10 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     assert "v1 promoted to @champion" in summary and "## Validation" in summary
     assert registry(root) == ([1], "1")
 
+
+def _compress_crash_is_not_retried(run, api, root: Path, monkeypatch) -> None:
+    from visionflow.orchestration import stage_runner
+
     # 2. A non-transient crash in compress (a changed compress param, so compress reruns):
     #    no retry, the flow fails with the stage's error, nothing is registered.
     real_stage_function = stage_runner.stage_function
@@ -184,18 +217,8 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     assert "Stage **compress** failed" in api.summary(fr_id)
     assert registry(root) == ([1], "1")
 
-    # 3. Rerun: resumes at compress. An output file that disappeared meanwhile (metrics.json)
-    #    makes its stage run again even though its cache key matches.
-    (root / "outputs" / "evaluate" / "metrics.json").unlink()
-    state = run(overrides=["compress.calibration_images=32"])
-    assert state.is_completed(), state.message
-    out = state.result()
-    assert out["stages"] == {"validate": "cached", "pack": "cached", "train": "cached",
-                             "evaluate": "ran", "compress": "ran", "register": "ran"}
-    assert out["version"] == "2" and (root / "outputs" / "evaluate" / "metrics.json").exists()
-    assert registry(root)[0] == [1, 2]
-    champion = registry(root)[1]
 
+def _data_gate_fails_naming_the_expectation(run, api, root: Path, champion: str) -> str:
     # 4. A corrupt image and strict params (no unusable file allowed, 100 training images
     #    per class required): the flow fails naming the expectation, validate is not
     #    retried, the registry is untouched.
@@ -219,17 +242,7 @@ def test_retry_resume_and_data_gate_failure(prefect_server, api, tmp_path, digit
     assert "expect_column_min_to_be_between(train_count)" in failed
     assert "Stage **validate** failed" in api.summary(fr_id)
     assert registry(root) == ([1, 2], champion)
-
-    # 5. Per-stage timeout: train (rerun: its params changed) gets one second; the timeout
-    #    fails the flow and is not retried.
-    shutil.copy2(digits_dir / victim, root / "data" / victim)  # the image as it was
-    state = run(overrides=["train.epochs=50", "flow.timeout_s.train=1"])
-    assert state.is_failed() and "timed out" in state.message
-    fr_id = state.state_details.flow_run_id
-    tasks = wait_for(lambda: (t := api.task_runs(fr_id)).get("train") and
-                     t["train"].state.is_final() and t, 30, "task runs recorded")
-    assert tasks["train"].run_count == 1
-    assert registry(root) == ([1, 2], champion)
+    return victim
 
 
 def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):

@@ -77,8 +77,6 @@ def _more(v1: Path, dst: Path, digits_dir: Path, extra: int) -> Path:
 
 def test_data_trigger_pull_add_retrain_and_update(prefect_api, tmp_path: Path,
                                                   digits_dir: Path):
-    import mlflow
-
     v1 = flat_digits(tmp_path / "v1", digits_dir, 30)
     v2 = _more(v1, tmp_path / "v2", digits_dir, 3)  # 10% more files in each class
     root = make_project(tmp_path / "proj", v1, FAST, git=True)
@@ -124,6 +122,27 @@ def test_data_trigger_pull_add_retrain_and_update(prefect_api, tmp_path: Path,
     assert scored["champion_hashes"] == "recorded"
     assert f"{len(test_v2)} of {len(test_v2)} test images scored, 0 excluded" in \
         layout.gate_report.read_text()
+    _assert_test_images_unseen_by_the_champion(layout, test_v2)
+
+    # 4. the data becomes a `dvc import` of a second git+DVC repo; `dvc update` fetches its
+    #    newest commit, which holds the data v2 was trained on: no new data
+    _import_from_an_upstream_repo(root, src := tmp_path / "upstream", v1, v2,
+                                  tmp_path / "upstream-remote")
+
+    validated = layout.manifest.stat().st_mtime_ns
+    fourth = retrain(root=str(root), only_new_data=True)
+    assert fourth["skipped"] and "no new data" in fourth["reason"], fourth["reason"]
+    assert sum(1 for _ in (root / "data").rglob("*.png")) == 330  # updated to upstream v2
+    rev = run(["git", "rev-parse", "HEAD"], src).stdout.strip()
+    assert rev in (root / "data.dvc").read_text()  # the import now pins upstream's v2
+    assert _versions(root)[0] == ["1", "2"]
+    assert layout.manifest.stat().st_mtime_ns == validated  # the md5 again: nothing re-read
+
+
+def _assert_test_images_unseen_by_the_champion(layout: Layout, test_v2: list[str]) -> None:
+    """No test image of data v2 is one champion v1 trained or validated on."""
+    import mlflow
+
     from visionflow.mlops import registry
 
     uri = registry.client_for(layout).get_model_version(MODEL, "1").tags["lineage.train_hashes"]
@@ -133,13 +152,15 @@ def test_data_trigger_pull_add_retrain_and_update(prefect_api, tmp_path: Path,
         sha = {r["path"]: r["sha256"] for r in csv.DictReader(f)}
     assert not {sha[p] for p in test_v2} & (set(champion["train"]) | set(champion["val"]))
 
-    # 4. the data becomes a `dvc import` of a second git+DVC repo; `dvc update` fetches its
-    #    newest commit, which holds the data v2 was trained on: no new data
-    src = tmp_path / "upstream"
+
+def _import_from_an_upstream_repo(root: Path, src: Path, v1: Path, v2: Path,
+                                  remote: Path) -> None:
+    """The project's data becomes a `dvc import` of `src` (a git+DVC repo holding v1),
+    then `src` moves on to v2 (committed and pushed upstream)."""
     shutil.copytree(v1, src / "data")
     run(["git", "init", "-q", "-b", "main"], src)
     run([DVC, "init", "-q"], src)
-    run([DVC, "remote", "add", "-d", "store", str(tmp_path / "upstream-remote")], src)
+    run([DVC, "remote", "add", "-d", "store", str(remote)], src)
     run([DVC, "add", "-q", "data"], src)
     run([DVC, "push", "-q"], src)
     _git_commit(src, "v1")
@@ -152,15 +173,6 @@ def test_data_trigger_pull_add_retrain_and_update(prefect_api, tmp_path: Path,
     run([DVC, "add", "-q", "data"], src)
     run([DVC, "push", "-q"], src)
     _git_commit(src, "v2")
-
-    validated = layout.manifest.stat().st_mtime_ns
-    fourth = retrain(root=str(root), only_new_data=True)
-    assert fourth["skipped"] and "no new data" in fourth["reason"], fourth["reason"]
-    assert sum(1 for _ in (root / "data").rglob("*.png")) == 330  # updated to upstream v2
-    rev = run(["git", "rev-parse", "HEAD"], src).stdout.strip()
-    assert rev in (root / "data.dvc").read_text()  # the import now pins upstream's v2
-    assert _versions(root)[0] == ["1", "2"]
-    assert layout.manifest.stat().st_mtime_ns == validated  # the md5 again: nothing re-read
 
 
 def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
