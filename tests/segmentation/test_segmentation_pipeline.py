@@ -83,6 +83,9 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
     shown = run([str(BIN / "vflow"), "models", "show", "1", "--name", "visionflow-segmenter",
                  "--root", str(root), "--no-card"], root).stdout
     assert "miou" in shown and "pixel_accuracy" in shown
+    listed = run([str(BIN / "vflow"), "models", "list", "--name", "visionflow-segmenter",
+                  "--root", str(root)], root).stdout
+    assert "miou" in listed and "mean_dice" in listed and "top1" not in listed, listed
     as_json = json.loads(run([str(BIN / "vflow"), "models", "show", "1", "--name",
                               "visionflow-segmenter", "--root", str(root), "--json"],
                              root).stdout)

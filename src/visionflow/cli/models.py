@@ -56,6 +56,7 @@ def _echo_json(obj: Any) -> None:
 
 
 LIST_COLUMNS = ("v", "aliases", "gate", "top1", "f1_macro", "model", "data")
+SEGMENTATION_METRICS = ("miou", "mean_dice")  # in place of top1, f1_macro
 
 
 def versions_table(name: str, infos: list[Any]):
@@ -69,8 +70,10 @@ def versions_table(name: str, infos: list[Any]):
     table = Table(title=f"{name}: {len(infos)} version(s)", box=box.SIMPLE_HEAD,
                   padding=(0, 1), caption="data: lineage.data_hash; more: vflow models "
                   "show V", caption_justify="left")
-    for col in LIST_COLUMNS:
-        numeric = col in ("v", "top1", "f1_macro")
+    scores = (SEGMENTATION_METRICS if any(i.tags.get("task") == "segmentation" for i in infos)
+              else LIST_COLUMNS[3:5])
+    for col in (*LIST_COLUMNS[:3], *scores, *LIST_COLUMNS[5:]):
+        numeric = col in ("v", *scores)
         table.add_column(col, justify="right" if numeric else "left",
                          no_wrap=col != "model", overflow="fold")
     for i in infos:
@@ -80,7 +83,7 @@ def versions_table(name: str, infos: list[Any]):
         variant = i.tags.get("compact_variant")
         model = f"compact {variant}" if variant else i.tags.get("model", "-")
         table.add_row(i.version, "\n".join(i.aliases) or "-", gate,
-                      _fmt(i.metrics.get("top1")), _fmt(i.metrics.get("f1_macro")), model,
+                      _fmt(i.metrics.get(scores[0])), _fmt(i.metrics.get(scores[1])), model,
                       lineage(i.tags, "data_hash")[:8] or "-")
     return table
 
