@@ -29,8 +29,31 @@ from visionflow.model.metrics import headline, score_logits
 RELOAD_CHECK_IMAGES = 64  # test images a reloaded file must reproduce
 
 
+class Measures:
+    """Structure and file size of a variant, as ratios to the original's row (`base`) once
+    it is set; shared by the classification and segmentation contexts."""
+
+    base: dict[str, Any]
+    shape: tuple[int, ...]
+
+    def structure(self, model: nn.Module) -> dict[str, Any]:
+        params, macs = count_params(model), count_macs(model, self.shape)
+        out: dict[str, Any] = {"params": params, "macs": macs}
+        if self.base:
+            out["param_ratio"] = round(params / self.base["params"], 4)
+            out["mac_ratio"] = round(macs / self.base["macs"], 4)
+        return out
+
+    def sized(self, path: Path) -> dict[str, Any]:
+        size = model_size_bytes(path)
+        out: dict[str, Any] = {"size_bytes": size}
+        if self.base:
+            out["size_ratio"] = round(size / self.base["size_bytes"], 4)
+        return out
+
+
 @dataclass
-class Context:
+class Context(Measures):
     """The original (fp32, CPU), the packed data's uint8 splits, the options, and the
     original's scores once `set_original` has run (every ratio and drop is against them)."""
 
@@ -81,20 +104,6 @@ class Context:
         ref = self.base_pred if other is None else other.argmax(1)
         return round(float((logits.argmax(1) == ref).float().mean()), 6)
 
-    def structure(self, model: nn.Module) -> dict[str, Any]:
-        params, macs = count_params(model), count_macs(model, self.shape)
-        out: dict[str, Any] = {"params": params, "macs": macs}
-        if self.base:
-            out["param_ratio"] = round(params / self.base["params"], 4)
-            out["mac_ratio"] = round(macs / self.base["macs"], 4)
-        return out
-
-    def sized(self, path: Path) -> dict[str, Any]:
-        size = model_size_bytes(path)
-        out: dict[str, Any] = {"size_bytes": size}
-        if self.base:
-            out["size_ratio"] = round(size / self.base["size_bytes"], 4)
-        return out
 
     @torch.inference_mode()
     def same_outputs(self, a: nn.Module, b: nn.Module) -> bool:

@@ -27,11 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visionflow.compression.context import Measures
 from visionflow.compression.measure import (
-    count_macs,
-    count_params,
     eager_runner,
-    model_size_bytes,
     ort_runner,
 )
 from visionflow.compression.onnx_export import OrtModule, export_onnx
@@ -50,7 +48,7 @@ Pairs = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over the t
 
 
 @dataclass
-class SegContext:
+class SegContext(Measures):
     """The original (fp32, CPU), the data, the options; `base` is the original's row."""
 
     model: nn.Module
@@ -92,20 +90,6 @@ class SegContext:
         out.update({key: round(v / max(total, 1), 6) for key, v in same.items()})
         return out
 
-    def structure(self, model: nn.Module) -> dict[str, Any]:
-        params, macs = count_params(model), count_macs(model, self.shape)
-        out: dict[str, Any] = {"params": params, "macs": macs}
-        if self.base:
-            out["param_ratio"] = round(params / self.base["params"], 4)
-            out["mac_ratio"] = round(macs / self.base["macs"], 4)
-        return out
-
-    def sized(self, path: Path) -> dict[str, Any]:
-        size = model_size_bytes(path)
-        out: dict[str, Any] = {"size_bytes": size}
-        if self.base:
-            out["size_ratio"] = round(size / self.base["size_bytes"], 4)
-        return out
 
     def calibration(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)

@@ -141,14 +141,20 @@ def to_batch(model_input: Any, size: int, channels: int, limits: Limits | None =
         raise BadInput(one_line(err)) from None
 
 
-def _to_batch(model_input: Any, size: int, channels: int, limits: Limits,
-              resize: int | None) -> np.ndarray:
+def image_column(model_input: Any) -> Any:
+    """The `image` column of a DataFrame / dict / Series as a list (else the input as is)."""
     if isinstance(model_input, dict):
         model_input = model_input.get("image", next(iter(model_input.values()), []))
     if isinstance(model_input, pd.DataFrame):
         model_input = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
     if isinstance(model_input, pd.Series):
         model_input = model_input.tolist()
+    return model_input
+
+
+def _to_batch(model_input: Any, size: int, channels: int, limits: Limits,
+              resize: int | None) -> np.ndarray:
+    model_input = image_column(model_input)
     if isinstance(model_input, list | tuple):
         if not model_input:
             return np.zeros((0, channels, size, size), dtype=np.uint8)

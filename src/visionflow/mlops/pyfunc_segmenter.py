@@ -29,7 +29,13 @@ from torch import nn
 from visionflow.core.errors import DataError, one_line
 from visionflow.data.images import load_image
 from visionflow.data.segmentation_masks import index_png_bytes
-from visionflow.mlops.pyfunc_classifier import WEIGHTS, BadInput, Limits, limits_from
+from visionflow.mlops.pyfunc_classifier import (
+    WEIGHTS,
+    BadInput,
+    Limits,
+    image_column,
+    limits_from,
+)
 from visionflow.model.segmentation import TASK, SegArch, load_segmenter
 
 OUTPUT_COLUMNS = ("mask", "height", "width", "classes")
@@ -76,12 +82,7 @@ def _array_to_hwc(arr: np.ndarray, channels: int, limits: Limits) -> np.ndarray:
 
 def images_of(model_input: Any) -> list[Any]:
     """The `image` column of a DataFrame / dict / Series, or a list of images."""
-    if isinstance(model_input, dict):
-        model_input = model_input.get("image", next(iter(model_input.values()), []))
-    if isinstance(model_input, pd.DataFrame):
-        model_input = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
-    if isinstance(model_input, pd.Series):
-        model_input = model_input.tolist()
+    model_input = image_column(model_input)
     if isinstance(model_input, np.ndarray) and model_input.ndim in (2, 3):
         return [model_input]  # one image array
     return list(model_input)

@@ -27,20 +27,27 @@ def trained_logits(layout: Layout, x_uint8: torch.Tensor, params: Params):
     return logits, model, arch
 
 
+def version_weights(name: str, version: str, dest: Path) -> tuple[Path | None, str]:
+    """(the `model.pt` of a registered version downloaded under `dest`, "") or (None, why
+    not). An artifact-store outage raises: it never reads as "no champion"."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
+    except Exception as err:  # artifacts gone (deleted store folder, ...)
+        if why := tracking.artifact_store_error(err):
+            raise tracking.ArtifactStoreUnavailable(why) from None
+        return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
+    weights = next(local.rglob("model.pt"), None)
+    return (weights, "") if weights else (None, f"champion v{version} has no weights artifact")
+
+
 def version_logits(name: str, version: str, cache: dict[str, Any],
                    params: Params) -> tuple[torch.Tensor | None, str]:
     """Test-split logits of a registered version (None and why, if it cannot be scored)."""
-    from_uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=from_uri, dst_path=tmp))
-        except Exception as err:  # artifacts gone (deleted store folder, ...)
-            if why := tracking.artifact_store_error(err):  # an outage: never "no champion"
-                raise tracking.ArtifactStoreUnavailable(why) from None
-            return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
-        weights = next(local.rglob("model.pt"), None)
+        weights, why = version_weights(name, version, Path(tmp))
         if weights is None:
-            return None, f"champion v{version} has no weights artifact"
+            return None, why
         device = pick_device(params.train.device)
         model, arch = load_classifier(weights, device)
     if arch.classes != cache["classes"]:

@@ -8,17 +8,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from visionflow.core.config import Params
 from visionflow.core.env import hardware
 from visionflow.core.layout import Layout
-from visionflow.mlops import tracking
 from visionflow.mlops.card import _md_table, data_section, lineage_section, metrics_section
 from visionflow.mlops.gate import Decision
 from visionflow.mlops.publish import log_own_model
 from visionflow.mlops.publish_segmentation import log_segmenter_pyfunc
+from visionflow.mlops.scoring import version_weights
 from visionflow.model.segmentation import load_segmenter
 from visionflow.model.segmentation_fit import evaluate_segmenter
 from visionflow.model.segmentation_metrics import SegmentationScores
@@ -50,16 +49,9 @@ def version_scores(name: str, version: str, cache: dict[str, Any], keep: list[bo
                    device: torch.device) -> tuple[Any, str]:
     """((scores, per-image IoU) of a registered segmenter, "") or (None, why not)."""
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        except Exception as err:
-            if why := tracking.artifact_store_error(err):
-                raise tracking.ArtifactStoreUnavailable(why) from None
-            return None, f"champion v{version} artifacts cannot be read ({type(err).__name__})"
-        weights = next(local.rglob("model.pt"), None)
+        weights, why = version_weights(name, version, Path(tmp))
         if weights is None:
-            return None, f"champion v{version} has no weights artifact"
+            return None, why
         model, arch = load_segmenter(weights, device)
     if arch.classes != cache["classes"]:
         return None, f"champion v{version} was trained on other classes"

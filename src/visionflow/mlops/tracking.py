@@ -45,6 +45,17 @@ def artifact_store_error(err: BaseException) -> str | None:
             f"{cause[:200]}; nothing was registered")
 
 
+@contextmanager
+def artifact_store_guard():
+    """Re-raise the artifact store's outage as `ArtifactStoreUnavailable` (one line)."""
+    try:
+        yield
+    except Exception as err:
+        if why := artifact_store_error(err):
+            raise ArtifactStoreUnavailable(why) from None
+        raise
+
+
 def tracking_uri(layout: Layout) -> str:
     default = f"sqlite:///{layout.mlflow_db}"
     return os.environ.get("MLFLOW_TRACKING_URI") or default

@@ -98,12 +98,8 @@ def run(params: Params, layout: Layout) -> Registration:
                               cfg,
                               champ if champ_correct is not None else None, note, scored)
 
-            try:
+            with tracking.artifact_store_guard():
                 info = log_pyfunc(layout, cfg.model_name, params)
-            except Exception as err:
-                if why := tracking.artifact_store_error(err):
-                    raise tracking.ArtifactStoreUnavailable(why) from None
-                raise
             version = str(info.registered_model_version)
             # the model's own metrics (the version page's), its data, the run's inputs
             log_model_metrics(headline(scores), info.model_id, params, layout)

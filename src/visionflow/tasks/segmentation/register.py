@@ -74,12 +74,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                                   champion[0].miou if champion else None,
                                   champion[1] if champion else None, params,
                                   champ if champion else None, note, scored)
-            try:
+            with tracking.artifact_store_guard():
                 info = log_segmenter(layout, cfg.model_name, params)
-            except Exception as err:
-                if why := tracking.artifact_store_error(err):
-                    raise tracking.ArtifactStoreUnavailable(why) from None
-                raise
             version = str(info.registered_model_version)
             log_model_metrics(headline(all_scores), info.model_id, params, layout)
             tags[LINEAGE + "train_hashes"] = log_train_hashes(trained["train"],
