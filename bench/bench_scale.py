@@ -2,13 +2,14 @@
 
 Generated ~500×375 JPEGs in 10 classes (in /tmp) at two sizes (default 10,000 and 40,000):
 - packing img/s (`data.shards.pack_split`, the pack stage's code, all cores);
-- train's peak memory at each size: the same bounded number of steps of `FitRun` streaming the
-  shards (`data.stream.ShardStream`, RandomResizedCrop + flip at 224 px in DataLoader workers),
-  in a fresh process; peak of the training process and of its workers, sampled every 20 ms
-  from /proc as anonymous memory (`RssAnon`: what the process itself allocated) and mapped
-  file pages (`RssFile`: LitData maps local shard files in place and asks the kernel to read
-  ahead, so pages of the shards, which are page cache the kernel reclaims at will, count in
-  `ru_maxrss` when the files are hot, as right after packing); `ru_maxrss` is kept too;
+- packing's and train's peak memory at each size, each in a fresh process: packing the split;
+  the same bounded number of steps of `FitRun` streaming the shards (`data.stream.ShardStream`,
+  RandomResizedCrop + flip at 224 px in DataLoader workers). Peak RSS is the kernel's
+  high-water mark of the process (`VmHWM`: anonymous plus mapped file pages, all of its life),
+  read from /proc at the end, and for the DataLoader workers sampled every 20 ms; `RssAnon`
+  (what the process allocated itself) is sampled too. Not `ru_maxrss`: a process started by
+  `subprocess` inherits its launcher's high-water mark there (the kernel keeps it across
+  exec), so it would report the bench's own memory;
 - CPU training img/s at 224 px side by side (round-robin, medians) with a plain torchvision
   `ImageFolder` + `DataLoader` loop over the same JPEGs: same model, batch, steps, workers and
   transforms (RandomResizedCrop + flip), the same optimizer step.
@@ -27,7 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def pack(root: Path) -> tuple[Path, float]:
     from visionflow.data.shards import pack_split
 
     out = ROOT / f"shards{root.name.removeprefix('photos')}"
+    shutil.rmtree(out, ignore_errors=True)  # packed afresh (packing is incremental)
     rows = rows_of(root)
     t = time.perf_counter()
     pack_split(rows, root, out, CLASSES, max_side=1024, channels=3, shard_bytes=64 << 20)
@@ -109,19 +111,21 @@ class MemoryPeaks:
         import threading
 
         self.every, self.peak = every, dict.fromkeys(
-            ("main_anon_mb", "main_file_mb", "workers_anon_mb", "workers_file_mb"), 0.0)
+            ("main_anon_mb", "main_file_mb", "workers_anon_mb", "workers_file_mb",
+             "workers_hwm_mb"), 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _status(pid: int | str) -> tuple[float, float]:
+    def _status(pid: int | str) -> tuple[float, float, float]:
+        """RssAnon, RssFile and VmHWM of a process, MB."""
         try:
             text = Path(f"/proc/{pid}/status").read_text()
         except OSError:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0
         kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in text.splitlines()
-              if ln.startswith(("RssAnon", "RssFile"))}
-        return kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024
+              if ln.startswith(("RssAnon", "RssFile", "VmHWM"))}
+        return kb.get("RssAnon", 0) / 1024, kb.get("RssFile", 0) / 1024, kb.get("VmHWM", 0) / 1024
 
     def _children(self) -> list[str]:
         out = []
@@ -132,11 +136,12 @@ class MemoryPeaks:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            anon, file = self._status("self")
+            anon, file, _ = self._status("self")
             kids = [self._status(pid) for pid in self._children()]
             for key, value in (("main_anon_mb", anon), ("main_file_mb", file),
                                ("workers_anon_mb", sum(k[0] for k in kids)),
-                               ("workers_file_mb", sum(k[1] for k in kids))):
+                               ("workers_file_mb", sum(k[1] for k in kids)),
+                               ("workers_hwm_mb", sum(k[2] for k in kids))):
                 self.peak[key] = max(self.peak[key], value)
             time.sleep(self.every)
 
@@ -147,6 +152,13 @@ class MemoryPeaks:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.peak["main_hwm_mb"] = self._status("self")[2]
+
+
+def pack_child(photos: str) -> None:
+    with MemoryPeaks() as peaks:
+        _, rate = pack(Path(photos))
+    print(json.dumps({"pack_img_s": rate, **{k: round(v) for k, v in peaks.peak.items()}}))
 
 
 def train_child(kind: str, data: str, steps: int, batch: int, workers: int, model: str) -> None:
@@ -194,9 +206,7 @@ def train_child(kind: str, data: str, steps: int, batch: int, workers: int, mode
     dt = time.perf_counter() - t0
     peaks.__exit__()
     print(json.dumps({
-        "img_s": steps * batch / dt, **{k: round(v) for k, v in peaks.peak.items()},
-        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+        "img_s": steps * batch / dt, **{k: round(v) for k, v in peaks.peak.items()}}))
 
 
 def decode_costs(reps: int = 300, passes: int = 2) -> dict[str, list[float]]:
@@ -232,15 +242,20 @@ def decode_costs(reps: int = 300, passes: int = 2) -> dict[str, list[float]]:
     return out
 
 
-def train(kind: str, data: Path, a) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, str(data), str(a.steps), str(a.batch),
-           str(a.workers), a.model]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+def _child(*args: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def train(kind: str, data: Path, a) -> dict:
+    return _child("--child", kind, str(data), str(a.steps), str(a.batch), str(a.workers),
+                  a.model, threads=a.threads)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--pack-child"]:
+        return pack_child(sys.argv[2])
     if sys.argv[1:2] == ["--child"]:
         kind, data, steps, batch, workers, model = sys.argv[2:8]
         return train_child(kind, data, int(steps), int(batch), int(workers), model)
@@ -260,9 +275,11 @@ def main() -> None:
     for n in a.sizes:
         t = time.perf_counter()
         photos = make_photos(n)
-        shards, pack_rate = pack(photos)
-        res["sizes"][n] = {"generate_s": round(time.perf_counter() - t), "pack_img_s":
-                           round(pack_rate), "train": [train("shards", shards, a)]}
+        gen_s = round(time.perf_counter() - t)
+        packed = _child("--pack-child", str(photos), threads=a.threads)
+        shards = ROOT / f"shards{n}"
+        res["sizes"][n] = {"generate_s": gen_s, "pack": packed,
+                           "train": [train("shards", shards, a)]}
         print(n, res["sizes"][n], flush=True)
     small = min(a.sizes)
     photos, shards = ROOT / f"photos{small}", ROOT / f"shards{small}"
@@ -273,9 +290,12 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     res["train_img_s"] = {k: [round(x, 2) for x in v] for k, v in rates.items()}
     res["ratio_shards_vs_imagefolder"] = round(med["shards"] / med["imagefolder"], 3)
-    for key in ("rss_main_mb", "main_anon_mb", "workers_anon_mb"):
-        peaks = {n: r["train"][0][key] for n, r in res["sizes"].items()}
-        res[f"growth_{key}"] = round(peaks[max(a.sizes)] / max(peaks[small], 1) - 1, 4)
+    for key in ("main_hwm_mb", "main_anon_mb", "workers_hwm_mb", "workers_anon_mb"):
+        for what in ("train", "pack"):
+            peaks = {n: (r["train"][0] if what == "train" else r["pack"])[key]
+                     for n, r in res["sizes"].items()}
+            res[f"growth_{what}_{key}"] = round(peaks[max(a.sizes)] / max(peaks[small], 1) - 1,
+                                                 4)
     print(json.dumps(res, indent=1))
 
 

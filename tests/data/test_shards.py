@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,38 @@ def test_served_model_sees_what_evaluation_saw(tmp_path):
     assert np.abs(served.astype(int) - x.numpy().astype(int)).max() <= 2
     stretched = to_batch([(src / p).read_bytes() for p in order], 64, 3)
     assert np.abs(stretched.astype(int) - x.numpy().astype(int)).max() > 20
+
+
+def test_packing_holds_a_bounded_number_of_images_whatever_the_split_size(tmp_path,
+                                                                          monkeypatch):
+    """The writer is the slow end: the encoding workers may run ahead of it by at most
+    `IN_FLIGHT` jobs each, so a split of any size is never held in memory at once."""
+    from visionflow.data import shards
+
+    src, log = tmp_path / "src", tmp_path / "encoded.log"
+    (src / "ants").mkdir(parents=True)
+    data = (tmp_path / "one.jpg")
+    Image.new("RGB", (8, 8)).save(data)
+    rows = []
+    for i in range(1500):
+        (src / "ants" / f"{i}.jpg").write_bytes(data.read_bytes())
+        rows.append({"path": f"ants/{i}.jpg", "label": "ants", "format": "JPEG",
+                     "mode": "RGB", "width": 8, "height": 8, "sha256": str(i)})
+    real = shards.encode
+
+    def counted(*args):  # runs in the pool's forked workers
+        with log.open("a") as f:
+            f.write("x\n")
+        return real(*args)
+
+    monkeypatch.setattr(shards, "encode", counted)
+    encoded = shards._encoded(rows, src, 1024, 3, workers=2)
+    next(encoded)  # the writer takes one image and stalls
+    seen, last = -1, time.monotonic()
+    while time.monotonic() - last < 1.0:  # until the workers stop encoding
+        n = len(log.read_text().splitlines()) if log.exists() else 0
+        if n != seen:
+            seen, last = n, time.monotonic()
+        time.sleep(0.05)
+    assert seen <= 2 * shards.IN_FLIGHT * shards.ENCODE_CHUNK < len(rows)
+    assert len(list(encoded)) == len(rows) - 1  # and the rest still comes, in order

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ FORMAT = 1  # bump when the sample layout changes: old shards are then packed af
 KEPT_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 KEPT_MODES = {3: ("RGB",), 1: ("L",)}
 REENCODE_QUALITY = 90
+ENCODE_CHUNK = 64  # images a packing worker encodes per job
+IN_FLIGHT = 4  # jobs per worker encoded ahead of the writer (bounds packing's memory)
 
 
 def decoded_bytes(n_images: int, channels: int, size: int) -> int:
@@ -64,6 +67,10 @@ def encode(row: dict[str, Any], root: str, max_side: int, channels: int) -> tupl
 
 def _encode_job(args: tuple[dict[str, Any], str, int, int]) -> tuple[bytes, bool]:
     return encode(*args)
+
+
+def _encode_chunk(jobs: list[tuple[dict[str, Any], str, int, int]]) -> list[tuple[bytes, bool]]:
+    return [encode(*j) for j in jobs]
 
 
 @dataclass
@@ -150,8 +157,18 @@ def _encoded(rows, root: Path, max_side: int, channels: int, workers: int
     if len(jobs) < 256 or workers == 1:
         yield from (_encode_job(j) for j in jobs)
         return
+    # at most `IN_FLIGHT` chunks of images wait to be written: `pool.map` would submit them
+    # all at once and hold every finished image in memory (the whole split, when the
+    # workers read faster than the writer writes)
+    chunks = [jobs[i:i + ENCODE_CHUNK] for i in range(0, len(jobs), ENCODE_CHUNK)]
     with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(_encode_job, jobs, chunksize=64)
+        pending: deque[Future[list[tuple[bytes, bool]]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_encode_chunk, chunk))
+            if len(pending) >= IN_FLIGHT * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 def _write(rows, root: Path, out: Path, classes: list[str], max_side: int, channels: int,
