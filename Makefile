@@ -43,9 +43,13 @@ system-deps:
 	  else echo "note: PostgreSQL, iproute2 or Chromium missing (not root with apt): stack tests skip"; fi; \
 	fi
 
-# as root (CI) the stack tests must run: a missing prerequisite fails them instead of skipping
+# as root (CI) the stack tests must run: a missing prerequisite fails them instead of skipping.
+# Two pytest workers (pytest-xdist): a file at a time each, the stack tests all on one
+# (tests/conftest.py); TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
 test: install system-deps
-	VFLOW_REQUIRE_STACK=$(shell [ "$$(id -u)" = 0 ] && echo 1 || echo 0) $(BIN)/python -m pytest -q
+	VFLOW_REQUIRE_STACK=$(shell [ "$$(id -u)" = 0 ] && echo 1 || echo 0) $(BIN)/python -m pytest -q \
+	  -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check src flows tests bench

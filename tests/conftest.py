@@ -56,6 +56,31 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SANDBOX, ignore_errors=True)
 
 
+# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup --no-loadscope-reorder`) a worker
+# takes a whole file at a time (its module fixtures built once), and all `stack` tests go to
+# one worker (one team stack per session). The longest units go first, so that no worker is
+# left alone with a long one at the end (seconds: `--durations` of a serial run).
+LONGEST_FIRST = ["stack", "tests/segmentation/test_segmentation_pipeline.py",
+                 "tests/pipeline/test_flow.py", "tests/pipeline/test_photos.py",
+                 "tests/pipeline/test_e2e.py", "tests/pipeline/test_retrain_e2e.py",
+                 "tests/stages/test_train.py", "tests/base/test_runtime_params.py",
+                 "tests/pipeline/test_tune.py", "tests/stages/test_compress_stage.py",
+                 "tests/bench/test_gpu_bench.py"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return
+    def unit(item) -> str:
+        return "stack" if item.get_closest_marker("stack") else item.nodeid.split("::")[0]
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: order kept within
+
+
 @pytest.fixture(scope="session")
 def digits_dir() -> Path:
     from visionflow.data.digits import materialize_digits

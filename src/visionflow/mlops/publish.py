@@ -25,7 +25,9 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from visionflow.core.config import Params
+from visionflow.core.files import write_text
 from visionflow.core.layout import Layout
+from visionflow.mlops import tracking
 from visionflow.mlops.datasets import dataset, log_datasets
 from visionflow.mlops.pyfunc_classifier import PIP_REQUIREMENTS, WEIGHTS
 from visionflow.mlops.pyfunc_compact import ONNX_ARTIFACT
@@ -165,6 +167,20 @@ def serving_limits(params: Params | None) -> dict[str, int]:
         return {}
     return {"max_image_bytes": params.validate_.max_bytes,
             "max_image_pixels": params.validate_.max_pixels}
+
+
+def record_decision(layout: Layout, model_name: str, version: str, decision: Any,
+                    report: str, card: str) -> None:
+    """The gate's report and the model card: the stage's files, artifacts and tags of its run,
+    and the run's outcome line."""
+    write_text(layout.gate_report, report)
+    write_text(layout.model_card, card)
+    mlflow.log_artifact(str(layout.gate_report), "register")
+    mlflow.log_artifact(str(layout.model_card), "register")
+    mlflow.set_tags({"registered_version": version, "gate_decision": decision.label,
+                     "gate_reason": decision.reason[:5000]})
+    tracking.add_outcome(f"**Outcome:** registered {model_name} v{version}, "
+                         f"{decision.label}: {decision.reason}")
 
 
 def log_train_hashes(train: list[str], val: list[str], version: str) -> str:

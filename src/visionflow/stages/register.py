@@ -22,7 +22,7 @@ import mlflow
 import torch
 
 from visionflow.core.config import Params
-from visionflow.core.files import write_json, write_text
+from visionflow.core.files import write_json
 from visionflow.core.layout import Layout
 from visionflow.data.feed import with_images
 from visionflow.data.packed import load_packed, split_hashes
@@ -37,6 +37,7 @@ from visionflow.mlops.publish import (
     log_model_metrics,
     log_pyfunc,
     log_train_hashes,
+    record_decision,
     sample_image,
 )
 from visionflow.mlops.segmentation_gate import check_task
@@ -113,14 +114,7 @@ def run(params: Params, layout: Layout) -> Registration:
             describe_registered_model(client, cfg.model_name, cfg.alias)
             lock.check()  # still ours (a restarted database drops it): else retry it all
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
-        write_text(layout.gate_report, report)
-        write_text(layout.model_card, card)
-        mlflow.log_artifact(str(layout.gate_report), "register")
-        mlflow.log_artifact(str(layout.model_card), "register")
-        mlflow.set_tags({"registered_version": version, "gate_decision": decision.label,
-                         "gate_reason": decision.reason[:5000]})
-        tracking.add_outcome(f"**Outcome:** registered {cfg.model_name} v{version}, "
-                             f"{decision.label}: {decision.reason}")
+        record_decision(layout, cfg.model_name, version, decision, report, card)
     print(report)
 
     reg = Registration(cfg.model_name, version, alias, decision, run.info.run_id,

@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 
 from visionflow.core.config import Params
-from visionflow.core.files import read_json, write_json, write_text
+from visionflow.core.files import read_json, write_json
 from visionflow.core.layout import Layout
 from visionflow.data.packed import load_packed, split_hashes
 from visionflow.mlops import gate, registry, tracking
@@ -28,7 +28,7 @@ from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
 from visionflow.mlops.lineage import trained_hashes
 from visionflow.mlops.provenance import LINEAGE, version_tags
-from visionflow.mlops.publish import log_model_metrics, log_train_hashes
+from visionflow.mlops.publish import log_model_metrics, log_train_hashes, record_decision
 from visionflow.mlops.segmentation_card import (
     headline,
     log_segmenter,
@@ -87,14 +87,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             client.update_model_version(cfg.model_name, version, description=card)
             lock.check()
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
-        write_text(layout.gate_report, report)
-        write_text(layout.model_card, card)
-        mlflow.log_artifact(str(layout.gate_report), "register")
-        mlflow.log_artifact(str(layout.model_card), "register")
-        mlflow.set_tags({"registered_version": version, "gate_decision": decision.label,
-                         "gate_reason": decision.reason[:5000]})
-        tracking.add_outcome(f"**Outcome:** registered {cfg.model_name} v{version}, "
-                             f"{decision.label}: {decision.reason}")
+        record_decision(layout, cfg.model_name, version, decision, report, card)
     print(report)
     registration = {"model_name": cfg.model_name, "version": version, "alias": alias,
                     "decision": asdict(decision), "run_id": run.info.run_id,
