@@ -3,7 +3,9 @@
 `team_stack`: PostgreSQL, the S3 server, the MLflow tracking server, the Prefect server, the
 work pool with the deployments of prefect.yaml and one worker, for a checkout made from this
 repository (git + DVC, the digits data); booted in the background from the end of
-collection, stopped at the end of the session whatever happened. `flow_run`: the one full
+collection (under pytest-xdist, where every worker collects every test, by the worker that runs
+the `stack` group, at its first stack test), stopped at the end of the session whatever
+happened. `flow_run`: the one full
 `retrain` run the other tests build on. Without PostgreSQL the stack tests skip, unless
 VFLOW_REQUIRE_STACK=1 (`make test` as root: CI), where they fail.
 """
