@@ -10,6 +10,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import torch_threads
 from torch import nn
 
 from visionflow.core.config import TrainConfig
@@ -26,10 +27,8 @@ SMALL = {"widths": (8, 16, 16)}
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _data(n: int = 256, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, torch_threads
 
 from visionflow.core.config import TrainConfig
 from visionflow.core.configfile import parse_params
@@ -28,10 +28,8 @@ SMALL = {"widths": (8, 16, 16)}
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _model() -> Classifier:
