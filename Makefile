@@ -45,11 +45,11 @@ system-deps:
 
 # as root (CI) the stack tests must run: a missing prerequisite fails them instead of skipping.
 # Two pytest workers (pytest-xdist): a file at a time each, the stack tests all on one
-# (tests/conftest.py); TEST_WORKERS=0 runs them in this one process.
+# (tests/worker_units.py); TEST_WORKERS=0 runs them in this one process.
 TEST_WORKERS ?= 2
 test: install system-deps
 	VFLOW_REQUIRE_STACK=$(shell [ "$$(id -u)" = 0 ] && echo 1 || echo 0) $(BIN)/python -m pytest -q \
-	  -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	  -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check src flows tests bench

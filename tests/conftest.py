@@ -4,6 +4,7 @@ cache and MLflow store, no network, telemetry off."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from helpers import BIN, make_project
 with contextlib.suppress(ImportError):
     import dvc  # noqa: F401
 pytest_plugins = ["stack_fixtures"]  # the team stack, once per session (`-m stack` tests)
+if importlib.util.find_spec("xdist") is not None:
+    pytest_plugins.append("worker_units")  # how `make test`'s two workers share the tests
 
 
 _SANDBOX = Path(tempfile.mkdtemp(prefix="vflow-tests-"))
@@ -56,10 +59,8 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SANDBOX, ignore_errors=True)
 
 
-# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup --no-loadscope-reorder`) a worker
-# takes a whole file at a time (its module fixtures built once), and all `stack` tests go to
-# one worker (one team stack per session). The longest units go first, so that no worker is
-# left alone with a long one at the end (seconds: `--durations` of a serial run).
+# `make test` runs two pytest workers (tests/worker_units.py): the longest units first, so
+# that no worker is left alone with a long one at the end (from a serial run's `--durations`).
 LONGEST_FIRST = ["stack", "tests/segmentation/test_segmentation_pipeline.py",
                  "tests/pipeline/test_flow.py", "tests/pipeline/test_photos.py",
                  "tests/pipeline/test_e2e.py", "tests/pipeline/test_retrain_e2e.py",
@@ -68,17 +69,16 @@ LONGEST_FIRST = ["stack", "tests/segmentation/test_segmentation_pipeline.py",
                  "tests/bench/test_gpu_bench.py"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    if not hasattr(config, "workerinput"):
-        return
-    def unit(item) -> str:
-        return "stack" if item.get_closest_marker("stack") else item.nodeid.split("::")[0]
+    from worker_units import STACK_FILES, unit
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: order kept within
+    misplaced = [i.nodeid for i in items if i.get_closest_marker("stack")
+                 and unit(i.nodeid) != "stack"]
+    if misplaced:
+        raise pytest.UsageError(f"{misplaced[0]}: a `stack` test belongs in {STACK_FILES}")
+    if hasattr(config, "workerinput"):  # a worker: the order the units are handed out in
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(unit(item.nodeid), len(rank)))  # stable
 
 
 @pytest.fixture(scope="session")

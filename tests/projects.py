@@ -111,3 +111,68 @@ def assert_stage_recorded(root: Path, stage: str) -> None:
     assert set(tracked) == set(spec.get("params", [])), (set(tracked), spec.get("params"))
     for key, value in tracked.items():
         assert value == lookup(key), key
+
+
+# --- `vflow tune` tests: the repository's params.yaml with a small seeded study -------------
+TUNE_STUDY = "tune-test"
+TUNE = f"""\
+tune:                     # `vflow tune` (the tests' study)
+  study: {TUNE_STUDY}
+  trials: 6
+  parallel: 2
+  timeout_s: null
+  sampler: random         # seeded: trial n gets the same params on every run
+  startup_trials: 2
+  pruner: median
+  min_epochs: 2           # epoch 1 says little on 300 images
+  baseline: true
+  storage: null
+  space:
+    train.lr: {{low: 1.0e-5, high: 0.2, log: true}}   # below ~3e-3 nothing is learnt
+    train.weight_decay: {{low: 1.0e-5, high: 1.0e-3, log: true}}
+"""
+TUNE_PRESET = """\
+data:
+  limit_per_class: 30
+train:
+  epochs: 3
+  batch_size: 32
+  warmup_epochs: 0.0
+  schedule: constant
+  label_smoothing: 0.0
+  threads: 1
+  deterministic: true
+  progress: false
+"""
+
+
+def tune_params_text() -> str:
+    """The repository's params.yaml, comments and all, with the tests' preset and study."""
+    from helpers import REPO
+
+    text = (REPO / "params.yaml").read_text()
+    head = text[:text.index("\ntune:")]
+    assert "\n  lr: 0.5\n" in head and "\npreset: null " in head
+    head = head.replace("\n  lr: 0.5\n", "\n  lr: 0.05\n")  # the baseline: a good one
+    head = head.replace("\npreset: null ", "\npreset: tune-test ")
+    return head + "\n" + TUNE
+
+
+def tune_project(dst: Path, digits_dir: Path) -> Path:
+    """A project on the digits with the tests' study and preset, validated and packed, its
+    MLflow store created: what each `vflow tune` test copies."""
+    from helpers import make_project
+
+    from visionflow.core.configfile import load_params
+    from visionflow.mlops.tracking import setup
+    from visionflow.orchestration.stage_runner import run_stage
+
+    root = make_project(dst, digits_dir)
+    (root / "presets" / "tune-test.yaml").write_text(TUNE_PRESET)
+    (root / "params.yaml").write_text(tune_params_text())
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    for stage in ("validate", "pack"):
+        run_stage(stage, params, layout)
+    setup(layout)  # MLflow's store, created once (its migrations take seconds)
+    return root

@@ -21,69 +21,20 @@ import optuna
 import pytest
 import torch
 from builders import snapshot
-from helpers import BIN, REPO, make_project, prefect_settings, run
+from helpers import BIN, prefect_settings, run
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from projects import TUNE_STUDY, tune_project
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
 
-STUDY = "tune-test"
-TUNE = f"""\
-tune:                     # `vflow tune` (the tests' study)
-  study: {STUDY}
-  trials: 6
-  parallel: 2
-  timeout_s: null
-  sampler: random         # seeded: trial n gets the same params on every run
-  startup_trials: 2
-  pruner: median
-  min_epochs: 2           # epoch 1 says little on 300 images
-  baseline: true
-  storage: null
-  space:
-    train.lr: {{low: 1.0e-5, high: 0.2, log: true}}   # below ~3e-3 nothing is learnt
-    train.weight_decay: {{low: 1.0e-5, high: 1.0e-3, log: true}}
-"""
-PRESET = """\
-data:
-  limit_per_class: 30
-train:
-  epochs: 3
-  batch_size: 32
-  warmup_epochs: 0.0
-  schedule: constant
-  label_smoothing: 0.0
-  threads: 1
-  deterministic: true
-  progress: false
-"""
-
-
-def _params_text() -> str:
-    """The repository's params.yaml, comments and all, with the tests' preset and study."""
-    text = (REPO / "params.yaml").read_text()
-    head = text[:text.index("\ntune:")]
-    assert "\n  lr: 0.5\n" in head and "\npreset: null " in head
-    head = head.replace("\n  lr: 0.5\n", "\n  lr: 0.05\n")  # the baseline: a good one
-    head = head.replace("\npreset: null ", "\npreset: tune-test ")
-    return head + "\n" + TUNE
+STUDY = TUNE_STUDY
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, digits_dir: Path) -> Path:
-    from visionflow.mlops.tracking import setup
-    from visionflow.orchestration.stage_runner import run_stage
-
-    root = make_project(tmp_path_factory.mktemp("tune") / "proj", digits_dir)
-    (root / "presets" / "tune-test.yaml").write_text(PRESET)
-    (root / "params.yaml").write_text(_params_text())
-    layout = Layout.at(root)
-    params = load_params(layout.params)
-    for stage in ("validate", "pack"):
-        run_stage(stage, params, layout)
-    setup(layout)  # MLflow's store, created once (its migrations take seconds)
-    return root
+    return tune_project(tmp_path_factory.mktemp("tune") / "proj", digits_dir)
 
 
 @pytest.fixture
@@ -301,84 +252,3 @@ def _finished(root: Path) -> int:
                    for s, *_ in _state(root).values())
     except Exception:  # noqa: BLE001 (created or written right now: ask again next poll)
         return 0
-
-
-@pytest.mark.stack
-def test_two_hosts_share_one_study_in_the_stack_postgres(project: Path, team_stack,
-                                                         tmp_path: Path):
-    """Two checkouts (hosts) run `vflow tune` at once against the team stack: one study in
-    its PostgreSQL (`VFLOW_TUNE_STORAGE` from `vflow stack up`), one MLflow parent run on its
-    tracking server, each trial run once by one of them."""
-    from stack_fixtures import CLIENT_ENV
-
-    other = tmp_path / "host2"
-    shutil.copytree(project, other)
-    env = {**team_stack.env, **CLIENT_ENV}
-    storage = env["VFLOW_TUNE_STORAGE"]
-    assert storage.startswith("postgresql+psycopg://optuna:")
-    # trials long enough (5 epochs) that a host still importing cannot find the study done
-    args = ["-s", "tune.study=shared", "-s", "tune.trials=6", "-s", "tune.parallel=1",
-            "-s", "train.epochs=5"]
-    procs = [subprocess.Popen([str(BIN / "vflow"), "tune", "--root", str(root), *args],
-                              cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for root in (project, other)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
-
-    study = optuna.load_study(study_name="shared", storage=storage)
-    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert 6 <= len(done) <= 7 and len(done) == len(study.trials), study.trials
-    workers = {t.user_attrs["vflow_worker"].rsplit(":", 1)[0] for t in done}
-    assert len(workers) == 2, workers  # both hosts ran trials of the one study
-    assert len({tuple(sorted(t.params.items())) for t in done}) == len(done)
-    assert not Layout.at(project).tune_db.exists()  # nothing in the local sqlite file
-
-    client = team_stack.client()
-    exp = client.get_experiment_by_name("visionflow-tune")
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string="tags.`optuna.study` = 'shared'")
-    parents = [r for r in runs if r.data.tags.get("visionflow.kind") == "study"]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
-                == parents[0].info.run_id]
-    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(
-        t.number for t in done)
-
-
-_OPEN_AT_GO = """\
-import sys
-from visionflow.tune.study import open_storage
-print("ready", flush=True)
-sys.stdin.readline()
-open_storage(sys.argv[1])
-print("opened", flush=True)
-"""
-
-
-@pytest.mark.stack
-def test_hosts_opening_a_new_tune_storage_at_once_all_join(team_stack):
-    """Hosts starting `vflow tune` on a new PostgreSQL database create Optuna's tables at
-    the same instant: every one must open the storage (none exits on a duplicate-table
-    UniqueViolation). Six processes, imports done, released together; two new databases."""
-    base = team_stack.env["VFLOW_TUNE_STORAGE"].rsplit("/", 1)[0]
-    for attempt in range(2):
-        db = f"race_{os.getpid()}_{attempt}"
-        team_stack.admin_sql("postgres", f'CREATE DATABASE "{db}" OWNER optuna')
-        procs = [subprocess.Popen([str(BIN / "python"), "-c", _OPEN_AT_GO, f"{base}/{db}"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for _ in range(6)]
-        try:
-            for p in procs:
-                assert p.stdout.readline().strip() == "ready"
-            for p in procs:  # released together
-                p.stdin.write("go\n")
-                p.stdin.flush()
-            outs = [p.communicate(timeout=120)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        failed = [o[-600:] for p, o in zip(procs, outs, strict=True) if p.returncode != 0]
-        assert not failed, f"attempt {attempt}: {len(failed)} of 6 failed: {failed[0]}"
-        assert all(o.strip().endswith("opened") for o in outs)
