@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from mlflow_store import seed_store
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,7 +70,7 @@ def make_project(
     else:
         source = str(data_src)
     write_params(root / "params.yaml", {**TINY, "data.source": source, **(overrides or {})})
-    (root / "mlruns").mkdir()
+    seed_store(root / "mlruns")  # an empty MLflow store, without its seconds of migrations
     if git:
         run(["git", "init", "-q", "-b", "main"], root)
         shutil.copy(REPO / ".gitignore", root / ".gitignore")

@@ -48,9 +48,11 @@ def trained_project(tmp_path_factory, digits_dir: Path) -> Layout:
 
 
 def fresh_copy(src: Layout, dst: Path, keep_run: bool = False) -> Layout:
-    """The project without its MLflow store (and, unless keep_run, without the run id)."""
+    """The project with an empty MLflow store (and, unless keep_run, without the run id)."""
+    from mlflow_store import seed_store
+
     shutil.copytree(src.root, dst, ignore=shutil.ignore_patterns("mlruns", ".cache"))
-    (dst / "mlruns").mkdir()
+    seed_store(dst / "mlruns")
     layout = Layout.at(dst)
     if not keep_run:
         layout.run_info.unlink(missing_ok=True)

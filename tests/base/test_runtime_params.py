@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import yaml
+from builders import flat_digits
 from helpers import BIN, REPO, make_project, run
 
 from visionflow.core.config import RUNTIME_KEYS, STAGE_NAMES, Params
@@ -47,9 +48,20 @@ def _set(root: Path, **changes: object) -> None:
 
 
 def test_a_runtime_setting_leaves_the_stages_up_to_date(tmp_path: Path, digits_dir: Path):
-    root = make_project(tmp_path / "proj", digits_dir, {"data.limit_per_class": 5,
-                                                        "train.epochs": 1}, git=True)
-    run([DVC, "repro", "-q", "train"], root)
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
+    from visionflow.orchestration.stage_runner import run_stage
+
+    data = flat_digits(tmp_path / "digits", digits_dir, 12)  # 120 files to hash, not 779
+    root = make_project(tmp_path / "proj", data, {"data.limit_per_class": 5,
+                                                  "train.epochs": 1}, git=True)
+    # the three stages here (no process start-ups), recorded in dvc.lock as `dvc repro`
+    # and the flow record them (`dvc commit`: deps, params and outs hashed)
+    layout = Layout.at(root)
+    params = load_params(layout.params)
+    for stage in ("validate", "pack", "train"):
+        run_stage(stage, params, layout)
+    run([DVC, "commit", "-f", "-q", "validate", "pack", "train"], root)
     assert json.loads(run([DVC, "status", "--json", "train"], root).stdout) == {}
     _set(root, train__progress=False, train__threads=1, train__checkpoint_steps=7,
          data__workers=0, validate__workers=1, validate__cache=False)

@@ -313,9 +313,20 @@ def _two_triggered_runs_queue(api: Api, dep: Any, root: Path, ui_url: str,
                               served_log: Callable[[], str]) -> None:
     """Stop the schedule, let what runs finish, then trigger two runs at once: a forced one
     (retrains) and a plain one (no new data). They run one after the other."""
+    from prefect.states import Cancelled
+
     api.c.pause_deployment(dep.id)
-    wait_for(lambda: not any(r.state and r.state.type.value in ("RUNNING", "PENDING")
-                             for r in api.deployment_runs(dep.id)), 180, "idle deployment")
+
+    def idle() -> bool:
+        # the pause deletes the scheduled runs, not those already waiting for the slot
+        # (AwaitingConcurrencySlot): cancelled, they do not run ahead of the triggered two
+        waiting = [r for r in api.deployment_runs(dep.id) if r.state and not r.state.is_final()]
+        for r in waiting:
+            if r.state.is_scheduled():
+                api.c.set_flow_run_state(r.id, Cancelled(message="schedule paused"))
+        return not waiting
+
+    wait_for(idle, 180, "idle deployment")
     seen = {r.id for r in api.deployment_runs(dep.id)}
     forced = api.c.create_flow_run_from_deployment(dep.id, parameters={"force": True})
     plain = api.c.create_flow_run_from_deployment(dep.id, parameters={})

@@ -20,7 +20,9 @@ import yaml
 from builders import write_photo_folder
 from helpers import BIN, make_project, prefect_settings, run
 
+from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
+from visionflow.orchestration.stage_runner import run_stage
 
 pytestmark = pytest.mark.slow
 STAGES = ("validate", "pack", "train", "evaluate", "compress", "register")
@@ -52,10 +54,13 @@ SMALL = {**PHOTOS, "data.image_size": 64, "data.max_side": 400, "train.batch_siz
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, photos: Path) -> Path:
-    """The photos validated and packed (SMALL) once; each test trains on its own copy."""
+    """The photos validated and packed (SMALL) once, in this process; each test trains on
+    its own copy."""
     root = make_project(tmp_path_factory.mktemp("packed") / "proj", photos, SMALL)
+    layout = Layout.at(root)
+    params = load_params(layout.params)
     for stage in ("validate", "pack"):
-        run([sys.executable, "-m", f"visionflow.stages.{stage}"], root, env=_env(root))
+        run_stage(stage, params, layout)
     return root
 
 
@@ -120,8 +125,8 @@ def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
     layout = Layout.at(root)
     env = _env(root)
     steps = len(torch.load(layout.packed, weights_only=True)["train_y"]) // 2  # one epoch
-    full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed
-    run([sys.executable, "-m", "visionflow.stages.train"], full.root, env=env)
+    full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed,
+    run_stage("train", load_params(full.params), full)  # here (no second process start-up)
     proc = subprocess.Popen([sys.executable, "-m", "visionflow.stages.train"], cwd=root,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

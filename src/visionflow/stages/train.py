@@ -43,10 +43,18 @@ from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import device_logits, pick_device, stream_logits
 from visionflow.model.trainer import prepare_fit, top1
 from visionflow.stages import main
-from visionflow.tasks.segmentation import train as segmentation
+
+
+def _segmentation(params: Params, layout: Layout) -> dict[str, Any]:
+    # imported when used: its metrics (torchmetrics, scipy) would slow every classifier's
+    # `python -m visionflow.stages.train` start by a second or more
+    from visionflow.tasks.segmentation import train as segmentation
+
+    return segmentation.run(params, layout)
+
 
 # task -> its own run (params.task; classification is this module's `run`)
-TASKS = {"segmentation": segmentation.run}
+TASKS = {"segmentation": _segmentation}
 
 
 @dataclass
