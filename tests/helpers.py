@@ -49,9 +49,11 @@ def write_params(path: Path, overrides: dict) -> None:
 
 
 def make_project(
-    root: Path, data_src: Path, overrides: dict | None = None, git: bool = False
+    root: Path, data_src: Path, overrides: dict | None = None, git: bool = False,
+    mlflow_store: bool = True,
 ) -> Path:
-    """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/."""
+    """A project directory like a fresh clone: params, dvc.yaml, flows/, src/ and data/; with
+    `mlflow_store` an empty MLflow store as its first run would make (without, no registry)."""
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "flows", "src", "presets"):
         src = REPO / name
@@ -70,7 +72,10 @@ def make_project(
     else:
         source = str(data_src)
     write_params(root / "params.yaml", {**TINY, "data.source": source, **(overrides or {})})
-    seed_store(root / "mlruns")  # an empty MLflow store, without its seconds of migrations
+    if mlflow_store:
+        seed_store(root / "mlruns")  # an empty MLflow store, without its seconds of migrations
+    else:
+        (root / "mlruns").mkdir()
     if git:
         run(["git", "init", "-q", "-b", "main"], root)
         shutil.copy(REPO / ".gitignore", root / ".gitignore")

@@ -38,7 +38,7 @@ def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("datacli")
     v1 = write_imagefolder(tmp / "v1", {"train/cat": 6, "train/dog": 6, "test/cat": 2,
                                         "test/dog": 2})
-    root = make_project(tmp / "proj", v1, git=True)
+    root = make_project(tmp / "proj", v1, git=True, mlflow_store=False)
     ignore = root / ".gitignore"  # `data add` must add the default remote's folder itself
     ignore.write_text("".join(line for line in ignore.read_text().splitlines(keepends=True)
                               if line.strip() != "/.dvc-storage/"))

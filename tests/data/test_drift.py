@@ -138,7 +138,7 @@ def champion_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drift")
     data = write_imagefolder(tmp / "src", {"train/a": 30, "train/b": 30, "train/c": 30,
                                            "test/a": 3, "test/b": 3, "test/c": 3})
-    project = make_project(tmp / "proj", data, {"data.val_fraction": 0.0})
+    project = make_project(tmp / "proj", data, {"data.val_fraction": 0.0}, mlflow_store=False)
     layout = Layout.at(project)
     result = run_stage("validate", load_params(layout.params), layout)
     assert result.summary["drift"]["status"] == "no_reference"

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from visionflow.model.segmentation import IGNORE_INDEX
 
@@ -66,6 +65,10 @@ class SegmentationMeter:
     """Accumulates the pixel confusion matrix over batches (on the batches' device)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        # imported here: torchmetrics takes a second or more to import, and every classifier's
+        # train stage imports this module through the task table
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
         self.num_classes = num_classes
         self.matrix = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index,
                                                 validate_args=False)

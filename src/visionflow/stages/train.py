@@ -43,18 +43,10 @@ from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import device_logits, pick_device, stream_logits
 from visionflow.model.trainer import prepare_fit, top1
 from visionflow.stages import main
-
-
-def _segmentation(params: Params, layout: Layout) -> dict[str, Any]:
-    # imported when used: its metrics (torchmetrics, scipy) would slow every classifier's
-    # `python -m visionflow.stages.train` start by a second or more
-    from visionflow.tasks.segmentation import train as segmentation
-
-    return segmentation.run(params, layout)
-
+from visionflow.tasks.segmentation import train as segmentation
 
 # task -> its own run (params.task; classification is this module's `run`)
-TASKS = {"segmentation": _segmentation}
+TASKS = {"segmentation": segmentation.run}
 
 
 @dataclass
