@@ -5,14 +5,13 @@ once, or all the team-stack tests (`tests/pipeline/test_stack*.py`), so that one
 the one stack they share. Units are handed out in collection order, which `tests/conftest.py`
 sorts longest first (`LONGEST_FIRST`), so that no worker is left with a long one at the end.
 (xdist's own `--dist loadgroup` cannot do this here: it renames test ids through an attribute
-pytest 9 no longer reads.) Loaded by `tests/conftest.py` only where xdist is installed.
+pytest 9 no longer reads.) The scheduler is registered by `tests/conftest.py` only where
+xdist is installed (not on the GPU machine).
 """
 
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-
-from xdist.scheduler import LoadScopeScheduling
 
 STACK_FILES = "test_stack*.py"  # where every `stack` test lives (checked at collection)
 
@@ -23,18 +22,16 @@ def unit(nodeid: str) -> str:
     return "stack" if PurePosixPath(path).match(STACK_FILES) else path
 
 
-class ByUnit(LoadScopeScheduling):
-    """xdist's scope scheduling with our units as the scopes, in collection order."""
-
-    def __init__(self, config, log=None) -> None:
-        config.option.loadscopereorder = False  # not by test count: the order we sorted
-        super().__init__(config, log)
-
-    def _split_scope(self, nodeid: str) -> str:
-        return unit(nodeid)
-
-
 def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        """xdist's scope scheduling with our units as the scopes, in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit(nodeid)
+
     if config.getvalue("dist") in ("load", "loadfile", "loadscope", "loadgroup"):
+        config.option.loadscopereorder = False  # not by test count: the order we sorted
         return ByUnit(config, log)
     return None
