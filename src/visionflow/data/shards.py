@@ -65,10 +65,6 @@ def encode(row: dict[str, Any], root: str, max_side: int, channels: int) -> tupl
     return buf.getvalue(), True
 
 
-def _encode_job(args: tuple[dict[str, Any], str, int, int]) -> tuple[bytes, bool]:
-    return encode(*args)
-
-
 def _encode_chunk(jobs: list[tuple[dict[str, Any], str, int, int]]) -> list[tuple[bytes, bool]]:
     return [encode(*j) for j in jobs]
 
@@ -155,12 +151,12 @@ def _encoded(rows, root: Path, max_side: int, channels: int, workers: int
     jobs = [(r, str(root), max_side, channels) for r in rows]
     workers = workers or os.cpu_count() or 1
     if len(jobs) < 256 or workers == 1:
-        yield from (_encode_job(j) for j in jobs)
+        yield from (encode(*j) for j in jobs)
         return
     # at most `IN_FLIGHT` chunks of images wait to be written: `pool.map` would submit them
     # all at once and hold every finished image in memory (the whole split, when the
     # workers read faster than the writer writes)
-    chunks = [jobs[i:i + ENCODE_CHUNK] for i in range(0, len(jobs), ENCODE_CHUNK)]
+    chunks = (jobs[i:i + ENCODE_CHUNK] for i in range(0, len(jobs), ENCODE_CHUNK))
     with ProcessPoolExecutor(workers) as pool:
         pending: deque[Future[list[tuple[bytes, bool]]]] = deque()
         for chunk in chunks:
