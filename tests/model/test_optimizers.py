@@ -154,3 +154,57 @@ def test_params_yaml_train_section_matches_the_config_defaults():
 
     train = parse_params(read_params_file(REPO / "params.yaml")).train
     assert train == TrainConfig() and train.compile == "auto" and train.muon_lr == 0.24
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "muon"])
+def test_zero_grad_clears_every_trainable_parameter(name):
+    model = _model()
+    opt = make_optimizer(model, _recipe(optimizer=name), set())
+    model(torch.rand(4, 3, 16, 16)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    kept = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert kept == []  # Muon's filter banks included: else each step adds to the last
+
+
+def test_muon_steps_follow_the_record_rule_on_each_steps_own_gradient():
+    """Three steps through `make_optimizer` against the update rule of the public record,
+    written out here: buf = m*buf + g; u = g + m*buf; bank to norm sqrt(out); bank -= lr*NS(u)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz as newton_schulz
+
+    model = _model()
+    ref = [p.detach().clone() for p in muon_filters(model)]
+    opt = make_optimizer(model, _recipe(lr=0.0, muon_lr=0.1), set())  # only Muon moves
+    bufs = [torch.zeros_like(p) for p in ref]
+    x = torch.rand(8, 3, 16, 16)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).square().mean()
+        grads = torch.autograd.grad(loss, muon_filters(model), retain_graph=True)
+        loss.backward()
+        opt.step()
+        for w, b, g in zip(ref, bufs, grads, strict=True):
+            b.mul_(0.6).add_(g)
+            u = g + 0.6 * b
+            w.mul_(len(w) ** 0.5 / w.norm())
+            w.sub_(0.1 * newton_schulz(u.reshape(len(u), -1), (3.4445, -4.7750, 2.0315), 3,
+                                       1e-7).float().view_as(w))
+        for w, p in zip(ref, muon_filters(model), strict=True):
+            assert (p.detach() - w).norm() / w.norm() < 1e-2  # bf16 Newton-Schulz: ~2e-3
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no steps here
+def test_muon_whitening_bias_lr_decays_to_zero_over_its_epochs_as_the_record():
+    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    recipe = _recipe(epochs=4, whiten_bias_epochs=1, warmup_epochs=0.0)
+    run = FitRun(_model(), x, torch.randint(0, 10, (64,)), recipe, Policy(), num_classes=10,
+                 device="cpu")  # 2 steps an epoch, 8 in all
+    groups = run.optimizer.param_groups
+    wb = next(g for g in groups if g.get("whiten_bias"))
+    head = next(g for g in groups if g is not wb and g["lr"] == pytest.approx(1.66))
+    seen = []
+    for _ in range(3):
+        seen.append((wb["lr"], head["lr"]))
+        run.scheduler.step()
+    assert seen == [pytest.approx((1.66 * 64 * f, 1.66 * h)) for f, h in
+                    [(1.0, 1.0), (0.5, 7 / 8), (0.0, 6 / 8)]]

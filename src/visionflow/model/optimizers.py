@@ -5,7 +5,8 @@ orthogonalises the momentum of every conv filter bank (a >= 3-D weight, seen as 
 out-channels × rest matrix it is stored as), after scaling the bank back to Frobenius norm
 sqrt(out-channels) (BatchNorm follows each conv, so only the direction matters); Nesterov SGD
 trains everything else (the linear head, BatchNorm and whitening biases) with the groups of
-`engine.param_groups`, the whitening conv's bias at the norm-bias lr. The frozen whitening
+`engine.param_groups`, the whitening conv's bias at the norm-bias lr (its group marked
+`whiten_bias`: its lr decays to 0 over `whiten_bias_epochs`, as the record's). The frozen whitening
 filters of a `fast` net and the head (2-D) are never Muon's.
 
 torch only. `torch.optim.Muon` (torch >= 2.9) takes 2-D parameters only: `FilterMuon` hands it
@@ -78,6 +79,16 @@ class FilterMuon(_Muon):  # type: ignore[misc,valid-type]
                 p.mul_(math.sqrt(len(p)) / p.norm().clamp_min(1e-12))
         return super().step(closure)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The views' gradients and the filter banks' own: `backward` accumulates into the
+        banks, which no optimizer's groups hold."""
+        super().zero_grad(set_to_none=set_to_none)
+        for p, _ in self.sources:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
 
 class Optimizers(torch.optim.Optimizer):
     """Several optimizers stepped as one: `param_groups` are theirs (the same dicts), so one
@@ -139,7 +150,7 @@ def make_optimizer(model: nn.Module, cfg: Any, backbone: set[str]) -> torch.opti
             groups.append({**g, "params": rest})
         if biases:  # the whitening bias trains at the norm-bias lr, as in the record
             decay = g["weight_decay"] > 0
-            groups.append({"params": biases, "lr": cfg.lr * scale,
+            groups.append({"params": biases, "lr": cfg.lr * scale, "whiten_bias": True,
                            "weight_decay": cfg.weight_decay / scale if decay else 0.0})
     muon_lr = float(cfg.muon_lr)
     filter_groups = [{"params": [p for p in filters if names.get(id(p)) not in backbone],
