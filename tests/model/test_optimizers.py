@@ -193,7 +193,7 @@ def test_muon_steps_follow_the_record_rule_on_each_steps_own_gradient():
             assert (p.detach() - w).norm() / w.norm() < 1e-2  # bf16 Newton-Schulz: ~2e-3
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no steps here
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # no steps here
 def test_muon_whitening_bias_lr_decays_to_zero_over_its_epochs_as_the_record():
     x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
     recipe = _recipe(epochs=4, whiten_bias_epochs=1, warmup_epochs=0.0)
