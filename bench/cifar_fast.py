@@ -29,6 +29,7 @@ if (HERE.parent / "src").is_dir():
 from cifar_data import load_cifar  # noqa: E402
 
 from visionflow.core.presets import load_raw  # noqa: E402
+from visionflow.model import engine  # noqa: E402
 from visionflow.model.augment_ops import Policy  # noqa: E402
 from visionflow.model.classifier import Arch, build_classifier, channel_stats  # noqa: E402
 from visionflow.model.fit import EpochEnd, FitRun, Recipe  # noqa: E402
@@ -131,11 +132,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--limit", type=int, default=None, help="images per split (dry runs)")
     ap.add_argument("--log", required=True, help="JSON lines: per epoch and per seed")
+    ap.add_argument("--no-keep-heap", action="store_true",
+                    help="CPU: let glibc return freed memory (the comparison in BENCHMARKS)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     raw = load_raw(a.params, a.preset)
     device = torch.device(a.device)
+    if device.type == "cpu" and not a.no_keep_heap:
+        engine.keep_freed_cpu_memory()  # as the train stage does
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = load_cifar(a.archive, limit=a.limit)

@@ -142,6 +142,14 @@ def test_time_budget_stops_after_the_epoch_that_spends_it(small, tmp_path):
     assert run_stage("train", load_params(lay.params), lay).epochs_run == 1
 
 
+def test_cpu_training_keeps_freed_memory_in_its_heap(small, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_cpu_memory", lambda: calls.append("kept") or True)
+    lay = _small(small, tmp_path / "heap", **{"train.epochs": 1})
+    run_stage("train", load_params(lay.params), lay)
+    assert calls == ["kept"]
+
+
 def test_backbone_unfreezes_after_freeze_epochs(small, tmp_path):
     src = _small(small, tmp_path / "src", **{"train.epochs": 1})
     run_stage("train", load_params(src.params), src)

@@ -199,6 +199,22 @@ def make_ema(model: nn.Module, decay: float | None, every: int = 1, ramp: float 
     return EMA(model, decay, every, ramp, lookahead)
 
 
+def keep_freed_cpu_memory() -> bool:
+    """CPU training: glibc gives every freed large block (a step's activations, hundreds of
+    MB at batch 2000) back to the kernel, and the next step faults it in again page by page:
+    about 30% of a CPU run's time was kernel time (BENCHMARKS.md). Keep freed memory in the
+    process's heap instead (no mmap for large blocks, no trimming), so steps reuse it; the
+    resident set then stays at its peak. Process-wide; False where libc is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 on CUDA (fp16 where bf16 is unsupported); fp32 on CPU."""
     if device.type == "cuda" and enabled:

@@ -77,6 +77,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
     device = pick_device(cfg.device, dist.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        engine.keep_freed_cpu_memory()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(params.seed)

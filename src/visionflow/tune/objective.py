@@ -23,6 +23,7 @@ from visionflow.core.errors import ConfigError, DataError
 from visionflow.core.layout import Layout
 from visionflow.data.feed import is_shards, training_feed
 from visionflow.data.packed import load_packed, load_splits, source_data_hash
+from visionflow.model import engine
 from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import stream_logits
 from visionflow.model.trainer import prepare_fit, top1
@@ -100,6 +101,7 @@ def run_trial(params: Params, data: TrialData, device: torch.device, threads: in
     `on_epoch`, which reports to the study and says whether to prune."""
     if device.type == "cpu":
         torch.set_num_threads(threads)  # per thread under OpenMP: set in the trial's own
+        engine.keep_freed_cpu_memory()
     t0 = time.perf_counter()
     if data.shards is not None:
         assert data.layout is not None

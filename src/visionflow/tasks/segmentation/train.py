@@ -26,6 +26,7 @@ from visionflow.core.layout import Layout
 from visionflow.data.packed import load_packed, source_data_hash
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
+from visionflow.model import engine
 from visionflow.model.inference import pick_device
 from visionflow.model.segmentation import (
     SegArch,
@@ -56,6 +57,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        engine.keep_freed_cpu_memory()
     cache = load_packed(layout.packed)
     if cache.get("task") != "segmentation":
         raise ConfigError(f"{layout.packed}: packed for {cache.get('task', 'classification')}, "
