@@ -105,3 +105,11 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def job_runners(pid: int) -> list[str]:
+    """MLflow's GenAI job runner processes (huey consumers) under the server `pid`."""
+    import psutil
+
+    return [" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)
+            if "mlflow.server.jobs" in " ".join(p.cmdline())]

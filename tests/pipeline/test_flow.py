@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from builders import wait_for
-from helpers import BIN, REPO, make_project
+from helpers import BIN, REPO, job_runners, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -296,6 +296,7 @@ def test_scheduled_deployment(prefect_server, api, tmp_path, digits_dir):
 
         ui_thread.join(240)
         assert ui and ui[0].healthy, "the MLflow UI did not come up"
+        assert job_runners(ui[0].pid) == []  # MLflow's GenAI job runner stays off
         models = json.loads(urllib.request.urlopen(
             f"{ui[0].url}/ajax-api/2.0/mlflow/registered-models/search", timeout=30).read())
         assert [m["name"] for m in models["registered_models"]] == [MODEL]

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import BIN, run
+from helpers import BIN, job_runners, run
 from projects import assert_stage_recorded
 from stack_fixtures import (
     CLIENT_ENV,
@@ -34,6 +34,8 @@ def test_status_and_idempotent_up(team_stack: TeamStack):
     for name in ("postgres", "s3", "mlflow", "prefect", "worker-1"):
         assert any(line.startswith(name) and " up " in line
                    for line in status.stdout.splitlines()), status.stdout
+    mlflow_pid = next(s.pid for s in team_stack.stack.status() if s.name == "mlflow")
+    assert job_runners(mlflow_pid) == []  # MLflow's GenAI job runner stays off
     again = vflow("stack", "up", "--root", str(team_stack.root), "--no-deploy", "--no-ui",
                   cwd=team_stack.root)
     assert again.returncode == 0, again.stdout + again.stderr

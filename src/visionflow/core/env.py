@@ -17,6 +17,10 @@ QUIET = {
     "GIT_PYTHON_REFRESH": "quiet",
 }
 
+# MLflow's server starts a job runner for its GenAI features (six huey consumer processes,
+# about 250 MB and a steady trickle of CPU each); visionflow's servers run without it.
+MLFLOW_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def quiet_env() -> None:
     """Telemetry off for every tool we drive (values the user set are kept)."""

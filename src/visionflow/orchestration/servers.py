@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionflow.core.env import quiet_env
+from visionflow.core.env import MLFLOW_SERVER, quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
@@ -197,7 +197,7 @@ def _launch(service: Service, layout: Layout, host: str, port: int, timeout: flo
     state_file.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
     cmd = service.command(layout, host, port, ui)
-    child_env = {**os.environ, **(env or {})}
+    child_env = {**(MLFLOW_SERVER if service is MLFLOW else {}), **os.environ, **(env or {})}
     child_env.pop("PREFECT_API_URL", None)  # the server must not talk to another one
     with open(log, "ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from visionflow.core.env import MLFLOW_SERVER
 from visionflow.stack.procs import StackError
 
 POOL = "visionflow-process"
@@ -33,7 +34,8 @@ def mlflow_env(backend_uri: str, s3_endpoint: str, access_key: str,
                secret_key: str) -> dict[str, str]:
     """Secrets go through the environment, not the command line (`ps` shows that). The
     tracking server alone holds the S3 keys: clients upload through it."""
-    return {"MLFLOW_BACKEND_STORE_URI": backend_uri, "AWS_ACCESS_KEY_ID": access_key,
+    return {**MLFLOW_SERVER, "MLFLOW_BACKEND_STORE_URI": backend_uri,
+            "AWS_ACCESS_KEY_ID": access_key,
             "AWS_SECRET_ACCESS_KEY": secret_key, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
             # a store that is down answers in seconds, not after boto's long back-off
             "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "3"}
