@@ -181,18 +181,15 @@ class FitRun:
         self.optimizer = optimizers.make_optimizer(self.model, recipe, self.backbone)
         warmup = int(recipe.warmup_epochs * self.steps_per_epoch)
 
+        wb = (recipe.whiten_bias_epochs or 0) * self.steps_per_epoch  # Muon's whitening bias
+
         def factor(s: int) -> float:
             return engine.lr_factor(s, self.total, warmup, recipe.schedule, recipe.warmup_start,
                                     recipe.lr_end)
 
-        wb = (recipe.whiten_bias_epochs or 0) * self.steps_per_epoch  # Muon's whitening bias
-
-        def bias_factor(s: int) -> float:
-            return max(0.0, 1 - s / wb)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, [bias_factor if wb and g.get("whiten_bias") else factor
-                             for g in self.optimizer.param_groups])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [
+            (lambda s: max(0.0, 1 - s / wb)) if wb and g.get("whiten_bias") else factor
+            for g in self.optimizer.param_groups])
         self.scaler = engine.make_scaler(self.device, recipe.amp)
         self.ema = engine.make_ema(self.model, recipe.ema_decay, recipe.ema_every,
                                    recipe.ema_ramp, recipe.lookahead)
