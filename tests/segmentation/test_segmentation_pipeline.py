@@ -1,8 +1,8 @@
 """`task: segmentation` through the six stages (#19), on the generated shapes set, by both
 drivers: `dvc repro` in one git+DVC project, the Prefect flow in another, the same metrics;
 the gate report, model card and `vflow models show` show mIoU; a worse second run (through
-the flow, in this process) is refused by the gate; a champion of another task is a one-line error. One trained project
-per driver, shared by the module's tests."""
+the flow, in this process) is refused by the gate; a champion of another task is a one-line
+error. One trained project per driver, shared by the module's tests."""
 
 from __future__ import annotations
 
