@@ -110,6 +110,10 @@ def test_train_streams_from_s3_through_a_capped_cache(team_stack: TeamStack, tmp
     assert cache.peak <= CAP, f"local cache reached {cache.peak} bytes, cap {CAP}"
     # more shards came through the cache than it can hold at once: read ones were evicted
     assert sum(cache.files.values()) > 1.5 * CAP, cache.files
+    # bounded by size alone: LitData's shared slot counter (which leaks slots and then
+    # stalls downloads 30 s at a time, `remote_shards.size_bound_cache`) was never used
+    slots = list((layout.shard_cache / "train").rglob(".litdata_cache_slots"))
+    assert not slots, f"LitData's slot counter in use: {slots[0]}"
 
     stage("evaluate", root, env)  # a consumer streams the test split from S3 too
     metrics = json.loads(layout.metrics.read_text())

@@ -159,6 +159,22 @@ def allow_plain_http() -> None:
         options["allow_http"] = True
 
 
+def size_bound_cache() -> None:
+    """Bound the cache by its size, not by LitData's shared chunk-slot counter.
+
+    LitData 0.2.76 also counts "slots" in a file shared by the DataLoader workers; two workers
+    reserving a slot for the same chunk leave one never released, and once the leaked slots
+    fill the budget every download waits out the 30 s slot timeout (BENCHMARKS "S3 streaming
+    stalls": 2 of 6 epochs stalled 30-60 s with 2 workers, 0 of 6 without the counter). Its
+    size check, which deletes read shards while the folder is over the budget, still bounds
+    the cache (CACHE_HEADROOM covers the shards in flight); `test_stack_shards` measures it.
+    """
+    from litdata.streaming.reader import PrepareChunksThread
+
+    if hasattr(PrepareChunksThread, "_slot_budget_enabled"):
+        PrepareChunksThread._slot_budget_enabled = lambda self: False  # type: ignore[method-assign]
+
+
 class _NoCacheSizeAdvice(logging.Filter):
     """LitData advises a cache of at least 25 GB on every stream; the cap is the user's."""
 

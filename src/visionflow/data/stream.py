@@ -34,12 +34,14 @@ from visionflow.data.remote_shards import (
     allow_plain_http,
     missing_remote,
     quiet_cache_advice,
+    size_bound_cache,
 )
 from visionflow.data.shards import check_shards, chunk_file, indexed_samples
 
 CORRUPT = "corrupt shard"
 allow_plain_http()
 quiet_cache_advice()
+size_bound_cache()
 
 
 @dataclass(frozen=True)
