@@ -136,6 +136,30 @@ def test_damaged_bytes_are_one_line_naming_shard_and_split(tmp_path, workers):
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_never_downloaded_is_late_not_corrupt(tmp_path, monkeypatch, workers):
+    """LitData's wait for a download running out (S3 slow or gone) is named as that, in one
+    line naming the shard and split: the shard itself is fine."""
+    from litdata import StreamingDataset
+    from litdata.exceptions import ChunkWaitTimeoutError
+
+    src, out = tmp_path / "src", tmp_path / "shards"
+    pack(photos(src, 6), src, out)
+
+    def never_arrives(self, index):
+        raise ChunkWaitTimeoutError("chunk-0-0.bin", 120.0)
+
+    monkeypatch.setattr(StreamingDataset, "__getitem__", never_arrives)
+    stream = ShardStream(out, "train", View(32, 37), batch_size=2, workers=workers,
+                         shuffle=False, drop_last=False)
+    with pytest.raises(DataError) as err:
+        list(stream.epoch())
+    msg = str(err.value)
+    assert msg.startswith("shard not downloaded in time ") and "corrupt" not in msg, msg
+    assert str(sorted(out.glob("chunk-*.bin"))[0]) in msg and "'train'" in msg
+    assert "\n" not in msg
+
+
 def _rank_samples(rank: int, world: int, out: str, port: int, result: str) -> None:
     import torch.distributed as dist
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.exceptions import ChunkWaitTimeoutError
 from litdata.streaming.resolver import Dir
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
@@ -39,6 +40,7 @@ from visionflow.data.remote_shards import (
 from visionflow.data.shards import check_shards, chunk_file, indexed_samples
 
 CORRUPT = "corrupt shard"
+LATE = "shard not downloaded in time"  # LitData gave up waiting for it: not damaged
 allow_plain_http()
 quiet_cache_advice()
 size_bound_cache()
@@ -96,11 +98,12 @@ class ShardDataset(StreamingDataset):
             img = decode(data, self.view.channels)
         except DataError:
             raise
-        except Exception as e:  # damaged bytes: LitData's or the decoder's error
+        except Exception as e:  # damaged bytes (LitData's or the decoder's error), or late
             where = getattr(index, "chunk_index", None)
             shard = (f"{self.where}/{chunk_file(self.split_dir, where).name}"
                      if where is not None else self.where)
-            raise DataError(f"{CORRUPT} {shard} (split {self.split!r}): "
+            what = LATE if isinstance(e, ChunkWaitTimeoutError) else CORRUPT
+            raise DataError(f"{what} {shard} (split {self.split!r}): "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         number = getattr(index, "index", index)
         with torch.random.fork_rng(devices=[]):  # per sample: same with any worker count
@@ -146,10 +149,11 @@ class ShardStream:
         try:
             yield from self.loader
         except Exception as e:  # a worker's DataError arrives wrapped, several lines long
-            line = next((ln.strip() for ln in str(e).splitlines() if CORRUPT in ln), None)
-            if line is None:
-                raise
-            raise DataError(line[line.index(CORRUPT):]) from None
+            for marker in (CORRUPT, LATE):
+                line = next((ln.strip() for ln in str(e).splitlines() if marker in ln), None)
+                if line is not None:
+                    raise DataError(line[line.index(marker):]) from None
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
