@@ -340,7 +340,9 @@ def _two_triggered_runs_queue(api: Api, dep: Any, root: Path, ui_url: str,
     for r in runs:
         assert r.state.is_completed(), f"{r.name}: {r.state.message}\n{served_log()}"
     a, b = sorted(runs, key=lambda r: r.start_time)
-    assert a.end_time <= b.start_time, "the two runs overlapped"
+    assert a.end_time <= b.start_time, "the two runs overlapped: " + " / ".join(
+        f"{r.name}: " + ", ".join(f"{st.name} {st.timestamp:%H:%M:%S.%f}"
+                                  for st in api.c.read_flow_run_states(r.id)) for r in (a, b))
     assert "AwaitingConcurrencySlot" in {s.name for s in api.c.read_flow_run_states(b.id)}
     assert "v2 " in api.summary(forced.id)  # retrained and registered as v2
     assert f"({ui_url}/#/models/{MODEL}/versions/2)" in api.summary(forced.id)
