@@ -8,7 +8,7 @@ smaller than the split), alternating the two variants round by round. Per epoch:
 the cache folder's peak size (sampled every 5 ms). An epoch over 10 s counts as a stall (a
 whole epoch takes about a second here).
 
-    .venv/bin/python bench/bench_s3_stream.py --rounds 8
+    .venv/bin/python bench/bench_s3_stream.py --rounds 6 --per-class 300
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def epoch(split_dir: Path, url: str, cache: Path, cap: int, gate: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--per-class", type=int, default=180)
+    ap.add_argument("--per-class", type=int, default=300)  # 35 shards of 1 MiB
     ap.add_argument("--cap-mib", type=int, default=16)
     ap.add_argument("--child", nargs=4, metavar=("SPLIT", "URL", "CACHE", "GATE"),
                     help=argparse.SUPPRESS)

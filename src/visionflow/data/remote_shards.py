@@ -162,12 +162,13 @@ def allow_plain_http() -> None:
 def size_bound_cache() -> None:
     """Bound the cache by its size, not by LitData's shared chunk-slot counter.
 
-    LitData 0.2.76 also counts "slots" in a file shared by the DataLoader workers; two workers
-    reserving a slot for the same chunk leave one never released, and once the leaked slots
-    fill the budget every download waits out the 30 s slot timeout (BENCHMARKS "S3 streaming
-    stalls": 2 of 6 epochs stalled 30-60 s with 2 workers, 0 of 6 without the counter). Its
-    size check, which deletes read shards while the folder is over the budget, still bounds
-    the cache (CACHE_HEADROOM covers the shards in flight); `test_stack_shards` measures it.
+    LitData 0.2.76 also counts "slots" in a file its DataLoader workers share. With two
+    workers the count drifted above the chunks on disk (14 of 14 slots taken, 12 chunks), and
+    then every download waited out LitData's 30 s slot timeout; with 35 shards through a
+    16 MiB cap every epoch failed after 120 s (BENCHMARKS, "S3 streaming: 30 s stalls",
+    `bench/bench_s3_stream.py`). Its size check, which deletes read shards while the folder
+    is over the budget, still bounds the cache (CACHE_HEADROOM covers the shards in flight);
+    `test_stack_shards` measures the peak and checks the counter's file never appears.
     """
     from litdata.streaming.reader import PrepareChunksThread
 
