@@ -24,12 +24,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from visionflow.core.configfile import load_params
-from visionflow.core.env import quiet_env
+from visionflow.core.env import imports_without_gc, quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
 from visionflow.orchestration import servers, stdio
 from visionflow.orchestration.tasks import bring_up_to_date
-from visionflow.tune.search import Search, summary_markdown
+
+with imports_without_gc():  # torch, torchvision, Optuna: the trials' libraries
+    from visionflow.tune.search import Search, summary_markdown
 
 quiet_env()
 stdio.outlive_the_reader()  # a worker's run goes on if the worker dies

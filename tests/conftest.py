@@ -4,6 +4,7 @@ cache and MLflow store, no network, telemetry off."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import shutil
@@ -57,6 +58,12 @@ os.environ.pop("PREFECT_API_URL", None)
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SANDBOX, ignore_errors=True)
+
+
+def pytest_collection_finish(session):
+    """What collection imported (torch, MLflow, Prefect, DVC) lives for the session: moved
+    out of the cycle collector's passes, as `core.env.imports_without_gc` does for a stage."""
+    gc.freeze()
 
 
 # `make test` runs two pytest workers (tests/worker_units.py): the longest units first, so

@@ -3,8 +3,11 @@ what this machine is (for model cards and benchmark reports)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 QUIET = {
@@ -26,6 +29,27 @@ def quiet_env() -> None:
     """Telemetry off for every tool we drive (values the user set are kept)."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def imports_without_gc() -> Iterator[None]:
+    """The heavy imports (torch, torchvision, MLflow) with Python's cycle collector paused,
+    and what they made moved out of its later passes (`gc.freeze`).
+
+    They create about a million objects that live as long as the process. The collector
+    walks them all again and again while they load, and then on every full pass while the
+    stage works: a quarter of a stage process's CPU on the digits (BENCHMARKS.md, "Stage
+    start-up"). Imports make no garbage worth collecting, so the collector is off for them
+    and back on, as it was, before any work."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def cpu_name() -> str:

@@ -9,11 +9,12 @@ is the multi-process command.)"""
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from visionflow.core.config import STAGE_NAMES, Params
-from visionflow.core.env import quiet_env
+from visionflow.core.env import imports_without_gc, quiet_env
 from visionflow.core.layout import Layout
 from visionflow.orchestration import launch
 
@@ -21,7 +22,11 @@ STAGES: dict[str, str] = {name: f"visionflow.stages.{name}" for name in STAGE_NA
 
 
 def stage_function(name: str) -> Callable[[Params, Layout], Any]:
-    return importlib.import_module(STAGES[name]).run
+    module = sys.modules.get(STAGES[name])
+    if module is None:  # the first call imports the stage, and with it torch, MLflow...
+        with imports_without_gc():
+            module = importlib.import_module(STAGES[name])
+    return module.run
 
 
 def run_stage(name: str, params: Params, layout: Layout) -> Any:
