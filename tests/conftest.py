@@ -69,11 +69,11 @@ def pytest_collection_finish(session):
 # `make test` runs two pytest workers (tests/worker_units.py): the longest units first, so
 # that no worker is left alone with a long one at the end (from a serial run's `--durations`).
 LONGEST_FIRST = ["stack", "tests/segmentation/test_segmentation_pipeline.py",
-                 "tests/pipeline/test_flow.py", "tests/pipeline/test_photos.py",
-                 "tests/pipeline/test_e2e.py", "tests/pipeline/test_retrain_e2e.py",
-                 "tests/stages/test_train.py", "tests/base/test_runtime_params.py",
+                 "tests/pipeline/test_flow.py", "tests/pipeline/test_e2e.py",
+                 "tests/pipeline/test_photos.py", "tests/pipeline/test_retrain_e2e.py",
+                 "tests/stages/test_train.py", "tests/bench/test_gpu_bench.py",
                  "tests/pipeline/test_tune.py", "tests/stages/test_compress_stage.py",
-                 "tests/bench/test_gpu_bench.py"]
+                 "tests/base/test_runtime_params.py"]
 
 
 def pytest_collection_modifyitems(config, items):

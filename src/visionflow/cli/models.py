@@ -233,8 +233,11 @@ def predict_command(
     .csv/.json suffix) and an index.csv there."""
     import sys
 
-    from visionflow.mlops import registry
-    from visionflow.mlops.predict import run_predict
+    from visionflow.core.env import imports_without_gc
+
+    with imports_without_gc():  # torch, torchvision, MLflow
+        from visionflow.mlops import registry
+        from visionflow.mlops.predict import run_predict
 
     uri = model or f"models:/{registry.model_name_for(root)}@champion"
     if task not in (None, "classification", "segmentation"):

@@ -23,11 +23,14 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     scored on the val split, pruned per epoch, tracked in MLflow; a rerun continues the
     study. Nothing in the project changes unless --apply."""
     from visionflow.core.configfile import load_params
+    from visionflow.core.env import imports_without_gc
     from visionflow.core.layout import Layout
-    from visionflow.data.packed import source_data_hash
-    from visionflow.tune import search, study
-    from visionflow.tune.apply import apply_best
-    from visionflow.tune.space import fixed_settings
+
+    with imports_without_gc():  # torch, MLflow, Optuna: the trials' libraries
+        from visionflow.data.packed import source_data_hash
+        from visionflow.tune import search, study
+        from visionflow.tune.apply import apply_best
+        from visionflow.tune.space import fixed_settings
 
     layout = Layout.at(root)
     path = params if params.is_absolute() else layout.root / params
