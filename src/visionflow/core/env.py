@@ -31,25 +31,38 @@ def quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def pause_gc() -> bool:
+    """Pause Python's cycle collector for heavy imports; True when this call paused it
+    (a caller's own choice to run without it is left alone). `resume_gc` undoes it."""
+    if not gc.isenabled():
+        return False
+    gc.disable()
+    return True
+
+
+def resume_gc(paused: bool) -> None:
+    """After `pause_gc`: what the imports made moves out of the collector's later passes
+    (`gc.freeze`), and the collector is on again."""
+    if paused:
+        gc.freeze()
+        gc.enable()
+
+
 @contextlib.contextmanager
 def imports_without_gc() -> Iterator[None]:
-    """The heavy imports (torch, torchvision, MLflow) with Python's cycle collector paused,
-    and what they made moved out of its later passes (`gc.freeze`).
+    """The heavy imports (torch, torchvision, MLflow) with the cycle collector paused, and
+    what they made moved out of its later passes.
 
     They create about a million objects that live as long as the process. The collector
     walks them all again and again while they load, and then on every full pass while the
     stage works: a quarter of a stage process's CPU on the digits (BENCHMARKS.md, "Stage
     start-up"). Imports make no garbage worth collecting, so the collector is off for them
     and back on, as it was, before any work."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
+    paused = pause_gc()
     try:
         yield
     finally:
-        gc.freeze()
-        gc.enable()
+        resume_gc(paused)
 
 
 def cpu_name() -> str:

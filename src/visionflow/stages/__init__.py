@@ -7,7 +7,6 @@ Prefect flow call the same `run`. No stage imports another stage.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -18,18 +17,16 @@ from typing import Any
 
 from visionflow.core.config import Params
 from visionflow.core.configfile import load_params
-from visionflow.core.env import quiet_env
+from visionflow.core.env import pause_gc, quiet_env, resume_gc
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
 
 # `python3 -m visionflow.stages.<name>` (what dvc.yaml runs): Python imports this package
 # while it looks the stage module up (sys.argv[0] is "-m" until then), then runs the module,
 # its heavy imports first. As `core.env.imports_without_gc` does, the cycle collector is
-# paused for those imports, and `main` moves what they made out of its passes
-# (`gc.freeze`) and turns it back on before any work.
-_GC_PAUSED = sys.argv[:1] == ["-m"] and gc.isenabled()
-if _GC_PAUSED:
-    gc.disable()
+# paused for those imports, and `main` moves what they made out of its passes and turns it
+# back on before any work.
+_GC_PAUSED = sys.argv[:1] == ["-m"] and pause_gc()
 
 
 def print_result(name: str, result: Any) -> None:
@@ -47,9 +44,7 @@ def print_result(name: str, result: Any) -> None:
 
 def main(name: str, run: Callable[[Params, Layout], Any], argv: list[str] | None = None) -> None:
     """`python3 -m visionflow.stages.<name> [-p params.yaml] [-s KEY=VALUE ...] [--root .]`"""
-    if _GC_PAUSED:  # what the imports made lives as long as the process: out of its passes
-        gc.freeze()
-        gc.enable()
+    resume_gc(_GC_PAUSED)
     ap = argparse.ArgumentParser(prog=f"python3 -m visionflow.stages.{name}",
                                  description=f"Run the {name} stage.")
     ap.add_argument("-p", "--params", default="params.yaml")
