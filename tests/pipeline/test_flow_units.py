@@ -170,7 +170,7 @@ def test_compare_data():
 def test_check_data_dvc_md5_shortcut(tmp_path: Path):
     """Real DVC (a git+DVC project, `dvc status`) and a real MLflow registry whose versions
     carry the tags register writes; nothing patched."""
-    from test_validate_catalogue import write_imagefolder
+    from builders import write_imagefolder
 
     from visionflow.mlops import registry
 
