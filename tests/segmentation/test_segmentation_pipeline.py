@@ -93,7 +93,7 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
 
 
 def test_a_worse_second_run_is_refused(drivers, prefect_server):
-    """One epoch instead of twenty, through the flow (in this process: no stage start-ups)."""
+    """One epoch instead of thirty, through the flow (in this process: no stage start-ups)."""
     root = drivers["flow"]
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["segmentation"]["epochs"] = 1
