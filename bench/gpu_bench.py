@@ -59,6 +59,7 @@ from cifar_fast import summary, train_seed  # noqa: E402
 from visionflow.core.presets import load_raw  # noqa: E402
 
 T0 = time.perf_counter()
+DEFAULT_STEPS = "1,3,2e,4,5,6,8,2c"  # 2e/2c: eager/compiled; 7 asked for by name
 
 
 def elapsed() -> float:
@@ -293,7 +294,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=520, help="seconds for all steps")
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, every step")
-    ap.add_argument("--steps", default="1,3,2e,4,5,6,8,2c",
+    ap.add_argument("--steps", default=DEFAULT_STEPS,
                     help="order; 2e/2c: eager/compiled")
     ap.add_argument("--scale-data", default="/tmp/vflow-gpu-scale",
                     help="step 6's generated JPEGs (reused when there)")

@@ -43,19 +43,25 @@ def _tiny_archive(path: Path, per_class: int = 13) -> Path:
 
 @pytest.mark.slow
 def test_dry_run_writes_every_step(tmp_path: Path):
+    """The default steps but 6, which `test_gpu_scale_dry_run_alone_needs_no_archive` runs
+    (7, not a default: `test_record_step_dry_run_puts_ours_beside_the_record_script`)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_bench import DEFAULT_STEPS
+
+    steps = [s for s in DEFAULT_STEPS.split(",") if s != "6"]
+    assert len(steps) == 7
     archive = _tiny_archive(tmp_path / "tiny.tar.gz")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
     proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
                 "--archive", str(archive), "--seeds", "2", "--budget", "600",
-                "--scale-data", str(tmp_path / "scale")], REPO,
-               check=False, env=env, timeout=900)
+                "--steps", ",".join(steps)], REPO, check=False, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith(("error_", "skipped_"))], (
         names, proc.stdout[-4000:])
     assert names == ["1_fast.json", "2_throughput.json", "3_resnet18.json", "4_augment.json",
-                     "5_gpu_tests.json", "6_scale.json", "8_segmentation.json", "env.json",
+                     "5_gpu_tests.json", "8_segmentation.json", "env.json",
                      "log.txt"]
     seg = json.loads((out / "8_segmentation.json").read_text())
     assert seg["train_img_per_s"] > 0 and 0 <= seg["test"]["miou"] <= 1
@@ -79,9 +85,6 @@ def test_dry_run_writes_every_step(tmp_path: Path):
 
     aug = json.loads((out / "4_augment.json").read_text())
     assert any("kornia" in c for t in aug["tables"].values() for c in t)
-
-    scale = json.loads((out / "6_scale.json").read_text())
-    _check_scale(scale)
 
     tests = json.loads((out / "5_gpu_tests.json").read_text())
     assert tests["returncode"] == 0 and "skipped" in tests["summary"], tests["output_tail"]
