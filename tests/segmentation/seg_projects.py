@@ -3,9 +3,9 @@ fast (160 images of 32..40 px, a width-8 U-Net, 30 epochs at 32 px, one thread),
 small Pascal VOC folder written from the same shapes.
 
 The test split's mIoU moves with the CPU's float arithmetic (an AVX2-only CPU scored 0.79
-where others had passed 0.80). Measured over seeds 0-5 on one machine: 20 epochs 0.75-0.90
-(the triangle class is sometimes barely learned), 30 epochs 0.82-0.93 at the same wall
-time to within a second; a broken pipeline scores near all-background (about 0.19).
+where others had passed 0.80). `bench/bench_seg_seeds.py`, seeds 0-5 on one machine: 20
+epochs 0.75-0.90 (the triangle class is sometimes barely learned), 30 epochs 0.82-0.93
+for about 3 s more; a broken pipeline scores near all-background (about 0.19).
 """
 
 from __future__ import annotations
