@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, make_project
+
+# Two pytest workers share two cores (`make test -n 2`): torch, OpenMP and ONNX Runtime in
+# every test process and in every process a test starts get one thread each, so that no
+# process spins on a core another one needs (TINY's `train.threads` agrees).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+from helpers import BIN, make_project  # noqa: E402
 
 # `import dvc` binds DVC's log handlers to the sys.stdout/stderr of that moment: here, the
 # session's capture streams. Imported first inside a test using capsys, they would hold that

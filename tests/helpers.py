@@ -26,7 +26,7 @@ TINY = {
     "train.lr": 0.5,
     "train.epochs": 2,
     "train.batch_size": 64,
-    "train.threads": 2,
+    "train.threads": 1,
     "train.deterministic": True,
     "compress.calibration_images": 64,
 }
