@@ -53,7 +53,7 @@ def test_dry_run_writes_every_step(tmp_path: Path):
     steps = [s for s in defaults if s != "6"]
     archive = _tiny_archive(tmp_path / "tiny.tar.gz")
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHON": sys.executable}
     proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
                 "--archive", str(archive), "--seeds", "2", "--budget", "600",
                 "--steps", ",".join(steps)], REPO, check=False, env=env, timeout=900)
@@ -222,7 +222,7 @@ def test_record_step_dry_run_puts_ours_beside_the_record_script(tmp_path: Path):
     stub.parent.mkdir()
     stub.write_text(RECORD_STUB)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHON": sys.executable}
     proc = run(["bash", str(REPO / "bench" / "gpu_bench.sh"), str(out), "--dry-run",
                 "--steps", "7", "--archive", str(archive), "--seeds", "2",
                 "--record-script", str(stub), "--record-runs", "3",
