@@ -117,3 +117,16 @@ def test_help_is_light():
     )
     proc = run([str(BIN / "python"), "-c", code], REPO)
     assert "HEAVY []" in proc.stdout
+
+
+def test_params_parse_like_yaml_safe_load_and_bad_yaml_names_the_line(tmp_path: Path):
+    """`read_params_file` parses with libyaml (`core.files.load_yaml`): the same values as
+    PyYAML's own safe loader; a syntax error is one line naming the file and the line."""
+    from visionflow.core.configfile import read_params_file
+
+    text = (REPO / "params.yaml").read_text()
+    assert read_params_file(REPO / "params.yaml") == yaml.safe_load(text)
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  epochs: 3\n  lr: [0.1,\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: line 4 invalid YAML$"):
+        read_params_file(bad)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from visionflow.core import presets
 from visionflow.core.config import Params, source_scheme
 from visionflow.core.errors import ConfigError
+from visionflow.core.files import load_yaml
 
 
 def _format_error(err: ValidationError, source: str, raw: dict[str, Any]) -> str:
@@ -50,7 +51,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override: '{key}' is not a nested key")
-        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+        node[parts[-1]] = load_yaml(value) if isinstance(value, str) else value
     return out
 
 
@@ -70,7 +71,7 @@ def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

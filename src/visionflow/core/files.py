@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -102,3 +104,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: ~10x faster
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, parsed by libyaml where PyYAML was built with it (the same result)."""
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)

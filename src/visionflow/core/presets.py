@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from visionflow.core.errors import ConfigError
+from visionflow.core.files import load_yaml
 
 PRESETS_DIR = "presets"
 
@@ -44,7 +45,7 @@ def read_preset(params_path: str | Path, name: str) -> dict[str, Any]:
                           f"one of {', '.join(choices) or '(none: no presets/ folder)'}")
     path = presets_dir(params_path) / f"{name}.yaml"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{path}: invalid YAML") from None
     if not isinstance(raw, dict):
@@ -64,5 +65,5 @@ def apply_preset(raw: dict[str, Any], params_path: str | Path,
 
 def load_raw(params_path: str | Path, preset: str | None = None) -> dict[str, Any]:
     """params.yaml (+ preset) as a plain dict, for the torch-only benchmark scripts."""
-    raw = yaml.safe_load(Path(params_path).read_text()) or {}
+    raw = load_yaml(Path(params_path).read_text()) or {}
     return apply_preset(raw, params_path, raw.get("preset") if preset is None else preset)

@@ -18,6 +18,7 @@ import yaml
 
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import DataError
+from visionflow.core.files import load_yaml
 from visionflow.core.layout import Layout
 
 DEFAULT_REMOTE = ("local", ".dvc-storage")
@@ -93,7 +94,7 @@ def dvc_out(dvc_file: Path) -> dict[str, Any]:
     if not dvc_file.is_file():
         return {}
     try:
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+        outs = (load_yaml(dvc_file.read_text()) or {}).get("outs") or [{}]
         return dict(outs[0]) if isinstance(outs[0], dict) else {}
     except (yaml.YAMLError, AttributeError):
         return {}

@@ -24,6 +24,7 @@ from typing import Any
 
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
+from visionflow.core.files import load_yaml
 from visionflow.core.layout import Layout
 from visionflow.mlops import tracking
 from visionflow.mlops.registry_lock import lock_path, registry_lock
@@ -84,7 +85,7 @@ def model_name_for(root: str | Path = ".") -> str:
 
     path = Path(root) / "params.yaml"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
         return str((raw.get("register") or {}).get("model_name") or DEFAULT_NAME)
     except (OSError, yaml.YAMLError, AttributeError):
         return DEFAULT_NAME

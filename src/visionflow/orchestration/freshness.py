@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from visionflow.core.config import Params
+from visionflow.core.files import load_yaml
 from visionflow.core.layout import Layout
 
 
@@ -37,7 +38,7 @@ class Verdict:
 def stage_params(layout: Layout) -> dict[str, list[str]]:
     """The params keys each stage tracks, as `dvc.yaml` declares them ({} without it)."""
     try:
-        stages = (yaml.safe_load(layout.dvc_yaml.read_text()) or {}).get("stages") or {}
+        stages = (load_yaml(layout.dvc_yaml.read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         return {}
     out: dict[str, list[str]] = {}
@@ -127,7 +128,7 @@ class DvcState:
 
     def _locked(self) -> set[str]:
         try:
-            lock = yaml.safe_load(self.layout.dvc_lock.read_text()) or {}
+            lock = load_yaml(self.layout.dvc_lock.read_text()) or {}
         except (OSError, yaml.YAMLError):
             return set()
         return set(lock.get("stages") or {})

@@ -10,11 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from visionflow.core.config import Params
 from visionflow.core.errors import DataError
-from visionflow.core.files import read_json
+from visionflow.core.files import load_yaml, read_json
 from visionflow.core.layout import Layout
 from visionflow.data import manifest, survey
 from visionflow.data.dvc import changed, dvc, dvc_md5, dvc_out, remotes, workspace_state
@@ -96,7 +94,7 @@ def refresh_data(params: Params, layout: Layout) -> str:
     if dvc_file is None:
         return f"{params.data.source}: not tracked by DVC, used as it is"
     rel = str(dvc_file.relative_to(layout.root))
-    meta = yaml.safe_load(dvc_file.read_text()) or {}
+    meta = load_yaml(dvc_file.read_text()) or {}
     is_import = any(isinstance(d, dict) and d.get("repo") for d in meta.get("deps") or [])
     if is_import:
         args = ["update", rel]
