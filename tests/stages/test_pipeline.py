@@ -18,10 +18,12 @@ from visionflow.orchestration.stage_runner import run_stage
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, digits_dir) -> tuple[Layout, dict]:
-    """Run all six stages once; tests below inspect what they wrote."""
+    """Run all six stages once; tests below inspect what they wrote. Compression: the two
+    methods checked here (every method and combination: tests/stages/test_compress_stage.py)."""
     from helpers import make_project
 
-    root = make_project(tmp_path_factory.mktemp("stages") / "proj", digits_dir)
+    root = make_project(tmp_path_factory.mktemp("stages") / "proj", digits_dir,
+                        {"data.limit_per_class": 60, "compress.methods": ["int8", "prune"]})
     layout = Layout.at(root)
     params = load_params(layout.params)
     results = {
