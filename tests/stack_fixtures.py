@@ -226,8 +226,8 @@ def _start_boot() -> None:
 def pytest_collection_finish(session) -> None:
     # under xdist every worker collects every test: the worker that runs the `stack` group
     # boots the stack when its first stack test asks for it (`team_stack`)
-    if hasattr(session.config, "workerinput"):
-        return
+    if hasattr(session.config, "workerinput") or session.config.option.collectonly:
+        return  # (`--collect-only` runs nothing: no stack either)
     if any(item.get_closest_marker("stack") for item in session.items):
         _start_boot()
 
