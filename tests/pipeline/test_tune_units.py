@@ -151,3 +151,38 @@ def test_sampler_and_pruner_follow_the_config():
     raw["tune"].update(sampler="tpe", parallel=2)
     tpe = sampler(parse_params(raw), 3)
     assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._constant_liar
+
+
+def test_a_trial_killed_between_two_draws_is_retried_with_what_it_drew(tmp_path: Path):
+    """A RUNNING trial whose process on this host is gone is failed and queued again with
+    the parameters it had drawn; the retry draws the others anew (`vflow tune`'s resume)."""
+    import socket
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from visionflow.tune import study as studies
+
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    killed = study.ask()
+    killed.suggest_float("lr", 1e-3, 1.0, log=True)  # the kill lands before "wd"
+    dead = _exited_pid()
+    killed.set_user_attr(studies.WORKER_ATTR, f"{socket.gethostname()}:{dead}:None")
+    failed = studies.reclaim_stale(study)
+    assert [t.number for t in failed] == [killed.number]
+    assert study.trials[killed.number].state == TrialState.FAIL
+    retry = study.ask()
+    lr = retry.suggest_float("lr", 1e-3, 1.0, log=True)
+    retry.suggest_float("wd", 1e-5, 1e-2, log=True)
+    assert retry.number > killed.number and lr == study.trials[killed.number].params["lr"]
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
