@@ -186,3 +186,26 @@ def _exited_pid() -> int:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     return int(proc.stdout)
+
+
+def test_a_storage_another_process_is_creating_opens_on_the_next_try(tmp_path: Path,
+                                                                     monkeypatch):
+    """Two processes opening a new sqlite study file at once: the one whose CREATE TABLE
+    loses ("table ... already exists") opens again and finds the tables made."""
+    import sqlalchemy
+
+    from visionflow.tune import study as studies
+
+    real, calls = studies.RDBStorage, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE trial_intermediate_values (...)", {},
+                Exception("table trial_intermediate_values already exists"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(studies, "RDBStorage", racing)
+    storage = studies.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(calls) == 2 and storage.get_all_studies() == []

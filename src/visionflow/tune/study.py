@@ -71,7 +71,8 @@ def open_storage(url: str) -> RDBStorage:
     """The study storage; its tables are created on first use. Hosts creating them at once
     (several `vflow tune` on a new database) would collide: on PostgreSQL the creation is
     serialised by an advisory lock (the others then find the tables made); two sqlite
-    processes collide on the schema version row, and the loser opens what the winner made."""
+    processes collide on a table or the schema version row, and the loser opens what the
+    winner made."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = ({"connect_args": {"timeout": 60}} if is_local(url)
@@ -83,10 +84,16 @@ def open_storage(url: str) -> RDBStorage:
                                   grace_period=GRACE_S, heartbeat_stale_trial_callback=(
                                       RetryHeartbeatStaleTrialCallback(max_retry=2)))
         except Exception as err:  # noqa: BLE001 (a driver missing, a server down, a bad URL)
-            if attempt == 2 or "alembic_version" not in str(err):
+            if attempt == 2 or not _lost_schema_race(str(err)):
                 raise ConfigError(f"tune storage {redact(url)}: {one_line(err)}") from None
             time.sleep(0.5)
     raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _lost_schema_race(error: str) -> bool:
+    """Another process created the same table, or the version row, first (a fresh sqlite
+    file opened by two processes at once): opening again finds what it made."""
+    return "alembic_version" in error or "already exists" in error
 
 
 @contextlib.contextmanager
