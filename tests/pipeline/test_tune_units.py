@@ -3,6 +3,9 @@ the params.yaml rewrite of `--apply`, and the study's settings check."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from helpers import BIN, REPO, run
 
 from visionflow.core.configfile import load_params, parse_params
 from visionflow.core.errors import ConfigError
+from visionflow.tune import study as studies
 from visionflow.tune.apply import apply_best, rewrite
 from visionflow.tune.space import baseline, fingerprint, fixed_settings
 from visionflow.tune.study import redact
@@ -156,12 +160,8 @@ def test_sampler_and_pruner_follow_the_config():
 def test_a_trial_killed_between_two_draws_is_retried_with_what_it_drew(tmp_path: Path):
     """A RUNNING trial whose process on this host is gone is failed and queued again with
     the parameters it had drawn; the retry draws the others anew (`vflow tune`'s resume)."""
-    import socket
-
     import optuna
     from optuna.trial import TrialState
-
-    from visionflow.tune import study as studies
 
     storage = studies.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -180,9 +180,6 @@ def test_a_trial_killed_between_two_draws_is_retried_with_what_it_drew(tmp_path:
 
 def _exited_pid() -> int:
     """The pid of a process that has exited."""
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     return int(proc.stdout)
@@ -193,8 +190,6 @@ def test_a_storage_another_process_is_creating_opens_on_the_next_try(tmp_path: P
     """Two processes opening a new sqlite study file at once: the one whose CREATE TABLE
     loses ("table ... already exists") opens again and finds the tables made."""
     import sqlalchemy
-
-    from visionflow.tune import study as studies
 
     real, calls = studies.RDBStorage, []
 
