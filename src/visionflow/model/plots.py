@@ -12,6 +12,11 @@ import torch
 from visionflow.core.files import atomic_path
 from visionflow.model.metrics import PER_CLASS, confident_mistakes
 
+# Figures stay this size whatever the number of classes (a side grown with the classes made a
+# 300-class confusion 15,200 px square: 67 s and 8.9 GB; BENCHMARKS, "Evaluation plots").
+MAX_SIDE_IN = 12.0  # inches, at 100 dpi
+MAX_NAMED = 40  # classes named on an axis; past it the bars show the lowest F1 of them
+
 
 def _pyplot():
     import matplotlib
@@ -29,23 +34,33 @@ def _save(fig, path: Path, dpi: int = 100) -> None:
     plt.close(fig)
 
 
+def confusion_values(matrix: list[list[int]], normalize: bool = False):
+    """The matrix as floats, or (normalize) each row divided by its total: recall on the
+    diagonal; a row without test images stays zeros."""
+    import numpy as np
+
+    values = np.asarray(matrix, dtype=np.float64)
+    return values / np.maximum(values.sum(axis=1, keepdims=True), 1) if normalize else values
+
+
 def plot_confusion(path: Path, matrix: list[list[int]], classes: list[str],
                    normalize: bool = False) -> None:
-    """Counts, or (normalize) each row divided by its total: recall on the diagonal."""
     plt = _pyplot()
     n = len(classes)
-    values: list[list[float]] = [list(map(float, r)) for r in matrix]
-    if normalize:
-        values = [[v / (sum(r) or 1) for v in r] for r in values]
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 2)))
-    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    ax.set_xticks(range(n), classes, rotation=90)
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
+    values = confusion_values(matrix, normalize)
+    side = min(MAX_SIDE_IN, max(4, 0.5 * n + 2))
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None,
+                   interpolation="nearest" if n <= 2 * MAX_NAMED else "antialiased")
+    if n <= MAX_NAMED:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7 if n > 20 else None)
+        ax.set_yticks(range(n), classes, fontsize=7 if n > 20 else None)
+    where = "" if n <= MAX_NAMED else " (class index: names in confusion.csv)"
+    ax.set_xlabel("predicted" + where)
+    ax.set_ylabel("actual" + where)
     if n <= 20:
-        peak = max((max(r) for r in values), default=0) or 1
-        for i, row in enumerate(values):
+        peak = float(values.max(initial=0)) or 1
+        for i, row in enumerate(values.tolist()):
             for j, v in enumerate(row):
                 text = f"{v:.2f}" if normalize else str(int(v))
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
@@ -80,12 +95,24 @@ def plot_reliability(path: Path, bins: list[dict[str, float]], ece: float) -> No
     _save(fig, path)
 
 
-def plot_per_class(path: Path, rows: list[dict[str, Any]]) -> None:
+def lowest(rows: list[dict[str, Any]], metric: str, limit: int = MAX_NAMED,
+           ) -> list[dict[str, Any]]:
+    """The rows a per-class bar plot shows: all of them, or the `limit` with the lowest
+    `metric` (a class without it, absent from the test set, last)."""
+    if len(rows) <= limit:
+        return rows
+    return sorted(rows, key=lambda r: (r[metric] is None, r[metric] or 0.0,
+                                       str(r["class"])))[:limit]
+
+
+def plot_per_class(path: Path, rows: list[dict[str, Any]]) -> list[str]:
     import numpy as np
 
     plt = _pyplot()
+    every = len(rows)
+    rows = lowest(rows, "f1")
     n = len(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * n + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(2 * MAX_SIDE_IN, max(6, 0.6 * n + 2)), 4))
     x = np.arange(n)
     w = 0.8 / len(PER_CLASS)
     for i, m in enumerate(PER_CLASS):
@@ -93,10 +120,12 @@ def plot_per_class(path: Path, rows: list[dict[str, Any]]) -> None:
     ax.set_xticks(x, [r["class"] for r in rows], rotation=90 if n > 20 else 0)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
-    ax.set_title("per-class precision, recall, F1 and IoU (test)")
+    ax.set_title("per-class precision, recall, F1 and IoU (test)" if n == every else
+                 f"the {n} classes of {every} with the lowest F1 (test; all in per_class.csv)")
     ax.legend(ncol=4, fontsize=8, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
+    return [str(r["class"]) for r in rows]  # the classes it shows
 
 
 def plot_mistakes(path: Path, x_uint8: torch.Tensor, target, pred, conf, classes: list[str],

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionflow.model.plots import _pyplot, _save
+from visionflow.model.plots import MAX_SIDE_IN, _pyplot, _save, lowest
 
 
 def _palette(k: int) -> np.ndarray:
@@ -30,20 +30,24 @@ def _palette(k: int) -> np.ndarray:
 PALETTE = _palette(256)
 
 
-def plot_iou_bars(path: Path, rows: list[dict[str, Any]], miou: float) -> None:
+def plot_iou_bars(path: Path, rows: list[dict[str, Any]], miou: float) -> list[str]:
     plt = _pyplot()
+    every = len(rows)
+    rows = lowest(rows, "iou")
     n = len(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * n + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(2 * MAX_SIDE_IN, max(6, 0.6 * n + 2)), 4))
     x = np.arange(n)
     for i, (m, label) in enumerate((("iou", "IoU"), ("dice", "Dice (F1)"))):
         ax.bar(x + (i - 0.5) * 0.4, [r[m] or 0.0 for r in rows], width=0.4, label=label)
     ax.axhline(miou, color="k", ls="--", lw=1, label=f"mIoU {miou:.4f}")
     ax.set_xticks(x, [r["class"] for r in rows], rotation=90 if n > 12 else 0)
     ax.set_ylim(0, 1.05)
-    ax.set_title("per-class IoU and Dice (test pixels)")
+    ax.set_title("per-class IoU and Dice (test pixels)" if n == every else
+                 f"the {n} classes of {every} with the lowest IoU (test pixels)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
+    return [str(r["class"]) for r in rows]  # the classes it shows
 
 
 def plot_worst(path: Path, items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float,
