@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from visionflow.core.errors import DataError
-from visionflow.data.shards import check_shards, pack_split, read_contents, storage_for
+from visionflow.data.shards import (
+    TENSOR_NOTE,
+    check_shards,
+    note_storage,
+    pack_split,
+    read_contents,
+    storage_for,
+)
 from visionflow.data.stream import ShardStream, View
 
 CLASSES = ["ants", "bees"]
@@ -49,6 +56,14 @@ def test_storage_rule():
     assert storage_for("auto", 100_000, 3, 224, 2 * 2**30) == "shards"  # 15 GB of tensor
     assert storage_for("shards", 10, 3, 16, 2**30) == "shards"
     assert storage_for("tensor", 10**7, 3, 224, 1) == "tensor"
+
+
+def test_the_shards_folder_says_tensor_mode_and_shards_mode_clears_it(tmp_path):
+    note_storage(tmp_path, "tensor")  # a DVC output never left empty (DVC warns)
+    assert [p.name for p in tmp_path.iterdir()] == [TENSOR_NOTE]
+    (tmp_path / "train").mkdir()
+    note_storage(tmp_path, "shards")  # the same project switched to shards
+    assert [p.name for p in tmp_path.iterdir()] == ["train"]
 
 
 def test_large_images_are_reencoded_small_ones_kept(tmp_path):

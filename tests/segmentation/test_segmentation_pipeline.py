@@ -28,6 +28,7 @@ def drivers(tmp_path_factory, prefect_server) -> dict[str, Path]:
     out = run([str(BIN / "dvc"), "repro"], dvc_root)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out.stdout]
     assert ran == list(STAGES), out.stdout
+    assert "WARNING" not in out.stderr, out.stderr  # e.g. an empty outputs/pack/shards
 
     flow_root = make_project(base / "flow", data, SEG, git=True)
     flow = runpy.run_path(str(flow_root / "flows" / "retrain.py"))

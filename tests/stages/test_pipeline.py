@@ -55,6 +55,8 @@ def test_pack_cache_is_uint8_and_safe_to_load(done):
     assert len(cache["test_x"]) == len(cache["test_y"]) > 0
     policy = json.loads(layout.policy.read_text())["policy"]
     assert {"hflip", "translate", "cutout"} <= set(policy)
+    # tensor mode: the shards output holds the note that says so, not nothing (DVC warns)
+    assert [p.name for p in layout.shards.iterdir()] == ["tensor_mode.json"]
 
 
 def test_train_writes_loadable_weights(done):

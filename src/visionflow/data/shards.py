@@ -44,6 +44,21 @@ def decoded_bytes(n_images: int, channels: int, size: int) -> int:
     return n_images * channels * size * size
 
 
+TENSOR_NOTE = "tensor_mode.json"
+
+
+def note_storage(shards_dir: Path, storage: str) -> None:
+    """`shards/` is a DVC output in both modes. In tensor mode it holds only this note (an
+    empty output folder makes every `dvc repro` of pack warn that it is empty); in shards
+    mode the note goes, and the folder holds one folder a split."""
+    note = shards_dir / TENSOR_NOTE
+    if storage == "tensor":
+        write_json(note, {"storage": "tensor", "images": "outputs/pack/packed.pt",
+                          "why": "data.storage chose tensor: no shards for this data"})
+    else:
+        note.unlink(missing_ok=True)
+
+
 def storage_for(storage: str, n_images: int, channels: int, size: int, budget: int) -> str:
     """`tensor` or `shards`: `auto` keeps the tensor cache while it fits the byte budget."""
     if storage != "auto":

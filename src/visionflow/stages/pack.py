@@ -31,7 +31,13 @@ from visionflow.core.layout import Layout
 from visionflow.data.manifest import read_manifest, usable_rows
 from visionflow.data.packed import SPLITS, build_packed, save_packed
 from visionflow.data.remote_shards import missing_remote, split_url, upload_split
-from visionflow.data.shards import local_shards_whole, pack_split, read_contents, storage_for
+from visionflow.data.shards import (
+    local_shards_whole,
+    note_storage,
+    pack_split,
+    read_contents,
+    storage_for,
+)
 from visionflow.stages import main
 from visionflow.tasks.segmentation import pack as segmentation
 
@@ -58,6 +64,7 @@ def run(params: Params, layout: Layout) -> PackResult:
     size, channels = d.image_size, d.channels
     storage = storage_for(d.storage, len(rows), channels, size, d.storage_budget_bytes)
     layout.shards.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes
+    note_storage(layout.shards, storage)
     stats: dict[str, dict[str, int]] = {}
     if storage == "tensor":
         for split in SPLITS:  # shards of an earlier run would be stale
