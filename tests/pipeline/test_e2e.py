@@ -101,6 +101,9 @@ def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
 
     metrics = run([dvc, "metrics", "show", "--json"], root)
     assert "top1" in metrics.stdout
+    # results only: validate's report is an out, not a column per leaf in `dvc metrics show`
+    shown = json.loads(metrics.stdout)[""]["data"]
+    assert sorted(shown) == ["outputs/compress/compress.json", "outputs/evaluate/metrics.json"]
     dvc_files = _outputs(root)
     dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     dvc_version = json.loads((root / "outputs/register/registration.json").read_text())["version"]
