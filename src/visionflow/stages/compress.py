@@ -50,6 +50,7 @@ from visionflow.model.segmentation_fit import resize_pair
 from visionflow.stages import main
 
 LABELS = {"top1": "top-1", "miou": "mIoU"}
+NO_VARIANTS = "no_variants.json"  # what models/ holds when no variant was written
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -70,6 +71,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                 sweep = build_variants(ctx, layout.model)
             measure_latency(sweep.variants, ctx.example, cfg)
             env = environment()
+            if not any(out.iterdir()):  # an empty DVC out makes every commit of it warn
+                write_json(out / NO_VARIANTS, {
+                    "variants": 0, "methods": list(cfg.methods),
+                    "why": "no compressed variant was written; compress.json has the scores"})
     finally:
         torch.set_num_threads(threads_before)
 
