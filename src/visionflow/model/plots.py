@@ -13,7 +13,7 @@ from visionflow.core.files import atomic_path
 from visionflow.model.metrics import PER_CLASS, confident_mistakes
 
 # Figures stay this size whatever the number of classes (a side grown with the classes made a
-# 300-class confusion 15,200 px square: 67 s and 8.9 GB; BENCHMARKS, "Evaluation plots").
+# 300-class confusion 15,200 px square: 131 s and 9.6 GB; BENCHMARKS, "Evaluation plots").
 MAX_SIDE_IN = 12.0  # inches, at 100 dpi
 MAX_NAMED = 40  # classes named on an axis; past it the bars show the lowest F1 of them
 
