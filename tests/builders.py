@@ -278,3 +278,32 @@ def wait_for(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+SHARD_CLASSES = ["ants", "bees"]
+SHARD_SIZES = [(500, 375), (375, 500), (320, 240), (640, 480), (260, 260), (90, 120)]
+
+
+def shard_photos(root: Path, n: int, start: int = 0, seed: int = 0) -> list[dict]:
+    """Generated JPEGs of varying sizes in two classes, and their manifest rows."""
+    rng = np.random.default_rng(seed + start)
+    rows = []
+    for i in range(start, start + n):
+        label = SHARD_CLASSES[i % 2]
+        w, h = SHARD_SIZES[i % len(SHARD_SIZES)]
+        base = rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)
+        path = root / label / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(base).resize((w, h)).save(path, quality=85)
+        rows.append({"path": f"{label}/{i:04d}.jpg", "label": label, "format": "JPEG",
+                     "mode": "RGB", "width": w, "height": h,
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    return rows
+
+
+def pack_shards(rows: list[dict], root: Path, out: Path, **kw: Any):
+    """`shard_photos`' rows packed into one split's shards at `out` (small shards)."""
+    from visionflow.data.shards import pack_split
+
+    opts = {"max_side": 1024, "channels": 3, "shard_bytes": 1 << 16, "workers": 1} | kw
+    return pack_split(rows, root, out, SHARD_CLASSES, **opts)

@@ -11,43 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import pack_shards, shard_photos
 from PIL import Image
 
 from visionflow.core.errors import DataError
 from visionflow.data.shards import (
     TENSOR_NOTE,
     check_shards,
-    note_storage,
-    pack_split,
+    note_tensor_mode,
     read_contents,
     storage_for,
 )
 from visionflow.data.stream import ShardStream, View
-
-CLASSES = ["ants", "bees"]
-SIZES = [(500, 375), (375, 500), (320, 240), (640, 480), (260, 260), (90, 120)]
-
-
-def photos(root: Path, n: int, start: int = 0, seed: int = 0) -> list[dict]:
-    """Generated JPEGs of varying sizes, and their manifest rows."""
-    rng = np.random.default_rng(seed + start)
-    rows = []
-    for i in range(start, start + n):
-        label = CLASSES[i % 2]
-        w, h = SIZES[i % len(SIZES)]
-        base = rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)
-        path = root / label / f"{i:04d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(base).resize((w, h)).save(path, quality=85)
-        rows.append({"path": f"{label}/{i:04d}.jpg", "label": label, "format": "JPEG",
-                     "mode": "RGB", "width": w, "height": h,
-                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    return rows
-
-
-def pack(rows, root: Path, out: Path, **kw):
-    opts = {"max_side": 1024, "channels": 3, "shard_bytes": 1 << 16, "workers": 1} | kw
-    return pack_split(rows, root, out, CLASSES, **opts)
 
 
 def test_storage_rule():
@@ -59,16 +34,16 @@ def test_storage_rule():
 
 
 def test_the_shards_folder_says_tensor_mode_and_shards_mode_clears_it(tmp_path):
-    note_storage(tmp_path, "tensor")  # a DVC output never left empty (DVC warns)
+    note_tensor_mode(tmp_path)  # a DVC output never left empty (DVC warns)
     assert [p.name for p in tmp_path.iterdir()] == [TENSOR_NOTE]
     (tmp_path / "train").mkdir()
-    note_storage(tmp_path, "shards")  # the same project switched to shards
+    note_tensor_mode(tmp_path)  # the same project switched to shards
     assert [p.name for p in tmp_path.iterdir()] == ["train"]
 
 
 def test_large_images_are_reencoded_small_ones_kept(tmp_path):
-    rows = photos(tmp_path / "src", 12)
-    stats = pack(rows, tmp_path / "src", tmp_path / "shards", max_side=400)
+    rows = shard_photos(tmp_path / "src", 12)
+    stats = pack_shards(rows, tmp_path / "src", tmp_path / "shards", max_side=400)
     big = sum(max(r["width"], r["height"]) > 400 for r in rows)
     assert (stats.samples, stats.encoded, stats.reencoded) == (12, 12, big)
     stream = ShardStream(tmp_path / "shards", "train", View(64, 73, raw=True),
@@ -81,12 +56,12 @@ def test_large_images_are_reencoded_small_ones_kept(tmp_path):
 
 def test_adding_ten_percent_encodes_only_the_new_files(tmp_path):
     src, out = tmp_path / "src", tmp_path / "shards"
-    rows = photos(src, 40)
-    first = pack(rows, src, out)
+    rows = shard_photos(src, 40)
+    first = pack_shards(rows, src, out)
     assert first.shards > 1
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("chunk-*.bin")}
-    more = rows + photos(src, 4, start=40)
-    second = pack(more, src, out)
+    more = rows + shard_photos(src, 4, start=40)
+    second = pack_shards(more, src, out)
     assert (second.encoded, second.reused, second.samples) == (4, 40, 44)
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("chunk-*.bin")}
     assert all(after[name] == before[name] for name in before)  # old shards untouched
@@ -95,13 +70,13 @@ def test_adding_ten_percent_encodes_only_the_new_files(tmp_path):
     assert [r["sha256"] for r in read_contents(out)["samples"]][:40] == \
         [r["sha256"] for r in sorted(rows, key=lambda r: r["sha256"])]
     # a file removed: the split is packed afresh
-    third = pack(more[1:], src, out)
+    third = pack_shards(more[1:], src, out)
     assert (third.encoded, third.reused, check_shards(out, "train")) == (43, 0, 43)
 
 
 def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
     src, out = tmp_path / "src", tmp_path / "shards"
-    pack(photos(src, 24), src, out)
+    pack_shards(shard_photos(src, 24), src, out)
     view = View(32, 37, train=True, hflip=0.5)
 
     def stream():
@@ -124,7 +99,7 @@ def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
 
 def test_truncated_shard_is_one_line_naming_shard_and_split(tmp_path):
     src, out = tmp_path / "src", tmp_path / "shards"
-    pack(photos(src, 12), src, out)
+    pack_shards(shard_photos(src, 12), src, out)
     shard = sorted(out.glob("chunk-*.bin"))[0]
     with shard.open("r+b") as f:
         f.truncate(shard.stat().st_size // 2)
@@ -137,7 +112,7 @@ def test_truncated_shard_is_one_line_naming_shard_and_split(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_damaged_bytes_are_one_line_naming_shard_and_split(tmp_path, workers):
     src, out = tmp_path / "src", tmp_path / "shards"
-    pack(photos(src, 6), src, out)
+    pack_shards(shard_photos(src, 6), src, out)
     shard = sorted(out.glob("chunk-*.bin"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 3:] = bytes(len(data) - len(data) // 3)  # zeros: same size
@@ -159,7 +134,7 @@ def test_a_shard_never_downloaded_is_late_not_corrupt(tmp_path, monkeypatch, wor
     from litdata.exceptions import ChunkWaitTimeoutError
 
     src, out = tmp_path / "src", tmp_path / "shards"
-    pack(photos(src, 6), src, out)
+    pack_shards(shard_photos(src, 6), src, out)
 
     def never_arrives(self, index):
         raise ChunkWaitTimeoutError("chunk-0-0.bin", 120.0)
@@ -196,8 +171,8 @@ def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path)
     from visionflow.orchestration.servers import free_port
 
     src, out = tmp_path / "src", tmp_path / "shards"
-    rows = photos(src, 32)
-    pack(rows, src, out, shard_bytes=1 << 15)
+    rows = shard_photos(src, 32)
+    pack_shards(rows, src, out, shard_bytes=1 << 15)
     mp.spawn(_rank_samples, args=(2, str(out), free_port(), str(tmp_path)), nprocs=2)
     a, b = ((tmp_path / f"{r}.txt").read_text().split() for r in (0, 1))
     assert a and b and not set(a) & set(b)
@@ -210,8 +185,8 @@ def test_served_model_sees_what_evaluation_saw(tmp_path):
     from visionflow.mlops.pyfunc_classifier import to_batch
 
     src, out = tmp_path / "src", tmp_path / "shards"
-    rows = photos(src, 6)
-    pack(rows, src, out)
+    rows = shard_photos(src, 6)
+    pack_shards(rows, src, out)
     stream = ShardStream(out, "test", View(64, 80), batch_size=6, workers=0, shuffle=False,
                          drop_last=False)
     (x, _), = list(stream.epoch())

@@ -58,6 +58,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def note_if_empty(folder: str | Path, name: str, note: dict[str, Any]) -> None:
+    """Call once a stage has written a DVC output folder: DVC warns on every commit of an
+    empty one, so it then holds `name` (a note saying why it is empty), and only then."""
+    path = Path(folder) / name
+    path.unlink(missing_ok=True)
+    if not any(Path(folder).iterdir()):
+        write_json(path, note)
+
+
 def write_with(path: str | Path, writer: Callable[[Path], Any]) -> None:
     """Call `writer(tmp_path)` and move the result into place."""
     with atomic_path(path) as tmp:

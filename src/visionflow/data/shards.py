@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.core.errors import DataError
-from visionflow.core.files import atomic_dir, write_json
+from visionflow.core.files import atomic_dir, note_if_empty, write_json
 from visionflow.data.images import load_image
 
 CONTENTS = "contents.json"
@@ -47,16 +47,12 @@ def decoded_bytes(n_images: int, channels: int, size: int) -> int:
 TENSOR_NOTE = "tensor_mode.json"
 
 
-def note_storage(shards_dir: Path, storage: str) -> None:
-    """`shards/` is a DVC output in both modes. In tensor mode it holds only this note (an
-    empty output folder makes every `dvc repro` of pack warn that it is empty); in shards
-    mode the note goes, and the folder holds one folder a split."""
-    note = shards_dir / TENSOR_NOTE
-    if storage == "tensor":
-        write_json(note, {"storage": "tensor", "images": "outputs/pack/packed.pt",
-                          "why": "data.storage chose tensor: no shards for this data"})
-    else:
-        note.unlink(missing_ok=True)
+def note_tensor_mode(shards_dir: Path) -> None:
+    """`shards/` is a DVC output in both storage modes: in tensor mode it holds just this note
+    (`core.files.note_if_empty`); call it once pack has written or cleared the split folders."""
+    note_if_empty(shards_dir, TENSOR_NOTE, {
+        "storage": "tensor", "images": "outputs/pack/packed.pt",
+        "why": "data.storage chose tensor: no shards for this data"})
 
 
 def storage_for(storage: str, n_images: int, channels: int, size: int, budget: int) -> str:

@@ -1,6 +1,6 @@
 """Run `prefect server` with SQLAlchemy 2.1 (what constraints.txt pins).
 
-Prefect 3.8.8's scheduler bulk-inserts the runs it schedules as dicts with a `state` key
+Prefect's scheduler (3.8.8 and 3.9.1) bulk-inserts the runs it schedules as dicts with a `state` key
 (a hybrid property on `FlowRun`). SQLAlchemy 2.1 sends hybrid keys of a bulk INSERT to a
 `bulk_dml` setter, which Prefect does not define, so the scheduler fails every loop with
 "Can't evaluate bulk DML statement" and no scheduled run is ever created. SQLAlchemy 2.0

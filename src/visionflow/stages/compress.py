@@ -37,7 +37,7 @@ from visionflow.compression.latency import environment, measure_latency
 from visionflow.compression.segmentation import SegContext, build_segmentation_variants
 from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.core.config import CompressConfig, Params
-from visionflow.core.files import atomic_dir, write_json
+from visionflow.core.files import atomic_dir, note_if_empty, write_json
 from visionflow.core.layout import Layout
 from visionflow.data.feed import with_images
 from visionflow.data.packed import load_packed
@@ -71,10 +71,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                 sweep = build_variants(ctx, layout.model)
             measure_latency(sweep.variants, ctx.example, cfg)
             env = environment()
-            if not any(out.iterdir()):  # an empty DVC out makes every commit of it warn
-                write_json(out / NO_VARIANTS, {
-                    "variants": 0, "methods": list(cfg.methods),
-                    "why": "no compressed variant was written; compress.json has the scores"})
+            note_if_empty(out, NO_VARIANTS, {
+                "variants": 0, "methods": list(cfg.methods),
+                "why": "no compressed variant was written; compress.json has the scores"})
     finally:
         torch.set_num_threads(threads_before)
 

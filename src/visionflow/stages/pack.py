@@ -33,7 +33,7 @@ from visionflow.data.packed import SPLITS, build_packed, save_packed
 from visionflow.data.remote_shards import missing_remote, split_url, upload_split
 from visionflow.data.shards import (
     local_shards_whole,
-    note_storage,
+    note_tensor_mode,
     pack_split,
     read_contents,
     storage_for,
@@ -64,7 +64,6 @@ def run(params: Params, layout: Layout) -> PackResult:
     size, channels = d.image_size, d.channels
     storage = storage_for(d.storage, len(rows), channels, size, d.storage_budget_bytes)
     layout.shards.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes
-    note_storage(layout.shards, storage)
     stats: dict[str, dict[str, int]] = {}
     if storage == "tensor":
         for split in SPLITS:  # shards of an earlier run would be stale
@@ -98,6 +97,7 @@ def run(params: Params, layout: Layout) -> PackResult:
             blob[f"{split}_sha256"] = [r["sha256"] for r in order]
             print(f"pack {split}: {s.samples} images in {s.shards} shards ({s.encoded} "
                   f"written, {s.reencoded} re-encoded, {s.reused} kept)", flush=True)
+    note_tensor_mode(layout.shards)
     counts = {split: len(blob[f"{split}_paths"]) for split in SPLITS}
     save_packed(blob, layout.packed)
     write_json(layout.policy, {

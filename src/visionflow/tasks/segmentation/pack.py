@@ -29,7 +29,7 @@ from visionflow.core.files import read_json, write_json
 from visionflow.core.layout import Layout
 from visionflow.data.packed import SPLITS, save_packed
 from visionflow.data.segmentation_layout import Pair, load_pair
-from visionflow.data.shards import note_storage
+from visionflow.data.shards import note_tensor_mode
 
 
 def read_pairs(layout: Layout) -> tuple[dict[str, Any], list[Pair], list[str]]:
@@ -89,7 +89,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     for split in SPLITS:  # shards of an earlier classification run would be stale
         shutil.rmtree(layout.split_shards(split), ignore_errors=True)
     layout.shards.mkdir(parents=True, exist_ok=True)  # a DVC output in both modes
-    note_storage(layout.shards, "tensor")
+    note_tensor_mode(layout.shards)
     save_packed(blob, layout.packed)
     counts = {split: len(blob[f"{split}_paths"]) for split in SPLITS}
     s = params.segmentation
