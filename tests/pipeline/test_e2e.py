@@ -103,7 +103,10 @@ def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
     assert "top1" in metrics.stdout
     # results only: validate's report is an out, not a column per leaf in `dvc metrics show`
     shown = json.loads(metrics.stdout)[""]["data"]
-    assert sorted(shown) == ["outputs/compress/compress.json", "outputs/evaluate/metrics.json"]
+    assert sorted(shown) == ["outputs/compress/metrics.json", "outputs/evaluate/metrics.json"]
+    compressed = diff["outputs/compress/metrics.json"]  # a dozen columns, on both sides
+    assert "recommended.top1" in compressed and len(compressed) <= 12, compressed
+    assert all(v["old"] is not None and v["new"] is not None for v in compressed.values())
     dvc_files = _outputs(root)
     dvc_metrics = json.loads((root / "outputs/evaluate/metrics.json").read_text())
     dvc_version = json.loads((root / "outputs/register/registration.json").read_text())["version"]

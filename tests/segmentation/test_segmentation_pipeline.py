@@ -72,6 +72,8 @@ def test_both_drivers_train_the_same_segmenter(drivers):
         compress = _json(root, "outputs/compress/compress.json")
         assert compress["task"] == "segmentation" and compress["selected"]["name"] == "int8"
         assert compress["variants"]["int8"]["miou_drop_points"] <= 2.0, compress
+        shown = _json(root, "outputs/compress/metrics.json")  # the DVC metric
+        assert shown["recommended"]["name"] == "int8" and "miou" in shown["original"]
         assert reg["compact"]["variant"] == "int8" and reg["compact"]["alias"] == "compact"
 
 

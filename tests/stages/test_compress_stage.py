@@ -209,6 +209,18 @@ def test_lowrank_factorises_and_shrinks(wide):
     assert v["factorised_layers"] >= 1 and v["param_ratio"] < 1.0
 
 
+def test_the_dvc_metric_is_the_choice_against_the_original_in_a_dozen_numbers(wide):
+    layout, report = wide
+    shown = json.loads(layout.compress_metrics.read_text())
+    sel, orig = report["selected"], report["original"]
+    assert shown["variants"] == len(report["variants"]) == len(VARIANTS)
+    assert shown["recommended"] == {"name": sel["name"], **{
+        k: sel[k] for k in ("top1", "top1_drop_points", "size_ratio", "mac_ratio", "cpu_b1_ms",
+                            "speedup_b1_vs_fp32_eager")}}
+    assert shown["original"] == {k: orig[k] for k in ("top1", "size_bytes", "macs",
+                                                      "cpu_b1_ms")}
+
+
 def test_pareto_table_plot_and_mlflow(wide):
     from mlflow import MlflowClient
 
@@ -228,7 +240,8 @@ def test_pareto_table_plot_and_mlflow(wide):
     run_id = json.loads(layout.run_info.read_text())["run_id"]
     client = MlflowClient()
     names = {a.path for a in client.list_artifacts(run_id, "compress")}
-    assert {"compress/compress.json", "compress/pareto.csv", "compress/pareto.png"} <= names
+    assert {"compress/compress.json", "compress/metrics.json", "compress/pareto.csv",
+            "compress/pareto.png"} <= names
     run = client.get_run(run_id)
     assert run.data.tags["compress_selected"] == sel["name"]
     assert "variants/int8/top1" in run.data.metrics

@@ -313,6 +313,10 @@ class Layout:
         return self.compress_dir / "compress.json"
 
     @property
+    def compress_metrics(self) -> Path:
+        return self.compress_dir / "metrics.json"
+
+    @property
     def pareto_csv(self) -> Path:
         return self.compress_dir / "pareto.csv"
 

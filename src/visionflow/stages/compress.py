@@ -11,7 +11,8 @@ threads. Every variant is scored on the test split in the form it deploys in.
 The choice (`compression.pareto.choose`): the deployable variant with the lowest
 `objective` (size | macs | cpu_latency) whose top-1 drop is at most `max_top1_drop` points
 and which improves on the original. Writes `outputs/compress/models/`, `compress.json`
-(every variant, the Pareto table, the choice), `pareto.csv`, `pareto.png`; logs them to the
+(every variant, the Pareto table, the choice), `metrics.json` (the DVC metric: the recommended
+model against the original in a dozen numbers), `pareto.csv`, `pareto.png`; logs them to the
 pipeline's MLflow run. `visionflow.mlops.compact.register_compact` registers the choice
 after `register`.
 
@@ -91,6 +92,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                      pareto.SEG_TABLE_COLUMNS if segmentation else pareto.TABLE_COLUMNS)
     pareto.plot(layout.pareto_png, rows, base, budget, selected, metric)
     write_json(layout.compress_report, report)
+    write_json(layout.compress_metrics, dvc_metrics(report, metric))
     _log(layout, report, metric)
     print(_summary_line(report))
     return report
@@ -171,6 +173,28 @@ def _report(cfg: CompressConfig, sweep: Sweep, base_score: float, selected: str 
     }
 
 
+def _chosen_keys(metric: str) -> tuple[str, ...]:
+    """What says how a variant compares with the original (DVC metric, MLflow metrics)."""
+    return (metric, f"{metric}_drop_points", "size_ratio", "mac_ratio", "cpu_b1_ms",
+            "speedup_b1_vs_fp32_eager")
+
+
+def dvc_metrics(report: dict[str, Any], metric: str) -> dict[str, Any]:
+    """`metrics.json`, compress's DVC metric: the recommended model (the original when no
+    variant fits) against the original, with the same keys every run, so that `dvc metrics
+    diff` lines up. `compress.json` is an out: DVC makes a column of each of its leaves."""
+    name = report["recommended"]
+    chosen = report["original"] if name == "original" else report["variants"][name]
+
+    def numbers(entry: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+        return {k: entry[k] for k in keys if isinstance(entry.get(k), int | float)}
+
+    return {"variants": len(report["variants"]),
+            "original": numbers(report["original"], (metric, "size_bytes", "macs",
+                                                     "cpu_b1_ms")),
+            "recommended": {"name": name, **numbers(chosen, _chosen_keys(metric))}}
+
+
 def _metric_name(text: str) -> str:
     return re.sub(r"[^\w\-. /]", "_", text)
 
@@ -185,15 +209,15 @@ def _log(layout: Layout, report: dict[str, Any], metric: str = "top1") -> None:
                     metrics[f"variants/{key}/{field_}"] = float(v[field_])
         sel = report["selected"]
         if sel:
-            metrics.update({f"variants/selected/{k}": float(sel[k]) for k in
-                            (metric, f"{metric}_drop_points", "size_ratio", "mac_ratio",
-                             "cpu_b1_ms", "speedup_b1_vs_fp32_eager")
+            metrics.update({f"variants/selected/{k}": float(sel[k])
+                            for k in _chosen_keys(metric)
                             if isinstance(sel.get(k), int | float)})
         mlflow.log_metrics(metrics)
         mlflow.set_tags({"compress_selected": sel["name"] if sel else "none",
                          "compress_objective": report["objective"],
                          "compress_reason": report["selected_reason"][:5000]})
-        for path in (layout.compress_report, layout.pareto_csv, layout.pareto_png):
+        for path in (layout.compress_report, layout.compress_metrics, layout.pareto_csv,
+                     layout.pareto_png):
             mlflow.log_artifact(str(path), "compress")
 
 
