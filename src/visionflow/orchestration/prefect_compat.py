@@ -1,12 +1,12 @@
 """Run `prefect server` with SQLAlchemy 2.1 (what constraints.txt pins).
 
-Prefect's scheduler (3.8.8 and 3.9.1) bulk-inserts the runs it schedules as dicts with a `state` key
-(a hybrid property on `FlowRun`). SQLAlchemy 2.1 sends hybrid keys of a bulk INSERT to a
-`bulk_dml` setter, which Prefect does not define, so the scheduler fails every loop with
-"Can't evaluate bulk DML statement" and no scheduled run is ever created. SQLAlchemy 2.0
-ignored such keys (Prefect inserts the states itself right after); this restores exactly
-that. It is a no-op on SQLAlchemy 2.0, or once Prefect defines the setter. Pinning
-SQLAlchemy<2.1 makes it unnecessary.
+Prefect's scheduler (3.8.8 and 3.9.1) bulk-inserts the runs it schedules as dicts with a
+`state` key (a hybrid property on `FlowRun`). SQLAlchemy 2.1 sends hybrid keys of a bulk
+INSERT to a `bulk_dml` setter, which Prefect does not define, so the scheduler fails every
+loop with "Can't evaluate bulk DML statement" and no scheduled run is ever created.
+SQLAlchemy 2.0 ignored such keys (Prefect inserts the states itself right after); this
+restores exactly that. It is a no-op on SQLAlchemy 2.0, or once Prefect defines the setter.
+Pinning SQLAlchemy<2.1 makes it unnecessary.
 
     python -m visionflow.orchestration.prefect_compat server start --host 127.0.0.1 --port 4200
 """
