@@ -5,6 +5,7 @@ flow's train on two processes) and test_stack_hosts.py (two nodes)."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,19 @@ def test_run_stage_launches_train_when_params_ask(monkeypatch, tmp_path):
     monkeypatch.setattr(stage_runner, "stage_function", lambda name: pytest.fail("ran in place"))
     stage_runner.run_stage("train", _params(procs_per_node=2), Layout.at(tmp_path))
     assert calls == [2]
+
+
+def test_torchrun_logs_in_a_folder_removed_after(monkeypatch, tmp_path):
+    (tmp_path / "data").mkdir()
+    seen: list[Path] = []
+
+    def fake_run(cmd, cwd):
+        logs = Path(next(a for a in cmd if a.startswith("--log-dir=")).split("=", 1)[1])
+        assert logs.is_dir() and cmd.index(f"--log-dir={logs}") == 1
+        seen.append(logs)
+        return 1, "RuntimeError: rank 0 failed"
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    with pytest.raises(launch.LaunchError, match="rank 0 failed"):
+        launch.train(_params(procs_per_node=2), Layout.at(tmp_path))
+    assert seen and not seen[0].exists()

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,10 @@ def train(params: Params, layout: Layout, local_addr: str | None = None,
     print(f"train: {cfg.nodes} node(s) x {cfg.procs_per_node} process(es) via torchrun{where}",
           flush=True)
     t0 = time.perf_counter()
-    code, tail = run(cmd, layout.root)
+    # torchrun's log folder: without --log-dir it leaves a torchelastic_* folder in the temp
+    # folder on every launch
+    with tempfile.TemporaryDirectory(prefix="vflow-torchrun-") as logs:
+        code, tail = run([cmd[0], f"--log-dir={logs}", *cmd[1:]], layout.root)
     seconds = time.perf_counter() - t0
     if code != 0:
         raise LaunchError(f"torchrun train{where} exited with code {code}: {_error_line(tail)}")
