@@ -256,8 +256,9 @@ def test_ddp_two_gloo_processes_with_a_frozen_backbone(small, tmp_path):
     lay = _small(small, tmp_path / "ddp", **{
         "train.epochs": 2, "train.threads": 1, "train.pretrained": str(src.model),
         "train.freeze_epochs": 1, "train.early_stop_patience": 5})
-    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
-                "-m", "visionflow.cli.main", "stage", "train"], lay.root, check=False, timeout=600)
+    proc = run([str(BIN / "torchrun"), f"--log-dir={tmp_path / 'torchrun'}", "--standalone",
+                "--nproc_per_node=2", "-m", "visionflow.cli.main", "stage", "train"], lay.root,
+               check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     model, arch = load_classifier(lay.model)
     assert arch.num_classes == 10
