@@ -221,6 +221,21 @@ def test_the_dvc_metric_is_the_choice_against_the_original_in_a_dozen_numbers(wi
                                                       "cpu_b1_ms")}
 
 
+def test_with_no_variant_in_budget_the_metric_recommends_the_original_with_the_same_keys():
+    from visionflow.stages.compress import dvc_metrics
+
+    original = {"top1": 0.9, "top1_drop_points": 0.0, "size_ratio": 1.0, "mac_ratio": 1.0,
+                "cpu_b1_ms": 5.0, "speedup_b1_vs_fp32_eager": 1.0, "size_bytes": 100,
+                "macs": 10}
+    int8 = {**original, "top1": 0.5, "top1_drop_points": 40.0, "size_ratio": 0.25}
+    shown = dvc_metrics({"recommended": "original", "original": original,
+                         "variants": {"int8": int8}}, "top1")
+    assert shown["recommended"] == {"name": "original", "top1": 0.9, "top1_drop_points": 0.0,
+                                    "size_ratio": 1.0, "mac_ratio": 1.0, "cpu_b1_ms": 5.0,
+                                    "speedup_b1_vs_fp32_eager": 1.0}
+    assert shown["variants"] == 1 and shown["original"]["size_bytes"] == 100
+
+
 def test_pareto_table_plot_and_mlflow(wide):
     from mlflow import MlflowClient
 
