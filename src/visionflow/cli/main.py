@@ -77,8 +77,9 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                "--local-addr", help="this node's address the others reach (rank order)")] = None,
            print_only: Annotated[bool, typer.Option("--print", help="print the torchrun "
                                                     "command, run nothing")] = False) -> None:
-    """Train through torchrun as params ask (train.nodes x train.procs_per_node processes):
-    run the same command on every node."""
+    """Train through torchrun: train.nodes x train.procs_per_node processes.
+
+    Run the same command on every node."""
     from visionflow.orchestration import launch as launcher
     from visionflow.stages import print_result
 

@@ -228,9 +228,10 @@ def predict_command(
         "--task", help="classification or segmentation: the task you expect (a model of "
                        "the other task is an error); default: the model's")] = None,
 ) -> None:
-    """Predict top-k labels for images with a registered model (CSV or JSON); with a
-    segmentation model, one PNG mask per image into the folder --out names (without its
-    .csv/.json suffix) and an index.csv there."""
+    """Predict with a registered model: top-k labels (CSV or JSON), or masks.
+
+    A segmentation model writes one PNG mask per image into the folder --out names (without
+    its .csv/.json suffix) and an index.csv there."""
     import sys
 
     from visionflow.core.env import imports_without_gc

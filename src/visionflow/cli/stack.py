@@ -83,9 +83,10 @@ def worker(root: RootOpt = Path("."),
            queue: Annotated[str, typer.Option(help="the pool's work queue it takes runs "
                                                 "from (e.g. one per host)")] = "default",
            ) -> None:
-    """Run a process worker here, in the foreground, for another host of the team: it takes
-    runs of the stack's pool and runs them in this checkout. Needs PREFECT_API_URL (and
-    MLFLOW_TRACKING_URI, VFLOW_REGISTRY_LOCK_URL) in the environment: `source env.sh`."""
+    """Run a process worker here, in the foreground, for another host of the team.
+
+    It takes runs of the stack's pool and runs them in this checkout. Needs PREFECT_API_URL
+    (and MLFLOW_TRACKING_URI, VFLOW_REGISTRY_LOCK_URL) in the environment: `source env.sh`."""
     import socket
 
     from visionflow.core.env import quiet_env

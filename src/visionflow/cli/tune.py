@@ -19,9 +19,11 @@ ApplyOpt = Annotated[bool, typer.Option(
 
 def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                  root: RootOpt = Path("."), apply: ApplyOpt = False) -> None:
-    """Search hyperparameters (`tune:` in params.yaml): trials as parallel Prefect tasks,
-    scored on the val split, pruned per epoch, tracked in MLflow; a rerun continues the
-    study. Nothing in the project changes unless --apply."""
+    """Search hyperparameters (`tune:` in params.yaml); --apply writes the best.
+
+    Trials run as parallel Prefect tasks, scored on the val split, pruned per epoch and
+    tracked in MLflow; a rerun continues the study. Nothing in the project changes unless
+    --apply."""
     from visionflow.core.configfile import load_params
     from visionflow.core.env import imports_without_gc
     from visionflow.core.layout import Layout
