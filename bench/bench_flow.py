@@ -141,7 +141,6 @@ def main() -> None:
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(base / "prefect" / "results"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("PREFECT_API_URL", None)
     root = _project(base, a.overrides, a.data_source)

@@ -43,7 +43,6 @@ for _key, _value in {
     "MPLCONFIGDIR": str(_SANDBOX / "mpl"),
     "PREFECT_HOME": str(_SANDBOX / "prefect"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SANDBOX / "prefect" / "results"),
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "DVC_SITE_CACHE_DIR": str(_SANDBOX / "dvc-site"),

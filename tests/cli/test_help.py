@@ -16,7 +16,7 @@ def _commands(group, path=("vflow",)):
         yield from _commands(cmd, (*path, name))
 
 
-def test_every_command_has_a_one_line_summary():
+def test_every_command_has_a_one_line_summary_and_every_option_a_help():
     from visionflow.cli.main import app
 
     commands = list(_commands(typer.main.get_command(app)))
@@ -27,6 +27,9 @@ def test_every_command_has_a_one_line_summary():
     assert not broken, broken
     missing = [path for path, text in summaries.items() if not text.strip()]
     assert not missing, missing
+    bare = [(path, p.opts) for path, cmd in commands for p in cmd.params
+            if p.name != "help" and not getattr(p, "help", None)]
+    assert not bare, bare  # every option and argument says what it does
 
 
 def test_the_listing_shows_each_summary_whole():

@@ -93,7 +93,9 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-        root: RootOpt = Path("."), force: bool = False) -> None:
+        root: RootOpt = Path("."),
+        force: Annotated[bool, typer.Option(
+            help="rerun every stage, skip the data check")] = False) -> None:
     """Run the whole pipeline once as the Prefect `retrain` flow."""
     from visionflow.core.layout import Layout
     from visionflow.orchestration import flowfile

@@ -220,10 +220,12 @@ def predict_command(
     fmt: Annotated[str | None, typer.Option("--format", help="csv or json (default: from "
                                                              "--out)")] = None,
     topk: Annotated[int | None, typer.Option("--topk", "-k", help="labels per image")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b",
+                                            help="images per forward pass")] = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     root: RootOpt = Path("."),
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="a progress bar on a terminal's stderr")] = True,
     task: Annotated[str | None, typer.Option(
         "--task", help="classification or segmentation: the task you expect (a model of "
                        "the other task is an error); default: the model's")] = None,

@@ -19,7 +19,8 @@ ui_app = typer.Typer(help="The MLflow UI on 127.0.0.1 for the project's registry
 RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
 HostOpt = Annotated[str, typer.Option("--host", help="bind address (loopback by default)")]
 PortOpt = Annotated[int | None, typer.Option("--port", help="port (0 = any free port)")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait for health")]
+TimeoutOpt = Annotated[float | None, typer.Option(
+    "--timeout", help="seconds to wait for health (default: 180 Prefect, 120 MLflow)")]
 
 
 def _layout(root: Path):
@@ -28,7 +29,7 @@ def _layout(root: Path):
     return Layout.at(root)
 
 
-def _start(service_name: str, root: Path, host: str, port: int | None, timeout: float,
+def _start(service_name: str, root: Path, host: str, port: int | None, timeout: float | None,
            ui: bool = True) -> None:
     from visionflow.orchestration import servers as server
 
@@ -61,7 +62,7 @@ def _status(service_name: str, root: Path) -> None:
 
 @server_app.command("start")
 def server_start(root: RootOpt = Path("."), host: HostOpt = "127.0.0.1",
-                 port: PortOpt = 4200, timeout: TimeoutOpt = 180.0,
+                 port: PortOpt = 4200, timeout: TimeoutOpt = None,
                  ui: Annotated[bool, typer.Option(help="serve the Prefect UI too")] = True
                  ) -> None:
     """Start `prefect server start` in the background; wait until /api/health answers."""
@@ -82,7 +83,7 @@ def server_status(root: RootOpt = Path(".")) -> None:
 
 @ui_app.command("start")
 def ui_start(root: RootOpt = Path("."), host: HostOpt = "127.0.0.1", port: PortOpt = 5000,
-             timeout: TimeoutOpt = 120.0) -> None:
+             timeout: TimeoutOpt = None) -> None:
     """Start the MLflow UI on the project's store in the background."""
     _start("mlflow", root, host, port, timeout)
 

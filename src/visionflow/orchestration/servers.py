@@ -42,6 +42,7 @@ class Service:
     default_port: int
     health_path: str
     marker: str  # must appear in the process command line (guards against pid reuse)
+    start_timeout_s: float  # how long a start waits for the health check
 
     def command(self, layout: Layout, host: str, port: int, ui: bool = True) -> list[str]:
         if self.name == "prefect":
@@ -58,8 +59,9 @@ class Service:
                 "--host", host, "--port", str(port), "--workers", "1"]
 
 
-PREFECT = Service("prefect", "Prefect server", 4200, "/api/health", "prefect")
-MLFLOW = Service("mlflow", "MLflow UI", 5000, "/health", "mlflow")
+# a fresh Prefect database migrates on the first start: about 30 s on 2 quiet cores
+PREFECT = Service("prefect", "Prefect server", 4200, "/api/health", "prefect", 180.0)
+MLFLOW = Service("mlflow", "MLflow UI", 5000, "/health", "mlflow", 120.0)
 
 
 @dataclass
@@ -164,13 +166,16 @@ def status(service: Service, layout: Layout) -> Status:
 
 
 def start(service: Service, layout: Layout, host: str = HOST, port: int | None = None,
-          timeout: float = 180.0, ui: bool = True, env: dict[str, str] | None = None) -> Status:
-    """Start the server detached (own session), wait until its health check answers.
+          timeout: float | None = None, ui: bool = True, env: dict[str, str] | None = None
+          ) -> Status:
+    """Start the server detached (own session), wait until its health check answers
+    (`timeout`, default the service's `start_timeout_s`).
 
     `port=0` picks a free port, and picks again (up to 3 times) if the server loses it to
     another process before it binds."""
 
     quiet_env()
+    timeout = service.start_timeout_s if timeout is None else timeout
     current = status(service, layout)
     if current.healthy:
         return current
@@ -272,6 +277,35 @@ def project_api_url(layout: Layout) -> str | None:
     return st.api_url if st.healthy else None
 
 
+EPHEMERAL_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+@contextmanager
+def _temporary_api() -> Iterator[None]:
+    """Prefect's temporary API, given as long to start as `vflow server start` gives a server
+    (Prefect waits 20 s; a fresh database's migrations alone take longer on 2 cores). A
+    timeout the user set (environment or profile) is kept. Its start failing is one line."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    ephemeral = get_current_settings().server.ephemeral
+    wait = ({} if "startup_timeout_seconds" in ephemeral.model_fields_set
+            else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(PREFECT.start_timeout_s)})
+    with temporary_settings(wait):
+        try:
+            yield
+        except RuntimeError as err:
+            if "ephemeral Prefect API" not in str(err):
+                raise
+            waited = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            raise VisionflowError(f"Prefect's temporary API did not start within {waited} s "
+                                  f"({EPHEMERAL_TIMEOUT}): start a server with `vflow server "
+                                  "start`, or allow it longer") from err
+
+
 @contextmanager
 def prefect_api(layout: Layout, require: bool = False) -> Iterator[str | None]:
     """Run the body against a running Prefect server when there is one.
@@ -289,7 +323,8 @@ def prefect_api(layout: Layout, require: bool = False) -> Iterator[str | None]:
         if require:
             raise VisionflowError("no Prefect server: start one with `vflow server start` "
                                   "(schedules need a real server, not the temporary one)")
-        yield None
+        with _temporary_api():
+            yield None
         return
     url = url.rstrip("/")
     if not healthy(url + "/health", timeout=5):
