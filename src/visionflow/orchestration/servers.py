@@ -6,7 +6,8 @@ health check over HTTP (`/api/health` for Prefect, `/health` for MLflow).
 
 `prefect_api()` is what every entry point wraps the flow in: it uses `PREFECT_API_URL`
 (or the project's running `vflow server`) when set, checks that it answers, and otherwise
-leaves Prefect to start its temporary (ephemeral) API in-process.
+leaves Prefect to start its temporary (ephemeral) API in-process; our errors show on the
+console as their one line (`stdio.user_errors_untraced`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from visionflow.core.env import MLFLOW_SERVER, quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.layout import Layout
 from visionflow.mlops.tracking import tracking_uri
+from visionflow.orchestration import stdio
 
 HOST = "127.0.0.1"
 
@@ -323,12 +325,12 @@ def prefect_api(layout: Layout, require: bool = False) -> Iterator[str | None]:
         if require:
             raise VisionflowError("no Prefect server: start one with `vflow server start` "
                                   "(schedules need a real server, not the temporary one)")
-        with _temporary_api():
+        with _temporary_api(), stdio.user_errors_untraced():
             yield None
         return
     url = url.rstrip("/")
     if not healthy(url + "/health", timeout=5):
         raise VisionflowError(f"{origin}={url}: no Prefect server answers at {url}/health "
                               "(start one with `vflow server start`, or unset it)")
-    with temporary_settings({PREFECT_API_URL: url}):
+    with temporary_settings({PREFECT_API_URL: url}), stdio.user_errors_untraced():
         yield url

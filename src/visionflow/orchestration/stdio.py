@@ -1,4 +1,4 @@
-"""A flow run that outlives its worker.
+"""A flow run's console: it outlives its worker, and shows our own errors as one line.
 
 A Prefect process worker reads its flow runs' stdout and stderr through pipes. When the worker
 dies (SIGKILL, a host agent restarted) the flow-run process goes on, but its next write to the
@@ -6,16 +6,24 @@ closed pipe raises BrokenPipeError, and rich's console turns that into SystemExi
 Crashed half-way, its MLflow run left RUNNING. `outlive_the_reader` puts a relay between the
 process (and its children, which inherit the descriptors) and those pipes: it forwards every
 byte while the reader is there and drops the output once it is gone.
+
+`user_errors_untraced` keeps Prefect's console from printing a traceback under a failed run's
+line when the error is ours (the data gate, a bad value: the line names it); the run's log in
+Prefect (API) keeps the traceback, and `vflow --debug` prints it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import stat
 import sys
 import threading
+from collections.abc import Iterator
+
+from visionflow.core.errors import VisionflowError
 
 FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"  # set by Prefect's workers for the runs they start
 
@@ -66,3 +74,26 @@ def _drain(relays: list[tuple[int, threading.Thread]]) -> None:
     os.close(devnull)
     for _, thread in relays:
         thread.join(timeout=5)
+
+
+class _Untraced(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], VisionflowError):
+            record.exc_info = record.exc_text = None  # the API handler has already sent it
+        return True
+
+
+@contextlib.contextmanager
+def user_errors_untraced() -> Iterator[None]:
+    """While the body runs, Prefect's console handlers print our errors without traceback."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    untraced = _Untraced()
+    for handler in handlers:
+        handler.addFilter(untraced)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(untraced)
