@@ -279,6 +279,9 @@ def test_summary_markdown_and_choice():
         "champion_version": "2"}) == "promoted v3: top-1 0.9830 > 0.9750 (v2)"
     assert flow_report.outcome_message("4", {"promote": False, "reason": "kept champion v3"}) \
         == "rejected v4: kept champion v3"
+    assert flow_report.headline("3", "promoted", "champion", "v2") == "v3 promoted to @champion"
+    assert flow_report.headline("4", "rejected", None, "v3") == "v4 rejected, champion v3 kept"
+    assert flow_report.headline("1", "rejected", None, None) == "v1 rejected, no champion yet"
     failed = flow_report.summary_markdown({"headline": "failed at validate", "error": {
         "stage": "validate", "message": "ValidationFailed: data gate failed"}})
     assert "Stage **validate** failed" in failed and "no alias moved" in failed

@@ -67,6 +67,14 @@ def outcome_message(version: str, decision: dict[str, Any]) -> str:
     return f"rejected v{version}: {decision.get('reason', '')}"
 
 
+def headline(version: str, label: str, alias: str | None, champion_before: str | None) -> str:
+    """The summary's title line: "v3 promoted to @champion", "v4 rejected, champion v3 kept"."""
+    if alias:
+        return f"v{version} {label} to @{alias}"
+    return f"v{version} {label}, " + (f"champion {champion_before} kept" if champion_before
+                                      else "no champion yet")
+
+
 def compression_choice(report: dict[str, Any] | None) -> tuple[str, str]:
     """(variant, why): the report's own choice if it names one, else the smallest variant
     whose top-1 drop is at most CHOICE_MAX_TOP1_DROP, else the original."""

@@ -251,8 +251,7 @@ class RetrainRun:
                          reg["version"], reg["alias"], decision["reason"])
         champion_before = (f"v{decision['champion_version']}"
                            if decision.get("champion_version") else None)
-        headline = (f"v{reg['version']} {label}"
-                    + (f" to @{reg['alias']}" if reg["alias"] else ", champion kept"))
+        headline = flow_report.headline(reg["version"], label, reg["alias"], champion_before)
         ending = {"label": label,
                   "message": flow_report.outcome_message(reg["version"], decision)}
         if all(s["state"] == "cached" for s in report["stages"]):
@@ -321,7 +320,7 @@ def run_and_print(retrain: Callable[..., Any], params: str, overrides: list[str]
     with servers.prefect_api(Layout.at(root)):
         out = retrain(params=params, overrides=overrides, root=root, force=force,
                       data_source=data_source, only_new_data=only_new_data)
-    alias = f"@{out['alias']}" if out["alias"] else "(no alias: champion kept)"
+    alias = f"@{out['alias']}" if out["alias"] else "(not promoted)"
     print(f"\nregistered model: {out['model_name']} version {out['version']} {alias}")
     print(f"decision: {out['reason']}")
     if out.get("compact"):
