@@ -279,6 +279,17 @@ def test_summary_markdown_and_choice():
         "champion_version": "2"}) == "promoted v3: top-1 0.9830 > 0.9750 (v2)"
     assert flow_report.outcome_message("4", {"promote": False, "reason": "kept champion v3"}) \
         == "rejected v4: kept champion v3"
+    seg = {"promote": True, "reason": "no champion yet", "challenger_top1": 0.9463,
+           "champion_top1": None, "metric": "mIoU"}  # a segmenter's gate: its mIoU
+    assert flow_report.outcome_message("1", seg) == "promoted v1: mIoU 0.9463, no champion yet"
+    seg_comp = {"task": "segmentation", "selected": {"name": "int8"}, "selected_reason": "-",
+                "original": {"format": "torch fp32", "size_bytes": 2_000_000, "miou": 0.9463},
+                "variants": {"int8": {"format": "onnx int8", "size_bytes": 590_000,
+                                      "size_ratio": 0.3, "miou": 0.9459,
+                                      "miou_drop_points": 0.03}}}
+    table = flow_report.summary_markdown({"compress": seg_comp})
+    assert "| mIoU | mIoU drop (points) |" in table and "top-1" not in table, table
+    assert "| int8 | onnx int8 | 0.5900 | 0.3000 | 0.9459 | 0.0300 |" in table, table
     assert flow_report.headline("3", "promoted", "champion", "v2") == "v3 promoted to @champion"
     assert flow_report.headline("4", "rejected", None, "v3") == "v4 rejected, champion v3 kept"
     assert flow_report.headline("1", "rejected", None, None) == "v1 rejected, no champion yet"

@@ -56,15 +56,22 @@ def metric_rows(metrics: dict[str, Any], champion: dict[str, Any] | None = None
 
 
 def outcome_message(version: str, decision: dict[str, Any]) -> str:
-    """One line naming the outcome: "promoted v3: top-1 0.9833 > 0.9750 (v2)"."""
-    top1 = decision.get("challenger_top1")
+    """One line naming the outcome: "promoted v3: top-1 0.9833 > 0.9750 (v2)" (the gate's
+    metric: mIoU for a segmenter)."""
+    metric = decision.get("metric", "top-1")  # the gate's scores sit in its *_top1 keys
+    score = decision.get("challenger_top1")
     champ, champ_v = decision.get("champion_top1"), decision.get("champion_version")
     if decision.get("promote"):
-        if champ is not None and top1 is not None:
-            return f"promoted v{version}: top-1 {top1:.4f} > {champ:.4f} (v{champ_v})"
-        top = f"top-1 {top1:.4f}, " if top1 is not None else ""
+        if champ is not None and score is not None:
+            return f"promoted v{version}: {metric} {score:.4f} > {champ:.4f} (v{champ_v})"
+        top = f"{metric} {score:.4f}, " if score is not None else ""
         return f"promoted v{version}: {top}{decision.get('reason', '')}"
     return f"rejected v{version}: {decision.get('reason', '')}"
+
+
+def _scored_by(report: dict[str, Any]) -> tuple[str, str]:
+    """(key, label) of the metric a compress report scores variants by."""
+    return ("miou", "mIoU") if report.get("task") == "segmentation" else ("top1", "top-1")
 
 
 def headline(version: str, label: str, alias: str | None, champion_before: str | None) -> str:
@@ -99,12 +106,13 @@ def compression_choice(report: dict[str, Any] | None) -> tuple[str, str]:
                   f"{_drop_points(v):+.2f} points")
 
 
-def _drop_points(v: dict[str, Any]) -> float | None:
-    """Top-1 drop against the original in points (reports carry points or a fraction)."""
-    if v.get("top1_drop_points") is not None:
-        return float(v["top1_drop_points"])
-    if v.get("top1_drop") is not None:
-        return float(v["top1_drop"]) * 100
+def _drop_points(v: dict[str, Any], key: str = "top1") -> float | None:
+    """The metric's drop against the original in points (reports carry points or a
+    fraction)."""
+    if v.get(f"{key}_drop_points") is not None:
+        return float(v[f"{key}_drop_points"])
+    if v.get(f"{key}_drop") is not None:
+        return float(v[f"{key}_drop"]) * 100
     return None
 
 
@@ -200,17 +208,18 @@ def summary_markdown(r: dict[str, Any]) -> str:
     if comp:
         choice, why = compression_choice(comp)
         orig = comp.get("original") or {}
+        key, label = _scored_by(comp)
         rows = [["original", orig.get("format") or orig.get("runtime", ""),
-                 (orig.get("size_bytes") or 0) / 1e6, 1.0, orig.get("top1"), 0.0]]
+                 (orig.get("size_bytes") or 0) / 1e6, 1.0, orig.get(key), 0.0]]
         rows += [[name, x.get("format") or x.get("runtime", ""), (x.get("size_bytes") or 0)
-                  / 1e6, x.get("size_ratio"), x.get("top1"), _drop_points(x)]
+                  / 1e6, x.get("size_ratio"), x.get(key), _drop_points(x, key)]
                  for name, x in (comp.get("variants") or {}).items()]
         compact = r.get("compact") or {}
         registered = (f"Registered as version {compact['version']}"
                       + (f" `@{compact['alias']}`" if compact.get("alias") else "")
                       if compact.get("version") else "Not registered as a `compact` version")
         out += ["## Compression", "", f"Choice: **{choice}** ({why}). {registered}.", "",
-                _table(["variant", "format", "MB", "size ratio", "top-1", "top-1 drop (points)"],
+                _table(["variant", "format", "MB", "size ratio", label, f"{label} drop (points)"],
                        rows), ""]
 
     links = r.get("links") or {}
