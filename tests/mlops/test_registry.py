@@ -43,8 +43,12 @@ def test_evaluate_writes_every_artifact(tmp_path_factory, digits_dir):
             assert f.read_bytes()[:4] == b"\x89PNG", f
     metrics = json.loads(trained.metrics.read_text())
     assert {"top1", "top3", "f1_macro", "f1_micro", "f1_weighted", "miou", "ece", "n_test",
-            "per_class"} <= set(metrics)
-    assert set(metrics["per_class"]["0"]) == {"precision", "recall", "f1", "iou", "support"}
+            "iou_per_class"} <= set(metrics)
+    with (trained.evaluate_dir / "per_class.csv").open() as f:  # a class's numbers: the plot
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["class", "precision", "recall", "f1", "iou", "support"]
+    assert {r["class"]: float(r["iou"]) for r in rows} == pytest.approx(metrics["iou_per_class"])
+    assert sum(int(r["support"]) for r in rows) == metrics["n_test"]
     with (trained.evaluate_dir / "reliability.csv").open() as f:
         bins = list(csv.DictReader(f))
     assert sum(int(b["count"]) for b in bins) == metrics["n_test"]

@@ -92,6 +92,9 @@ def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
     diff = json.loads(run([dvc, "metrics", "diff", "--all", "--json"], root).stdout)
     evaluated = diff["outputs/evaluate/metrics.json"]
     assert "top1" in evaluated and "f1_macro" in evaluated and "miou" in evaluated
+    # scalars and one IoU a class: a class's other numbers are the per_class.csv plot
+    per_class = [k for k in evaluated if "." in k]
+    assert sorted(per_class) == sorted(f"iou_per_class.{c}" for c in range(10)), per_class
     assert all(v["old"] is not None and v["new"] is not None for v in evaluated.values())
     assert any(v["diff"] for v in evaluated.values()), evaluated
     plots = json.loads(run([dvc, "plots", "diff", "--json"], root).stdout)["data"]
