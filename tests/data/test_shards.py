@@ -161,11 +161,26 @@ def _rank_samples(rank: int, world: int, out: str, port: int, result: str) -> No
         seen = [hashlib.sha256(b.numpy().tobytes()).hexdigest()
                 for xs, _ in stream.epoch() for b in xs]
         Path(result, f"{rank}.txt").write_text("\n".join(seen))
+        # what the train stage's val top-1, its calibration and its stats sample read
+        whole = ShardStream(Path(out), "train", View(32, 37, raw=True), batch_size=2,
+                            workers=0, shuffle=False, drop_last=False)
+        seen = [hashlib.sha256(b.numpy().tobytes()).hexdigest()
+                for xs, _ in whole.epoch() for b in xs]
+        Path(result, f"{rank}.eval.txt").write_text("\n".join(seen))
+        # from S3: each rank its own cache folder and its share of the cap
+        from visionflow.data.remote_shards import RemoteSplit
+        from visionflow.data.stream import _rank_cache
+
+        folder, cap = _rank_cache(RemoteSplit("s3://b/p/train", Path(result, "cache"), 100))
+        Path(result, f"{rank}.cache.txt").write_text(f"{folder.name} {cap}")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path):
+    """Training: each rank its own shards. Evaluating (val top-1, calibration, the stats
+    sample) in a process group: every rank reads the whole split, each sample once. From S3,
+    each rank caches in its own folder with its share of the cap."""
     import torch.multiprocessing as mp
 
     from visionflow.orchestration.servers import free_port
@@ -177,6 +192,11 @@ def test_two_gloo_ranks_read_disjoint_samples_whose_union_is_the_epoch(tmp_path)
     a, b = ((tmp_path / f"{r}.txt").read_text().split() for r in (0, 1))
     assert a and b and not set(a) & set(b)
     assert set(a) | set(b) == {r["sha256"] for r in rows}
+    for rank in (0, 1):
+        seen = (tmp_path / f"{rank}.eval.txt").read_text().split()
+        assert sorted(seen) == sorted(r["sha256"] for r in rows), (rank, len(seen), len(rows))
+        # ranks sharing one capped folder stalled each other (BENCHMARKS, session 14)
+        assert (tmp_path / f"{rank}.cache.txt").read_text() == f"rank{rank} 42"  # 85 // 2
 
 
 def test_served_model_sees_what_evaluation_saw(tmp_path):

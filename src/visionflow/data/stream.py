@@ -9,10 +9,12 @@ resume. With `raw=True` the samples stay encoded (1-D uint8 tensors, collated as
 device-side decoder (the CUDA path).
 
 `ShardStream` wraps LitData's `StreamingDataLoader`: its `state_dict` taken mid-epoch resumes
-at the next batch (`load_state_dict`); under DDP each rank reads its own shards (LitData
-assigns them), disjoint, their union the epoch. Shards are checked whole before the first read
-(`shards.check_shards`), and a sample that cannot be read or decoded stops the run with one
-line naming the shard and the split.
+at the next batch (`load_state_dict`); under DDP each rank reads its own shards of a training
+stream (LitData assigns them), disjoint, their union the epoch, while an evaluation stream
+(the val top-1, the calibration and the stats sample of the train stage) reads the whole split
+on whichever rank opens it: LitData would split it by rank too, and drop the remainder.
+Shards are checked whole before the first read (`shards.check_shards`), and a sample that
+cannot be read or decoded stops the run with one line naming the shard and the split.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.exceptions import ChunkWaitTimeoutError
 from litdata.streaming.resolver import Dir
+from litdata.utilities.env import _DistributedEnv
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -82,9 +85,11 @@ class ShardDataset(StreamingDataset):
         if remote is None:
             super().__init__(str(split_dir), shuffle=shuffle, seed=seed, drop_last=None)
         else:  # streamed from S3 into a capped local cache
-            super().__init__(Dir(path=str(remote.cache_dir), url=remote.url), shuffle=shuffle,
-                             seed=seed, drop_last=None,
-                             max_cache_size=remote.litdata_cache_bytes)
+            cache_dir, cache_bytes = _rank_cache(remote)
+            super().__init__(Dir(path=str(cache_dir), url=remote.url), shuffle=shuffle,
+                             seed=seed, drop_last=None, max_cache_size=cache_bytes)
+        if not view.train:  # evaluation: the whole split, whatever the process group
+            self.distributed_env, self.drop_last = _DistributedEnv(1, 0, 1), False
         self.split_dir, self.split, self.view, self.base_seed = split_dir, split, view, seed
         self.where = remote.url if remote is not None else str(split_dir)
         self._transform = view.transform()
@@ -110,6 +115,17 @@ class ShardDataset(StreamingDataset):
             torch.manual_seed(hash((self.base_seed, self.current_epoch, int(number))) % 2**62)
             img = self._transform(img)
         return img, int(item["label"])
+
+
+def _rank_cache(remote: RemoteSplit) -> tuple[Path, int]:
+    """Under DDP each rank caches in its own folder with its share of the cap: LitData bounds
+    a folder by its size, and ranks sharing one stalled each other's downloads."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return remote.cache_dir, remote.litdata_cache_bytes
+    return (remote.cache_dir / f"rank{dist.get_rank()}",
+            remote.litdata_cache_bytes // dist.get_world_size())
 
 
 def _collate_raw(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor],
