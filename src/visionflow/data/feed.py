@@ -98,6 +98,7 @@ def training_feed(params: Params, layout: Layout, cache: dict[str, Any], *, main
         have += len(x)
         if have >= STATS_IMAGES:
             break
+    sample.close()  # its read-ahead out of the cache before the epoch fills it
     val = None
     if main and len(cache["val_y"]):
         val = eval_stream(layout, cache, "val", params.evaluate.batch_size, 0,

@@ -91,6 +91,7 @@ class ShardDataset(StreamingDataset):
         if not view.train:  # evaluation: the whole split, whatever the process group
             self.distributed_env, self.drop_last = _DistributedEnv(1, 0, 1), False
         self.split_dir, self.split, self.view, self.base_seed = split_dir, split, view, seed
+        self.s3_cache = cache_dir if remote is not None else None  # this rank's cache folder
         self.where = remote.url if remote is not None else str(split_dir)
         self._transform = view.transform()
 
@@ -180,6 +181,21 @@ class ShardStream:
     def start_after(self, epochs_done: int) -> None:
         """Resume at an epoch boundary: the next `epoch()` is number `epochs_done + 1`."""
         self.loader.current_epoch = epochs_done
+
+    def close(self) -> None:
+        """Stop the stream's downloads and remove the shards it cached from S3. A stream left
+        part-read (the train stage's statistics sample) would otherwise keep what it read
+        ahead in the cache while the next stream fills the whole cap again (BENCHMARKS, "S3
+        streaming under DDP"). In-process streams only (`workers=0`): a worker's reader ends
+        with its process."""
+        reader = getattr(self.dataset.cache, "_reader", None)  # LitData's, made by the epoch
+        thread = getattr(reader, "_prepare_thread", None)
+        if thread is not None and thread.is_alive():
+            thread.force_stop()
+            thread.join(timeout=60)
+        if self.dataset.s3_cache is not None:  # the shards, their locks and use counts: a
+            for path in self.dataset.s3_cache.glob("chunk-*"):  # count left would pin its
+                path.unlink(missing_ok=True)  # shard in the next stream's cache for good
 
     def first_images(self, n: int) -> torch.Tensor:
         """Up to `n` images in shard order (evaluation view), uint8 N×C×S×S."""
