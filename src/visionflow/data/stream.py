@@ -196,13 +196,3 @@ class ShardStream:
         if self.dataset.s3_cache is not None:  # the shards, their locks and use counts: a
             for path in self.dataset.s3_cache.glob("chunk-*"):  # count left would pin its
                 path.unlink(missing_ok=True)  # shard in the next stream's cache for good
-
-    def first_images(self, n: int) -> torch.Tensor:
-        """Up to `n` images in shard order (evaluation view), uint8 N×C×S×S."""
-        out, have = [], 0
-        for x, _ in self.loader:
-            out.append(x)
-            have += len(x)
-            if have >= n:
-                break
-        return torch.cat(out)[:n]
