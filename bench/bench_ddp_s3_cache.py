@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def main() -> None:
     sampler.start()
     start = time.perf_counter()
     proc = subprocess.run(
-        [str(a.root / ".venv/bin/vflow"), "stage", "train", "--root", str(a.root),
+        [str(Path(sys.executable).parent / "vflow"), "stage", "train", "--root", str(a.root),
          "-s", f"train.procs_per_node={a.procs}", "-s", f"data.shard_cache_bytes={a.cap_mib << 20}",
          "-s", "train.epochs=1", "-s", "train.progress=false"],
         env=stack_env(a.root), capture_output=True, text=True)

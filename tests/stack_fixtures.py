@@ -129,7 +129,8 @@ class TeamStack:
     def prefect(self):
         """A synchronous Prefect client on the stack's API (use as a context manager). The
         tests poll through a new client every 0.3 s: one TLS context for all of them, where
-        each client would load the CA bundle again (45 ms a client here, 29 CPU-s a suite)."""
+        each client would load the CA bundle again (45 ms a client here; 28.6 s of a
+        suite's py-spy samples, BENCHMARKS "Session 14")."""
         from prefect.client.orchestration import SyncPrefectClient
 
         return SyncPrefectClient(self.stack.url("prefect") + "/api",

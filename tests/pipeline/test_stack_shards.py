@@ -135,8 +135,8 @@ def _statistics_sample_leaves_the_cache_empty(team_stack: TeamStack, layout: Lay
     for key, value in team_stack.stack.client_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(feeds, "STATS_IMAGES", 64)  # part of the 360 (the stage's 512: all)
-    feed = feeds.training_feed(load_params(layout.params, root=layout.root), layout,
-                         load_packed(layout.packed), main=True)
+    params = load_params(layout.params, root=layout.root)
+    feed = feeds.training_feed(params, layout, load_packed(layout.packed), main=True)
     assert len(feed.sample_y) > 0
     left = [p.name for p in (layout.shard_cache / "train").rglob("chunk-*")]
     assert not left, f"the statistics sample left {len(left)} files: {left[:4]}"
