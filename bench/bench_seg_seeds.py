@@ -2,7 +2,7 @@
 
 The project of `tests/segmentation/test_segmentation_pipeline.py`: 160 generated shapes of
 32..40 px, a width-8 U-Net at 32 px, one thread, int8 the one compression (OVERRIDES mirrors
-`tests/segmentation/seg_projects.py`'s SEG). Validate, pack, train and evaluate run as
+`tests/seg_projects.py`'s SEG). Validate, pack, train and evaluate run as
 `python -m visionflow.stages.<name> -s seed=N`, as `dvc repro` runs them; per seed: test
 mIoU, per-class IoU and the wall seconds of the four. How far the test's threshold sits from
 what training reaches on this CPU.

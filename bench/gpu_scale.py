@@ -146,12 +146,21 @@ def encoded_source(items: list[tuple[str, int]], batch_size: int, seed: int,
                     return
             epoch += 1
 
-    threading.Thread(target=_reporting(read, q), daemon=True, name="encoded_source").start()
+    reader = threading.Thread(target=_reporting(read, q), daemon=True, name="encoded_source")
+    reader.start()
     try:
         while True:
             yield _take(q)
     finally:
-        stop.set()
+        _stop(stop, reader)
+
+
+def _stop(stop: threading.Event, thread: threading.Thread, timeout: float = 60.0) -> None:
+    """Stop a producer thread and wait for it: a thread still inside a torch op when the
+    interpreter exits aborts the process ("terminate called without an active exception")."""
+    stop.set()
+    if thread is not threading.current_thread():
+        thread.join(timeout)
 
 
 def _reporting(target: Callable[[], None], q: queue.Queue) -> Callable[[], None]:
@@ -202,7 +211,8 @@ def gpu_batches(source: Iterator, transform: GpuBatchTransform, device: torch.de
         if hasattr(source, "close"):  # a generator: stops its reader thread
             source.close()
 
-    threading.Thread(target=_reporting(produce, q), daemon=True, name="gpu_batches").start()
+    producer = threading.Thread(target=_reporting(produce, q), daemon=True, name="gpu_batches")
+    producer.start()
     try:
         while True:
             x, y, event = _take(q)
@@ -213,7 +223,7 @@ def gpu_batches(source: Iterator, transform: GpuBatchTransform, device: torch.de
                 y.record_stream(current)
             yield x, y
     finally:
-        stop.set()
+        _stop(stop, producer)
 
 
 def loader_batches(root: Path, size: int, batch: int, workers: int, device: torch.device,

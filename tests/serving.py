@@ -22,11 +22,16 @@ START_TIMEOUT_S = 180
 
 
 def ping(url: str, timeout: float = 2.0) -> bool:
+    return _ping(url, timeout) == "200"
+
+
+def _ping(url: str, timeout: float = 2.0) -> str:
+    """The `/ping` status, or why there was none."""
     try:
         with urllib.request.urlopen(f"{url}/ping", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+            return str(r.status)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 @contextlib.contextmanager
@@ -55,12 +60,13 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
              "-w", str(workers)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not ping(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise AssertionError(f"server not up (rc={proc.poll()}):\n"
-                                         f"{log.read()[-3000:]}")
+            start = time.monotonic()
+            while (status := _ping(url)) != "200":
+                if proc.poll() is not None or time.monotonic() > start + START_TIMEOUT_S:
+                    log.seek(0)  # a flake seen twice under load: say what the ping got
+                    raise AssertionError(
+                        f"server not up after {time.monotonic() - start:.0f} s (rc="
+                        f"{proc.poll()}, last ping: {status}):\n{log.read()[-3000:]}")
                 time.sleep(0.5)
             yield url
         finally:

@@ -241,7 +241,8 @@ def test_packing_holds_a_bounded_number_of_images_whatever_the_split_size(tmp_pa
         return real(*args)
 
     monkeypatch.setattr(shards, "encode", counted)
-    encoded = shards._encoded(rows, src, 1024, 3, workers=2)
+    codec = shards.image_codec(src, ["ants"], max_side=1024, channels=3)
+    encoded = shards._encoded(rows, codec, workers=2)
     next(encoded)  # the writer takes one image and stalls
     seen, last = -1, time.monotonic()
     while time.monotonic() - last < 1.0:  # until the workers stop encoding

@@ -1,6 +1,7 @@
 """Issue #18 on the team stack: pack uploads the shards to the stack's S3 (`data.shards_url`),
 and train and evaluate, in processes with the stack's environment (as its workers have),
-stream them through a local cache that never holds more than `data.shard_cache_bytes`."""
+stream them through a local cache that never holds more than `data.shard_cache_bytes`;
+segmentation pairs take the same path."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from builders import encode
 from helpers import make_project
 from PIL import Image
+from seg_projects import SEG, shapes
 from stack_fixtures import TeamStack
 
 from visionflow.core.layout import Layout
@@ -140,3 +142,28 @@ def _statistics_sample_leaves_the_cache_empty(team_stack: TeamStack, layout: Lay
     assert len(feed.sample_y) > 0
     left = [p.name for p in (layout.shard_cache / "train").rglob("chunk-*")]
     assert not left, f"the statistics sample left {len(left)} files: {left[:4]}"
+
+
+def test_segmentation_pairs_stream_from_s3(team_stack: TeamStack, tmp_path: Path):
+    """`task: segmentation` with `data.shards_url`: pack uploads the pair shards, train and
+    evaluate stream them from S3 (the same `data.remote_shards` path as photos)."""
+    prefix = f"seg-{uuid.uuid4().hex[:8]}"
+    root = make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=60), {
+        **SEG, "segmentation.epochs": 2, "data.storage": "shards", "data.shard_bytes": 2**16,
+        "data.shards_url": f"s3://shards/{prefix}", "data.workers": 1})
+    layout = Layout.at(root)
+    env = {**team_stack.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    for name in ("validate", "pack"):
+        stage(name, root, env)
+    for split in ("train", "test"):
+        keys = team_stack.s3_keys("shards", f"{prefix}/{split}/")
+        assert any(k.endswith(".bin") for k in keys) and f"{prefix}/{split}/index.json" in keys
+        assert sorted(p.name for p in layout.split_shards(split).iterdir()) == [
+            "contents.json", "index.json"]
+    for name in ("train", "evaluate"):
+        stage(name, root, env)
+    pack = json.loads(layout.policy.read_text())
+    metrics = json.loads(layout.metrics.read_text())
+    assert metrics["test_images"] == pack["counts"]["test"] > 0 and metrics["miou"] > 0
+    assert any((layout.shard_cache / "test").rglob("index.json"))  # read through the cache
+    assert not list((layout.shard_cache / "test").rglob("chunk-*"))  # and emptied after

@@ -1,29 +1,62 @@
-"""The segmentation pairs a stage reads after `pack` (#19): ONE adapter, `segmentation_pairs`.
+"""The segmentation pairs a stage reads after `pack` (#19): ONE adapter for both storages.
 
-The compress stage (and anything else that scores a segmenter on a split) reads its data only
-through `segmentation_pairs(params, layout, split)`: (C x H x W uint8 image, H x W int64
-mask) tensors, one at a time, from the pack stage's `packed.pt` (train resized to
-`segmentation.image_size`, val and test at each pair's own size; bounded by
-`data.storage_budget_bytes`, see `tasks.segmentation.pack`).
+- `segmentation_pack(layout)`: the pack stage's record (`packed.pt`): classes, each split's
+  paths, mask paths and pair sha256 in the stored order, and in tensor mode the pixels.
+- `segmentation_pairs(params, layout, split)`: (C x H x W uint8 image, H x W int64 mask), one
+  at a time, in that order: from the tensors, or streamed from the split's shards (local, or
+  S3 through the capped cache, `data.shard_cache_bytes`) in this process.
+- `train_batches(params, layout, pack, device)`: shards mode's train split as (epoch -> uint8
+  batches at `segmentation.image_size`, batches an epoch), shuffled, decoded and resized in
+  `data.workers` DataLoader workers (tensor mode trains on the pack's tensors).
+
+Tensor mode holds what `data.storage_budget_bytes` allows; shards mode holds a few batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
+import torch
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
 
 from visionflow.core.config import Params
 from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
+from visionflow.data.feed import is_shards, shard_remote
 from visionflow.data.packed import load_packed
+from visionflow.data.segmentation_shards import resize_train_pair
+from visionflow.data.stream import ShardDataset, ShardStream, View
 
 SPLITS = ("train", "val", "test")
+Batches = tuple[Callable[[], Iterable[tuple[Tensor, Tensor]]], int]
 
 
-def _packed(layout: Layout) -> dict[str, Any]:
+class PairShards(ShardDataset):
+    """A split's pair shards (`data.segmentation_shards`): (3 x H x W uint8 image, H x W
+    uint8 mask) items; for training resized to `view.size` (image bilinear and antialiased,
+    mask nearest: what the tensor path stores), for evaluation at their stored size."""
+
+    def sample(self, item: dict[str, Any], number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = decode_image(torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB)
+        mask = decode_image(torch.frombuffer(bytearray(item["mask"]), dtype=torch.uint8),
+                            mode=ImageReadMode.UNCHANGED)[0]
+        if self.view.train:
+            return resize_train_pair(image, mask, self.view.size)
+        return image, mask
+
+
+def one_pair(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
+                                                                     torch.Tensor]:
+    """Evaluation streams batch one pair (each at its own size)."""
+    (pair,) = batch
+    return pair
+
+
+def segmentation_pack(layout: Layout) -> dict[str, Any]:
     if not layout.packed.is_file():
         raise DataError(f"{layout.packed}: no packed data: run validate and pack first")
     blob = load_packed(layout.packed)
@@ -33,19 +66,48 @@ def _packed(layout: Layout) -> dict[str, Any]:
     return blob
 
 
-def segmentation_classes(params: Params, layout: Layout) -> list[str]:
-    return list(_packed(layout)["classes"])
+def pair_stream(params: Params, layout: Layout, pack: dict[str, Any], split: str, *,
+                train: bool) -> ShardStream:
+    s, d = params.segmentation, params.data
+    view = View(s.image_size, s.image_size, 3, train=train)
+    return ShardStream(layout.split_shards(split), split, view,
+                       batch_size=s.batch_size if train else 1,
+                       workers=d.workers if train else 0, seed=params.seed, shuffle=train,
+                       drop_last=False, dataset=PairShards,
+                       collate_fn=None if train else one_pair,
+                       remote=shard_remote(layout, pack, split, d.shard_cache_bytes))
 
 
-def segmentation_pairs(params: Params, layout: Layout, split: str,
-                       limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def segmentation_pairs(params: Params, layout: Layout, split: str, limit: int | None = None,
+                       pack: dict[str, Any] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """(C x H x W uint8 image, H x W int64 mask) of `split`, in the packed order; at most
     `limit` pairs (None: all)."""
     if split not in SPLITS:
         raise DataError(f"segmentation split {split!r}: choose one of {', '.join(SPLITS)}")
-    blob = _packed(layout)
-    images, masks = blob[f"{split}_x"], blob[f"{split}_masks"]
-    if len(images) == 0:
+    pack = segmentation_pack(layout) if pack is None else pack
+    if not pack[f"{split}_paths"]:
         raise DataError(f"{layout.packed}: no segmentation pairs in the {split} split")
-    for image, mask in islice(zip(images, masks, strict=True), limit):
-        yield image, mask.long()
+    if not is_shards(pack):
+        for image, mask in islice(zip(pack[f"{split}_x"], pack[f"{split}_masks"],
+                                      strict=True), limit):
+            yield image, mask.long()
+        return
+    stream = pair_stream(params, layout, pack, split, train=False)
+    try:
+        for image, mask in islice(stream.epoch(), limit):
+            yield image, mask.long()
+    finally:
+        stream.close()
+
+
+def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
+                  device: torch.device) -> Batches:
+    """Shards mode: (a function giving one epoch's (uint8 images, int64 masks) batches on
+    `device`, the number of batches an epoch). Tensor mode trains on `pack`'s tensors
+    (`model.segmentation_fit.fit_segmenter`)."""
+    stream = pair_stream(params, layout, pack, "train", train=True)
+
+    def epoch() -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in stream.epoch():
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
+    return epoch, len(stream)

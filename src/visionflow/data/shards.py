@@ -6,6 +6,10 @@ order and the settings they were encoded with. A file's bytes are stored as they
 is a JPEG or PNG in RGB or greyscale whose longer side is at most `data.max_side`; any other
 image is decoded, shrunk to that side and re-encoded as a JPEG.
 
+What a sample holds is a task's `SampleCodec`: `image_codec` here, `pair_codec` for
+segmentation pairs (`data.segmentation_shards`). `store_split` packs a split for the pack
+stage of either task, locally or into S3 (`data.remote_shards`).
+
 Packing is incremental: when the split's previous samples are all still there, unchanged, only
 the new files are encoded, into new shard files appended to the index (the old ones are not
 rewritten); otherwise the split is packed afresh into a temporary folder swapped into place.
@@ -19,15 +23,17 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from visionflow.core.errors import DataError
 from visionflow.core.files import atomic_dir, note_if_empty, write_json
 from visionflow.data.images import load_image
+from visionflow.data.remote_shards import missing_remote, split_url, upload_split
 
 CONTENTS = "contents.json"
 INDEX = "index.json"
@@ -76,10 +82,6 @@ def encode(row: dict[str, Any], root: str, max_side: int, channels: int) -> tupl
     return buf.getvalue(), True
 
 
-def _encode_chunk(jobs: list[tuple[dict[str, Any], str, int, int]]) -> list[tuple[bytes, bool]]:
-    return [encode(*j) for j in jobs]
-
-
 @dataclass
 class PackStats:
     samples: int = 0
@@ -97,49 +99,89 @@ def read_contents(split_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _key(r: dict[str, Any]) -> tuple[str, str, str]:
+@dataclass(frozen=True)
+class SampleCodec:
+    """How one task's manifest rows become shard samples: `settings` (in `contents.json`: a
+    change packs the split afresh), `key` (a row with the same key is kept), `contents_row`
+    (what `contents.json` lists) and `encode` (row -> (sample, re-encoded); picklable: it runs
+    in packing workers)."""
+
+    settings: dict[str, Any]
+    key: Callable[[dict[str, Any]], tuple[str, ...]]
+    contents_row: Callable[[dict[str, Any]], dict[str, str]]
+    encode: Callable[[dict[str, Any]], tuple[dict[str, Any], bool]]
+
+
+def _image_key(r: dict[str, Any]) -> tuple[str, ...]:
     return (r["sha256"], r["label"], r["path"])
+
+
+def _image_row(r: dict[str, Any]) -> dict[str, str]:
+    return {"sha256": r["sha256"], "label": r["label"], "path": r["path"]}
+
+
+def _image_sample(row: dict[str, Any], *, root: str, max_side: int, channels: int,
+                  index: dict[str, int]) -> tuple[dict[str, Any], bool]:
+    data, again = encode(row, root, max_side, channels)
+    return {"label": index[row["label"]], "sha256": row["sha256"], "path": row["path"],
+            "image": data}, again
+
+
+def image_codec(root: Path, classes: list[str], *, max_side: int, channels: int) -> SampleCodec:
+    """Classification: one labelled image a sample."""
+    return SampleCodec(
+        {"format": FORMAT, "max_side": max_side, "channels": channels, "classes": classes},
+        _image_key, _image_row,
+        partial(_image_sample, root=str(root), max_side=max_side, channels=channels,
+                index={c: i for i, c in enumerate(classes)}))
 
 
 def pack_split(rows: list[dict[str, Any]], root: Path, split_dir: Path, classes: list[str],
                *, max_side: int, channels: int, shard_bytes: int, workers: int = 0) -> PackStats:
-    """Write (or extend) the shards of one split from its manifest rows."""
-    settings = {"format": FORMAT, "max_side": max_side, "channels": channels,
-                "classes": classes}
+    """Write (or extend) the shards of one split of images from its manifest rows."""
+    return pack_rows(rows, split_dir, image_codec(root, classes, max_side=max_side,
+                                                  channels=channels),
+                     shard_bytes=shard_bytes, workers=workers)
+
+
+def pack_rows(rows: list[dict[str, Any]], split_dir: Path, codec: SampleCodec, *,
+              shard_bytes: int, workers: int = 0) -> PackStats:
+    """Write (or extend) the shards of one split: when the split's previous rows are all
+    still there (same keys, same settings, the index whole) only the new ones are encoded,
+    into new shard files; otherwise the split is packed afresh."""
     old = read_contents(split_dir)
-    old_rows = old["samples"] if old and old.get("settings") == settings else None
+    old_rows = old["samples"] if old and old.get("settings") == codec.settings else None
     if old_rows is not None and not _index_matches(split_dir, len(old_rows)):
         old_rows = None
     if old_rows is not None:
-        have = {_key(r) for r in old_rows}
-        if have <= {_key(r) for r in rows}:
-            new = sorted((r for r in rows if _key(r) not in have), key=lambda r: r["sha256"])
+        have = {codec.key(r) for r in old_rows}
+        if have <= {codec.key(r) for r in rows}:
+            new = sorted((r for r in rows if codec.key(r) not in have),
+                         key=lambda r: r["sha256"])
             if not new:
                 return PackStats(len(old_rows), reused=len(old_rows),
-                                 shards=len(_index(split_dir)["chunks"]))
-            return _append(old_rows, new, root, split_dir, classes, settings, max_side,
-                           channels, shard_bytes, workers)
+                                 shards=shard_count(split_dir))
+            return _append(old_rows, new, split_dir, codec, shard_bytes, workers)
     with atomic_dir(split_dir) as tmp:
-        rows = sorted(rows, key=lambda r: r["sha256"])  # shards mix the classes
-        stats = _write(rows, root, tmp, classes, max_side, channels, shard_bytes, workers, 0)
-        _write_contents(tmp, settings, rows)
+        rows = sorted(rows, key=lambda r: r["sha256"])  # by content: shards mix the classes
+        stats = _write(rows, tmp, codec, shard_bytes, workers, 0)
+        _write_contents(tmp, codec, rows)
     return stats
 
 
-def _append(old_rows, new, root, split_dir, classes, settings, max_side, channels,
-            shard_bytes, workers) -> PackStats:
+def _append(old_rows: list[dict[str, Any]], new: list[dict[str, Any]], split_dir: Path,
+            codec: SampleCodec, shard_bytes: int, workers: int) -> PackStats:
     index = _index(split_dir)
     tmp = Path(tempfile.mkdtemp(prefix=".append.", dir=split_dir))
     try:
-        stats = _write(new, root, tmp, classes, max_side, channels, shard_bytes, workers,
-                       len(index["chunks"]))
+        stats = _write(new, tmp, codec, shard_bytes, workers, len(index["chunks"]))
         added = _index(tmp)
         if added["config"] != index["config"]:
             raise DataError(f"{split_dir}: new samples do not match the shards' layout")
         for chunk in added["chunks"]:  # new file names: the index does not list them yet
             os.replace(tmp / chunk["filename"], split_dir / chunk["filename"])
-        rows = old_rows + [_sample_row(r) for r in new]
-        _write_contents(split_dir, settings, rows)
+        rows = old_rows + [codec.contents_row(r) for r in new]
+        write_json(split_dir / CONTENTS, {"settings": codec.settings, "samples": rows})
         write_json(split_dir / INDEX, {**index, "chunks": index["chunks"] + added["chunks"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,53 +190,50 @@ def _append(old_rows, new, root, split_dir, classes, settings, max_side, channel
     return stats
 
 
-def _sample_row(r: dict[str, Any]) -> dict[str, str]:
-    return {"sha256": r["sha256"], "label": r["label"], "path": r["path"]}
+def _write_contents(split_dir: Path, codec: SampleCodec, rows: list[dict]) -> None:
+    write_json(split_dir / CONTENTS, {"settings": codec.settings,
+                                      "samples": [codec.contents_row(r) for r in rows]})
 
 
-def _write_contents(split_dir: Path, settings: dict[str, Any], rows: list[dict]) -> None:
-    write_json(split_dir / CONTENTS, {"settings": settings,
-                                      "samples": [_sample_row(r) for r in rows]})
+def _encode_chunk(encode_row: Callable[[dict[str, Any]], tuple[dict[str, Any], bool]],
+                  rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    return [encode_row(r) for r in rows]
 
 
-def _encoded(rows, root: Path, max_side: int, channels: int, workers: int
-             ) -> Iterator[tuple[bytes, bool]]:
-    jobs = [(r, str(root), max_side, channels) for r in rows]
+def _encoded(rows: list[dict[str, Any]], codec: SampleCodec, workers: int
+             ) -> Iterator[tuple[dict[str, Any], bool]]:
     workers = workers or os.cpu_count() or 1
-    if len(jobs) < 256 or workers == 1:
-        yield from (encode(*j) for j in jobs)
+    if len(rows) < 256 or workers == 1:
+        yield from (codec.encode(r) for r in rows)
         return
-    # at most `IN_FLIGHT` chunks of images wait to be written: `pool.map` would submit them
-    # all at once and hold every finished image in memory (the whole split, when the
+    # at most `IN_FLIGHT` chunks of samples wait to be written: `pool.map` would submit them
+    # all at once and hold every finished sample in memory (the whole split, when the
     # workers read faster than the writer writes)
-    chunks = (jobs[i:i + ENCODE_CHUNK] for i in range(0, len(jobs), ENCODE_CHUNK))
+    chunks = (rows[i:i + ENCODE_CHUNK] for i in range(0, len(rows), ENCODE_CHUNK))
     with ProcessPoolExecutor(workers) as pool:
-        pending: deque[Future[list[tuple[bytes, bool]]]] = deque()
+        pending: deque[Future[list[tuple[dict[str, Any], bool]]]] = deque()
         for chunk in chunks:
-            pending.append(pool.submit(_encode_chunk, chunk))
+            pending.append(pool.submit(_encode_chunk, codec.encode, chunk))
             if len(pending) >= IN_FLIGHT * workers:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
 
 
-def _write(rows, root: Path, out: Path, classes: list[str], max_side: int, channels: int,
-           shard_bytes: int, workers: int, first_chunk: int) -> PackStats:
+def _write(rows: list[dict[str, Any]], out: Path, codec: SampleCodec, shard_bytes: int,
+           workers: int, first_chunk: int) -> PackStats:
     from litdata.streaming.writer import BinaryWriter
 
-    index = {c: i for i, c in enumerate(classes)}
     writer = BinaryWriter(str(out), chunk_bytes=shard_bytes, chunk_index=first_chunk)
     stats = PackStats()
-    for i, (r, (data, re)) in enumerate(zip(rows, _encoded(rows, root, max_side, channels,
-                                                           workers), strict=True)):
-        writer[i] = {"label": index[r["label"]], "sha256": r["sha256"], "path": r["path"],
-                     "image": data}
+    for i, (sample, again) in enumerate(_encoded(rows, codec, workers)):
+        writer[i] = sample
         stats.encoded += 1
-        stats.reencoded += int(re)
+        stats.reencoded += int(again)
     writer.done()
     writer.merge()
     stats.samples = len(rows)
-    stats.shards = len(_index(out)["chunks"]) if rows else 0
+    stats.shards = shard_count(out) if rows else 0
     return stats
 
 
@@ -207,6 +246,11 @@ def _index(split_dir: Path) -> dict[str, Any]:
 
 def _index_matches(split_dir: Path, n: int) -> bool:
     return sum(c["chunk_size"] for c in _index(split_dir)["chunks"]) == n
+
+
+def shard_count(split_dir: Path) -> int:
+    """The number of shard files the split's index lists (0 without an index)."""
+    return len(_index(split_dir)["chunks"])
 
 
 def indexed_samples(split_dir: Path, split: str) -> int:
@@ -246,3 +290,20 @@ def check_shards(split_dir: Path, split: str) -> int:
 
 def chunk_file(split_dir: Path, chunk_index: int) -> Path:
     return split_dir / _index(split_dir)["chunks"][chunk_index]["filename"]
+
+
+def store_split(rows: list[dict[str, Any]], split_dir: Path, codec: SampleCodec, *, split: str,
+                base_url: str | None, shard_bytes: int, workers: int) -> PackStats:
+    """Pack one split's rows into shards, appending when its shards are all still there
+    (locally, or in S3 with `base_url`), and upload the new shard files to `base_url`."""
+    url = split_url(base_url, split) if base_url else None
+    gone = (missing_remote(split_dir, url) if url
+            else None if local_shards_whole(split_dir) else "local shards")
+    if gone:  # the old shards cannot be appended to: pack the split afresh
+        print(f"pack {split}: packed afresh ({gone} missing)", flush=True)
+        shutil.rmtree(split_dir, ignore_errors=True)
+    stats = pack_rows(rows, split_dir, codec, shard_bytes=shard_bytes, workers=workers)
+    if url:
+        sent = upload_split(split_dir, url)
+        print(f"pack {split}: {sent} shard files uploaded to {url}", flush=True)
+    return stats

@@ -19,7 +19,7 @@ cannot be read or decoded stops the run with one line naming the shard and the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,13 +95,9 @@ class ShardDataset(StreamingDataset):
         self.where = remote.url if remote is not None else str(split_dir)
         self._transform = view.transform()
 
-    def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: Any) -> Any:
         try:
-            item = super().__getitem__(index)
-            data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
-            if self.view.raw:
-                return data, int(item["label"])
-            img = decode(data, self.view.channels)
+            return self.sample(super().__getitem__(index), int(getattr(index, "index", index)))
         except DataError:
             raise
         except Exception as e:  # damaged bytes (LitData's or the decoder's error), or late
@@ -111,9 +107,15 @@ class ShardDataset(StreamingDataset):
             what = LATE if isinstance(e, ChunkWaitTimeoutError) else CORRUPT
             raise DataError(f"{what} {shard} (split {self.split!r}): "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        number = getattr(index, "index", index)
+
+    def sample(self, item: dict[str, Any], number: int) -> tuple[torch.Tensor, int]:
+        """One stored sample as the view wants it (a subclass stores other samples)."""
+        data = torch.frombuffer(bytearray(item["image"]), dtype=torch.uint8)
+        if self.view.raw:
+            return data, int(item["label"])
+        img = decode(data, self.view.channels)
         with torch.random.fork_rng(devices=[]):  # per sample: same with any worker count
-            torch.manual_seed(hash((self.base_seed, self.current_epoch, int(number))) % 2**62)
+            torch.manual_seed(hash((self.base_seed, self.current_epoch, number)) % 2**62)
             img = self._transform(img)
         return img, int(item["label"])
 
@@ -139,7 +141,9 @@ class ShardStream:
 
     def __init__(self, split_dir: Path, split: str, view: View, *, batch_size: int,
                  workers: int, seed: int = 0, shuffle: bool | None = None,
-                 drop_last: bool | None = None, remote: RemoteSplit | None = None) -> None:
+                 drop_last: bool | None = None, remote: RemoteSplit | None = None,
+                 dataset: type[ShardDataset] = ShardDataset,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         if remote is None:
             self.samples = check_shards(split_dir, split)
         else:
@@ -148,9 +152,10 @@ class ShardStream:
                 raise DataError(f"{CORRUPT} {why} (split {split!r}): run the pack stage again")
         self.split = split
         shuffle = view.train if shuffle is None else shuffle
-        self.dataset = ShardDataset(split_dir, split, view, seed=seed, shuffle=shuffle,
-                                    remote=remote)
-        kwargs: dict[str, Any] = {"collate_fn": _collate_raw} if view.raw else {}
+        self.dataset = dataset(split_dir, split, view, seed=seed, shuffle=shuffle,
+                               remote=remote)
+        collate_fn = _collate_raw if view.raw else collate_fn
+        kwargs: dict[str, Any] = {"collate_fn": collate_fn} if collate_fn else {}
         if workers:
             kwargs["persistent_workers"] = False
         self.loader = StreamingDataLoader(

@@ -5,10 +5,12 @@ version on the test pairs, and its model card (mIoU, pixel accuracy, Dice, per-c
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from visionflow.core.config import Params
 from visionflow.core.env import hardware
@@ -37,25 +39,28 @@ def log_segmenter(layout: Layout, model_name: str, params: Params):
         layout.model, model_name, params, model_id=model_id))
 
 
-def score(model: Any, cache: dict[str, Any], keep: list[bool], k: int):
+TestPairs = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over the test pairs
+
+
+def score(model: Any, test_pairs: TestPairs, keep: list[bool], k: int):
     """(scores, per-image IoU) of `model` on the kept test pairs, each at its own size."""
     device = next(model.parameters()).device
-    pairs = ((x.to(device), y.to(device).long()) for x, y, ok in
-             zip(cache["test_x"], cache["test_masks"], keep, strict=True) if ok)
+    pairs = ((x.to(device), y.to(device).long()) for (x, y), ok in
+             zip(test_pairs(), keep, strict=True) if ok)
     return evaluate_segmenter(model, pairs, k)
 
 
-def version_scores(name: str, version: str, cache: dict[str, Any], keep: list[bool],
-                   device: torch.device) -> tuple[Any, str]:
+def version_scores(name: str, version: str, classes: list[str], test_pairs: TestPairs,
+                   keep: list[bool], device: torch.device) -> tuple[Any, str]:
     """((scores, per-image IoU) of a registered segmenter, "") or (None, why not)."""
     with tempfile.TemporaryDirectory() as tmp:
         weights, why = version_weights(name, version, Path(tmp))
         if weights is None:
             return None, why
         model, arch = load_segmenter(weights, device)
-    if arch.classes != cache["classes"]:
+    if arch.classes != classes:
         return None, f"champion v{version} was trained on other classes"
-    return score(model, cache, keep, arch.num_classes), ""
+    return score(model, test_pairs, keep, arch.num_classes), ""
 
 
 def segmentation_card(name: str, version: str, params: Params, layout: Layout, arch: Any,

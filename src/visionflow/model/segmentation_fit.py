@@ -32,48 +32,66 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
     return x[0].round().clamp(0, 255).to(torch.uint8), y[0, 0].to(torch.int64)
 
 
+Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # one epoch's (uint8 x, int64 y)
+
+
 def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: JointPolicy, *,
                   epochs: int, batch_size: int = 32, lr: float = 3e-3,
                   weight_decay: float = 1e-4, seed: int = 0,
                   on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
-    """Train on N x C x H x W uint8 `images` and N x H x W `masks` (on the model's device).
-    `on_epoch(epoch, mean loss, seconds)` runs after each epoch, outside its timed window
-    (it may evaluate: the model is put back in training mode). Returns {"img_per_s":
-    training images per second over the run, "epoch_seconds": each
-    epoch's wall time, "loss": last epoch's mean loss, "seconds"}."""
+    """Train on N x C x H x W uint8 `images` and N x H x W `masks` (on the model's device),
+    in a new random order each epoch; see `fit_segmenter_on`."""
     device = next(model.parameters()).device
     images, masks = images.to(device), masks.to(device)
     n = len(images)
-    steps = epochs * math.ceil(n / batch_size)
+    order_gen = torch.Generator().manual_seed(seed)
+
+    def epoch() -> Iterable[tuple[Tensor, Tensor]]:
+        order = torch.randperm(n, generator=order_gen).to(device)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield images[idx], masks[idx]
+    return fit_segmenter_on(model, epoch, math.ceil(n / batch_size), policy, epochs=epochs,
+                            lr=lr, weight_decay=weight_decay, seed=seed, on_epoch=on_epoch)
+
+
+def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
+                     policy: JointPolicy, *, epochs: int, lr: float = 3e-3,
+                     weight_decay: float = 1e-4, seed: int = 0,
+                     on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train on `batches()` (one epoch of uint8 image and int64 mask batches on the model's
+    device, a fixed size), `steps_per_epoch` of them. `on_epoch(epoch, mean loss, seconds)`
+    runs after each epoch, outside its timed window (it may evaluate: the model is put back
+    in training mode). Returns {"img_per_s": training images per second over the run,
+    "epoch_seconds": each epoch's wall time, "loss": last epoch's mean loss, "seconds"}."""
+    device = next(model.parameters()).device
+    steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
     gen = torch.Generator(device=device).manual_seed(seed)
-    order_gen = torch.Generator().manual_seed(seed)
     model.train()
     start, seen, loss_sum, epoch_seconds = time.perf_counter(), 0, 0.0, []
     for _ in range(epochs):
         epoch_start = time.perf_counter()
-        order = torch.randperm(n, generator=order_gen).to(device)
-        loss_sum, batches = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            x, y = joint_augment(images[idx], masks[idx], policy, gen)
+        loss_sum, n_batches = 0.0, 0
+        for images, masks in batches():
+            x, y = joint_augment(images, masks, policy, gen)
             loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, batches, seen = loss_sum + loss.item(), batches + 1, seen + len(idx)
+            loss_sum, n_batches, seen = loss_sum + loss.item(), n_batches + 1, seen + len(x)
         epoch_seconds.append(time.perf_counter() - epoch_start)
         if on_epoch is not None:
             paused = time.perf_counter()
-            on_epoch(len(epoch_seconds), loss_sum / max(batches, 1), epoch_seconds[-1])
+            on_epoch(len(epoch_seconds), loss_sum / max(n_batches, 1), epoch_seconds[-1])
             model.train()
             start += time.perf_counter() - paused
     elapsed = time.perf_counter() - start
     return {"img_per_s": seen / elapsed, "epoch_seconds": epoch_seconds,
-            "loss": loss_sum / max(batches, 1), "seconds": elapsed}
+            "loss": loss_sum / max(n_batches, 1), "seconds": elapsed}
 
 
 @torch.no_grad()

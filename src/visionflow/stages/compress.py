@@ -40,9 +40,9 @@ from visionflow.compression.sweep import Sweep, build_variants
 from visionflow.core.config import CompressConfig, Params
 from visionflow.core.files import atomic_dir, note_if_empty, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.feed import with_images
+from visionflow.data.feed import is_shards, with_images
 from visionflow.data.packed import load_packed
-from visionflow.data.segmentation_feed import segmentation_pairs
+from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import pick_device
@@ -121,7 +121,10 @@ def _seg_context(params: Params, layout: Layout, out: Path) -> SegContext:
     cfg, side = params.compress, params.segmentation.image_size
     limit = max(cfg.calibration_images, cfg.finetune_images or 0) or None
     if cfg.finetune_images is None and "structured" in cfg.methods:
-        limit = None  # fine-tuning on the whole train split, as for classifiers
+        # fine-tuning on the whole train split, as for classifiers; shards: what fits the
+        # tensor budget (the subset is held decoded)
+        limit = (params.data.storage_budget_bytes // (4 * side * side)
+                 if is_shards(segmentation_pack(layout)) else None)
     train = [resize_pair(x, y, (side, side))
              for x, y in segmentation_pairs(params, layout, "train", limit)]
     return SegContext(model, arch, lambda: segmentation_pairs(params, layout, "test"),

@@ -30,13 +30,12 @@ from visionflow.core.files import write_json
 from visionflow.core.layout import Layout
 from visionflow.data.manifest import read_manifest, usable_rows
 from visionflow.data.packed import SPLITS, build_packed, save_packed
-from visionflow.data.remote_shards import missing_remote, split_url, upload_split
 from visionflow.data.shards import (
-    local_shards_whole,
+    image_codec,
     note_tensor_mode,
-    pack_split,
     read_contents,
     storage_for,
+    store_split,
 )
 from visionflow.stages import main
 from visionflow.tasks.segmentation import pack as segmentation
@@ -74,22 +73,14 @@ def run(params: Params, layout: Layout) -> PackResult:
         blob = {"classes": classes, "image_size": size, "channels": channels,
                 "storage": "shards", "resize_size": d.eval_resize, "shards_url": d.shards_url}
         index = {c: i for i, c in enumerate(classes)}
+        codec = image_codec(Path(meta["dataset_root"]), classes, max_side=d.max_side,
+                            channels=channels)
         for split in SPLITS:
-            split_rows = [r for r in rows if r["split"] == split]
-            split_dir = layout.split_shards(split)
-            url = split_url(d.shards_url, split) if d.shards_url else None
-            gone = (missing_remote(split_dir, url) if url
-                    else None if local_shards_whole(split_dir) else "local shards")
-            if gone:  # the old shards cannot be appended to: pack the split afresh
-                print(f"pack {split}: packed afresh ({gone} missing)", flush=True)
-                shutil.rmtree(split_dir, ignore_errors=True)
-            s = pack_split(split_rows, Path(meta["dataset_root"]), split_dir,
-                           classes, max_side=d.max_side, channels=channels,
-                           shard_bytes=d.shard_bytes, workers=params.validate_.workers)
+            s = store_split([r for r in rows if r["split"] == split],
+                            layout.split_shards(split), codec, split=split,
+                            base_url=d.shards_url, shard_bytes=d.shard_bytes,
+                            workers=params.validate_.workers)
             stats[split] = vars(s)
-            if url:
-                sent = upload_split(split_dir, url)
-                print(f"pack {split}: {sent} shard files uploaded to {url}", flush=True)
             order = (read_contents(layout.split_shards(split)) or {}).get("samples", [])
             blob[f"{split}_y"] = torch.tensor([index[r["label"]] for r in order],
                                               dtype=torch.long)  # in shard order

@@ -1,5 +1,6 @@
 """Evaluate for `task: segmentation`: the trained segmenter on the test pairs, each at its
-own size (torchmetrics' pixel confusion matrix, ignore 255).
+own size (torchmetrics' pixel confusion matrix, ignore 255), read one at a time through
+`data.segmentation_feed` (tensors or shards).
 
 The same files as classification's evaluate, with pixel meanings:
 
@@ -24,7 +25,7 @@ import torch
 from visionflow.core.config import Params
 from visionflow.core.files import write_csv, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.packed import load_packed
+from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_test_dataset
 from visionflow.model.inference import pick_device
@@ -44,13 +45,13 @@ HEADLINE = ("miou", "pixel_accuracy", "mean_dice", "ece")
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     device = pick_device(params.train.device)
     model, arch = load_segmenter(layout.model, device)
-    cache = load_packed(layout.packed)
+    cache = segmentation_pack(layout)
     classes, k = arch.classes, arch.num_classes
     meter, calib = SegmentationMeter(k), PixelCalibration(params.evaluate.calibration_bins)
     per_image: list[float] = []
-    for x, y in zip(cache["test_x"], cache["test_masks"], strict=True):
+    for x, y in segmentation_pairs(params, layout, "test", pack=cache):
         logits = model(x[None].to(device).float().div_(255))
-        target = y[None].to(device).long()
+        target = y[None].to(device)
         meter.update(logits, target)
         calib.update(logits, target)
         per_image.append(float(per_image_iou(logits, target, k)[0]))
@@ -78,11 +79,13 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     plot_iou_bars(layout.per_class_png, rows, scores.miou)
     worst = sorted(range(len(per_image)), key=lambda i: (per_image[i] != per_image[i],
                                                           per_image[i]))
-    items = []
-    for i in worst[:params.segmentation.worst_images]:
-        pred = model(cache["test_x"][i][None].to(device).float().div_(255)).argmax(1)[0]
-        items.append((cache["test_x"][i], cache["test_masks"][i], pred.cpu(), per_image[i],
-                      str(paths[i])))
+    shown = {i: rank for rank, i in enumerate(worst[:params.segmentation.worst_images])}
+    items: list[Any] = [None] * len(shown)
+    last = max(shown, default=-1) + 1  # a second pass, up to the last pair shown: only
+    for i, (x, y) in enumerate(segmentation_pairs(params, layout, "test", last, cache)):
+        if i in shown:  # the shown pairs are held
+            pred = model(x[None].to(device).float().div_(255)).argmax(1)[0]
+            items[shown[i]] = (x, y, pred.cpu(), per_image[i], str(paths[i]))
     plot_worst(layout.mistakes_png, items)
 
     with tracking.stage_run(layout):

@@ -14,15 +14,18 @@ is the champion, as for classifiers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
 import mlflow
+from torch import Tensor
 
 from visionflow.core.config import Params
 from visionflow.core.files import read_json, write_json
 from visionflow.core.layout import Layout
-from visionflow.data.packed import load_packed, split_hashes
+from visionflow.data.packed import split_hashes
+from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs
 from visionflow.mlops import gate, registry, tracking
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
@@ -46,7 +49,10 @@ TASK = "segmentation"
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     cfg = params.register_
     validation = read_json(layout.validation) or {}
-    cache = load_packed(layout.packed)
+    cache = segmentation_pack(layout)
+
+    def test_pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        return segmentation_pairs(params, layout, "test", pack=cache)
     tags = {**version_tags(params, layout), "model": params.segmentation.model, "task": TASK}
     trained = {s: split_hashes(cache, s) for s in ("train", "val", "test")}
     device = pick_device(params.train.device)
@@ -64,12 +70,13 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             scored = scored_set(trained["test"], trained["train"] + trained["val"],
                                 champ_set, champ_note)
             model, arch = load_segmenter(layout.model, device)
-            scores, per_image = score(model, cache, scored.keep, arch.num_classes)
-            all_scores, _ = score(model, cache, [True] * len(scored.keep), arch.num_classes)
+            scores, per_image = score(model, test_pairs, scored.keep, arch.num_classes)
+            all_scores, _ = score(model, test_pairs, [True] * len(scored.keep),
+                                  arch.num_classes)
             champion = None
             if champ is not None:
-                champion, note = version_scores(cfg.model_name, champ, cache, scored.keep,
-                                                device)
+                champion, note = version_scores(cfg.model_name, champ, cache["classes"],
+                                                test_pairs, scored.keep, device)
             decision = decide_iou(scores.miou, per_image,
                                   champion[0].miou if champion else None,
                                   champion[1] if champion else None, params,

@@ -1,5 +1,6 @@
 """Train for `task: segmentation`: a `segmentation.model` (U-Net by default, or torchvision's
-FCN / DeepLabV3 / LR-ASPP) on the packed data's train pairs, with the joint augmentation on
+FCN / DeepLabV3 / LR-ASPP) on the packed data's train pairs (the tensors, or streamed from
+the shards: `data.segmentation_feed`), with the joint augmentation on
 the training device (`model.segmentation_augment`: one crop / flip grid for image and mask,
 nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
 
@@ -23,7 +24,9 @@ from visionflow.core.config import Params
 from visionflow.core.errors import ConfigError
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
-from visionflow.data.packed import load_packed, source_data_hash
+from visionflow.data.feed import is_shards
+from visionflow.data.packed import source_data_hash
+from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs, train_batches
 from visionflow.mlops import tracking
 from visionflow.mlops.datasets import log_datasets
 from visionflow.model import engine
@@ -35,7 +38,11 @@ from visionflow.model.segmentation import (
     save_segmenter,
 )
 from visionflow.model.segmentation_augment import JointPolicy
-from visionflow.model.segmentation_fit import evaluate_segmenter, fit_segmenter
+from visionflow.model.segmentation_fit import (
+    evaluate_segmenter,
+    fit_segmenter,
+    fit_segmenter_on,
+)
 
 CURVES = "curves/"
 
@@ -59,11 +66,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
         engine.keep_freed_cpu_memory()
-    cache = load_packed(layout.packed)
-    if cache.get("task") != "segmentation":
-        raise ConfigError(f"{layout.packed}: packed for {cache.get('task', 'classification')}, "
-                          "task is segmentation: run pack again")
-    if not len(cache["train_x"]):
+    cache = segmentation_pack(layout)
+    if not cache["train_paths"]:
         raise ConfigError("segmentation: no train pairs to train on (see validate's report)")
     torch.manual_seed(params.seed)
     arch = arch_for(params, cache["classes"])
@@ -76,13 +80,12 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         print(f"pretrained: {len(loaded)} tensors from {cfg.pretrained}", flush=True)
     model = model.to(device)
     k = len(arch.classes)
-    val = list(zip(cache["val_x"], cache["val_masks"], strict=True))
     history: list[dict[str, Any]] = []
-    n_train = len(cache["train_x"])
+    n_train = len(cache["train_paths"])
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
-        miou = (evaluate_segmenter(model, ((x, y.long()) for x, y in val), k)[0].miou
-                if val else None)
+        miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
+                                   k)[0].miou if cache["val_paths"] else None)
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
                "img_per_s": n_train / max(seconds, 1e-9), "seconds": seconds}
         history.append(row)
@@ -100,10 +103,14 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         log_datasets(params, layout)
         tracking.log_validation(layout)
         tracking.log_dir_or_file(layout.policy, "data")
-        fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
-                            policy_for(params), epochs=s.epochs, batch_size=s.batch_size,
-                            lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
-                            on_epoch=on_epoch)
+        how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
+                   on_epoch=on_epoch)
+        if is_shards(cache):  # streamed: a few batches in memory
+            fit = fit_segmenter_on(model, *train_batches(params, layout, cache, device),
+                                   policy_for(params), **how)
+        else:
+            fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
+                                policy_for(params), batch_size=s.batch_size, **how)
         save_segmenter(layout.model, model, arch, history=json.dumps(history))
         write_csv(layout.history, history)
         mlflow.log_artifact(str(layout.history), "train")
