@@ -21,6 +21,13 @@ NAME = "visionflow-classifier"
 START_TIMEOUT_S = 180
 
 
+def log_tail(text: str, chars: int = 3000) -> str:
+    """The end of a server log without MLflow's download progress bar (one line thousands of
+    characters long, `\r`-separated), which would fill the tail."""
+    kept = [ln for ln in text.splitlines() if "Downloading artifacts" not in ln]
+    return "\n".join(kept)[-chars:]
+
+
 def ping(url: str, timeout: float = 2.0) -> bool:
     return _ping(url, timeout) == "200"
 
@@ -66,7 +73,7 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
                     log.seek(0)  # a flake seen twice under load: say what the ping got
                     raise AssertionError(
                         f"server not up after {time.monotonic() - start:.0f} s (rc="
-                        f"{proc.poll()}, last ping: {status}):\n{log.read()[-3000:]}")
+                        f"{proc.poll()}, last ping: {status}):\n{log_tail(log.read())}")
                 time.sleep(0.5)
             yield url
         finally:

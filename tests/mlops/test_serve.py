@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import BIN
 from projects import registered_project, split_images
+from serving import log_tail
 
 NAME = "visionflow-classifier"
 START_TIMEOUT_S = 180
@@ -60,7 +61,7 @@ def test_mlflow_models_serve_answers_over_http(tmp_path_factory, digits_dir, tmp
                 pass
             if time.monotonic() > deadline:
                 log.seek(0)
-                pytest.fail(f"server not up after {START_TIMEOUT_S} s:\n{log.read()[-3000:]}")
+                pytest.fail(f"server not up after {START_TIMEOUT_S} s:\n{log_tail(log.read())}")
             time.sleep(0.5)
 
         files = split_images(layout, 3)
