@@ -43,6 +43,7 @@ from visionflow.core.layout import Layout
 from visionflow.data.feed import is_shards, with_images
 from visionflow.data.packed import load_packed
 from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs
+from visionflow.data.segmentation_shards import BYTES_PER_PIXEL
 from visionflow.mlops import tracking
 from visionflow.model.classifier import load_classifier
 from visionflow.model.inference import pick_device
@@ -119,15 +120,16 @@ def _seg_context(params: Params, layout: Layout, out: Path) -> SegContext:
     calibration, fine-tuning) and the test pairs, streamed at their own sizes."""
     model, arch = load_segmenter(layout.model)
     cfg, side = params.compress, params.segmentation.image_size
+    pack = segmentation_pack(layout)  # read once: in tensor mode it holds the pixels
     limit = max(cfg.calibration_images, cfg.finetune_images or 0) or None
     if cfg.finetune_images is None and "structured" in cfg.methods:
         # fine-tuning on the whole train split, as for classifiers; shards: what fits the
         # tensor budget (the subset is held decoded)
-        limit = (params.data.storage_budget_bytes // (4 * side * side)
-                 if is_shards(segmentation_pack(layout)) else None)
+        limit = (params.data.storage_budget_bytes // (BYTES_PER_PIXEL * side * side)
+                 if is_shards(pack) else None)
     train = [resize_pair(x, y, (side, side))
-             for x, y in segmentation_pairs(params, layout, "train", limit)]
-    return SegContext(model, arch, lambda: segmentation_pairs(params, layout, "test"),
+             for x, y in segmentation_pairs(params, layout, "train", limit, pack)]
+    return SegContext(model, arch, lambda: segmentation_pairs(params, layout, "test", pack=pack),
                       torch.stack([x for x, _ in train]), torch.stack([y for _, y in train]),
                       cfg=cfg, seed=params.seed, device=pick_device(params.train.device),
                       out=out)
