@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,18 @@ def log_tail(text: str, chars: int = 3000) -> str:
     characters long, `\r`-separated), which would fill the tail."""
     kept = [ln for ln in text.splitlines() if "Downloading artifacts" not in ln]
     return "\n".join(kept)[-chars:]
+
+
+def stacks(pgid: int) -> str:
+    """Where each process of the group is (py-spy dump), for a server that is slow to start:
+    the start-up flake seen in sessions 15-16 said only that the CLI was late."""
+    spy = shutil.which("py-spy", path=str(BIN))
+    if spy is None:
+        return "(no py-spy)"
+    pids = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+    dumps = [subprocess.run([spy, "dump", "--pid", pid], capture_output=True, text=True,
+                            timeout=30).stdout for pid in pids.split()]
+    return "\n".join(dumps)
 
 
 def ping(url: str, timeout: float = 2.0) -> bool:
@@ -67,13 +80,17 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
              "-w", str(workers)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            start = time.monotonic()
+            start, early = time.monotonic(), ""
             while (status := _ping(url)) != "200":
-                if proc.poll() is not None or time.monotonic() > start + START_TIMEOUT_S:
-                    log.seek(0)  # a flake seen twice under load: say what the ping got
-                    raise AssertionError(
-                        f"server not up after {time.monotonic() - start:.0f} s (rc="
-                        f"{proc.poll()}, last ping: {status}):\n{log_tail(log.read())}")
+                waited = time.monotonic() - start
+                if not early and waited > START_TIMEOUT_S / 3:  # where a slow start is
+                    early = f"after {waited:.0f} s:\n{stacks(proc.pid)}"
+                if proc.poll() is not None or waited > START_TIMEOUT_S:
+                    log.seek(0)  # a flake seen under load: say what the ping got and where
+                    raise AssertionError(  # the server's processes were
+                        f"server not up after {waited:.0f} s (rc={proc.poll()}, last ping: "
+                        f"{status}):\n{log_tail(log.read())}\n{early}\n"
+                        f"after {waited:.0f} s:\n{stacks(proc.pid)}")
                 time.sleep(0.5)
             yield url
         finally:
