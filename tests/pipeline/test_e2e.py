@@ -31,9 +31,12 @@ def _outputs(root: Path) -> set[str]:
 
 
 def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_server: str):
-    # a third of the digits and one compression method: the drivers' agreement is the point
+    # a third of the digits and one compression method: the drivers' agreement is the point.
+    # int8 loses about one top-1 point on this model (once 4 of 359 test images, 1.11 points,
+    # over the 1-point default): a 5-point budget keeps it, so a promoted model has its compact.
     root = make_project(tmp_path / "proj", digits_dir,
-                        {"data.limit_per_class": 60, "compress.methods": ["int8"]}, git=True)
+                        {"data.limit_per_class": 60, "compress.methods": ["int8"],
+                         "compress.max_top1_drop": 5.0}, git=True)
     dvc = str(BIN / "dvc")
 
     # The flow first (what `make run` does), in this process: all six stages, recorded in
@@ -134,7 +137,7 @@ def _assert_registry_versions(root: Path, result: dict) -> None:
     assert len(main) == 3 and result["version"] == main[-1]
     promoted = [v for v in main if every[v]["gate_decision"] == "promoted"]
     assert promoted[0] == main[0] and set(compact.values()) <= set(promoted)
-    assert len(compact) == len(promoted)  # the digits model always has a variant in budget
+    assert len(compact) == len(promoted)  # int8 is in the 5-point budget
     tags = every[main[-1]]
     # the last equals the one before (same params, deterministic): the champion is as good
     assert tags["gate_decision"] == "rejected", tags["gate_reason"]
