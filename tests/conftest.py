@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +149,17 @@ def prefect_server() -> Iterator[str]:
 @pytest.fixture
 def project(tmp_path: Path, digits_dir: Path) -> Path:
     return make_project(tmp_path / "proj", digits_dir)
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> Iterator[None]:
+    """Every download through a closed local proxy, so that it fails at once. urllib builds
+    its process-wide opener, proxies included, on first use: it is reset before (so that the
+    dead proxy is used) and after (a later test's loopback request went to the dead proxy and
+    got "Connection refused" while its server listened: the serve flake of sessions 15-16)."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    urllib.request.install_opener(None)
+    yield
+    urllib.request.install_opener(None)
+

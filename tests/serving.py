@@ -41,6 +41,17 @@ def stacks(pgid: int) -> str:
     return "\n".join(dumps)
 
 
+def sockets(port: int, pgid: int) -> str:
+    """What the kernel holds on `port`, and whether the server is in this test's network
+    namespace (a listening server refusing the ping was seen in session 16)."""
+    held = subprocess.run(["ss", "-tanpe", f"( sport = :{port} or dport = :{port} )"],
+                          capture_output=True, text=True).stdout
+    pids = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
+    spaces = {pid: os.readlink(f"/proc/{pid}/ns/net") for pid in pids.split()
+              if os.path.exists(f"/proc/{pid}")}
+    return f"{held}\nnet namespaces: test {os.readlink('/proc/self/ns/net')}, server {spaces}"
+
+
 def ping(url: str, timeout: float = 2.0) -> bool:
     return _ping(url, timeout) == "200"
 
@@ -90,7 +101,8 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
                     raise AssertionError(  # the server's processes were
                         f"server not up after {waited:.0f} s (rc={proc.poll()}, last ping: "
                         f"{status}):\n{log_tail(log.read())}\n{early}\n"
-                        f"after {waited:.0f} s:\n{stacks(proc.pid)}")
+                        f"after {waited:.0f} s:\n{stacks(proc.pid)}\n"
+                        f"{sockets(port, proc.pid)}")
                 time.sleep(0.5)
             yield url
         finally:

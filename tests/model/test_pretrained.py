@@ -51,10 +51,8 @@ def _assert_copied(model, state: dict[str, torch.Tensor], fresh: set[str],
 
 
 @pytest.fixture
-def torch_home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a download would fail at once
+def torch_home(tmp_path, monkeypatch, no_network) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # a download would fail at once
     return tmp_path / "torch"
 
 

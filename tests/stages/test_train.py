@@ -164,15 +164,13 @@ def test_torchvision_weight_names_come_from_the_registry_name():
         torchvision_weights("resnet18", "IMAGENET22K")
 
 
-def test_torchvision_weights_offline_is_one_config_error(tmp_path, monkeypatch):
+def test_torchvision_weights_offline_is_one_config_error(tmp_path, monkeypatch, no_network):
     """No network here: the download fails (a closed local proxy makes it fail at once) and
     the user gets one line naming the key and the URL."""
     from visionflow.core.errors import ConfigError
     from visionflow.model.classifier import Arch, build_classifier
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
     model = build_classifier(Arch("resnet18", 10, 32))
     with pytest.raises(ConfigError) as err:
         load_pretrained(model, "torchvision:DEFAULT", "resnet18")
