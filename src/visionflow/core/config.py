@@ -6,6 +6,8 @@ before any work starts (see `load_params`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -401,3 +403,14 @@ class Params(_Section):
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def identity(self, *sections: str) -> str:
+        """A hash of what shapes a run's result: `sections` without `RUNTIME_KEYS` (a train
+        checkpoint is resumed only under the same identity)."""
+        dumped = self.dump()
+        keep = {k: dumped[k] for k in sections}
+        for key in RUNTIME_KEYS:
+            section, name = key.split(".")
+            if isinstance(keep.get(section), dict):
+                keep[section].pop(name, None)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

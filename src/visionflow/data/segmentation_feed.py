@@ -102,12 +102,13 @@ def segmentation_pairs(params: Params, layout: Layout, split: str, limit: int | 
 
 def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
                   device: torch.device) -> Batches:
-    """Shards mode: (a function giving one epoch's (uint8 images, int64 masks) batches on
-    `device`, the number of batches an epoch). Tensor mode trains on `pack`'s tensors
-    (`model.segmentation_fit.fit_segmenter`)."""
+    """Shards mode: (a function giving epoch `number`'s (uint8 images, int64 masks) batches
+    on `device` (1, 2, ...: a resumed run starts at any), the number of batches an epoch).
+    Tensor mode trains on `pack`'s tensors (`model.segmentation_fit.fit_segmenter`)."""
     stream = pair_stream(params, layout, pack, "train", train=True)
 
-    def epoch() -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch(number: int) -> Iterator[tuple[Tensor, Tensor]]:
+        stream.start_after(number - 1)  # that epoch's shuffle and augmentation seeds
         for x, y in stream.epoch():
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
     return epoch, len(stream)

@@ -1,8 +1,10 @@
-"""A minimal segmentation training loop and evaluation (torch only), the building block the
-train stage will call: fixed-size uint8 batches -> joint augmentation on the device ->
-cross-entropy with the ignore index -> AdamW with a cosine schedule. Evaluation runs each
-image at its own size (the models take any H x W) and accumulates the pixel confusion
-matrix, so memory does not grow with the number of images.
+"""The segmentation training loop and evaluation (torch only), what the train stage calls:
+fixed-size uint8 batches -> joint augmentation on the device -> cross-entropy with the ignore
+index -> AdamW with a cosine schedule. After each epoch the loop hands its whole state (model,
+optimizer, schedule, augmentation generator) to a `save` callback; given that state back as
+`start`, it goes on from the next epoch as if it had not stopped. Evaluation runs each image
+at its own size (the models take any H x W) and accumulates the pixel confusion matrix, so
+memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,50 +35,63 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
     return x[0].round().clamp(0, 255).to(torch.uint8), y[0, 0].to(torch.int64)
 
 
-Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # one epoch's (uint8 x, int64 y)
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch (1, 2, ...) -> its batches
+FitState = dict[str, Any]  # `fit_segmenter_on`'s state after an epoch (torch.save-able)
+EpochEnd = Callable[[int, float, float], None]  # (epoch, mean loss, seconds)
 
 
 def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: JointPolicy, *,
                   epochs: int, batch_size: int = 32, lr: float = 3e-3,
-                  weight_decay: float = 1e-4, seed: int = 0,
-                  on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
+                  weight_decay: float = 1e-4, seed: int = 0, on_epoch: EpochEnd | None = None,
+                  start: FitState | None = None,
+                  save: Callable[[FitState], None] | None = None) -> dict:
     """Train on N x C x H x W uint8 `images` and N x H x W `masks` (on the model's device),
-    in a new random order each epoch; see `fit_segmenter_on`."""
+    in a random order drawn anew for each epoch from (seed, epoch); see `fit_segmenter_on`."""
     device = next(model.parameters()).device
     images, masks = images.to(device), masks.to(device)
     n = len(images)
-    order_gen = torch.Generator().manual_seed(seed)
 
-    def epoch() -> Iterable[tuple[Tensor, Tensor]]:
-        order = torch.randperm(n, generator=order_gen).to(device)
+    def epoch(number: int) -> Iterable[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(hash((seed, number)) % 2**62)
+        order = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
             yield images[idx], masks[idx]
     return fit_segmenter_on(model, epoch, math.ceil(n / batch_size), policy, epochs=epochs,
-                            lr=lr, weight_decay=weight_decay, seed=seed, on_epoch=on_epoch)
+                            lr=lr, weight_decay=weight_decay, seed=seed, on_epoch=on_epoch,
+                            start=start, save=save)
 
 
 def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                      policy: JointPolicy, *, epochs: int, lr: float = 3e-3,
                      weight_decay: float = 1e-4, seed: int = 0,
-                     on_epoch: Callable[[int, float, float], None] | None = None) -> dict:
-    """Train on `batches()` (one epoch of uint8 image and int64 mask batches on the model's
-    device, a fixed size), `steps_per_epoch` of them. `on_epoch(epoch, mean loss, seconds)`
-    runs after each epoch, outside its timed window (it may evaluate: the model is put back
-    in training mode). Returns {"img_per_s": training images per second over the run,
-    "epoch_seconds": each epoch's wall time, "loss": last epoch's mean loss, "seconds"}."""
+                     on_epoch: EpochEnd | None = None, start: FitState | None = None,
+                     save: Callable[[FitState], None] | None = None) -> dict:
+    """Train on `batches(epoch)` (that epoch's uint8 image and int64 mask batches on the
+    model's device, a fixed size), `steps_per_epoch` of them. `on_epoch(epoch, mean loss,
+    seconds)` runs after each epoch, outside its timed window (it may evaluate: the model is
+    put back in training mode), then `save(state)`; `start` (such a state) resumes after its
+    epoch. Returns {"img_per_s": training images per second over this call's epochs,
+    "epoch_seconds": their wall times, "loss": last epoch's mean loss, "seconds"}."""
     device = next(model.parameters()).device
     steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
     gen = torch.Generator(device=device).manual_seed(seed)
+    done, loss_mean = 0, float("nan")
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["schedule"])
+        gen.set_state(start["generator"])
+        done, loss_mean = start["epoch"], start["loss"]
     model.train()
-    start, seen, loss_sum, epoch_seconds = time.perf_counter(), 0, 0.0, []
-    for _ in range(epochs):
+    begin, seen, epoch_seconds = time.perf_counter(), 0, []
+    for number in range(done + 1, epochs + 1):
         epoch_start = time.perf_counter()
         loss_sum, n_batches = 0.0, 0
-        for images, masks in batches():
+        for images, masks in batches(number):
             x, y = joint_augment(images, masks, policy, gen)
             loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
@@ -84,14 +100,19 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
             sched.step()
             loss_sum, n_batches, seen = loss_sum + loss.item(), n_batches + 1, seen + len(x)
         epoch_seconds.append(time.perf_counter() - epoch_start)
+        loss_mean = loss_sum / max(n_batches, 1)
+        paused = time.perf_counter()
         if on_epoch is not None:
-            paused = time.perf_counter()
-            on_epoch(len(epoch_seconds), loss_sum / max(n_batches, 1), epoch_seconds[-1])
+            on_epoch(number, loss_mean, epoch_seconds[-1])
             model.train()
-            start += time.perf_counter() - paused
-    elapsed = time.perf_counter() - start
-    return {"img_per_s": seen / elapsed, "epoch_seconds": epoch_seconds,
-            "loss": loss_sum / max(n_batches, 1), "seconds": elapsed}
+        if save is not None:
+            save({"epoch": number, "loss": loss_mean, "model": model.state_dict(),
+                  "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                  "generator": gen.get_state()})
+        begin += time.perf_counter() - paused
+    elapsed = time.perf_counter() - begin
+    return {"img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": epoch_seconds,
+            "loss": loss_mean, "seconds": elapsed}
 
 
 @torch.no_grad()

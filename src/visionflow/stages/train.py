@@ -16,7 +16,6 @@ holds the loader's position, so a kill resumes mid-epoch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
@@ -29,7 +28,7 @@ import mlflow
 import torch
 from torch import nn
 
-from visionflow.core.config import RUNTIME_KEYS, Params
+from visionflow.core.config import Params
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
@@ -57,16 +56,6 @@ class TrainResult:
     seconds: float
     images_per_s: float
     device: str
-
-
-def config_hash(params: Params) -> str:
-    """The run's identity: the settings that shape what it computes (not `RUNTIME_KEYS`)."""
-    keep = {k: params.dump()[k] for k in ("seed", "data", "augment", "train")}
-    for key in RUNTIME_KEYS:
-        section, name = key.split(".")
-        if section in keep:
-            keep[section].pop(name, None)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run(params: Params, layout: Layout) -> TrainResult:
@@ -99,7 +88,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
     fit_run, arch, streaming = prepared.run, prepared.arch, prepared.streaming
     if is_shards(cache):  # inputs are resized and centre-cropped when it predicts
         arch.resize_size = cache["resize_size"]
-    chash = config_hash(params)
+    chash = params.identity("seed", "data", "augment", "train")
     history: list[dict[str, Any]] = []
     resumed = engine.restore_checkpoint(layout.checkpoint, chash)
     if resumed is not None:

@@ -3,6 +3,8 @@ FCN / DeepLabV3 / LR-ASPP) on the packed data's train pairs (the tensors, or str
 the shards: `data.segmentation_feed`), with the joint augmentation on
 the training device (`model.segmentation_augment`: one crop / flip grid for image and mask,
 nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
+A checkpoint after every epoch (`outputs/train/checkpoint.pt`, for the same settings only)
+lets a killed run go on from the next epoch, with the weights an unbroken run would reach.
 
 `train.pretrained` (a local weights file: a segmenter, a torchvision segmentation state dict
 or a ResNet / MobileNetV3 backbone, read with weights_only=True) starts the matching layers,
@@ -82,6 +84,14 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     k = len(arch.classes)
     history: list[dict[str, Any]] = []
     n_train = len(cache["train_paths"])
+    chash = params.identity("task", "seed", "data", "segmentation", "train")
+    start = None
+    if (resumed := engine.restore_checkpoint(layout.checkpoint, chash)) is not None:
+        start, history = resumed
+        print(f"resuming from {layout.checkpoint} after epoch {start['epoch']}", flush=True)
+
+    def save(state: dict[str, Any]) -> None:  # after each epoch: a kill loses at most one
+        engine.save_checkpoint(layout.checkpoint, chash, state, history)
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
         miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
@@ -104,7 +114,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         tracking.log_validation(layout)
         tracking.log_dir_or_file(layout.policy, "data")
         how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
-                   on_epoch=on_epoch)
+                   on_epoch=on_epoch, start=start, save=save)
         if is_shards(cache):  # streamed: a few batches in memory
             fit = fit_segmenter_on(model, *train_batches(params, layout, cache, device),
                                    policy_for(params), **how)
