@@ -74,6 +74,18 @@ def test_adding_ten_percent_encodes_only_the_new_files(tmp_path):
     assert (third.encoded, third.reused, check_shards(out, "train")) == (43, 0, 43)
 
 
+def test_a_new_shard_size_packs_the_split_afresh(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = shard_photos(src, 12)
+    first = pack_shards(rows, src, out, shard_bytes=1 << 16)
+    again = pack_shards(rows, src, out, shard_bytes=1 << 16)
+    assert (again.encoded, again.reused) == (0, 12)
+    bigger = pack_shards(rows, src, out, shard_bytes=1 << 22)  # data.shard_bytes changed
+    assert (bigger.encoded, bigger.reused) == (12, 0)
+    assert bigger.shards == 1 < first.shards
+    assert read_contents(out)["shard_bytes"] == 1 << 22 and check_shards(out, "train") == 12
+
+
 def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
     src, out = tmp_path / "src", tmp_path / "shards"
     pack_shards(shard_photos(src, 24), src, out)

@@ -10,9 +10,10 @@ What a sample holds is a task's `SampleCodec`: `image_codec` here, `pair_codec` 
 segmentation pairs (`data.segmentation_shards`). `store_split` packs a split for the pack
 stage of either task, locally or into S3 (`data.remote_shards`).
 
-Packing is incremental: when the split's previous samples are all still there, unchanged, only
-the new files are encoded, into new shard files appended to the index (the old ones are not
-rewritten); otherwise the split is packed afresh into a temporary folder swapped into place.
+Packing is incremental: when the split's previous samples are all still there, unchanged, and
+the settings and `data.shard_bytes` are the same, only the new files are encoded, into new
+shard files appended to the index (the old ones are not rewritten); otherwise the split is
+packed afresh into a temporary folder swapped into place.
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def pack_rows(rows: list[dict[str, Any]], split_dir: Path, codec: SampleCodec, *
     still there (same keys, same settings, the index whole) only the new ones are encoded,
     into new shard files; otherwise the split is packed afresh."""
     old = read_contents(split_dir)
-    old_rows = old["samples"] if old and old.get("settings") == codec.settings else None
+    same = old and old.get("settings") == codec.settings \
+        and old.get("shard_bytes", shard_bytes) == shard_bytes  # older shards: not recorded
+    old_rows = old["samples"] if same else None
     if old_rows is not None and not _index_matches(split_dir, len(old_rows)):
         old_rows = None
     if old_rows is not None:
@@ -165,7 +168,7 @@ def pack_rows(rows: list[dict[str, Any]], split_dir: Path, codec: SampleCodec, *
     with atomic_dir(split_dir) as tmp:
         rows = sorted(rows, key=lambda r: r["sha256"])  # by content: shards mix the classes
         stats = _write(rows, tmp, codec, shard_bytes, workers, 0)
-        _write_contents(tmp, codec, rows)
+        _write_contents(tmp, codec, rows, shard_bytes)
     return stats
 
 
@@ -181,7 +184,7 @@ def _append(old_rows: list[dict[str, Any]], new: list[dict[str, Any]], split_dir
         for chunk in added["chunks"]:  # new file names: the index does not list them yet
             os.replace(tmp / chunk["filename"], split_dir / chunk["filename"])
         rows = old_rows + [codec.contents_row(r) for r in new]
-        write_json(split_dir / CONTENTS, {"settings": codec.settings, "samples": rows})
+        _write_contents(split_dir, codec, rows, shard_bytes, listed=True)
         write_json(split_dir / INDEX, {**index, "chunks": index["chunks"] + added["chunks"]})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,9 +193,13 @@ def _append(old_rows: list[dict[str, Any]], new: list[dict[str, Any]], split_dir
     return stats
 
 
-def _write_contents(split_dir: Path, codec: SampleCodec, rows: list[dict]) -> None:
-    write_json(split_dir / CONTENTS, {"settings": codec.settings,
-                                      "samples": [codec.contents_row(r) for r in rows]})
+def _write_contents(split_dir: Path, codec: SampleCodec, rows: list[dict], shard_bytes: int,
+                    listed: bool = False) -> None:
+    """`contents.json`: the settings, the shard size and the samples (`listed`: `rows` are
+    contents rows already)."""
+    write_json(split_dir / CONTENTS, {
+        "settings": codec.settings, "shard_bytes": shard_bytes,
+        "samples": rows if listed else [codec.contents_row(r) for r in rows]})
 
 
 def _encode_chunk(encode_row: Callable[[dict[str, Any]], tuple[dict[str, Any], bool]],
