@@ -98,3 +98,23 @@ def test_torchrun_logs_in_a_folder_removed_after(monkeypatch, tmp_path):
     with pytest.raises(launch.LaunchError, match="rank 0 failed"):
         launch.train(_params(procs_per_node=2), Layout.at(tmp_path))
     assert seen and not seen[0].exists()
+
+
+TORCHRUN_TAIL = """[rank1]:   File "visionflow/model/engine.py", line 90, in replicas_agree
+[rank1]:     raise RuntimeError(f"DDP replicas differ after training: weight sums "
+[rank1]: RuntimeError: DDP replicas differ after training: weight sums 308.4 to 343.8 across ranks
+E1206 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 1
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"""
+
+
+def test_a_failed_launch_names_what_the_rank_raised():
+    # torchrun's report comes last and names only exit codes
+    assert launch._error_line(TORCHRUN_TAIL) == (
+        "RuntimeError: DDP replicas differ after training: weight sums 308.4 to 343.8 across "
+        "ranks")
+    assert launch._error_line("[rank0]: error: segmentation.batch_size=64: too few\n"
+                              + TORCHRUN_TAIL.splitlines()[-1]) == \
+        "error: segmentation.batch_size=64: too few"
+    assert launch._error_line("starting\nsomething failed here\nbye") == "something failed here"

@@ -391,16 +391,6 @@ class Params(_Section):
         check_space(self.tune.space, {"train": TrainConfig, "augment": AugmentConfig})
         return self
 
-    @model_validator(mode="after")
-    def _segmentation_in_one_process(self) -> Params:
-        t = self.train
-        if self.task == "segmentation" and t.nodes * t.procs_per_node > 1:
-            # each process would train on the whole set and write the same model file
-            raise ValueError(f"train.nodes={t.nodes}, train.procs_per_node="
-                             f"{t.procs_per_node}: segmentation trains in one process "
-                             "(DDP is for classification); set both to 1")
-        return self
-
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -31,7 +31,7 @@ from visionflow.data.segmentation_shards import resize_train_pair
 from visionflow.data.stream import ShardDataset, ShardStream, View
 
 SPLITS = ("train", "val", "test")
-Batches = tuple[Callable[[], Iterable[tuple[Tensor, Tensor]]], int]
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch number -> its batches
 
 
 class PairShards(ShardDataset):
@@ -67,13 +67,13 @@ def segmentation_pack(layout: Layout) -> dict[str, Any]:
 
 
 def pair_stream(params: Params, layout: Layout, pack: dict[str, Any], split: str, *,
-                train: bool) -> ShardStream:
+                train: bool, drop_last: bool = False) -> ShardStream:
     s, d = params.segmentation, params.data
     view = View(s.image_size, s.image_size, 3, train=train)
     return ShardStream(layout.split_shards(split), split, view,
                        batch_size=s.batch_size if train else 1,
                        workers=d.workers if train else 0, seed=params.seed, shuffle=train,
-                       drop_last=False, dataset=PairShards,
+                       drop_last=drop_last, dataset=PairShards,
                        collate_fn=None if train else one_pair,
                        remote=shard_remote(layout, pack, split, d.shard_cache_bytes))
 
@@ -101,14 +101,17 @@ def segmentation_pairs(params: Params, layout: Layout, split: str, limit: int | 
 
 
 def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
-                  device: torch.device) -> Batches:
+                  device: torch.device, ranks: int = 1) -> tuple[Batches, int]:
     """Shards mode: (a function giving epoch `number`'s (uint8 images, int64 masks) batches
     on `device` (1, 2, ...: a resumed run starts at any), the number of batches an epoch).
+    Under DDP (`ranks` > 1) each rank streams its part of the shards in whole batches, the
+    same number on every rank (one more on one rank would leave the others waiting for it).
     Tensor mode trains on `pack`'s tensors (`model.segmentation_fit.fit_segmenter`)."""
-    stream = pair_stream(params, layout, pack, "train", train=True)
+    stream = pair_stream(params, layout, pack, "train", train=True, drop_last=ranks > 1)
+    steps = len(stream)
 
     def epoch(number: int) -> Iterator[tuple[Tensor, Tensor]]:
         stream.start_after(number - 1)  # that epoch's shuffle and augmentation seeds
-        for x, y in stream.epoch():
+        for _, (x, y) in zip(range(steps), stream.epoch(), strict=False):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
-    return epoch, len(stream)
+    return epoch, steps

@@ -74,6 +74,21 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def replicas_agree(model: nn.Module, device: torch.device) -> str:
+    """After DDP training, that every rank holds the same weights (their float64 sum, compared
+    across ranks); raises when they differ: the replicas were not kept in step."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    t = torch.stack([total, -total]).to(collective_device(dist.get_backend(), device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # [largest sum, -smallest sum]
+    if t[0].item() != -t[1].item():
+        raise RuntimeError(f"DDP replicas differ after training: weight sums "
+                           f"{-t[1].item():.17g} to {t[0].item():.17g} across ranks")
+    return f"weights agree across {dist.get_world_size()} ranks"
+
+
 def param_groups(model: nn.Module, cfg: Any, backbone: set[str]) -> list[dict]:
     """SGD/AdamW groups from `cfg` (lr, weight_decay, backbone_lr_mult; optional bias_lr_scale,
     decay_biases).

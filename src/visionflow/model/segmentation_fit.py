@@ -1,23 +1,24 @@
 """The segmentation training loop and evaluation (torch only), what the train stage calls:
 fixed-size uint8 batches -> joint augmentation on the device -> cross-entropy with the ignore
-index -> AdamW with a cosine schedule. After each epoch the loop hands its whole state (model,
-optimizer, schedule, augmentation generator) to a `save` callback; given that state back as
-`start`, it goes on from the next epoch as if it had not stopped. Evaluation runs each image
-at its own size (the models take any H x W) and accumulates the pixel confusion matrix, so
-memory does not grow with the number of images.
+index -> AdamW with a cosine schedule. Under torchrun (`dist`) each rank trains a DDP replica
+on its own part of every epoch. After each epoch the loop hands its state (model, optimizer,
+schedule) to a `save` callback; given that state back as `start`, it goes on from the next
+epoch as if it had not stopped (each epoch's order and augmentation are drawn from (seed,
+rank, epoch)). Evaluation runs each image at its own size (the models take any H x W) and
+accumulates the pixel confusion matrix, so memory does not grow with the number of images.
 """
-
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visionflow.model.engine import Dist, collective_device
 from visionflow.model.segmentation import IGNORE_INDEX
 from visionflow.model.segmentation_augment import JointPolicy, joint_augment
 from visionflow.model.segmentation_metrics import (
@@ -43,76 +44,113 @@ EpochEnd = Callable[[int, float, float], None]  # (epoch, mean loss, seconds)
 def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: JointPolicy, *,
                   epochs: int, batch_size: int = 32, lr: float = 3e-3,
                   weight_decay: float = 1e-4, seed: int = 0, on_epoch: EpochEnd | None = None,
-                  start: FitState | None = None,
-                  save: Callable[[FitState], None] | None = None) -> dict:
+                  start: FitState | None = None, save: Callable[[FitState], None] | None = None,
+                  dist: Dist | None = None) -> dict:
     """Train on N x C x H x W uint8 `images` and N x H x W `masks` (on the model's device),
-    in a random order drawn anew for each epoch from (seed, epoch); see `fit_segmenter_on`."""
+    in a random order drawn for each epoch from (seed, epoch); under `dist` rank r takes
+    batches r, r + world, ... of it (whole ones: the last partial round is dropped). See
+    `fit_segmenter_on`."""
+    d = dist or Dist()
     device = next(model.parameters()).device
     images, masks = images.to(device), masks.to(device)
     n = len(images)
+    steps = fit_steps(n, batch_size, d)
 
     def epoch(number: int) -> Iterable[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(hash((seed, number)) % 2**62)
-        order = torch.randperm(n, generator=gen).to(device)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
+        for idx in epoch_indices(n, batch_size, seed, number, d):
+            idx = idx.to(device)
             yield images[idx], masks[idx]
-    return fit_segmenter_on(model, epoch, math.ceil(n / batch_size), policy, epochs=epochs,
-                            lr=lr, weight_decay=weight_decay, seed=seed, on_epoch=on_epoch,
-                            start=start, save=save)
+    return fit_segmenter_on(model, epoch, steps, policy, epochs=epochs, lr=lr,
+                            weight_decay=weight_decay, seed=seed, on_epoch=on_epoch,
+                            start=start, save=save, dist=d)
+
+
+def epoch_indices(n: int, batch_size: int, seed: int, number: int,
+                  dist: Dist) -> Iterator[Tensor]:
+    """This rank's batches of pair indices in epoch `number`: a permutation drawn from (seed,
+    epoch), batch i of it going to rank i mod world."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, number))
+                                                                      % 2**62))
+    for i in range(fit_steps(n, batch_size, dist)):
+        yield order[(i * dist.world + dist.rank) * batch_size:][:batch_size]
+
+
+def fit_steps(n: int, batch_size: int, dist: Dist) -> int:
+    """Batches an epoch of `n` pairs gives each rank (`fit_segmenter`)."""
+    if dist.world == 1:
+        return math.ceil(n / batch_size)
+    if n < batch_size * dist.world:
+        raise ValueError(f"{n} train pairs cannot give each of {dist.world} processes a "
+                         f"batch of {batch_size}")
+    return n // (batch_size * dist.world)
 
 
 def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                      policy: JointPolicy, *, epochs: int, lr: float = 3e-3,
                      weight_decay: float = 1e-4, seed: int = 0,
                      on_epoch: EpochEnd | None = None, start: FitState | None = None,
-                     save: Callable[[FitState], None] | None = None) -> dict:
+                     save: Callable[[FitState], None] | None = None,
+                     dist: Dist | None = None) -> dict:
     """Train on `batches(epoch)` (that epoch's uint8 image and int64 mask batches on the
-    model's device, a fixed size), `steps_per_epoch` of them. `on_epoch(epoch, mean loss,
-    seconds)` runs after each epoch, outside its timed window (it may evaluate: the model is
-    put back in training mode), then `save(state)`; `start` (such a state) resumes after its
-    epoch. Returns {"img_per_s": training images per second over this call's epochs,
+    model's device, a fixed size; under `dist`, this rank's share, the same count on every
+    rank), `steps_per_epoch` of them. `on_epoch(epoch, mean loss over all ranks, seconds)`
+    runs after each epoch, outside its timed window (it may evaluate: the model is put back
+    in training mode), then `save(state)`; `start` (such a state) resumes after its epoch.
+    Returns {"img_per_s": training images per second over this call's epochs, all ranks,
     "epoch_seconds": their wall times, "loss": last epoch's mean loss, "seconds"}."""
+    d = dist or Dist()
     device = next(model.parameters()).device
     steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-    gen = torch.Generator(device=device).manual_seed(seed)
     done, loss_mean = 0, float("nan")
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["optimizer"])
         sched.load_state_dict(start["schedule"])
-        gen.set_state(start["generator"])
         done, loss_mean = start["epoch"], start["loss"]
+    step_model = model if not d.enabled else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    gen = torch.Generator(device=device)
     model.train()
     begin, seen, epoch_seconds = time.perf_counter(), 0, []
     for number in range(done + 1, epochs + 1):
+        gen.manual_seed(hash((seed, d.rank, number)) % 2**62)
         epoch_start = time.perf_counter()
-        loss_sum, n_batches = 0.0, 0
+        loss_sum, n_batches = torch.zeros((), device=device), 0
         for images, masks in batches(number):
             x, y = joint_augment(images, masks, policy, gen)
-            loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(step_model(x), y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, n_batches, seen = loss_sum + loss.item(), n_batches + 1, seen + len(x)
+            loss_sum, n_batches, seen = loss_sum + loss.detach(), n_batches + 1, seen + len(x)
         epoch_seconds.append(time.perf_counter() - epoch_start)
-        loss_mean = loss_sum / max(n_batches, 1)
+        loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)
         paused = time.perf_counter()
         if on_epoch is not None:
             on_epoch(number, loss_mean, epoch_seconds[-1])
             model.train()
         if save is not None:
             save({"epoch": number, "loss": loss_mean, "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                  "generator": gen.get_state()})
+                  "optimizer": opt.state_dict(), "schedule": sched.state_dict()})
         begin += time.perf_counter() - paused
     elapsed = time.perf_counter() - begin
-    return {"img_per_s": seen / max(elapsed, 1e-9), "epoch_seconds": epoch_seconds,
+    return {"img_per_s": seen * d.world / max(elapsed, 1e-9), "epoch_seconds": epoch_seconds,
             "loss": loss_mean, "seconds": elapsed}
+
+
+def _mean_over_ranks(loss_sum: Tensor, n_batches: int, d: Dist, device: torch.device) -> float:
+    if not d.enabled:
+        return float(loss_sum) / max(n_batches, 1)
+    import torch.distributed as tdist
+
+    t = torch.stack([loss_sum.float(), torch.tensor(float(n_batches), device=device)])
+    t = t.to(collective_device(tdist.get_backend(), device))
+    tdist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
 
 
 @torch.no_grad()

@@ -62,7 +62,8 @@ def scores_from_confusion(confusion: Tensor) -> SegmentationScores:
 
 
 class SegmentationMeter:
-    """Accumulates the pixel confusion matrix over batches (on the batches' device)."""
+    """Accumulates the pixel confusion matrix over batches (on the batches' device), in this
+    process only: under DDP rank 0 alone evaluates, so it must not wait for the others."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         # imported here: torchmetrics takes a second or more to import, and every classifier's
@@ -71,7 +72,7 @@ class SegmentationMeter:
 
         self.num_classes = num_classes
         self.matrix = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index,
-                                                validate_args=False)
+                                                validate_args=False, sync_on_compute=False)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """`preds`: N x K x H x W logits or N x H x W indices; `target`: N x H x W."""

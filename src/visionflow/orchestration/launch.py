@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,7 +104,7 @@ def resolved_params(params: Params, layout: Layout) -> Path:
     return path
 
 
-def run(cmd: list[str], cwd: Path, echo: bool = True, keep: int = 40) -> tuple[int, str]:
+def run(cmd: list[str], cwd: Path, echo: bool = True, keep: int = 120) -> tuple[int, str]:
     """Run torchrun in its own process group, echo its output, return (code, last lines).
     Whatever stops the caller (a task timeout, Ctrl-C) stops every rank too."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
@@ -128,16 +129,25 @@ def run(cmd: list[str], cwd: Path, echo: bool = True, keep: int = 40) -> tuple[i
                 proc.wait()
 
 
+_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+_RAISED = re.compile(r"^(?:[\w.]*(?:Error|Exception)\b[^:]*: |error: )")
+
+
 def _error_line(tail: str) -> str:
-    keys = ("Error", "error:", "Exception", "Timeout", "failed")
+    """What a rank raised (`[rankN]: SomeError: ...`), else the last line that reads as an
+    error: torchrun's own report, which follows, names only exit codes."""
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
-    hits = [ln for ln in lines if any(k in ln for k in keys)]
+    raised = [_RANK_PREFIX.sub("", ln) for ln in lines if _RANK_PREFIX.match(ln)]
+    raised = [ln for ln in raised if _RAISED.match(ln)]
+    keys = ("Error", "error:", "Exception", "Timeout", "failed")
+    hits = raised or [ln for ln in lines if any(k in ln for k in keys)]
     return (hits or lines or ["no output"])[-1][:400]
 
 
 @dataclass
 class LaunchResult:
-    """What `stages.train.run` returns, read back from the outputs rank 0 wrote."""
+    """What `stages.train.run` returns, read back from the outputs rank 0 wrote (a
+    segmenter's last val mIoU in `val_miou`)."""
 
     model_path: Path
     epochs_run: int
@@ -145,6 +155,7 @@ class LaunchResult:
     seconds: float
     images_per_s: float
     device: str
+    val_miou: float | None = None
 
 
 def train(params: Params, layout: Layout, local_addr: str | None = None,
@@ -177,9 +188,10 @@ def train(params: Params, layout: Layout, local_addr: str | None = None,
     rows = _history(layout.history)
     last = rows[-1] if rows else {}
     images = sum(float(r.get("img_per_s") or 0) * float(r.get("seconds") or 0) for r in rows)
-    val = last.get("val_top1")
+    val, miou = last.get("val_top1"), last.get("val_miou")
     return LaunchResult(layout.model, len(rows), float(val) if val else None, seconds,
-                        images / max(seconds, 1e-9), f"{cfg.nodes}x{cfg.procs_per_node} ranks")
+                        images / max(seconds, 1e-9), f"{cfg.nodes}x{cfg.procs_per_node} ranks",
+                        float(miou) if miou else None)
 
 
 def _history(path: Path) -> list[dict[str, str]]:

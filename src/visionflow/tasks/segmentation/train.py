@@ -15,8 +15,10 @@ per epoch) and opens the pipeline's MLflow run, as classification's train does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -44,6 +46,7 @@ from visionflow.model.segmentation_fit import (
     evaluate_segmenter,
     fit_segmenter,
     fit_segmenter_on,
+    fit_steps,
 )
 
 CURVES = "curves/"
@@ -63,7 +66,8 @@ def policy_for(params: Params) -> JointPolicy:
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
     s, cfg = params.segmentation, params.train
-    device = pick_device(cfg.device)
+    dist = engine.init_distributed(cfg.device)
+    device = pick_device(cfg.device, dist.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
@@ -79,7 +83,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             raise ConfigError(f"train.pretrained={cfg.pretrained!r}: segmentation takes a "
                               "local weights file (a backbone or segmenter state dict)")
         loaded = load_segmentation_weights(model, layout.root / cfg.pretrained)
-        print(f"pretrained: {len(loaded)} tensors from {cfg.pretrained}", flush=True)
+        _say(dist, f"pretrained: {len(loaded)} tensors from {cfg.pretrained}")
     model = model.to(device)
     k = len(arch.classes)
     history: list[dict[str, Any]] = []
@@ -87,13 +91,16 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     chash = params.identity("task", "seed", "data", "segmentation", "train")
     start = None
     if (resumed := engine.restore_checkpoint(layout.checkpoint, chash)) is not None:
-        start, history = resumed
-        print(f"resuming from {layout.checkpoint} after epoch {start['epoch']}", flush=True)
+        start, history = resumed  # every rank starts from it
+        _say(dist, f"resuming from {layout.checkpoint} after epoch {start['epoch']}")
 
     def save(state: dict[str, Any]) -> None:  # after each epoch: a kill loses at most one
-        engine.save_checkpoint(layout.checkpoint, chash, state, history)
+        if dist.main:
+            engine.save_checkpoint(layout.checkpoint, chash, state, history)
 
     def on_epoch(epoch: int, loss: float, seconds: float) -> None:
+        if not dist.main:  # rank 0 alone evaluates and logs; the others wait at the next step
+            return
         miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
                                    k)[0].miou if cache["val_paths"] else None)
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
@@ -104,28 +111,54 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         print(f"epoch {epoch}/{s.epochs}: loss {loss:.4f}, val mIoU "
               f"{'-' if miou is None else f'{miou:.4f}'} ({seconds:.1f} s)", flush=True)
 
-    tags = {**tracking.pipeline_run_tags(params, source_data_hash(layout), str(device), 1),
-            "model": s.model, "task": "segmentation"}
-    name = f"{s.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.new_run(layout, name, tags):
+    with _run_context(params, layout, device, dist):
+        how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
+                   on_epoch=on_epoch, start=start, save=save, dist=dist)
+        if is_shards(cache):  # streamed: a few batches in memory (each rank its own part)
+            batches, steps = train_batches(params, layout, cache, device, dist.world)
+            fit = fit_segmenter_on(model, batches, steps, policy_for(params), **how)
+        else:
+            try:
+                steps = fit_steps(n_train, s.batch_size, dist)
+            except ValueError as e:
+                raise ConfigError(f"segmentation.batch_size={s.batch_size}: {e}") from None
+            fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
+                                policy_for(params), batch_size=s.batch_size, **how)
+        if dist.enabled:
+            print(f"rank {dist.rank}: {steps} batches an epoch; "
+                  f"{engine.replicas_agree(model, device)}", flush=True)
+        if dist.main:
+            save_segmenter(layout.model, model, arch, history=json.dumps(history))
+            write_csv(layout.history, history)
+            mlflow.log_artifact(str(layout.history), "train")
+    if dist.main:
+        layout.checkpoint.unlink(missing_ok=True)
+    return {"model_path": str(layout.model), "epochs_run": len(history),
+            "val_miou": history[-1]["val_miou"] if history else None,
+            "seconds": round(fit["seconds"], 2), "images_per_s": round(fit["img_per_s"], 1),
+            "device": str(device)}
+
+
+def _say(dist: engine.Dist, msg: str) -> None:
+    if dist.main:
+        print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def _run_context(params: Params, layout: Layout, device: torch.device,
+                 dist: engine.Dist) -> Iterator[None]:
+    """Rank 0 opens the pipeline's MLflow run; other ranks log nothing."""
+    if not dist.main:
+        yield
+        return
+    s = params.segmentation
+    tags = {**tracking.pipeline_run_tags(params, source_data_hash(layout), str(device),
+                                         dist.world), "model": s.model, "task": "segmentation"}
+    with tracking.new_run(layout, f"{s.model}-{time.strftime('%Y%m%d-%H%M%S')}", tags):
         mlflow.log_params(tracking.flat_params({k: v for k, v in params.dump().items()
                                                 if k not in ("tune", "flow", "compress")}))
         log_datasets(params, layout)
         tracking.log_validation(layout)
         tracking.log_dir_or_file(layout.policy, "data")
-        how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
-                   on_epoch=on_epoch, start=start, save=save)
-        if is_shards(cache):  # streamed: a few batches in memory
-            fit = fit_segmenter_on(model, *train_batches(params, layout, cache, device),
-                                   policy_for(params), **how)
-        else:
-            fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
-                                policy_for(params), batch_size=s.batch_size, **how)
-        save_segmenter(layout.model, model, arch, history=json.dumps(history))
-        write_csv(layout.history, history)
-        mlflow.log_artifact(str(layout.history), "train")
-    layout.checkpoint.unlink(missing_ok=True)
-    return {"model_path": str(layout.model), "epochs_run": len(history),
-            "val_miou": history[-1]["val_miou"] if history else None,
-            "seconds": round(fit["seconds"], 2), "images_per_s": round(fit["img_per_s"], 1),
-            "device": str(device)}
+        yield
+

@@ -1,0 +1,72 @@
+"""Segmentation on several processes: `train.procs_per_node: 2` runs the train stage through
+torchrun, two gloo ranks each training a DDP replica on its own half of every epoch; rank 0
+alone evaluates, logs to MLflow and writes the outputs, and the replicas end with the same
+weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_project
+from seg_projects import SEG, shapes
+
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
+from visionflow.data.segmentation_feed import segmentation_pack
+from visionflow.model.engine import Dist
+from visionflow.model.segmentation import load_segmenter
+from visionflow.model.segmentation_fit import epoch_indices
+from visionflow.orchestration.stage_runner import run_stage
+
+BATCH = 8
+
+
+def test_each_rank_takes_its_own_batches_of_the_epoch():
+    n = 45
+    one = torch.cat(list(epoch_indices(n, BATCH, 0, 3, Dist())))
+    assert sorted(one.tolist()) == list(range(n))  # one process: every pair, last batch short
+    ranks = [list(epoch_indices(n, BATCH, 0, 3, Dist(r, 2, r))) for r in (0, 1)]
+    assert [len(b) for b in ranks] == [2, 2] and all(len(x) == BATCH for b in ranks for x in b)
+    taken = torch.cat([x for b in ranks for x in b]).tolist()
+    assert len(set(taken)) == 2 * 2 * BATCH  # disjoint: 32 of the 45, whole rounds only
+    assert torch.equal(ranks[0][1], one[2 * BATCH:3 * BATCH])  # rank 0: batches 0, 2, ...
+    again = torch.cat(list(epoch_indices(n, BATCH, 0, 4, Dist())))
+    assert not torch.equal(one, again)  # a new order each epoch
+
+
+@pytest.mark.timeout(300)  # a rank waiting on a collective the other never joins
+@pytest.mark.parametrize("storage", ["tensor", "shards"])
+def test_two_gloo_ranks_train_one_segmenter(tmp_path: Path, capfd, storage: str):
+    layout = Layout.at(make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=60), {
+        **SEG, "segmentation.epochs": 2, "segmentation.batch_size": BATCH,
+        "train.procs_per_node": 2, "data.storage": storage, "data.shard_bytes": 2**16}))
+    params = load_params(layout.params)
+    run_stage("validate", params, layout)
+    run_stage("pack", params, layout)
+    n = len(segmentation_pack(layout)["train_paths"])
+    capfd.readouterr()
+    result = run_stage("train", params, layout)
+    out = capfd.readouterr().out
+    assert result.epochs_run == 2 and result.val_miou is not None, out[-3000:]
+    # whole batches, as many on each rank (from the shards, each rank's half in its
+    # DataLoader workers' whole batches), and the same weights at the end
+    steps = {r: re.search(rf"^rank {r}: (\d+) batches an epoch; weights agree across 2 "
+                          r"ranks$", out, re.M) for r in (0, 1)}
+    assert all(steps.values()), out[-3000:]
+    counts = {int(m.group(1)) for m in steps.values()}
+    assert len(counts) == 1 and 0 not in counts
+    if storage == "tensor":
+        assert counts == {n // (2 * BATCH)}  # whole rounds of one batch a rank
+    load_segmenter(layout.model)
+    assert not layout.checkpoint.exists()
+
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import tracking
+
+    runs = MlflowClient().search_runs([tracking.setup(layout)])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # rank 0 alone logs
+    assert runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["task"] == "segmentation"
