@@ -124,7 +124,10 @@ def prefect_server() -> Iterator[str]:
         start = subprocess.run([vflow, "server", "start", "--root", str(base), "--port", "0",
                                 "--no-ui", "--timeout", "240"], env=env, capture_output=True,
                                text=True, timeout=300)
-        assert start.returncode == 0, start.stdout + start.stderr
+        if start.returncode != 0:  # seen once: Prefect's own "Reactive triggers not
+            log = base / ".cache" / "servers" / "prefect.log"  # started": its cause is above
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            pytest.fail(f"{start.stdout}{start.stderr}\nserver log:\n{text[-6000:]}")
         status = subprocess.run([vflow, "server", "status", "--root", str(base)],
                                 capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "up at http://127.0.0.1:" in status.stdout

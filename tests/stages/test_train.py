@@ -258,6 +258,8 @@ def test_ddp_two_gloo_processes_with_a_frozen_backbone(small, tmp_path):
                 "--nproc_per_node=2", "-m", "visionflow.cli.main", "stage", "train"], lay.root,
                check=False, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):  # DDP kept the replicas in step
+        assert f"rank {rank}: weights agree across 2 ranks" in proc.stdout, proc.stdout[-2000:]
     model, arch = load_classifier(lay.model)
     assert arch.num_classes == 10
     history = lay.history.read_text().splitlines()

@@ -111,6 +111,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
         finally:
             if bar is not None:
                 bar.close()
+        if dist.enabled:
+            print(f"rank {dist.rank}: {engine.replicas_agree(result.model, device)}", flush=True)
         if dist.main:
             final = result.model
             if cfg.calibrate and data.has_val:
