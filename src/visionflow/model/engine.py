@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=collective_device(dist.get_backend(), device))
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def rank_line(dist: Dist, msg: str) -> None:
+    """`rank N: msg` as one write: ranks share torchrun's output, and with `python -u` a
+    print's text and its newline are two writes that another rank's line can come between."""
+    sys.stdout.write(f"rank {dist.rank}: {msg}\n")
+    sys.stdout.flush()
 
 
 def replicas_agree(model: nn.Module, device: torch.device) -> str:

@@ -112,7 +112,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
             if bar is not None:
                 bar.close()
         if dist.enabled:
-            print(f"rank {dist.rank}: {engine.replicas_agree(result.model, device)}", flush=True)
+            engine.rank_line(dist, engine.replicas_agree(result.model, device))
         if dist.main:
             final = result.model
             if cfg.calibrate and data.has_val:

@@ -125,8 +125,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
                                 policy_for(params), batch_size=s.batch_size, **how)
         if dist.enabled:
-            print(f"rank {dist.rank}: {steps} batches an epoch; "
-                  f"{engine.replicas_agree(model, device)}", flush=True)
+            engine.rank_line(dist, f"{steps} batches an epoch; "
+                                   f"{engine.replicas_agree(model, device)}")
         if dist.main:
             save_segmenter(layout.model, model, arch, history=json.dumps(history))
             write_csv(layout.history, history)
