@@ -52,6 +52,14 @@ def sockets(port: int, pgid: int) -> str:
     return f"{held}\nnet namespaces: test {os.readlink('/proc/self/ns/net')}, server {spaces}"
 
 
+def _diagnosed(how, *args) -> str:
+    """A diagnostic for the failure message; never the reason the message is lost."""
+    try:
+        return how(*args)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"({how.__name__}: {type(e).__name__}: {e})"
+
+
 def ping(url: str, timeout: float = 2.0) -> bool:
     return _ping(url, timeout) == "200"
 
@@ -95,14 +103,14 @@ def serve_uri(layout: Layout, model_uri: str, log_path: Path,
             while (status := _ping(url)) != "200":
                 waited = time.monotonic() - start
                 if not early and waited > START_TIMEOUT_S / 3:  # where a slow start is
-                    early = f"after {waited:.0f} s:\n{stacks(proc.pid)}"
+                    early = f"after {waited:.0f} s:\n{_diagnosed(stacks, proc.pid)}"
                 if proc.poll() is not None or waited > START_TIMEOUT_S:
                     log.seek(0)  # a flake seen under load: say what the ping got and where
                     raise AssertionError(  # the server's processes were
                         f"server not up after {waited:.0f} s (rc={proc.poll()}, last ping: "
                         f"{status}):\n{log_tail(log.read())}\n{early}\n"
-                        f"after {waited:.0f} s:\n{stacks(proc.pid)}\n"
-                        f"{sockets(port, proc.pid)}")
+                        f"after {waited:.0f} s:\n{_diagnosed(stacks, proc.pid)}\n"
+                        f"{_diagnosed(sockets, port, proc.pid)}")
                 time.sleep(0.5)
             yield url
         finally:
