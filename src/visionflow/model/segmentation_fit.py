@@ -7,6 +7,7 @@ epoch as if it had not stopped (each epoch's order and augmentation are drawn fr
 rank, epoch)). Evaluation runs each image at its own size (the models take any H x W) and
 accumulates the pixel confusion matrix, so memory does not grow with the number of images.
 """
+
 from __future__ import annotations
 
 import math
@@ -127,8 +128,8 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
             opt.step()
             sched.step()
             loss_sum, n_batches, seen = loss_sum + loss.detach(), n_batches + 1, seen + len(x)
+        loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)  # waits for the device
         epoch_seconds.append(time.perf_counter() - epoch_start)
-        loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)
         paused = time.perf_counter()
         if on_epoch is not None:
             on_epoch(number, loss_mean, epoch_seconds[-1])
