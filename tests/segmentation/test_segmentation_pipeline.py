@@ -95,6 +95,24 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
     assert as_json["tags"]["task"] == "segmentation" and as_json["metrics"]["miou"] >= MIN_MIOU
 
 
+def test_the_run_page_names_the_segmenter_and_samples_the_machine(drivers):
+    """The pipeline run opened by train: the task's model (not `train.model`, which
+    segmentation ignores) in its tags and description, and MLflow's system metrics."""
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import tracking
+
+    layout = _layout(drivers["dvc"])
+    tracking.setup(layout)
+    run = MlflowClient().get_run(_json(drivers["dvc"], "outputs/train/run.json")["run_id"])
+    tags = run.data.tags
+    assert tags["task"] == "segmentation" and tags["model"] == "unet", tags
+    assert run.info.run_name.startswith("unet-")
+    assert "Trains `unet` (30 epochs)" in tags[tracking.NOTE], tags[tracking.NOTE]
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert run.data.params["segmentation.model"] == "unet"
+
+
 def test_a_worse_second_run_is_refused(drivers, prefect_server):
     """One epoch instead of thirty, through the flow (in this process: no stage start-ups)."""
     root = drivers["flow"]

@@ -197,11 +197,13 @@ STAGES = "validate > augment > train > evaluate > compress > register"
 
 def pipeline_run_tags(params: Any, data_hash: str, device: str, world: int) -> dict[str, str]:
     """What the pipeline run is, as tags and a description (one run records all six
-    stages; register adds the outcome)."""
-    tags = {"kind": "pipeline", "stages": STAGES, "model": params.train.model,
+    stages; register adds the outcome). The model is the task's: `train.model` for
+    classification, `segmentation.model` for segmentation."""
+    fit = params.segmentation if params.task == "segmentation" else params.train
+    tags = {"kind": "pipeline", "stages": STAGES, "task": params.task, "model": fit.model,
             "lineage.data_hash": data_hash, "device": device, "world_size": str(world),
-            NOTE: (f"visionflow pipeline run: {STAGES}. Trains `{params.train.model}` "
-                   f"({params.train.epochs} epochs) on `{params.data.source}` (data "
+            NOTE: (f"visionflow pipeline run: {STAGES}. Trains `{fit.model}` "
+                   f"({fit.epochs} epochs) on `{params.data.source}` (data "
                    f"{data_hash[:12] or '?'}), evaluates it on the test split, compresses "
                    "it and registers it behind the champion gate. Charts: `curves/*` per "
                    "epoch, `test/*` test split, `variants/*` compressed variants.")}

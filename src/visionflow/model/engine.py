@@ -75,6 +75,12 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def say(dist: Dist, msg: str) -> None:
+    """Print on rank 0 only (what the run does, once, not once per rank)."""
+    if dist.main:
+        print(msg, flush=True)
+
+
 def rank_line(dist: Dist, msg: str) -> None:
     """`rank N: msg` as one write: ranks share torchrun's output, and with `python -u` a
     print's text and its newline are two writes that another rank's line can come between."""

@@ -15,7 +15,6 @@ holds the loader's position, so a kill resumes mid-epoch.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
@@ -32,9 +31,8 @@ from visionflow.core.config import Params
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
-from visionflow.data.packed import load_packed, source_data_hash
-from visionflow.mlops import tracking
-from visionflow.mlops.datasets import log_datasets
+from visionflow.data.packed import load_packed
+from visionflow.mlops.train_run import log_epoch, train_run
 from visionflow.model import engine
 from visionflow.model.calibration import fit_temperature
 from visionflow.model.classifier import save_classifier
@@ -94,13 +92,13 @@ def run(params: Params, layout: Layout) -> TrainResult:
     if resumed is not None:
         state, history = resumed
         fit_run.load_state_dict(state)
-        _log(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}, "
+        engine.say(dist, f"resuming from {layout.checkpoint} after epoch {fit_run.epoch}, "
                    f"step {fit_run.step}")
     if streaming:
-        _log(dist, "dataset larger than half the free device memory: streaming batches "
+        engine.say(dist, "dataset larger than half the free device memory: streaming batches "
                    "from pinned host memory")
 
-    with _run_context(layout, params, device, dist):
+    with train_run(params, layout, str(device), dist):
         t_start = time.perf_counter()
         epochs = _EpochLog(params, layout, dist, device, chash, history, data, t_start)
         bar = engine.Progress(fit_run.total, start=fit_run.step) \
@@ -118,7 +116,7 @@ def run(params: Params, layout: Layout) -> TrainResult:
             if cfg.calibrate and data.has_val:
                 logits, val_y = _val_logits(data, final, amp=False)
                 arch.temperature = _calibrate(logits, val_y)
-                _log(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
+                engine.say(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
                            f"{len(val_y)} val images)")
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             write_csv(layout.history, history)
@@ -154,7 +152,7 @@ class _EpochLog:
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.history.append(row)
         if self.dist.main:
-            _log_epoch(row)
+            log_epoch(row)
             engine.save_checkpoint(self.layout.checkpoint, self.chash, e.run.state_dict(),
                                    self.history)
         if val is not None and self.cfg.early_stop_patience:
@@ -215,59 +213,8 @@ def _should_stop(stale: int, patience: int | None, t_start: float,
         budget and time.perf_counter() - t_start > budget)
 
 
-@contextlib.contextmanager
-def _run_context(layout: Layout, params: Params, device: torch.device, dist):
-    """Rank 0 opens the pipeline's MLflow run; other ranks log nothing."""
-    if not dist.main:
-        yield None
-        return
-    tags = tracking.pipeline_run_tags(params, source_data_hash(layout), str(device),
-                                      dist.world)
-    name = f"{params.train.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.new_run(layout, name, tags) as run, _system_metrics(run.info.run_id):
-        mlflow.log_params(tracking.flat_params(params.dump()))
-        log_datasets(params, layout)  # the data it trains on: "Datasets used"
-        tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
-        tracking.log_dir_or_file(layout.policy, "data")
-        yield run
-
-
-SYSTEM_METRICS_INTERVAL_S = 10.0
-
-
-@contextlib.contextmanager
-def _system_metrics(run_id: str):
-    """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network;
-    GPU utilisation and memory through NVML when a GPU is there) every 10 s during training,
-    plus one last sample at the end, so that a run shorter than the interval has one too."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
-    monitor.start()
-    try:
-        yield monitor
-    finally:
-        monitor.finish()  # joins the sampling thread
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-
-
-CURVES = "curves/"  # per-epoch metrics: first among the run's charts
-
-
-def _log_epoch(row: dict[str, Any]) -> None:
-    mlflow.log_metrics({CURVES + k: v for k, v in row.items() if v is not None and k != "epoch"},
-                       step=row["epoch"])
-
-
 def _log_artifact(path: Path) -> None:
     mlflow.log_artifact(str(path), "train")
-
-
-def _log(dist, msg: str) -> None:
-    if dist.main:
-        print(msg, flush=True)
 
 
 if __name__ == "__main__":

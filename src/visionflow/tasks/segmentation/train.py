@@ -15,10 +15,7 @@ per epoch) and opens the pipeline's MLflow run, as classification's train does.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -29,10 +26,8 @@ from visionflow.core.errors import ConfigError
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
 from visionflow.data.feed import is_shards
-from visionflow.data.packed import source_data_hash
 from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs, train_batches
-from visionflow.mlops import tracking
-from visionflow.mlops.datasets import log_datasets
+from visionflow.mlops.train_run import log_epoch, train_run
 from visionflow.model import engine
 from visionflow.model.inference import pick_device
 from visionflow.model.segmentation import (
@@ -48,8 +43,6 @@ from visionflow.model.segmentation_fit import (
     fit_segmenter_on,
     fit_steps,
 )
-
-CURVES = "curves/"
 
 
 def arch_for(params: Params, classes: list[str]) -> SegArch:
@@ -83,7 +76,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             raise ConfigError(f"train.pretrained={cfg.pretrained!r}: segmentation takes a "
                               "local weights file (a backbone or segmenter state dict)")
         loaded = load_segmentation_weights(model, layout.root / cfg.pretrained)
-        _say(dist, f"pretrained: {len(loaded)} tensors from {cfg.pretrained}")
+        engine.say(dist, f"pretrained: {len(loaded)} tensors from {cfg.pretrained}")
     model = model.to(device)
     k = len(arch.classes)
     history: list[dict[str, Any]] = []
@@ -92,7 +85,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     start = None
     if (resumed := engine.restore_checkpoint(layout.checkpoint, chash)) is not None:
         start, history = resumed  # every rank starts from it
-        _say(dist, f"resuming from {layout.checkpoint} after epoch {start['epoch']}")
+        engine.say(dist, f"resuming from {layout.checkpoint} after epoch {start['epoch']}")
 
     def save(state: dict[str, Any]) -> None:  # after each epoch: a kill loses at most one
         if dist.main:
@@ -106,12 +99,11 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
                "img_per_s": n_train / max(seconds, 1e-9), "seconds": seconds}
         history.append(row)
-        mlflow.log_metrics({CURVES + key: v for key, v in row.items()
-                            if v is not None and key != "epoch"}, step=epoch)
+        log_epoch(row)
         print(f"epoch {epoch}/{s.epochs}: loss {loss:.4f}, val mIoU "
               f"{'-' if miou is None else f'{miou:.4f}'} ({seconds:.1f} s)", flush=True)
 
-    with _run_context(params, layout, device, dist):
+    with train_run(params, layout, str(device), dist):
         how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
                    on_epoch=on_epoch, start=start, save=save, dist=dist)
         if is_shards(cache):  # streamed: a few batches in memory (each rank its own part)
@@ -137,28 +129,3 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             "val_miou": history[-1]["val_miou"] if history else None,
             "seconds": round(fit["seconds"], 2), "images_per_s": round(fit["img_per_s"], 1),
             "device": str(device)}
-
-
-def _say(dist: engine.Dist, msg: str) -> None:
-    if dist.main:
-        print(msg, flush=True)
-
-
-@contextlib.contextmanager
-def _run_context(params: Params, layout: Layout, device: torch.device,
-                 dist: engine.Dist) -> Iterator[None]:
-    """Rank 0 opens the pipeline's MLflow run; other ranks log nothing."""
-    if not dist.main:
-        yield
-        return
-    s = params.segmentation
-    tags = {**tracking.pipeline_run_tags(params, source_data_hash(layout), str(device),
-                                         dist.world), "model": s.model, "task": "segmentation"}
-    with tracking.new_run(layout, f"{s.model}-{time.strftime('%Y%m%d-%H%M%S')}", tags):
-        mlflow.log_params(tracking.flat_params({k: v for k, v in params.dump().items()
-                                                if k not in ("tune", "flow", "compress")}))
-        log_datasets(params, layout)
-        tracking.log_validation(layout)
-        tracking.log_dir_or_file(layout.policy, "data")
-        yield
-
