@@ -94,7 +94,8 @@ def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
     def stream():
         return ShardStream(out, "train", view, batch_size=4, workers=0, seed=3)
 
-    full = [(x, y) for x, y in stream().epoch()]
+    unbroken = stream()
+    full, second = list(unbroken.epoch()), list(unbroken.epoch())
     assert len(full) == 6
     cut = stream()
     it = cut.epoch()
@@ -103,10 +104,13 @@ def test_stream_resumes_mid_epoch_at_the_next_batch(tmp_path):
     state = cut.state_dict()
     resumed = stream()
     resumed.load_state_dict(state)
-    rest = list(resumed.epoch())
+    rest = list(resumed.epoch(4))  # as training reads it: the epoch's count, then no more
     assert len(rest) == 4  # batches 3..6, none of the first two again
     for (x, y), (rx, ry) in zip(full[2:], rest, strict=True):
         assert torch.equal(x, rx) and torch.equal(y, ry)  # same images, same crops
+    # the next epoch is a whole one (not the restored position again), as without the cut
+    for (x, y), (rx, ry) in zip(second, resumed.epoch(), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
 def test_truncated_shard_is_one_line_naming_shard_and_split(tmp_path):

@@ -125,8 +125,13 @@ def _checkpoint_step(layout: Layout) -> tuple[int, bool]:
 
 def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
                                                                  packed: Path):
+    """Killed in epoch 1 of 2: the rest of epoch 1, then a whole epoch 2 (the loader does not
+    start epoch 2 at the restored position again)."""
     root = Path(shutil.copytree(packed, tmp_path / "proj"))
     layout = Layout.at(root)
+    params = yaml.safe_load(layout.params.read_text())
+    params["train"]["epochs"] = 2
+    layout.params.write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(root)
     steps = len(torch.load(layout.packed, weights_only=True)["train_y"]) // 2  # one epoch
     full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed,
@@ -150,11 +155,10 @@ def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
     assert mid and 3 <= step < steps and not layout.model.exists()
     resumed = run([sys.executable, "-m", "visionflow.stages.train"], root, env=env)
     assert f"after epoch 0, step {step}" in resumed.stdout
-    (row,) = [r.split(",") for r in layout.history.read_text().splitlines()[1:]]
-    head = layout.history.read_text().splitlines()[0].split(",")
-    values = dict(zip(head, row, strict=True))
-    images = float(values["img_per_s"]) * float(values["seconds"])
-    assert round(images) == (steps - step) * 2  # only the batches after the kill ran
+    head, *rows = [r.split(",") for r in layout.history.read_text().splitlines()]
+    images = [float(v["img_per_s"]) * float(v["seconds"])
+              for v in (dict(zip(head, row, strict=True)) for row in rows)]
+    assert [round(i) for i in images] == [(steps - step) * 2, steps * 2]  # after the kill
     weights = [torch.load(x.model, weights_only=True)["state_dict"] for x in (layout, full)]
     for k, v in weights[0].items():  # the same samples and crops as without the kill
         assert torch.allclose(v.float(), weights[1][k].float(), atol=1e-5), k

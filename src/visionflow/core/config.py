@@ -179,8 +179,9 @@ class TrainConfig(_Section):
     early_stop_patience: int | None = Field(None, gt=0, description="epochs without val gain")
     time_budget_s: float | None = Field(None, gt=0)
     calibrate: bool = Field(True, description="fit a softmax temperature on the val split")
-    checkpoint_steps: int = Field(100, ge=1, description="shards: a checkpoint every N steps "
-                                  "too (resumes mid-epoch); not part of the run's identity")
+    checkpoint_steps: int = Field(100, ge=1, description="shards (either task): a checkpoint "
+                                  "every N steps too (resumes mid-epoch); not part of the "
+                                  "run's identity")
     progress: bool = True
     nodes: int = Field(1, ge=1, description="machines taking part (torchrun --nnodes)")
     procs_per_node: int = Field(1, ge=1, description="processes per machine (one per GPU; "

@@ -5,16 +5,17 @@
 - `segmentation_pairs(params, layout, split)`: (C x H x W uint8 image, H x W int64 mask), one
   at a time, in that order: from the tensors, or streamed from the split's shards (local, or
   S3 through the capped cache, `data.shard_cache_bytes`) in this process.
-- `train_batches(params, layout, pack, device)`: shards mode's train split as (epoch -> uint8
-  batches at `segmentation.image_size`, batches an epoch), shuffled, decoded and resized in
-  `data.workers` DataLoader workers (tensor mode trains on the pack's tensors).
+- `train_batches(params, layout, pack, device)`: shards mode's train split, epoch by epoch,
+  as uint8 batches at `segmentation.image_size`, shuffled, decoded and resized in
+  `data.workers` DataLoader workers, with a resumable position (tensor mode trains on the
+  pack's tensors).
 
 Tensor mode holds what `data.storage_budget_bytes` allows; shards mode holds a few batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -31,7 +32,6 @@ from visionflow.data.segmentation_shards import resize_train_pair
 from visionflow.data.stream import ShardDataset, ShardStream, View
 
 SPLITS = ("train", "val", "test")
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch number -> its batches
 
 
 class PairShards(ShardDataset):
@@ -100,18 +100,38 @@ def segmentation_pairs(params: Params, layout: Layout, split: str, limit: int | 
         stream.close()
 
 
-def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
-                  device: torch.device, ranks: int = 1) -> tuple[Batches, int]:
-    """Shards mode: (a function giving epoch `number`'s (uint8 images, int64 masks) batches
-    on `device` (1, 2, ...: a resumed run starts at any), the number of batches an epoch).
-    Under DDP (`ranks` > 1) each rank streams its part of the shards in whole batches, the
-    same number on every rank (one more on one rank would leave the others waiting for it).
-    Tensor mode trains on `pack`'s tensors (`model.segmentation_fit.fit_segmenter`)."""
-    stream = pair_stream(params, layout, pack, "train", train=True, drop_last=ranks > 1)
-    steps = len(stream)
+class ShardBatches:
+    """Shards mode's train batches (`model.segmentation_fit.Batches`): epoch `number`'s
+    (uint8 images, int64 masks) on `device`, `steps` of them; a resumed epoch goes on from
+    the loader's saved position (`state_dict`), or else reads past the first `done`."""
 
-    def epoch(number: int) -> Iterator[tuple[Tensor, Tensor]]:
-        stream.start_after(number - 1)  # that epoch's shuffle and augmentation seeds
-        for _, (x, y) in zip(range(steps), stream.epoch(), strict=False):
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
-    return epoch, steps
+    def __init__(self, stream: ShardStream, steps: int, device: torch.device) -> None:
+        self.stream, self.steps, self.device = stream, steps, device
+        self._restored = False
+
+    def __call__(self, number: int, done: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        restored, self._restored = self._restored and done > 0, False
+        if not restored:
+            self.stream.start_after(number - 1)  # that epoch's shuffle seeds
+        skip = 0 if restored else done  # no saved position: read past the batches trained on
+        for x, y in islice(self.stream.epoch(skip + self.steps - done), skip, None):
+            yield x.to(self.device, non_blocking=True), y.to(self.device,
+                                                            non_blocking=True).long()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._restored = True
+
+
+def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
+                  device: torch.device, ranks: int = 1) -> ShardBatches:
+    """Shards mode: the train split's batches, epoch by epoch (1, 2, ...: a resumed run
+    starts at any, mid-epoch too). Under DDP (`ranks` > 1) each rank streams its part of the
+    shards in whole batches, the same number on every rank (one more on one rank would leave
+    the others waiting for it). Tensor mode trains on `pack`'s tensors
+    (`model.segmentation_fit.fit_segmenter`)."""
+    stream = pair_stream(params, layout, pack, "train", train=True, drop_last=ranks > 1)
+    return ShardBatches(stream, len(stream), device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -166,16 +167,20 @@ class ShardStream:
         """Batches per epoch on this rank."""
         return len(self.loader)
 
-    def epoch(self) -> Iterator[tuple[Any, torch.Tensor]]:
-        """The next epoch's batches (the rest of it after `load_state_dict`)."""
+    def epoch(self, limit: int | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The next epoch's batches (the rest of it after `load_state_dict`), at most `limit`
+        of them. Once they are read the epoch is over, however many were: LitData would
+        otherwise start the next epoch at the restored position again, until one epoch
+        reads its loader to the end."""
         try:
-            yield from self.loader
+            yield from islice(self.loader, limit)
         except Exception as e:  # a worker's DataError arrives wrapped, several lines long
             for marker in (CORRUPT, LATE):
                 line = next((ln.strip() for ln in str(e).splitlines() if marker in ln), None)
                 if line is not None:
                     raise DataError(line[line.index(marker):]) from None
             raise
+        self.loader.restore = False
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -186,6 +191,7 @@ class ShardStream:
     def start_after(self, epochs_done: int) -> None:
         """Resume at an epoch boundary: the next `epoch()` is number `epochs_done + 1`."""
         self.loader.current_epoch = epochs_done
+        self.loader.restore = False
 
     def close(self) -> None:
         """Stop the stream's downloads and remove the shards it cached from S3. A stream left

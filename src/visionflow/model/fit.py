@@ -127,7 +127,7 @@ class Stream(Protocol):
     N×C×S×S images, or a list of encoded images for `FitRun`'s `decode`, and labels."""
 
     def __len__(self) -> int: ...  # batches per epoch on this rank
-    def epoch(self) -> Iterator[tuple[Any, torch.Tensor]]: ...
+    def epoch(self, limit: int | None = None) -> Iterator[tuple[Any, torch.Tensor]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def start_after(self, epochs_done: int) -> None: ...
@@ -345,8 +345,7 @@ class FitRun:
     def _batches(self, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         r, d = self.r, self.dist
         if self.stream is not None:
-            batches = self.stream.epoch()
-            for _, streamed in zip(range(steps), batches, strict=False):
+            for streamed in self.stream.epoch(steps):
                 yield self._batch(None, streamed)
             return
         perm = torch.randperm(len(self.x), device=self.x.device, generator=self.gens["perm"])

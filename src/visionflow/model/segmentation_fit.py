@@ -1,11 +1,12 @@
 """The segmentation training loop and evaluation (torch only), what the train stage calls:
 fixed-size uint8 batches -> joint augmentation on the device -> cross-entropy with the ignore
 index -> AdamW with a cosine schedule. Under torchrun (`dist`) each rank trains a DDP replica
-on its own part of every epoch. After each epoch the loop hands its state (model, optimizer,
-schedule) to a `save` callback; given that state back as `start`, it goes on from the next
-epoch as if it had not stopped (each epoch's order and augmentation are drawn from (seed,
-rank, epoch)). Evaluation runs each image at its own size (the models take any H x W) and
-accumulates the pixel confusion matrix, so memory does not grow with the number of images.
+on its own part of every epoch. After each epoch, and every `save_every` steps within one, the
+loop hands its state (model, optimizer, schedule, where in the epoch it is) to a `save`
+callback; given that state back as `start`, it goes on from the next batch as if it had not
+stopped (each epoch's order is drawn from (seed, epoch), each step's augmentation from (seed,
+rank, epoch, step)). Evaluation runs each image at its own size (the models take any H x W)
+and accumulates the pixel confusion matrix, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from itertools import islice
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +39,17 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
     return x[0].round().clamp(0, 255).to(torch.uint8), y[0, 0].to(torch.int64)
 
 
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch (1, 2, ...) -> its batches
-FitState = dict[str, Any]  # `fit_segmenter_on`'s state after an epoch (torch.save-able)
-EpochEnd = Callable[[int, float, float], None]  # (epoch, mean loss, seconds)
+class Batches(Protocol):
+    """Epoch `number`'s (1, 2, ...) batches after its first `done` ones. A source whose
+    position cannot be recomputed from (number, done), a data loader's, also has
+    `state_dict()` (saved with a mid-epoch checkpoint) and `load_state_dict()` (called before
+    the resumed epoch)."""
+
+    def __call__(self, number: int, done: int = 0) -> Iterable[tuple[Tensor, Tensor]]: ...
+
+
+FitState = dict[str, Any]  # `fit_segmenter_on`'s state (torch.save-able)
+EpochEnd = Callable[[int, float, float, int], None]  # (epoch, mean loss, seconds, images)
 
 
 def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: JointPolicy, *,
@@ -57,8 +67,8 @@ def fit_segmenter(model: nn.Module, images: Tensor, masks: Tensor, policy: Joint
     n = len(images)
     steps = fit_steps(n, batch_size, d)
 
-    def epoch(number: int) -> Iterable[tuple[Tensor, Tensor]]:
-        for idx in epoch_indices(n, batch_size, seed, number, d):
+    def epoch(number: int, done: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
+        for idx in islice(epoch_indices(n, batch_size, seed, number, d), done, None):
             idx = idx.to(device)
             yield images[idx], masks[idx]
     return fit_segmenter_on(model, epoch, steps, policy, epochs=epochs, lr=lr,
@@ -90,14 +100,15 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                      policy: JointPolicy, *, epochs: int, lr: float = 3e-3,
                      weight_decay: float = 1e-4, seed: int = 0,
                      on_epoch: EpochEnd | None = None, start: FitState | None = None,
-                     save: Callable[[FitState], None] | None = None,
+                     save: Callable[[FitState], None] | None = None, save_every: int = 0,
                      dist: Dist | None = None) -> dict:
-    """Train on `batches(epoch)` (that epoch's uint8 image and int64 mask batches on the
-    model's device, a fixed size; under `dist`, this rank's share, the same count on every
-    rank), `steps_per_epoch` of them. `on_epoch(epoch, mean loss over all ranks, seconds)`
-    runs after each epoch, outside its timed window (it may evaluate: the model is put back
-    in training mode), then `save(state)`; `start` (such a state) resumes after its epoch.
-    Returns {"img_per_s": training images per second over this call's epochs, all ranks,
+    """Train on `batches` (uint8 image and int64 mask batches on the model's device, a fixed
+    size; under `dist`, this rank's share, the same count on every rank), `steps_per_epoch`
+    of them an epoch. `on_epoch(epoch, mean loss over all ranks, seconds, images)` runs after
+    each epoch, outside its timed window (it may evaluate: the model is put back in training
+    mode), then `save(state)`; with `save_every`, `save` also runs every that many steps
+    within an epoch. `start` (such a state) resumes at the batch after it. Returns
+    {"img_per_s": training images per second over this call's epochs, all ranks,
     "epoch_seconds": their wall times, "loss": last epoch's mean loss, "seconds"}."""
     d = dist or Dist()
     device = next(model.parameters()).device
@@ -105,38 +116,57 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-    done, loss_mean = 0, float("nan")
+    done, loss_mean, into, loss_so_far = 0, float("nan"), 0, 0.0
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["optimizer"])
         sched.load_state_dict(start["schedule"])
         done, loss_mean = start["epoch"], start["loss"]
+        into, loss_so_far = start.get("step", 0), start.get("loss_so_far", 0.0)
+        if into and start.get("position") is not None:
+            batches.load_state_dict(start["position"])  # type: ignore[attr-defined]
     step_model = model if not d.enabled else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device)
+
+    def state(epoch: int, **more: Any) -> FitState:
+        return {"epoch": epoch, "loss": loss_mean, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "schedule": sched.state_dict(), **more}
+
     model.train()
     begin, seen, epoch_seconds = time.perf_counter(), 0, []
     for number in range(done + 1, epochs + 1):
-        gen.manual_seed(hash((seed, d.rank, number)) % 2**62)
+        first = into if number == done + 1 else 0  # batches of this epoch run before a kill
         epoch_start = time.perf_counter()
-        loss_sum, n_batches = torch.zeros((), device=device), 0
-        for images, masks in batches(number):
+        # each rank's mean so far, so that the mean over ranks below is the epoch's
+        loss_sum, n_batches = torch.tensor(loss_so_far * first, device=device), first
+        ran = 0  # images this call trained on in this epoch, this rank
+        for images, masks in batches(number, first):
+            gen.manual_seed(hash((seed, d.rank, number, n_batches)) % 2**62)
             x, y = joint_augment(images, masks, policy, gen)
             loss = F.cross_entropy(step_model(x), y, ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, n_batches, seen = loss_sum + loss.detach(), n_batches + 1, seen + len(x)
+            loss_sum, n_batches, ran = loss_sum + loss.detach(), n_batches + 1, ran + len(x)
+            if save is not None and save_every and n_batches % save_every == 0 \
+                    and n_batches < steps_per_epoch:
+                paused = time.perf_counter()
+                position = getattr(batches, "state_dict", None)
+                save(state(number - 1, step=n_batches,
+                           loss_so_far=_mean_over_ranks(loss_sum, n_batches, d, device),
+                           position=position() if position is not None else None))
+                pause = time.perf_counter() - paused
+                epoch_start, begin = epoch_start + pause, begin + pause
         loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)  # waits for the device
         epoch_seconds.append(time.perf_counter() - epoch_start)
-        paused = time.perf_counter()
+        seen, paused = seen + ran, time.perf_counter()
         if on_epoch is not None:
-            on_epoch(number, loss_mean, epoch_seconds[-1])
+            on_epoch(number, loss_mean, epoch_seconds[-1], ran * d.world)
             model.train()
         if save is not None:
-            save({"epoch": number, "loss": loss_mean, "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "schedule": sched.state_dict()})
+            save(state(number))
         begin += time.perf_counter() - paused
     elapsed = time.perf_counter() - begin
     return {"img_per_s": seen * d.world / max(elapsed, 1e-9), "epoch_seconds": epoch_seconds,

@@ -3,8 +3,9 @@ FCN / DeepLabV3 / LR-ASPP) on the packed data's train pairs (the tensors, or str
 the shards: `data.segmentation_feed`), with the joint augmentation on
 the training device (`model.segmentation_augment`: one crop / flip grid for image and mask,
 nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
-A checkpoint after every epoch (`outputs/train/checkpoint.pt`, for the same settings only)
-lets a killed run go on from the next epoch, with the weights an unbroken run would reach.
+A checkpoint after every epoch (`outputs/train/checkpoint.pt`, for the same settings only),
+and in shards mode every `train.checkpoint_steps` steps with the loader's position, lets a
+killed run go on from the next batch, with the weights an unbroken run would reach.
 
 `train.pretrained` (a local weights file: a segmenter, a torchvision segmentation state dict
 or a ResNet / MobileNetV3 backbone, read with weights_only=True) starts the matching layers,
@@ -85,19 +86,20 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     start = None
     if (resumed := engine.restore_checkpoint(layout.checkpoint, chash)) is not None:
         start, history = resumed  # every rank starts from it
-        engine.say(dist, f"resuming from {layout.checkpoint} after epoch {start['epoch']}")
+        engine.say(dist, f"resuming from {layout.checkpoint} after epoch {start['epoch']}"
+                         + (f", step {start['step']}" if start.get("step") else ""))
 
-    def save(state: dict[str, Any]) -> None:  # after each epoch: a kill loses at most one
+    def save(state: dict[str, Any]) -> None:  # a kill loses at most an epoch (shards: N steps)
         if dist.main:
             engine.save_checkpoint(layout.checkpoint, chash, state, history)
 
-    def on_epoch(epoch: int, loss: float, seconds: float) -> None:
+    def on_epoch(epoch: int, loss: float, seconds: float, images: int) -> None:
         if not dist.main:  # rank 0 alone evaluates and logs; the others wait at the next step
             return
         miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
                                    k)[0].miou if cache["val_paths"] else None)
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
-               "img_per_s": n_train / max(seconds, 1e-9), "seconds": seconds}
+               "img_per_s": images / max(seconds, 1e-9), "seconds": seconds}
         history.append(row)
         log_epoch(row)
         print(f"epoch {epoch}/{s.epochs}: loss {loss:.4f}, val mIoU "
@@ -107,8 +109,10 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         how = dict(epochs=s.epochs, lr=s.lr, weight_decay=s.weight_decay, seed=params.seed,
                    on_epoch=on_epoch, start=start, save=save, dist=dist)
         if is_shards(cache):  # streamed: a few batches in memory (each rank its own part)
-            batches, steps = train_batches(params, layout, cache, device, dist.world)
-            fit = fit_segmenter_on(model, batches, steps, policy_for(params), **how)
+            batches = train_batches(params, layout, cache, device, dist.world)
+            steps = batches.steps  # a checkpoint every train.checkpoint_steps too: see below
+            fit = fit_segmenter_on(model, batches, steps, policy_for(params),
+                                   save_every=cfg.checkpoint_steps, **how)
         else:
             try:
                 steps = fit_steps(n_train, s.batch_size, dist)
