@@ -75,6 +75,17 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def gather_objects(dist: Dist, obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in one process."""
+    if not dist.enabled:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def say(dist: Dist, msg: str) -> None:
     """Print on rank 0 only (what the run does, once, not once per rank)."""
     if dist.main:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from visionflow.model.engine import Dist, collective_device
+from visionflow.model.engine import Dist, collective_device, gather_objects
 from visionflow.model.segmentation import IGNORE_INDEX
 from visionflow.model.segmentation_augment import JointPolicy, joint_augment
 from visionflow.model.segmentation_metrics import (
@@ -42,8 +42,8 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
 class Batches(Protocol):
     """Epoch `number`'s (1, 2, ...) batches after its first `done` ones. A source whose
     position cannot be recomputed from (number, done), a data loader's, also has
-    `state_dict()` (saved with a mid-epoch checkpoint) and `load_state_dict()` (called before
-    the resumed epoch)."""
+    `state_dict()` (every rank's is saved with a mid-epoch checkpoint) and `load_state_dict()`
+    (each rank gets its own back before the resumed epoch)."""
 
     def __call__(self, number: int, done: int = 0) -> Iterable[tuple[Tensor, Tensor]]: ...
 
@@ -123,8 +123,9 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
         sched.load_state_dict(start["schedule"])
         done, loss_mean = start["epoch"], start["loss"]
         into, loss_so_far = start.get("step", 0), start.get("loss_so_far", 0.0)
-        if into and start.get("position") is not None:
-            batches.load_state_dict(start["position"])  # type: ignore[attr-defined]
+        positions = start.get("positions") or []  # each rank's (a loader's), or none
+        if into and len(positions) == d.world:
+            batches.load_state_dict(positions[d.rank])  # type: ignore[attr-defined]
     step_model = model if not d.enabled else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device)
@@ -156,7 +157,7 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                 position = getattr(batches, "state_dict", None)
                 save(state(number - 1, step=n_batches,
                            loss_so_far=_mean_over_ranks(loss_sum, n_batches, d, device),
-                           position=position() if position is not None else None))
+                           positions=gather_objects(d, position()) if position else None))
                 pause = time.perf_counter() - paused
                 epoch_start, begin = epoch_start + pause, begin + pause
         loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)  # waits for the device
