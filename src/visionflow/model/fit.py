@@ -20,7 +20,8 @@ epoch, in list order; any callback returning True stops training after this epoc
 rank 0's answer is broadcast, so all ranks stop together). `e.metrics` is one dict shared by
 the callbacks of that epoch: an evaluation callback puts `val_top1` there, a later early-stop
 callback reads it. `e.model` is the model to evaluate (the EMA average when EMA is on);
-`e.run.state_dict()` is what a checkpoint needs (`FitRun.load_state_dict` resumes it).
+`e.run.state_dict()` is what a checkpoint needs (`FitRun.load_state_dict` resumes it; under
+DDP every rank calls it, and each rank gets its own generators and loader position back).
 """
 
 from __future__ import annotations
@@ -214,18 +215,23 @@ class FitRun:
     # --- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, loadable with `torch.load(weights_only=True)`."""
-        return {
-            "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+        """Everything a resume needs, loadable with `torch.load(weights_only=True)`. Under DDP
+        every rank calls it at the same step (a collective): `ranks` holds each rank's own
+        generators and loader position, and `load_state_dict` gives each rank its own back."""
+        own = {
             "gens": {k: g.get_state() for k, g in self.gens.items()},
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             # mid-epoch: where the stream stopped (at an epoch end the next epoch starts afresh)
             "stream": self.stream.state_dict() if self.stream is not None and self._in_epoch()
             else None,
+        }
+        return {
+            "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            **own, "ranks": engine.gather_objects(self.dist, own) if self.dist.enabled else None,
         }
 
     def _in_epoch(self) -> int:
@@ -239,15 +245,17 @@ class FitRun:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        ranks = state.get("ranks") or []
+        own = ranks[self.dist.rank] if len(ranks) == self.dist.world else state
         for k, g in self.gens.items():
-            g.set_state(state["gens"][k])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+            g.set_state(own["gens"][k])
+        torch.set_rng_state(own["rng_cpu"])
+        if own["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["rng_cuda"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         if self.stream is not None:
-            if state.get("stream") is not None and self._in_epoch():
-                self.stream.load_state_dict(state["stream"])
+            if own.get("stream") is not None and self._in_epoch():
+                self.stream.load_state_dict(own["stream"])
             else:
                 self.stream.start_after(self.epoch)
 

@@ -151,10 +151,10 @@ class _EpochLog:
         if self.device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.history.append(row)
+        state = e.run.state_dict()  # every rank: under DDP each rank's part is gathered
         if self.dist.main:
             log_epoch(row)
-            engine.save_checkpoint(self.layout.checkpoint, self.chash, e.run.state_dict(),
-                                   self.history)
+            engine.save_checkpoint(self.layout.checkpoint, self.chash, state, self.history)
         if val is not None and self.cfg.early_stop_patience:
             self.best, self.stale = (val, 0) if val > self.best else (self.best, self.stale + 1)
         return _should_stop(self.stale, self.cfg.early_stop_patience, self.t_start,
@@ -163,9 +163,10 @@ class _EpochLog:
     def on_step(self, run) -> None:
         """Streaming: a checkpoint every `train.checkpoint_steps` steps, with the loader's
         position, so that a kill resumes at the batch where it stopped."""
-        if self.dist.main and run.step % self.cfg.checkpoint_steps == 0:
-            engine.save_checkpoint(self.layout.checkpoint, self.chash, run.state_dict(),
-                                   self.history)
+        if run.step % self.cfg.checkpoint_steps == 0:
+            state = run.state_dict()  # every rank, as above
+            if self.dist.main:
+                engine.save_checkpoint(self.layout.checkpoint, self.chash, state, self.history)
 
 
 def _stale_epochs(history: list[dict[str, Any]]) -> int:
