@@ -9,7 +9,7 @@ import contextlib
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -113,3 +113,29 @@ def job_runners(pid: int) -> list[str]:
 
     return [" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)
             if "mlflow.server.jobs" in " ".join(p.cmdline())]
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
+              timeout: float = 300, poll: float = 0.02,
+              detail: Callable[[], str] = lambda: "") -> None:
+    """SIGKILL `proc`'s process group (started with `start_new_session=True`) once `ready()`;
+    the group is stopped first (SIGSTOP), so nothing it writes after the look survives.
+    Fails naming `what` (and `detail()`, e.g. the process's log) if the process ends first
+    or the time runs out."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"the process ended before {what}: {detail()}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout:.0f} s: {detail()}"
+            time.sleep(poll)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

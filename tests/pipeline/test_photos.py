@@ -8,17 +8,15 @@ import json
 import os
 import runpy
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from builders import write_photo_folder
-from helpers import BIN, make_project, prefect_settings, run
+from helpers import BIN, kill_when, make_project, prefect_settings, run
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
@@ -120,7 +118,7 @@ def _checkpoint_step(layout: Layout) -> tuple[int, bool]:
         ckpt = torch.load(layout.checkpoint, weights_only=True)
     except Exception:  # not there yet, or being replaced
         return 0, False
-    return int(ckpt["fit"]["step"]), ckpt["fit"].get("stream") is not None
+    return int(ckpt["fit"]["step"]), ckpt["fit"]["ranks"][0]["stream"] is not None
 
 
 def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
@@ -137,20 +135,14 @@ def test_sigkill_mid_epoch_resumes_at_the_batch_where_it_stopped(tmp_path: Path,
     full = Layout.at(shutil.copytree(root, tmp_path / "full"))  # the same run, not killed,
     run_stage("train", load_params(full.params), full)  # here (no second process start-up)
     proc = subprocess.Popen([sys.executable, "-m", "visionflow.stages.train"], cwd=root,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            step, mid = _checkpoint_step(layout)
-            if mid and step >= 3:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "no mid-epoch checkpoint"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def mid_epoch() -> bool:
+        step, mid = _checkpoint_step(layout)
+        return mid and step >= 3
+
+    kill_when(proc, mid_epoch, "mid-epoch checkpoint")
     step, mid = _checkpoint_step(layout)  # the last one written before the kill
     assert mid and 3 <= step < steps and not layout.model.exists()
     resumed = run([sys.executable, "-m", "visionflow.stages.train"], root, env=env)

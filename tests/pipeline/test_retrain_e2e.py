@@ -19,13 +19,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from builders import flat_digits
-from helpers import BIN, make_project, prefect_settings, run
+from helpers import BIN, kill_when, make_project, prefect_settings, run
 
 from visionflow.core.layout import Layout
 
@@ -186,16 +185,9 @@ def test_killed_flow_resumes_at_the_killed_stage(prefect_api, tmp_path: Path,
                              str(root)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:  # kill it once train has checkpointed an epoch (validate, pack are recorded)
-        deadline = time.monotonic() + 300
-        while not layout.checkpoint.is_file():
-            assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "train never checkpointed"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        kill_when(proc, layout.checkpoint.is_file, "train's first checkpoint", poll=0.05,
+                  detail=lambda: (tmp_path / "flow.log").read_text()[-3000:])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     assert proc.returncode == -signal.SIGKILL
     assert not layout.model.exists() and not layout.registration.exists()  # killed in train

@@ -6,17 +6,14 @@ to the weights of the run never killed."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, make_project
+from helpers import BIN, kill_when, make_project
 from seg_projects import SEG, shapes
 
 from visionflow.core.configfile import load_params
@@ -97,21 +94,12 @@ def _killed_mid_epoch_resumes_to_the_same_weights(killed: Layout, unbroken: Layo
     proc = subprocess.Popen([str(BIN / "vflow"), "stage", "train", "--root", str(killed.root)],
                             cwd=killed.root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline, seen = time.monotonic() + 240, None
-        while seen is None or seen[0] < 1 or not seen[1]:
-            assert proc.poll() is None, "the run ended before a checkpoint inside epoch 2 or 3"
-            assert time.monotonic() < deadline, "no mid-epoch checkpoint"
-            seen = _checkpoint(killed.checkpoint)
-            if seen is not None and seen[0] >= 1 and seen[1]:
-                os.killpg(proc.pid, signal.SIGSTOP)
-            else:
-                time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    def inside_epoch_2_or_3() -> bool:
+        seen = _checkpoint(killed.checkpoint)
+        return seen is not None and seen[0] >= 1 and seen[1] > 0
+
+    kill_when(proc, inside_epoch_2_or_3, "checkpoint inside epoch 2 or 3", 240, poll=0.005)
     fit = torch.load(killed.checkpoint, weights_only=True)["fit"]
     assert fit["step"] > 0 and len(fit["positions"]) == 2, {k: fit[k] for k in ("epoch", "step")}
     assert not killed.model.exists()

@@ -21,7 +21,7 @@ rank 0's answer is broadcast, so all ranks stop together). `e.metrics` is one di
 the callbacks of that epoch: an evaluation callback puts `val_top1` there, a later early-stop
 callback reads it. `e.model` is the model to evaluate (the EMA average when EMA is on);
 `e.run.state_dict()` is what a checkpoint needs (`FitRun.load_state_dict` resumes it; under
-DDP every rank calls it, and each rank gets its own generators and loader position back).
+DDP every rank calls it).
 """
 
 from __future__ import annotations
@@ -168,8 +168,7 @@ class FitRun:
         fmt = torch.channels_last if recipe.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=fmt)
         net = getattr(self.model, "net", self.model)
-        self.whiten_net = net if whiten and isinstance(net, FastNet) and not self.backbone \
-            else None
+        self.whiten_net = net if whiten and isinstance(net, FastNet) and not self.backbone else None
         if self.whiten_net is not None:
             self.whiten_net.whiten.weight.requires_grad_(False)  # set from data, then fixed
         self.whiten_bias = net.whiten.bias if isinstance(net, FastNet) else None
@@ -181,7 +180,6 @@ class FitRun:
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
         self.optimizer = optimizers.make_optimizer(self.model, recipe, self.backbone)
         warmup = int(recipe.warmup_epochs * self.steps_per_epoch)
-
         wb = (recipe.whiten_bias_epochs or 0) * self.steps_per_epoch  # Muon's whitening bias
 
         def factor(s: int) -> float:
@@ -215,24 +213,20 @@ class FitRun:
     # --- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, loadable with `torch.load(weights_only=True)`. Under DDP
-        every rank calls it at the same step (a collective): `ranks` holds each rank's own
-        generators and loader position, and `load_state_dict` gives each rank its own back."""
-        own = {
-            "gens": {k: g.get_state() for k, g in self.gens.items()},
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # mid-epoch: where the stream stopped (at an epoch end the next epoch starts afresh)
-            "stream": self.stream.state_dict() if self.stream is not None and self._in_epoch()
-            else None,
-        }
-        return {
-            "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            **own, "ranks": engine.gather_objects(self.dist, own) if self.dist.enabled else None,
-        }
+        """Everything a resume needs, loadable with `torch.load(weights_only=True)`; `ranks`:
+        each rank's generators and loader position (under DDP a collective: every rank calls
+        it at the same step; `load_state_dict` gives each rank its own back)."""
+        own = {"gens": {k: g.get_state() for k, g in self.gens.items()},
+               "rng_cpu": torch.get_rng_state(),
+               "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               # mid-epoch: where the stream stopped (at an epoch end the next starts afresh)
+               "stream": self.stream.state_dict()
+               if self.stream is not None and self._in_epoch() else None}
+        return {"epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ranks": engine.gather_objects(self.dist, own)}
 
     def _in_epoch(self) -> int:
         """Steps already taken in the current epoch."""
@@ -245,8 +239,8 @@ class FitRun:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        ranks = state.get("ranks") or []
-        own = ranks[self.dist.rank] if len(ranks) == self.dist.world else state
+        ranks = state.get("ranks") or [state]  # a checkpoint from before `ranks`: one part
+        own = ranks[self.dist.rank] if len(ranks) == self.dist.world else ranks[0]
         for k, g in self.gens.items():
             g.set_state(own["gens"][k])
         torch.set_rng_state(own["rng_cpu"])
