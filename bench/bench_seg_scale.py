@@ -5,7 +5,9 @@ For each size: validate once, then for each storage pack, train (one epoch, U-Ne
 64 px, `data.workers=0` so the decoding is in the measured process) and evaluate, each as
 `python -m visionflow.stages.<name>` (what `dvc repro` runs). The figure is the peak of the
 process's `RssAnon` (what it allocated itself, not the mapped libraries), sampled every 20 ms
-from /proc, and its wall time.
+from /proc, and its wall time. `--kernel-caches 1024 default` runs train and evaluate twice
+each, side by side: with oneDNN's own kernel cache (1,024 shapes) and with the segmenters' cap
+(`model.segmentation.KERNEL_CACHE`).
 
     .venv/bin/python bench/bench_seg_scale.py --sizes 500 2000 --side 384
 """
@@ -67,13 +69,17 @@ def _anon_mb(pid: int) -> float:
     return 0.0
 
 
-def stage(root: Path, name: str, *overrides: str) -> dict[str, float]:
+def stage(root: Path, name: str, *overrides: str, cache: str = "default") -> dict[str, float]:
     cmd = [sys.executable, "-m", "visionflow.stages." + name, "--root", str(root)]
     for o in overrides:
         cmd += ["-s", o]
     start, peak = time.perf_counter(), 0.0
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if cache != "default":
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = cache
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            env=env)
     while proc.poll() is None:
         peak = max(peak, _anon_mb(proc.pid))
         time.sleep(0.02)
@@ -88,6 +94,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
     ap.add_argument("--side", type=int, default=384)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/seg_scale.json")
+    ap.add_argument("--kernel-caches", nargs="+", default=["default"],
+                    help="oneDNN kernel caches to run train and evaluate with (a number or "
+                         "default: the segmenters' cap)")
     a = ap.parse_args()
     rows = []
     for n in a.sizes:
@@ -95,8 +104,11 @@ def main() -> None:
         stage(root, "validate")
         for storage in ("tensor", "shards"):
             o = f"data.storage={storage}"
-            row = {"pairs": n, "side": a.side, "storage": storage,
-                   **{s: stage(root, s, o) for s in ("pack", "train", "evaluate")}}
+            row = {"pairs": n, "side": a.side, "storage": storage, "pack": stage(root, "pack", o)}
+            for cache in a.kernel_caches:
+                suffix = "" if len(a.kernel_caches) == 1 else f"@{cache}"
+                row.update({s + suffix: stage(root, s, o, cache=cache)
+                            for s in ("train", "evaluate")})
             packed = json.loads((root / "outputs/pack/policy.json").read_text())
             row["packed_mb"] = round((root / "outputs/pack/packed.pt").stat().st_size / 2**20, 1)
             row["shard_mb"] = round(sum(f.stat().st_size for f in

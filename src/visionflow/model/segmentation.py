@@ -10,6 +10,7 @@ a classification backbone (ResNet, MobileNetV3).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
@@ -177,7 +178,19 @@ class Segmenter(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+# oneDNN, behind PyTorch's CPU convolutions, keeps a kernel with its buffers for every input
+# shape it has run, 1,024 of them by default. A segmenter runs each image at its own size
+# (evaluation, the gate's paired test, serving), so that cache grew a process by 1.0 GB for a
+# small U-Net at 288-384 px and by 2.4 GB at 640-800 px. Kept to 64, the same evaluation ran
+# as fast, and a DeepLabV3-ResNet50 training step as fast (a kernel made again costs little
+# beside running it): BENCHMARKS, "oneDNN's kernel cache".
+KERNEL_CACHE_ENV, KERNEL_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY", 64
+
+
 def build_segmenter(arch: SegArch) -> Segmenter:
+    """A segmenter; caps oneDNN's kernel cache for the process (`KERNEL_CACHE`, unless the
+    environment sets it: oneDNN reads it once, at the process's first CPU convolution)."""
+    os.environ.setdefault(KERNEL_CACHE_ENV, str(KERNEL_CACHE))
     net = create_segmentation_model(arch.name, arch.num_classes, arch.in_channels,
                                     **arch.kwargs)
     return Segmenter(net, arch.mean, arch.std)
