@@ -181,10 +181,10 @@ class Segmenter(nn.Module):
 # oneDNN, behind PyTorch's CPU convolutions, keeps a kernel with its buffers for every input
 # shape it has run, 1,024 of them by default. A segmenter runs each image at its own size
 # (evaluation, the gate's paired test, serving), so that cache grew a process by 1.0 GB for a
-# small U-Net at 288-384 px and by 2.4 GB at 640-800 px. Kept to 64, the same evaluation ran
-# as fast, and a DeepLabV3-ResNet50 training step as fast (a kernel made again costs little
-# beside running it): BENCHMARKS, "oneDNN's kernel cache".
-KERNEL_CACHE_ENV, KERNEL_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY", 64
+# small U-Net at 288-384 px and by 2.4 GB at 640-800 px. 256 kernels hold about half of that
+# (64: a third) and cost no time on the suite's 32-40 px images, where 64 made the segmentation
+# pipeline test 10% slower (kernels made again): BENCHMARKS, "oneDNN's kernel cache".
+KERNEL_CACHE_ENV, KERNEL_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY", 256
 
 
 def build_segmenter(arch: SegArch) -> Segmenter:
