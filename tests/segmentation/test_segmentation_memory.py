@@ -52,5 +52,6 @@ def _growth(cap: str | None) -> int:
 def test_many_image_sizes_do_not_grow_the_process():
     capped, uncapped = _growth(None), _growth("1024")  # 1024: oneDNN's own default
     # measured: 18-33 MiB capped, 69-72 MiB at 1,024 kernels (100 sizes of 96-160 px)
-    assert capped < 45 * MiB, f"{capped / MiB:.0f} MiB over 100 new image sizes"
-    assert uncapped > capped + 25 * MiB, (uncapped / MiB, capped / MiB)  # the setting wins
+    assert capped < 64 * MiB, f"{capped / MiB:.0f} MiB over 100 new image sizes"
+    # the setting wins; a ratio, since kernel sizes differ between CPU kinds
+    assert uncapped > 1.5 * capped, (uncapped / MiB, capped / MiB)
