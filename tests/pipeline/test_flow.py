@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import urllib.request
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -381,10 +382,14 @@ def _two_triggered_runs_queue(api: Api, dep: Any, root: Path, ui_url: str,
     if a.end_time > b.start_time:
         # Prefect gave the queued run the slot while the first still ran (seen twice in
         # about 20 suite runs, cause inside Prefect not found): the project lock then held
-        # it, so the work did not overlap
-        assert "another retrain run holds" in api.logs(b.id), "the two runs overlapped: " + \
-            " / ".join(f"{r.name}: " + ", ".join(f"{st.name} {st.timestamp:%H:%M:%S.%f}"
-                       for st in api.c.read_flow_run_states(r.id)) for r in (a, b))
+        # it, so the work did not overlap. A warning keeps the states for whoever looks next.
+        states = " / ".join(f"{r.name}: " + ", ".join(
+            f"{st.name} {st.timestamp:%H:%M:%S.%f} "
+            f"lease {st.state_details.deployment_concurrency_lease_id}"
+            for st in api.c.read_flow_run_states(r.id)) for r in (a, b))
+        assert "another retrain run holds" in api.logs(b.id), f"the two runs overlapped: {states}"
+        warnings.warn(f"Prefect started a queued run before the first ended: {states}",
+                      stacklevel=1)
     assert "AwaitingConcurrencySlot" in {s.name for s in api.c.read_flow_run_states(b.id)}
     assert "v2 " in api.summary(forced.id)  # retrained and registered as v2
     assert f"({ui_url}/#/models/{MODEL}/versions/2)" in api.summary(forced.id)
