@@ -38,6 +38,17 @@ SEG = {
 MIN_MIOU = 0.75
 
 
+def checkpoint_position(path: Path) -> tuple[int, int] | None:
+    """(epochs done, steps into the next) of the train checkpoint there, if any."""
+    import torch
+
+    try:
+        fit = torch.load(path, weights_only=True)["fit"]
+    except Exception:  # not there yet, or being replaced
+        return None
+    return fit["epoch"], fit.get("step", 0)
+
+
 def shapes(root: Path, n: int = 160) -> Path:
     return materialize_shapes(root, n_images=n, seed=0, min_side=32, max_side=40)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from builders import encode
-from helpers import make_project
+from helpers import BIN, kill_when, make_project
 from PIL import Image
-from seg_projects import SEG, shapes
+from seg_projects import SEG, checkpoint_position, shapes
 from stack_fixtures import TeamStack
 
 from visionflow.core.layout import Layout
@@ -145,12 +146,17 @@ def _statistics_sample_leaves_the_cache_empty(team_stack: TeamStack, layout: Lay
 
 
 def test_segmentation_pairs_stream_from_s3(team_stack: TeamStack, tmp_path: Path):
-    """`task: segmentation` with `data.shards_url`: pack uploads the pair shards, train and
-    evaluate stream them from S3 (the same `data.remote_shards` path as photos)."""
+    """`task: segmentation` with `data.shards_url`: pack uploads the pair shards; two DDP
+    ranks train from S3, each through its own cache folder, are killed inside an epoch and go
+    on from their own loader positions (a position names its rank's folder: LitData refuses
+    another rank's); evaluate streams the test split (the same `data.remote_shards` path as
+    photos)."""
     prefix = f"seg-{uuid.uuid4().hex[:8]}"
     root = make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=60), {
-        **SEG, "segmentation.epochs": 2, "data.storage": "shards", "data.shard_bytes": 2**16,
-        "data.shards_url": f"s3://shards/{prefix}", "data.workers": 1})
+        **SEG, "segmentation.epochs": 2, "segmentation.batch_size": 4,
+        "train.checkpoint_steps": 1, "train.procs_per_node": 2, "data.storage": "shards",
+        "data.shard_bytes": 2**16, "data.shards_url": f"s3://shards/{prefix}",
+        "data.workers": 1})
     layout = Layout.at(root)
     env = {**team_stack.env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     for name in ("validate", "pack"):
@@ -160,8 +166,26 @@ def test_segmentation_pairs_stream_from_s3(team_stack: TeamStack, tmp_path: Path
         assert any(k.endswith(".bin") for k in keys) and f"{prefix}/{split}/index.json" in keys
         assert sorted(p.name for p in layout.split_shards(split).iterdir()) == [
             "contents.json", "index.json"]
-    for name in ("train", "evaluate"):
-        stage(name, root, env)
+
+    train = [str(BIN / "vflow"), "stage", "train", "--root", str(root)]
+    killed = subprocess.Popen(train, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def inside_epoch_2() -> bool:
+        seen = checkpoint_position(layout.checkpoint)
+        return seen is not None and seen[0] >= 1 and seen[1] > 0
+
+    kill_when(killed, inside_epoch_2, "a checkpoint inside epoch 2", 300, poll=0.005)
+    positions = torch.load(layout.checkpoint, weights_only=True)["fit"]["positions"]
+    folders = [p["dataset"]["input_dir_path"] for p in positions]
+    assert [Path(f).name for f in folders] == ["rank0", "rank1"], folders
+    resumed = subprocess.run(train, cwd=root, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout, resumed.stdout[-3000:]
+    assert layout.model.is_file() and not layout.checkpoint.exists()
+
+    stage("evaluate", root, env)
     pack = json.loads(layout.policy.read_text())
     metrics = json.loads(layout.metrics.read_text())
     assert metrics["test_images"] == pack["counts"]["test"] > 0 and metrics["miou"] > 0

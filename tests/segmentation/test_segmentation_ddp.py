@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BIN, kill_when, make_project
-from seg_projects import SEG, shapes
+from seg_projects import SEG, checkpoint_position, shapes
 
 from visionflow.core.configfile import load_params
 from visionflow.core.layout import Layout
@@ -96,7 +96,7 @@ def _killed_mid_epoch_resumes_to_the_same_weights(killed: Layout, unbroken: Layo
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
     def inside_epoch_2_or_3() -> bool:
-        seen = _checkpoint(killed.checkpoint)
+        seen = checkpoint_position(killed.checkpoint)
         return seen is not None and seen[0] >= 1 and seen[1] > 0
 
     kill_when(proc, inside_epoch_2_or_3, "checkpoint inside epoch 2 or 3", 240, poll=0.005)
@@ -108,11 +108,3 @@ def _killed_mid_epoch_resumes_to_the_same_weights(killed: Layout, unbroken: Layo
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
-
-def _checkpoint(path: Path) -> tuple[int, int] | None:
-    """(epochs done, steps into the next) of the checkpoint there, if any."""
-    try:
-        fit = torch.load(path, weights_only=True)["fit"]
-    except Exception:  # not there yet, or being replaced
-        return None
-    return fit["epoch"], fit.get("step", 0)

@@ -102,19 +102,22 @@ def segmentation_pairs(params: Params, layout: Layout, split: str, limit: int | 
 
 class ShardBatches:
     """Shards mode's train batches (`model.segmentation_fit.Batches`): epoch `number`'s
-    (uint8 images, int64 masks) on `device`, `steps` of them; a resumed epoch goes on from
-    the loader's saved position (`state_dict`), or else reads past the first `done`."""
+    (uint8 images, int64 masks) on `device`, `steps` of them; an epoch resumed after `done`
+    batches goes on from the loader's saved position (`load_state_dict`)."""
 
     def __init__(self, stream: ShardStream, steps: int, device: torch.device) -> None:
         self.stream, self.steps, self.device = stream, steps, device
         self._restored = False
 
     def __call__(self, number: int, done: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        restored, self._restored = self._restored and done > 0, False
-        if not restored:
+        restored, self._restored = self._restored, False
+        # a mid-epoch checkpoint holds every rank's position (its identity fixes the ranks)
+        if done and not restored:
+            raise ValueError(f"epoch {number} resumes after batch {done} without the "
+                             "loader's saved position")
+        if not done:
             self.stream.start_after(number - 1)  # that epoch's shuffle seeds
-        skip = 0 if restored else done  # no saved position: read past the batches trained on
-        for x, y in islice(self.stream.epoch(skip + self.steps - done), skip, None):
+        for x, y in self.stream.epoch(self.steps - done):
             yield x.to(self.device, non_blocking=True), y.to(self.device,
                                                             non_blocking=True).long()
 

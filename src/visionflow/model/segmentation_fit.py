@@ -123,9 +123,8 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
         sched.load_state_dict(start["schedule"])
         done, loss_mean = start["epoch"], start["loss"]
         into, loss_so_far = start.get("step", 0), start.get("loss_so_far", 0.0)
-        positions = start.get("positions") or []  # each rank's (a loader's), or none
-        if into and len(positions) == d.world:
-            batches.load_state_dict(positions[d.rank])  # type: ignore[attr-defined]
+        if into and start.get("positions"):  # shards: each rank's loader position
+            batches.load_state_dict(start["positions"][d.rank])  # type: ignore[attr-defined]
     step_model = model if not d.enabled else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device)
