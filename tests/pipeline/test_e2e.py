@@ -90,6 +90,12 @@ def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([dvc, "repro"], root)
     assert _ran(third.stdout) == ["train", "evaluate", "compress", "register"], third.stdout
+    # each stage ends in one line of its result; MLflow's per-run INFO lines are not shown
+    printed = third.stdout + third.stderr
+    ends = [line for line in printed.splitlines() if " done: " in line]
+    assert [line.split()[0] for line in ends] == list(STAGES[2:]), printed[-3000:]
+    assert "top1=" in ends[1] and not any("{" in line for line in ends), ends
+    assert "INFO mlflow" not in printed, printed[-3000:]
 
     # Against the commit: every metric key on both sides (stable keys), and the change shows.
     diff = json.loads(run([dvc, "metrics", "diff", "--all", "--json"], root).stdout)

@@ -110,6 +110,12 @@ def use_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+# MLflow's per-run INFO lines a stage would print: the system metrics monitor's start and stop
+# (four lines a training run) and the pyfunc input example check (each logged model). Its
+# other INFO lines stay, "View run ... at" with a tracking server among them.
+CHATTY_LOGGERS = ("mlflow.system_metrics.system_metrics_monitor", "mlflow.pyfunc")
+
+
 def setup(layout: Layout) -> str:
     """Point MLflow at the project store and make sure the experiment exists.
 
@@ -117,8 +123,12 @@ def setup(layout: Layout) -> str:
     object store, reached through it), so no path of this machine is pinned into a shared
     experiment; any other store keeps them in the project (`mlruns/artifacts`)."""
     quiet_env()
+    import logging
+
     import mlflow
 
+    for name in CHATTY_LOGGERS:  # their INFO lines say nothing a stage's user acts on
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri(layout)
     use_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)

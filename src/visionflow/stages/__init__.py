@@ -7,7 +7,6 @@ Prefect flow call the same `run`. No stage imports another stage.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -30,16 +29,32 @@ _GC_PAUSED = sys.argv[:1] == ["-m"] and pause_gc()
 
 
 def print_result(name: str, result: Any) -> None:
-    """One line on stderr: the stage's result (rank 0 alone under torchrun)."""
+    """One line on stderr: the stage's result, its scalar fields (`outputs/` holds the rest),
+    floats to four significant digits (rank 0 alone under torchrun)."""
     from rich.console import Console
+    from rich.text import Text
 
     if os.environ.get("RANK", "0") != "0":
         return
+    Console(stderr=True, soft_wrap=True).print(f"[bold green]{name}[/] done:",
+                                               Text(result_line(name, result)))
+
+
+def result_line(name: str, result: Any) -> str:
+    """`key=value ...` of a stage result's scalar fields: numbers, short strings and paths,
+    None."""
     payload = asdict(result) if is_dataclass(result) else result
     if name == "validate":
-        payload = {k: v for k, v in payload["summary"].items() if k != "expectations"}
-    Console(stderr=True).print(f"[bold green]{name}[/] done:",
-                               json.dumps(payload, default=str)[:600])
+        payload = payload["summary"]
+    if not isinstance(payload, dict):
+        return str(payload)
+    shown = []
+    for key, value in payload.items():
+        if isinstance(value, float):
+            shown.append(f"{key}={value:.4g}")
+        elif isinstance(value, bool | int | str | Path | None) and len(str(value)) <= 120:
+            shown.append(f"{key}={value}")
+    return " ".join(shown)
 
 
 def main(name: str, run: Callable[[Params, Layout], Any], argv: list[str] | None = None) -> None:

@@ -1,0 +1,21 @@
+"""What a stage prints when it ends: one line of its result's scalar fields, and none of
+MLflow's per-run INFO lines (`dvc repro`'s output is read by people)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionflow.stages import result_line
+from visionflow.stages.train import TrainResult
+
+
+def test_a_result_is_one_line_of_its_scalars():
+    line = result_line("train", TrainResult(Path("outputs/train/model.pt"), 3, 0.912345678,
+                                            12.3456, 1234.5678, "cpu"))
+    assert line == ("model_path=outputs/train/model.pt epochs_run=3 val_top1=0.9123 "
+                    "seconds=12.35 images_per_s=1235 device=cpu")
+    nested = result_line("evaluate", {"top1": 0.1, "iou_per_class": {"0": 0.5}, "n_test": 30,
+                                      "classes": ["a", "b"], "note": "x" * 200, "p": None})
+    assert nested == "top1=0.1 n_test=30 p=None"  # the rest is in outputs/
+    summary = {"success": True, "files": 9, "counts": {"train": {"a": 3}}}
+    assert result_line("validate", {"summary": summary, "report": {}}) == "success=True files=9"
