@@ -70,6 +70,20 @@ def test_bad_values_name_key_and_value(raw, expected):
     assert "\n" not in msg
 
 
+def test_an_s3_cache_too_small_for_its_readers_is_refused():
+    """LitData holds two shards per loader worker in each training process's folder whatever
+    the budget: a cap below that would not hold (two ranks at 16 MiB overshot it by 2.2 MiB)."""
+    MiB = 2**20
+    data = {"shards_url": "s3://b/p", "shard_cache_bytes": 16 * MiB, "shard_bytes": 2 * MiB,
+            "workers": 2}
+    with pytest.raises(ConfigError) as err:
+        parse_params({"data": data, "train": {"procs_per_node": 2}})
+    msg = str(err.value)
+    assert "data.shard_cache_bytes=16777216: below 19737902" in msg and "\n" not in msg
+    parse_params({"data": data})  # one process: 9.4 MiB of the 16
+    parse_params({"data": {**data, "shards_url": None}, "train": {"procs_per_node": 2}})
+
+
 def test_missing_dataset_path(tmp_path: Path):
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"data": {"source": "nowhere/images"}}))

@@ -24,6 +24,7 @@ from pydantic import (
 from visionflow.core.dataconfig import (  # noqa: F401  (the data section, re-exported)
     SOURCE_SCHEMES,
     DataConfig,
+    shard_cache_floor,
     source_scheme,
 )
 from visionflow.core.segconfig import TASKS, SegmentationConfig
@@ -385,6 +386,18 @@ class Params(_Section):
     segmentation: SegmentationConfig = SegmentationConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _shard_cache_holds_every_worker(self) -> Params:
+        d, procs = self.data, self.train.procs_per_node
+        floor = shard_cache_floor(d.shard_bytes, d.workers, procs)
+        if d.shards_url and d.shard_cache_bytes < floor:
+            raise ValueError(
+                f"data.shard_cache_bytes={d.shard_cache_bytes}: below {floor}, what "
+                f"{procs} training process(es) x {max(d.workers, 1)} loader worker(s) x 2 "
+                f"shards of data.shard_bytes={d.shard_bytes} hold in the cache; raise it, or "
+                "lower data.workers or data.shard_bytes")
+        return self
 
     @model_validator(mode="after")
     def _tune_space_fits(self) -> Params:

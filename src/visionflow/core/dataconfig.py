@@ -4,6 +4,7 @@ image size and splits, and since issue #18 how the pack stage stores the set (`s
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,19 @@ def unknown_source(source: str) -> str | None:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# LitData's eviction lets a cache folder overshoot its budget by about 5% (a download in flight
+# while a read shard is deleted): it is given this fraction of `data.shard_cache_bytes`
+CACHE_HEADROOM = 0.85
+
+
+def shard_cache_floor(shard_bytes: int, workers: int, procs: int) -> int:
+    """The least `data.shard_cache_bytes` that bounds a host's S3 cache: each of `procs`
+    training processes has its own folder and share, and LitData keeps two shards per
+    loader worker (in-process: one reader) in it whatever the budget (BENCHMARKS, "S3
+    streaming under DDP")."""
+    return math.ceil(2 * max(workers, 1) * shard_bytes * procs / CACHE_HEADROOM)
 
 
 class DataConfig(_Section):

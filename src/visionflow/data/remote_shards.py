@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from visionflow.core.dataconfig import CACHE_HEADROOM
 from visionflow.core.errors import DataError
 
 CONTENTS = "contents.json"
 INDEX = "index.json"
-# LitData's own eviction lets the cache overshoot its budget by about 5% (a download in flight
-# while a read shard is deleted): it is given this fraction of the cap
-CACHE_HEADROOM = 0.85
 
 
 @dataclass(frozen=True)
