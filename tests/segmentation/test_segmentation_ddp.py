@@ -107,4 +107,3 @@ def _killed_mid_epoch_resumes_to_the_same_weights(killed: Layout, unbroken: Layo
     a, b = (torch.load(lay.model, weights_only=True)["state_dict"] for lay in (unbroken, killed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-

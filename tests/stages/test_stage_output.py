@@ -1,5 +1,5 @@
-"""What a stage prints when it ends: one line of its result's scalar fields, and none of
-MLflow's per-run INFO lines (`dvc repro`'s output is read by people)."""
+"""What a stage prints when it ends: one line of its result's scalar fields (`dvc repro`'s
+output is read by people; `test_e2e` reads it, MLflow's per-run INFO lines absent)."""
 
 from __future__ import annotations
 
