@@ -19,3 +19,13 @@ def test_a_result_is_one_line_of_its_scalars():
     assert nested == "top1=0.1 n_test=30 p=None"  # the rest is in outputs/
     summary = {"success": True, "files": 9, "counts": {"train": {"a": 3}}}
     assert result_line("validate", {"summary": summary, "report": {}}) == "success=True files=9"
+
+
+def test_compress_line_signs_a_drop_as_a_loss():
+    from visionflow.stages.compress import _summary_line
+
+    sel = {"name": "int8", "size_bytes": 1_040_000, "size_ratio": 0.1313, "mac_ratio": 1.0,
+           "cpu_b1_ms": 0.42, "speedup_b1_vs_fp32_eager": 3.1, "top1": 0.9777,
+           "top1_drop_points": 0.56}
+    line = _summary_line({"selected": sel, "objective": "size"})
+    assert line.endswith("top-1 0.9777 (-0.56 pt against fp32)"), line
