@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -107,9 +108,11 @@ def test_every_expectation_has_a_plain_description(violations):
     assert {r["kind"] for r in results} == {"hard", "budget"}
 
 
-def test_leakage_expectation_fails_on_a_shared_file():
+def test_leakage_expectation_fails_on_a_shared_file(caplog):
     """Leaked files are quarantined by the manifest, so the stage never shows this one
-    failing; the suite still checks it on what reaches training."""
+    failing; the suite still checks it on what reaches training. GX's INFO line about its
+    temporary docs folder is not shown."""
+    caplog.set_level(logging.INFO)
     images = pd.DataFrame({
         "path": ["train/a/1.png", "test/a/1.png"], "split": ["train", "test"],
         "label": ["a", "a"], "width": [16, 16], "height": [16, 16], "mode": ["RGB", "RGB"],
@@ -121,6 +124,7 @@ def test_leakage_expectation_fails_on_a_shared_file():
     failed = [r for r in results if not r["success"]]
     assert [r["description"] for r in failed] == ["no file (by sha256) appears in two splits"]
     assert failed[0]["examples"] == ["train/a/1.png", "test/a/1.png"]
+    assert not [r for r in caplog.records if "ephemeral docs" in r.getMessage()]
 
 
 def load_params_raw():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -148,6 +149,8 @@ def run_gx(checks: list[Check], tables: dict[str, Any], docs_dir: Path | None) -
     """Run the suite with a real GX ephemeral context; optionally build Data Docs."""
     import great_expectations as gx
 
+    # its one INFO line names a temporary folder GX removes itself: nothing to act on
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = {"globally": False}
     if docs_dir is not None:
