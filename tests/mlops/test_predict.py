@@ -94,9 +94,9 @@ def test_predict_json_with_topk(registered, inputs, tmp_path):
     assert len(rows[0]["topk"]) == 2
 
 
-def test_predict_user_errors(registered, tmp_path):
+def test_predict_user_errors(registered, inputs, tmp_path):
     from visionflow.cli.main import app
-    from visionflow.core.errors import VisionflowError
+    from visionflow.core.errors import DataError, VisionflowError
 
     runner = CliRunner()
     res = runner.invoke(app, ["predict", "--root", str(registered.root), str(tmp_path / "nope")])
@@ -110,3 +110,12 @@ def test_predict_user_errors(registered, tmp_path):
                               f"models:/{NAME}@nosuchalias", str(split_images(registered, 1)[0])])
     assert isinstance(res.exception, VisionflowError)
     assert "cannot load" in str(res.exception) and "\n" not in str(res.exception)
+    # nothing readable: the error rows are written and the exit is a data error
+    out = tmp_path / "preds.csv"
+    res = runner.invoke(app, ["predict", "--root", str(registered.root), "-o", str(out),
+                              str(inputs["folder"] / "broken.png")])
+    assert isinstance(res.exception, DataError), res.output
+    assert str(res.exception).startswith("0 image(s) predicted") and "broken.png" in str(
+        res.exception)
+    with out.open() as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(inputs["folder"] / "broken.png")]

@@ -252,4 +252,8 @@ def predict_command(
     if summary.failed:
         msg += f"; {summary.failed} could not be read (see the error column), e.g. " \
                f"{summary.errors[0]}"
+    if summary.failed and not summary.images:  # the rows are written; the exit says it
+        from visionflow.core.errors import DataError
+
+        raise DataError(msg)
     typer.echo(msg, err=True)
