@@ -143,3 +143,14 @@ def test_the_pair_codec_runs_in_packing_workers(tmp_path: Path):
 
     codec = pair_codec(tmp_path, ["background", "a"], read_mask, max_side=64)
     assert pickle.loads(pickle.dumps(codec.encode)).keywords == codec.encode.keywords
+
+
+def test_a_mid_epoch_resume_without_the_loaders_position_is_refused():
+    """Resuming after batch `done` needs the loader's saved position (a mid-epoch checkpoint
+    holds every rank's); without it the epoch would start over and train twice on its first
+    batches."""
+    from visionflow.data.segmentation_feed import ShardBatches
+
+    batches = ShardBatches(stream=None, steps=4, device=torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="epoch 2 resumes after batch 1 without"):
+        next(batches(2, done=1))
