@@ -30,7 +30,7 @@ def test_classification_stays_the_default_and_the_preset_switches_task():
         load_params(REPO / "params.yaml", ["task=detection"])
 
 
-def test_a_voc_folder_imports_and_trains(tmp_path):
+def test_a_voc_folder_imports_and_trains(tmp_path, capsys):
     voc = write_voc(tmp_path / "VOC", n=40, bad=1)
     before = sorted(p.relative_to(voc) for p in voc.rglob("*"))
     root = make_project(tmp_path / "proj", voc, {
@@ -61,3 +61,6 @@ def test_a_voc_folder_imports_and_trains(tmp_path):
     with pytest.raises(ValidationFailed, match="rgb_colour_not_in_palette: "
                                                "SegmentationClass/2007_000000.png"):
         run_stage("validate", strict, layout)
+    err = capsys.readouterr().err  # the gate's table, as classification's
+    assert "segmentation data gate: voc (40 pairs, 39 usable" in err, err
+    assert "┃ expectation" in err and "OVER BUDGET" in err and "2007_000000.png" in err, err

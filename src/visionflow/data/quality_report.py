@@ -5,6 +5,8 @@ page) and the same summary as a PNG.
 GX's own Data Docs pull their CSS and JS from CDNs and link page to page, which the artifact
 viewer (offline, one file at a time) cannot follow: `offline_data_docs` drops those remote
 tags from the GX pages and inlines a small stylesheet, so they read too.
+
+`print_gate_table` is the same gate on the console (classification's and segmentation's).
 """
 
 from __future__ import annotations
@@ -34,6 +36,44 @@ img{max-width:100%;border:1px solid #d1d9e0}
 """
 _REMOTE = re.compile(r"<(?:link|script)\b[^>]*(?:href|src)=[\"']?(?:https?:)?//[^>]*>"
                      r"(?:\s*</script>)?", re.IGNORECASE)
+
+
+def cell(value: Any, width: int = 40) -> str:
+    """A console cell: floats to 4 significant digits, cut to `width` characters."""
+    text = "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def gate_result(r: dict[str, Any]) -> str:
+    """An expectation's verdict as rich markup (a failed budget check says so)."""
+    if r["success"]:
+        return "[green]pass[/]"
+    return "[red]FAIL[/]" if r.get("kind", "hard") == "hard" else "[red]OVER BUDGET[/]"
+
+
+def print_gate_table(title: str, expectations: list[dict[str, Any]],
+                     extra: list[tuple[str, str, str]] = (), file: Any = None) -> Any:
+    """The console table (stderr): each expectation's description, observed value, verdict
+    and up to three example files; `extra` rows (description, observed, verdict markup)
+    after them. Returns the console, for the lines that follow."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stderr, width=160)
+    table = Table(title=title, title_justify="left")
+    table.add_column("expectation", overflow="fold", max_width=60)
+    table.add_column("observed", max_width=32)
+    table.add_column("result")
+    table.add_column("examples", overflow="fold", max_width=50)
+    for r in expectations:
+        table.add_row(r["description"], cell(r["observed"], 32), gate_result(r),
+                      ", ".join((r.get("examples") or [])[:3]))
+    for description, observed, verdict in extra:
+        table.add_row(description, cell(observed, 32), verdict, "")
+    console.print(table)
+    return console
 
 
 def summary_png(summary: dict[str, Any]) -> bytes:

@@ -35,7 +35,7 @@ from visionflow.data.manifest import (
     usable_rows,
     write_manifest,
 )
-from visionflow.data.quality_report import write_report
+from visionflow.data.quality_report import print_gate_table, write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import survey_dataset
 from visionflow.mlops.lineage import champion_split_scheme, champion_summary
@@ -194,46 +194,26 @@ def failure_message(summary: dict[str, Any]) -> str:
     return "data gate failed: " + "; ".join(parts)
 
 
-def _cell(value: Any, width: int = 40) -> str:
-    text = "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def print_report(summary: dict[str, Any], file: Any = None) -> None:
     """The console table: expectation, observed value, pass/fail, example files."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=file or sys.stderr, width=160)
-    table = Table(title=f"data gate: {summary['source']} ({summary['files']} files, "
-                        f"{summary['usable']} usable)", title_justify="left")
-    table.add_column("expectation", overflow="fold", max_width=60)
-    table.add_column("observed", max_width=32)
-    table.add_column("result")
-    table.add_column("examples", overflow="fold", max_width=50)
-    for r in summary["expectations"]:
-        if r["success"]:
-            result = "[green]pass[/]"
-        else:
-            result = "[red]FAIL[/]" if r.get("kind", "hard") == "hard" else "[red]OVER BUDGET[/]"
-        table.add_row(r["description"], _cell(r["observed"], 32), result,
-                      ", ".join(r["examples"][:3]))
+    extra = []
     d = summary.get("drift", {})
     if d.get("checks"):
         champ = d.get("champion", {})
         for name, c in d["checks"].items():
             value = c.get("psi", c.get("max_shift", c.get("note")))
             bad = "[red]FAIL[/]" if d["mode"] == "fail" else "[yellow]WARN[/]"
-            table.add_row(f"drift vs {champ.get('model')} v{champ.get('version')}: {name} "
-                          f"(threshold {c.get('threshold')})", _cell(value, 32),
-                          bad if c["drift"] else "[green]pass[/]", "")
+            extra.append((f"drift vs {champ.get('model')} v{champ.get('version')}: {name} "
+                          f"(threshold {c.get('threshold')})", value,
+                          bad if c["drift"] else "[green]pass[/]"))
     split = summary.get("split") or {}
     if split:
         verdict = {"same": "[green]same split[/]", "new_split": "[yellow]NEW SPLIT[/]"}.get(
             split.get("status"), "no reference")
-        table.add_row(f"splits: {split.get('scheme')}", split.get("fingerprint", ""), verdict,
-                      "")
-    console.print(table)
+        extra.append((f"splits: {split.get('scheme')}", split.get("fingerprint", ""), verdict))
+    console = print_gate_table(f"data gate: {summary['source']} ({summary['files']} files, "
+                               f"{summary['usable']} usable)", summary["expectations"], extra,
+                               file)
     q = summary["quarantine"]
     if q["files"]:
         console.print(f"quarantined {q['files']} file(s) ({q['fraction']:.2%}, budget "

@@ -24,7 +24,7 @@ from visionflow.core.errors import ValidationFailed
 from visionflow.core.files import atomic_dir, sha256_file, write_csv, write_json
 from visionflow.core.layout import Layout
 from visionflow.data.expectations import Check, run_gx
-from visionflow.data.quality_report import write_report
+from visionflow.data.quality_report import print_gate_table, write_report
 from visionflow.data.segmentation_layout import Pair, scan_segmentation
 from visionflow.data.segmentation_stats import class_pixel_summary, pixel_frequency_drift
 from visionflow.data.source import resolve_source, source_path
@@ -208,15 +208,9 @@ def _failure(summary: dict[str, Any]) -> str:
 
 
 def _print(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    con = Console(file=sys.stderr, width=160)
-    con.print(f"segmentation data gate ({summary['layout']}): {summary['usable']} usable of "
-              f"{summary['files']} pairs, classes {', '.join(summary['classes'])}")
-    for r in summary["expectations"]:
-        verdict = "[green]pass[/]" if r["success"] else "[red]FAIL[/]"
-        con.print(f"  {verdict} {r['expectation']}: {r['description']} "
-                  f"(observed {r['observed']})")
+    con = print_gate_table(f"segmentation data gate: {summary['layout']} ({summary['files']} "
+                           f"pairs, {summary['usable']} usable; classes "
+                           f"{', '.join(summary['classes'])})", summary["expectations"])
     if summary["quarantined"]:
         con.print("quarantined: " + ", ".join(f"{k}={v}" for k, v in
                                               sorted(summary["quarantined"].items()))
