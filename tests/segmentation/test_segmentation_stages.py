@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ def test_a_voc_folder_imports_and_trains(tmp_path, capsys):
     params = load_params(layout.params)
     for stage in ("validate", "pack", "train"):
         run_stage(stage, params, layout)
+    assert re.search(r"pack \(segmentation\): train \d+, val 10, test \d+ pairs, tensor",
+                     capsys.readouterr().out)
     validation = json.loads(layout.validation.read_text())
     assert validation["layout"] == "voc" and validation["usable"] == 39
     assert validation["quarantined"] == {"rgb_colour_not_in_palette": 1}

@@ -81,7 +81,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                    "saturation": s.saturation, "out_size": [size, size]},
         "storage": storage, "image_size": size, "channels": 3, "counts": counts, **extra,
     })
-    print(f"pack (segmentation): {counts} pairs, {storage}"
+    print("pack (segmentation): " + ", ".join(f"{k} {v}" for k, v in counts.items())
+          + f" pairs, {storage}"
           + (f", {extra['bytes'] / 2**20:.1f} MiB" if "bytes" in extra else ""), flush=True)
     return {"cache": str(layout.packed), "counts": counts, "classes": blob["classes"],
             "storage": storage}
