@@ -4,6 +4,7 @@ server bookkeeping."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import shutil
@@ -212,14 +213,17 @@ def test_refresh_data_without_dvc(proj: Layout):
     assert "not tracked by DVC" in trigger.refresh_data(load_params(proj.params), proj)
 
 
-def test_summary_markdown_and_choice():
-    from visionflow.orchestration import report as flow_report
-
-    comp = {"original": {"format": "torch fp32", "size_bytes": 4_000_000, "top1": 0.9},
+COMP = {"original": {"format": "torch fp32", "size_bytes": 4_000_000, "top1": 0.9},
             "variants": {"int8": {"format": "onnx int8", "size_bytes": 1_000_000,
                                   "size_ratio": 0.25, "top1": 0.895, "top1_drop": 0.005},
                          "prune": {"format": "torch", "size_bytes": 4_000_000,
                                    "size_ratio": 1.0, "top1": 0.9, "top1_drop": 0.0}}}
+
+
+def test_compression_choice_in_the_summary():
+    from visionflow.orchestration import report as flow_report
+
+    comp = copy.deepcopy(COMP)
     assert flow_report.compression_choice(comp)[0] == "int8"
     comp["variants"]["int8"]["top1_drop"] = 0.05
     assert flow_report.compression_choice(comp)[0] == "original"
@@ -234,6 +238,13 @@ def test_summary_markdown_and_choice():
     assert "| int8 | onnxruntime |" in flow_report.summary_markdown({"compress": new_style})
     assert "Registered as version 5 `@compact`." in flow_report.summary_markdown(
         {"compress": new_style, "compact": {"version": "5", "alias": "compact"}})
+
+
+def test_summary_markdown_sections_and_links():
+    from visionflow.orchestration import report as flow_report
+
+    comp = copy.deepcopy(COMP)
+    comp["variants"]["int8"]["top1_drop"] = 0.05
     links = flow_report.mlflow_links("http://h:5000/", {"run_id": "r1", "experiment_id": "7"},
                                      "m", "4", "5")
     assert {k: v["url"] for k, v in links.items()} == {
@@ -270,6 +281,11 @@ def test_summary_markdown_and_choice():
                  "| train | cached |"):
         assert text in md, text
     assert "| | |" not in md and "2.34567" not in md  # no empty header row, seconds rounded
+
+
+def test_metric_rows_outcome_and_headline():
+    from visionflow.orchestration import report as flow_report
+
     rows = flow_report.metric_rows({"top1": 0.9, "n_test": 5, "ok": True, "iou_per_class":
                                     [0.5]}, {"version": "3", "metrics": {"top1": 0.85}})
     assert rows == [{"metric": "top1", "this run": 0.9, "champion v3": 0.85,
