@@ -1,5 +1,6 @@
 """The layers hold: import-linter's contracts, dvc.yaml deps that cover every module a stage
-imports, module-top imports, and modules small enough to read in one sitting."""
+imports, module-top imports, modules small enough to read in one sitting, tests of one claim
+(at most 80 lines)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from visionflow.core.config import STAGE_NAMES
 
 PKG = REPO / "src" / "visionflow"
 MAX_LINES = 420  # "about 400"
+MAX_TEST_LINES = 80  # a longer test is two claims
 
 
 def _module(path: Path) -> str:
@@ -106,3 +108,12 @@ def test_modules_are_small_and_import_at_the_top():
                   if isinstance(n, ast.ImportFrom) and id(n) not in top
                   and (n.module or "").startswith("visionflow")]
     assert not local, f"function-local visionflow imports: {local}"
+
+
+def test_tests_are_short():
+    long = [f"{p.relative_to(REPO)}::{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in (REPO / "tests").rglob("test_*.py")
+            for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("test")
+            and n.end_lineno - n.lineno + 1 > MAX_TEST_LINES]
+    assert not long, f"tests over {MAX_TEST_LINES} lines: {long}"
