@@ -71,6 +71,8 @@ def test_version_has_card_tags_signature_and_example(registered: Layout):
                    "classes | 10: 0, 1, 2", "## Champion gate: PROMOTED", "hardware",
                    "```yaml"):
         assert needle in card, needle
+    params_block = card.split("```yaml")[1].split("```")[0]  # a key a line, as params.yaml
+    assert "\naugment:\n  hflip: " in params_block and "{" not in params_block, params_block
     tags = mv.tags
     for key in ("lineage.data_hash", "lineage.params_hash", "gate_decision", "gate_reason",
                 "gate_checks"):  # (no git, no dvc.lock here: no empty tags for them)

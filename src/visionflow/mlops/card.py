@@ -147,5 +147,14 @@ def _split_sizes(counts: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in total.items())
 
 
+class _CardDumper(yaml.SafeDumper):
+    """params.yaml's own shape: a key a line, lists (`crop_scale`, `methods`) inline."""
+
+
+_CardDumper.add_representer(list, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def _yaml_lines(obj: dict[str, Any]) -> list[str]:
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=None).splitlines()
+    return yaml.dump(obj, Dumper=_CardDumper, sort_keys=False,
+                     default_flow_style=False).splitlines()
