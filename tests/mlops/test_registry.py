@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import REPO
 from projects import fresh_copy, registered_project, split_images, trained_project
 
 from visionflow.core.layout import Layout
@@ -233,3 +235,13 @@ def test_two_concurrent_registrations_leave_one_champion(tmp_path: Path, tmp_pat
     assert [v.gate for v in versions] == ["rejected", "promoted"]
     assert versions[0].tags["gate_champion_version"] == "1"
     assert registry.lock_path(uri).name == ".mlflow.db.register.lock"
+
+
+def test_the_pipeline_run_names_dvc_yamls_stages():
+    from visionflow.core.configfile import parse_params
+    from visionflow.mlops import tracking
+
+    tags = tracking.pipeline_run_tags(parse_params({}), "ab" * 16, "cpu", 1)
+    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+    assert tags["stages"] == " > ".join(stages), tags["stages"]
+    assert f"visionflow pipeline run: {' > '.join(stages)}." in tags[tracking.NOTE]

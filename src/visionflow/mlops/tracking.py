@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from visionflow.core.config import STAGE_NAMES
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import write_json
@@ -202,7 +203,7 @@ def log_validation(layout: Layout) -> None:
 
 
 NOTE = "mlflow.note.content"  # the run's description in the UI
-STAGES = "validate > augment > train > evaluate > compress > register"
+STAGES = " > ".join(STAGE_NAMES)
 
 
 def pipeline_run_tags(params: Any, data_hash: str, device: str, world: int) -> dict[str, str]:
