@@ -6,7 +6,8 @@ has registered the parent (the uncompressed model) as `parent_version`. It reads
 MLflow pyfunc "from code" (`publish.log_compact`: the variant's ONNX file run by ONNX
 Runtime, same input/output contract as the main model, nothing unpickled), registers it as a
 new version of the same registered model, tags it (`parent_version`, `compact_variant`,
-`compact_recipe`, `metrics`, `compact_metrics`, ...) and points the alias `compact` at it.
+`compact_recipe`, `compact_format`, `compact_runtime`, ...; its metrics are its logged
+model's own) and points the alias `compact` at it.
 
 Nothing is registered when no variant fits (the report selected none, or the budget in
 `params` no longer admits the selection). With `require_champion_parent` (the default) the
