@@ -28,6 +28,25 @@ def test_an_error_is_one_line_and_debug_adds_the_traceback(tmp_path: Path):
     assert lines[-1] == plain.stderr.strip()
 
 
+def test_bad_config_fails_before_any_prefect_api_starts(tmp_path: Path):
+    """`vflow run` with a bad override: the one line at once, no temporary API started (and
+    no PREFECT_API_URL needed) first."""
+    import os
+
+    from builders import write_imagefolder
+    from helpers import make_project
+
+    root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "images", {"train/a": 2}),
+                        mlflow_store=False)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    for bad, line in ((["-s", "nonsense"], "error: override: expected KEY=VALUE, got 'nonsense'"),
+                      (["-s", "train.lr=abc"], f"error: {root}/params.yaml: train.lr='abc': ")):
+        out = subprocess.run([str(BIN / "vflow"), "run", "--root", str(root), *bad], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith(line), out.stderr[-2000:]
+        assert "temporary server" not in out.stdout + out.stderr, out.stderr[-2000:]
+
+
 def test_a_failed_run_shows_our_error_without_prefects_traceback(tmp_path: Path,
                                                                  prefect_server: str):
     """Prefect logs a failed flow's exception with its traceback on the console; for our own

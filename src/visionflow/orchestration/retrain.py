@@ -56,6 +56,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def _params_path(params: str, root: str) -> str:
+    return params if os.path.isabs(params) else str(Path(root) / params)
+
+
+def _with_source(overrides: list[str] | None, data_source: str | None) -> list[str]:
+    """The run's overrides, `data_source` as `data.source`."""
+    return [*(overrides or []), *([f"data.source={json.dumps(data_source)}"]
+                                  if data_source else [])]
+
+
 class RetrainRun:
     """One run of the flow: `load`, then `late_or_old_data` (scheduled runs), `stage` for
     each stage, `finish`; all inside `reporting_failures`."""
@@ -64,10 +74,8 @@ class RetrainRun:
                  data_source: str | None, only_new_data: bool) -> None:
         self.logger = get_run_logger()
         self.root = str(Path(root).resolve())
-        self.params_path = params if os.path.isabs(params) else str(Path(self.root) / params)
-        self.overrides = list(overrides or [])
-        if data_source:
-            self.overrides.append(f"data.source={json.dumps(data_source)}")
+        self.params_path = _params_path(params, self.root)
+        self.overrides = _with_source(overrides, data_source)
         self.force = force
         self.report: dict[str, Any] = {"root": self.root, "force": force,
                                        "only_new_data": only_new_data, "stages": [],
@@ -316,7 +324,11 @@ def run_and_print(retrain: Callable[..., Any], params: str, overrides: list[str]
                   force: bool = False, only_new_data: bool = False,
                   data_source: str | None = None) -> dict[str, Any]:
     """One run of the flow against the project's Prefect server (or an ephemeral one), and
-    what it registered, on stdout (`vflow run`, `python flows/retrain.py`)."""
+    what it registered, on stdout (`vflow run`, `python flows/retrain.py`). Bad config is
+    its one line before the temporary API starts (seconds), as it is in the flow."""
+    resolved = str(Path(root).resolve())
+    load_params(_params_path(params, resolved), _with_source(overrides, data_source),
+                root=Path(resolved))
     with servers.prefect_api(Layout.at(root)):
         out = retrain(params=params, overrides=overrides, root=root, force=force,
                       data_source=data_source, only_new_data=only_new_data)
