@@ -1,6 +1,7 @@
-"""`vflow --help` lists each command with a one-line summary: in rich mode Typer keeps the
-single line breaks of a docstring's first paragraph, so a wrapped first paragraph shows in
-the listing as broken lines."""
+"""`vflow --help` lists each command with a one-line summary (a wrapped first paragraph
+would show in the listing as broken lines), and a command's help reads its docstring's later
+paragraphs as paragraphs: the CLI renders help as Markdown, where Typer's rich mode kept each
+source line break."""
 
 from __future__ import annotations
 
@@ -37,4 +38,12 @@ def test_the_listing_shows_each_summary_whole():
 
     out = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "240"}).output
     assert "Predict with a registered model: top-k labels (CSV or JSON), or masks." in out
-    assert "Search hyperparameters (`tune:` in params.yaml); --apply writes the best." in out
+    assert "Search hyperparameters (tune: in params.yaml); --apply writes the best." in out
+
+
+def test_a_commands_later_paragraphs_wrap_to_the_terminal():
+    from visionflow.cli.main import app
+
+    out = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "200"}).output
+    assert ("A segmentation model writes one PNG mask per image into the folder --out names "
+            "(without its .csv/.json suffix) and an index.csv there.") in out, out

@@ -19,6 +19,7 @@ from visionflow.core.errors import VisionflowError
 
 app = typer.Typer(help="visionflow: validate, pack, train, evaluate, compress, register.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",  # a docstring's lines wrap as one paragraph
                   context_settings={"help_option_names": ["-h", "--help"]})
 stage_app = typer.Typer(help="Run one pipeline stage (what dvc.yaml calls).",
                         no_args_is_help=True)
