@@ -118,3 +118,21 @@ def test_a_failed_launch_names_what_the_rank_raised():
                               + TORCHRUN_TAIL.splitlines()[-1]) == \
         "error: segmentation.batch_size=64: too few"
     assert launch._error_line("starting\nsomething failed here\nbye") == "something failed here"
+
+
+def test_the_launch_result_counts_training_as_the_stage_does(tmp_path):
+    """Seconds and rate from rank 0's history (what its own "train done" line says), the
+    launch's wall time beside them; a classifier's line has no mIoU field."""
+    from visionflow.core.files import write_csv
+    from visionflow.stages import result_line
+
+    layout = Layout.at(tmp_path)
+    layout.history.parent.mkdir(parents=True)
+    write_csv(layout.history, [{"epoch": 1, "val_top1": 0.5, "img_per_s": 100.0, "seconds": 2.0},
+                               {"epoch": 2, "val_top1": 0.75, "img_per_s": 300.0, "seconds": 2.0}])
+    result = launch.read_result(layout, "1x2 ranks", 14.0)
+    assert (result.epochs_run, result.val_top1, result.seconds) == (2, 0.75, 4.0)
+    assert result.images_per_s == 200.0 and result.wall_seconds == 14.0
+    line = result_line("launch", result)
+    assert "seconds=4 images_per_s=200 device=1x2 ranks wall_seconds=14" in line, line
+    assert "val_miou" not in line

@@ -298,6 +298,10 @@ def test_torchrun_two_nodes_across_namespaces(hosts: Hosts):
                         f"{(hosts.roots[h] / 'launch.log').read_text()[-3000:]}")
     for h, proc in procs.items():
         assert proc.returncode == 0, (h, (hosts.roots[h] / "launch.log").read_text()[-4000:])
+    # rank 0's own line, then the launch's (its wall time), on the host that holds rank 0
+    done = [ln.split(" done: ")[0] for ln in (hosts.roots["a"] / "launch.log").read_text()
+            .splitlines() if " done: " in ln]
+    assert done == ["train", "launch"], done
     # one set of outputs: rank 0 on host A (its address sorts first) wrote them; B did not
     assert model["a"].stat().st_mtime_ns != before["a"]
     assert model["b"].stat().st_mtime_ns == before["b"]

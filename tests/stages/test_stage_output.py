@@ -16,7 +16,7 @@ def test_a_result_is_one_line_of_its_scalars():
                     "seconds=12.35 images_per_s=1235 device=cpu")
     nested = result_line("evaluate", {"top1": 0.1, "iou_per_class": {"0": 0.5}, "n_test": 30,
                                       "classes": ["a", "b"], "note": "x" * 200, "p": None})
-    assert nested == "top1=0.1 n_test=30 p=None"  # the rest is in outputs/
+    assert nested == "top1=0.1 n_test=30"  # None: not applicable; the rest is in outputs/
     summary = {"success": True, "files": 9, "counts": {"train": {"a": 3}}}
     assert result_line("validate", {"summary": summary, "report": {}}) == "success=True files=9"
 

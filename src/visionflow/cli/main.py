@@ -57,11 +57,13 @@ def _load(params: Path, overrides: list[str] | None, root: Path):
 def _stage_command(name: str):
     def command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                 root: RootOpt = Path(".")) -> None:
+        from visionflow.orchestration.launch import LaunchResult
         from visionflow.orchestration.stage_runner import run_stage
         from visionflow.stages import print_result
 
         cfg, layout = _load(params, set_, root)
-        print_result(name, run_stage(name, cfg, layout))
+        result = run_stage(name, cfg, layout)  # through torchrun: rank 0 said "train done"
+        print_result("launch" if isinstance(result, LaunchResult) else name, result)
 
     command.__doc__ = f"Run the {name} stage (the same as `python3 -m visionflow.stages.{name}`)."
     return command
@@ -89,7 +91,7 @@ def launch(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         typer.echo(" ".join(launcher.command(cfg, launcher.resolved_params(cfg, layout),
                                              layout.root, local_addr)))
         return
-    print_result("train", launcher.train(cfg, layout, local_addr, need_outputs=False))
+    print_result("launch", launcher.train(cfg, layout, local_addr, need_outputs=False))
 
 
 @app.command()

@@ -147,7 +147,8 @@ def _error_line(tail: str) -> str:
 @dataclass
 class LaunchResult:
     """What `stages.train.run` returns, read back from the outputs rank 0 wrote (a
-    segmenter's last val mIoU in `val_miou`)."""
+    segmenter's last val mIoU in `val_miou`): `seconds` and `images_per_s` of training, as
+    the stage counts them; `wall_seconds`, torchrun's whole run, start-up included."""
 
     model_path: Path
     epochs_run: int
@@ -156,6 +157,7 @@ class LaunchResult:
     images_per_s: float
     device: str
     val_miou: float | None = None
+    wall_seconds: float = 0.0
 
 
 def train(params: Params, layout: Layout, local_addr: str | None = None,
@@ -177,21 +179,29 @@ def train(params: Params, layout: Layout, local_addr: str | None = None,
     if code != 0:
         raise LaunchError(f"torchrun train{where} exited with code {code}: {_error_line(tail)}")
     here = layout.model.is_file() and layout.model.stat().st_mtime_ns != before
+    ranks = f"{cfg.nodes}x{cfg.procs_per_node} ranks"
     if not here and not need_outputs:
         print("train: done; rank 0 ran on another node, which holds the outputs", flush=True)
-        return LaunchResult(layout.model, 0, None, seconds, 0.0,
-                            f"{cfg.nodes}x{cfg.procs_per_node} ranks (not rank 0)")
+        return LaunchResult(layout.model, 0, None, 0.0, 0.0, f"{ranks} (not rank 0)",
+                            wall_seconds=seconds)
     if not here:
         raise LaunchError(f"train: rank 0 ran on another node, which holds the outputs "
                           f"({layout.model} was not written here); run the flow on the node "
                           "whose address sorts first, or pass it --local-addr")
+    return read_result(layout, ranks, seconds)
+
+
+def read_result(layout: Layout, device: str, wall_seconds: float) -> LaunchResult:
+    """The launch's result from rank 0's `history.csv`: epochs, the last val metric, and the
+    training time and rate summed over its epochs."""
     rows = _history(layout.history)
     last = rows[-1] if rows else {}
+    train_s = sum(float(r.get("seconds") or 0) for r in rows)
     images = sum(float(r.get("img_per_s") or 0) * float(r.get("seconds") or 0) for r in rows)
     val, miou = last.get("val_top1"), last.get("val_miou")
-    return LaunchResult(layout.model, len(rows), float(val) if val else None, seconds,
-                        images / max(seconds, 1e-9), f"{cfg.nodes}x{cfg.procs_per_node} ranks",
-                        float(miou) if miou else None)
+    return LaunchResult(layout.model, len(rows), float(val) if val else None, train_s,
+                        images / train_s if train_s else 0.0, device,
+                        float(miou) if miou else None, wall_seconds)
 
 
 def _history(path: Path) -> list[dict[str, str]]:

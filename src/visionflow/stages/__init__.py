@@ -41,8 +41,8 @@ def print_result(name: str, result: Any) -> None:
 
 
 def result_line(name: str, result: Any) -> str:
-    """`key=value ...` of a stage result's scalar fields: numbers, short strings and paths,
-    None."""
+    """`key=value ...` of a stage result's scalar fields: numbers, short strings and paths
+    (None, a field that does not apply, left out)."""
     payload = asdict(result) if is_dataclass(result) else result
     if name == "validate":
         payload = payload["summary"]
@@ -52,7 +52,7 @@ def result_line(name: str, result: Any) -> str:
     for key, value in payload.items():
         if isinstance(value, float):
             shown.append(f"{key}={value:.4g}")
-        elif isinstance(value, bool | int | str | Path | None) and len(str(value)) <= 120:
+        elif isinstance(value, bool | int | str | Path) and len(str(value)) <= 120:
             shown.append(f"{key}={value}")
     return " ".join(shown)
 
