@@ -245,3 +245,18 @@ def test_the_pipeline_run_names_dvc_yamls_stages():
     stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     assert tags["stages"] == " > ".join(stages), tags["stages"]
     assert f"visionflow pipeline run: {' > '.join(stages)}." in tags[tracking.NOTE]
+
+
+def test_models_show_prints_the_cards_key_value_tables_as_lists(registered: Layout):
+    """In a terminal, a header-less card table would be an empty header row and a rule."""
+    from typer.testing import CliRunner
+
+    from visionflow.cli.main import app
+
+    res = CliRunner().invoke(app, ["models", "show", "1", "--root", str(registered.root)],
+                             env={"COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    card = res.output[res.output.index("visionflow-classifier v1: alexnet"):]
+    assert "• architecture: alexnet" in card and "• data hash (dataset digest): " in card, card
+    assert "| |" not in card and "|---" not in card, card
+    assert "metric" in card and "0.9" in card  # the metrics table keeps its header

@@ -140,7 +140,9 @@ def show_cmd(version: Annotated[str, typer.Argument(help="version, vN, or an ali
             tags.add_row(k, info.tags[k])
     con.print(tags)
     if card and info.description:
-        con.print(Markdown(info.description))
+        from visionflow.mlops.card import for_terminal
+
+        con.print(Markdown(for_terminal(info.description)))
 
 
 @models_app.command("compare")

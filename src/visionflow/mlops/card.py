@@ -33,10 +33,30 @@ def _training_summary(layout: Layout) -> dict[str, Any]:
     }
 
 
+KV_HEADER = ("| | |", "|---|---|")  # a key/value table: no header row on the page
+
+
 def _md_table(rows: list[tuple[str, Any]]) -> list[str]:
-    out = ["| | |", "|---|---|"]
+    out = list(KV_HEADER)
     out += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
     return out
+
+
+def for_terminal(card: str) -> str:
+    """The card for a terminal (`vflow models show`): its key/value tables as lists, where
+    rich would draw an empty header row and a rule above each."""
+    out: list[str] = []
+    in_kv = False
+    for line in card.splitlines():
+        if line == KV_HEADER[0] or (in_kv and line == KV_HEADER[1]):
+            in_kv = True
+        elif in_kv and line.startswith("| ") and line.endswith(" |"):
+            key, value = line[2:-2].split(" | ", 1)
+            out.append(f"- **{key}**: {value}")
+        else:
+            in_kv = False
+            out.append(line)
+    return "\n".join(out)
 
 
 SAMPLE_NOTE = "a test image of the data this version was trained on"
