@@ -29,3 +29,5 @@ def test_compress_line_signs_a_drop_as_a_loss():
            "top1_drop_points": 0.56}
     line = _summary_line({"selected": sel, "objective": "size"})
     assert line.endswith("top-1 0.9777 (-0.56 pt against fp32)"), line
+    same = _summary_line({"selected": {**sel, "top1_drop_points": 0.0}, "objective": "size"})
+    assert same.endswith("(+0.00 pt against fp32)"), same  # not "-0.00"

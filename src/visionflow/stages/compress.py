@@ -235,7 +235,7 @@ def _summary_line(report: dict[str, Any]) -> str:
             f"{sel['size_bytes'] / 1e6:.2f} MB ({sel['size_ratio']}x), "
             f"{sel['mac_ratio']}x MACs, CPU b1 {sel['cpu_b1_ms']:.2f} ms "
             f"({sel['speedup_b1_vs_fp32_eager']}x fp32 eager), {LABELS[metric]} "
-            f"{sel[metric]:.4f} ({-sel[f'{metric}_drop_points']:+.2f} pt against fp32)")
+            f"{sel[metric]:.4f} ({0.0 - sel[f'{metric}_drop_points']:+.2f} pt against fp32)")
 
 
 if __name__ == "__main__":
