@@ -17,8 +17,10 @@ T_RANGE = (0.05, 20.0)
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
-    """The T that minimises the negative log-likelihood of `target` under softmax(logits / T);
-    1.0 when there is nothing to fit on or the fit leaves `T_RANGE`."""
+    """The T within `T_RANGE` that minimises the negative log-likelihood of `target` under
+    softmax(logits / T); 1.0 when there is nothing to fit on. The likelihood has one optimum
+    in log T, so a fit that runs past the range (a model far too sure of itself, whose optimum
+    is beyond 20) is held at the nearer end."""
     if len(logits) == 0:
         return 1.0
     logits, target = logits.detach().float().cpu().clone(), target.long().cpu().clone()
@@ -33,5 +35,8 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 
 
     with torch.enable_grad():
         opt.step(closure)
-    t = float(log_t.detach().exp())
-    return t if math.isfinite(t) and T_RANGE[0] <= t <= T_RANGE[1] else 1.0
+    fitted = float(log_t.detach().exp())
+    candidates = [*T_RANGE, 1.0] + ([min(max(fitted, T_RANGE[0]), T_RANGE[1])]
+                                    if math.isfinite(fitted) else [])
+    with torch.no_grad():
+        return min(candidates, key=lambda t: float(F.cross_entropy(logits / t, target)))
