@@ -35,15 +35,19 @@ def test_nothing_to_fit():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
-def test_a_model_far_too_sure_gets_the_ranges_end_not_one():
-    """Always class 0 with a logit gap of 60, right on a third of 13 val images (as a model
-    trained two epochs on 100 photos was): the optimum is beyond T_RANGE, so its end, which
-    softens the scores, not 1.0, which leaves every score at 1.0."""
+def test_a_model_far_too_sure_is_softened_past_twenty():
+    """Always class 0 with a logit gap of 60, right on 5 of 13 val images: the likelihood is
+    best where class 0 scores 5/13, at T = 60 / ln(1.25) = 268.9 (the range stopped at 20
+    before, and a fit past it fell back to 1.0, every score 1.0); past the range's end, the
+    end."""
+    import math
+
     from visionflow.model.calibration import T_RANGE
 
     logits = torch.zeros(13, 3)
     logits[:, 0] = 60.0
     labels = torch.tensor([0, 1, 2] * 4 + [0])
     t = fit_temperature(logits, labels)
-    assert t == T_RANGE[1]
-    assert (logits / t).softmax(1)[0, 0] < 0.999
+    assert t == pytest.approx(60 / math.log(1.25), rel=1e-2)
+    assert (logits / t).softmax(1)[0, 0].item() == pytest.approx(5 / 13, abs=1e-2)
+    assert fit_temperature(logits * 100, labels) == T_RANGE[1]  # optimum past the end

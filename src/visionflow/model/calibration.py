@@ -13,14 +13,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-T_RANGE = (0.05, 20.0)
+T_RANGE = (0.05, 1000.0)  # at 1,000 a model whose logits say nothing scores near uniform
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
     """The T within `T_RANGE` that minimises the negative log-likelihood of `target` under
     softmax(logits / T); 1.0 when there is nothing to fit on. The likelihood has one optimum
     in log T, so a fit that runs past the range (a model far too sure of itself, whose optimum
-    is beyond 20) is held at the nearer end."""
+    lies beyond it) is held at the nearer end."""
     if len(logits) == 0:
         return 1.0
     logits, target = logits.detach().float().cpu().clone(), target.long().cpu().clone()
