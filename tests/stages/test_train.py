@@ -124,6 +124,27 @@ def test_early_stopping_stops_when_val_stalls(small, tmp_path):
     assert len(rows) == 1 + 3
 
 
+def test_a_loss_that_is_not_a_number_stops_the_stage_before_it_writes(small, tmp_path,
+                                                                      capsys):
+    """AlexNet at lr 1e30 (no BatchNorm to hold it): the loss is NaN within the first epoch;
+    the stage stops after it in one line naming the key, with no model, checkpoint or
+    history written. At lr 5 the loss stays finite but above ln(10): a warning."""
+    from visionflow.core.errors import VisionflowError
+
+    lay = _small(small, tmp_path / "nan", **{"train.model": "alexnet", "train.lr": 1e30,
+                                              "train.epochs": 3})
+    with pytest.raises(VisionflowError, match=r"^train: the loss is not a number in epoch 1: "
+                                              r"training diverged; lower train.lr \(now 1e\+30\)"):
+        run_stage("train", load_params(lay.params), lay)
+    assert not lay.model.exists() and not lay.checkpoint.exists() and not lay.history.exists()
+
+    lay = _small(small, tmp_path / "high", **{"train.model": "alexnet", "train.lr": 5.0,
+                                               "train.epochs": 1})
+    capsys.readouterr()
+    run_stage("train", load_params(lay.params), lay)
+    assert "is above a uniform guess's ln(10) = 2.3" in capsys.readouterr().out
+
+
 def test_time_budget_stops_after_the_epoch_that_spends_it(small, tmp_path):
     lay = _small(small, tmp_path / "tb", **{"train.epochs": 4, "train.time_budget_s": 1e-3})
     assert run_stage("train", load_params(lay.params), lay).epochs_run == 1
