@@ -134,7 +134,7 @@ def test_a_loss_that_is_not_a_number_stops_the_stage_before_it_writes(small, tmp
     lay = _small(small, tmp_path / "nan", **{"train.model": "alexnet", "train.lr": 1e30,
                                               "train.epochs": 3})
     with pytest.raises(VisionflowError, match=r"^train: the loss is not a number in epoch 1: "
-                                              r"training diverged; lower train.lr \(now 1e\+30\)"):
+                                              r"training diverged; lower train.lr \(now 1e\+30\)$"):
         run_stage("train", load_params(lay.params), lay)
     assert not lay.model.exists() and not lay.checkpoint.exists() and not lay.history.exists()
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionflow.core.errors import VisionflowError
 from visionflow.core.files import torch_save
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -97,6 +98,28 @@ def rank_line(dist: Dist, msg: str) -> None:
     print's text and its newline are two writes that another rank's line can come between."""
     sys.stdout.write(f"rank {dist.rank}: {msg}\n")
     sys.stdout.flush()
+
+
+def check_the_loss(diverged: int | None, history: list[dict[str, Any]], classes: int,
+                   lr: tuple[str, float], checkpoint: Path, dist: Dist,
+                   device: torch.device) -> None:
+    """After training, before anything is written: a loss that was not a number (in epoch
+    `diverged`, rank 0's word on every rank) stops the stage in one line and drops the
+    checkpoint (a rerun would resume the broken weights); a last epoch's loss above a uniform
+    guess's ln(classes) is a warning (diverged, or learned nothing). `lr`: (its key, value)."""
+    stop = diverged is not None
+    if dist.enabled:  # every rank raises, or none does
+        stop = broadcast_flag(stop, device)
+    if stop:
+        if dist.main:
+            checkpoint.unlink(missing_ok=True)
+        raise VisionflowError(f"train: the loss is not a number in epoch {diverged or '?'}: "
+                              f"training diverged; lower {lr[0]} (now {lr[1]:g})")
+    last = history[-1]["train_loss"] if history else 0.0
+    if classes > 1 and last > math.log(classes):
+        say(dist, f"warning: the last epoch's train loss {last:.3g} is above a uniform "
+            f"guess's ln({classes}) = {math.log(classes):.3g}: training diverged or learned "
+            f"nothing; a lower {lr[0]} (now {lr[1]:g})?")
 
 
 def replicas_agree(model: nn.Module, device: torch.device) -> str:

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from visionflow.core.config import Params
-from visionflow.core.errors import VisionflowError
 from visionflow.core.files import write_csv
 from visionflow.core.layout import Layout
 from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
@@ -111,7 +110,8 @@ def run(params: Params, layout: Layout) -> TrainResult:
         finally:
             if bar is not None:
                 bar.close()
-        _check_the_loss(epochs.diverged, history, len(cache["classes"]), cfg.lr, dist, device)
+        engine.check_the_loss(epochs.diverged, history, len(cache["classes"]),
+                              ("train.lr", cfg.lr), layout.checkpoint, dist, device)
         if dist.enabled:
             engine.rank_line(dist, engine.replicas_agree(result.model, device))
         if dist.main:
@@ -174,25 +174,6 @@ class _EpochLog:
             state = run.state_dict()  # every rank, as above
             if self.dist.main:
                 engine.save_checkpoint(self.layout.checkpoint, self.chash, state, self.history)
-
-
-def _check_the_loss(diverged: int | None, history: list[dict[str, Any]], classes: int,
-                    lr: float, dist, device) -> None:
-    """A loss that is not a number stops the stage in one line, before anything is written
-    (every rank: the ranks' weights are one); a last epoch's loss above a uniform guess's
-    ln(classes) is a warning (training diverged or learned nothing)."""
-    stop = diverged is not None
-    if dist.enabled:  # rank 0's word: every rank raises, or none does
-        stop = engine.broadcast_flag(stop, device)
-    if stop:
-        raise VisionflowError(f"train: the loss is not a number in epoch {diverged or '?'}: "
-                              f"training diverged; lower train.lr (now {lr:g}) or set "
-                              "train.grad_clip")
-    last = history[-1]["train_loss"] if history else 0.0
-    if classes > 1 and last > math.log(classes):
-        engine.say(dist, f"warning: the last epoch's train loss {last:.3g} is above a uniform "
-                   f"guess's ln({classes}) = {math.log(classes):.3g}: training diverged or "
-                   f"learned nothing; lower train.lr (now {lr:g})?")
 
 
 def _stale_epochs(history: list[dict[str, Any]]) -> int:
