@@ -110,6 +110,14 @@ def test_predict_user_errors(registered, inputs, tmp_path):
                               f"models:/{NAME}@nosuchalias", str(split_images(registered, 1)[0])])
     assert isinstance(res.exception, VisionflowError)
     assert "cannot load" in str(res.exception) and "\n" not in str(res.exception)
+    # a mistyped --root: one line, and no empty store made there
+    elsewhere = tmp_path / "not-a-project"
+    for args in (["predict", "--root", str(elsewhere), str(inputs["single"])],
+                 ["models", "list", "--root", str(elsewhere)]):
+        res = runner.invoke(app, args)
+        assert isinstance(res.exception, DataError) and "no model registry here" in str(
+            res.exception), (args, res.output)
+    assert not elsewhere.exists()
     # nothing readable: the error rows are written and the exit is a data error
     out = tmp_path / "preds.csv"
     res = runner.invoke(app, ["predict", "--root", str(registered.root), "-o", str(out),

@@ -26,7 +26,21 @@ ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (recorded wi
 def _open(root: Path, name: str | None):
     from visionflow.mlops import registry
 
+    _registry_here(root)
     return registry.client_for(root), name or registry.model_name_for(root)
+
+
+def _registry_here(root: Path) -> None:
+    """A mistyped --root is one line, not a new empty store made there (MLflow creates a
+    sqlite store where it is pointed)."""
+    from visionflow.core.errors import DataError
+    from visionflow.core.layout import Layout
+    from visionflow.mlops.lineage import registry_uri_if_any
+
+    layout = Layout.at(root)
+    if registry_uri_if_any(layout) is None:
+        raise DataError(f"{layout.mlflow_db}: no model registry here (and no "
+                        "MLFLOW_TRACKING_URI): run the pipeline first, or pass --root")
 
 
 def _console():
@@ -245,6 +259,8 @@ def predict_command(
         from visionflow.mlops.predict import run_predict
 
     uri = model or f"models:/{registry.model_name_for(root)}@champion"
+    if uri.startswith("models:/"):
+        _registry_here(root)
     if task not in (None, "classification", "segmentation"):
         raise typer.BadParameter(f"--task {task!r}: choose classification or segmentation")
     summary = run_predict(uri, list(paths), out, fmt, batch_size, topk, device, root,
