@@ -297,3 +297,19 @@ def test_ddp_two_gloo_processes_with_a_frozen_backbone(small, tmp_path):
     runs = MlflowClient().search_runs([exp_id])
     assert [r.info.run_id for r in runs] == [run_id]  # only rank 0 logged
     assert runs[0].data.tags["world_size"] == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank left waiting on a collective the other skipped
+def test_two_ranks_stop_together_on_a_loss_that_is_not_a_number(small, tmp_path):
+    """lr 1e30 on 2 gloo ranks: rank 0's word on the loss reaches both, both exit, the one
+    line names the key, nothing is written."""
+    lay = _small(small, tmp_path / "ddpnan", **{"train.model": "alexnet", "train.lr": 1e30,
+                                                 "train.epochs": 2, "train.threads": 1,
+                                                 "train.procs_per_node": 2})
+    proc = run([str(BIN / "vflow"), "stage", "train", "--root", str(lay.root)], lay.root,
+               check=False, timeout=280)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "the loss is not a number in epoch 1" in proc.stdout + proc.stderr, (
+        proc.stdout[-2000:] + proc.stderr[-2000:])
+    assert not lay.model.exists() and not lay.checkpoint.exists()

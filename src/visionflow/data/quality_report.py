@@ -38,13 +38,13 @@ _REMOTE = re.compile(r"<(?:link|script)\b[^>]*(?:href|src)=[\"']?(?:https?:)?//[
                      r"(?:\s*</script>)?", re.IGNORECASE)
 
 
-def cell(value: Any, width: int = 40) -> str:
+def _cell(value: Any, width: int = 40) -> str:
     """A console cell: floats to 4 significant digits, cut to `width` characters."""
     text = "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def gate_result(r: dict[str, Any]) -> str:
+def _gate_result(r: dict[str, Any]) -> str:
     """An expectation's verdict as rich markup (a failed budget check says so)."""
     if r["success"]:
         return "[green]pass[/]"
@@ -68,10 +68,10 @@ def print_gate_table(title: str, expectations: list[dict[str, Any]],
     table.add_column("result")
     table.add_column("examples", overflow="fold", max_width=50)
     for r in expectations:
-        table.add_row(r["description"], cell(r["observed"], 32), gate_result(r),
+        table.add_row(r["description"], _cell(r["observed"], 32), _gate_result(r),
                       ", ".join((r.get("examples") or [])[:3]))
     for description, observed, verdict in extra:
-        table.add_row(description, cell(observed, 32), verdict, "")
+        table.add_row(description, _cell(observed, 32), verdict, "")
     console.print(table)
     return console
 

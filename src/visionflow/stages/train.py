@@ -147,7 +147,10 @@ class _EpochLog:
         self.diverged: int | None = None  # the epoch whose loss was not a number
 
     def __call__(self, e: EpochEnd) -> bool:
-        if not math.isfinite(e.train_loss):  # no checkpoint of a broken model: stop here
+        broken = not math.isfinite(e.train_loss)
+        if self.dist.enabled:  # rank 0's word: a rank whose mean stayed finite must not go
+            broken = engine.broadcast_flag(broken, self.device)  # on to the checkpoint alone
+        if broken:  # no checkpoint of a broken model: stop here
             self.diverged = e.epoch
             return True
         val = _val_top1(self.data, e.model) if self.data.has_val else None
