@@ -69,15 +69,16 @@ def test_a_voc_folder_imports_and_trains(tmp_path, capsys):
     assert "┃ expectation" in err and "OVER BUDGET" in err and "2007_000000.png" in err, err
 
 
-def test_a_segmentation_loss_that_is_not_a_number_stops_train(tmp_path):
-    """lr 1e30: the pixel loss is NaN from the first epoch; train stops in one line naming
-    segmentation.lr, and writes no model (the checkpoint of the broken weights dropped)."""
+def test_a_segmentation_loss_that_is_not_a_number_stops_train(tmp_path, capsys):
+    """lr 1e30: the pixel loss is NaN from the first epoch; train stops at the end of that
+    epoch (not after all three) in one line naming segmentation.lr, and writes no model (the
+    checkpoint of the broken weights dropped)."""
     from seg_projects import shapes
 
     from visionflow.core.errors import VisionflowError
 
     layout = Layout.at(make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=40), {
-        **SEG, "segmentation.epochs": 2, "segmentation.lr": 1e30}))
+        **SEG, "segmentation.epochs": 3, "segmentation.lr": 1e30}))
     params = load_params(layout.params)
     for stage in ("validate", "pack"):
         run_stage(stage, params, layout)
@@ -85,3 +86,4 @@ def test_a_segmentation_loss_that_is_not_a_number_stops_train(tmp_path):
                                               r"training diverged; lower segmentation.lr"):
         run_stage("train", params, layout)
     assert not layout.model.exists() and not layout.checkpoint.exists()
+    assert "epoch 2/3" not in capsys.readouterr().out  # no epoch trained after the first

@@ -107,9 +107,11 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
     of them an epoch. `on_epoch(epoch, mean loss over all ranks, seconds, images)` runs after
     each epoch, outside its timed window (it may evaluate: the model is put back in training
     mode), then `save(state)`; with `save_every`, `save` also runs every that many steps
-    within an epoch. `start` (such a state) resumes at the batch after it. Returns
+    within an epoch. `start` (such a state) resumes at the batch after it. An epoch whose
+    mean loss is not a number ends the loop there, with neither callback. Returns
     {"img_per_s": training images per second over this call's epochs, all ranks,
-    "epoch_seconds": their wall times, "loss": last epoch's mean loss, "seconds"}."""
+    "epoch_seconds": their wall times, "loss": last epoch's mean loss, "seconds",
+    "diverged": that epoch, or None}."""
     d = dist or Dist()
     device = next(model.parameters()).device
     steps = epochs * steps_per_epoch
@@ -134,7 +136,7 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                 "optimizer": opt.state_dict(), "schedule": sched.state_dict(), **more}
 
     model.train()
-    begin, seen, epoch_seconds = time.perf_counter(), 0, []
+    begin, seen, epoch_seconds, diverged = time.perf_counter(), 0, [], None
     for number in range(done + 1, epochs + 1):
         first = into if number == done + 1 else 0  # batches of this epoch run before a kill
         epoch_start = time.perf_counter()
@@ -161,6 +163,9 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
                 epoch_start, begin = epoch_start + pause, begin + pause
         loss_mean = _mean_over_ranks(loss_sum, n_batches, d, device)  # waits for the device
         epoch_seconds.append(time.perf_counter() - epoch_start)
+        if not math.isfinite(loss_mean):  # the same mean on every rank: all stop here,
+            diverged = number  # before the callback and the checkpoint of broken weights
+            break
         seen, paused = seen + ran, time.perf_counter()
         if on_epoch is not None:
             on_epoch(number, loss_mean, epoch_seconds[-1], ran * d.world)
@@ -170,7 +175,7 @@ def fit_segmenter_on(model: nn.Module, batches: Batches, steps_per_epoch: int,
         begin += time.perf_counter() - paused
     elapsed = time.perf_counter() - begin
     return {"img_per_s": seen * d.world / max(elapsed, 1e-9), "epoch_seconds": epoch_seconds,
-            "loss": loss_mean, "seconds": elapsed}
+            "loss": loss_mean, "seconds": elapsed, "diverged": diverged}
 
 
 def _mean_over_ranks(loss_sum: Tensor, n_batches: int, d: Dist, device: torch.device) -> float:

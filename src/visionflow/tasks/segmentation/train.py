@@ -17,7 +17,6 @@ per epoch) and opens the pipeline's MLflow run, as classification's train does.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import mlflow
@@ -121,9 +120,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                 raise ConfigError(f"segmentation.batch_size={s.batch_size}: {e}") from None
             fit = fit_segmenter(model, cache["train_x"], cache["train_masks"].long(),
                                 policy_for(params), batch_size=s.batch_size, **how)
-        nan_epoch = next((r["epoch"] for r in history if not math.isfinite(r["train_loss"])),
-                         None)  # rank 0's history: the others' is empty
-        engine.check_the_loss(nan_epoch, history, k, ("segmentation.lr", s.lr),
+        engine.check_the_loss(fit["diverged"], history, k, ("segmentation.lr", s.lr),
                               layout.checkpoint, dist, device)
         if dist.enabled:
             engine.rank_line(dist, f"{steps} batches an epoch; "
