@@ -213,3 +213,20 @@ def test_validation_artifacts_go_to_the_active_run(champion_project):
     docs = {f.path for f in MlflowClient().list_artifacts(run.info.run_id, "data/data_docs")}
     assert "data/data_docs/index.html" in docs
     assert [p for p, _ in layout.validation_artifacts()][-1] == layout.data_docs
+
+
+def test_validate_says_in_words_why_drift_has_nothing_to_compare_with(tmp_path, capsys):
+    """No registry, then a registry without a champion: each reason in words, no status code."""
+    from mlflow_store import seed_store
+
+    data = write_imagefolder(tmp_path / "src", {"train/a": 8, "train/b": 8, "test/a": 2,
+                                                       "test/b": 2})
+    layout = Layout.at(make_project(tmp_path / "proj", data, {"data.val_fraction": 0.0},
+                                    mlflow_store=False))
+    run_stage("validate", load_params(layout.params), layout)
+    assert "drift: nothing to compare with (no model registry here yet: the first registered " \
+           "model becomes it)" in capsys.readouterr().err
+    seed_store(layout.root / "mlruns")
+    run_stage("validate", load_params(layout.params), layout)
+    err = capsys.readouterr().err
+    assert "drift: nothing to compare with (no visionflow-classifier@champion yet)" in err, err

@@ -68,6 +68,15 @@ def champion_summary(layout: Layout, model_name: str, alias: str = "champion"
         return None, {**info, "status": "unavailable", "error": msg}
 
 
+def no_summary_reason(info: dict[str, Any]) -> str:
+    """`champion_summary`'s reason for having no summary, in words."""
+    status, model = info.get("status"), f"{info.get('model')}@{info.get('alias')}"
+    return {"no_registry": "no model registry here yet: the first registered model becomes it",
+            "no_champion": f"no {model} yet",
+            "unavailable": f"the registry did not answer: {info.get('error')}"
+            }.get(status, f"{model} v{info.get('version')}: {status}")
+
+
 def trained_hashes(mv: Any) -> tuple[set[str] | None, str]:
     """(the sha256 of the images version `mv` trained or validated on, "recorded"), or
     (None, why they are unknown). A `compact` version points at its parent's."""

@@ -38,7 +38,11 @@ from visionflow.data.manifest import (
 from visionflow.data.quality_report import print_gate_table, write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import survey_dataset
-from visionflow.mlops.lineage import champion_split_scheme, champion_summary
+from visionflow.mlops.lineage import (
+    champion_split_scheme,
+    champion_summary,
+    no_summary_reason,
+)
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main
 from visionflow.tasks.segmentation import validate as segmentation
@@ -227,7 +231,7 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
     if d.get("status") == "drift" and d.get("mode") == "warn":
         console.print(f"[yellow]warning: data drift against the champion: {d['message']}[/]")
     elif d.get("status") == "no_reference":
-        console.print(f"drift: no reference ({d['champion'].get('status')})")
+        console.print(f"drift: nothing to compare with ({no_summary_reason(d['champion'])})")
 
 
 def _log_to_active_run(layout: Layout) -> None:
