@@ -153,3 +153,29 @@ def _register(layout: Layout, data_hash: str, md5: str) -> None:
                                      run_id=r.info.run_id,
                                      tags={"data_hash": data_hash, "dvc_data_md5": md5})
     client.set_registered_model_alias("visionflow-classifier", "champion", mv.version)
+
+
+def test_merge_adds_to_the_current_version_and_says_what_a_replace_drops(tmp_path: Path):
+    v1 = write_imagefolder(tmp_path / "v1", {"train/cat": 4, "train/dog": 4, "test/cat": 2,
+                                             "test/dog": 2})
+    root = make_project(tmp_path / "proj", v1, git=True, mlflow_store=False)
+    # train/cat/000-002 are v1's own bytes (pixels follow the path): kept once, not refused
+    new = write_imagefolder(tmp_path / "new", {"train/cat": 3, "train/fox": 2})
+    proc = run([VFLOW, "data", "add", str(new), "--merge"], root)
+    assert "12 files before, 14 now" in proc.stdout, proc.stdout
+    assert _files(root / "data") == {**_files(v1), **_files(new)}
+    assert dvc_out(root / "data.dvc")["nfiles"] == 14
+
+    snap, md5 = snapshot(root / "data"), _md5(root)
+    clash = write_imagefolder(tmp_path / "clash", {"train/dog": 1})
+    (clash / "train" / "dog" / "000.png").write_bytes((new / "train/fox/000.png").read_bytes())
+    flat = write_imagefolder(tmp_path / "flat", {"cat": 2})
+    for bad, words in ((clash, "train/dog/000.png is also in data/ with other bytes"),
+                       (flat, "is laid out as <class>/ but data/ as train/<class>/")):
+        proc = run([VFLOW, "data", "add", str(bad), "--merge"], root, check=False)
+        assert proc.returncode == 3 and words in _one_error_line(proc), proc.stderr
+        assert snapshot(root / "data") == snap and _md5(root) == md5
+
+    proc = run([VFLOW, "data", "add", str(flat)], root)  # without --merge: a new version
+    assert "in place of the 14 files before (--merge adds to them)" in proc.stdout, proc.stdout
+    assert _files(root / "data") == _files(flat)

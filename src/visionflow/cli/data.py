@@ -46,8 +46,11 @@ def data_add(
                                              "not recorded in data.dvc")] = False,
     push: Annotated[bool, typer.Option(help="dvc push the new version to the "
                                             "default remote")] = False,
+    merge: Annotated[bool, typer.Option(help="add PATH's images to the current version "
+                                             "instead of replacing it")] = False,
 ) -> None:
-    """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version."""
+    """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version:
+    PATH's images alone, or with `--merge` the current images and PATH's."""
     from visionflow.core.configfile import parse_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
@@ -57,9 +60,13 @@ def data_add(
     params = (parse_params(read_params_file(layout.params), str(layout.params))
               if layout.params.is_file() else None)  # (data/ may not exist yet)
     limits = ArchiveLimits.from_params(params.data if params else None)
-    out = import_data(layout, path, target=target, force=force, push=push, limits=limits)
+    out = import_data(layout, path, target=target, force=force, push=push, limits=limits,
+                      merge=merge)
     typer.echo(f"imported {out['images']} images ({out['files']} files) from {out['source']} "
-               f"into {out['target']}")
+               f"into {out['target']}: " + (
+                   f"{out['files_before']} files before, {out['files_now']} now" if merge else
+                   f"the new version, in place of the {out['files_before']} files before "
+                   "(--merge adds to them)" if out["files_before"] else "the first version"))
     if out["ignored"]:
         typer.echo(f"  ignored (no images): {', '.join(out['ignored'])}")
     for item in out["skipped"][:10]:

@@ -43,13 +43,16 @@ def init_default_data(layout: Layout, target: str = "data", task: str = "classif
 
 
 def import_data(layout: Layout, source: str | Path, target: str = "data", force: bool = False,
-                push: bool = False, limits: ArchiveLimits | None = None) -> dict[str, Any]:
+                push: bool = False, limits: ArchiveLimits | None = None,
+                merge: bool = False) -> dict[str, Any]:
     """Import a folder, an archive or a `torchvision:` dataset as `target/`, then `dvc add` it.
 
     The source is only read (archives are checked member by member, see
     `source.import_dataset`). The current `target/` is replaced only when its content is
-    recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`.
-    The new content must be an ImageFolder with at least one image, or nothing changes.
+    recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`;
+    with `merge` the new version is the current one plus the source's files (the same
+    layout; a path in both must hold the same bytes). The new content must be an
+    ImageFolder with at least one image, or nothing changes.
     Folders and files without images next to the splits (`logs/`, scripts, a README) are
     left out and listed in `ignored`; every message names `source` as the user gave it."""
     root = layout.root
@@ -75,11 +78,15 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     shutil.rmtree(staged, ignore_errors=True)
     report = import_dataset(src, staged, limits, shown_as=source)
     old = root / f".{target}.old-{os.getpid()}"
+    before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
     try:
         found = scan_imagefolder(staged, shown_as=source)
         if not _has_an_image(found.entries):
             raise DataError(f"data add: {source}: no images in class folders (expected "
                             "<class>/<image> or train/<class>/<image>)")
+        if merge and dest.is_dir():
+            _link_the_rest(dest, staged, source, found.layout)
+            scan_imagefolder(staged, shown_as=target)  # the union is an ImageFolder too
         if dest.exists() or dest.is_symlink():
             dest.rename(old)
         staged.rename(dest)
@@ -96,12 +103,38 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     out = dvc_out(dvc_file)
     return {
         "source": str(src), "kind": report.kind, "target": str(dest), "files": report.files,
-        "images": len(found.entries), "layout": found.layout,
+        "images": len(found.entries), "layout": found.layout, "merged": merge,
+        "files_before": before, "files_now": int(out.get("nfiles") or 0),
         "skipped": [f"{r.relpath} ({r.reason})" for r in report.skipped],
         "ignored": report.ignored,
         "dvc_file": dvc_file.name, "dvc_data_md5": str(out.get("md5", "")),
         "remote": remote, "pushed": push,
     }
+
+
+def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) -> None:
+    """Put `current`'s files into `new` beside the source's (hard links, else copies): the
+    merged version. Refuses a source laid out otherwise, or a file in both that differs."""
+    have = scan_imagefolder(current, shown_as=current.name).layout
+    if have != layout:
+        words = {"split": "train/<class>/", "flat": "<class>/"}
+        raise DataError(f"data add --merge: {source} is laid out as {words[layout]} but "
+                        f"{current.name}/ as {words[have]}: lay it out the same way")
+    for path in sorted(current.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(current)
+        to = new / rel
+        if to.exists():
+            if to.read_bytes() != path.read_bytes():
+                raise DataError(f"data add --merge: {source}: {rel.as_posix()} is also in "
+                                f"{current.name}/ with other bytes: rename it")
+            continue
+        to.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, to, follow_symlinks=False)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, to, follow_symlinks=False)
 
 
 def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
