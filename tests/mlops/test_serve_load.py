@@ -59,6 +59,8 @@ def _malformed(image: bytes) -> dict[str, tuple[bytes, str, str | None]]:
         "not base64": (_split(["!!!"]), js, None),
         "topk not a number": ({**_split([_b64(image)]), "params": {"topk": "abc"}}, js, None),
         "text/plain": (b"hello", "text/plain", None),
+        "CSV, not base64": (b"image\nabc\n", "text/csv",
+                            "image 0: text that is not base64-encoded image bytes"),
     }
     return {k: (b if isinstance(b, bytes) else json.dumps(b).encode(), ct, why)
             for k, (b, ct, why) in cases.items()}
@@ -128,7 +130,8 @@ def test_bad_input_is_one_line_in_process(tmp_path_factory, digits_dir):
            "image 1: cannot load image <bytes>: zero_byte": [good, b""],
            "image 0: 1001 bytes, more than the 1000 allowed": [b"x" * 1001],
            "image 0: image array must be HxW": [np.zeros(3)],
-           "image 0: Only base64 data is allowed": ["!!!"],
+           "image 0: text that is not base64-encoded image bytes (Only base64 data is "
+           "allowed)": ["!!!"],
            "no image in the request": []}
     for why, images in bad.items():
         with pytest.raises(BadInput) as err:

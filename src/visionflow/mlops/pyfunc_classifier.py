@@ -114,12 +114,20 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def from_base64(text: str) -> bytes:
+    """An image sent as text (a caller that skipped the signature, a CSV body): base64."""
+    import base64
+
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"text that is not base64-encoded image bytes ({e})") from None
+
+
 def _one(value: Any, size: int, channels: int, limits: Limits,
          resize: int | None = None) -> np.ndarray:
-    if isinstance(value, str):  # base64 text (when a caller skipped the signature)
-        import base64
-
-        value = base64.b64decode(value, validate=True)
+    if isinstance(value, str):
+        value = from_base64(value)
     if isinstance(value, bytes | bytearray | memoryview):
         if limits.max_bytes is not None and len(value) > limits.max_bytes:
             raise ValueError(f"{len(value)} bytes, more than the {limits.max_bytes} allowed "

@@ -33,6 +33,7 @@ from visionflow.mlops.pyfunc_classifier import (
     WEIGHTS,
     BadInput,
     Limits,
+    from_base64,
     image_column,
     limits_from,
 )
@@ -44,7 +45,7 @@ OUTPUT_COLUMNS = ("mask", "height", "width", "classes")
 def image_to_hwc(value: Any, channels: int, limits: Limits) -> np.ndarray:
     """One image (bytes, base64 text or an array) -> uint8 H x W x C at its own size."""
     if isinstance(value, str):
-        value = base64.b64decode(value, validate=True)
+        value = from_base64(value)
     if isinstance(value, bytes | bytearray | memoryview):
         if limits.max_bytes is not None and len(value) > limits.max_bytes:
             raise ValueError(f"{len(value)} bytes, more than the {limits.max_bytes} allowed "
