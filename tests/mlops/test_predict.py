@@ -110,6 +110,11 @@ def test_predict_user_errors(registered, inputs, tmp_path):
                               f"models:/{NAME}@nosuchalias", str(split_images(registered, 1)[0])])
     assert isinstance(res.exception, VisionflowError)
     assert "cannot load" in str(res.exception) and "\n" not in str(res.exception)
+    # a name the registry does not hold: the line says which it does
+    for args in (["predict", "--model", "models:/other@champion", str(inputs["single"])],
+                 ["models", "list", "--name", "other"]):
+        res = runner.invoke(app, [*args, "--root", str(registered.root)])
+        assert f"; it holds: {NAME} (" in str(res.exception), (args, res.output)
     # a mistyped --root: one line, and no empty store made there
     elsewhere = tmp_path / "not-a-project"
     for args in (["predict", "--root", str(elsewhere), str(inputs["single"])],

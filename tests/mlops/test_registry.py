@@ -260,3 +260,17 @@ def test_models_show_prints_the_cards_key_value_tables_as_lists(registered: Layo
     assert "• architecture: alexnet" in card and "• data hash (dataset digest): " in card, card
     assert "| |" not in card and "|---" not in card, card
     assert "metric" in card and "0.9" in card  # the metrics table keeps its header
+
+
+def test_the_model_name_comes_from_params_with_its_preset(tmp_path):
+    """`vflow models` / `vflow predict`'s default name: register.model_name after the preset
+    merge (`preset: shapes-unet` names the segmenter), else the default."""
+    shutil.copytree(REPO / "presets", tmp_path / "presets")
+    params = tmp_path / "params.yaml"
+    assert registry.model_name_for(tmp_path) == NAME  # no params.yaml
+    params.write_text("task: classification\n")
+    assert registry.model_name_for(tmp_path) == NAME
+    params.write_text("preset: shapes-unet\n")
+    assert registry.model_name_for(tmp_path) == "visionflow-segmenter"
+    params.write_text("preset: shapes-unet\nregister: {model_name: mine}\n")
+    assert registry.model_name_for(tmp_path) == "visionflow-segmenter"  # the preset wins

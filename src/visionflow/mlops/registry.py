@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionflow.core import presets
 from visionflow.core.env import quiet_env
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import load_yaml
@@ -80,12 +81,14 @@ def champion_of(client: Any, name: str, alias: str = "champion") -> Any | None:
 
 
 def model_name_for(root: str | Path = ".") -> str:
-    """`register.model_name` from the project's params.yaml, else the default."""
+    """`register.model_name` from the project's params.yaml with its preset merged
+    (`preset: shapes-unet` names the segmenter), else the default."""
     import yaml
 
     path = Path(root) / "params.yaml"
     try:
         raw = load_yaml(path.read_text()) or {}
+        raw = presets.apply_preset(raw, path, raw.get("preset"))
         return str((raw.get("register") or {}).get("model_name") or DEFAULT_NAME)
     except (OSError, yaml.YAMLError, AttributeError):
         return DEFAULT_NAME
@@ -112,8 +115,17 @@ def registered_model(client: Any, name: str) -> Any:
     except MlflowException as err:
         if _missing(err):
             raise RegistryError(f"registered model '{name}' not found in "
-                                f"{tracking_uri(client)}") from None
+                                f"{tracking_uri(client)}{held_instead(client)}") from None
         raise
+
+
+def held_instead(client: Any, pick: str = "--name NAME") -> str:
+    """What a registry holds, for a message about a name it does not: "; it holds: a, b
+    (`pick`)", or "; it holds no registered model yet"."""
+    names = sorted(m.name for m in client.search_registered_models(max_results=20))
+    if not names:
+        return "; it holds no registered model yet"
+    return f"; it holds: {', '.join(names)} ({pick})"
 
 
 def alias_map(client: Any, name: str) -> dict[str, str]:
