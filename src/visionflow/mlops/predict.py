@@ -110,8 +110,9 @@ def load_model(model_uri: str, root: str | Path = "."):
         pyfunc = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as err:
         msg = " ".join(str(err).split())[:300]
-        hint = (registry.held_instead(mlflow.MlflowClient(), "--model models:/NAME@champion") if model_uri.startswith(
-            "models:/") and "Registered Model with name" in msg else "")
+        named = model_uri.startswith("models:/") and "Registered Model with name" in msg
+        hint = (registry.held_instead(mlflow.MlflowClient(), "--model models:/NAME@champion")
+                if named else "")
         raise DataError(f"--model {model_uri}: cannot load ({msg}){hint}") from None
     impl = pyfunc.unwrap_python_model()
     if not hasattr(impl, "probabilities") and not hasattr(impl, "masks"):
