@@ -118,21 +118,28 @@ def job_runners(pid: int) -> list[str]:
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
               timeout: float = 300, poll: float = 0.02,
               detail: Callable[[], str] = lambda: "") -> None:
-    """SIGKILL `proc`'s process group (started with `start_new_session=True`) once `ready()`;
-    the group is stopped first (SIGSTOP), so nothing it writes after the look survives.
-    Fails naming `what` (and `detail()`, e.g. the process's log) if the process ends first
-    or the time runs out."""
+    """SIGKILL `proc`'s process group (started with `start_new_session=True`) once `ready()`.
+    When it first says so, the group is stopped (SIGSTOP) and `ready()` asked again: a file
+    written between the first look and the stop (the epoch's end after a mid-epoch
+    checkpoint) is seen, and the group goes on (SIGCONT) unless it still holds. So what the
+    test reads after the kill is what `ready()` last saw. Fails naming `what` (and
+    `detail()`, e.g. the process's log) if the process ends first or the time runs out."""
     import os
     import signal
     import time
 
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
-            assert proc.poll() is None, f"the process ended before {what}: {detail()}"
-            assert time.monotonic() < deadline, f"no {what} in {timeout:.0f} s: {detail()}"
-            time.sleep(poll)
-        os.killpg(proc.pid, signal.SIGSTOP)
+        while True:
+            while not ready():
+                assert proc.poll() is None, f"the process ended before {what}: {detail()}"
+                assert time.monotonic() < deadline, f"no {what} in {timeout:.0f} s: {detail()}"
+                time.sleep(poll)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            time.sleep(0.05)  # the stop takes effect on every process of the group
+            if ready():
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:

@@ -154,8 +154,8 @@ def tune_params_text() -> str:
 
     text = (REPO / "params.yaml").read_text()
     head = text[:text.index("\ntune:")]
-    assert "\n  lr: 0.5\n" in head and "\npreset: null " in head
-    head = head.replace("\n  lr: 0.5\n", "\n  lr: 0.05\n")  # the baseline: a good one
+    assert "\n  lr: 0.5 " in head and "\npreset: null " in head
+    head = head.replace("\n  lr: 0.5 ", "\n  lr: 0.05 ", 1)  # the baseline: a good one
     head = head.replace("\npreset: null ", "\npreset: tune-test ")
     return head + "\n" + TUNE
 

@@ -225,8 +225,8 @@ def test_killed_study_resumes_without_repeating_trials_then_applies(project: Pat
 
     # the study is complete: --apply runs nothing and writes the best trial's params (the
     # tuned keys first set to values no trial had, so that both lines must change)
-    assert "\n  lr: 0.05\n" in text_before and "\n  weight_decay: 0.0005\n" in text_before
-    text_before = text_before.replace("\n  lr: 0.05\n", "\n  lr: 0.07\n").replace(
+    assert "\n  lr: 0.05 " in text_before and "\n  weight_decay: 0.0005\n" in text_before
+    text_before = text_before.replace("\n  lr: 0.05 ", "\n  lr: 0.07 ").replace(
         "\n  weight_decay: 0.0005\n", "\n  weight_decay: 0.0002\n")
     layout.params.write_text(text_before)
     applied = run([str(BIN / "vflow"), "tune", "--apply"], project)

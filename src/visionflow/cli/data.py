@@ -49,8 +49,9 @@ def data_add(
     merge: Annotated[bool, typer.Option(help="add PATH's images to the current version "
                                              "instead of replacing it")] = False,
 ) -> None:
-    """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version:
-    PATH's images alone, or with `--merge` the current images and PATH's."""
+    """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version.
+
+    The new version is PATH's images alone, or with --merge the current images and PATH's."""
     from visionflow.core.configfile import parse_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
