@@ -8,6 +8,8 @@ accuracies mean something. Structured pruning is also checked on the project's r
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import OrderedDict
 from dataclasses import asdict
 from typing import Any
@@ -433,3 +435,13 @@ def test_search_pareto_and_choice_on_rows():
     mark(rows, 1.0, "a")
     assert [r["selected"] for r in rows] == [False, True, False, False, False, False]
     assert [r["in_budget"] for r in rows] == [True, True, False, True, True, False]
+
+
+def test_torchao_imports_without_torchs_enum_warning():
+    """torch logs a deprecation warning when torchao registers its enum on import: not a line
+    for a compress stage's user. `torchao_available` imports it first, quietly."""
+    code = ("from visionflow.compression.pt2e import torchao_available\n"
+            "assert torchao_available()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "register_constant" not in proc.stderr, proc.stderr

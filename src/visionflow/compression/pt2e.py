@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,17 @@ RECIPE_FORMAT = "visionflow-pt2e-recipe-v1"
 
 
 def torchao_available() -> bool:
+    """Whether torchao imports; imported here first, without the warning torch logs for
+    its enum on import (a deprecation of torch's own API, nothing a user can act on)."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
     except ImportError:
         return False
+    finally:
+        pytree_log.setLevel(level)
     return True
 
 
