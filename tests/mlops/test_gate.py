@@ -274,7 +274,9 @@ def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
     from visionflow.cli.main import app
 
     monkeypatch.setenv("COLUMNS", "200")
-    new_versions(store, "m-cli", 2)
+    client = new_versions(store, "m-cli", 2)
+    long_note = " ".join(f"w{i}" for i in range(120))  # 480 characters: compare shows it all
+    client.set_model_version_tag("m-cli", "2", "note", long_note)
     gate_into_registry(store, "m-cli", decide(correct(60), None, RegisterConfig()), "1")
     gate_into_registry(store, "m-cli", decide(correct(70), correct(60), RegisterConfig(),
                                               champion_version="1"), "2")
@@ -298,6 +300,7 @@ def test_models_cli_tables_and_rollback(store: Path, user: str, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "v1 (previous)" in res.output and "v2 (champion)" in res.output
     assert "gate_challenger_top1" in res.output
+    assert " w119 " in res.output  # the tag's last word: no value cut short
 
     res = runner.invoke(app, ["models", "rollback", *base, "--reason", "bad canary"])
     assert res.exit_code == 0, res.output

@@ -195,7 +195,7 @@ def compare_cmd(v1: Annotated[str, typer.Argument(help="version or alias (baseli
         tags.add_column(la, overflow="fold")
         tags.add_column(lb, overflow="fold")
         for t, x, y in tag_rows:
-            tags.add_row(t, x[:200] or "-", y[:200] or "-")
+            tags.add_row(t, x or "-", y or "-")  # whole: rich folds them (a tag is <= 5,000)
         con.print(tags)
 
 
