@@ -346,3 +346,28 @@ def test_cli_error_is_one_line(store: Path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1] == ("error: rollback: model 'm-first' has no 'previous' alias; "
                          "pass --to VERSION"), proc.stderr
+
+
+def test_compact_follows_the_champion_moved_by_hand(store: Path, user: str):
+    """`@compact` is the champion's compressed copy: a promote or rollback by hand points it
+    at the new champion's copy, or removes it when there is none (it never serves a copy of
+    another version)."""
+    from visionflow.cli.main import app
+    from visionflow.mlops import registry
+
+    name = "m-compact"
+    client = new_versions(store, name, 3)
+    gate_into_registry(store, name, decide(correct(60), None, RegisterConfig()), "1")
+    for k, v in {"compact_variant": "int8", "parent_version": "1"}.items():
+        client.set_model_version_tag(name, "2", k, v)  # v2: v1's compressed copy
+    client.set_registered_model_alias(name, "compact", "2")
+    runner = CliRunner()
+    base = ["--root", str(store), "--name", name]
+
+    res = runner.invoke(app, ["models", "promote", "3", *base, "--reason", "canary ok"])
+    assert "@compact removed from v2: v3 has no compressed copy" in res.output, res.output
+    assert "compact" not in registry.alias_map(client, name)
+    res = runner.invoke(app, ["models", "rollback", *base, "--reason", "v3 is worse"])
+    assert "@compact -> v2, the compressed copy of v1" in res.output, res.output
+    assert registry.alias_map(client, name) == {"champion": "1", "previous": "3", "compact": "2"}
+    assert client.get_model_version(name, "2").tags["compact_alias"].startswith("set: ")

@@ -210,6 +210,7 @@ def promote_cmd(version: Annotated[str, typer.Argument(help="version to make cha
     old, new = registry.promote(client, name, version, reason, alias)
     typer.echo(f"{name}: @{alias} -> v{new}" + (f" (v{old} is @previous)" if old else "")
                + f"; by {registry.whoami()}: {reason}")
+    _follow(client, name, new, alias, root, f"promoted: {reason}")
 
 
 @models_app.command("rollback")
@@ -224,6 +225,18 @@ def rollback_cmd(reason: ReasonOpt, to: Annotated[str | None, typer.Option(
     old, new = registry.rollback(client, name, reason, to, alias)
     typer.echo(f"{name}: @{alias} rolled back v{old} -> v{new}; by {registry.whoami()}: "
                f"{reason}")
+    _follow(client, name, new, alias, root, f"rollback: {reason}")
+
+
+def _follow(client: Any, name: str, champion: str, alias: str, root: Path, why: str) -> None:
+    """`compact` belongs to the serving alias (`register.alias`): it follows a move by hand."""
+    from visionflow.mlops import registry
+
+    if alias == registry.model_name_for(root, "alias", "champion"):
+        with registry.registry_lock(registry.tracking_uri(client)):
+            moved = registry.follow_champion(client, name, champion, why)
+        if moved:
+            typer.echo(f"{name}: {moved}")
 
 
 def predict_command(

@@ -40,7 +40,7 @@ from visionflow.mlops.publish_segmentation import TASK_TAG, log_compact_segmente
 from visionflow.model.classifier import load_classifier
 from visionflow.model.segmentation import TASK, load_segmenter
 
-ALIAS = "compact"
+ALIAS = registry.COMPACT
 
 
 def chosen_variant(params: Params, layout: Layout) -> tuple[dict[str, Any] | None, str]:

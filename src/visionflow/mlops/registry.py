@@ -33,6 +33,7 @@ from visionflow.mlops.registry_lock import lock_path, registry_lock
 __all__ = ["lock_path", "registry_lock"]  # (they live in registry_lock; kept here for callers)
 
 DEFAULT_NAME = "visionflow-classifier"
+COMPACT = "compact"  # the champion's compressed copy (mlops/compact.py registers it)
 PREVIOUS = "previous"
 HISTORY_TAG = "alias_history"
 HISTORY_KEEP = 50
@@ -80,18 +81,19 @@ def champion_of(client: Any, name: str, alias: str = "champion") -> Any | None:
         return None
 
 
-def model_name_for(root: str | Path = ".") -> str:
-    """`register.model_name` from the project's params.yaml with its preset merged
-    (`preset: shapes-unet` names the segmenter), else the default."""
+def model_name_for(root: str | Path = ".", key: str = "model_name",
+                   default: str = DEFAULT_NAME) -> str:
+    """`register.model_name` (or `register.<key>`) from the project's params.yaml with its
+    preset merged (`preset: shapes-unet` names the segmenter), else `default`."""
     import yaml
 
     path = Path(root) / "params.yaml"
     try:
         raw = load_yaml(path.read_text()) or {}
         raw = presets.apply_preset(raw, path, raw.get("preset"))
-        return str((raw.get("register") or {}).get("model_name") or DEFAULT_NAME)
+        return str((raw.get("register") or {}).get(key) or default)
     except (OSError, yaml.YAMLError, AttributeError):
-        return DEFAULT_NAME
+        return default
 
 
 def tracking_uri(client: Any) -> str:
@@ -350,6 +352,27 @@ def set_champion(client: Any, name: str, version: str, alias: str = "champion",
                                    "from": old, "to": version, "by": by,
                                    "reason": reason[:300]})
     return old
+
+
+def follow_champion(client: Any, name: str, champion: str, why: str) -> str | None:
+    """After a promote or rollback: `compact` onto the newest compressed copy of the new
+    champion (or the champion itself, if it is one), or removed when it has none, so that it
+    never serves a copy of another version. Hold `registry_lock`. What moved, or None."""
+    current = current_alias(client, name, COMPACT)
+    copies = [int(mv.version) for mv in all_versions(client, name) if "compact_variant" in (
+        tags := mv.tags or {}) and champion in (tags.get("parent_version"), str(mv.version))]
+    target = str(max(copies)) if copies else None
+    if target == current:
+        return None
+    if target is None:
+        client.delete_registered_model_alias(name, COMPACT)
+        client.set_model_version_tag(name, current, "compact_alias", f"removed: v{champion} "
+                                     f"became the champion ({why}) and has no compressed copy")
+        return f"@{COMPACT} removed from v{current}: v{champion} has no compressed copy"
+    client.set_registered_model_alias(name, COMPACT, target)
+    client.set_model_version_tag(name, target, "compact_alias", f"set: the compressed copy "
+                                 f"of v{champion}, the champion again ({why})")
+    return f"@{COMPACT} -> v{target}, the compressed copy of v{champion}"
 
 
 def promote(client: Any, name: str, ref: str, reason: str, alias: str = "champion",
