@@ -371,3 +371,25 @@ def test_compact_follows_the_champion_moved_by_hand(store: Path, user: str):
     assert "@compact -> v2, the compressed copy of v1" in res.output, res.output
     assert registry.alias_map(client, name) == {"champion": "1", "previous": "3", "compact": "2"}
     assert client.get_model_version(name, "2").tags["compact_alias"].startswith("set: ")
+
+
+def test_a_promoted_model_without_a_compressed_copy_takes_compact_off_the_old_copy(
+        store: Path, user: str, capsys):
+    from visionflow.core.configfile import parse_params
+    from visionflow.core.layout import Layout
+    from visionflow.mlops import registry
+    from visionflow.mlops.compact import register_compact
+
+    name = "visionflow-classifier"  # parse_params({})'s register.model_name
+    client = new_versions(store, name, 3)
+    for k, v in {"compact_variant": "int8", "parent_version": "1"}.items():
+        client.set_model_version_tag(name, "2", k, v)  # v2: v1's compressed copy
+    client.set_registered_model_alias(name, "compact", "2")
+    gate_into_registry(store, name, decide(correct(60), None, RegisterConfig()), "3")
+    layout = Layout.at(store)
+    layout.compress_report.parent.mkdir(parents=True, exist_ok=True)
+    layout.compress_report.write_text('{"selected": null, "selected_reason": "none fits"}')
+    assert register_compact(parse_params({}), layout, "3") is None
+    assert "compact: @compact removed from v2: v3 has no compressed copy" in \
+        capsys.readouterr().out
+    assert registry.alias_map(client, name) == {"champion": "3"}

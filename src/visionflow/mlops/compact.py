@@ -84,6 +84,15 @@ def register_compact(params: Params, layout: Layout, parent_version: str,
     entry, why = chosen_variant(params, layout)
     if entry is None:
         print(f"compact: nothing registered ({why})")
+        if require_champion_parent:  # the old champion's copy must not go on as @compact
+            client = registry.client_for(layout)
+            with registry.registry_lock(registry.tracking_uri(client)):
+                champion = registry.current_alias(client, params.register_.model_name,
+                                                  params.register_.alias)
+                moved = champion == str(parent_version) and registry.follow_champion(
+                    client, params.register_.model_name, champion, f"gate: {why}")
+            if moved:
+                print(f"compact: {moved}")
         return None
     name = params.register_.model_name
     segmentation = entry["task"] == TASK
