@@ -91,3 +91,16 @@ def test_a_local_weights_file_is_copied(tmp_path):
     model = build_classifier(Arch("resnet18", 4, 32))
     loaded = load_pretrained(model, str(path), "resnet18")
     _assert_copied(model, state, {"net.fc.weight", "net.fc.bias"}, loaded)
+
+
+def test_a_torchvision_models_own_state_dict_in_a_file_is_copied(tmp_path):
+    """Offline transfer learning: `torchvision.models.resnet18(weights=...).state_dict()`
+    saved on a machine with a network, then `train.pretrained: that file`. Its names are
+    torchvision's (`conv1.weight`, no `net.`); 96 px keeps torchvision's stem."""
+    state = _random_state(torchvision.models.resnet18(), seed=4)
+    path = tmp_path / "resnet18-imagenet.pt"
+    torch.save(state, path)
+    model = build_classifier(Arch("resnet18", 3, 96))
+    loaded = load_pretrained(model, str(path), "resnet18")
+    net = {f"net.{k}": v for k, v in state.items()}
+    _assert_copied(model, net, {"net.fc.weight", "net.fc.bias"}, loaded)

@@ -165,6 +165,8 @@ def test_backbone_unfreezes_after_freeze_epochs(small, tmp_path):
     dst = _small(small, tmp_path / "dst", **{"train.epochs": 2, "train.pretrained": str(src.model),
                                               "train.freeze_epochs": 1})
     run_stage("train", load_params(dst.params), dst)
+    assert f"pretrained: 60 of 62 parameter tensors from {src.model}; the others (the head) " \
+           "start fresh" in capsys.readouterr().out
     tuned = _weights(dst)
     conv = "net.layers.1.0.weight"
     assert not torch.equal(tuned[conv], pretrained[conv])  # trained in epoch 2
@@ -214,7 +216,7 @@ def test_training_run_logs_system_metrics(small, tmp_path):
     assert "system/system_memory_usage_megabytes" in keys
 
 
-def test_transfer_learning_from_saved_weights(small, tmp_path):
+def test_transfer_learning_from_saved_weights(small, tmp_path, capsys):
     src = _small(small, tmp_path / "src", **{"train.epochs": 1, "train.model": "resnet18"})
     run_stage("train", load_params(src.params), src)
     pretrained = _weights(src)
@@ -225,6 +227,8 @@ def test_transfer_learning_from_saved_weights(small, tmp_path):
         "train.epochs": 1, "train.model": "resnet18", "train.pretrained": str(src.model),
         "train.freeze_epochs": 1})
     run_stage("train", load_params(dst.params), dst)
+    assert f"pretrained: 60 of 62 parameter tensors from {src.model}; the others (the head) " \
+           "start fresh" in capsys.readouterr().out
     tuned = _weights(dst)
     conv = "net.layer1.0.conv1.weight"
     torch.testing.assert_close(tuned[conv], pretrained[conv])

@@ -45,7 +45,13 @@ def _download(model_name: str, weights: str) -> dict[str, torch.Tensor]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"train.pretrained='{TORCHVISION_PREFIX}{weights}': cannot download "
                           f"{member.url} ({reason})") from None
-    return {_DENSE_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    return _as_classifier_keys(state)
+
+
+def _as_classifier_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision model's state dict in the zoo classifier's names (`net.` + torchvision's
+    module names; DenseNet's published `norm.1` as its modules' `norm1`)."""
+    return {"net." + _DENSE_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
 def load_pretrained(model: nn.Module, spec: str, model_name: str) -> set[str]:
@@ -53,18 +59,21 @@ def load_pretrained(model: nn.Module, spec: str, model_name: str) -> set[str]:
     loaded (the backbone). The rest (the new head, a changed stem) start fresh."""
     if spec.startswith(TORCHVISION_PREFIX):
         state = _download(model_name, spec[len(TORCHVISION_PREFIX):])
-        state = {f"net.{k}": v for k, v in state.items()}
     else:
         if not Path(spec).is_file():
             raise ConfigError(f"train.pretrained={spec!r}: file not found")
         blob = torch.load(spec, map_location="cpu", weights_only=True)
         state = blob.get("state_dict", blob) if isinstance(blob, dict) else {}
+        if state and not any(k.startswith("net.") for k in state):  # torchvision's own
+            state = _as_classifier_keys(state)  # (`model.state_dict()` saved to a file)
     own = model.state_dict()
     fresh = {"mean", "std", *_head_keys(model)}  # new data's normalisation, a new head
     matched = {k: v for k, v in state.items()
                if k in own and own[k].shape == v.shape and k not in fresh}
     if not matched:
-        raise ConfigError(f"train.pretrained={spec!r}: no tensor matches the model")
+        theirs, ours = next(iter(state), "-"), next(k for k in own if k not in fresh)
+        raise ConfigError(f"train.pretrained={spec!r}: no tensor matches the model (its "
+                          f"names look like {theirs!r}, the model's like {ours!r})")
     model.load_state_dict(matched, strict=False)
     return {n for n, _ in model.named_parameters() if n in matched}
 

@@ -44,6 +44,10 @@ def prepare_fit(train_x: torch.Tensor, train_y: torch.Tensor, classes: Sequence[
     model = build_classifier(arch)
     backbone = (load_pretrained(model, train_cfg.pretrained, train_cfg.model)
                 if train_cfg.pretrained else set())
+    if backbone:
+        engine.say(dist or engine.Dist(), f"pretrained: {len(backbone)} of "
+                   f"{len(list(model.parameters()))} parameter tensors from "
+                   f"{train_cfg.pretrained}; the others (the head) start fresh")
     x, y, streaming = place(train_x, train_y, device)
     run = FitRun(model, x, y, Recipe.from_params(train_cfg), policy, num_classes=len(classes),
                  device=device, seed=seed, dist=dist, backbone=backbone, stream=stream,
