@@ -232,7 +232,7 @@ def _follow(client: Any, name: str, champion: str, alias: str, root: Path, why: 
     """`compact` belongs to the serving alias (`register.alias`): it follows a move by hand."""
     from visionflow.mlops import registry
 
-    if alias == registry.model_name_for(root, "alias", "champion"):
+    if alias == registry.register_setting(root, "alias", "champion"):
         with registry.registry_lock(registry.tracking_uri(client)):
             moved = registry.follow_champion(client, name, champion, why)
         if moved:

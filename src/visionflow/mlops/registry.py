@@ -81,10 +81,14 @@ def champion_of(client: Any, name: str, alias: str = "champion") -> Any | None:
         return None
 
 
-def model_name_for(root: str | Path = ".", key: str = "model_name",
-                   default: str = DEFAULT_NAME) -> str:
-    """`register.model_name` (or `register.<key>`) from the project's params.yaml with its
-    preset merged (`preset: shapes-unet` names the segmenter), else `default`."""
+def model_name_for(root: str | Path = ".") -> str:
+    """`register.model_name` of the project (`register_setting`), else the default."""
+    return register_setting(root, "model_name", DEFAULT_NAME)
+
+
+def register_setting(root: str | Path, key: str, default: str) -> str:
+    """`register.<key>` from the project's params.yaml with its preset merged (`preset:
+    shapes-unet` names the segmenter), else `default` (no params.yaml: a bare store)."""
     import yaml
 
     path = Path(root) / "params.yaml"
