@@ -289,3 +289,18 @@ def test_import_archive_refuses_attacks_and_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match=member):
         source.import_dataset(evil, tmp_path / "bad")
     assert sorted(os.listdir(tmp_path)) == ["d.tgz", "evil.tar.gz", "new", "src"]
+
+
+def test_import_keeps_what_a_segmentation_layout_reads(tmp_path):
+    """`vflow data add` of a segmentation set: `classes.txt` (the class names) and VOC's
+    `ImageSets/` (the splits) hold no image, but the layout reads them; clutter still goes."""
+    from seg_projects import write_voc
+
+    voc = write_voc(tmp_path / "voc", n=8, bad=0)
+    (voc / "notes").mkdir()
+    (voc / "notes" / "todo.txt").write_text("clutter")
+    report = source.import_dataset(voc, tmp_path / "out")
+    assert report.ignored == ["notes/"]
+    for rel in ("classes.txt", "ImageSets/Segmentation/train.txt",
+                "ImageSets/Segmentation/val.txt"):
+        assert (tmp_path / "out" / rel).read_bytes() == (voc / rel).read_bytes(), rel

@@ -31,6 +31,8 @@ from visionflow.data.scan import (
     scan_imagefolder,
     visible,
 )
+from visionflow.data.segmentation_layout import detect_layout
+from visionflow.data.segmentation_masks import CLASSES_FILE
 
 
 def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:
@@ -148,8 +150,16 @@ def _hidden(root: Path) -> list[str]:
 
 
 def _drop_clutter(root: Path, shown: str) -> list[str]:
-    """Remove what holds no images from the imported copy; the removed entries."""
+    """Remove what holds no images from the imported copy; the removed entries. A
+    segmentation dataset keeps what its layout reads beside the images: `classes.txt` and
+    VOC's split lists (`ImageSets/`)."""
     found = scan_imagefolder(root, shown_as=shown)
+    try:
+        detect_layout(root)
+        keep = {CLASSES_FILE, "ImageSets/"}
+    except DataError:  # an ImageFolder
+        keep = set()
+    found.ignored = [rel for rel in found.ignored if rel not in keep]
     for rel in found.ignored:
         path = root / rel.rstrip("/")
         if path.is_dir() and not path.is_symlink():
