@@ -3,6 +3,7 @@ with DVC (`data.dvc`), so every version stays in the DVC cache and remote."""
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
 from visionflow.data.images import FORMATS
-from visionflow.data.scan import scan_imagefolder
+from visionflow.data.scan import layout_of, scan_imagefolder
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.data.source import import_dataset
 
@@ -84,9 +85,8 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
         if not _has_an_image(found.entries):
             raise DataError(f"data add: {source}: no images in class folders (expected "
                             "<class>/<image> or train/<class>/<image>)")
-        if merge and dest.is_dir():
+        if merge and dest.is_dir():  # the union of two folders laid out alike
             _link_the_rest(dest, staged, source, found.layout)
-            scan_imagefolder(staged, shown_as=target)  # the union is an ImageFolder too
         if dest.exists() or dest.is_symlink():
             dest.rename(old)
         staged.rename(dest)
@@ -115,7 +115,7 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
 def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) -> None:
     """Put `current`'s files into `new` beside the source's (hard links, else copies): the
     merged version. Refuses a source laid out otherwise, or a file in both that differs."""
-    have = scan_imagefolder(current, shown_as=current.name).layout
+    have = layout_of(current)
     if have != layout:
         words = {"split": "train/<class>/", "flat": "<class>/"}
         raise DataError(f"data add --merge: {source} is laid out as {words[layout]} but "
@@ -126,7 +126,7 @@ def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) ->
         rel = path.relative_to(current)
         to = new / rel
         if to.exists():
-            if to.read_bytes() != path.read_bytes():
+            if not filecmp.cmp(to, path, shallow=False):
                 raise DataError(f"data add --merge: {source}: {rel.as_posix()} is also in "
                                 f"{current.name}/ with other bytes: rename it")
             continue

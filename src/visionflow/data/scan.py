@@ -151,7 +151,7 @@ def scan_imagefolder(root: Path, shown_as: str | Path | None = None) -> ScanResu
     empty: list[str] = []
     ignored: list[str] = []
 
-    if any(e.name in SPLITS for e in top_dirs):
+    if layout_of(root) == "split":
         others = [e for e in top_dirs if e.name not in SPLITS]
         bearing = [e.name for e in others if holds_images(Path(e.path))]
         if bearing:
@@ -189,8 +189,13 @@ def scan_imagefolder(root: Path, shown_as: str | Path | None = None) -> ScanResu
 
     entries.sort(key=lambda e: e.relpath)
     rejects.sort(key=lambda r: r.relpath)
-    layout = "flat" if groups == [(None, root)] else "split"
-    return ScanResult(entries, rejects, sorted(empty), layout, sorted(ignored))
+    return ScanResult(entries, rejects, sorted(empty), layout_of(root), sorted(ignored))
+
+
+def layout_of(root: Path) -> str:
+    """"split" when `root` has train/, val/ or test/ folders (class folders in each), else
+    "flat" (class folders at the top)."""
+    return "split" if any(e.is_dir() and e.name in SPLITS for e in visible(root)) else "flat"
 
 
 def _loose_file(root: Path, path: Path, rejects: list[Reject], ignored: list[str]) -> None:
