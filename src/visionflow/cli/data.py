@@ -63,11 +63,15 @@ def data_add(
     limits = ArchiveLimits.from_params(params.data if params else None)
     out = import_data(layout, path, target=target, force=force, push=push, limits=limits,
                       merge=merge)
+    if merge:
+        what = f"{out['files_before']} files before, {out['files_now']} now"
+    elif out["files_before"]:
+        what = (f"the new version, in place of the {out['files_before']} files before "
+                "(--merge adds to them)")
+    else:
+        what = "the first version"
     typer.echo(f"imported {out['images']} images ({out['files']} files) from {out['source']} "
-               f"into {out['target']}: " + (
-                   f"{out['files_before']} files before, {out['files_now']} now" if merge else
-                   f"the new version, in place of the {out['files_before']} files before "
-                   "(--merge adds to them)" if out["files_before"] else "the first version"))
+               f"into {out['target']}: {what}")
     if out["ignored"]:
         typer.echo(f"  ignored (no images): {', '.join(out['ignored'])}")
     for item in out["skipped"][:10]:

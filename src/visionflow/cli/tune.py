@@ -58,10 +58,10 @@ def tune_command(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     if best is None:
         raise VisionflowError(f"study {cfg.tune.study}: no complete trial yet, nothing to "
                               "apply" if apply else f"study {cfg.tune.study}: no complete trial")
-    if not apply:  # after a search, its summary has named the best trial already
-        typer.echo(("" if not done else f"best: trial {best.number}, val top-1 "
-                    f"{best.value:.4f}; ") + f"`vflow tune --apply` writes trial "
-                   f"{best.number}'s params into params.yaml")
+    if not apply:
+        if done:  # no search ran (a search's summary names the best trial)
+            typer.echo(f"best: trial {best.number}, val top-1 {best.value:.4f}")
+        typer.echo(f"`vflow tune --apply` writes trial {best.number}'s params into params.yaml")
         return
     diff, changed = apply_best(path, layout.root, dict(best.params))
     if not changed:
