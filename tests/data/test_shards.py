@@ -234,6 +234,31 @@ def test_served_model_sees_what_evaluation_saw(tmp_path):
     assert np.abs(stretched.astype(int) - x.numpy().astype(int)).max() > 20
 
 
+def test_a_phone_photo_turned_by_exif_is_stored_upright(tmp_path):
+    """A JPEG whose EXIF says "turn 90 degrees" (portrait phone photos): the shard holds it
+    upright, as validate measured it and as the served model and the tensor cache read it."""
+    from visionflow.mlops.pyfunc_classifier import to_batch
+
+    src, out = tmp_path / "src", tmp_path / "shards"
+    rows = shard_photos(src, 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    stored = np.zeros((120, 200, 3), np.uint8)
+    stored[:, :100] = 255  # left half white as stored: the top half when displayed
+    Image.fromarray(stored).save(src / "ants" / "turned.jpg", quality=95, exif=exif.tobytes())
+    rows.append(rows[0] | {"path": "ants/turned.jpg", "width": 120, "height": 200,
+                           "sha256": "turned"})
+    assert pack_shards(rows, src, out).reencoded == 1
+    stream = ShardStream(out, "test", View(64, 64), batch_size=3, workers=0, shuffle=False,
+                         drop_last=False)
+    (x, _), = list(stream.epoch())
+    turned = x[[r["path"] for r in read_contents(out)["samples"]].index("ants/turned.jpg")]
+    top, bottom = turned[:, :32].float().mean(), turned[:, 32:].float().mean()
+    assert top > 200 > 50 > bottom, (top, bottom)
+    served = to_batch([(src / "ants" / "turned.jpg").read_bytes()], 64, 3, resize=64)[0]
+    assert np.abs(served.astype(int) - turned.numpy().astype(int)).max() <= 8
+
+
 def test_packing_holds_a_bounded_number_of_images_whatever_the_split_size(tmp_path,
                                                                           monkeypatch):
     """The writer is the slow end: the encoding workers may run ahead of it by at most

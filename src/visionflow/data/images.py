@@ -164,6 +164,17 @@ def _to_8bit(img: PILImage.Image) -> PILImage.Image:
 _ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif")
 
 
+def turned_by_exif(data: bytes) -> bool:
+    """Whether `normalise` turns or mirrors these image bytes (an EXIF or XMP orientation
+    other than 1: portrait phone photos), so they are not stored as they are displayed."""
+    from PIL import ExifTags, Image
+
+    with suppress(Exception), Image.open(io.BytesIO(data)) as img:
+        if any(k in img.info for k in _ORIENTATION_KEYS):
+            return img.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    return False
+
+
 def normalise(img: PILImage.Image, channels: int) -> PILImage.Image:
     from PIL import Image, ImageOps
 

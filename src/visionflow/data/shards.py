@@ -3,8 +3,9 @@
 `outputs/pack/shards/<split>/` holds LitData's `index.json` and `chunk-0-K.bin` files (one
 sample: label, sha256, path, the encoded image) plus `contents.json`: the samples in shard
 order and the settings they were encoded with. A file's bytes are stored as they are when it
-is a JPEG or PNG in RGB or greyscale whose longer side is at most `data.max_side`; any other
-image is decoded, shrunk to that side and re-encoded as a JPEG.
+is a JPEG or PNG in RGB or greyscale whose longer side is at most `data.max_side` and that
+displays as stored (no EXIF orientation turns it); any other image is decoded (turned
+upright), shrunk to that side and re-encoded as a JPEG.
 
 What a sample holds is a task's `SampleCodec`: `image_codec` here, `pair_codec` for
 segmentation pairs (`data.segmentation_shards`). `store_split` packs a split for the pack
@@ -33,12 +34,13 @@ from typing import Any
 
 from visionflow.core.errors import DataError
 from visionflow.core.files import atomic_dir, note_if_empty, write_json
-from visionflow.data.images import load_image
+from visionflow.data.images import load_image, turned_by_exif
 from visionflow.data.remote_shards import missing_remote, split_url, upload_split
 
 CONTENTS = "contents.json"
 INDEX = "index.json"
-FORMAT = 1  # bump when the sample layout changes: old shards are then packed afresh
+FORMAT = 2  # bump when the sample layout changes: old shards are then packed afresh
+# (2: EXIF-turned JPEGs stored upright)
 KEPT_FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 KEPT_MODES = {3: ("RGB",), 1: ("L",)}
 REENCODE_QUALITY = 90
@@ -75,8 +77,10 @@ def encode(row: dict[str, Any], root: str, max_side: int, channels: int) -> tupl
     w, h = int(row.get("width") or 0), int(row.get("height") or 0)
     if (row.get("format") in KEPT_FORMATS and row.get("mode") in KEPT_MODES[channels]
             and 0 < max(w, h) <= max_side):
-        return path.read_bytes(), False
-    img = load_image(path, channels)
+        data = path.read_bytes()
+        if not turned_by_exif(data):  # the decoders at train time ignore EXIF
+            return data, False
+    img = load_image(path, channels)  # upright, as validate measured it
     img.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=REENCODE_QUALITY)

@@ -19,7 +19,7 @@ bilinear when enlarging; one kernel per size group instead of a few per image). 
 interpolate on the CPU, where `bench/bench_gpu_decode.py` measured it several times faster
 than roi_align; roi_align on CUDA, to be confirmed by `bench/gpu_scale.py` (b vs b_interpolate).
 Images of many sizes make one roi_align call per distinct size (no worse than one
-resized_crop each). EXIF orientation is not applied (as PIL's `Image.open` in ImageFolder).
+resized_crop each). EXIF orientation is not read: pack stores EXIF-turned photos upright.
 `nvjpeg=False` decodes everything on the CPU (then crops on the device); `decode_threads`
 runs the CPU decoder in that many threads (it releases the GIL).
 Torch and torchvision only: it runs on the GPU machine.
