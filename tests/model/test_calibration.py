@@ -1,6 +1,6 @@
 """Temperature scaling: the fitted T recovers a known miscalibration, never changes a
 prediction, lowers the ECE, stops at the range's end for a model far too sure of itself, and
-falls back to 1.0 when there is nothing to fit."""
+falls back to 1.0 when there is nothing to fit (no val images, or no mistake among them)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,20 @@ def test_recovers_a_known_temperature(scale: float):
 
 def test_nothing_to_fit():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+def test_val_images_all_right_leave_the_temperature_alone():
+    """Six val images, all right (a small photo set): the likelihood only grows as T falls,
+    and the fit sharpened the model 20-fold (the range's end); the test images' mistakes
+    then scored near 1.0. Nothing to weigh sureness by: T stays 1.0."""
+    from visionflow.model.calibration import unfittable
+
+    logits = torch.tensor([[2.0, 0.5, 0.1]] * 3 + [[0.2, 1.5, 0.3]] * 3)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert fit_temperature(logits, labels) == 1.0
+    assert "all 6 val images predicted right" in unfittable(logits, labels)
+    labels[5] = 2  # one mistake: a finite optimum, fitted
+    assert unfittable(logits, labels) is None and fit_temperature(logits, labels) != 1.0
 
 
 def test_a_model_far_too_sure_is_softened_past_twenty():

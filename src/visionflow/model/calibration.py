@@ -16,12 +16,23 @@ import torch.nn.functional as F
 T_RANGE = (0.05, 1000.0)  # at 1,000 a model whose logits say nothing scores near uniform
 
 
+def unfittable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
+    """Why no temperature can be fitted on these images, or None. When every prediction is
+    right, the likelihood only grows as T falls to 0: the fit would make the model as sure of
+    itself as the range allows, from images that held no mistake to weigh."""
+    if len(logits) == 0:
+        return "no val images"
+    if bool((logits.argmax(1) == target.to(logits.device)).all()):
+        return f"all {len(logits)} val images predicted right: nothing to weigh sureness by"
+    return None
+
+
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
     """The T within `T_RANGE` that minimises the negative log-likelihood of `target` under
-    softmax(logits / T); 1.0 when there is nothing to fit on. The likelihood has one optimum
-    in log T, so a fit that runs past the range (a model far too sure of itself, whose optimum
-    lies beyond it) is held at the nearer end."""
-    if len(logits) == 0:
+    softmax(logits / T); 1.0 when it cannot be fitted (`unfittable`). The likelihood has one
+    optimum in log T, so a fit that runs past the range (a model far too sure of itself, whose
+    optimum lies beyond it) is held at the nearer end."""
+    if unfittable(logits, target) is not None:
         return 1.0
     logits, target = logits.detach().float().cpu().clone(), target.long().cpu().clone()
     log_t = torch.zeros((), requires_grad=True)

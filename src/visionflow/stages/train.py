@@ -35,7 +35,7 @@ from visionflow.data.feed import Feed, is_shards, tensor_feed, training_feed
 from visionflow.data.packed import load_packed
 from visionflow.mlops.train_run import log_epoch, train_run
 from visionflow.model import engine
-from visionflow.model.calibration import fit_temperature
+from visionflow.model.calibration import fit_temperature, unfittable
 from visionflow.model.classifier import save_classifier
 from visionflow.model.fit import EpochEnd
 from visionflow.model.inference import device_logits, pick_device, stream_logits
@@ -119,8 +119,9 @@ def run(params: Params, layout: Layout) -> TrainResult:
             if cfg.calibrate and data.has_val:
                 logits, val_y = _val_logits(data, final, amp=False)
                 arch.temperature = _calibrate(logits, val_y)
-                engine.say(dist, f"softmax temperature {arch.temperature:.3f} (fitted on "
-                           f"{len(val_y)} val images)")
+                why = unfittable(logits, val_y)
+                engine.say(dist, f"softmax temperature {arch.temperature:.3f} " + (
+                    f"(not fitted: {why})" if why else f"(fitted on {len(val_y)} val images)"))
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             write_csv(layout.history, history)
             _log_artifact(layout.history)
