@@ -139,6 +139,8 @@ def test_regression(store: Path, user: str):
     assert not d.promote
     assert d.gain == pytest.approx(-0.05)
     assert "gain -0.0500" in d.reason and "not an improvement" in d.reason
+    worse = decide(correct(40), correct(60), RegisterConfig(mcnemar=True), champion_version="1")
+    assert "<= alpha 0.05, the champion's way (b=0" in worse.checks[-1].detail  # not a pass
     new_versions(store, "m-worse", 2)
     gate_into_registry(store, "m-worse", decide(correct(60), None, RegisterConfig()), "1")
     gate_into_registry(store, "m-worse", d, "2")

@@ -230,8 +230,9 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     c = sum(1 for x, y in zip(ch, cp, strict=True) if y and not x)
     p = mcnemar_exact(b, c)
     significant = p <= cfg.alpha and b > c
+    favours = ", the champion's way" if p <= cfg.alpha and b <= c else ""
     mc = Check("mcnemar", cfg.mcnemar, significant,
-               f"exact p={p:.4g} {'<=' if p <= cfg.alpha else '>'} alpha {cfg.alpha} "
+               f"exact p={p:.4g} {'<=' if p <= cfg.alpha else '>'} alpha {cfg.alpha}{favours} "
                f"(b={b} images only the challenger gets right, c={c} only the champion)")
     checks = [floor, delta, mc]
     promote = all(k.passed for k in checks if k.required)
