@@ -2,7 +2,8 @@
 One notion of "up to date" (dvc.lock): after the flow `dvc repro` runs nothing and after
 `dvc repro` the flow runs nothing; a params change reruns train, evaluate, compress and
 register in DVC, a code change in model/ the same four in both drivers, and the two drivers
-produce the same metrics for the same params."""
+produce the same metrics for the same params. A DVC experiment run in a temporary copy
+(`dvc exp run --temp`) registers into the project's store."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def test_dvc_repro_and_prefect_flow(tmp_path: Path, digits_dir: Path, prefect_se
     assert flow_metrics["f1_macro"] == pytest.approx(dvc_metrics["f1_macro"])
 
     _assert_registry_versions(root, result)
+    _assert_a_queued_experiment_registers_here(root, dvc, result["model_name"])
 
 
 def _commit_then_change_params(root: Path, dvc: str) -> tuple[dict, dict, str]:
@@ -164,3 +166,18 @@ def _assert_registry_versions(root: Path, result: dict) -> None:
     assert champion in main[:2] and every[champion]["gate_decision"] == "promoted"
     compact_now = str(client.get_model_version_by_alias(name, "compact").version)
     assert compact[compact_now] == champion  # `compact` is a compressed copy of the champion
+
+
+def _assert_a_queued_experiment_registers_here(root: Path, dvc: str, name: str) -> None:
+    """`dvc exp run --temp` (and `--queue`) runs the stages in a copy under `.dvc/tmp/exps`:
+    its register still judges against this project's champion, into this project's store
+    (it registered into a store in the copy, deleted with it, and promoted: no champion)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    before = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    out = run([dvc, "exp", "run", "--temp", "-S", "register.min_test_images=31"], root)
+    assert _ran(out.stdout) == ["register"], out.stdout
+    new = [v for v in client.search_model_versions(f"name='{name}'") if v.version not in before]
+    assert len(new) == 1, out.stdout[-2000:]
+    assert "champion v" in new[0].tags["gate_reason"], new[0].tags["gate_reason"]

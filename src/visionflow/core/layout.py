@@ -6,6 +6,7 @@ no other module builds a project path by hand.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +135,21 @@ class Layout:
     def prefect_yaml(self) -> Path:
         return self.root / "prefect.yaml"
 
-    # MLflow's local store
+    # MLflow's local store: the project's own, also from a stage that DVC runs in an
+    # experiment's temporary copy (`dvc exp run --queue` / `--temp`), else each queued
+    # experiment would register into a store deleted with the copy, beside no champion
     @property
     def mlruns(self) -> Path:
-        return self.root / "mlruns"
+        return self.project_root / "mlruns"
+
+    @property
+    def project_root(self) -> Path:
+        """The root, or the project a DVC experiment's copy under `.dvc/tmp` belongs to (DVC
+        names it in `DVC_ROOT` for every stage it runs)."""
+        dvc_root = os.environ.get("DVC_ROOT")
+        if dvc_root and self.root.is_relative_to(Path(dvc_root).resolve() / ".dvc" / "tmp"):
+            return Path(dvc_root).resolve()
+        return self.root
 
     @property
     def mlflow_db(self) -> Path:
