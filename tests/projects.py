@@ -23,6 +23,7 @@ OVERRIDES = {
     "train.model": "alexnet",
     "train.epochs": 1,
     "evaluate.topk": [1, 3],
+    "register.beat_majority": False,  # 1 epoch of AlexNet on 200 images: about chance
 }
 _BUILT: dict[str, Path] = {}
 

@@ -150,6 +150,24 @@ def test_regression(store: Path, user: str):
     assert tags["2"]["gate_challenger_top1"] == "0.550000"
 
 
+def test_a_first_model_no_better_than_the_commonest_class_is_not_promoted():
+    """A diverged ResNet (session 19's photos) answered one class, right on the third of the
+    test images that are that class, and became champion: no champion to beat, floor 0.
+    It must beat always answering the commonest class (`register.beat_majority`)."""
+    d = decide(correct(34), None, RegisterConfig(), majority=0.34)
+    assert not d.promote
+    assert d.reason == ("no champion yet, but top-1 0.3400 <= 0.3400, what answering the "
+                        "commonest test class always scores")
+    assert decide(correct(35), None, RegisterConfig(), majority=0.34).promote
+    off = decide(correct(34), None, RegisterConfig(beat_majority=False), majority=0.34)
+    assert off.promote and [(c.name, c.required, c.passed) for c in off.checks] == [
+        ("floor", True, True), ("majority", False, False)]
+    beaten = decide(correct(34), correct(30), RegisterConfig(), champion_version="1",
+                    majority=0.34)  # better than the champion, still no better than that
+    assert not beaten.promote and "kept champion v1: top-1 0.3400 <= 0.3400" in beaten.reason
+    assert "beat_majority=True" in beaten.tags()["gate_config"]
+
+
 def test_non_significant_win_with_mcnemar(store: Path, user: str):
     # champion right on 0..59; challenger right on 0..58 and 60..62: b=3, c=1, gain +0.02
     challenger = [i < 59 or 60 <= i < 63 for i in range(N)]

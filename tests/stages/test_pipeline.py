@@ -106,6 +106,10 @@ def test_register_promotes_first_then_keeps_on_tie(done):
     first = results["register"]
     assert first.alias == "champion" and first.decision.promote
     assert first.decision.reason == "no champion yet"
+    test_y = torch.load(layout.packed, weights_only=True)["test_y"]  # 10 classes: about 0.1
+    share = float(torch.bincount(test_y).max()) / len(test_y)
+    majority = {c.name: c for c in first.decision.checks}["majority"]
+    assert majority.required and majority.passed and f"> {share:.4f}, what" in majority.detail
 
     params = load_params(layout.params)
     second = run_stage("register", params, layout)  # same model: a tie is not a win

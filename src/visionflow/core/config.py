@@ -304,10 +304,10 @@ class RegisterConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="top-1 gain needed over the champion")
     alias: str = "champion"
     min_top1: float = Field(0.0, ge=0, le=1, description="absolute top-1 floor to be promoted")
+    beat_majority: bool = Field(True, description="top-1 above the commonest test class's share")
     mcnemar: bool = Field(False, description="also require McNemar's exact test p <= alpha")
     alpha: float = Field(0.05, gt=0, le=1, description="McNemar significance level")
-    compact: bool = Field(True, description="also register compress's chosen variant under "
-                          "alias `compact` when the new version is promoted")
+    compact: bool = Field(True, description="on promotion, compress's choice as alias `compact`")
     min_test_images: int = Field(30, ge=1, description="fewest test images the gate may judge "
                                  "on, after excluding those either model trained on")
 

@@ -5,11 +5,13 @@ champion on the same test split (both scored by the same code) and promotes only
 every required check holds:
 
 - `floor`:   challenger top-1 >= `register.min_top1` (always required);
+- `majority`: challenger top-1 > the share of the test images in their commonest class, what
+             answering that class always scores (required when `register.beat_majority`);
 - `delta`:   top-1 gain over the champion > 0 and >= `register.min_delta`;
 - `mcnemar`: McNemar's exact test on the discordant pairs, p <= `register.alpha`
              (required when `register.mcnemar` is true; reported either way).
 
-With no (scorable) champion only the floor applies. `Decision.tags()` and
+With no (scorable) champion only the floor and the majority check apply. `Decision.tags()` and
 `Decision.markdown()` carry every check with its numbers; `apply` writes them to the
 version and moves the alias (the old champion keeps `previous`).
 
@@ -35,7 +37,7 @@ EPS = 1e-12
 
 
 # the `register:` settings the gate reads (its decision records their values)
-GATE_KEYS = ("min_top1", "min_delta", "mcnemar", "alpha", "min_test_images")
+GATE_KEYS = ("min_top1", "beat_majority", "min_delta", "mcnemar", "alpha", "min_test_images")
 
 
 @dataclass
@@ -179,13 +181,14 @@ def _bools(x: Any) -> list[bool]:
 
 def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterConfig,
            champion_version: str | None = None, note: str = "",
-           scored: ScoredSet | None = None) -> Decision:
+           scored: ScoredSet | None = None, majority: float | None = None) -> Decision:
     """Gate decision from paired per-image correctness (True = that image is right).
 
     `champion_correct` None means there is no champion to beat (or it could not be scored;
     `note` then says why, and becomes the reason when the floor holds). `scored`: which
     test images these are (the rest excluded, see `scored_set`); fewer than
-    `cfg.min_test_images` of them: refused, nothing else is checked.
+    `cfg.min_test_images` of them: refused, nothing else is checked. `majority`: the share
+    of these images in their commonest class (None: not known, not checked).
     """
     ch = _bools(challenger_correct)
     n = len(ch)
@@ -208,11 +211,16 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     floor = Check("floor", True, top1 + EPS >= cfg.min_top1,
                   f"top-1 {top1:.4f} {'>=' if top1 + EPS >= cfg.min_top1 else '<'} "
                   f"min_top1 {cfg.min_top1:.4f}")
+    first = [floor] + ([] if majority is None else [Check(
+        "majority", cfg.beat_majority, top1 > majority + EPS,
+        f"top-1 {top1:.4f} {'>' if top1 > majority + EPS else '<='} {majority:.4f}, what "
+        f"answering the commonest test class always scores")])
     if champion_correct is None:
         reason = note or "no champion yet"
-        if not floor.passed:
-            reason = f"{reason}, but {floor.detail}"
-        return Decision(floor.passed, reason, top1, None, None, [floor], n, config=config,
+        failed = [k.detail for k in first if k.required and not k.passed]
+        if failed:
+            reason = f"{reason}, but {'; '.join(failed)}"
+        return Decision(not failed, reason, top1, None, None, first, n, config=config,
                         scored=summary)
 
     cp = cp_all
@@ -234,7 +242,7 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     mc = Check("mcnemar", cfg.mcnemar, significant,
                f"exact p={p:.4g} {'<=' if p <= cfg.alpha else '>'} alpha {cfg.alpha}{favours} "
                f"(b={b} images only the challenger gets right, c={c} only the champion)")
-    checks = [floor, delta, mc]
+    checks = [*first, delta, mc]
     promote = all(k.passed for k in checks if k.required)
     if promote:
         reason = (f"top-1 {top1:.4f} beats champion v{champion_version} {champ_top1:.4f} "

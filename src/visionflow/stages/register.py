@@ -94,10 +94,13 @@ def run(params: Params, layout: Layout) -> Registration:
             scored = scored_set(trained["test"], trained["train"] + trained["val"],
                                 champ_set, champ_note)
             keep = torch.tensor(scored.keep, dtype=torch.bool)
+            kept = target[keep]
             decision = decide((ch_logits.argmax(1) == target)[keep],
                               None if champ_correct is None else champ_correct[keep],
                               cfg,
-                              champ if champ_correct is not None else None, note, scored)
+                              champ if champ_correct is not None else None, note, scored,
+                              majority=(float(torch.bincount(kept).max()) / len(kept)
+                                        if len(kept) else None))
 
             with tracking.artifact_store_guard():
                 info = log_pyfunc(layout, cfg.model_name, params)
