@@ -93,7 +93,7 @@ def test_gate_scores_only_images_neither_model_trained_on(tmp_path: Path, digits
     assert d["n"] == d["scored"]["scored"] == len(test) - overlap
     assert d["champion_version"] == "1" and d["champion_top1"] is not None
     assert d["mcnemar_p"] is not None and {c["name"] for c in d["checks"]} == {
-        "floor", "delta", "mcnemar"}
+        "floor", "majority", "delta", "mcnemar"}
     # what the gate scored is exactly the test images outside the champion's sets: the
     # challenger's top-1 there (from evaluate's per-image predictions) is the gate's
     with layout.predictions.open(newline="") as f:
