@@ -179,3 +179,7 @@ def test_merge_adds_to_the_current_version_and_says_what_a_replace_drops(tmp_pat
     proc = run([VFLOW, "data", "add", str(flat)], root)  # without --merge: a new version
     assert "in place of the 14 files before (--merge adds to them)" in proc.stdout, proc.stdout
     assert _files(root / "data") == _files(flat)
+
+    seg = write_imagefolder(tmp_path / "seg", {"images": 3, "masks": 3})  # a segmentation set
+    proc = run([VFLOW, "data", "add", str(seg)], root)  # its masks are not counted as images
+    assert "imported 3 images and 3 masks (6 files)" in proc.stdout, proc.stdout

@@ -70,8 +70,9 @@ def data_add(
                 "(--merge adds to them)")
     else:
         what = "the first version"
-    typer.echo(f"imported {out['images']} images ({out['files']} files) from {out['source']} "
-               f"into {out['target']}: {what}")
+    masks = f" and {out['masks']} masks" if out["masks"] else ""
+    typer.echo(f"imported {out['images']} images{masks} ({out['files']} files) from "
+               f"{out['source']} into {out['target']}: {what}")
     if out["ignored"]:
         typer.echo(f"  ignored (no images): {', '.join(out['ignored'])}")
     for item in out["skipped"][:10]:

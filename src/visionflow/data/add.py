@@ -18,7 +18,8 @@ from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
 from visionflow.data.images import FORMATS
-from visionflow.data.scan import layout_of, scan_imagefolder
+from visionflow.data.scan import FileEntry, layout_of, scan_imagefolder
+from visionflow.data.segmentation_layout import detect_layout
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.data.source import import_dataset
 
@@ -101,9 +102,11 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     if push:
         dvc(layout, "push", "-q", dvc_file.name)
     out = dvc_out(dvc_file)
+    masks = _masks(found.entries, dest)
     return {
         "source": str(src), "kind": report.kind, "target": str(dest), "files": report.files,
-        "images": len(found.entries), "layout": found.layout, "merged": merge,
+        "images": len(found.entries) - masks, "masks": masks, "layout": found.layout,
+        "merged": merge,
         "files_before": before, "files_now": int(out.get("nfiles") or 0),
         "skipped": [f"{r.relpath} ({r.reason})" for r in report.skipped],
         "ignored": report.ignored,
@@ -146,3 +149,15 @@ def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             continue
     return False
+
+
+MASK_FOLDERS = ("masks", "SegmentationClass", "SegmentationObject")
+
+
+def _masks(entries: list[FileEntry], root: Path) -> int:
+    """The masks among a segmentation set's image files (none in an ImageFolder)."""
+    try:
+        detect_layout(root)
+    except DataError:
+        return 0
+    return sum(1 for e in entries if e.relpath.split("/", 1)[0] in MASK_FOLDERS)
