@@ -27,6 +27,30 @@ def test_no_champion_promotes_over_the_floor_and_refuses_under_it():
     assert not low.promote and "mIoU 0.7000 < min_miou 0.8000" in low.reason
 
 
+def test_a_segmenter_no_better_than_the_commonest_class_everywhere_is_not_promoted():
+    """All background, on masks 70% background in 3 classes: mIoU 0.7 / 3, and the first
+    such model was champion (floor 0). `commonest_class_miou` is that score, read from the
+    challenger's own confusion matrix; the gate wants more (`register.beat_majority`)."""
+    import torch
+
+    from visionflow.model.segmentation_metrics import commonest_class_miou, scores_from_confusion
+
+    truth = torch.tensor([700, 200, 100])
+    everything_background = torch.zeros(3, 3, dtype=torch.int64)
+    everything_background[:, 0] = truth
+    right = torch.diag(truth)  # the same pixels, all right: the same baseline
+    baseline = commonest_class_miou(right)
+    assert baseline == pytest.approx(0.7 / 3)
+    assert baseline == pytest.approx(scores_from_confusion(everything_background).miou)
+    d = decide_iou(0.2333, BASE, None, None, _params(), majority=baseline)
+    assert not d.promote and d.reason == ("no champion yet, but mIoU 0.2333 <= 0.2333, what "
+                                          "predicting the commonest class at every pixel scores")
+    assert decide_iou(0.5, BASE, None, None, _params(), majority=baseline).promote
+    off = decide_iou(0.2, BASE, None, None, _params("register.beat_majority=false"),
+                     majority=baseline)
+    assert off.promote and [c.name for c in off.checks] == ["floor", "majority"]
+
+
 def test_a_clearly_better_challenger_is_promoted_and_a_worse_one_kept_out():
     better = decide_iou(0.85, BASE + 0.1, 0.75, BASE, _params(), "3")
     assert better.promote, better.reason

@@ -81,6 +81,7 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
     root = drivers["dvc"]
     report = (root / "outputs/register/gate_report.md").read_text()
     assert "mIoU" in report and "top-1" not in report
+    assert "| majority | yes | pass | mIoU " in report  # above the commonest class everywhere
     card = (root / "outputs/register/model_card.md").read_text()
     assert "| miou |" in card and "Per-class IoU" in card and "segmentation" in card
     shown = run([str(BIN / "vflow"), "models", "show", "1", "--name", "visionflow-segmenter",

@@ -5,6 +5,8 @@ Wilcoxon or bootstrap) in McNemar's place.
 
 - `test_images`: at least `register.min_test_images` scored images;
 - `floor`:  challenger mIoU >= `segmentation.min_miou`;
+- `majority`: challenger mIoU > predicting the commonest class at every pixel scores
+  (required when `register.beat_majority`);
 - `delta`:  mIoU gain over the champion > 0 and >= `register.min_delta`;
 - `paired`: one-sided paired test of per-image IoU, p <= `register.alpha` (required when
   `segmentation.paired_required`).
@@ -42,12 +44,15 @@ def check_task(model_name: str, version: str, tags: dict[str, str] | None,
 
 def decide_iou(challenger_miou: float, challenger_iou: Any, champion_miou: float | None,
                champion_iou: Any | None, params: Any, champion_version: str | None = None,
-               note: str = "", scored: ScoredSet | None = None) -> Decision:
+               note: str = "", scored: ScoredSet | None = None,
+               majority: float | None = None) -> Decision:
     """Decision from the mIoU of both models on the scored test images and their paired
-    per-image IoU. `champion_iou` None: no (scorable) champion, only the floor applies."""
+    per-image IoU. `champion_iou` None: no (scorable) champion, only the floor and the
+    majority check apply; `majority`: the commonest class everywhere's mIoU (None: unknown)."""
     reg, seg = params.register_, params.segmentation
     n = len(challenger_iou)
-    config = {"min_miou": seg.min_miou, "min_delta": reg.min_delta,
+    config = {"min_miou": seg.min_miou, "beat_majority": reg.beat_majority,
+              "min_delta": reg.min_delta,
               "paired_test": seg.paired_test, "paired_required": seg.paired_required,
               "alpha": reg.alpha, "min_test_images": reg.min_test_images}
     summary = scored.summary() if scored is not None else {}
@@ -62,12 +67,17 @@ def decide_iou(challenger_miou: float, challenger_iou: Any, champion_miou: float
     ok = challenger_miou + EPS >= seg.min_miou
     floor = Check("floor", True, ok, f"mIoU {challenger_miou:.4f} {'>=' if ok else '<'} "
                                      f"min_miou {seg.min_miou:.4f}")
+    beats = majority is not None and challenger_miou > majority + EPS
+    first = [floor] + ([] if majority is None else [Check(
+        "majority", reg.beat_majority, beats,
+        f"mIoU {challenger_miou:.4f} {'>' if beats else '<='} {majority:.4f}, what "
+        f"predicting the commonest class at every pixel scores")])
     if champion_iou is None or champion_miou is None:
         reason = note or "no champion yet"
-        if not floor.passed:
-            reason = f"{reason}, but {floor.detail}"
-        return Decision(floor.passed, reason, challenger_miou, None, None, [floor], n,
-                        **common)
+        failed = [c.detail for c in first if c.required and not c.passed]
+        if failed:
+            reason = f"{reason}, but {'; '.join(failed)}"
+        return Decision(not failed, reason, challenger_miou, None, None, first, n, **common)
     gain = challenger_miou - champion_miou
     better = gain > EPS and gain + EPS >= reg.min_delta
     versus = f"mIoU {challenger_miou:.4f} vs champion v{champion_version} {champion_miou:.4f}"
@@ -82,7 +92,7 @@ def decide_iou(challenger_miou: float, challenger_iou: Any, champion_miou: float
                    f"{test.method} one-sided p={test.p_value:.4g} "
                    f"{'<=' if test.p_value <= reg.alpha else '>'} alpha {reg.alpha} "
                    f"(mean per-image IoU gain {test.mean_delta:+.4f} over {test.n} images)")
-    checks = [floor, delta, paired]
+    checks = [*first, delta, paired]
     promote = all(c.passed for c in checks if c.required)
     if promote:
         reason = (f"mIoU {challenger_miou:.4f} beats champion v{champion_version} "

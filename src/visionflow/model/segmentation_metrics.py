@@ -61,6 +61,14 @@ def scores_from_confusion(confusion: Tensor) -> SegmentationScores:
         pixel_accuracy=float(tp.sum() / total) if total > 0 else float("nan"))
 
 
+def commonest_class_miou(confusion: Tensor) -> float:
+    """The mIoU of predicting the commonest true class at every pixel (what a model that
+    learnt nothing scores): that class's share of the pixels, over the classes present."""
+    truth = confusion.to(torch.float64).sum(1)
+    present = int((truth > 0).sum())
+    return float(truth.max() / truth.sum()) / present if present else float("nan")
+
+
 class SegmentationMeter:
     """Accumulates the pixel confusion matrix over batches (on the batches' device), in this
     process only: under DDP rank 0 alone evaluates, so it must not wait for the others."""

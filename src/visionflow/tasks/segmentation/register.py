@@ -42,6 +42,7 @@ from visionflow.mlops.segmentation_card import (
 from visionflow.mlops.segmentation_gate import check_task, decide_iou
 from visionflow.model.inference import pick_device
 from visionflow.model.segmentation import load_segmenter
+from visionflow.model.segmentation_metrics import commonest_class_miou
 
 TASK = "segmentation"
 
@@ -80,7 +81,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             decision = decide_iou(scores.miou, per_image,
                                   champion[0].miou if champion else None,
                                   champion[1] if champion else None, params,
-                                  champ if champion else None, note, scored)
+                                  champ if champion else None, note, scored,
+                                  majority=commonest_class_miou(scores.confusion))
             with tracking.artifact_store_guard():
                 info = log_segmenter(layout, cfg.model_name, params)
             version = str(info.registered_model_version)
