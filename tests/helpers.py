@@ -118,13 +118,13 @@ def job_runners(pid: int) -> list[str]:
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
               timeout: float = 300, poll: float = 0.02,
               detail: Callable[[], str] = lambda: "") -> None:
-    """SIGKILL `proc`'s process group (started with `start_new_session=True`) once `ready()`.
-    When it first says so, the group is stopped (SIGSTOP) and `ready()` asked again: a file
-    written between the first look and the stop (the epoch's end after a mid-epoch
-    checkpoint) is seen, and the group goes on (SIGCONT) unless it still holds. So what the
+    """SIGKILL `proc` and every process under it once `ready()`: torchrun and its ranks
+    too, each in a session of its own (a group kill of `proc` never reached them). When
+    `ready()` first says so, the whole tree is stopped (SIGSTOP) and `ready()` asked again: a
+    file written between the first look and the stop (the epoch's end after a mid-epoch
+    checkpoint) is seen, and the tree goes on (SIGCONT) unless it still holds. So what the
     test reads after the kill is what `ready()` last saw. Fails naming `what` (and
     `detail()`, e.g. the process's log) if the process ends first or the time runs out."""
-    import os
     import signal
     import time
 
@@ -135,14 +135,37 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
                 assert proc.poll() is None, f"the process ended before {what}: {detail()}"
                 assert time.monotonic() < deadline, f"no {what} in {timeout:.0f} s: {detail()}"
                 time.sleep(poll)
-            os.killpg(proc.pid, signal.SIGSTOP)
-            time.sleep(0.05)  # the stop takes effect on every process of the group
+            tree = _signal_tree(proc.pid, signal.SIGSTOP)
+            time.sleep(0.05)  # the stop takes effect on every process
+            tree += _signal_tree(proc.pid, signal.SIGSTOP, skip=tree)  # any started since
             if ready():
                 break
-            os.killpg(proc.pid, signal.SIGCONT)
-        os.killpg(proc.pid, signal.SIGKILL)
+            _signal_all(tree, signal.SIGCONT)
+        _signal_all(tree, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_tree(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def _signal_tree(pid: int, sig: int, skip: list | None = None) -> list:
+    """Send `sig` to `pid` and its descendants (those not in `skip`); the processes."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    tree = [p for p in tree if p not in (skip or [])]
+    _signal_all(tree, sig)
+    return tree
+
+
+def _signal_all(procs: list, sig: int) -> None:
+    import psutil
+
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)

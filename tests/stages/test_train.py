@@ -315,3 +315,45 @@ def test_two_ranks_stop_together_on_a_loss_that_is_not_a_number(small, tmp_path)
     assert "the loss is not a number in epoch 1" in proc.stdout + proc.stderr, (
         proc.stdout[-2000:] + proc.stderr[-2000:])
     assert not lay.model.exists() and not lay.checkpoint.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("victim", ["stage", "torchrun"])
+def test_a_killed_stage_or_torchrun_takes_its_ranks_along(small, tmp_path, victim):
+    """SIGKILL the train stage (the OOM killer, a worker stopped hard): the kernel sends
+    torchrun a SIGTERM and it stops its ranks; SIGKILL torchrun: the ranks get a SIGKILL, and
+    the stage says so in one line. Both left the two ranks training on into the outputs,
+    beside whatever ran the stage again."""
+    import contextlib
+    import subprocess
+    import time
+
+    import psutil
+
+    lay = _small(small, tmp_path / victim, **{
+        "train.model": "alexnet", "train.epochs": 500, "train.threads": 1,
+        "train.procs_per_node": 2, "train.checkpoint_steps": 1})
+    proc = subprocess.Popen([str(BIN / "vflow"), "stage", "train", "--root", str(lay.root)],
+                            cwd=lay.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    torchrun, ranks = [], []
+    try:
+        deadline = time.monotonic() + 240
+        while not lay.checkpoint.is_file():  # both ranks are past their start-up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        torchrun = psutil.Process(proc.pid).children()
+        assert len(torchrun) == 1 and "torchrun" in torchrun[0].cmdline()[1]
+        ranks = torchrun[0].children()
+        assert len(ranks) == 2 and all("visionflow.stages.train" in r.cmdline() for r in ranks)
+        (proc if victim == "stage" else torchrun[0]).kill()
+        _, alive = psutil.wait_procs(torchrun + ranks, timeout=20)  # (500 epochs: minutes)
+        assert not alive, [p.cmdline() for p in alive]
+        out = proc.communicate(timeout=60)[0]
+        if victim == "torchrun":
+            assert "torchrun train was killed by SIGKILL; its ranks stopped with it" in out, out
+    finally:
+        for p in [proc, *torchrun, *ranks]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()

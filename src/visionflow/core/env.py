@@ -7,6 +7,8 @@ import contextlib
 import gc
 import os
 import platform
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,23 @@ QUIET = {
 # MLflow's server starts a job runner for its GenAI features (six huey consumer processes,
 # about 250 MB and a steady trickle of CPU each); visionflow's servers run without it.
 MLFLOW_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Linux: have the kernel send this process `sig` when the process that started it ends,
+    however it ends. A SIGKILLed train stage otherwise leaves torchrun, and torchrun its
+    ranks, training on into the outputs beside the retry. `parent`: the pid expected as the
+    parent (gone already: `sig` now). Elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def quiet_env() -> None:

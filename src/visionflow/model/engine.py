@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionflow.core.env import die_with_parent
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import torch_save
 
@@ -49,6 +51,8 @@ def init_distributed(device_name: str) -> Dist:
         return Dist()
     import torch.distributed as dist
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: ends with torchrun
+        die_with_parent(signal.SIGKILL)
     use_nccl = device_name != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_nccl else "gloo")

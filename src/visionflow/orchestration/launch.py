@@ -28,11 +28,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from visionflow.core.config import Params
+from visionflow.core.env import die_with_parent
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import write_text
 from visionflow.core.layout import Layout
@@ -106,10 +108,12 @@ def resolved_params(params: Params, layout: Layout) -> Path:
 
 def run(cmd: list[str], cwd: Path, echo: bool = True, keep: int = 120) -> tuple[int, str]:
     """Run torchrun in its own process group, echo its output, return (code, last lines).
-    Whatever stops the caller (a task timeout, Ctrl-C) stops every rank too."""
+    Whatever stops the caller (a task timeout, Ctrl-C, a SIGKILL: torchrun then gets a
+    SIGTERM from the kernel, `die_with_parent`) stops every rank too."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                            preexec_fn=partial(die_with_parent, signal.SIGTERM, os.getpid()))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -176,6 +180,9 @@ def train(params: Params, layout: Layout, local_addr: str | None = None,
     with tempfile.TemporaryDirectory(prefix="vflow-torchrun-") as logs:
         code, tail = run([cmd[0], f"--log-dir={logs}", *cmd[1:]], layout.root)
     seconds = time.perf_counter() - t0
+    if code < 0:  # torchrun itself was killed: its ranks went with it
+        raise LaunchError(f"torchrun train{where} was killed by {signal.Signals(-code).name}; "
+                          "its ranks stopped with it")
     if code != 0:
         raise LaunchError(f"torchrun train{where} exited with code {code}: {_error_line(tail)}")
     here = layout.model.is_file() and layout.model.stat().st_mtime_ns != before
