@@ -7,9 +7,8 @@ import contextlib
 import gc
 import os
 import platform
-import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 QUIET = {
@@ -30,18 +29,24 @@ MLFLOW_SERVER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
-def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
-    """Linux: have the kernel send this process `sig` when the process that started it ends,
-    however it ends. A SIGKILLed train stage otherwise leaves torchrun, and torchrun its
-    ranks, training on into the outputs beside the retry. `parent`: the pid expected as the
-    parent (gone already: `sig` now). Elsewhere, nothing."""
+def on_parent_death(sig: int, parent: int | None = None) -> Callable[[], None]:
+    """A call that has the kernel send the calling process `sig` when the process that
+    started it ends, however it ends (Linux; elsewhere it does nothing). A SIGKILLed train
+    stage otherwise leaves torchrun, and torchrun its ranks, training on into the outputs
+    beside the retry. `parent`: the pid expected as the parent (gone already: `sig` now).
+    libc is looked up here, so the call is safe between fork and exec (`preexec_fn`)."""
     if not sys.platform.startswith("linux"):
-        return
+        return lambda: None
     import ctypes
 
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
-        os.kill(os.getpid(), sig)
+    prctl = ctypes.CDLL(None).prctl
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if parent is not None and os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return arm
 
 
 def quiet_env() -> None:

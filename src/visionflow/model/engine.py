@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionflow.core.env import die_with_parent
+from visionflow.core.env import on_parent_death
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import torch_save
 
@@ -52,7 +52,7 @@ def init_distributed(device_name: str) -> Dist:
     import torch.distributed as dist
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: ends with torchrun
-        die_with_parent(signal.SIGKILL)
+        on_parent_death(signal.SIGKILL)()
     use_nccl = device_name != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_nccl else "gloo")

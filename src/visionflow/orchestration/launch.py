@@ -28,13 +28,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import yaml
 
 from visionflow.core.config import Params
-from visionflow.core.env import die_with_parent
+from visionflow.core.env import on_parent_death
 from visionflow.core.errors import VisionflowError
 from visionflow.core.files import write_text
 from visionflow.core.layout import Layout
@@ -109,11 +108,11 @@ def resolved_params(params: Params, layout: Layout) -> Path:
 def run(cmd: list[str], cwd: Path, echo: bool = True, keep: int = 120) -> tuple[int, str]:
     """Run torchrun in its own process group, echo its output, return (code, last lines).
     Whatever stops the caller (a task timeout, Ctrl-C, a SIGKILL: torchrun then gets a
-    SIGTERM from the kernel, `die_with_parent`) stops every rank too."""
+    SIGTERM from the kernel, `on_parent_death`) stops every rank too."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-                            preexec_fn=partial(die_with_parent, signal.SIGTERM, os.getpid()))
+                            preexec_fn=on_parent_death(signal.SIGTERM, os.getpid()))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
