@@ -24,6 +24,7 @@ from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.data.source import import_dataset
 
 DEFAULT_DATA = {"classification": materialize_digits, "segmentation": materialize_shapes}
+MASK_FOLDERS = ("masks", "SegmentationClass", "SegmentationObject")  # a mask set's folders
 
 
 def init_default_data(layout: Layout, target: str = "data", task: str = "classification"
@@ -149,9 +150,6 @@ def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             continue
     return False
-
-
-MASK_FOLDERS = ("masks", "SegmentationClass", "SegmentationObject")
 
 
 def _masks(entries: list[FileEntry], root: Path) -> int:
