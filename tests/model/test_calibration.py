@@ -1,6 +1,6 @@
 """Temperature scaling: the fitted T recovers a known miscalibration, never changes a
 prediction, lowers the ECE, stops at the range's end for a model far too sure of itself, and
-falls back to 1.0 when there is nothing to fit (no val images, or no mistake among them)."""
+falls back to 1.0 with no val images (and matches confidence to accuracy with no mistake)."""
 
 from __future__ import annotations
 
@@ -35,17 +35,23 @@ def test_nothing_to_fit():
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
 
 
-def test_val_images_all_right_leave_the_temperature_alone():
-    """Six val images, all right (a small photo set): the likelihood only grows as T falls,
-    and the fit sharpened the model 20-fold (the range's end); the test images' mistakes
-    then scored near 1.0. Nothing to weigh sureness by: T stays 1.0."""
+def test_val_images_all_right_match_confidence_to_the_rule_of_succession():
+    """All val images right (the digits, 179 of 179; six photos): the likelihood only grows
+    as T falls, and the fit ran to the range's end, 0.05, a 20-fold sharpening on six photos.
+    T now makes the mean top probability (n + 1) / (n + 2), the accuracy the rule of
+    succession expects after n right of n: sharper for a label-smoothed model's soft scores,
+    softer for an overconfident one's."""
     from visionflow.model.calibration import unfittable
 
     logits = torch.tensor([[2.0, 0.5, 0.1]] * 3 + [[0.2, 1.5, 0.3]] * 3)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    assert fit_temperature(logits, labels) == 1.0
-    assert "all 6 val images predicted right" in unfittable(logits, labels)
-    labels[5] = 2  # one mistake: a finite optimum, fitted
+    t = fit_temperature(logits, labels)
+    assert (logits / t).softmax(1).amax(1).mean().item() == pytest.approx(7 / 8, abs=1e-4)
+    assert 0.05 < t < 1.0  # sharper than as trained, not to the end of the range
+    assert unfittable(logits, labels) == "all 6 val images predicted right"
+    sure = fit_temperature(logits * 50, labels)  # far too sure: softened to the same 7/8
+    assert sure > 1.0 and sure == pytest.approx(t * 50, rel=1e-3)
+    labels[5] = 2  # one mistake: the likelihood's own optimum
     assert unfittable(logits, labels) is None and fit_temperature(logits, labels) != 1.0
 
 

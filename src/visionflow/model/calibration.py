@@ -17,23 +17,25 @@ T_RANGE = (0.05, 1000.0)  # at 1,000 a model whose logits say nothing scores nea
 
 
 def unfittable(logits: torch.Tensor, target: torch.Tensor) -> str | None:
-    """Why no temperature can be fitted on these images, or None. When every prediction is
-    right, the likelihood only grows as T falls to 0: the fit would make the model as sure of
-    itself as the range allows, from images that held no mistake to weigh."""
+    """Why the likelihood cannot be fitted on these images, or None. When every prediction
+    is right it only grows as T falls to 0: the fit would make the model as sure of itself as
+    the range allows (`fit_temperature` then matches confidence to accuracy instead)."""
     if len(logits) == 0:
         return "no val images"
     if bool((logits.argmax(1) == target.to(logits.device)).all()):
-        return f"all {len(logits)} val images predicted right: nothing to weigh sureness by"
+        return f"all {len(logits)} val images predicted right"
     return None
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 100) -> float:
     """The T within `T_RANGE` that minimises the negative log-likelihood of `target` under
-    softmax(logits / T); 1.0 when it cannot be fitted (`unfittable`). The likelihood has one
-    optimum in log T, so a fit that runs past the range (a model far too sure of itself, whose
-    optimum lies beyond it) is held at the nearer end."""
+    softmax(logits / T). The likelihood has one optimum in log T, so a fit that runs past the
+    range (a model far too sure of itself) is held at the nearer end. With no val images:
+    1.0. With no mistake among them the likelihood has no optimum: T then makes the mean top
+    probability the accuracy the rule of succession expects, (n + 1) / (n + 2)."""
     if unfittable(logits, target) is not None:
-        return 1.0
+        n = len(logits)
+        return 1.0 if n == 0 else _confidence_at(logits.detach().float().cpu(), (n + 1) / (n + 2))
     logits, target = logits.detach().float().cpu().clone(), target.long().cpu().clone()
     log_t = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -51,3 +53,17 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 
                                     if math.isfinite(fitted) else [])
     with torch.no_grad():
         return min(candidates, key=lambda t: float(F.cross_entropy(logits / t, target)))
+
+
+def _confidence_at(logits: torch.Tensor, target: float, steps: int = 60) -> float:
+    """The T in `T_RANGE` whose mean top softmax probability is `target` (bisection on log T:
+    each top probability falls as T grows)."""
+    lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
+    with torch.no_grad():
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if float((logits / math.exp(mid)).softmax(1).amax(1).mean()) > target:
+                lo = mid
+            else:
+                hi = mid
+    return math.exp((lo + hi) / 2)

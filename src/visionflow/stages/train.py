@@ -119,9 +119,10 @@ def run(params: Params, layout: Layout) -> TrainResult:
             if cfg.calibrate and data.has_val:
                 logits, val_y = _val_logits(data, final, amp=False)
                 arch.temperature = _calibrate(logits, val_y)
-                why = unfittable(logits, val_y)
+                why, n = unfittable(logits, val_y), len(val_y)
                 engine.say(dist, f"softmax temperature {arch.temperature:.3f} " + (
-                    f"(not fitted: {why})" if why else f"(fitted on {len(val_y)} val images)"))
+                    f"({why}: mean top probability set to {n + 1}/{n + 2})" if why
+                    else f"(fitted on {n} val images)"))
             save_classifier(layout.model, final, arch, history=json.dumps(history))
             write_csv(layout.history, history)
             _log_artifact(layout.history)
