@@ -179,6 +179,39 @@ def _bools(x: Any) -> list[bool]:
     return [bool(v) for v in np.asarray(x).reshape(-1)]
 
 
+def first_checks(metric: str, value: float, floor_key: str, floor: float,
+                 majority: float | None, beat_majority: bool, baseline: str) -> list[Check]:
+    """The checks a first model meets too: the floor, and beating the commonest class
+    (`majority`: what `baseline` scores; None: not known, not checked)."""
+    ok = value + EPS >= floor
+    checks = [Check("floor", True, ok, f"{metric} {value:.4f} {'>=' if ok else '<'} "
+                                       f"{floor_key} {floor:.4f}")]
+    if majority is not None:
+        beats = value > majority + EPS
+        checks.append(Check("majority", beat_majority, beats,
+                            f"{metric} {value:.4f} {'>' if beats else '<='} {majority:.4f}, "
+                            f"what {baseline}"))
+    return checks
+
+
+def first_model(first: list[Check], note: str) -> tuple[bool, str]:
+    """(promote, reason) with no champion to beat: `note` says why there is none."""
+    reason = note or "no champion yet"
+    failed = [k.detail for k in first if k.required and not k.passed]
+    return not failed, f"{reason}, but {'; '.join(failed)}" if failed else reason
+
+
+def delta_check(metric: str, value: float, champion: float, gain: float,
+                champion_version: str | None, min_delta: float) -> Check:
+    better = gain > EPS and gain + EPS >= min_delta
+    versus = f"{metric} {value:.4f} vs champion v{champion_version} {champion:.4f}"
+    if gain <= EPS:
+        return Check("delta", True, False, f"gain {gain:+.4f} ({versus}): not an improvement")
+    cmp = ">=" if better else "<"
+    return Check("delta", True, better, f"gain {gain:+.4f} ({versus}) {cmp} min_delta "
+                                        f"{min_delta:.4f}")
+
+
 def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterConfig,
            champion_version: str | None = None, note: str = "",
            scored: ScoredSet | None = None, majority: float | None = None) -> Decision:
@@ -208,32 +241,17 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
                         champion_version if cp_all is not None else None, champ_top1,
                         [Check("test_images", True, False, detail)], n, config=config,
                         scored=summary)
-    floor = Check("floor", True, top1 + EPS >= cfg.min_top1,
-                  f"top-1 {top1:.4f} {'>=' if top1 + EPS >= cfg.min_top1 else '<'} "
-                  f"min_top1 {cfg.min_top1:.4f}")
-    first = [floor] + ([] if majority is None else [Check(
-        "majority", cfg.beat_majority, top1 > majority + EPS,
-        f"top-1 {top1:.4f} {'>' if top1 > majority + EPS else '<='} {majority:.4f}, what "
-        f"answering the commonest test class always scores")])
+    first = first_checks("top-1", top1, "min_top1", cfg.min_top1, majority, cfg.beat_majority,
+                         "answering the commonest test class always scores")
     if champion_correct is None:
-        reason = note or "no champion yet"
-        failed = [k.detail for k in first if k.required and not k.passed]
-        if failed:
-            reason = f"{reason}, but {'; '.join(failed)}"
-        return Decision(not failed, reason, top1, None, None, first, n, config=config,
+        promote, reason = first_model(first, note)
+        return Decision(promote, reason, top1, None, None, first, n, config=config,
                         scored=summary)
 
     cp = cp_all
     champ_top1 = sum(cp) / n if n else 0.0
     gain = (sum(ch) - sum(cp)) / n if n else 0.0
-    better = gain > EPS and gain + EPS >= cfg.min_delta
-    versus = f"top-1 {top1:.4f} vs champion v{champion_version} {champ_top1:.4f}"
-    if gain <= EPS:
-        delta_detail = f"gain {gain:+.4f} ({versus}): not an improvement"
-    else:
-        cmp = ">=" if better else "<"
-        delta_detail = f"gain {gain:+.4f} ({versus}) {cmp} min_delta {cfg.min_delta:.4f}"
-    delta = Check("delta", True, better, delta_detail)
+    delta = delta_check("top-1", top1, champ_top1, gain, champion_version, cfg.min_delta)
     b = sum(1 for x, y in zip(ch, cp, strict=True) if x and not y)
     c = sum(1 for x, y in zip(ch, cp, strict=True) if y and not x)
     p = mcnemar_exact(b, c)

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from visionflow.core.errors import ConfigError
-from visionflow.mlops.gate import EPS, Check, Decision, ScoredSet
+from visionflow.mlops.gate import (
+    Check,
+    Decision,
+    ScoredSet,
+    delta_check,
+    first_checks,
+    first_model,
+)
 from visionflow.mlops.paired_iou import paired_iou_test
 
 METRIC = "mIoU"
@@ -64,27 +71,14 @@ def decide_iou(challenger_miou: float, challenger_iou: Any, champion_miou: float
         return Decision(False, f"refused: too few test images to judge: {detail}",
                         challenger_miou, champion_version, champion_miou,
                         [Check("test_images", True, False, detail)], n, **common)
-    ok = challenger_miou + EPS >= seg.min_miou
-    floor = Check("floor", True, ok, f"mIoU {challenger_miou:.4f} {'>=' if ok else '<'} "
-                                     f"min_miou {seg.min_miou:.4f}")
-    beats = majority is not None and challenger_miou > majority + EPS
-    first = [floor] + ([] if majority is None else [Check(
-        "majority", reg.beat_majority, beats,
-        f"mIoU {challenger_miou:.4f} {'>' if beats else '<='} {majority:.4f}, what "
-        f"predicting the commonest class at every pixel scores")])
+    first = first_checks("mIoU", challenger_miou, "min_miou", seg.min_miou, majority,
+                         reg.beat_majority, "predicting the commonest class at every pixel scores")
     if champion_iou is None or champion_miou is None:
-        reason = note or "no champion yet"
-        failed = [c.detail for c in first if c.required and not c.passed]
-        if failed:
-            reason = f"{reason}, but {'; '.join(failed)}"
-        return Decision(not failed, reason, challenger_miou, None, None, first, n, **common)
+        promote, reason = first_model(first, note)
+        return Decision(promote, reason, challenger_miou, None, None, first, n, **common)
     gain = challenger_miou - champion_miou
-    better = gain > EPS and gain + EPS >= reg.min_delta
-    versus = f"mIoU {challenger_miou:.4f} vs champion v{champion_version} {champion_miou:.4f}"
-    delta = Check("delta", True, better,
-                  f"gain {gain:+.4f} ({versus}): not an improvement" if gain <= EPS else
-                  f"gain {gain:+.4f} ({versus}) {'>=' if better else '<'} min_delta "
-                  f"{reg.min_delta:.4f}")
+    delta = delta_check("mIoU", challenger_miou, champion_miou, gain, champion_version,
+                        reg.min_delta)
     test = paired_iou_test(np.asarray(challenger_iou), np.asarray(champion_iou),
                            seg.paired_test, seed=params.seed)
     significant = test.p_value <= reg.alpha and test.mean_delta > 0
