@@ -178,3 +178,24 @@ def test_register_compact_registers_the_segmentation_choice(compressed):
         pd.DataFrame({"image": [image.read_bytes()]}))
     mask = Image.open(io.BytesIO(base64.b64decode(answer["mask"][0])))
     assert mask.mode == "P" and mask.size == Image.open(image).size
+
+
+def test_a_pruned_segmenters_fine_tune_ends_with_batchnorm_set_from_train_images(tmp_path):
+    """After a pruning step's short fine-tune, BatchNorm's statistics are those of the
+    calibration images with the fine-tuned weights (precise BN), not a slow running average
+    (torchvision MobileNetV3's momentum 0.01) that a few steps barely move."""
+    from visionflow.compression.segmentation import SegContext
+    from visionflow.core.config import CompressConfig
+    from visionflow.model.segmentation import SegArch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1),
+                                torch.nn.BatchNorm2d(3, momentum=0.01))
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    cfg = CompressConfig(finetune_epochs=1, finetune_batch_size=8, calibration_images=16)
+    ctx = SegContext(model, SegArch("unet", 3), list, images, torch.randint(0, 3, (16, 16, 16)),
+                     cfg, 0, torch.device("cpu"), tmp_path)
+    ctx.recover(model, seed=0)
+    with torch.no_grad():
+        seen = model[0](images.float() / 255)
+    assert torch.allclose(model[1].running_mean, seen.mean(dim=(0, 2, 3)), atol=1e-5)

@@ -23,7 +23,12 @@ from seg_projects import SEG, shapes
 from visionflow.core.configfile import load_params
 from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
-from visionflow.data.segmentation_feed import pair_stream, segmentation_pack, segmentation_pairs
+from visionflow.data.segmentation_feed import (
+    pair_stream,
+    segmentation_pack,
+    segmentation_pairs,
+    train_batches,
+)
 from visionflow.data.segmentation_shards import encode_pair
 from visionflow.orchestration.stage_runner import run_stage
 
@@ -67,6 +72,12 @@ def test_shards_hold_the_pixels_the_tensors_hold(project: Path):
     assert all(x.shape[1:] == (3, 32, 32) and y.shape[1:] == (32, 32) for x, y in batches)
     got = sorted(_digest(x, y) for xs, ys in batches for x, y in zip(xs, ys, strict=True))
     assert got == sorted(want["train"].values())
+    # a last batch of one pair is left out (DeepLabV3 cannot normalise one), as in tensor mode
+    n = len(pack["train_paths"])
+    lone = load_params(layout.params, ["data.storage=shards", f"segmentation.batch_size={n - 1}"])
+    feed = train_batches(lone, layout, pack, torch.device("cpu"))
+    assert feed.steps == 1 and [len(x) for x, _ in feed(1)] == [n - 1]
+    feed.stream.close()
     policy = json.loads(layout.policy.read_text())
     assert policy["storage"] == "shards" and sum(policy["shards"][s]["samples"] for s in
                                                  ("train", "val", "test")) == 60

@@ -7,8 +7,9 @@ any H x W), scored by mIoU on test pairs at their own sizes (#19).
   train images resized to one side;
 - `structured<r>`: channel pruning with torch-pruning's dependency graph (the 1x1 head keeps
   its classes; U-Net skip concatenations are followed by the graph), a short fine-tune
-  (`fit_segmenter`) after each step, saved as layer structure + state dict with the task,
-  deployed as its ONNX export when ORT and torch agree on `onnx_min_agreement` of the pixels;
+  (`fit_segmenter`, then `recalibrate_bn` on the calibration images) after each step, saved
+  as layer structure + state dict with the task, deployed as its ONNX export when ORT and
+  torch agree on `onnx_min_agreement` of the pixels;
 - `structured<r>+int8` (`combine`): int8 of each structured variant within the budget.
 
 The rows reuse the classifiers' `Variant`, `Sweep`, latency and Pareto code; the metric is
@@ -41,7 +42,7 @@ from visionflow.compression.variants import Variant
 from visionflow.core.config import CompressConfig
 from visionflow.model.segmentation import TASK, SegArch, build_segmenter
 from visionflow.model.segmentation_augment import JointPolicy
-from visionflow.model.segmentation_fit import fit_segmenter
+from visionflow.model.segmentation_fit import fit_segmenter, recalibrate_bn
 from visionflow.model.segmentation_metrics import SegmentationMeter
 
 Pairs = Callable[[], Iterable[tuple[Tensor, Tensor]]]  # a fresh pass over the test pairs
@@ -108,6 +109,7 @@ class SegContext(Measures):
                                 policy, epochs=cfg.finetune_epochs,
                                 batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
                                 seed=seed)
+            recalibrate_bn(model, self.calibration().split(max(cfg.finetune_batch_size, 2)))
         finally:
             model.cpu().eval()
         return {"loss": round(run["loss"], 5), "seconds": round(run["seconds"], 2)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 TASKS = ("classification", "segmentation")
 SEG_MODEL_NAMES = (
@@ -48,7 +48,9 @@ class SegmentationConfig(BaseModel):
     min_miou: float = Field(0.0, ge=0, le=1, description="the gate's mIoU floor")
     paired_test: Literal["wilcoxon", "bootstrap"] = "wilcoxon"
     paired_required: bool = Field(True, description="promotion needs p <= register.alpha")
-    worst_images: int = Field(8, ge=0, le=64, description="overlays in worst.png")
+    worst_images: int = Field(8, ge=0, le=64, description="overlays in mistakes.png")
+    bn_images: int = Field(256, ge=0, description="train images that set BatchNorm's "
+                           "statistics before each evaluation (precise BN); 0: off")
 
     @field_validator("model")
     @classmethod
@@ -56,6 +58,14 @@ class SegmentationConfig(BaseModel):
         if v not in SEG_MODEL_NAMES:
             raise ValueError(f"unknown segmentation model, choose one of "
                              f"{', '.join(SEG_MODEL_NAMES)}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _pooled_norm(cls, v: int, info: ValidationInfo) -> int:
+        if v < 2 and str(info.data.get("model", "")).startswith("deeplabv3"):
+            raise ValueError("DeepLabV3 trains on 2 or more images a batch (the BatchNorm "
+                             "after its global pooling cannot normalise one)")
         return v
 
     @field_validator("crop_scale")

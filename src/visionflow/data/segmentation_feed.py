@@ -136,5 +136,7 @@ def train_batches(params: Params, layout: Layout, pack: dict[str, Any],
     shards in whole batches, the same number on every rank (one more on one rank would leave
     the others waiting for it). Tensor mode trains on `pack`'s tensors
     (`model.segmentation_fit.fit_segmenter`)."""
-    stream = pair_stream(params, layout, pack, "train", train=True, drop_last=ranks > 1)
+    n, batch = len(pack["train_paths"]), params.segmentation.batch_size
+    lone = n % batch == 1 and n > 1  # a last batch of one pair is left out, as in tensor mode
+    stream = pair_stream(params, layout, pack, "train", train=True, drop_last=ranks > 1 or lone)
     return ShardBatches(stream, len(stream), device)

@@ -7,6 +7,7 @@ callback; given that state back as `start`, it goes on from the next batch as if
 stopped (each epoch's order is drawn from (seed, epoch), each step's augmentation from (seed,
 rank, epoch, step)). Evaluation runs each image at its own size (the models take any H x W)
 and accumulates the pixel confusion matrix, so memory does not grow with the number of images.
+`recalibrate_bn` sets BatchNorm's statistics from train images before a model is evaluated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
 
 from visionflow.model.engine import Dist, collective_device, gather_objects
 from visionflow.model.segmentation import IGNORE_INDEX
@@ -87,9 +89,11 @@ def epoch_indices(n: int, batch_size: int, seed: int, number: int,
 
 
 def fit_steps(n: int, batch_size: int, dist: Dist) -> int:
-    """Batches an epoch of `n` pairs gives each rank (`fit_segmenter`)."""
+    """Batches an epoch of `n` pairs gives each rank (`fit_segmenter`); on one rank a last
+    batch of one pair is left out (a BatchNorm after a global pooling, DeepLabV3's, cannot
+    take one; the order changes every epoch, so it is another pair each time)."""
     if dist.world == 1:
-        return math.ceil(n / batch_size)
+        return n // batch_size if n % batch_size == 1 and n > 1 else math.ceil(n / batch_size)
     if n < batch_size * dist.world:
         raise ValueError(f"{n} train pairs cannot give each of {dist.world} processes a "
                          f"batch of {batch_size}")
@@ -187,6 +191,19 @@ def _mean_over_ranks(loss_sum: Tensor, n_batches: int, d: Dist, device: torch.de
     t = t.to(collective_device(tdist.get_backend(), device))
     tdist.all_reduce(t)
     return float(t[0] / t[1].clamp(min=1))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: Iterable[Tensor]) -> None:
+    """Precise BatchNorm: each BatchNorm layer's running mean and variance set to their
+    average over the uint8 image batches `images` with the current weights (`update_bn`);
+    the weights and the training mode are left as they were. A running average lags the
+    weights: at torchvision MobileNetV3's momentum of 0.01 a few epochs leave the statistics
+    mostly at their starting values, and the model in eval mode answered background
+    everywhere (BENCHMARKS, "Precise BatchNorm")."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        device = next(model.parameters()).device
+        update_bn((x.to(device).float().div_(255) for x in images), model)
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ the training device (`model.segmentation_augment`: one crop / flip grid for imag
 nearest for masks, colour on the image only), cross-entropy ignoring 255, AdamW + cosine.
 A checkpoint after every epoch (`outputs/train/checkpoint.pt`, for the same settings only),
 and in shards mode every `train.checkpoint_steps` steps with the loader's position, lets a
-killed run go on from the next batch, with the weights an unbroken run would reach.
+killed run go on from the next batch, with the weights an unbroken run would reach. Before
+each evaluation BatchNorm's statistics are set from the first `segmentation.bn_images` train
+images with the epoch's weights (`recalibrate_bn`, precise BN).
 
 `train.pretrained` (a local weights file: a segmenter, a torchvision segmentation state dict
 or a ResNet / MobileNetV3 backbone, read with weights_only=True) starts the matching layers,
@@ -17,6 +19,8 @@ per epoch) and opens the pipeline's MLflow run, as classification's train does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import mlflow
@@ -43,6 +47,8 @@ from visionflow.model.segmentation_fit import (
     fit_segmenter,
     fit_segmenter_on,
     fit_steps,
+    recalibrate_bn,
+    resize_pair,
 )
 
 
@@ -56,6 +62,18 @@ def policy_for(params: Params) -> JointPolicy:
     return JointPolicy(out_size=(s.image_size, s.image_size), scale=tuple(s.crop_scale),
                        hflip=s.hflip, vflip=s.vflip, brightness=s.brightness,
                        contrast=s.contrast, saturation=s.saturation)
+
+
+def bn_batches(params: Params, layout: Layout, cache: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The first `segmentation.bn_images` train images in pack's order, at the training size,
+    in batches of two or more (a BatchNorm after a global pooling cannot take one image):
+    what `recalibrate_bn` reads before each evaluation."""
+    s = params.segmentation
+    size = (s.image_size, s.image_size)
+    pairs = segmentation_pairs(params, layout, "train", limit=s.bn_images, pack=cache)
+    images = (x if tuple(x.shape[-2:]) == size else resize_pair(x, y, size)[0] for x, y in pairs)
+    while len(batch := list(islice(images, max(s.batch_size, 2)))) > 1:
+        yield torch.stack(batch)
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -95,7 +113,9 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
 
     def on_epoch(epoch: int, loss: float, seconds: float, images: int) -> None:
         if not dist.main:  # rank 0 alone evaluates and logs; the others wait at the next step
-            return
+            return  # (DDP hands rank 0's BatchNorm statistics to them at the next step)
+        if s.bn_images:
+            recalibrate_bn(model, bn_batches(params, layout, cache))
         miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
                                    k)[0].miou if cache["val_paths"] else None)
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
