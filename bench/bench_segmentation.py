@@ -5,7 +5,11 @@ each image's own size. Reports train img/s (whole run, and the median epoch) and
 With `--int8`, the trained model also goes through the compress stage's segmentation code
 (`compression.segmentation`): its ONNX export and ORT QDQ int8 copy, each scored by test
 mIoU at the images' own sizes, file size, and CPU batch-1 / batch-8 latency at the training
-size, timed round-robin side by side with the torch model (medians).
+size, timed round-robin side by side with the torch model (medians). `--model` trains a
+torchvision segmenter instead of the U-Net; `--bn-momentum` sets every BatchNorm's momentum
+before training; `--precise-bn N` scores val and test as trained, then sets BatchNorm's
+statistics from the first N train pairs, augmented (`recalibrate_bn`, timed), before the val
+and test scores.
 
     nice -n 10 .venv/bin/python bench/bench_segmentation.py --images 600 --size 64 \
         --width 16 --depth 3 --epochs 8 --threads 1 --int8
@@ -26,7 +30,12 @@ from visionflow.data.segmentation_layout import load_pair, scan_segmentation
 from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.model.segmentation import SegArch, build_segmenter, save_segmenter
 from visionflow.model.segmentation_augment import JointPolicy
-from visionflow.model.segmentation_fit import evaluate_segmenter, fit_segmenter, resize_pair
+from visionflow.model.segmentation_fit import (
+    evaluate_segmenter,
+    fit_segmenter,
+    recalibrate_bn,
+    resize_pair,
+)
 from visionflow.model.zoo import count_params
 
 
@@ -39,6 +48,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--size", type=int, default=64, help="training crop side (px)")
+    ap.add_argument("--model", default="unet", help="a segmentation zoo name")
+    ap.add_argument("--bn-momentum", type=float, help="every BatchNorm's, before training")
+    ap.add_argument("--precise-bn", type=int, default=0, help="train images that set "
+                    "BatchNorm's statistics after training (0: none)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=8)
@@ -64,10 +77,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     k = len(scan.classes)
-    arch = SegArch("unet", k, classes=list(scan.classes),
-                   kwargs={"width": a.width, "depth": a.depth})
+    arch = SegArch(a.model, k, classes=list(scan.classes),
+                   kwargs={"width": a.width, "depth": a.depth} if a.model == "unet" else {})
     model = build_segmenter(arch)
     model = model.to(device)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms if a.bn_momentum is not None else []:
+        m.momentum = a.bn_momentum
     policy = JointPolicy(out_size=(a.size, a.size), scale=(0.4, 1.4), hflip=0.5, vflip=0.5,
                          brightness=0.2, contrast=0.2, saturation=0.2)
     run = fit_segmenter(model, torch.stack(images), torch.stack(masks), policy,
@@ -79,7 +95,18 @@ def main() -> None:
            "train_img_per_s": round(run["img_per_s"], 1),
            "median_epoch_img_per_s": round(n_train / statistics.median(run["epoch_seconds"]),
                                            1),
-           "last_epoch_loss": round(run["loss"], 4)}
+           "last_epoch_loss": round(run["loss"], 4),
+           "bn_momenta": sorted({m.momentum for m in norms})}
+    if a.precise_bn:
+        for name in ("val", "test"):
+            pairs = (_tensors(root, p) for p in split[name])
+            out[f"{name}_as_trained_miou"] = round(evaluate_segmenter(model, pairs, k)[0].miou, 4)
+        start = time.perf_counter()
+        recalibrate_bn(model, zip(torch.stack(images[:a.precise_bn]).split(a.batch),
+                                  torch.stack(masks[:a.precise_bn]).split(a.batch),
+                                  strict=True), policy, seed=0)
+        out["precise_bn"] = {"images": len(images[:a.precise_bn]),
+                             "seconds": round(time.perf_counter() - start, 2)}
     for name in ("val", "test"):
         scores, _ = evaluate_segmenter(model, (_tensors(root, p) for p in split[name]), k)
         out[name] = {key: (round(v, 4) if isinstance(v, float) else

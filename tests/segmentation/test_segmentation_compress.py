@@ -187,6 +187,7 @@ def test_a_pruned_segmenters_fine_tune_ends_with_batchnorm_set_from_train_images
     from visionflow.compression.segmentation import SegContext
     from visionflow.core.config import CompressConfig
     from visionflow.model.segmentation import SegArch
+    from visionflow.model.segmentation_augment import JointPolicy, joint_augment
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1),
@@ -196,6 +197,10 @@ def test_a_pruned_segmenters_fine_tune_ends_with_batchnorm_set_from_train_images
     ctx = SegContext(model, SegArch("unet", 3), list, images, torch.randint(0, 3, (16, 16, 16)),
                      cfg, 0, torch.device("cpu"), tmp_path)
     ctx.recover(model, seed=0)
-    with torch.no_grad():
-        seen = model[0](images.float() / 255)
+    gen, policy = torch.Generator().manual_seed(0), JointPolicy(out_size=(16, 16),
+                                                                scale=(0.5, 1.2), hflip=0.5)
+    pick = ctx.calibration_index()
+    with torch.no_grad():  # what it read: the calibration pairs, augmented as in the fine-tune
+        seen = torch.cat([model[0](joint_augment(x, y, policy, gen)[0]) for x, y in zip(
+            images[pick].split(8), ctx.train_masks[pick].split(8), strict=True)])
     assert torch.allclose(model[1].running_mean, seen.mean(dim=(0, 2, 3)), atol=1e-5)

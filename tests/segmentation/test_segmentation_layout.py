@@ -3,18 +3,22 @@ reason (nothing deleted), RGB masks in VOC colours, content-addressed splits."""
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from visionflow.core.errors import DataError
 from visionflow.data.segmentation_layout import (
     LAYOUT_MASKS,
     LAYOUT_VOC,
+    load_pair,
     read_mask,
     scan_segmentation,
 )
 from visionflow.data.segmentation_masks import IGNORE_INDEX, index_png_bytes, voc_colour
+from visionflow.data.segmentation_shards import encode_pair
 
 
 def _image(path, w=12, h=10, seed=0):
@@ -175,3 +179,41 @@ def test_not_a_segmentation_dataset(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="not a segmentation dataset"):
         scan_segmentation(tmp_path)
+
+
+def _turned_photo(path, seed=0):
+    """A phone's portrait photo: 40 x 30 pixels stored, EXIF orientation 6 (shown 30 x 40)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
+        path, quality=95, exif=exif.tobytes())
+
+
+def test_a_photo_turned_by_exif_pairs_with_a_mask_of_its_upright_size(tmp_path):
+    """A browser-based annotation tool shows the photo upright and draws a 30 x 40 mask; the
+    pair is usable, read upright (as the served model reads it) in the tensors and stored
+    upright in shards. A mask that fits the stored pixels is quarantined saying so."""
+    root = tmp_path / "set"
+    for stem in ("upright", "stored"):
+        _turned_photo(root / "images" / f"{stem}.jpg")
+    _mask(root / "masks" / "upright.png", _grid(h=40, w=30))
+    _mask(root / "masks" / "stored.png", _grid(h=30, w=40))
+    for i in range(4):  # plain pairs beside them
+        _image(root / "images" / f"plain{i}.png", seed=i)
+        _mask(root / "masks" / f"plain{i}.png", _grid())
+    scan = scan_segmentation(root, val_fraction=0.0, test_fraction=0.0)
+    (bad,) = scan.quarantined
+    assert (bad.stem, bad.reason) == ("stored", "size_mismatch")
+    assert "mask 40x30, image 30x40 as shown (its EXIF orientation turns the 40x30" in bad.detail
+    pair = next(p for p in scan.pairs if p.stem == "upright")
+    image, mask = load_pair(root, pair)
+    with Image.open(root / pair.image) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    assert image.shape == (40, 30, 3) and mask.shape == (40, 30)
+    assert np.array_equal(image, shown)
+    stored, _, again = encode_pair(root / pair.image, mask, max_side=512)
+    assert again  # not kept byte for byte: torchvision's decoders ignore EXIF
+    with Image.open(BytesIO(stored)) as img:
+        assert img.size == (30, 40)

@@ -106,4 +106,4 @@ def test_a_mobilenet_segmenter_trained_briefly_answers_more_than_background(tmp_
         run_stage(stage, params, layout)
     with layout.history.open() as f:
         val = [float(r["val_miou"]) for r in csv.DictReader(f)]
-    assert val[-1] > 0.3, val  # 0.41 measured; all background: 0.16 on this set
+    assert val[-1] > 0.3, val  # 0.42 measured; all background: 0.16 on this set

@@ -17,7 +17,7 @@ from visionflow.data.segmentation_synth import materialize_shapes
 from visionflow.mlops.paired_iou import paired_iou_test
 from visionflow.model.engine import Dist
 from visionflow.model.segmentation import SegArch, build_segmenter
-from visionflow.model.segmentation_augment import JointPolicy
+from visionflow.model.segmentation_augment import JointPolicy, joint_augment
 from visionflow.model.segmentation_fit import (
     evaluate_segmenter,
     fit_segmenter,
@@ -71,8 +71,9 @@ def test_unet_learns_the_generated_set(tmp_path, one_thread):
 
 def test_recalibrated_batchnorm_holds_the_statistics_of_what_it_read():
     """`recalibrate_bn`: each BatchNorm's running mean and variance become those of its input
-    over the batches (equal batches: the mean of their means), whatever a slow running average
-    (momentum 0.01, torchvision MobileNetV3's) had left; weights and mode are untouched."""
+    over the batches, augmented as in training (equal batches: the mean of their means),
+    whatever a slow running average (momentum 0.01, torchvision MobileNetV3's) had left;
+    weights and mode are untouched."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01))
     with torch.no_grad():
@@ -80,10 +81,13 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_what_it_read():
             model(torch.rand(8, 3, 12, 12) * 0.2)
     model.eval()
     weights = [p.clone() for p in model.parameters()]
-    batches = [torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8) for _ in range(3)]
-    recalibrate_bn(model, batches)
+    batches = [(torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8),
+                torch.zeros(8, 12, 12, dtype=torch.int64)) for _ in range(3)]
+    policy = JointPolicy(out_size=(12, 12), scale=(0.5, 1.0), hflip=0.5, brightness=0.2)
+    recalibrate_bn(model, batches, policy, seed=3)
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        seen = torch.cat([model[0](b.float() / 255) for b in batches])
+        seen = torch.cat([model[0](joint_augment(x, y, policy, gen)[0]) for x, y in batches])
     bn = model[1]
     assert torch.allclose(bn.running_mean, seen.mean(dim=(0, 2, 3)), atol=1e-5)
     per_batch_var = torch.stack([s.var(dim=(0, 2, 3)) for s in seen.split(8)]).mean(0)

@@ -92,10 +92,12 @@ class SegContext(Measures):
         return out
 
 
-    def calibration(self) -> Tensor:
+    def calibration_index(self) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(self.train_images), generator=g)
-        return self.train_images[idx[: self.cfg.calibration_images]]
+        return torch.randperm(len(self.train_images), generator=g)[:self.cfg.calibration_images]
+
+    def calibration(self) -> Tensor:
+        return self.train_images[self.calibration_index()]
 
     def recover(self, model: nn.Module, seed: int) -> dict[str, Any] | None:
         """The short fine-tune after a pruning step (in place, on `device`)."""
@@ -109,7 +111,11 @@ class SegContext(Measures):
                                 policy, epochs=cfg.finetune_epochs,
                                 batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
                                 seed=seed)
-            recalibrate_bn(model, self.calibration().split(max(cfg.finetune_batch_size, 2)))
+            pick = self.calibration_index()
+            step = max(cfg.finetune_batch_size, 2)
+            recalibrate_bn(model, zip(self.train_images[pick].split(step),
+                                      self.train_masks[pick].split(step), strict=True),
+                           policy, seed)
         finally:
             model.cpu().eval()
         return {"loss": round(run["loss"], 5), "seconds": round(run["seconds"], 2)}

@@ -49,8 +49,8 @@ class SegmentationConfig(BaseModel):
     paired_test: Literal["wilcoxon", "bootstrap"] = "wilcoxon"
     paired_required: bool = Field(True, description="promotion needs p <= register.alpha")
     worst_images: int = Field(8, ge=0, le=64, description="overlays in mistakes.png")
-    bn_images: int = Field(256, ge=0, description="train images that set BatchNorm's "
-                           "statistics before each evaluation (precise BN); 0: off")
+    bn_images: int = Field(256, ge=0, description="train pairs (augmented) that set "
+                           "BatchNorm's statistics before each evaluation; 0: off")
 
     @field_validator("model")
     @classmethod

@@ -18,6 +18,10 @@ deleted: `mask_without_image`, `image_without_mask`, `listed_without_files`,
 `duplicate_stem`, `unreadable_image`, `unreadable_mask`, `size_mismatch`,
 `rgb_colour_not_in_palette`, `multi_channel_mask`, `value_outside_classes`.
 
+Images are decoded as the served model decodes them (`data.images.load_image`: upright by
+their EXIF orientation, alpha on black, 16 bits to 8), so a mask has the image's size as
+shown: what an annotation tool in a browser draws on a phone's portrait photo.
+
 Splits come from the dataset (VOC lists) where it brings them; the rest are carved by the
 pair's content, `data/splits.py`'s keyed hash of sha256(image sha256 + mask sha256).
 """
@@ -34,7 +38,7 @@ from PIL import Image
 
 from visionflow.core.errors import DataError
 from visionflow.core.files import sha256_file
-from visionflow.data.images import IMAGE_SUFFIXES
+from visionflow.data.images import IMAGE_SUFFIXES, load_image
 from visionflow.data.scan import FileEntry
 from visionflow.data.segmentation_masks import (
     CLASSES_FILE,
@@ -161,10 +165,9 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as shown: its EXIF orientation applied."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.size
+        return load_image(path).size
     except Exception as err:
         raise MaskProblem("unreadable_image", " ".join(str(err).split())[:200]) from None
 
@@ -187,8 +190,12 @@ def _check(root: Path, stem: str, image: str, mask: str
         return -1, Quarantined(stem, mask, p.reason, p.detail)
     h, w = values.shape
     if (w, h) != size:
+        with Image.open(root / image) as img:
+            stored = img.size
+        turned = (f" as shown (its EXIF orientation turns the {stored[0]}x{stored[1]} stored "
+                  f"pixels: the mask fits those)" if stored == (w, h) else "")
         return -1, Quarantined(stem, mask, "size_mismatch",
-                               f"mask {w}x{h}, image {size[0]}x{size[1]}")
+                               f"mask {w}x{h}, image {size[0]}x{size[1]}{turned}")
     labels = values[values != IGNORE_INDEX]
     if labels.size and labels.min() < 0:  # 32-bit "I" masks can hold them
         return -1, Quarantined(stem, mask, "value_outside_classes",
@@ -269,6 +276,5 @@ def _splits(root: Path, good: list[tuple[str, str, str]], given: dict[str, str] 
 
 def load_pair(root: Path, pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     """A checked pair's pixels: (H x W x 3 uint8 RGB image, H x W uint8 class indices)."""
-    with Image.open(Path(root) / pair.image) as img:
-        rgb = np.asarray(img.convert("RGB"))
+    rgb = np.asarray(load_image(Path(root) / pair.image, 3))
     return rgb, read_mask(Path(root) / pair.mask).astype(np.uint8)

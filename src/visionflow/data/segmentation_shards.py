@@ -1,9 +1,10 @@
 """Segmentation pairs as LitData shards (`data.storage: shards` for `task: segmentation`).
 
 One sample holds a pair: the image file's own bytes (a JPEG or PNG whose longer side is at
-most `data.max_side`; any other image is decoded, scaled down to that side and re-encoded as a
-JPEG) and its class-index mask as a PNG (scaled down with the image, nearest), with the pair's
-sha256 and paths. `outputs/pack/shards/<split>/` holds LitData's index and chunks and
+most `data.max_side` and that no EXIF orientation turns; any other image is decoded as served,
+upright, scaled down to that side and re-encoded) and its class-index mask as a PNG (scaled
+down with the image, nearest), with the pair's sha256 and paths.
+`outputs/pack/shards/<split>/` holds LitData's index and chunks and
 `contents.json` (the pairs in shard order), as for classification: packing is incremental
 (`data.shards.pack_rows`, the same code as photos: new pairs go into new shard files) and
 runs in a process pool.
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visionflow.data.images import load_image, turned_by_exif
 from visionflow.data.shards import KEPT_FORMATS, REENCODE_QUALITY, SampleCodec
 
-FORMAT = 1  # bump when the sample layout changes
+FORMAT = 2  # bump when the sample layout changes (2: EXIF-turned images stored upright)
 BYTES_PER_PIXEL = 4  # decoded: 3 image channels + 1 mask
 
 
@@ -62,11 +64,12 @@ def _png(mask: np.ndarray) -> bytes:
 def encode_pair(path: Path, mask: np.ndarray, max_side: int) -> tuple[bytes, bytes, bool]:
     """(image bytes, mask PNG bytes, re-encoded) for a checked pair: the image file and its
     H x W uint8 class indices."""
-    with Image.open(path) as img:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
         if img.format in KEPT_FORMATS and img.mode in ("RGB", "L") \
-                and max(img.size) <= max_side:
-            return path.read_bytes(), _png(mask), False
-        rgb = img.convert("RGB")
+                and max(img.size) <= max_side and not turned_by_exif(data):
+            return data, _png(mask), False
+    rgb = load_image(data, 3)  # upright, as validate measured it and serving decodes it
     scale = min(1.0, max_side / max(rgb.size))
     size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
     shrink = size != rgb.size

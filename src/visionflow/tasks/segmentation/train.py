@@ -7,7 +7,7 @@ A checkpoint after every epoch (`outputs/train/checkpoint.pt`, for the same sett
 and in shards mode every `train.checkpoint_steps` steps with the loader's position, lets a
 killed run go on from the next batch, with the weights an unbroken run would reach. Before
 each evaluation BatchNorm's statistics are set from the first `segmentation.bn_images` train
-images with the epoch's weights (`recalibrate_bn`, precise BN).
+pairs, augmented, with the epoch's weights (`recalibrate_bn`, precise BN).
 
 `train.pretrained` (a local weights file: a segmenter, a torchvision segmentation state dict
 or a ResNet / MobileNetV3 backbone, read with weights_only=True) starts the matching layers,
@@ -64,16 +64,17 @@ def policy_for(params: Params) -> JointPolicy:
                        contrast=s.contrast, saturation=s.saturation)
 
 
-def bn_batches(params: Params, layout: Layout, cache: dict[str, Any]) -> Iterator[torch.Tensor]:
-    """The first `segmentation.bn_images` train images in pack's order, at the training size,
+def bn_batches(params: Params, layout: Layout, cache: dict[str, Any]
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `segmentation.bn_images` train pairs in pack's order, at the training size,
     in batches of two or more (a BatchNorm after a global pooling cannot take one image):
     what `recalibrate_bn` reads before each evaluation."""
     s = params.segmentation
     size = (s.image_size, s.image_size)
-    pairs = segmentation_pairs(params, layout, "train", limit=s.bn_images, pack=cache)
-    images = (x if tuple(x.shape[-2:]) == size else resize_pair(x, y, size)[0] for x, y in pairs)
-    while len(batch := list(islice(images, max(s.batch_size, 2)))) > 1:
-        yield torch.stack(batch)
+    pairs = (p if tuple(p[0].shape[-2:]) == size else resize_pair(*p, size)
+             for p in segmentation_pairs(params, layout, "train", limit=s.bn_images, pack=cache))
+    while len(batch := list(islice(pairs, max(s.batch_size, 2)))) > 1:
+        yield torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
 
 
 def run(params: Params, layout: Layout) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
         if not dist.main:  # rank 0 alone evaluates and logs; the others wait at the next step
             return  # (DDP hands rank 0's BatchNorm statistics to them at the next step)
         if s.bn_images:
-            recalibrate_bn(model, bn_batches(params, layout, cache))
+            recalibrate_bn(model, bn_batches(params, layout, cache), policy_for(params),
+                           params.seed)
         miou = (evaluate_segmenter(model, segmentation_pairs(params, layout, "val", pack=cache),
                                    k)[0].miou if cache["val_paths"] else None)
         row = {"epoch": epoch, "train_loss": loss, "val_miou": miou,
