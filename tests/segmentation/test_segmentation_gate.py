@@ -61,6 +61,9 @@ def test_a_clearly_better_challenger_is_promoted_and_a_worse_one_kept_out():
     report = worse.markdown("seg", "4")
     assert "mIoU 0.7000" in report and "champion v3, mIoU 0.7500" in report
     assert worse.tags()["gate_metric"] == "mIoU"
+    # a registry reader sees the scores under their metric's name, not top-1's
+    assert {"gate_challenger_miou", "gate_champion_miou"} <= set(worse.tags())
+    assert not any("top1" in k for k in worse.tags())
 
 
 def test_a_gain_the_paired_test_does_not_support_is_not_enough():

@@ -124,16 +124,18 @@ class Decision:
         return "promoted" if self.promote else "rejected"
 
     def tags(self) -> dict[str, str]:
-        """Version tags: the decision, its reason and every check with numbers."""
+        """Version tags: the decision, its reason and every check with numbers; the scores
+        are named by the metric (`gate_challenger_top1`, segmentation's `..._miou`)."""
+        key = self.metric.replace("-", "").lower()
         tags = {
             "gate_decision": self.label,
             "gate_reason": self.reason,
             "gate_checks": "; ".join(f"{c.name}: {c.verdict}{'' if c.required else ' (info)'}"
                                      f" - {c.detail}" for c in self.checks),
-            "gate_challenger_top1": f"{self.challenger_top1:.6f}",
+            f"gate_challenger_{key}": f"{self.challenger_top1:.6f}",
             "gate_champion_version": self.champion_version or "",
-            "gate_champion_top1": ("" if self.champion_top1 is None
-                                   else f"{self.champion_top1:.6f}"),
+            f"gate_champion_{key}": ("" if self.champion_top1 is None
+                                     else f"{self.champion_top1:.6f}"),
             "gate_config": ", ".join(f"{k}={v}" for k, v in self.config.items()),
             "gate_test_images": self.scored.get("text", f"{self.n} test images scored"),
             "gate_metric": self.metric,
