@@ -53,20 +53,21 @@ def shapes(root: Path, n: int = 160) -> Path:
     return materialize_shapes(root, n_images=n, seed=0, min_side=32, max_side=40)
 
 
-def write_voc(root: Path, n: int = 40, bad: int = 1) -> Path:
+def write_voc(root: Path, n: int = 40, bad: int = 1, first: int = 0) -> Path:
     """A Pascal VOC folder: JPEGImages/*.jpg, SegmentationClass/*.png in VOC colours (RGB),
-    ImageSets/Segmentation/{train,val}.txt; `bad` masks with a colour not in the palette."""
+    ImageSets/Segmentation/{train,val}.txt; `bad` masks with a colour not in the palette;
+    pairs `first` to `first + n - 1` (a pair's bytes follow its number)."""
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True, exist_ok=True)
     stems = []
-    for i in range(n):
+    for i in range(first, first + n):
         image, mask = render_shapes(1, i, 32, 40)
         stem = f"2007_{i:06d}"
         Image.fromarray(image).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
         rgb = np.zeros((*mask.shape, 3), dtype=np.uint8)
         for k in np.unique(mask):
             rgb[mask == k] = voc_colour(int(k))
-        if i < bad:
+        if i < first + bad:
             rgb[0, 0] = (1, 2, 3)
         Image.fromarray(rgb, "RGB").save(root / "SegmentationClass" / f"{stem}.png")
         stems.append(stem)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from builders import evil_tar, snapshot, write_imagefolder, write_mnist_raw
 from helpers import BIN, make_project, run
+from seg_projects import write_voc
 
 from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_out
+from visionflow.data.segmentation_layout import scan_segmentation
 
 VFLOW, DVC = str(BIN / "vflow"), str(BIN / "dvc")
 
@@ -183,3 +185,21 @@ def test_merge_adds_to_the_current_version_and_says_what_a_replace_drops(tmp_pat
     seg = write_imagefolder(tmp_path / "seg", {"images": 3, "masks": 3})  # a segmentation set
     proc = run([VFLOW, "data", "add", str(seg)], root)  # its masks are not counted as images
     assert "imported 3 images and 3 masks (6 files)" in proc.stdout, proc.stdout
+
+
+def test_merge_of_two_voc_trees_joins_their_split_lists(tmp_path: Path):
+    """A VOC tree names its pairs in ImageSets/Segmentation/*.txt, a file both versions have:
+    --merge joins the lists (a pair a current list names keeps its split) where it refused
+    the file; the source is only read."""
+    v1 = write_voc(tmp_path / "v1", n=8, bad=0)  # train 0-5, val 6-7
+    root = make_project(tmp_path / "proj", v1, {"task": "segmentation"}, git=True,
+                        mlflow_store=False)
+    more = write_voc(tmp_path / "more", n=8, bad=0, first=6)  # train 6-11, val 12-13
+    source = snapshot(more)
+    run([VFLOW, "data", "add", str(more), "--merge"], root)
+    lists, stems = root / "data/ImageSets/Segmentation", [f"2007_{i:06d}" for i in range(14)]
+    assert (lists / "train.txt").read_text().split() == stems[:6] + stems[8:12]
+    assert (lists / "val.txt").read_text().split() == stems[6:8] + stems[12:]
+    assert snapshot(more) == source
+    scan = scan_segmentation(root / "data")
+    assert sorted(p.stem for p in scan.pairs) == stems and not scan.quarantined

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from visionflow.core.errors import DataError
+from visionflow.core.files import write_text
 from visionflow.core.layout import Layout
 from visionflow.data import schemes
 from visionflow.data.archive import ArchiveLimits
@@ -25,6 +26,7 @@ from visionflow.data.source import import_dataset
 
 DEFAULT_DATA = {"classification": materialize_digits, "segmentation": materialize_shapes}
 MASK_FOLDERS = ("masks", "SegmentationClass", "SegmentationObject")  # a mask set's folders
+VOC_LISTS = Path("ImageSets", "Segmentation")  # split lists: --merge joins them
 
 
 def init_default_data(layout: Layout, target: str = "data", task: str = "classification"
@@ -54,7 +56,8 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     `source.import_dataset`). The current `target/` is replaced only when its content is
     recorded in `target.dvc` (so the old version stays in the DVC cache), or with `force`;
     with `merge` the new version is the current one plus the source's files (the same
-    layout; a path in both must hold the same bytes). The new content must be an
+    layout; a path in both must hold the same bytes, but a VOC split list in both is
+    joined). The new content must be an
     ImageFolder with at least one image, or nothing changes.
     Folders and files without images next to the splits (`logs/`, scripts, a README) are
     left out and listed in `ignored`; every message names `source` as the user gave it."""
@@ -130,7 +133,9 @@ def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) ->
         rel = path.relative_to(current)
         to = new / rel
         if to.exists():
-            if not filecmp.cmp(to, path, shallow=False):
+            if rel.parent == VOC_LISTS and rel.suffix == ".txt":
+                _join_lists(current, rel, to)
+            elif not filecmp.cmp(to, path, shallow=False):
                 raise DataError(f"data add --merge: {source}: {rel.as_posix()} is also in "
                                 f"{current.name}/ with other bytes: rename it")
             continue
@@ -139,6 +144,18 @@ def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) ->
             os.link(path, to, follow_symlinks=False)
         except OSError:  # a file system without hard links
             shutil.copy2(path, to, follow_symlinks=False)
+
+
+def _join_lists(current: Path, rel: Path, to: Path) -> None:
+    """A Pascal VOC split list in both versions: the current one's lines, then the source's
+    stems that no current list names (each pair keeps the split it has). The staged file is
+    replaced, not written through: it may be a link to the source's."""
+    listed = {line.split()[0] for f in (current / VOC_LISTS).glob("*.txt")
+              for line in f.read_text().splitlines() if line.split()}
+    extra = [line for line in to.read_text().splitlines()
+             if line.split() and line.split()[0] not in listed]
+    write_text(to, "".join(f"{line}\n" for line in
+                           [*(current / rel).read_text().splitlines(), *extra]))
 
 
 def _has_an_image(entries: list[Any], tries: int = 200) -> bool:
