@@ -97,9 +97,9 @@ def test_a_mobilenet_segmenter_trained_briefly_answers_more_than_background(tmp_
     evaluation, so the saved model answers what it learnt."""
     from seg_projects import shapes
 
-    layout = Layout.at(make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=160), {
+    layout = Layout.at(make_project(tmp_path / "proj", shapes(tmp_path / "shapes", n=100), {
         **SEG, "segmentation.model": "lraspp_mobilenet_v3_large", "segmentation.model_kwargs": {},
-        "segmentation.image_size": 64, "segmentation.batch_size": 8, "segmentation.epochs": 4,
+        "segmentation.image_size": 48, "segmentation.batch_size": 8, "segmentation.epochs": 3,
         "segmentation.lr": 0.003}))
     params = load_params(layout.params)
     for stage in ("validate", "pack", "train"):
