@@ -94,6 +94,13 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
                               "visionflow-segmenter", "--root", str(root), "--json"],
                              root).stdout)
     assert as_json["tags"]["task"] == "segmentation" and as_json["metrics"]["miou"] >= MIN_MIOU
+    from mlflow import MlflowClient  # the registered model's page says what its aliases mean
+
+    from visionflow.mlops import tracking
+
+    tracking.setup(_layout(root))
+    about = MlflowClient().get_registered_model("visionflow-segmenter").description or ""
+    assert about.startswith("Semantic segmenter") and "`compress.max_miou_drop`" in about, about
 
 
 def test_the_run_page_names_the_segmenter_and_samples_the_machine(drivers):

@@ -41,15 +41,18 @@ COMPACT_ARTIFACT = "compact_model"
 TRAIN_HASHES = "train_hashes-v{version}.json"
 
 
-DESCRIPTION_HEAD = "Image classifier trained by visionflow."
+DESCRIPTION_HEADS = {"classification": "Image classifier trained by visionflow.",
+                     "segmentation": "Semantic segmenter trained by visionflow."}
+BUDGETS = {"classification": "compress.max_top1_drop", "segmentation": "compress.max_miou_drop"}
 
 
-def describe_registered_model(client: Any, name: str, alias: str) -> None:
+def describe_registered_model(client: Any, name: str, alias: str,
+                              task: str = "classification") -> None:
     """The registered model's description: what each alias means (kept when a person wrote
     their own)."""
     rm = client.get_registered_model(name)
     text = "\n".join([
-        f"{DESCRIPTION_HEAD} Each version's description is its model card (data, test "
+        f"{DESCRIPTION_HEADS[task]} Each version's description is its model card (data, test "
         "metrics, lineage, gate decision, usage); its metrics are its own logged model's; "
         "tags starting `lineage.` say where it came from, `gate_` why it was (not) promoted.",
         "",
@@ -59,12 +62,12 @@ def describe_registered_model(client: Any, name: str, alias: str) -> None:
         "- `previous`: the version the champion replaced (what `vflow models rollback` "
         "goes back to);",
         "- `compact`: a compressed copy (ONNX, CPU) of the champion, registered as its own "
-        "version with its own test metrics, within `compress.max_top1_drop` of its parent.",
+        f"version with its own test metrics, within `{BUDGETS[task]}` of its parent.",
         "",
         f"Browse: `vflow models list`; serve: `mlflow models serve -m models:/{name}@{alias}` "
         f"(or `@compact`).",
     ])
-    if not rm.description or (rm.description.startswith(DESCRIPTION_HEAD)
+    if not rm.description or (rm.description.startswith(tuple(DESCRIPTION_HEADS.values()))
                               and rm.description != text):
         client.update_registered_model(name, description=text)
 

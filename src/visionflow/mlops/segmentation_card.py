@@ -76,7 +76,8 @@ def segmentation_card(name: str, version: str, params: Params, layout: Layout, a
         "## Model",
         *_md_table([
             ("task", "segmentation"),
-            ("architecture", f"{arch.name} {arch.kwargs or ''}, {n_params:,} parameters"),
+            ("architecture", f"{' '.join(map(str, filter(None, (arch.name, arch.kwargs))))}, "
+                             f"{n_params:,} parameters"),
             ("input", "RGB images of any size (trained on "
                       f"{s.image_size}x{s.image_size} crops)"),
             ("classes", f"{arch.num_classes}: {', '.join(arch.classes)[:1500]}"),

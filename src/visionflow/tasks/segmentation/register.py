@@ -31,7 +31,12 @@ from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
 from visionflow.mlops.lineage import trained_hashes
 from visionflow.mlops.provenance import LINEAGE, version_tags
-from visionflow.mlops.publish import log_model_metrics, log_train_hashes, record_decision
+from visionflow.mlops.publish import (
+    describe_registered_model,
+    log_model_metrics,
+    log_train_hashes,
+    record_decision,
+)
 from visionflow.mlops.segmentation_card import (
     headline,
     log_segmenter,
@@ -94,6 +99,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
                                      all_scores, len(scored.keep), validation, tags,
                                      decision, run)
             client.update_model_version(cfg.model_name, version, description=card)
+            describe_registered_model(client, cfg.model_name, cfg.alias, "segmentation")
             lock.check()
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
         record_decision(layout, cfg.model_name, version, decision, report, card)
