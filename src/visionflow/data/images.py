@@ -226,7 +226,7 @@ ImageSource = Path | str | bytes | bytearray | memoryview | IO[bytes]
 def _decode(src: ImageSource, channels: int, max_pixels: int, draft: int | None = None) -> Any:
     """Normalised image or DataError naming the file and the reason code."""
     check_channels(channels)
-    name: Any = "<bytes>"
+    name: Any = ""  # bytes have no name: their caller says which image they are
     try:
         if isinstance(src, bytes | bytearray | memoryview):
             data: bytes | None = bytes(src)
@@ -243,11 +243,16 @@ def _decode(src: ImageSource, channels: int, max_pixels: int, draft: int | None 
         source = io.BytesIO(data) if data is not None else src
         return normalise(open_loaded(source, max_pixels, draft), channels)
     except ImageProblem as p:
-        raise DataError(f"cannot load image {name}: {p.reason} ({p.detail})") from None
+        raise DataError(f"cannot load image{_named(name)}: {p.reason} ({p.detail})") from None
     except OSError as e:
-        raise DataError(f"cannot read image {name}: {one_line(e)}") from None
+        raise DataError(f"cannot read image{_named(name)}: {one_line(e)}") from None
     except (ValueError, SyntaxError, TypeError) as e:
-        raise DataError(f"cannot load image {name}: undecodable ({one_line(e)})") from None
+        raise DataError(f"cannot load image{_named(name)}: undecodable ({one_line(e)})"
+                        ) from None
+
+
+def _named(name: Any) -> str:
+    return f" {name}" if name else ""
 
 
 def load_image(
