@@ -84,6 +84,7 @@ def test_gate_report_card_and_models_show_give_miou(drivers):
     assert "| majority | yes | pass | mIoU " in report  # above the commonest class everywhere
     card = (root / "outputs/register/model_card.md").read_text()
     assert "| miou |" in card and "Per-class IoU" in card and "segmentation" in card
+    assert "| split scheme | by content hash, split_seed=0: test [0, 0.2), val [0.2, 0.3) |" in card
     shown = run([str(BIN / "vflow"), "models", "show", "1", "--name", "visionflow-segmenter",
                  "--root", str(root), "--no-card"], root).stdout
     assert "miou" in shown and "pixel_accuracy" in shown

@@ -45,6 +45,9 @@ def test_a_voc_folder_imports_and_trains(tmp_path, capsys):
     validation = json.loads(layout.validation.read_text())
     assert validation["layout"] == "voc" and validation["usable"] == 39
     assert validation["quarantined"] == {"rgb_colour_not_in_palette": 1}
+    # the lists give train and val; test is carved by content, recorded as classifiers' are
+    assert validation["split_scheme"]["carved"] == ["test"], validation["split_scheme"]
+    assert validation["split"]["scheme"].startswith("by content hash, split_seed=0: test [")
     with layout.quarantine.open() as f:
         (bad,) = list(csv.DictReader(f))
     assert bad["path"] == "SegmentationClass/2007_000000.png"

@@ -51,6 +51,15 @@ def _gate_result(r: dict[str, Any]) -> str:
     return "[red]FAIL[/]" if r.get("kind", "hard") == "hard" else "[red]OVER BUDGET[/]"
 
 
+def split_rows(split: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The gate table's row for validate's split comparison (none without one)."""
+    if not split:
+        return []
+    verdict = {"same": "[green]same split[/]", "new_split": "[yellow]NEW SPLIT[/]"}.get(
+        split.get("status"), "no reference")
+    return [(f"splits: {split.get('scheme')}", split.get("fingerprint", ""), verdict)]
+
+
 def print_gate_table(title: str, expectations: list[dict[str, Any]],
                      extra: list[tuple[str, str, str]] = (), file: Any = None) -> Any:
     """The console table (stderr): each expectation's description, observed value, verdict

@@ -47,7 +47,7 @@ from visionflow.data.segmentation_masks import (
     read_classes,
     voc_colour,
 )
-from visionflow.data.splits import assign_splits
+from visionflow.data.splits import assign_splits, split_scheme
 
 LAYOUT_MASKS = "images+masks"
 LAYOUT_VOC = "voc"
@@ -81,6 +81,7 @@ class SegmentationScan:
     pairs: list[Pair]
     quarantined: list[Quarantined] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)  # VOC masks in no split list
+    scheme: dict = field(default_factory=dict)  # what decides the splits (`splits.split_scheme`)
 
 
 class MaskProblem(Exception):
@@ -249,9 +250,9 @@ def scan_segmentation(root: Path, val_fraction: float = 0.1, test_fraction: floa
                                    f"(255 = ignore allowed)"))
         else:
             good.append((stem, image, mask))
-    pairs = _splits(root, good, given, val_fraction, test_fraction, seed)
+    pairs, scheme = _splits(root, good, given, val_fraction, test_fraction, seed)
     return SegmentationScan(root, layout, classes, declared, pairs,
-                            sorted(bad, key=lambda q: (q.stem, q.reason)), unlisted)
+                            sorted(bad, key=lambda q: (q.stem, q.reason)), unlisted, scheme)
 
 
 def _classes(root: Path, layout: str, top: int) -> tuple[list[str], bool]:
@@ -263,15 +264,16 @@ def _classes(root: Path, layout: str, top: int) -> tuple[list[str], bool]:
 
 
 def _splits(root: Path, good: list[tuple[str, str, str]], given: dict[str, str] | None,
-            val_fraction: float, test_fraction: float, seed: int) -> list[Pair]:
+            val_fraction: float, test_fraction: float, seed: int) -> tuple[list[Pair], dict]:
     if not good:
-        return []
+        return [], {}
     entries = [FileEntry(root / image, image, given.get(stem) if given else None, "")
                for stem, image, _ in good]
     hashes = {image: _pair_hash(root, image, mask) for _, image, mask in good}
     split_of = {e.relpath: e.split for e in
                 assign_splits(entries, val_fraction, test_fraction, seed, hashes=hashes)}
-    return [Pair(stem, image, mask, split_of[image]) for stem, image, mask in good]
+    return ([Pair(stem, image, mask, split_of[image]) for stem, image, mask in good],
+            split_scheme(entries, val_fraction, test_fraction, seed))
 
 
 def load_pair(root: Path, pair: Pair) -> tuple[np.ndarray, np.ndarray]:

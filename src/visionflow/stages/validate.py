@@ -35,7 +35,7 @@ from visionflow.data.manifest import (
     usable_rows,
     write_manifest,
 )
-from visionflow.data.quality_report import print_gate_table, write_report
+from visionflow.data.quality_report import print_gate_table, split_rows, write_report
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import survey_dataset
 from visionflow.mlops.lineage import (
@@ -211,10 +211,7 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
                           f"(threshold {c.get('threshold')})", value,
                           bad if c["drift"] else "[green]pass[/]"))
     split = summary.get("split") or {}
-    if split:
-        verdict = {"same": "[green]same split[/]", "new_split": "[yellow]NEW SPLIT[/]"}.get(
-            split.get("status"), "no reference")
-        extra.append((f"splits: {split.get('scheme')}", split.get("fingerprint", ""), verdict))
+    extra += split_rows(split)
     console = print_gate_table(f"data gate: {summary['source']} ({summary['files']} files, "
                                f"{summary['usable']} usable)", summary["expectations"], extra,
                                file)

@@ -24,11 +24,12 @@ from visionflow.core.errors import ValidationFailed
 from visionflow.core.files import atomic_dir, sha256_file, write_csv, write_json
 from visionflow.core.layout import Layout
 from visionflow.data.expectations import Check, run_gx
-from visionflow.data.quality_report import print_gate_table, write_report
+from visionflow.data.quality_report import print_gate_table, split_rows, write_report
 from visionflow.data.segmentation_layout import Pair, scan_segmentation
 from visionflow.data.segmentation_stats import class_pixel_summary, pixel_frequency_drift
 from visionflow.data.source import resolve_source, source_path
-from visionflow.mlops.lineage import champion_summary
+from visionflow.data.splits import compare_schemes, describe_scheme
+from visionflow.mlops.lineage import champion_split_scheme, champion_summary
 from visionflow.mlops.tracking import log_validation
 
 # quarantine reason -> the property of a pair it breaks (one GX expectation each)
@@ -92,6 +93,10 @@ def run(params: Params, layout: Layout) -> SegValidateResult:
     with atomic_dir(layout.data_docs) as docs:
         results = run_gx(checks, _tables(rows), docs)
     drift = _drift(params, layout, data_summary)
+    reference, who = champion_split_scheme(layout, params.register_.model_name,
+                                           params.register_.alias)
+    split = {**compare_schemes(scan.scheme, reference, who),
+             "scheme": describe_scheme(scan.scheme)}
     failed = [r for r in results if not r["success"]]
     quarantined = Counter(r["quarantine_reason"] for r in rows if r["quarantine_reason"])
     n_bad = sum(quarantined.values())
@@ -116,6 +121,8 @@ def run(params: Params, layout: Layout) -> SegValidateResult:
                            r.get("kind") == "budget" for r in failed),
                        "examples": _examples(rows)},
         "unlisted_masks": scan.unlisted[:20],
+        "split_scheme": scan.scheme,
+        "split": split,
         "failed_expectations": [r["description"] for r in failed],
         "expectations": results,
         "drift": drift,
@@ -208,9 +215,13 @@ def _failure(summary: dict[str, Any]) -> str:
 
 
 def _print(summary: dict[str, Any]) -> None:
+    split = summary.get("split") or {}
     con = print_gate_table(f"segmentation data gate: {summary['layout']} ({summary['files']} "
                            f"pairs, {summary['usable']} usable; classes "
-                           f"{', '.join(summary['classes'])})", summary["expectations"])
+                           f"{', '.join(summary['classes'])})", summary["expectations"],
+                           split_rows(split))
+    if split.get("status") == "new_split":
+        con.print(f"[yellow]{split['message']}[/]")
     if summary["quarantined"]:
         con.print("quarantined: " + ", ".join(f"{k}={v}" for k, v in
                                               sorted(summary["quarantined"].items()))
