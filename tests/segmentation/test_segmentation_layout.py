@@ -173,6 +173,11 @@ def test_voc_layout_lists_and_unlisted(tmp_path):
     assert [(q.stem, q.reason) for q in scan.quarantined] == [("2009_nomask",
                                                                "image_without_mask")]
     assert scan.unlisted == ["SegmentationClass/2009_extra.png"]
+    assert scan.scheme["carved"] == ["test"] and scan.scheme["split_seed"] == 0
+    (sets / "train.txt").write_text("\n".join(train[5:]) + "\n")  # every split from a list
+    (sets / "test.txt").write_text("\n".join(train[:5]) + "\n")
+    scheme = scan_segmentation(root, val_fraction=0.1, test_fraction=0.25).scheme
+    assert scheme["method"] == "given: the dataset's lists, ImageSets/Segmentation/*.txt"
 
 
 def test_not_a_segmentation_dataset(tmp_path):

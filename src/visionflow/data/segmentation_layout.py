@@ -273,7 +273,8 @@ def _splits(root: Path, good: list[tuple[str, str, str]], given: dict[str, str] 
     split_of = {e.relpath: e.split for e in
                 assign_splits(entries, val_fraction, test_fraction, seed, hashes=hashes)}
     return ([Pair(stem, image, mask, split_of[image]) for stem, image, mask in good],
-            split_scheme(entries, val_fraction, test_fraction, seed))
+            split_scheme(entries, val_fraction, test_fraction, seed,
+                         "the dataset's lists, ImageSets/Segmentation/*.txt"))
 
 
 def load_pair(root: Path, pair: Pair) -> tuple[np.ndarray, np.ndarray]:

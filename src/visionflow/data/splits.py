@@ -137,9 +137,11 @@ def subset_per_class(entries: Iterable[FileEntry], limit: int, seed: int, *,
 
 
 def split_scheme(entries: Iterable[FileEntry], val_fraction: float, test_fraction: float,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, given: str = "the dataset's own train/val/test folders"
+                 ) -> dict[str, Any]:
     """What decides each file's split, with a fingerprint: the same fingerprint means the
-    same file always lands in the same split; another one is a new split."""
+    same file always lands in the same split; another one is a new split. `given`: where
+    the splits come from when the dataset brings them all."""
     carved = carved_splits(entries)
     scheme: dict[str, Any] = {"carved": carved}
     if carved:
@@ -147,7 +149,7 @@ def split_scheme(entries: Iterable[FileEntry], val_fraction: float, test_fractio
                       bands={n: [round(lo, 9), round(hi, 9)]
                              for n, lo, hi in _bands(carved, val_fraction, test_fraction)})
     else:
-        scheme["method"] = "given: the dataset's own train/val/test folders"
+        scheme["method"] = f"given: {given}"
     blob = json.dumps(scheme, sort_keys=True).encode()
     return {**scheme, "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
 
