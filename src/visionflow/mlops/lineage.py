@@ -12,6 +12,7 @@ from typing import Any
 
 from visionflow.core.config import Params
 from visionflow.core.layout import Layout
+from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.mlops.provenance import LINEAGE_KEYS, lineage
 from visionflow.mlops.registry import champion_of, client_for
 
@@ -161,3 +162,11 @@ def _flat(mv: Any) -> dict[str, str]:
     tags = dict(mv.tags or {})
     bare = {k: lineage(tags, k) for k in LINEAGE_KEYS if lineage(tags, k)}
     return {**tags, **bare, "version": str(mv.version)}
+
+
+def split_against_champion(layout: Layout, scheme: dict[str, Any], model_name: str,
+                           alias: str = "champion") -> dict[str, Any]:
+    """Validate's `split` record: this data's split scheme beside the champion's (same, a
+    new split, or no reference; with a message and the scheme in words)."""
+    reference, who = champion_split_scheme(layout, model_name, alias)
+    return {**compare_schemes(scheme, reference, who), "scheme": describe_scheme(scheme)}

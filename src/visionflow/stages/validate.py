@@ -36,12 +36,11 @@ from visionflow.data.manifest import (
     write_manifest,
 )
 from visionflow.data.quality_report import print_gate_table, split_rows, write_report
-from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.data.survey import survey_dataset
 from visionflow.mlops.lineage import (
-    champion_split_scheme,
     champion_summary,
     no_summary_reason,
+    split_against_champion,
 )
 from visionflow.mlops.tracking import log_validation
 from visionflow.stages import main
@@ -106,9 +105,7 @@ def _run(params: Params, layout: Layout) -> ValidateResult:
     t = time.perf_counter()
     drift_report = _drift_report(params, layout, data_summary)
     reg = params.register_
-    reference, who = champion_split_scheme(layout, reg.model_name, reg.alias)
-    split = {**compare_schemes(found.scheme, reference, who), "scheme": describe_scheme(
-        found.scheme)}
+    split = split_against_champion(layout, found.scheme, reg.model_name, reg.alias)
     timings["drift"] = time.perf_counter() - t
 
     failed = [r for r in results if not r["success"]]

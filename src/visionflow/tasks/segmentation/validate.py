@@ -28,8 +28,7 @@ from visionflow.data.quality_report import print_gate_table, split_rows, write_r
 from visionflow.data.segmentation_layout import Pair, scan_segmentation
 from visionflow.data.segmentation_stats import class_pixel_summary, pixel_frequency_drift
 from visionflow.data.source import resolve_source, source_path
-from visionflow.data.splits import compare_schemes, describe_scheme
-from visionflow.mlops.lineage import champion_split_scheme, champion_summary
+from visionflow.mlops.lineage import champion_summary, split_against_champion
 from visionflow.mlops.tracking import log_validation
 
 # quarantine reason -> the property of a pair it breaks (one GX expectation each)
@@ -93,10 +92,8 @@ def run(params: Params, layout: Layout) -> SegValidateResult:
     with atomic_dir(layout.data_docs) as docs:
         results = run_gx(checks, _tables(rows), docs)
     drift = _drift(params, layout, data_summary)
-    reference, who = champion_split_scheme(layout, params.register_.model_name,
-                                           params.register_.alias)
-    split = {**compare_schemes(scan.scheme, reference, who),
-             "scheme": describe_scheme(scan.scheme)}
+    split = split_against_champion(layout, scan.scheme, params.register_.model_name,
+                                   params.register_.alias)
     failed = [r for r in results if not r["success"]]
     quarantined = Counter(r["quarantine_reason"] for r in rows if r["quarantine_reason"])
     n_bad = sum(quarantined.values())
