@@ -37,9 +37,10 @@ def data_init(
 
 @data_app.command("add")
 def data_add(
-    path: Annotated[Path, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
-                                              ".tgz/.zip archive of one, or torchvision:CIFAR10 "
-                                              "(downloaded once, online)")],
+    path: Annotated[str, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
+                                             ".tgz/.zip archive of one, torchvision:CIFAR10 "
+                                             "(downloaded once, online), or s3://bucket/prefix "
+                                             "(dvc import-url: `dvc update` fetches changes)")],
     root: RootOpt = Path("."),
     target: TargetOpt = "data",
     force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "
@@ -51,7 +52,8 @@ def data_add(
 ) -> None:
     """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version.
 
-    The new version is PATH's images alone, or with --merge the current images and PATH's."""
+    The new version is PATH's images alone, or with --merge the current images and PATH's.
+    A URL is a `dvc import-url`: data.dvc also records where the files came from."""
     from visionflow.core.configfile import parse_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
@@ -81,6 +83,9 @@ def data_add(
         typer.echo(f"  ... and {len(out['skipped']) - 10} more skipped")
     typer.echo(f"{out['dvc_file']}: md5 {out['dvc_data_md5']}"
                + (f" (pushed to '{out['remote']}')" if out["pushed"] else ""))
+    if out["imported_from"]:
+        typer.echo(f"  imported from {out['imported_from']}: `dvc update {out['dvc_file']}` "
+                   "(run by every retrain) fetches what changed there")
     git = layout.git_dir.exists()
     typer.echo("next: " + (f"git add {out['dvc_file']} && git commit -m 'data: new version'; "
                            if git else "")
@@ -127,6 +132,8 @@ def _print_status(out: dict) -> None:
     table.add_row("dvc_data_md5", cur["dvc_data_md5"] or "-", champ.get("dvc_data_md5") or "-")
     table.add_row("files (data.dvc)", str(cur["nfiles"] or "-"), "")
     table.add_row("workspace", cur["workspace"], "")
+    if cur.get("imported_from"):
+        table.add_row("imported from", cur["imported_from"], "")
     last = out["last_validated"]
     if last:
         table.add_row("last validated hash", f"{last.get('data_hash') or '-'} "

@@ -17,6 +17,12 @@ SOURCE_SCHEMES: dict[str, tuple[str, ...]] = {
     "torchvision": ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST"),
 }
 _SCHEME = re.compile(r"([A-Za-z][\w+.-]+):(?![/\\])(.*)")
+_URL = re.compile(r"[A-Za-z][\w+.-]*://\S+")
+
+
+def is_url(source: str | Path) -> bool:
+    """An object-store or web URL (`s3://bucket/prefix`): imported with `dvc import-url`."""
+    return _URL.fullmatch(str(source)) is not None
 
 
 def source_scheme(source: str | Path) -> tuple[str, str] | None:
@@ -28,6 +34,10 @@ def source_scheme(source: str | Path) -> tuple[str, str] | None:
 def unknown_source(source: str) -> str | None:
     """Why a `<scheme>:<name>` source names nothing known (None when it does, or for a
     path)."""
+    if is_url(source):
+        return (f"a URL is imported once as a DVC data version: `vflow data add {source}` "
+                "(dvc import-url; a retrain's `dvc update` fetches what changed), then keep "
+                "source: data")
     parsed = source_scheme(source)
     if parsed is None:
         return None

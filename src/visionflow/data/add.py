@@ -1,5 +1,7 @@
 """`vflow data init` and `vflow data add`: put a dataset version into `data/` and track it
-with DVC (`data.dvc`), so every version stays in the DVC cache and remote."""
+with DVC (`data.dvc`), so every version stays in the DVC cache and remote. A folder, an
+archive or a `torchvision:` dataset is copied in and `dvc add`ed; an `s3://` prefix is a `dvc
+import-url`, whose origin `dvc update` (every retrain's first step) fetches again."""
 
 from __future__ import annotations
 
@@ -11,13 +13,23 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from visionflow.core.dataconfig import is_url
 from visionflow.core.errors import DataError
 from visionflow.core.files import write_text
 from visionflow.core.layout import Layout
 from visionflow.data import schemes
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
-from visionflow.data.dvc import changed, dvc, dvc_out, ensure_default_remote, ensure_dvc_repo
+from visionflow.data.dvc import (
+    changed,
+    dvc,
+    dvc_origin,
+    dvc_out,
+    ensure_default_remote,
+    ensure_dvc_repo,
+    git_index_entry,
+    restore_git_index,
+)
 from visionflow.data.images import FORMATS
 from visionflow.data.scan import FileEntry, layout_of, scan_imagefolder
 from visionflow.data.segmentation_layout import detect_layout
@@ -62,6 +74,11 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     Folders and files without images next to the splits (`logs/`, scripts, a README) are
     left out and listed in `ignored`; every message names `source` as the user gave it."""
     root = layout.root
+    if is_url(source):
+        if merge:
+            raise DataError(f"data add --merge: {source}: a URL is imported whole; add the "
+                            "files there and `dvc update` the import")
+        return import_url(layout, str(source), target, force, push)
     if (read := schemes.reader(str(source))) is not None:  # downloaded once, then a folder
         source = read.materialize(str(source), layout)
     src = Path(source).expanduser().resolve()
@@ -71,15 +88,11 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     if src == dest or src.is_relative_to(dest) or dest.is_relative_to(src):
         raise DataError(f"data add: {source}: overlaps the target {dest}")
     dvc_file = root / f"{target}.dvc"
-    ensure_dvc_repo(layout)
-    if dest.exists() and not force:
-        if not dvc_file.is_file():
-            raise DataError(f"data add: {dest} exists and is not tracked by DVC ({dvc_file.name} "
-                            "missing): move it away, or pass --force to replace it")
-        if changed(layout, dvc_file):
-            raise DataError(f"data add: {dest} has changes not recorded in {dvc_file.name}: "
-                            f"run `dvc add {target}` to keep them, or pass --force to replace "
-                            "them")
+    _may_replace(layout, target, force)
+    if merge and (origin := dvc_origin(dvc_file)):
+        raise DataError(f"data add --merge: {dvc_file.name} imports {target}/ from {origin}: "
+                        f"add the images there and run `dvc update {dvc_file.name}`, or "
+                        f"replace the import (without --merge)")
     staged = root / f".{target}.new-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     report = import_dataset(src, staged, limits, shown_as=source)
@@ -101,19 +114,80 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if dvc_origin(dvc_file):  # an import replaced: `dvc add` would keep its origin
+        dvc_file.unlink()
     dvc(layout, "add", target, "-q")
+    return _added(layout, target, push, found, str(src), report.kind, report.files, before,
+                  merge, [f"{r.relpath} ({r.reason})" for r in report.skipped], report.ignored)
+
+
+def import_url(layout: Layout, url: str, target: str = "data", force: bool = False,
+               push: bool = False) -> dict[str, Any]:
+    """`dvc import-url URL target`: the files under an S3 prefix (any URL DVC reads) become
+    the new version, and `target.dvc` records where they came from and their ETags, so `dvc
+    update` (which a retrain runs first) fetches what changed. The same refusals as
+    `import_data`; on any error the current version stays as it was."""
+    root, dest, dvc_file = layout.root, layout.root / target, layout.root / f"{target}.dvc"
+    _may_replace(layout, target, force)
+    before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
+    recorded = dvc_file.read_text() if dvc_file.is_file() else None
+    staged = git_index_entry(layout, dvc_file.name)
+    old = root / f".{target}.old-{os.getpid()}"
+    if dest.exists() or dest.is_symlink():
+        dest.rename(old)
+    try:
+        dvc(layout, "import-url", "--force", url, target)
+        found = scan_imagefolder(dest, shown_as=url)
+        if not _has_an_image(found.entries):
+            raise DataError(f"data add: {url}: no images in class folders (expected "
+                            "<class>/<image> or train/<class>/<image>)")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        if old.exists() or old.is_symlink():
+            old.rename(dest)
+        if recorded is None:
+            dvc_file.unlink(missing_ok=True)
+        else:
+            write_text(dvc_file, recorded)
+        restore_git_index(layout, dvc_file.name, staged)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    files = int(dvc_out(dvc_file).get("nfiles") or 0)
+    return _added(layout, target, push, found, url, "url", files, before, False, [],
+                  found.ignored)
+
+
+def _may_replace(layout: Layout, target: str, force: bool) -> None:
+    """Refuse to replace `target/` unless `target.dvc` records it as it is (or `force`)."""
+    dest, dvc_file = layout.root / target, layout.dvc_file(target)
+    ensure_dvc_repo(layout)
+    if not dest.exists() or force:
+        return
+    if not dvc_file.is_file():
+        raise DataError(f"data add: {dest} exists and is not tracked by DVC ({dvc_file.name} "
+                        "missing): move it away, or pass --force to replace it")
+    if changed(layout, dvc_file):
+        raise DataError(f"data add: {dest} has changes not recorded in {dvc_file.name}: "
+                        f"run `dvc add {target}` to keep them, or pass --force to replace "
+                        "them")
+
+
+def _added(layout: Layout, target: str, push: bool, found: Any, source: str, kind: str,
+           files: int, before: int, merge: bool, skipped: list[str], ignored: list[str]
+           ) -> dict[str, Any]:
+    """`vflow data add`'s report of a version just recorded (pushed first if asked)."""
+    dest, dvc_file = layout.root / target, layout.dvc_file(target)
     remote = ensure_default_remote(layout)
     if push:
         dvc(layout, "push", "-q", dvc_file.name)
     out = dvc_out(dvc_file)
     masks = _masks(found.entries, dest)
     return {
-        "source": str(src), "kind": report.kind, "target": str(dest), "files": report.files,
+        "source": source, "kind": kind, "target": str(dest), "files": files,
         "images": len(found.entries) - masks, "masks": masks, "layout": found.layout,
-        "merged": merge,
+        "merged": merge, "imported_from": dvc_origin(dvc_file),
         "files_before": before, "files_now": int(out.get("nfiles") or 0),
-        "skipped": [f"{r.relpath} ({r.reason})" for r in report.skipped],
-        "ignored": report.ignored,
+        "skipped": skipped, "ignored": ignored,
         "dvc_file": dvc_file.name, "dvc_data_md5": str(out.get("md5", "")),
         "remote": remote, "pushed": push,
     }

@@ -33,9 +33,16 @@ def dvc(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedP
     quiet_env()
     proc = subprocess.run([dvc_bin(), *args], cwd=layout.root, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DataError(f"dvc {' '.join(args)}: {msg[-1] if msg else 'failed'}")
+        raise DataError(f"dvc {' '.join(args)}: {error_line(proc.stderr or proc.stdout)}")
     return proc
+
+
+def error_line(output: str) -> str:
+    """DVC's own error from its output: the last `ERROR:` line (DVC ends an unexpected
+    error with a "Having any troubles?" line), else the last line."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR")]
+    return errors[-1] if errors else (lines[-1] if lines else "failed")
 
 
 def ensure_dvc_repo(layout: Layout) -> None:
@@ -110,6 +117,38 @@ def workspace_state(layout: Layout, target: str = "data") -> str:
     if proc.returncode == 0 and out in ("{}", ""):
         return "in sync"
     return "deleted" if '"deleted"' in out else "modified"
+
+
+def git_index_entry(layout: Layout, name: str) -> list[str] | None:
+    """`git ls-files -s` of `name`: [mode, blob, stage, path], [] when not in the index, None
+    without git. DVC stages the .dvc files it writes (`core.autostage`): an undone command
+    puts the entry back with `restore_git_index`."""
+    if not layout.git_dir.exists():
+        return None
+    return subprocess.run(["git", "ls-files", "-s", "--", name], cwd=layout.root,
+                          capture_output=True, text=True).stdout.split()
+
+
+def restore_git_index(layout: Layout, name: str, entry: list[str] | None) -> None:
+    if entry is None:
+        return
+    args = (["update-index", "--add", "--cacheinfo", f"{entry[0]},{entry[1]},{name}"] if entry
+            else ["rm", "--cached", "-q", "--ignore-unmatch", "--", name])
+    subprocess.run(["git", *args], cwd=layout.root, capture_output=True)
+
+
+def dvc_origin(dvc_file: Path) -> str:
+    """Where an imported output comes from: the URL of `dvc import-url`, or `<repo> <path>`
+    of `dvc import` ('' for `dvc add`, or no such file). `dvc update` fetches what changed."""
+    try:
+        deps = (load_yaml(dvc_file.read_text()) or {}).get("deps") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+    dep = deps[0] if deps and isinstance(deps[0], dict) else {}
+    repo = dep.get("repo")
+    if isinstance(repo, dict):
+        return f"{repo.get('url', '')} {dep.get('path', '')}".strip()
+    return str(dep.get("path", ""))
 
 
 def dvc_md5(dvc_file: Path) -> str:

@@ -12,10 +12,19 @@ from typing import Any
 
 from visionflow.core.config import Params
 from visionflow.core.errors import DataError
-from visionflow.core.files import load_yaml, read_json
+from visionflow.core.files import read_json
 from visionflow.core.layout import Layout
 from visionflow.data import manifest, survey
-from visionflow.data.dvc import changed, dvc, dvc_md5, dvc_out, remotes, workspace_state
+from visionflow.data.dvc import (
+    changed,
+    dvc,
+    dvc_md5,
+    dvc_origin,
+    dvc_out,
+    error_line,
+    remotes,
+    workspace_state,
+)
 from visionflow.data.source import source_path
 from visionflow.mlops.lineage import champion_and_latest, champion_tags, champion_version
 from visionflow.mlops.registry import client_for, version_metrics
@@ -86,7 +95,8 @@ def champion_metrics(params: Params, layout: Layout, alias: str | None = None
 
 
 def refresh_data(params: Params, layout: Layout) -> str:
-    """`dvc update` (an import) or `dvc pull` (a remote is configured) of the data source.
+    """`dvc update` (an import: a DVC repo's data, or an S3 prefix's through `dvc import-url`)
+    or `dvc pull` (a remote is configured) of the data source.
 
     Tolerates "nothing to pull" and, with a warning in the message, a refresh that fails
     while local data exists (the data check below then works on what is there)."""
@@ -94,9 +104,8 @@ def refresh_data(params: Params, layout: Layout) -> str:
     if dvc_file is None:
         return f"{params.data.source}: not tracked by DVC, used as it is"
     rel = str(dvc_file.relative_to(layout.root))
-    meta = load_yaml(dvc_file.read_text()) or {}
-    is_import = any(isinstance(d, dict) and d.get("repo") for d in meta.get("deps") or [])
-    if is_import:
+    before = dvc_out(dvc_file)
+    if origin := dvc_origin(dvc_file):  # `dvc import` of a repo, `dvc import-url` of a prefix
         args = ["update", rel]
     else:
         remotes = dvc(layout, "remote", "list", check=False).stdout.strip()
@@ -107,9 +116,16 @@ def refresh_data(params: Params, layout: Layout) -> str:
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     last = lines[-1] if lines else "done"
     if proc.returncode != 0:
+        last = error_line(proc.stdout + proc.stderr)
         if not source_path(params, layout).exists():
             raise DataError(f"dvc {' '.join(args)}: {last}")
         return f"dvc {' '.join(args)} failed ({last}); local data used"
+    if origin:
+        after = dvc_out(dvc_file)
+        if after.get("md5") == before.get("md5"):
+            return f"dvc update {rel}: {origin} unchanged"
+        return (f"dvc update {rel}: {origin}: {before.get('nfiles', '?')} -> "
+                f"{after.get('nfiles', '?')} files (md5 {after.get('md5', '')})")
     return f"dvc {' '.join(args)}: {last}"
 
 
@@ -182,6 +198,7 @@ def data_status(layout: Layout, params: Any, target: str = "data",
     current: dict[str, Any] = {
         "source": params.data.source,
         "dvc_file": dvc_file.name if dvc_file.is_file() else "",
+        "imported_from": dvc_origin(dvc_file),
         "dvc_data_md5": str(out.get("md5", "")),
         "nfiles": out.get("nfiles"), "size": out.get("size"),
         "workspace": workspace_state(layout, target) if layout.dvc_dir.is_dir()

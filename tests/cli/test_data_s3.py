@@ -1,0 +1,112 @@
+"""Images kept in S3: `vflow data add s3://bucket/prefix` is a `dvc import-url` on a real S3
+server (rclone), `data.dvc` records where the files came from, and the retrain flow's data
+refresh (`dvc update`) fetches what changed there."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from builders import snapshot, write_imagefolder
+from helpers import BIN, make_project, run
+from s3_server import s3_server
+
+from visionflow.core.configfile import load_params
+from visionflow.core.layout import Layout
+from visionflow.data.dvc import dvc_md5, dvc_origin
+from visionflow.orchestration import trigger
+
+VFLOW = str(BIN / "vflow")
+URL = "s3://photos/pets"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3"), ("photos",)) as server:
+        yield server
+
+
+@pytest.fixture
+def proj(tmp_path: Path, s3, monkeypatch) -> tuple[Path, dict[str, str]]:
+    for key, value in s3.env.items():  # the flow's tasks run DVC from this process
+        monkeypatch.setenv(key, value)
+    root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3, "b": 3}),
+                        git=True, mlflow_store=False)
+    run([str(BIN / "dvc"), "config", "core.autostage", "true"], root)  # as this repo's
+    run(["git", "commit", "-qam", "dvc: autostage"], root)
+    return root, {**os.environ, **s3.env}
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_an_s3_prefix_is_imported_and_a_refresh_fetches_what_changed(proj, s3, tmp_path):
+    root, env = proj
+    pets = write_imagefolder(tmp_path / "pets", {"train/cat": 4, "train/dog": 4,
+                                                 "test/cat": 2, "test/dog": 2})
+    s3.upload(pets, "photos", "pets")
+    out = run([VFLOW, "data", "add", URL], root, env=env).stdout
+    assert f"imported 12 images (12 files) from {URL}" in out
+    assert f"imported from {URL}: `dvc update data.dvc`" in out
+    assert _contents(root / "data") == _contents(pets)
+    assert dvc_origin(root / "data.dvc") == URL  # the import's origin, for `dvc update`
+    status = json.loads(run([VFLOW, "data", "status", "--json", "--no-hash"], root,
+                            env=env).stdout)
+    assert status["current"]["imported_from"] == URL
+    assert status["current"]["workspace"] == "in sync"
+    run(["git", "commit", "-qam", "data: the S3 import"], root)
+
+    # a new photo in the bucket: the retrain flow's refresh brings it, data.dvc's md5 moves
+    layout, params = Layout.at(root), load_params(root / "params.yaml")
+    md5 = dvc_md5(root / "data.dvc")
+    new = pets / "train" / "dog" / "000.png"
+    s3.client().put_object(Bucket="photos", Key="pets/train/dog/new.png", Body=new.read_bytes())
+    assert trigger.refresh_data(params, layout) == (
+        f"dvc update data.dvc: {URL}: 12 -> 13 files (md5 {dvc_md5(root / 'data.dvc')}.dir)")
+    assert (root / "data" / "train" / "dog" / "new.png").read_bytes() == new.read_bytes()
+    assert dvc_md5(root / "data.dvc") not in ("", md5)
+    assert trigger.data_version(params, layout)["dvc_md5"] == dvc_md5(root / "data.dvc")
+    assert trigger.refresh_data(params, layout) == f"dvc update data.dvc: {URL} unchanged"
+
+
+def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_path):
+    root, env = proj
+    notes = tmp_path / "notes"
+    (notes / "docs").mkdir(parents=True)
+    (notes / "docs" / "readme.txt").write_text("no images here")
+    s3.upload(notes, "photos", "notes")
+    s3.upload(write_imagefolder(tmp_path / "ok", {"cat": 2, "dog": 2}), "photos", "ok")
+    snap, dvc_file = snapshot(root / "data"), (root / "data.dvc").read_text()
+    for url, words in (("s3://photos/notes", "no images in class folders"),
+                       ("s3://photos/missing", "'s3://photos/missing' does not exist")):
+        proc = run([VFLOW, "data", "add", url], root, check=False, env=env)
+        assert proc.returncode == 3 and words in _error(proc), proc.stderr
+        assert snapshot(root / "data") == snap and (root / "data.dvc").read_text() == dvc_file
+        assert run(["git", "status", "--porcelain", "--", "data.dvc"], root).stdout == ""
+    bad_key = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}  # DVC's own error, not its help line
+    proc = run([VFLOW, "data", "add", "s3://photos/ok"], root, check=False, env=bad_key)
+    assert proc.returncode == 3 and "Forbidden" in _error(proc)
+    proc = run([VFLOW, "data", "add", "--merge", "s3://photos/ok"], root, check=False, env=env)
+    assert "a URL is imported whole" in _error(proc)
+    proc = run([VFLOW, "stage", "validate", "-s", "data.source=s3://photos/ok"], root,
+               check=False, env=env)  # params take no URL: one line saying how
+    assert proc.returncode == 2 and "vflow data add s3://photos/ok" in _error(proc)
+
+    # on an import, --merge would be undone by the next `dvc update`: refused; a plain add
+    # replaces the import, and data.dvc then records no origin
+    run([VFLOW, "data", "add", "s3://photos/ok"], root, env=env)
+    proc = run([VFLOW, "data", "add", "--merge", str(tmp_path / "v1")], root, check=False,
+               env=env)
+    assert "imports data/ from s3://photos/ok" in _error(proc)
+    run([VFLOW, "data", "add", str(tmp_path / "v1")], root, env=env)
+    assert dvc_origin(root / "data.dvc") == "" and snapshot(root / "data") == snap
