@@ -1,6 +1,6 @@
-"""Images kept in S3: `vflow data add s3://bucket/prefix` is a `dvc import-url` on a real S3
-server (rclone), `data.dvc` records where the files came from, and the retrain flow's data
-refresh (`dvc update`) fetches what changed there."""
+"""Images kept in S3: `vflow data add s3://bucket/prefix` mirrors the prefix into data/ from a
+real S3 server (rclone) and `dvc add`s it, `data.dvc` records the prefix, and the retrain
+flow's data refresh syncs it again, downloading only what changed."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from helpers import BIN, make_project, run
 from s3_server import s3_server
 
 from visionflow.core.configfile import load_params
+from visionflow.core.errors import DataError
 from visionflow.core.layout import Layout
 from visionflow.data.dvc import dvc_md5, dvc_origin
+from visionflow.data.s3_sync import safe_key
 from visionflow.orchestration import trigger
 
 VFLOW = str(BIN / "vflow")
@@ -57,7 +59,7 @@ def test_an_s3_prefix_is_imported_and_a_refresh_fetches_what_changed(proj, s3, t
     s3.upload(pets, "photos", "pets")
     out = run([VFLOW, "data", "add", URL], root, env=env).stdout
     assert f"imported 12 images (12 files) from {URL}" in out
-    assert f"imported from {URL}: `dvc update data.dvc`" in out
+    assert f"{URL}: 12 objects downloaded" in out and "every retrain syncs it again" in out
     assert _contents(root / "data") == _contents(pets)
     assert dvc_origin(root / "data.dvc") == URL  # the import's origin, for `dvc update`
     status = json.loads(run([VFLOW, "data", "status", "--json", "--no-hash"], root,
@@ -66,17 +68,28 @@ def test_an_s3_prefix_is_imported_and_a_refresh_fetches_what_changed(proj, s3, t
     assert status["current"]["workspace"] == "in sync"
     run(["git", "commit", "-qam", "data: the S3 import"], root)
 
-    # a new photo in the bucket: the retrain flow's refresh brings it, data.dvc's md5 moves
+    # a photo added, one replaced, one deleted in the bucket: the retrain flow's refresh
+    # downloads those two alone (the others stay the same files), data.dvc's md5 moves
     layout, params = Layout.at(root), load_params(root / "params.yaml")
-    md5 = dvc_md5(root / "data.dvc")
-    new = pets / "train" / "dog" / "000.png"
-    s3.client().put_object(Bucket="photos", Key="pets/train/dog/new.png", Body=new.read_bytes())
+    md5, data = dvc_md5(root / "data.dvc"), root / "data"
+    inodes = {p: p.stat().st_ino for p in data.rglob("*.png")}
+    s3c, new = s3.client(), (pets / "train" / "dog" / "000.png").read_bytes()
+    s3c.put_object(Bucket="photos", Key="pets/train/dog/new.png", Body=new)
+    s3c.put_object(Bucket="photos", Key="pets/train/cat/001.png", Body=new)
+    s3c.delete_object(Bucket="photos", Key="pets/test/cat/000.png")
     assert trigger.refresh_data(params, layout) == (
-        f"dvc update data.dvc: {URL}: 12 -> 13 files (md5 {dvc_md5(root / 'data.dvc')}.dir)")
-    assert (root / "data" / "train" / "dog" / "new.png").read_bytes() == new.read_bytes()
+        f"{URL}: 2 new or changed, 1 removed, 10 unchanged (data.dvc md5 "
+        f"{dvc_md5(root / 'data.dvc')}.dir)")
+    assert (data / "train/dog/new.png").read_bytes() == new == \
+        (data / "train/cat/001.png").read_bytes()
+    assert not (data / "test/cat/000.png").exists()
+    kept = {p: i for p, i in inodes.items() if p.exists() and p.stat().st_ino == i}
+    assert len(kept) == 10 and data / "train/cat/001.png" not in kept  # not downloaded again
     assert dvc_md5(root / "data.dvc") not in ("", md5)
+    assert run([str(BIN / "dvc"), "status", "data.dvc"], root).stdout.strip().endswith(
+        "up to date.")
     assert trigger.data_version(params, layout)["dvc_md5"] == dvc_md5(root / "data.dvc")
-    assert trigger.refresh_data(params, layout) == f"dvc update data.dvc: {URL} unchanged"
+    assert trigger.refresh_data(params, layout) == f"{URL}: unchanged (12 objects)"
 
 
 def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_path):
@@ -88,21 +101,21 @@ def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_pa
     s3.upload(write_imagefolder(tmp_path / "ok", {"cat": 2, "dog": 2}), "photos", "ok")
     snap, dvc_file = snapshot(root / "data"), (root / "data.dvc").read_text()
     for url, words in (("s3://photos/notes", "no images in class folders"),
-                       ("s3://photos/missing", "'s3://photos/missing' does not exist")):
+                       ("s3://photos/missing", "no objects under this prefix")):
         proc = run([VFLOW, "data", "add", url], root, check=False, env=env)
         assert proc.returncode == 3 and words in _error(proc), proc.stderr
         assert snapshot(root / "data") == snap and (root / "data.dvc").read_text() == dvc_file
         assert run(["git", "status", "--porcelain", "--", "data.dvc"], root).stdout == ""
-    bad_key = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}  # DVC's own error, not its help line
+    bad_key = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
     proc = run([VFLOW, "data", "add", "s3://photos/ok"], root, check=False, env=bad_key)
-    assert proc.returncode == 3 and "Forbidden" in _error(proc)
+    assert proc.returncode == 3 and "s3://photos/ok: PermissionError" in _error(proc)
     proc = run([VFLOW, "data", "add", "--merge", "s3://photos/ok"], root, check=False, env=env)
-    assert "a URL is imported whole" in _error(proc)
+    assert "a prefix is mirrored whole" in _error(proc)
     proc = run([VFLOW, "stage", "validate", "-s", "data.source=s3://photos/ok"], root,
                check=False, env=env)  # params take no URL: one line saying how
     assert proc.returncode == 2 and "vflow data add s3://photos/ok" in _error(proc)
 
-    # on an import, --merge would be undone by the next `dvc update`: refused; a plain add
+    # on an import, --merge would be undone by the next sync: refused; a plain add
     # replaces the import, and data.dvc then records no origin
     run([VFLOW, "data", "add", "s3://photos/ok"], root, env=env)
     proc = run([VFLOW, "data", "add", "--merge", str(tmp_path / "v1")], root, check=False,
@@ -110,3 +123,12 @@ def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_pa
     assert "imports data/ from s3://photos/ok" in _error(proc)
     run([VFLOW, "data", "add", str(tmp_path / "v1")], root, env=env)
     assert dvc_origin(root / "data.dvc") == "" and snapshot(root / "data") == snap
+
+
+@pytest.mark.parametrize("key", ["../evil.png", "a/../../evil.png", "/etc/x.png", "a//b.png",
+                                 "a/./b.png", "a\\b.png", ""])
+def test_a_key_that_could_leave_data_is_refused_naming_it(key: str):
+    with pytest.raises(DataError, match="is not a safe relative path") as err:
+        safe_key(URL, key)
+    assert repr(key) in str(err.value)
+    assert safe_key(URL, "train/cat/0.png") == "train/cat/0.png"

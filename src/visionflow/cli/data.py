@@ -40,7 +40,7 @@ def data_add(
     path: Annotated[str, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
                                              ".tgz/.zip archive of one, torchvision:CIFAR10 "
                                              "(downloaded once, online), or s3://bucket/prefix "
-                                             "(dvc import-url: `dvc update` fetches changes)")],
+                                             "(mirrored: a retrain syncs what changed)")],
     root: RootOpt = Path("."),
     target: TargetOpt = "data",
     force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "
@@ -53,7 +53,8 @@ def data_add(
     """Import PATH into data/ safely and `dvc add` it, so data.dvc records the new version.
 
     The new version is PATH's images alone, or with --merge the current images and PATH's.
-    A URL is a `dvc import-url`: data.dvc also records where the files came from."""
+    An s3:// prefix is mirrored (only what changed is downloaded): data.dvc also records it,
+    and every retrain syncs it again."""
     from visionflow.core.configfile import parse_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
@@ -83,7 +84,12 @@ def data_add(
         typer.echo(f"  ... and {len(out['skipped']) - 10} more skipped")
     typer.echo(f"{out['dvc_file']}: md5 {out['dvc_data_md5']}"
                + (f" (pushed to '{out['remote']}')" if out["pushed"] else ""))
-    if out["imported_from"]:
+    if "sync" in out:
+        s = out["sync"]
+        typer.echo(f"  {out['source']}: {s['downloaded']} objects downloaded "
+                   f"({s['bytes'] / 2**20:.1f} MiB), {s['kept']} unchanged, {s['removed']} "
+                   "removed; every retrain syncs it again (or run this command)")
+    elif out["imported_from"]:
         typer.echo(f"  imported from {out['imported_from']}: `dvc update {out['dvc_file']}` "
                    "(run by every retrain) fetches what changed there")
     git = layout.git_dir.exists()

@@ -21,7 +21,7 @@ _URL = re.compile(r"[A-Za-z][\w+.-]*://\S+")
 
 
 def is_url(source: str | Path) -> bool:
-    """An object-store or web URL (`s3://bucket/prefix`): imported with `dvc import-url`."""
+    """An object-store or web URL (`s3://bucket/prefix`): `vflow data add` imports it."""
     return _URL.fullmatch(str(source)) is not None
 
 
@@ -35,9 +35,8 @@ def unknown_source(source: str) -> str | None:
     """Why a `<scheme>:<name>` source names nothing known (None when it does, or for a
     path)."""
     if is_url(source):
-        return (f"a URL is imported once as a DVC data version: `vflow data add {source}` "
-                "(dvc import-url; a retrain's `dvc update` fetches what changed), then keep "
-                "source: data")
+        return (f"a URL is imported as a DVC data version: `vflow data add {source}` "
+                "(every retrain then syncs what changed there), and keep source: data")
     parsed = source_scheme(source)
     if parsed is None:
         return None

@@ -1,13 +1,14 @@
 """`vflow data init` and `vflow data add`: put a dataset version into `data/` and track it
 with DVC (`data.dvc`), so every version stays in the DVC cache and remote. A folder, an
-archive or a `torchvision:` dataset is copied in and `dvc add`ed; an `s3://` prefix is a `dvc
-import-url`, whose origin `dvc update` (every retrain's first step) fetches again."""
+archive or a `torchvision:` dataset is copied in and `dvc add`ed; an `s3://` prefix is
+mirrored (`data.s3_sync`) and `dvc add`ed, and every retrain's refresh syncs it again."""
 
 from __future__ import annotations
 
 import filecmp
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ from PIL import Image, UnidentifiedImageError
 
 from visionflow.core.dataconfig import is_url
 from visionflow.core.errors import DataError
-from visionflow.core.files import write_text
+from visionflow.core.files import load_yaml, write_text
 from visionflow.core.layout import Layout
-from visionflow.data import schemes
+from visionflow.data import s3_sync, schemes
 from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import (
@@ -27,8 +28,6 @@ from visionflow.data.dvc import (
     dvc_out,
     ensure_default_remote,
     ensure_dvc_repo,
-    git_index_entry,
-    restore_git_index,
 )
 from visionflow.data.images import FORMATS
 from visionflow.data.scan import FileEntry, layout_of, scan_imagefolder
@@ -76,8 +75,8 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     root = layout.root
     if is_url(source):
         if merge:
-            raise DataError(f"data add --merge: {source}: a URL is imported whole; add the "
-                            "files there and `dvc update` the import")
+            raise DataError(f"data add --merge: {source}: a prefix is mirrored whole; add "
+                            f"the files there and run `vflow data add {source}`")
         return import_url(layout, str(source), target, force, push)
     if (read := schemes.reader(str(source))) is not None:  # downloaded once, then a folder
         source = read.materialize(str(source), layout)
@@ -91,8 +90,8 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
     _may_replace(layout, target, force)
     if merge and (origin := dvc_origin(dvc_file)):
         raise DataError(f"data add --merge: {dvc_file.name} imports {target}/ from {origin}: "
-                        f"add the images there and run `dvc update {dvc_file.name}`, or "
-                        f"replace the import (without --merge)")
+                        "add the images there (the next sync brings them), or replace the "
+                        "import (without --merge)")
     staged = root / f".{target}.new-{os.getpid()}"
     shutil.rmtree(staged, ignore_errors=True)
     report = import_dataset(src, staged, limits, shown_as=source)
@@ -123,38 +122,41 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
 
 def import_url(layout: Layout, url: str, target: str = "data", force: bool = False,
                push: bool = False) -> dict[str, Any]:
-    """`dvc import-url URL target`: the files under an S3 prefix (any URL DVC reads) become
-    the new version, and `target.dvc` records where they came from and their ETags, so `dvc
-    update` (which a retrain runs first) fetches what changed. The same refusals as
-    `import_data`; on any error the current version stays as it was."""
+    """The files under an S3 prefix as the new version (`data.s3_sync`: only new or changed
+    objects are downloaded), `dvc add`ed, with `target.dvc` recording the prefix so that a
+    retrain's refresh syncs again. The same refusals as `import_data`; on any error the
+    current version stays as it was."""
     root, dest, dvc_file = layout.root, layout.root / target, layout.root / f"{target}.dvc"
     _may_replace(layout, target, force)
     before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
-    recorded = dvc_file.read_text() if dvc_file.is_file() else None
-    staged = git_index_entry(layout, dvc_file.name)
+    staged = root / f".{target}.new-{os.getpid()}"
     old = root / f".{target}.old-{os.getpid()}"
-    if dest.exists() or dest.is_symlink():
-        dest.rename(old)
+    shutil.rmtree(staged, ignore_errors=True)
     try:
-        dvc(layout, "import-url", "--force", url, target)
-        found = scan_imagefolder(dest, shown_as=url)
+        synced, objects = s3_sync.sync(layout, url, target, staged)
+        same = not staged.exists()  # data/ holds the prefix as it is: nothing staged
+        found = scan_imagefolder(dest if same else staged, shown_as=url)
         if not _has_an_image(found.entries):
             raise DataError(f"data add: {url}: no images in class folders (expected "
                             "<class>/<image> or train/<class>/<image>)")
+        if not same:
+            if dest.exists() or dest.is_symlink():
+                dest.rename(old)
+            staged.rename(dest)
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        if old.exists() or old.is_symlink():
+        if (old.exists() or old.is_symlink()) and not dest.exists():
             old.rename(dest)
-        if recorded is None:
-            dvc_file.unlink(missing_ok=True)
-        else:
-            write_text(dvc_file, recorded)
-        restore_git_index(layout, dvc_file.name, staged)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    files = int(dvc_out(dvc_file).get("nfiles") or 0)
-    return _added(layout, target, push, found, url, "url", files, before, False, [],
-                  found.ignored)
+    if not same or dvc_origin(dvc_file) != url:
+        if dvc_file.is_file() and (load_yaml(dvc_file.read_text()) or {}).get("deps"):
+            dvc_file.unlink()  # a `dvc import`: `dvc add` would keep its origin
+        dvc(layout, "add", target, "-q")
+    s3_sync.record(layout, url, target, objects)
+    out = _added(layout, target, push, found, url, "s3", synced.listed, before, False, [],
+                 found.ignored)
+    return {**out, "sync": asdict(synced)}
 
 
 def _may_replace(layout: Layout, target: str, force: bool) -> None:

@@ -119,31 +119,17 @@ def workspace_state(layout: Layout, target: str = "data") -> str:
     return "deleted" if '"deleted"' in out else "modified"
 
 
-def git_index_entry(layout: Layout, name: str) -> list[str] | None:
-    """`git ls-files -s` of `name`: [mode, blob, stage, path], [] when not in the index, None
-    without git. DVC stages the .dvc files it writes (`core.autostage`): an undone command
-    puts the entry back with `restore_git_index`."""
-    if not layout.git_dir.exists():
-        return None
-    return subprocess.run(["git", "ls-files", "-s", "--", name], cwd=layout.root,
-                          capture_output=True, text=True).stdout.split()
-
-
-def restore_git_index(layout: Layout, name: str, entry: list[str] | None) -> None:
-    if entry is None:
-        return
-    args = (["update-index", "--add", "--cacheinfo", f"{entry[0]},{entry[1]},{name}"] if entry
-            else ["rm", "--cached", "-q", "--ignore-unmatch", "--", name])
-    subprocess.run(["git", *args], cwd=layout.root, capture_output=True)
-
-
 def dvc_origin(dvc_file: Path) -> str:
-    """Where an imported output comes from: the URL of `dvc import-url`, or `<repo> <path>`
-    of `dvc import` ('' for `dvc add`, or no such file). `dvc update` fetches what changed."""
+    """Where a tracked output comes from: the S3 prefix `vflow data add` mirrors
+    (`meta.source`), the URL of `dvc import-url`, or `<repo> <path>` of `dvc import`; '' for
+    a plain `dvc add`, or no such file."""
     try:
-        deps = (load_yaml(dvc_file.read_text()) or {}).get("deps") or []
+        meta = load_yaml(dvc_file.read_text()) or {}
+        deps = meta.get("deps") or []
     except (OSError, yaml.YAMLError, AttributeError):
         return ""
+    if source := (dvc_out(dvc_file).get("meta") or {}).get("source"):
+        return str(source)
     dep = deps[0] if deps and isinstance(deps[0], dict) else {}
     repo = dep.get("repo")
     if isinstance(repo, dict):

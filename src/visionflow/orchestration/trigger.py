@@ -15,6 +15,7 @@ from visionflow.core.errors import DataError
 from visionflow.core.files import read_json
 from visionflow.core.layout import Layout
 from visionflow.data import manifest, survey
+from visionflow.data.add import import_url
 from visionflow.data.dvc import (
     changed,
     dvc,
@@ -95,8 +96,9 @@ def champion_metrics(params: Params, layout: Layout, alias: str | None = None
 
 
 def refresh_data(params: Params, layout: Layout) -> str:
-    """`dvc update` (an import: a DVC repo's data, or an S3 prefix's through `dvc import-url`)
-    or `dvc pull` (a remote is configured) of the data source.
+    """The data source brought up to date: an S3 prefix synced again (`vflow data add
+    s3://...`), `dvc update` of an import (`dvc import`, `dvc import-url`), or `dvc pull`
+    (a remote is configured).
 
     Tolerates "nothing to pull" and, with a warning in the message, a refresh that fails
     while local data exists (the data check below then works on what is there)."""
@@ -105,7 +107,10 @@ def refresh_data(params: Params, layout: Layout) -> str:
         return f"{params.data.source}: not tracked by DVC, used as it is"
     rel = str(dvc_file.relative_to(layout.root))
     before = dvc_out(dvc_file)
-    if origin := dvc_origin(dvc_file):  # `dvc import` of a repo, `dvc import-url` of a prefix
+    origin = dvc_origin(dvc_file)
+    if (before.get("meta") or {}).get("source"):  # an S3 prefix `vflow data add` mirrors
+        return _sync(params, layout, dvc_file, origin)
+    if origin:  # `dvc import` of a DVC repo, `dvc import-url`
         args = ["update", rel]
     else:
         remotes = dvc(layout, "remote", "list", check=False).stdout.strip()
@@ -127,6 +132,23 @@ def refresh_data(params: Params, layout: Layout) -> str:
         return (f"dvc update {rel}: {origin}: {before.get('nfiles', '?')} -> "
                 f"{after.get('nfiles', '?')} files (md5 {after.get('md5', '')})")
     return f"dvc {' '.join(args)}: {last}"
+
+
+def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
+    """The S3 prefix synced again (new or changed objects downloaded, then `dvc add`); a
+    failure with local data there: the data check goes on with it."""
+    target = dvc_file.name.removesuffix(".dvc")
+    try:
+        out = import_url(layout, url, target, force=True)
+    except DataError as err:
+        if not source_path(params, layout).exists():
+            raise
+        return f"{url}: sync failed ({err}); local data used"
+    s = out["sync"]
+    if not (s["downloaded"] or s["removed"]):
+        return f"{url}: unchanged ({s['listed']} objects)"
+    return (f"{url}: {s['downloaded']} new or changed, {s['removed']} removed, {s['kept']} "
+            f"unchanged ({dvc_file.name} md5 {out['dvc_data_md5']})")
 
 
 def _source_of(tags: dict[str, str]) -> str | None:

@@ -1,0 +1,169 @@
+"""Images kept in S3 as a DVC data version: the prefix mirrored into `data/`, downloading only
+what changed, then `dvc add`.
+
+DVC's own `import-url` + `dvc update` downloads the whole prefix again whenever any object in
+it changed (treeverse/dvc#4889, #8808): 1% new photos of 10,000 took as long as the first
+import (BENCHMARKS "Images in S3"). Here s3fs lists the prefix (ETag and size per key), new
+or changed keys are downloaded concurrently into a copy of `data/` made of hard links to the
+unchanged files, keys the bucket no longer has are left out, and the copy replaces `data/`
+whole (on any error `data/` stays as it was). `dvc add` then hashes only the downloaded files
+(its state cache knows the others by inode and mtime). `data.dvc` records the prefix
+(`meta.source`), so a retrain's data refresh syncs again; the ETags seen are kept in
+`.cache/s3-sync/` (without them, a local file whose md5 is a single-part ETag is kept).
+Endpoint and keys: the usual AWS_* variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from visionflow.core.errors import DataError
+from visionflow.core.files import load_yaml, write_json, write_text
+from visionflow.core.layout import Layout
+from visionflow.data.dvc import dvc_md5
+
+CONCURRENCY = 32  # downloads in flight (s3fs's batch)
+
+
+@dataclass
+class SyncReport:
+    listed: int = 0  # objects under the prefix
+    downloaded: int = 0
+    kept: int = 0  # unchanged, linked from the current version
+    removed: int = 0  # in the current version, no longer in the bucket
+    bytes: int = 0  # downloaded
+
+
+def filesystem(url: str) -> Any:
+    """An s3fs file system on the AWS_* environment (one line when the client is missing)."""
+    if not url.startswith("s3://"):
+        raise DataError(f"data add: {url}: only s3:// URLs are read")
+    try:
+        import s3fs
+    except ImportError as err:
+        raise DataError(f"data add: {url}: the S3 client is missing: pip install "
+                        "'visionflow[team]' (or 'dvc[s3]')") from err
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def safe_key(url: str, rel: str) -> str:
+    """A key's path below the prefix, refused (one line naming it) when it could leave
+    `data/`: absolute, `..`, empty or `.` segments, backslashes."""
+    parts = rel.split("/")
+    if not rel or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"data add: {url}: key {rel!r} is not a safe relative path")
+    return str(PurePosixPath(*parts))
+
+
+def listing(fs: Any, url: str) -> dict[str, tuple[str, int]]:
+    """{path below the prefix: (ETag, size)} of every object under `url`."""
+    base = url.removeprefix("s3://").rstrip("/")
+    try:
+        found = fs.find(base, detail=True)
+    except (OSError, ValueError) as err:  # PermissionError, FileNotFoundError, bad bucket
+        raise DataError(f"data add: {url}: {type(err).__name__}: {err}") from err
+    out: dict[str, tuple[str, int]] = {}
+    for path, info in found.items():
+        if (info.get("type") == "directory" or not path.startswith(base + "/")
+                or (path.endswith("/") and not info.get("size"))):  # a console's folder key
+            continue
+        rel = safe_key(url, path[len(base) + 1:])
+        out[rel] = (str(info.get("ETag", "")).strip('"'), int(info.get("size") or 0))
+    if not out:
+        raise DataError(f"data add: {url}: no objects under this prefix")
+    return out
+
+
+def _state_file(layout: Layout, url: str, target: str) -> Path:
+    tag = hashlib.sha256(f"{url}\n{target}".encode()).hexdigest()[:16]
+    return layout.cache_root / "s3-sync" / f"{tag}.json"
+
+
+def _unchanged(path: Path, etag: str, size: int, seen: list | None) -> bool:
+    """Whether the local file already holds the object: the ETag recorded when it was
+    downloaded, else an md5 equal to a single-part ETag."""
+    try:
+        if path.is_symlink() or path.stat().st_size != size:
+            return False
+    except OSError:
+        return False
+    if seen is not None:
+        return list(seen) == [etag, size]
+    if len(etag) != 32 or "-" in etag:  # a multipart ETag is no md5
+        return False
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest() == etag
+
+
+def sync(layout: Layout, url: str, target: str, staged: Path
+         ) -> tuple[SyncReport, dict[str, tuple[str, int]]]:
+    """Write the prefix's files at `staged` (which must not exist): the unchanged ones linked
+    from `target/`, the rest downloaded; and the listing, for `record` once `staged` is the
+    new version. Nothing is staged when `target/` already holds the prefix as it is.
+    `target/` itself is not touched."""
+    fs = filesystem(url)
+    objects = listing(fs, url)
+    current = layout.root / target
+    seen = _seen(layout, url, target)
+    report = SyncReport(listed=len(objects))
+    keep = [rel for rel, (etag, size) in objects.items()
+            if _unchanged(current / rel, etag, size, seen.get(rel) if seen else None)]
+    fetch = sorted(set(objects) - set(keep))
+    if current.is_dir():
+        report.removed = sum(1 for p in current.rglob("*") if p.is_file()
+                             and p.relative_to(current).as_posix() not in objects)
+    report.kept = len(keep)
+    if not fetch and not report.removed and current.is_dir():
+        return report, objects  # `target/` is the prefix: nothing staged
+    staged.mkdir(parents=True)
+    for rel in keep:
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(current / rel, staged / rel)
+        except OSError:  # no hard links here
+            shutil.copy2(current / rel, staged / rel)
+    base = url.removeprefix("s3://").rstrip("/")
+    for rel in fetch:
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.get([f"{base}/{rel}" for rel in fetch], [str(staged / rel) for rel in fetch],
+               batch_size=CONCURRENCY)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data add: {url}: download failed: {type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}") from err
+    report.downloaded = len(fetch)
+    report.bytes = sum(objects[rel][1] for rel in fetch)
+    return report, objects
+
+
+def _seen(layout: Layout, url: str, target: str) -> dict[str, list] | None:
+    """The ETags `record` kept for `target/`, while `target.dvc` still records that version
+    (None otherwise)."""
+    try:
+        state = json.loads(_state_file(layout, url, target).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("md5") != dvc_md5(layout.dvc_file(target)):
+        return None
+    return state.get("objects") or {}
+
+
+def record(layout: Layout, url: str, target: str, objects: dict[str, tuple[str, int]]) -> None:
+    """After `dvc add target`: `target.dvc` names the prefix (`meta.source`, which `dvc add`
+    keeps), and the ETags are kept for the next sync."""
+    dvc_file = layout.dvc_file(target)
+    meta = load_yaml(dvc_file.read_text()) or {}
+    out = meta["outs"][0]
+    if (out.get("meta") or {}).get("source") != url:
+        out["meta"] = {**(out.get("meta") or {}), "source": url}
+        write_text(dvc_file, yaml.safe_dump(meta, sort_keys=False))
+    write_json(_state_file(layout, url, target),
+               {"md5": dvc_md5(dvc_file), "objects": {k: list(v) for k, v in objects.items()}})
