@@ -40,7 +40,7 @@ def data_add(
     path: Annotated[str, typer.Argument(help="an ImageFolder directory, a .tar/.tar.gz/"
                                              ".tgz/.zip archive of one, torchvision:CIFAR10 "
                                              "(downloaded once, online), or s3://bucket/prefix "
-                                             "(mirrored: a retrain syncs what changed)")],
+                                             "(mirrored: a scheduled retrain syncs what changed)")],
     root: RootOpt = Path("."),
     target: TargetOpt = "data",
     force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "
@@ -54,7 +54,7 @@ def data_add(
 
     The new version is PATH's images alone, or with --merge the current images and PATH's.
     An s3:// prefix is mirrored (only what changed is downloaded): data.dvc also records it,
-    and every retrain syncs it again."""
+    and a scheduled retrain (--only-new-data) syncs it again."""
     from visionflow.core.configfile import parse_params, read_params_file
     from visionflow.core.layout import Layout
     from visionflow.data.add import import_data
@@ -88,10 +88,11 @@ def data_add(
         s = out["sync"]
         typer.echo(f"  {out['source']}: {s['downloaded']} objects downloaded "
                    f"({s['bytes'] / 2**20:.1f} MiB), {s['kept']} unchanged, {s['removed']} "
-                   "removed; every retrain syncs it again (or run this command)")
+                   "removed; a scheduled retrain (--only-new-data) syncs it again, as does "
+                   "this command")
     elif out["imported_from"]:
         typer.echo(f"  imported from {out['imported_from']}: `dvc update {out['dvc_file']}` "
-                   "(run by every retrain) fetches what changed there")
+                   "(run by a scheduled retrain) fetches what changed there")
     git = layout.git_dir.exists()
     typer.echo("next: " + (f"git add {out['dvc_file']} && git commit -m 'data: new version'; "
                            if git else "")

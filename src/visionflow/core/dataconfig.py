@@ -36,7 +36,7 @@ def unknown_source(source: str) -> str | None:
     path)."""
     if is_url(source):
         return (f"a URL is imported as a DVC data version: `vflow data add {source}` "
-                "(every retrain then syncs what changed there), and keep source: data")
+                "(a scheduled retrain then syncs what changed there), and keep source: data")
     parsed = source_scheme(source)
     if parsed is None:
         return None

@@ -1,7 +1,7 @@
 """`vflow data init` and `vflow data add`: put a dataset version into `data/` and track it
 with DVC (`data.dvc`), so every version stays in the DVC cache and remote. A folder, an
 archive or a `torchvision:` dataset is copied in and `dvc add`ed; an `s3://` prefix is
-mirrored (`data.s3_sync`) and `dvc add`ed, and every retrain's refresh syncs it again."""
+mirrored (`data.s3_sync`) and `dvc add`ed, and a scheduled retrain's refresh syncs it again."""
 
 from __future__ import annotations
 
