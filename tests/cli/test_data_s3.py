@@ -110,6 +110,11 @@ def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_pa
     bad_key = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
     proc = run([VFLOW, "data", "add", "s3://photos/ok"], root, check=False, env=bad_key)
     assert proc.returncode == 3 and "s3://photos/ok: PermissionError" in _error(proc)
+    no_key = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS_KEY")}
+    proc = run([VFLOW, "data", "add", "s3://photos/ok"], root, check=False,
+               env={**no_key, "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+                    "AWS_CONFIG_FILE": str(tmp_path / "none")})
+    assert proc.returncode == 3 and "NoCredentialsError" in _error(proc)
     proc = run([VFLOW, "data", "add", "--merge", "s3://photos/ok"], root, check=False, env=env)
     assert "a prefix is mirrored whole" in _error(proc)
     proc = run([VFLOW, "stage", "validate", "-s", "data.source=s3://photos/ok"], root,
