@@ -137,7 +137,7 @@ def refresh_data(params: Params, layout: Layout) -> str:
 def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
     """The S3 prefix synced again (new or changed objects downloaded, then `dvc add`); a
     failure with local data there: the data check goes on with it."""
-    target = dvc_file.name.removesuffix(".dvc")
+    target = str(dvc_file.relative_to(layout.root)).removesuffix(".dvc")  # data/, or deeper
     try:
         out = import_url(layout, url, target, force=True)
     except DataError as err:
