@@ -92,6 +92,14 @@ def test_an_s3_prefix_is_imported_and_a_refresh_fetches_what_changed(proj, s3, t
     assert trigger.data_version(params, layout)["dvc_md5"] == dvc_md5(root / "data.dvc")
     assert trigger.refresh_data(params, layout) == f"{URL}: unchanged (12 objects)"
 
+    # files DVC links in from its cache (`cache.type symlink`) count as unchanged too
+    run([str(BIN / "dvc"), "config", "cache.type", "symlink"], root)
+    run([str(BIN / "dvc"), "checkout", "--relink", "-q", "data.dvc"], root)
+    assert (data / "train/cat/000.png").is_symlink()
+    s3c.put_object(Bucket="photos", Key="pets/train/cat/more.png", Body=new)
+    assert trigger.refresh_data(params, layout).startswith(
+        f"{URL}: 1 new or changed, 0 removed, 12 unchanged")
+
 
 def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_path):
     root, env = proj

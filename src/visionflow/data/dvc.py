@@ -125,10 +125,11 @@ def dvc_origin(dvc_file: Path) -> str:
     a plain `dvc add`, or no such file."""
     try:
         meta = load_yaml(dvc_file.read_text()) or {}
-        deps = meta.get("deps") or []
+        outs, deps = meta.get("outs") or [{}], meta.get("deps") or []
     except (OSError, yaml.YAMLError, AttributeError):
         return ""
-    if source := (dvc_out(dvc_file).get("meta") or {}).get("source"):
+    out = outs[0] if isinstance(outs[0], dict) else {}
+    if source := (out.get("meta") or {}).get("source"):
         return str(source)
     dep = deps[0] if deps and isinstance(deps[0], dict) else {}
     repo = dep.get("repo")

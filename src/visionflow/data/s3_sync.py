@@ -128,15 +128,14 @@ def sync(layout: Layout, url: str, target: str, staged: Path
     if not fetch and not report.removed and current.is_dir():
         return report, objects  # `target/` is the prefix: nothing staged
     staged.mkdir(parents=True)
+    for folder in {(staged / rel).parent for rel in objects}:
+        folder.mkdir(parents=True, exist_ok=True)
     for rel in keep:
-        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(current / rel, staged / rel)
         except OSError:  # no hard links here
             shutil.copy2(current / rel, staged / rel)
     base = url.removeprefix("s3://").rstrip("/")
-    for rel in fetch:
-        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
     try:
         fs.get([f"{base}/{rel}" for rel in fetch], [str(staged / rel) for rel in fetch],
                batch_size=CONCURRENCY)

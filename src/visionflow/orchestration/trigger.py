@@ -107,9 +107,9 @@ def refresh_data(params: Params, layout: Layout) -> str:
         return f"{params.data.source}: not tracked by DVC, used as it is"
     rel = str(dvc_file.relative_to(layout.root))
     before = dvc_out(dvc_file)
+    if mirrored := (before.get("meta") or {}).get("source"):  # `vflow data add s3://...`
+        return _sync(params, layout, dvc_file, str(mirrored))
     origin = dvc_origin(dvc_file)
-    if (before.get("meta") or {}).get("source"):  # an S3 prefix `vflow data add` mirrors
-        return _sync(params, layout, dvc_file, origin)
     if origin:  # `dvc import` of a DVC repo, `dvc import-url`
         args = ["update", rel]
     else:
