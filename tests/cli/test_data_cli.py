@@ -203,3 +203,96 @@ def test_merge_of_two_voc_trees_joins_their_split_lists(tmp_path: Path):
     assert snapshot(more) == source
     scan = scan_segmentation(root / "data")
     assert sorted(p.stem for p in scan.pairs) == stems and not scan.quarantined
+
+
+def test_a_nested_source_is_versioned_by_its_own_dvc_file(tmp_path: Path):
+    """`data.source: data/pets`, tracked by `data/pets.dvc`: the version's lineage tag and
+    `vflow data status` both read that file's md5 (a fixed `data.dvc` found none), and
+    `vflow data add --to data/pets` replaces and pushes it."""
+    from visionflow.core.configfile import load_params
+    from visionflow.mlops.provenance import version_tags
+    from visionflow.orchestration.stage_runner import run_stage
+    from visionflow.orchestration.trigger import data_version
+
+    src = write_imagefolder(tmp_path / "v1" / "pets", {"a": 14, "b": 14}).parent
+    root = make_project(tmp_path / "proj", src, {"data.source": "data/pets"},
+                        mlflow_store=False)
+    run(["git", "init", "-q"], root)
+    run([DVC, "init", "-q"], root)
+    run([DVC, "add", "-q", "data/pets"], root)
+    md5 = str(dvc_out(root / "data" / "pets.dvc")["md5"]).removesuffix(".dir")
+    layout, params = Layout.at(root), load_params(root / "params.yaml")
+    run_stage("validate", params, layout)  # it records the .dvc file register reads
+    assert json.loads(layout.validation.read_text())["dvc_file"] == "data/pets.dvc"
+    assert version_tags(params, layout)["lineage.dvc_data_md5"] == md5
+    assert data_version(params, layout)["dvc_md5"] == md5
+    # a new version of it, pushed: `dvc` is given the file's path from the root
+    new = write_imagefolder(tmp_path / "v2", {"a": 4, "b": 4})
+    out = run([VFLOW, "data", "add", str(new), "--to", "data/pets", "--push"], root).stdout
+    assert "(pushed to 'local')" in out, out
+    status = json.loads(run([VFLOW, "data", "status", "--to", "data/pets", "--json",
+                             "--no-hash"], root).stdout)
+    assert status["current"]["workspace"] == "in sync" and status["current"]["nfiles"] == 8
+
+
+def _version(tags: dict[str, str], dvc_text: str | None = None, child: bool = False) -> str:
+    """A registered version of a bare run (with `dvc/data.dvc` when given; in a child run
+    of that run, as `compact` is registered, with `child`) and `tags`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    with mlflow.start_run() as r:
+        if dvc_text is not None:
+            mlflow.log_text(dvc_text, "dvc/data.dvc")
+        if child:
+            with mlflow.start_run(nested=True) as r:
+                pass
+    client, name = MlflowClient(), "visionflow-classifier"
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    return client.create_model_version(name, f"runs:/{r.info.run_id}/model", r.info.run_id,
+                                       tags=tags).version
+
+
+def test_checkout_from_a_clean_commit_and_its_refusals(tmp_path: Path):
+    """A version without the run's copy comes back from its (clean) commit; a version whose
+    file is nowhere, data that cannot be fetched, local changes, an unknown version: one
+    line each, and data/ and data.dvc stay as they were."""
+    from visionflow.mlops import tracking
+
+    root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3, "b": 3}),
+                        git=True)
+    tracking.setup(Layout.at(root))
+    head, md5 = run(["git", "rev-parse", "HEAD"], root).stdout.strip(), _md5(root)
+    first = _files(root / "data")
+    _version({"lineage.dvc_data_md5": md5.removesuffix(".dir"), "lineage.git_commit": head})
+    run([VFLOW, "data", "add", str(write_imagefolder(tmp_path / "v2", {"a": 4}))], root)
+    run(["git", "commit", "-qam", "data: v2"], root)
+    out = run([VFLOW, "data", "checkout", "champion"], root, check=False)
+    assert "no version has alias 'champion'" in _one_error_line(out)
+    assert run([VFLOW, "data", "checkout", "1"], root).stdout.startswith(
+        f"data/: the data visionflow-classifier v1 was trained on (data.dvc md5 "
+        f"{md5.removesuffix('.dir')}, 6 files; data.dvc from commit {head[:12]})")
+    assert _files(root / "data") == first and _md5(root) == md5
+
+    before, dvc_before = _files(root / "data"), (root / "data.dvc").read_text()
+    nowhere = dvc_before.replace(md5, "0" * 32 + ".dir")
+    _version({"lineage.dvc_data_md5": "0" * 32, "lineage.git_commit": f"{head}-dirty"})
+    _version({"lineage.dvc_data_md5": "0" * 32}, nowhere)
+    _version({"lineage.dvc_data_md5": "1" * 32}, nowhere)
+    for ref, says in (("2", "neither its run (no dvc/data.dvc) nor a clean git commit"),
+                      ("3", "data checkout: data.dvc md5 " + "0" * 32 + ": not in the DVC "
+                            "cache, nor on remote 'local'"),
+                      ("4", "its run's dvc/data.dvc records md5 " + "0" * 32 + ".dir, not "
+                            "the version's " + "1" * 32),
+                      ("9", "version 9 not found (versions: 1, 2, 3, 4)")):
+        line = _one_error_line(run([VFLOW, "data", "checkout", ref], root, check=False))
+        assert says in line, (ref, line)
+        assert _files(root / "data") == before
+        assert (root / "data.dvc").read_text() == dvc_before
+    _version({"lineage.dvc_data_md5": md5.removesuffix(".dir")}, dvc_before, child=True)
+    assert "data.dvc from its parent run's dvc/data.dvc" in run(
+        [VFLOW, "data", "checkout", "5"], root).stdout
+    (root / "data" / "a" / "000.png").write_bytes(b"changed")
+    line = _one_error_line(run([VFLOW, "data", "checkout", "1"], root, check=False))
+    assert "data checkout: " in line and "has changes not recorded in data.dvc" in line

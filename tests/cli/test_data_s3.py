@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from visionflow.data.dvc import dvc_md5, dvc_origin
 from visionflow.data.s3_sync import safe_key
 from visionflow.orchestration import trigger
 
-VFLOW = str(BIN / "vflow")
+VFLOW, DVC = str(BIN / "vflow"), str(BIN / "dvc")
 URL = "s3://photos/pets"
 
 
@@ -36,7 +37,7 @@ def proj(tmp_path: Path, s3, monkeypatch) -> tuple[Path, dict[str, str]]:
         monkeypatch.setenv(key, value)
     root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3, "b": 3}),
                         git=True, mlflow_store=False)
-    run([str(BIN / "dvc"), "config", "core.autostage", "true"], root)  # as this repo's
+    run([DVC, "config", "core.autostage", "true"], root)  # as this repo's
     run(["git", "commit", "-qam", "dvc: autostage"], root)
     return root, {**os.environ, **s3.env}
 
@@ -80,25 +81,37 @@ def test_an_s3_prefix_is_imported_and_a_refresh_fetches_what_changed(proj, s3, t
     s3c.delete_object(Bucket="photos", Key="pets/test/cat/000.png")
     assert trigger.refresh_data(params, layout) == (
         f"{URL}: 2 new or changed, 1 removed, 10 unchanged (data.dvc md5 "
-        f"{dvc_md5(root / 'data.dvc')}.dir)")
+        f"{dvc_md5(root / 'data.dvc')}.dir; pushed to remote 'local')")
+    # pushed: the bucket can change again, and a model trained now must name a version
+    # others can `dvc pull`
+    assert "in sync" in run([DVC, "status", "--cloud", "data.dvc"], root).stdout
     assert (data / "train/dog/new.png").read_bytes() == new == \
         (data / "train/cat/001.png").read_bytes()
     assert not (data / "test/cat/000.png").exists()
     kept = {p: i for p, i in inodes.items() if p.exists() and p.stat().st_ino == i}
     assert len(kept) == 10 and data / "train/cat/001.png" not in kept  # not downloaded again
     assert dvc_md5(root / "data.dvc") not in ("", md5)
-    assert run([str(BIN / "dvc"), "status", "data.dvc"], root).stdout.strip().endswith(
+    assert run([DVC, "status", "data.dvc"], root).stdout.strip().endswith(
         "up to date.")
     assert trigger.data_version(params, layout)["dvc_md5"] == dvc_md5(root / "data.dvc")
     assert trigger.refresh_data(params, layout) == f"{URL}: unchanged (12 objects)"
 
     # files DVC links in from its cache (`cache.type symlink`) count as unchanged too
-    run([str(BIN / "dvc"), "config", "cache.type", "symlink"], root)
-    run([str(BIN / "dvc"), "checkout", "--relink", "-q", "data.dvc"], root)
+    run([DVC, "config", "cache.type", "symlink"], root)
+    run([DVC, "checkout", "--relink", "-q", "data.dvc"], root)
     assert (data / "train/cat/000.png").is_symlink()
     s3c.put_object(Bucket="photos", Key="pets/train/cat/more.png", Body=new)
     assert trigger.refresh_data(params, layout).startswith(
         f"{URL}: 1 new or changed, 0 removed, 12 unchanged")
+
+    # a push that fails is said, and the run goes on with the new version
+    (tmp_path / "a-file").write_text("")
+    run([DVC, "remote", "add", "-d", "-f", "broken", str(tmp_path / "a-file")], root)
+    s3c.put_object(Bucket="photos", Key="pets/train/dog/more.png", Body=new)
+    line = trigger.refresh_data(params, layout)
+    assert line.startswith(f"{URL}: 1 new or changed, 0 removed, 13 unchanged"), line
+    assert "; not pushed to remote 'broken': " in line and line.endswith(")"), line
+    assert (data / "train/dog/more.png").read_bytes() == new
 
 
 def test_refused_imports_leave_the_version_and_git_as_they_were(proj, s3, tmp_path):
@@ -146,3 +159,71 @@ def test_a_key_that_could_leave_data_is_refused_naming_it(key: str):
         safe_key(URL, key)
     assert repr(key) in str(err.value)
     assert safe_key(URL, "train/cat/0.png") == "train/cat/0.png"
+
+
+def _train_and_register(layout: Layout, name: str = "visionflow-classifier") -> str:
+    """validate, then the pipeline's run as train opens it (no training), registered as a
+    version with the lineage tags register gives it; the run id."""
+    from mlflow import MlflowClient
+
+    from visionflow.mlops import registry
+    from visionflow.mlops.provenance import version_tags
+    from visionflow.mlops.train_run import train_run
+    from visionflow.model.engine import Dist
+    from visionflow.orchestration.stage_runner import run_stage
+
+    params = load_params(layout.params)
+    run_stage("validate", params, layout)
+    with train_run(params, layout, "cpu", Dist()) as active:
+        run_id = active.info.run_id
+    client = MlflowClient(registry.client_for(layout).tracking_uri)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{run_id}/model", run_id,
+                                tags=version_tags(params, layout))
+    return run_id
+
+
+def test_a_version_trained_on_a_sync_has_its_data_back(tmp_path, s3, monkeypatch):
+    """A version trained on a synced prefix: its run holds the `.dvc` file (git has not seen
+    it: the commit tag ends in "-dirty") and names the prefix as the datasets' source; the
+    refresh pushed the data, so `vflow data checkout N` brings it back, from the DVC cache
+    or, with the cache gone, from the remote."""
+    from visionflow.mlops import registry
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    env = {**os.environ, **s3.env}
+    first = write_imagefolder(tmp_path / "src", {"train/a": 9, "train/b": 9, "test/a": 2,
+                                                 "test/b": 2})
+    s3.upload(first, "photos", "run")
+    root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3, "b": 3}),
+                        git=True)
+    run([VFLOW, "data", "add", "s3://photos/run"], root, env=env)
+    layout = Layout.at(root)
+    run_id = _train_and_register(layout)
+    client = registry.client_for(layout)
+    got = client.download_artifacts(run_id, "dvc/data.dvc", str(tmp_path))
+    assert Path(got).read_bytes() == (root / "data.dvc").read_bytes()
+    assert client.get_model_version("visionflow-classifier", "1").tags[
+        "lineage.git_commit"].endswith("-dirty")
+    sources = {json.loads(i.dataset.source)["uri"]: i.dataset.source_type
+               for i in client.get_run(run_id).inputs.dataset_inputs}
+    assert sources == {"s3://photos/run": "s3"}
+
+    s3.client().put_object(Bucket="photos", Key="run/train/a/new.png",
+                           Body=(first / "train/b/000.png").read_bytes())
+    assert "pushed to remote 'local'" in trigger.refresh_data(load_params(layout.params),
+                                                             layout)
+    second = _contents(root / "data")
+    _train_and_register(layout)
+    out = run([VFLOW, "data", "checkout", "1"], root, env=env).stdout
+    assert out.startswith(f"data/: the data visionflow-classifier v1 was trained on (data.dvc "
+                          f"md5 {dvc_md5(root / 'data.dvc')}, 22 files; data.dvc from its "
+                          "run's dvc/data.dvc)"), out
+    assert _contents(root / "data") == _contents(first)
+    for gone in (".dvc/cache", "data"):  # a checkout without them: from the remote alone
+        shutil.rmtree(root / gone)
+    run([VFLOW, "data", "checkout", "v2"], root, env=env)
+    assert _contents(root / "data") == second and len(second) == 23
+    assert run([DVC, "status", "data.dvc"], root).stdout.strip().endswith("up to date.")

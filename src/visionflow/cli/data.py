@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(help="Dataset versioning with DVC: init, add, status.",
+data_app = typer.Typer(help="Dataset versioning with DVC: init, add, status, checkout.",
                        no_args_is_help=True)
 
 RootOpt = Annotated[Path, typer.Option("--root", help="project root")]
@@ -122,6 +122,43 @@ def data_status(
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     _print_status(out)
+
+
+@data_app.command("checkout")
+def data_checkout(
+    ref: Annotated[str, typer.Argument(help="a registered version: 3, v3, or an alias "
+                                            "(champion)")],
+    root: RootOpt = Path("."),
+    params: ParamsOpt = Path("params.yaml"),
+    target: TargetOpt = "data",
+    force: Annotated[bool, typer.Option(help="replace data/ even if it has changes "
+                                             "not recorded in data.dvc")] = False,
+) -> None:
+    """Bring back the data a registered version was trained on into data/.
+
+    Its data.dvc comes from the version's run (or its git commit, when clean) and must
+    record the version's lineage.dvc_data_md5; the files come from the DVC cache or the
+    default remote."""
+    from visionflow.core.configfile import load_params
+    from visionflow.core.layout import Layout
+    from visionflow.data.add import checkout_version
+    from visionflow.data.dvc import relative
+    from visionflow.mlops.lineage import version_dvc_file
+
+    layout = Layout.at(root)
+    cfg = load_params(params if params.is_absolute() else layout.root / params,
+                      root=layout.root)
+    name = cfg.register_.model_name
+    found = version_dvc_file(layout, name, ref, relative(layout, layout.dvc_file(target)))
+    out = checkout_version(layout, target, found["text"], force)
+    typer.echo(f"{target}/: the data {name} v{found['version']} was trained on "
+               f"({out['dvc_file']} md5 {out['dvc_data_md5']}, {out['nfiles']} files; "
+               f"{out['dvc_file']} from {found['where']})")
+    if out["imported_from"]:
+        typer.echo(f"  imported from {out['imported_from']}: a scheduled retrain "
+                   "(--only-new-data) syncs it to the bucket as it is now")
+    typer.echo(f"next: git add {out['dvc_file']} && git commit -m "
+               f"'data: as {name} v{found['version']}'")
 
 
 def _print_status(out: dict) -> None:

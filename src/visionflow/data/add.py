@@ -23,11 +23,15 @@ from visionflow.data.archive import ArchiveLimits
 from visionflow.data.digits import materialize_digits
 from visionflow.data.dvc import (
     changed,
+    default_remote,
     dvc,
+    dvc_md5,
     dvc_origin,
     dvc_out,
     ensure_default_remote,
     ensure_dvc_repo,
+    error_line,
+    relative,
 )
 from visionflow.data.images import FORMATS
 from visionflow.data.scan import FileEntry, layout_of, scan_imagefolder
@@ -159,17 +163,46 @@ def import_url(layout: Layout, url: str, target: str = "data", force: bool = Fal
     return {**out, "sync": asdict(synced)}
 
 
-def _may_replace(layout: Layout, target: str, force: bool) -> None:
+def checkout_version(layout: Layout, target: str, text: str, force: bool = False
+                     ) -> dict[str, Any]:
+    """`target.dvc` replaced by `text` (a version recorded elsewhere: a registered version's
+    run, a commit) and `target/` made to match it, from the DVC cache or else the default
+    remote. Refused like an import when `target/` has unrecorded changes; when the data
+    cannot be fetched, `target.dvc` and `target/` stay as they were."""
+    _may_replace(layout, target, force, "data checkout")
+    dvc_file = layout.dvc_file(target)
+    rel = relative(layout, dvc_file)
+    before = dvc_file.read_text() if dvc_file.is_file() else None
+    write_text(dvc_file, text)
+    fetched = dvc(layout, "fetch", rel, check=False)  # (exits 0 when files are missing)
+    missing = "not in cache" in dvc(layout, "status", "--json", rel, check=False).stdout
+    if fetched.returncode != 0 or missing:
+        md5 = dvc_md5(dvc_file)
+        if before is None:
+            dvc_file.unlink()
+        else:
+            write_text(dvc_file, before)
+        why = f": {error_line(fetched.stdout + fetched.stderr)}" if fetched.returncode else ""
+        raise DataError(f"data checkout: {rel} md5 {md5}: not in the DVC cache, nor on "
+                        f"remote '{default_remote(layout)}'{why}")
+    dvc(layout, "checkout", "-q", *(["--force"] if force else []), rel)
+    out = dvc_out(dvc_file)
+    return {"dvc_file": rel, "dvc_data_md5": dvc_md5(dvc_file),
+            "nfiles": int(out.get("nfiles") or 0), "imported_from": dvc_origin(dvc_file),
+            "remote": default_remote(layout)}
+
+
+def _may_replace(layout: Layout, target: str, force: bool, cmd: str = "data add") -> None:
     """Refuse to replace `target/` unless `target.dvc` records it as it is (or `force`)."""
     dest, dvc_file = layout.root / target, layout.dvc_file(target)
     ensure_dvc_repo(layout)
     if not dest.exists() or force:
         return
     if not dvc_file.is_file():
-        raise DataError(f"data add: {dest} exists and is not tracked by DVC ({dvc_file.name} "
+        raise DataError(f"{cmd}: {dest} exists and is not tracked by DVC ({dvc_file.name} "
                         "missing): move it away, or pass --force to replace it")
     if changed(layout, dvc_file):
-        raise DataError(f"data add: {dest} has changes not recorded in {dvc_file.name}: "
+        raise DataError(f"{cmd}: {dest} has changes not recorded in {dvc_file.name}: "
                         f"run `dvc add {target}` to keep them, or pass --force to replace "
                         "them")
 
@@ -181,7 +214,7 @@ def _added(layout: Layout, target: str, push: bool, found: Any, source: str, kin
     dest, dvc_file = layout.root / target, layout.dvc_file(target)
     remote = ensure_default_remote(layout)
     if push:
-        dvc(layout, "push", "-q", dvc_file.name)
+        dvc(layout, "push", "-q", relative(layout, dvc_file))
     out = dvc_out(dvc_file)
     masks = _masks(found.entries, dest)
     return {

@@ -37,6 +37,11 @@ def dvc(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedP
     return proc
 
 
+def relative(layout: Layout, path: Path) -> str:
+    """`path` as `dvc` takes it from the project root (`data.dvc`, `data/pets.dvc`)."""
+    return str(path.relative_to(layout.root)) if path.is_absolute() else str(path)
+
+
 def error_line(output: str) -> str:
     """DVC's own error from its output: the last `ERROR:` line (DVC ends an unexpected
     error with a "Having any troubles?" line), else the last line."""
@@ -96,6 +101,18 @@ def ensure_default_remote(layout: Layout) -> str:
     return name
 
 
+def push_version(layout: Layout, dvc_file: Path) -> str:
+    """`dvc push` of one `.dvc` file's data to the default remote, as a phrase for a summary
+    line ("pushed to remote 'stack'", or why not); never raises."""
+    name = default_remote(layout)
+    if not name:
+        return "not pushed: no DVC remote"
+    proc = dvc(layout, "push", "-q", relative(layout, dvc_file), check=False)
+    if proc.returncode != 0:
+        return f"not pushed to remote '{name}': {error_line(proc.stdout + proc.stderr)}"
+    return f"pushed to remote '{name}'"
+
+
 def dvc_out(dvc_file: Path) -> dict[str, Any]:
     """The first `outs` entry of a .dvc file ({} when absent or unreadable)."""
     if not dvc_file.is_file():
@@ -112,7 +129,7 @@ def workspace_state(layout: Layout, target: str = "data") -> str:
     path, dvc_file = layout.root / target, layout.dvc_file(target)
     if not dvc_file.is_file():
         return "not tracked" if path.exists() else "missing"
-    proc = dvc(layout, "status", "--json", dvc_file.name, check=False)
+    proc = dvc(layout, "status", "--json", relative(layout, dvc_file), check=False)
     out = proc.stdout.strip()
     if proc.returncode == 0 and out in ("{}", ""):
         return "in sync"
@@ -146,5 +163,5 @@ def dvc_md5(dvc_file: Path) -> str:
 
 def changed(layout: Layout, dvc_file: Path) -> bool:
     """Whether the workspace differs from what `dvc_file` records (per `dvc status`)."""
-    proc = dvc(layout, "status", "--json", str(dvc_file.name), check=False)
+    proc = dvc(layout, "status", "--json", relative(layout, dvc_file), check=False)
     return proc.returncode != 0 or proc.stdout.strip() not in ("{}", "")

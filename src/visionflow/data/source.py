@@ -24,6 +24,7 @@ from visionflow.data.archive import (
     extract_tar,
     extract_zip,
 )
+from visionflow.data.dvc import dvc_origin, relative
 from visionflow.data.scan import (
     Reject,
     dataset_root,
@@ -43,6 +44,28 @@ def source_path(params: Params, layout: Layout, fetch: bool = False) -> Path:
         how = read.materialize if fetch else read.folder
         return how(params.data.source, layout)
     return layout.root / params.data.source
+
+
+def dvc_tracked(params: Params, layout: Layout) -> Path | None:
+    """The `.dvc` file tracking `data.source` (`data.dvc`, or deeper), if it is a DVC-tracked
+    path in the project."""
+    src = source_path(params, layout).resolve()
+    try:
+        src.relative_to(layout.root)
+    except ValueError:
+        return None
+    dvc_file = src.with_name(src.name + ".dvc")
+    return dvc_file if dvc_file.is_file() else None
+
+
+def dvc_record(params: Params, layout: Layout) -> dict[str, str]:
+    """How DVC versions the data, for validate's record (`validation.json`), which train,
+    evaluate and register read: the `.dvc` file from the project root and the URL it
+    imports from ('' when none)."""
+    dvc_file = dvc_tracked(params, layout)
+    if dvc_file is None:
+        return {"dvc_file": "", "data_origin": ""}
+    return {"dvc_file": relative(layout, dvc_file), "data_origin": dvc_origin(dvc_file)}
 
 
 def resolve_source(

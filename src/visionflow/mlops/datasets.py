@@ -1,6 +1,7 @@
 """The data a run trained and was evaluated on, as MLflow datasets ("Datasets used" on the
-run and model pages): name, digest = the data hash validate computed, source = the DVC-tracked
-path (or the S3 URL of a DVC remote) and a profile with the image counts per split and class.
+run and model pages): name, digest = the data hash validate computed, source = the URL
+`data.dvc` imports from (an S3 prefix) or the DVC-tracked path, and a profile with the image
+counts per split and class.
 
 The counts come from `outputs/validate/validation.json` (already aggregated): nothing here
 reads an image."""
@@ -8,6 +9,7 @@ reads an image."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import mlflow
@@ -40,9 +42,20 @@ class ImageDataset(MetaDataset):
         return {**super().to_dict(), "profile": json.dumps(self._profile, sort_keys=True)}
 
 
-def data_source_uri(params: Params, layout: Layout) -> str:
-    """Where the data lives: `data.source` as DVC tracks it (its path in the repo)."""
-    return str(params.data.source)
+def data_source(params: Params, validation: dict[str, Any]) -> Any:
+    """Where the data comes from: the S3 prefix (or URL) `data.dvc` imports it from, as
+    validate recorded it, else `data.source` as DVC tracks it (its path in the project)."""
+    origin = str(validation.get("data_origin") or "")
+    if "://" in origin and " " not in origin:  # (`dvc import`'s origin is "<repo> <path>")
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways"
+            try:
+                return resolve_dataset_source(origin)
+            except Exception:  # noqa: BLE001 (a scheme MLflow has no source type for)
+                pass
+    return LocalArtifactDatasetSource(str(params.data.source))
 
 
 def _profile(validation: dict[str, Any], split: str | None) -> dict[str, Any]:
@@ -64,7 +77,7 @@ def dataset(params: Params, layout: Layout, split: str | None = None) -> ImageDa
         return None
     base = str(params.data.source).rstrip("/").rsplit("/", 1)[-1] or "data"
     name = base if split is None else f"{base}-{split}"
-    source = LocalArtifactDatasetSource(data_source_uri(params, layout))
+    source = data_source(params, validation)
     return ImageDataset(source, name, digest, _profile(validation, split))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from visionflow.core.config import Params
 from visionflow.core.layout import Layout
 from visionflow.data.splits import compare_schemes, describe_scheme
 from visionflow.mlops.provenance import LINEAGE_KEYS, lineage
-from visionflow.mlops.registry import champion_of, client_for
+from visionflow.mlops.registry import RegistryError, champion_of, client_for, resolve
 
 SUMMARY_ARTIFACTS = ("data/data_summary.json", "data/validation.json")  # as train logs them
 
@@ -170,3 +171,55 @@ def split_against_champion(layout: Layout, scheme: dict[str, Any], model_name: s
     new split, or no reference; with a message and the scheme in words)."""
     reference, who = champion_split_scheme(layout, model_name, alias)
     return {**compare_schemes(scheme, reference, who), "scheme": describe_scheme(scheme)}
+
+
+def version_dvc_file(layout: Layout, model_name: str, ref: str, rel: str) -> dict[str, str]:
+    """The `.dvc` file (`rel`, from the project root) a registered version was trained on,
+    as text: from its run (`dvc/<file>`, logged by train; a `compact` version's parent run),
+    else from its git commit when that was clean; checked against the version's
+    `lineage.dvc_data_md5`. A version made by a scheduled sync has only the run's copy."""
+    import yaml
+
+    client = client_for(layout)
+    version = resolve(client, model_name, ref)
+    mv = client.get_model_version(model_name, version)
+    who, md5 = f"{model_name} v{version}", lineage(mv.tags, "dvc_data_md5")
+    if not md5:
+        raise RegistryError(f"{who} records no DVC data version (no lineage.dvc_data_md5 tag)")
+    found, where = _run_copy(client, mv.run_id, Path(rel).name)
+    commit = lineage(mv.tags, "git_commit")
+    if found is None and commit and not commit.endswith("-dirty"):
+        proc = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=layout.root,
+                              capture_output=True, text=True)
+        found, where = (proc.stdout if proc.returncode == 0 else None), f"commit {commit[:12]}"
+    if found is None:
+        raise RegistryError(f"{who} was trained on {rel} md5 {md5}, but neither its run (no "
+                            f"dvc/{Path(rel).name}) nor a clean git commit ({commit or 'none'}) "
+                            "holds that file")
+    try:
+        recorded = str(((yaml.safe_load(found) or {}).get("outs") or [{}])[0].get("md5", ""))
+    except (yaml.YAMLError, AttributeError, TypeError):
+        recorded = ""
+    if recorded.removesuffix(".dir") != md5:
+        raise RegistryError(f"{who}: {where} records md5 {recorded or 'none'}, not the "
+                            f"version's {md5}")
+    return {"version": version, "md5": md5, "text": found, "where": where}
+
+
+def _run_copy(client: Any, run_id: str | None, name: str) -> tuple[str | None, str]:
+    """(`dvc/<name>` of a run, or of its parent run: a `compact` version's run is a child of
+    the pipeline run; where it was found). (None, "") when neither has it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for whose in ("its run's", "its parent run's"):
+            if not run_id:
+                break
+            try:
+                local = client.download_artifacts(run_id, f"dvc/{name}", tmp)
+                return Path(local).read_text(), f"{whose} dvc/{name}"
+            except Exception:  # noqa: BLE001 (no such artifact, or no such run)
+                pass
+            try:
+                run_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+            except Exception:  # noqa: BLE001
+                break
+    return None, ""

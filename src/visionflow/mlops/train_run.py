@@ -1,7 +1,7 @@
 """The pipeline's MLflow run, as train opens it for either task: rank 0 alone opens it, with
-the pipeline's tags, every param, the datasets it trains on, the validation report and the
-augmentation policy, and MLflow's system metrics sampled while it trains. Evaluate, compress
-and register later log into this same run (`tracking.stage_run`)."""
+the pipeline's tags, every param, the datasets it trains on, the validation report, the
+augmentation policy and the data's `.dvc` file, and MLflow's system metrics sampled while it
+trains. Evaluate, compress and register later log into this same run (`tracking.stage_run`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import mlflow
 
 from visionflow.core.config import Params
+from visionflow.core.files import read_json
 from visionflow.core.layout import Layout
 from visionflow.data.packed import source_data_hash
 from visionflow.mlops import tracking
@@ -37,6 +38,8 @@ def train_run(params: Params, layout: Layout, device: str, dist: Dist) -> Iterat
         log_datasets(params, layout)  # the data it trains on: "Datasets used"
         tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
         tracking.log_dir_or_file(layout.policy, "data")
+        if rel := (read_json(layout.validation, {}) or {}).get("dvc_file"):  # the data
+            tracking.log_dir_or_file(layout.root / rel, "dvc")  # version (git may not have it)
         yield run
 
 

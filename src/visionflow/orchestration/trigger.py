@@ -23,10 +23,11 @@ from visionflow.data.dvc import (
     dvc_origin,
     dvc_out,
     error_line,
+    push_version,
     remotes,
     workspace_state,
 )
-from visionflow.data.source import source_path
+from visionflow.data.source import dvc_tracked, source_path
 from visionflow.mlops.lineage import champion_and_latest, champion_tags, champion_version
 from visionflow.mlops.registry import client_for, version_metrics
 
@@ -45,17 +46,6 @@ class DataCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def dvc_tracked(params: Params, layout: Layout) -> Path | None:
-    """The `.dvc` file tracking the data source, if it is a DVC-tracked path in the repo."""
-    src = source_path(params, layout).resolve()
-    try:
-        src.relative_to(layout.root)
-    except ValueError:
-        return None
-    dvc_file = src.with_name(src.name + ".dvc")
-    return dvc_file if dvc_file.is_file() else None
 
 
 def data_version(params: Params, layout: Layout) -> dict[str, str]:
@@ -147,8 +137,10 @@ def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
     s = out["sync"]
     if not (s["downloaded"] or s["removed"]):
         return f"{url}: unchanged ({s['listed']} objects)"
+    # pushed: the bucket can change again, and the model trained now names this version
     return (f"{url}: {s['downloaded']} new or changed, {s['removed']} removed, {s['kept']} "
-            f"unchanged ({dvc_file.name} md5 {out['dvc_data_md5']})")
+            f"unchanged ({dvc_file.name} md5 {out['dvc_data_md5']}; "
+            f"{push_version(layout, dvc_file)})")
 
 
 def _source_of(tags: dict[str, str]) -> str | None:

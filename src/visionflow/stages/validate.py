@@ -36,6 +36,7 @@ from visionflow.data.manifest import (
     write_manifest,
 )
 from visionflow.data.quality_report import print_gate_table, split_rows, write_report
+from visionflow.data.source import dvc_record
 from visionflow.data.survey import survey_dataset
 from visionflow.mlops.lineage import (
     champion_summary,
@@ -118,6 +119,7 @@ def _run(params: Params, layout: Layout) -> ValidateResult:
         "success": not failed and not drift_failed,
         "dataset_root": str(root),
         "source": params.data.source,
+        **dvc_record(params, layout),  # the .dvc file, its origin
         "data_hash": dhash,
         "classes": labels,
         "counts": class_counts(rows),

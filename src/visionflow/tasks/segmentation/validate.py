@@ -27,7 +27,7 @@ from visionflow.data.expectations import Check, run_gx
 from visionflow.data.quality_report import print_gate_table, split_rows, write_report
 from visionflow.data.segmentation_layout import Pair, scan_segmentation
 from visionflow.data.segmentation_stats import class_pixel_summary, pixel_frequency_drift
-from visionflow.data.source import resolve_source, source_path
+from visionflow.data.source import dvc_record, resolve_source, source_path
 from visionflow.mlops.lineage import champion_summary, split_against_champion
 from visionflow.mlops.tracking import log_validation
 
@@ -105,6 +105,7 @@ def run(params: Params, layout: Layout) -> SegValidateResult:
         "layout": scan.layout,
         "dataset_root": str(root),
         "source": d.source,
+        **dvc_record(params, layout),  # the .dvc file, its origin
         "data_hash": dhash,
         "classes": scan.classes,
         "classes_declared": scan.classes_declared,
