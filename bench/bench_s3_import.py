@@ -7,8 +7,9 @@ alternating, each into a fresh git+DVC project: `vflow data add`, `dvc import-ur
 plain download of every object with boto3 on 16 threads (no versioning). After the last
 round: 1% new objects put through the S3 API, then what a retrain's refresh runs in each
 project (`vflow data add` again: the sync; `dvc update data.dvc`), then both again with
-nothing new. Wall seconds (medians) and each command's peak RSS (`/usr/bin/time`, the
-largest process of its tree).
+nothing new; the mirror's version is pushed to a DVC remote on the same server, whole first,
+then after each refresh (what a scheduled refresh adds: only the new files go). Wall seconds
+(medians) and each command's peak RSS (`/usr/bin/time`, the largest process of its tree).
 
     .venv/bin/python bench/bench_s3_import.py --photos 10000 --rounds 2
 """
@@ -129,6 +130,13 @@ def main() -> None:
         from visionflow.stack import objectstore
 
         s3 = objectstore.client(env["AWS_ENDPOINT_URL"], *KEYS)
+        mirror = projects["vflow_data_add"]  # its version pushed to a DVC remote on S3
+        s3.create_bucket(Bucket="dvc")
+        for cmd in (["remote", "add", "-d", "s3", "s3://dvc/store"],
+                    ["remote", "modify", "s3", "endpointurl", env["AWS_ENDPOINT_URL"]]):
+            subprocess.run([dvc, *cmd], cwd=mirror, check=True)
+        wall, rss = timed([dvc, "push", "-q", "data.dvc"], mirror, env)
+        out["dvc_push_whole_s"], out["dvc_push_whole_rss_mb"] = round(wall, 2), rss
         jpgs = sorted(bucket.rglob("*.jpg"))[: a.photos // 100]
         for p in jpgs:  # 1% new photos, through the S3 API
             s3.put_object(Bucket="photos", Key=f"set/{p.parent.name}/new-{p.name}",
@@ -140,6 +148,9 @@ def main() -> None:
                 wall, rss = timed(cmd, projects[name], env)
                 out[f"{name}_refresh_{when}_s"] = round(wall, 2)
                 out[f"{name}_refresh_{when}_rss_mb"] = rss
+            # what a scheduled refresh adds to a new version: `dvc push` (only what is new)
+            wall, rss = timed([dvc, "push", "-q", "data.dvc"], mirror, env)
+            out[f"dvc_push_{when}_s"], out[f"dvc_push_{when}_rss_mb"] = round(wall, 2), rss
         for p in jpgs:
             s3.delete_object(Bucket="photos", Key=f"set/{p.parent.name}/new-{p.name}")
     finally:
