@@ -45,9 +45,9 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
-    """An S3 server on a free port serving `root`; skips without rclone (fails under
-    VFLOW_REQUIRE_STACK=1, as the stack tests do)."""
+def s3_server(root: Path, buckets: tuple[str, ...], *flags: str) -> Iterator[S3Server]:
+    """An S3 server on a free port serving `root` (with rclone's `flags`, e.g. `--bwlimit`);
+    skips without rclone (fails under VFLOW_REQUIRE_STACK=1, as the stack tests do)."""
     from visionflow.orchestration.servers import free_port
     from visionflow.stack import objectstore
     from visionflow.stack.procs import StackError
@@ -61,7 +61,7 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
     for bucket in buckets:
         (root / bucket).mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = objectstore.command(root, "127.0.0.1", port)
+    cmd = [*objectstore.command(root, "127.0.0.1", port), *flags]
     proc = subprocess.Popen(cmd, env={**os.environ, **objectstore.server_env(ACCESS, SECRET)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = S3Server(objectstore.endpoint("127.0.0.1", port), root)

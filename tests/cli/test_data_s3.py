@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from builders import snapshot, write_imagefolder
+from builders import snapshot, wait_for, write_imagefolder
 from helpers import BIN, make_project, run
 from s3_server import s3_server
 
@@ -227,3 +228,56 @@ def test_a_version_trained_on_a_sync_has_its_data_back(tmp_path, s3, monkeypatch
     run([VFLOW, "data", "checkout", "v2"], root, env=env)
     assert _contents(root / "data") == second and len(second) == 23
     assert run([DVC, "status", "data.dvc"], root).stdout.strip().endswith("up to date.")
+
+
+def test_an_interrupted_import_resumes_with_what_it_downloaded(tmp_path: Path):
+    """An import killed mid-download (a server at 512 kB/s) leaves data/ and data.dvc as
+    they were and keeps its complete downloads: the next import downloads only the rest,
+    keeping those files (their inodes). A second import while one runs is refused."""
+    photos = write_imagefolder(tmp_path / "photos", {"train/a": 60, "train/b": 60}, size=160)
+    sizes = {p.relative_to(photos).as_posix(): p.stat().st_size for p in photos.rglob("*.png")}
+    with s3_server(tmp_path / "s3", ("photos",), "--bwlimit", "512K") as slow:
+        slow.upload(photos, "photos", "big")
+        root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3}),
+                            git=True, mlflow_store=False)
+        env, before = {**os.environ, **slow.env}, _contents(root / "data")
+        dvc_before = (root / "data.dvc").read_text()
+
+        def staged() -> Path | None:
+            return next(root.glob(".cache/s3-sync/*.partial"), None)
+
+        def complete() -> dict[str, int]:
+            folder = staged()
+            return {} if folder is None else {
+                p.relative_to(folder).as_posix(): p.stat().st_ino for p in folder.rglob("*.png")
+                if p.stat().st_size == sizes[p.relative_to(folder).as_posix()]}
+
+        first = subprocess.Popen([VFLOW, "data", "add", "s3://photos/big"], cwd=root, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: staged() or first.poll() is not None, 60, "the download to start")
+        refused = run([VFLOW, "data", "add", "s3://photos/big"], root, check=False, env=env)
+        assert "another import into data/ is running" in _error(refused)
+        wait_for(lambda: len(complete()) >= 8 or first.poll() is not None, 60, "8 downloads",
+                 every=0.1)
+        assert first.poll() is None, f"finished before it was interrupted: {first.stderr}"
+        first.kill()
+        first.wait(10)
+        assert _contents(root / "data") == before
+        assert (root / "data.dvc").read_text() == dvc_before
+        kept = complete()
+        # meanwhile in the bucket: one of those deleted, one replaced (same size, new ETag)
+        gone, changed = sorted(kept)[:2]
+        (photos / gone).unlink()
+        body = bytearray((photos / changed).read_bytes())
+        body[-20] ^= 0xFF
+        (photos / changed).write_bytes(body)
+        s3c = slow.client()
+        s3c.delete_object(Bucket="photos", Key=f"big/{gone}")
+        s3c.put_object(Bucket="photos", Key=f"big/{changed}", Body=bytes(body))
+        out = run([VFLOW, "data", "add", "s3://photos/big"], root, env=env).stdout
+    resumed = {rel: i for rel, i in kept.items() if rel not in (gone, changed)}
+    assert f"{119 - len(resumed)} objects downloaded" in out, out
+    assert f", {len(resumed)} from the interrupted import" in out, out
+    assert _contents(root / "data") == _contents(photos)  # without `gone`, with `changed`
+    assert {rel: (root / "data" / rel).stat().st_ino for rel in resumed} == resumed
+    assert staged() is None and not list(root.glob(".cache/s3-sync/*.partial.json"))

@@ -86,10 +86,11 @@ def data_add(
                + (f" (pushed to '{out['remote']}')" if out["pushed"] else ""))
     if "sync" in out:
         s = out["sync"]
+        resumed = f", {s['resumed']} from the interrupted import" if s["resumed"] else ""
         typer.echo(f"  {out['source']}: {s['downloaded']} objects downloaded "
-                   f"({s['bytes'] / 2**20:.1f} MiB), {s['kept']} unchanged, {s['removed']} "
-                   "removed; a scheduled retrain (--only-new-data) syncs it again, as does "
-                   "this command")
+                   f"({s['bytes'] / 2**20:.1f} MiB){resumed}, {s['kept']} unchanged, "
+                   f"{s['removed']} removed; a scheduled retrain (--only-new-data) syncs it "
+                   "again, as does this command")
     elif out["imported_from"]:
         typer.echo(f"  imported from {out['imported_from']}: `dvc update {out['dvc_file']}` "
                    "(run by a scheduled retrain) fetches what changed there")

@@ -5,6 +5,7 @@ mirrored (`data.s3_sync`) and `dvc add`ed, and a scheduled retrain's refresh syn
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import shutil
@@ -96,10 +97,10 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
         raise DataError(f"data add --merge: {dvc_file.name} imports {target}/ from {origin}: "
                         "add the images there (the next sync brings them), or replace the "
                         "import (without --merge)")
-    staged = root / f".{target}.new-{os.getpid()}"
+    staged = dest.with_name(f".{dest.name}.new-{os.getpid()}")
     shutil.rmtree(staged, ignore_errors=True)
     report = import_dataset(src, staged, limits, shown_as=source)
-    old = root / f".{target}.old-{os.getpid()}"
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
     try:
         found = scan_imagefolder(staged, shown_as=source)
@@ -129,38 +130,48 @@ def import_url(layout: Layout, url: str, target: str = "data", force: bool = Fal
     """The files under an S3 prefix as the new version (`data.s3_sync`: only new or changed
     objects are downloaded), `dvc add`ed, with `target.dvc` recording the prefix so that a
     retrain's refresh syncs again. The same refusals as `import_data`; on any error the
-    current version stays as it was."""
-    root, dest, dvc_file = layout.root, layout.root / target, layout.root / f"{target}.dvc"
+    current version stays as it was (complete downloads are kept for the next try)."""
+    dest, dvc_file = layout.root / target, layout.dvc_file(target)
     _may_replace(layout, target, force)
     before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
-    staged = root / f".{target}.new-{os.getpid()}"
-    old = root / f".{target}.old-{os.getpid()}"
-    shutil.rmtree(staged, ignore_errors=True)
-    try:
-        synced, objects = s3_sync.sync(layout, url, target, staged)
-        same = not staged.exists()  # data/ holds the prefix as it is: nothing staged
-        found = scan_imagefolder(dest if same else staged, shown_as=url)
-        if not _has_an_image(found.entries):
-            raise DataError(f"data add: {url}: no images in class folders (expected "
-                            "<class>/<image> or train/<class>/<image>)")
-        if not same:
-            if dest.exists() or dest.is_symlink():
-                dest.rename(old)
-            staged.rename(dest)
-    except BaseException:
-        if (old.exists() or old.is_symlink()) and not dest.exists():
-            old.rename(dest)
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if not same or dvc_origin(dvc_file) != url:
-        if dvc_file.is_file() and (load_yaml(dvc_file.read_text()) or {}).get("deps"):
-            dvc_file.unlink()  # a `dvc import`: `dvc add` would keep its origin
-        dvc(layout, "add", target, "-q")
-    s3_sync.record(layout, url, target, objects)
+    staged = s3_sync.staging(layout, target)  # kept when the import stops part-way
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    with s3_sync.exclusive(layout, url, target):
+        try:
+            synced, objects = s3_sync.sync(layout, url, target, staged)
+            same = not staged.exists()  # data/ holds the prefix as it is: nothing staged
+            found = scan_imagefolder(dest if same else staged, shown_as=url)
+            if not _has_an_image(found.entries):
+                raise DataError(f"data add: {url}: no images in class folders (expected "
+                                "<class>/<image> or train/<class>/<image>)")
+            if not same:
+                if dest.exists() or dest.is_symlink():
+                    dest.rename(old)
+                _move(staged, dest)
+        except BaseException:
+            if (old.exists() or old.is_symlink()) and not dest.exists():
+                old.rename(dest)
+            raise
+        s3_sync.finished(staged)
+        shutil.rmtree(old, ignore_errors=True)
+        if not same or dvc_origin(dvc_file) != url:
+            if dvc_file.is_file() and (load_yaml(dvc_file.read_text()) or {}).get("deps"):
+                dvc_file.unlink()  # a `dvc import`: `dvc add` would keep its origin
+            dvc(layout, "add", target, "-q")
+        s3_sync.record(layout, url, target, objects)
     out = _added(layout, target, push, found, url, "s3", synced.listed, before, False, [],
                  found.ignored)
     return {**out, "sync": asdict(synced)}
+
+
+def _move(staged: Path, dest: Path) -> None:
+    """`staged` renamed to `dest` (moved when `.cache/` is on another file system)."""
+    try:
+        staged.rename(dest)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.move(staged, dest)
 
 
 def checkout_version(layout: Layout, target: str, text: str, force: bool = False

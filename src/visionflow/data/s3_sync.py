@@ -6,19 +6,25 @@ it changed (treeverse/dvc#4889, #8808): 1% new photos of 10,000 took as long as 
 import (BENCHMARKS "Images in S3"). Here s3fs lists the prefix (ETag and size per key), new
 or changed keys are downloaded concurrently into a copy of `data/` made of hard links to the
 unchanged files, keys the bucket no longer has are left out, and the copy replaces `data/`
-whole (on any error `data/` stays as it was). `dvc add` then hashes only the downloaded files
-(its state cache knows the others by inode and mtime). `data.dvc` records the prefix
-(`meta.source`), so a retrain's data refresh syncs again; the ETags seen are kept in
-`.cache/s3-sync/` (without them, a local file whose md5 is a single-part ETag is kept).
+whole (on any error `data/` stays as it was). The copy is staged in `.cache/s3-sync/`: an
+import that stops part-way (killed, a lost connection) keeps its complete downloads there,
+and the next one downloads only the rest. One import into a folder runs at a time. `dvc add`
+then hashes only the downloaded files (its state cache knows the others by inode and
+mtime). `data.dvc` records the prefix (`meta.source`), so a retrain's data refresh syncs
+again; the ETags seen are kept in `.cache/s3-sync/` (without them, a local file whose md5
+is a single-part ETag is kept).
 Endpoint and keys: the usual AWS_* variables.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -40,6 +46,7 @@ class SyncReport:
     kept: int = 0  # unchanged, linked from the current version
     removed: int = 0  # in the current version, no longer in the bucket
     bytes: int = 0  # downloaded
+    resumed: int = 0  # downloaded by an import that stopped part-way, kept
 
 
 def filesystem(url: str) -> Any:
@@ -107,12 +114,34 @@ def _unchanged(path: Path, etag: str, size: int, seen: list | None) -> bool:
         return hashlib.file_digest(f, "md5").hexdigest() == etag
 
 
+def staging(layout: Layout, target: str) -> Path:
+    """Where a sync into `target/` stages the new version (kept when it stops part-way)."""
+    tag = hashlib.sha256(target.encode()).hexdigest()[:16]
+    return layout.cache_root / "s3-sync" / f"{tag}.partial"
+
+
+@contextmanager
+def exclusive(layout: Layout, url: str, target: str) -> Iterator[None]:
+    """Held for a whole import into `target/`: a second one (a scheduled refresh beside a
+    `vflow data add`) stops in one line instead of sharing the staged folder."""
+    lock = staging(layout, target).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"data add: {url}: another import into {target}/ is running"
+                            ) from None
+        yield
+
+
 def sync(layout: Layout, url: str, target: str, staged: Path
          ) -> tuple[SyncReport, dict[str, tuple[str, int]]]:
-    """Write the prefix's files at `staged` (which must not exist): the unchanged ones linked
-    from `target/`, the rest downloaded; and the listing, for `record` once `staged` is the
-    new version. Nothing is staged when `target/` already holds the prefix as it is.
-    `target/` itself is not touched."""
+    """Write the prefix's files at `staged`: the unchanged ones linked from `target/`, the
+    complete downloads of an earlier try that stopped part-way kept (its listing says for
+    which ETag), the rest downloaded; and the listing, for `record` once `staged` is the new
+    version. Nothing is staged when `target/` already holds the prefix as it is. `target/`
+    itself is not touched; call under `exclusive`."""
     fs = filesystem(url)
     objects = listing(fs, url)
     current = layout.root / target
@@ -125,9 +154,14 @@ def sync(layout: Layout, url: str, target: str, staged: Path
         report.removed = sum(1 for p in current.rglob("*") if p.is_file()
                              and p.relative_to(current).as_posix() not in objects)
     report.kept = len(keep)
+    tried = _tried(staged)
+    resumed = {rel for rel in fetch if tried.get(rel) == list(objects[rel])
+               and _unchanged(staged / rel, *objects[rel], list(objects[rel]))}
+    _clear(staged, resumed)
     if not fetch and not report.removed and current.is_dir():
+        finished(staged)
         return report, objects  # `target/` is the prefix: nothing staged
-    staged.mkdir(parents=True)
+    write_json(_tried_file(staged), {k: list(v) for k, v in objects.items()})
     for folder in {(staged / rel).parent for rel in objects}:
         folder.mkdir(parents=True, exist_ok=True)
     for rel in keep:
@@ -136,14 +170,46 @@ def sync(layout: Layout, url: str, target: str, staged: Path
         except OSError:  # no hard links here
             shutil.copy2(current / rel, staged / rel)
     base = url.removeprefix("s3://").rstrip("/")
+    get = [rel for rel in fetch if rel not in resumed]
     try:
-        fs.get([f"{base}/{rel}" for rel in fetch], [str(staged / rel) for rel in fetch],
+        fs.get([f"{base}/{rel}" for rel in get], [str(staged / rel) for rel in get],
                batch_size=CONCURRENCY)
     except Exception as err:  # noqa: BLE001 (the S3 client's errors: one line)
-        raise DataError(f"data add: {url}: download failed: {_first_line(err)}") from err
-    report.downloaded = len(fetch)
-    report.bytes = sum(objects[rel][1] for rel in fetch)
+        raise DataError(f"data add: {url}: download failed: {_first_line(err)} (the "
+                        "complete downloads are kept for the next try)") from err
+    report.downloaded, report.resumed = len(get), len(resumed)
+    report.bytes = sum(objects[rel][1] for rel in get)
     return report, objects
+
+
+def finished(staged: Path) -> None:
+    """The staged folder and its listing gone (once it became the new version, or when
+    nothing was to be staged)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    _tried_file(staged).unlink(missing_ok=True)
+
+
+def _tried_file(staged: Path) -> Path:
+    return staged.with_suffix(".json")
+
+
+def _tried(staged: Path) -> dict[str, list]:
+    """The listing an earlier sync staged for ({} when none)."""
+    try:
+        tried = json.loads(_tried_file(staged).read_text()) if staged.is_dir() else {}
+    except (OSError, ValueError):
+        return {}
+    return tried if isinstance(tried, dict) else {}
+
+
+def _clear(staged: Path, resumed: set[str]) -> None:
+    """Every file under `staged` removed but the `resumed` ones (links to the current
+    version are made again, partial downloads downloaded again)."""
+    if not staged.is_dir():
+        return
+    for path in [p for p in staged.rglob("*") if not p.is_dir()]:
+        if path.relative_to(staged).as_posix() not in resumed:
+            path.unlink()
 
 
 def _seen(layout: Layout, url: str, target: str) -> dict[str, list] | None:

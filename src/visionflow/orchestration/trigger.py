@@ -135,12 +135,12 @@ def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
             raise
         return f"{url}: sync failed ({err}); local data used"
     s = out["sync"]
-    if not (s["downloaded"] or s["removed"]):
+    new = s["downloaded"] + s["resumed"]  # (resumed: downloaded by a try that stopped)
+    if not (new or s["removed"]):
         return f"{url}: unchanged ({s['listed']} objects)"
     # pushed: the bucket can change again, and the model trained now names this version
-    return (f"{url}: {s['downloaded']} new or changed, {s['removed']} removed, {s['kept']} "
-            f"unchanged ({dvc_file.name} md5 {out['dvc_data_md5']}; "
-            f"{push_version(layout, dvc_file)})")
+    return (f"{url}: {new} new or changed, {s['removed']} removed, {s['kept']} unchanged "
+            f"({dvc_file.name} md5 {out['dvc_data_md5']}; {push_version(layout, dvc_file)})")
 
 
 def _source_of(tags: dict[str, str]) -> str | None:
