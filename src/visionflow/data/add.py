@@ -132,11 +132,11 @@ def import_url(layout: Layout, url: str, target: str = "data", force: bool = Fal
     retrain's refresh syncs again. The same refusals as `import_data`; on any error the
     current version stays as it was (complete downloads are kept for the next try)."""
     dest, dvc_file = layout.root / target, layout.dvc_file(target)
-    _may_replace(layout, target, force)
-    before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
     staged = s3_sync.staging(layout, target)  # kept when the import stops part-way
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     with s3_sync.exclusive(layout, url, target):
+        _may_replace(layout, target, force)
+        before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
         try:
             synced, objects = s3_sync.sync(layout, url, target, staged)
             same = not staged.exists()  # data/ holds the prefix as it is: nothing staged

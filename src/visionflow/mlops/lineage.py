@@ -189,7 +189,7 @@ def version_dvc_file(layout: Layout, model_name: str, ref: str, rel: str) -> dic
     found, where = _run_copy(client, mv.run_id, Path(rel).name)
     commit = lineage(mv.tags, "git_commit")
     if found is None and commit and not commit.endswith("-dirty"):
-        proc = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=layout.root,
+        proc = subprocess.run(["git", "show", f"{commit}:./{rel}"], cwd=layout.root,
                               capture_output=True, text=True)
         found, where = (proc.stdout if proc.returncode == 0 else None), f"commit {commit[:12]}"
     if found is None:

@@ -34,8 +34,8 @@ def version_tags(params: Params, layout: Layout) -> dict[str, str]:
         "git_commit": git_commit(layout.root),
         "params_hash": hashlib.sha256(dump.encode()).hexdigest()[:16],
         "dvc_lock_hash": sha256_file(layout.dvc_lock)[:16] if layout.dvc_lock.is_file() else "",
-        "dvc_data_md5": dvc_md5(layout.root / rel) if (rel := validation.get(
-            "dvc_file", "data.dvc")) else "",  # (older records: data.dvc)
+        "dvc_data_md5": dvc_md5(layout.root / rel if (rel := validation.get("dvc_file"))
+                                else layout.dvc_file("data")),  # (untracked at validate)
         "data_source": str(params.data.source),
         "split_scheme": describe_scheme(scheme) if scheme else "",
         "split_fingerprint": str(scheme.get("fingerprint", "")),

@@ -38,8 +38,9 @@ def train_run(params: Params, layout: Layout, device: str, dist: Dist) -> Iterat
         log_datasets(params, layout)  # the data it trains on: "Datasets used"
         tracking.log_validation(layout)  # validation report, data summary, quarantine, Data Docs
         tracking.log_dir_or_file(layout.policy, "data")
-        if rel := (read_json(layout.validation, {}) or {}).get("dvc_file"):  # the data
-            tracking.log_dir_or_file(layout.root / rel, "dvc")  # version (git may not have it)
+        rel = (read_json(layout.validation, {}) or {}).get("dvc_file")  # the data version
+        tracking.log_dir_or_file(layout.root / rel if rel else layout.dvc_file("data"),
+                                 "dvc")  # (git may not have it)
         yield run
 
 
