@@ -265,19 +265,24 @@ def test_an_interrupted_import_resumes_with_what_it_downloaded(tmp_path: Path):
         assert _contents(root / "data") == before
         assert (root / "data.dvc").read_text() == dvc_before
         kept = complete()
-        # meanwhile in the bucket: one of those deleted, one replaced (same size, new ETag)
-        gone, changed = sorted(kept)[:2]
+        # meanwhile in the bucket: one of those deleted, one replaced (same size, new ETag),
+        # and a class's folder (partly downloaded) gone
+        gone, changed = sorted(rel for rel in kept if rel.startswith("train/a/"))[:2]
         (photos / gone).unlink()
+        lost = sorted(p.relative_to(photos).as_posix() for p in photos.glob("train/b/*"))
+        shutil.rmtree(photos / "train" / "b")
         body = bytearray((photos / changed).read_bytes())
         body[-20] ^= 0xFF
         (photos / changed).write_bytes(body)
         s3c = slow.client()
-        s3c.delete_object(Bucket="photos", Key=f"big/{gone}")
+        for rel in (gone, *lost):
+            s3c.delete_object(Bucket="photos", Key=f"big/{rel}")
         s3c.put_object(Bucket="photos", Key=f"big/{changed}", Body=bytes(body))
         out = run([VFLOW, "data", "add", "s3://photos/big"], root, env=env).stdout
-    resumed = {rel: i for rel, i in kept.items() if rel not in (gone, changed)}
-    assert f"{119 - len(resumed)} objects downloaded" in out, out
+    resumed = {rel: i for rel, i in kept.items() if rel not in (gone, changed, *lost)}
+    assert f"{len(_contents(photos)) - len(resumed)} objects downloaded" in out, out
     assert f", {len(resumed)} from the interrupted import" in out, out
     assert _contents(root / "data") == _contents(photos)  # without `gone`, with `changed`
+    assert not (root / "data" / "train" / "b").exists()  # no empty class folder
     assert {rel: (root / "data" / rel).stat().st_ino for rel in resumed} == resumed
     assert staged() is None and not list(root.glob(".cache/s3-sync/*.partial.json"))

@@ -204,12 +204,16 @@ def _tried(staged: Path) -> dict[str, list]:
 
 def _clear(staged: Path, resumed: set[str]) -> None:
     """Every file under `staged` removed but the `resumed` ones (links to the current
-    version are made again, partial downloads downloaded again)."""
+    version are made again, partial downloads downloaded again), and the folders left empty
+    (a class the bucket no longer has would read as an empty class)."""
     if not staged.is_dir():
         return
     for path in [p for p in staged.rglob("*") if not p.is_dir()]:
         if path.relative_to(staged).as_posix() not in resumed:
             path.unlink()
+    for folder in sorted((p for p in staged.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _seen(layout: Layout, url: str, target: str) -> dict[str, list] | None:
