@@ -166,6 +166,7 @@ def import_url(layout: Layout, url: str, target: str = "data", force: bool = Fal
 
 def _move(staged: Path, dest: Path) -> None:
     """`staged` renamed to `dest` (moved when `.cache/` is on another file system)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)  # (`--to new/folder`)
     try:
         staged.rename(dest)
     except OSError as err:
@@ -234,7 +235,7 @@ def _added(layout: Layout, target: str, push: bool, found: Any, source: str, kin
         "merged": merge, "imported_from": dvc_origin(dvc_file),
         "files_before": before, "files_now": int(out.get("nfiles") or 0),
         "skipped": skipped, "ignored": ignored,
-        "dvc_file": dvc_file.name, "dvc_data_md5": str(out.get("md5", "")),
+        "dvc_file": relative(layout, dvc_file), "dvc_data_md5": str(out.get("md5", "")),
         "remote": remote, "pushed": push,
     }
 
