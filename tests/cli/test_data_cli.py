@@ -229,7 +229,8 @@ def test_a_nested_source_is_versioned_by_its_own_dvc_file(tmp_path: Path):
     # a new version of it, pushed: `dvc` is given the file's path from the root
     new = write_imagefolder(tmp_path / "v2", {"a": 4, "b": 4})
     out = run([VFLOW, "data", "add", str(new), "--to", "data/pets", "--push"], root).stdout
-    assert "(pushed to 'local')" in out, out
+    assert "data/pets.dvc: md5 " in out and "(pushed to 'local')" in out, out
+    assert "next: git add data/pets.dvc " in out, out
     status = json.loads(run([VFLOW, "data", "status", "--to", "data/pets", "--json",
                              "--no-hash"], root).stdout)
     assert status["current"]["workspace"] == "in sync" and status["current"]["nfiles"] == 8

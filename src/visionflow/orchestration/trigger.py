@@ -24,6 +24,7 @@ from visionflow.data.dvc import (
     dvc_out,
     error_line,
     push_version,
+    relative,
     remotes,
     workspace_state,
 )
@@ -95,7 +96,7 @@ def refresh_data(params: Params, layout: Layout) -> str:
     dvc_file = dvc_tracked(params, layout)
     if dvc_file is None:
         return f"{params.data.source}: not tracked by DVC, used as it is"
-    rel = str(dvc_file.relative_to(layout.root))
+    rel = relative(layout, dvc_file)
     before = dvc_out(dvc_file)
     if mirrored := (before.get("meta") or {}).get("source"):  # `vflow data add s3://...`
         return _sync(params, layout, dvc_file, str(mirrored))
@@ -127,7 +128,7 @@ def refresh_data(params: Params, layout: Layout) -> str:
 def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
     """The S3 prefix synced again (new or changed objects downloaded, then `dvc add`); a
     failure with local data there: the data check goes on with it."""
-    target = str(dvc_file.relative_to(layout.root)).removesuffix(".dvc")  # data/, or deeper
+    target = relative(layout, dvc_file).removesuffix(".dvc")  # data/, or deeper
     try:
         out = import_url(layout, url, target, force=True)
     except DataError as err:
@@ -140,7 +141,7 @@ def _sync(params: Params, layout: Layout, dvc_file: Path, url: str) -> str:
         return f"{url}: unchanged ({s['listed']} objects)"
     # pushed: the bucket can change again, and the model trained now names this version
     return (f"{url}: {new} new or changed, {s['removed']} removed, {s['kept']} unchanged "
-            f"({dvc_file.name} md5 {out['dvc_data_md5']}; {push_version(layout, dvc_file)})")
+            f"({out['dvc_file']} md5 {out['dvc_data_md5']}; {push_version(layout, dvc_file)})")
 
 
 def _source_of(tags: dict[str, str]) -> str | None:
