@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def step(i: int) -> int:
     return i
 
 @flow
-def chatty(n: int = 100000):
+def chatty(n: int = 20000):
     for i in range(n):
         step(i)
         get_run_logger().info("line %d", i)
@@ -97,7 +98,8 @@ def run_one(patched: bool, seconds: float, load: int) -> dict[str, float]:
             time.sleep(1)
         served = base / "serve.log"
         procs.append(subprocess.Popen([str(VENV / "python"), str(base / "flow.py")], env=env,
-                                      stdout=served.open("w"), stderr=subprocess.STDOUT))
+                                      stdout=served.open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))  # with its flow-run processes
         procs += [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                   for _ in range(load)]
         out = subprocess.run([str(VENV / "python"), "-c", HAMMER, str(seconds), str(served)], env={
@@ -108,6 +110,8 @@ def run_one(patched: bool, seconds: float, load: int) -> dict[str, float]:
                 "failed_share": round(failed / max(ok + failed, 1), 3), "task_runs": tasks}
     finally:
         for p in reversed(procs):
+            if len(procs) > 1 and p is procs[1]:
+                os.killpg(p.pid, signal.SIGKILL)
             p.kill()
             p.wait()
 

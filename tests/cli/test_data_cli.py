@@ -297,3 +297,29 @@ def test_checkout_from_a_clean_commit_and_its_refusals(tmp_path: Path):
     (root / "data" / "a" / "000.png").write_bytes(b"changed")
     line = _one_error_line(run([VFLOW, "data", "checkout", "1"], root, check=False))
     assert "data checkout: " in line and "has changes not recorded in data.dvc" in line
+
+
+def test_one_import_or_checkout_of_a_folder_at_a_time(tmp_path: Path):
+    """`vflow data add` and `data checkout` beside another change of the same folder (a
+    scheduled refresh's sync) stop in one line; data/ and data.dvc stay as they were."""
+    from visionflow.data.add import one_change_at_a_time
+    from visionflow.mlops import tracking
+
+    root = make_project(tmp_path / "proj", write_imagefolder(tmp_path / "v1", {"a": 3, "b": 3}),
+                        git=True)
+    tracking.setup(Layout.at(root))
+    head, md5 = run(["git", "rev-parse", "HEAD"], root).stdout.strip(), _md5(root)
+    _version({"lineage.dvc_data_md5": md5.removesuffix(".dir"), "lineage.git_commit": head})
+    v2 = write_imagefolder(tmp_path / "v2", {"a": 4})
+    before, dvc_before = _files(root / "data"), (root / "data.dvc").read_text()
+    with one_change_at_a_time(Layout.at(root), "data", "a sync"):
+        for args, cmd in (([str(v2)], "add"), (["1"], "checkout")):
+            line = _one_error_line(run([VFLOW, "data", cmd, *args], root, check=False))
+            assert line == (f"error: data {cmd}: another import, sync or checkout of data/ is "
+                            "running"), line
+            assert _files(root / "data") == before
+            assert (root / "data.dvc").read_text() == dvc_before
+    run([VFLOW, "data", "add", str(v2)], root)  # the lock is free again
+    assert _files(root / "data") != before
+    assert "data.dvc from commit" in run([VFLOW, "data", "checkout", "1"], root).stdout
+    assert _files(root / "data") == before

@@ -256,7 +256,7 @@ def test_an_interrupted_import_resumes_with_what_it_downloaded(tmp_path: Path):
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: staged() or first.poll() is not None, 60, "the download to start")
         refused = run([VFLOW, "data", "add", "s3://photos/big"], root, check=False, env=env)
-        assert "another import into data/ is running" in _error(refused)
+        assert "another import, sync or checkout of data/ is running" in _error(refused)
         wait_for(lambda: len(complete()) >= 8 or first.poll() is not None, 60, "8 downloads",
                  every=0.1)
         assert first.poll() is None, f"finished before it was interrupted: {first.stderr}"

@@ -6,9 +6,13 @@ mirrored (`data.s3_sync`) and `dvc add`ed, and a scheduled retrain's refresh syn
 from __future__ import annotations
 
 import errno
+import fcntl
 import filecmp
+import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -91,7 +95,14 @@ def import_data(layout: Layout, source: str | Path, target: str = "data", force:
         raise DataError(f"data add: {source}: no such file or directory")
     if src == dest or src.is_relative_to(dest) or dest.is_relative_to(src):
         raise DataError(f"data add: {source}: overlaps the target {dest}")
-    dvc_file = root / f"{target}.dvc"
+    with one_change_at_a_time(layout, target, "data add"):
+        return _import_folder(layout, source, src, target, force, push, limits, merge)
+
+
+def _import_folder(layout: Layout, source: str | Path, src: Path, target: str, force: bool,
+                   push: bool, limits: ArchiveLimits | None, merge: bool) -> dict[str, Any]:
+    """`import_data` of a local folder or archive, under the lock on `target/`."""
+    dest, dvc_file = layout.root / target, layout.root / f"{target}.dvc"
     _may_replace(layout, target, force)
     if merge and (origin := dvc_origin(dvc_file)):
         raise DataError(f"data add --merge: {dvc_file.name} imports {target}/ from {origin}: "
@@ -134,7 +145,7 @@ def import_url(layout: Layout, url: str, target: str = "data", force: bool = Fal
     dest, dvc_file = layout.root / target, layout.dvc_file(target)
     staged = s3_sync.staging(layout, target)  # kept when the import stops part-way
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    with s3_sync.exclusive(layout, url, target):
+    with one_change_at_a_time(layout, target, f"data add: {url}"):
         _may_replace(layout, target, force)
         before = int(dvc_out(dvc_file).get("nfiles") or 0) if dvc_file.is_file() else 0
         try:
@@ -181,6 +192,11 @@ def checkout_version(layout: Layout, target: str, text: str, force: bool = False
     run, a commit) and `target/` made to match it, from the DVC cache or else the default
     remote. Refused like an import when `target/` has unrecorded changes; when the data
     cannot be fetched, `target.dvc` and `target/` stay as they were."""
+    with one_change_at_a_time(layout, target, "data checkout"):
+        return _checkout(layout, target, text, force)
+
+
+def _checkout(layout: Layout, target: str, text: str, force: bool) -> dict[str, Any]:
     _may_replace(layout, target, force, "data checkout")
     dvc_file = layout.dvc_file(target)
     rel = relative(layout, dvc_file)
@@ -202,6 +218,22 @@ def checkout_version(layout: Layout, target: str, text: str, force: bool = False
     return {"dvc_file": rel, "dvc_data_md5": dvc_md5(dvc_file),
             "nfiles": int(out.get("nfiles") or 0), "imported_from": dvc_origin(dvc_file),
             "remote": default_remote(layout)}
+
+
+@contextmanager
+def one_change_at_a_time(layout: Layout, target: str, cmd: str) -> Iterator[None]:
+    """Held while an import, a sync or a checkout replaces `target/`: a second one (a scheduled
+    refresh beside a `vflow data checkout`) stops in one line instead of mixing versions."""
+    tag = hashlib.sha256(target.encode()).hexdigest()[:16]
+    lock = layout.cache_root / "data-locks" / f"{tag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{cmd}: another import, sync or checkout of {target}/ is "
+                            "running") from None
+        yield
 
 
 def _may_replace(layout: Layout, target: str, force: bool, cmd: str = "data add") -> None:

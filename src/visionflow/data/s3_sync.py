@@ -8,7 +8,7 @@ or changed keys are downloaded concurrently into a copy of `data/` made of hard 
 unchanged files, keys the bucket no longer has are left out, and the copy replaces `data/`
 whole (on any error `data/` stays as it was). The copy is staged in `.cache/s3-sync/`: an
 import that stops part-way (killed, a lost connection) keeps its complete downloads there,
-and the next one downloads only the rest. One import into a folder runs at a time. `dvc add`
+and the next one downloads only the rest. `dvc add`
 then hashes only the downloaded files (its state cache knows the others by inode and
 mtime). `data.dvc` records the prefix (`meta.source`), so a retrain's data refresh syncs
 again; the ETags seen are kept in `.cache/s3-sync/` (without them, a local file whose md5
@@ -18,13 +18,10 @@ Endpoint and keys: the usual AWS_* variables.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -120,28 +117,13 @@ def staging(layout: Layout, target: str) -> Path:
     return layout.cache_root / "s3-sync" / f"{tag}.partial"
 
 
-@contextmanager
-def exclusive(layout: Layout, url: str, target: str) -> Iterator[None]:
-    """Held for a whole import into `target/`: a second one (a scheduled refresh beside a
-    `vflow data add`) stops in one line instead of sharing the staged folder."""
-    lock = staging(layout, target).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"data add: {url}: another import into {target}/ is running"
-                            ) from None
-        yield
-
-
 def sync(layout: Layout, url: str, target: str, staged: Path
          ) -> tuple[SyncReport, dict[str, tuple[str, int]]]:
     """Write the prefix's files at `staged`: the unchanged ones linked from `target/`, the
     complete downloads of an earlier try that stopped part-way kept (its listing says for
     which ETag), the rest downloaded; and the listing, for `record` once `staged` is the new
     version. Nothing is staged when `target/` already holds the prefix as it is. `target/`
-    itself is not touched; call under `exclusive`."""
+    itself is not touched; call under `data.add`'s lock on `target/`."""
     fs = filesystem(url)
     objects = listing(fs, url)
     current = layout.root / target
