@@ -11,26 +11,10 @@ import sys
 import time
 
 from builders import wait_for
+from helpers import REPO
 
-FLOW = '''
-import time
-from prefect import flow, get_run_logger, task
-
-@task
-def step(i: int) -> int:
-    get_run_logger().info("step %d", i)
-    return i
-
-@flow
-def chatty(n: int = 3000):  # about a minute: bounded, should anything outlive the test
-    for i in range(n):
-        step(i)
-        get_run_logger().info("line %d", i)
-        time.sleep(0.02)
-
-if __name__ == "__main__":
-    chatty.serve(name="writes-beside-a-run")
-'''
+sys.path.insert(0, str(REPO / "bench"))
+from bench_prefect_sqlite import FLOW  # noqa: E402 (a served flow: small logging tasks)
 
 
 def test_deployment_pauses_beside_a_running_flow_never_answer_503(prefect_server, tmp_path):
@@ -44,7 +28,10 @@ def test_deployment_pauses_beside_a_running_flow_never_answer_503(prefect_server
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    (tmp_path / "chatty.py").write_text(FLOW)
+    flow = FLOW.replace("n: int = 20000", "n: int = 3000").replace(  # about a minute
+        'name="chatty"', 'name="writes-beside-a-run"')
+    assert "n: int = 3000" in flow and "writes-beside-a-run" in flow
+    (tmp_path / "chatty.py").write_text(flow)
     log = (tmp_path / "serve.log").open("w")
     served = subprocess.Popen([sys.executable, str(tmp_path / "chatty.py")], stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True,

@@ -8,11 +8,10 @@ or changed keys are downloaded concurrently into a copy of `data/` made of hard 
 unchanged files, keys the bucket no longer has are left out, and the copy replaces `data/`
 whole (on any error `data/` stays as it was). The copy is staged in `.cache/s3-sync/`: an
 import that stops part-way (killed, a lost connection) keeps its complete downloads there,
-and the next one downloads only the rest. `dvc add`
-then hashes only the downloaded files (its state cache knows the others by inode and
-mtime). `data.dvc` records the prefix (`meta.source`), so a retrain's data refresh syncs
-again; the ETags seen are kept in `.cache/s3-sync/` (without them, a local file whose md5
-is a single-part ETag is kept).
+and the next one downloads only the rest. `dvc add` then hashes only the downloaded files
+(its state cache knows the others by inode and mtime). `data.dvc` records the prefix
+(`meta.source`), so a retrain's data refresh syncs again; the ETags seen are kept in
+`.cache/s3-sync/` (without them, a local file whose md5 is a single-part ETag is kept).
 Endpoint and keys: the usual AWS_* variables.
 """
 

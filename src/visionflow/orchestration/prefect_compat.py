@@ -11,8 +11,8 @@ Pinning SQLAlchemy<2.1 makes it unnecessary.
 Prefect opens most write transactions on SQLite as `BEGIN DEFERRED`: they read first, and
 when another connection committed meanwhile, the write fails at once with "database is
 locked" (SQLite's busy timeout does not apply to that upgrade); the API answers 503. Beside a
-running flow that logs, 35% of deployment pauses failed so (BENCHMARKS "Prefect's SQLite
-write transactions"). Every write transaction here begins IMMEDIATE, as Prefect's own
+running flow that logs, over 90% of deployment pauses failed so (BENCHMARKS "Prefect's
+SQLite write transactions"). Every write transaction here begins IMMEDIATE, as Prefect's own
 `with_for_update` ones do: it waits for the writer before it, up to the busy timeout.
 
     python -m visionflow.orchestration.prefect_compat server start --host 127.0.0.1 --port 4200
