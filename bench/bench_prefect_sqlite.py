@@ -90,7 +90,8 @@ def run_one(patched: bool, seconds: float, load: int) -> dict[str, float]:
     code = SERVER.format(patch="c.patch_sqlite_write_transactions(); " if patched else "")
     procs = [subprocess.Popen([str(VENV / "python"), "-c", code, "server", "start", "--host",
                                "127.0.0.1", "--port", str(port), "--no-ui"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)]
     try:
         deadline = time.time() + 240
         while not healthy(f"http://127.0.0.1:{port}/api/health"):
@@ -99,9 +100,9 @@ def run_one(patched: bool, seconds: float, load: int) -> dict[str, float]:
         served = base / "serve.log"
         procs.append(subprocess.Popen([str(VENV / "python"), str(base / "flow.py")], env=env,
                                       stdout=served.open("w"), stderr=subprocess.STDOUT,
-                                      start_new_session=True))  # with its flow-run processes
-        procs += [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                  for _ in range(load)]
+                                      start_new_session=True))
+        procs += [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                   start_new_session=True) for _ in range(load)]
         out = subprocess.run([str(VENV / "python"), "-c", HAMMER, str(seconds), str(served)], env={
             **env, "PREFECT_CLIENT_MAX_RETRIES": "0"}, capture_output=True, text=True,
             timeout=seconds + 300, check=True).stdout.split()
@@ -109,10 +110,8 @@ def run_one(patched: bool, seconds: float, load: int) -> dict[str, float]:
         return {"calls": ok + failed, "failed": failed,
                 "failed_share": round(failed / max(ok + failed, 1), 3), "task_runs": tasks}
     finally:
-        for p in reversed(procs):
-            if len(procs) > 1 and p is procs[1]:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.kill()
+        for p in reversed(procs):  # each with what it started (the flow-run processes)
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
 
 

@@ -52,7 +52,8 @@ def patch_hybrid_bulk_dml() -> list[str]:
 
 
 def patch_sqlite_write_transactions() -> bool:
-    """Begin every SQLite write transaction IMMEDIATE; False when Prefect has no such hook."""
+    """Begin every SQLite write transaction IMMEDIATE; False when already patched, or when
+    Prefect has no such hook."""
     from prefect.server.database.configurations import AioSqliteConfiguration
 
     begin = getattr(AioSqliteConfiguration, "begin_transaction", None)
