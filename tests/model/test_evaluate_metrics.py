@@ -84,6 +84,29 @@ def test_metrics_match_hand_computed_values():
     assert s["ece"] == approx(0.17, abs=1e-6)
 
 
+def test_a_class_with_no_test_images_is_undefined_not_zero():
+    """Classes d (never in the test set, never predicted) and e (never in the test set, once
+    predicted for an `a`): d's scores are undefined (None), not 0; e's precision, F1 and IoU
+    are 0, its recall undefined; mIoU and the macro averages skip d, as they skip it in
+    segmentation, instead of counting a 0 for it."""
+    logits, target = crafted()
+    e_logits = torch.full((len(target), 2), -30.0)
+    logits = torch.cat([logits, e_logits], 1)
+    logits[1, 4] = 10.0  # sample 1 (an `a`, was right) now predicted `e`
+    classes = [*CLASSES, "d", "e"]
+    s = score_logits(logits, target, classes, [1], calibration_bins=10)
+    approx = pytest.approx
+    assert s["support"] == {"a": 4, "b": 3, "c": 3, "d": 0, "e": 0}
+    assert s["iou"] == approx({"a": 2 / 6, "b": 1 / 2, "c": 1 / 4, "d": None, "e": 0.0})
+    assert s["precision"]["d"] is None and s["precision"]["e"] == 0.0
+    assert s["recall"]["d"] is None and s["recall"]["e"] is None
+    assert s["f1"]["d"] is None and s["f1"]["e"] == 0.0
+    assert s["miou"] == approx((2 / 6 + 1 / 2 + 1 / 4 + 0.0) / 4)
+    assert s["f1_macro"] == approx((1 / 2 + 2 / 3 + 2 / 5 + 0.0) / 4)  # torchmetrics skips d
+    m = metrics_json(s, classes)
+    assert m["iou_per_class"]["d"] is None and m["miou"] == approx(13 / 48)
+
+
 def test_reliability_bins_are_the_ece_bins():
     logits, target = crafted()
     bins = reliability_bins(logits.softmax(1), target, n_bins=10)

@@ -25,7 +25,10 @@ def score_logits(logits: torch.Tensor, target: torch.Tensor, classes: list[str],
 
     Scalars (floats): `top{k}` for k in `capped_topk`, `f1_macro`, `f1_micro`, `f1_weighted`,
     `precision_macro`, `recall_macro`, `miou`, `ece`. Also `n` (int), per-class dicts
-    `precision`, `recall`, `f1`, `iou` and `support`, and `confusion` (rows = actual).
+    `precision`, `recall`, `f1`, `iou` (None where undefined: recall of a class with no test
+    image, precision of one never predicted, F1 and IoU of one neither) and `support`, and
+    `confusion` (rows = actual). `miou` and the macro averages skip the classes neither in
+    the test set nor predicted, as segmentation's mIoU does.
     """
     from torchmetrics.functional.classification import (
         multiclass_accuracy,
@@ -47,20 +50,25 @@ def score_logits(logits: torch.Tensor, target: torch.Tensor, classes: list[str],
         out[f"f1_{avg}"] = float(multiclass_f1_score(probs, target, n, average=avg))
     out["precision_macro"] = float(multiclass_precision(probs, target, n, average="macro"))
     out["recall_macro"] = float(multiclass_recall(probs, target, n, average="macro"))
+    # macro: over the classes that occur in the test set or are predicted, as the F1 above
+    out["miou"] = float(multiclass_jaccard_index(probs, target, n, average="macro"))
+    out["ece"] = float(multiclass_calibration_error(probs, target, n, n_bins=calibration_bins,
+                                                    norm="l1"))
+    confusion = multiclass_confusion_matrix(probs, target, n)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    defined = {"precision": predicted > 0, "recall": support > 0,
+               "f1": support + predicted > 0, "iou": support + predicted > 0}
     per = {
         "precision": multiclass_precision(probs, target, n, average="none"),
         "recall": multiclass_recall(probs, target, n, average="none"),
         "f1": multiclass_f1_score(probs, target, n, average="none"),
         "iou": multiclass_jaccard_index(probs, target, n, average="none"),
     }
-    out["miou"] = float(per["iou"].mean())
-    out["ece"] = float(multiclass_calibration_error(probs, target, n, n_bins=calibration_bins,
-                                                    norm="l1"))
-    for name, values in per.items():
-        out[name] = {c: float(v) for c, v in zip(classes, values, strict=True)}
-    support = torch.bincount(target, minlength=n)
+    for name, values in per.items():  # None where the score divides by zero (no such images)
+        out[name] = {c: float(v) if ok else None
+                     for c, v, ok in zip(classes, values, defined[name], strict=True)}
     out["support"] = {c: int(v) for c, v in zip(classes, support, strict=True)}
-    out["confusion"] = multiclass_confusion_matrix(probs, target, n).tolist()
+    out["confusion"] = confusion.tolist()
     return out
 
 

@@ -116,7 +116,8 @@ def plot_per_class(path: Path, rows: list[dict[str, Any]]) -> list[str]:
     x = np.arange(n)
     w = 0.8 / len(PER_CLASS)
     for i, m in enumerate(PER_CLASS):
-        ax.bar(x + (i - 1.5) * w, [r[m] for r in rows], width=w, label=m)
+        ax.bar(x + (i - 1.5) * w, [np.nan if r[m] is None else r[m] for r in rows], width=w,
+               label=m)
     ax.set_xticks(x, [r["class"] for r in rows], rotation=90 if n > 20 else 0)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")

@@ -88,7 +88,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
     bins = reliability_bins(probs, target, cfg.calibration_bins)
     write_csv(layout.reliability_csv, bins)
     plot_reliability(layout.reliability_png, bins, scores["ece"])
-    per_rows = [{"class": c, **{m: round(scores[m][c], 6) for m in PER_CLASS},
+    per_rows = [{"class": c, **{m: _rounded(scores[m][c]) for m in PER_CLASS},
                  "support": scores["support"][c]} for c in classes]
     write_csv(layout.per_class_csv, per_rows)
     plot_per_class(layout.per_class_png, per_rows)
@@ -111,6 +111,10 @@ def artifact_files(layout: Layout) -> list[Path]:
     return [layout.metrics, layout.predictions, layout.confusion_csv, layout.confusion_png,
             layout.confusion_norm_png, layout.reliability_csv, layout.reliability_png,
             layout.per_class_csv, layout.per_class_png, layout.mistakes_png]
+
+
+def _rounded(score: float | None) -> float | None:
+    return None if score is None else round(score, 6)  # None: an empty cell
 
 
 if __name__ == "__main__":
