@@ -135,8 +135,11 @@ def show_cmd(version: Annotated[str, typer.Argument(help="version, vN, or an ali
     con.print(f"[bold]{name}[/] version [bold]{info.version}[/]  aliases: "
               f"[cyan]{', '.join(info.aliases) or '-'}[/]  created {info.created}  "
               f"run {info.run_id}")
-    gate = info.tags.get("gate_decision", "-")
-    con.print(f"gate: [bold]{gate}[/] - {info.tags.get('gate_reason', '')}")
+    gate, parent = info.tags.get("gate_decision"), info.tags.get("parent_version")
+    if gate is None and parent:  # a compact version: its parent went through the gate
+        con.print(f"gate: [bold]none[/] - the compressed copy of v{parent}, whom the gate judged")
+    else:
+        con.print(f"gate: [bold]{gate or '-'}[/] - {info.tags.get('gate_reason', '')}")
     if info.tags.get("champion_action"):
         con.print(f"alias set by {info.tags.get('champion_by')} ({info.tags['champion_action']},"
                   f" {info.tags.get('champion_at')}): {info.tags.get('champion_reason', '')}")
