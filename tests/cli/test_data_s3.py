@@ -162,6 +162,26 @@ def test_a_key_that_could_leave_data_is_refused_naming_it(key: str):
     assert safe_key(URL, "train/cat/0.png") == "train/cat/0.png"
 
 
+def test_a_prefix_is_listed_a_page_at_a_time(s3, monkeypatch):
+    """`listing` follows the continuation tokens (a page of 2 keys here: 3 pages), keeps each
+    key's ETag and size, and leaves out the objects beside the prefix."""
+    import hashlib
+
+    from visionflow.data.s3_sync import filesystem, listing
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    s3c = s3.client()
+    bodies = {f"train/{c}/{i}.png": f"{c}{i}".encode() * (i + 1) for c in "ab" for i in range(2)}
+    bodies["test/a/0.png"] = b"test"
+    for rel, body in bodies.items():
+        s3c.put_object(Bucket="photos", Key=f"paged/{rel}", Body=body)
+    s3c.put_object(Bucket="photos", Key="paged-not/x.png", Body=b"x")
+    url = "s3://photos/paged"
+    assert listing(filesystem(url), url, page_keys=2) == {
+        rel: (hashlib.md5(body).hexdigest(), len(body)) for rel, body in bodies.items()}
+
+
 def _train_and_register(layout: Layout, name: str = "visionflow-classifier") -> str:
     """validate, then the pipeline's run as train opens it (no training), registered as a
     version with the lineage tags register gives it; the run id."""

@@ -118,6 +118,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser: ~10x faster
 
 
+def walk_files(folder: str | Path) -> Iterator[Path]:
+    """Every entry under `folder` that is not a directory (a link to one included, not
+    followed), sorted within each directory. Holds one directory's names at a time, where
+    `Path.rglob` keeps every path it yielded (0.5 kB a file: BENCHMARKS "Listing a prefix")."""
+    for top, dirs, files in os.walk(folder):
+        dirs.sort()
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+        for name in sorted(files + links):
+            yield Path(top, name)
+
+
 def load_yaml(text: str) -> Any:
     """`yaml.safe_load`, parsed by libyaml where PyYAML was built with it (the same result)."""
     return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 (a safe loader)

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from visionflow.core.dataconfig import is_url
 from visionflow.core.errors import DataError
-from visionflow.core.files import load_yaml, write_text
+from visionflow.core.files import load_yaml, walk_files, write_text
 from visionflow.core.layout import Layout
 from visionflow.data import s3_sync, schemes
 from visionflow.data.archive import ArchiveLimits
@@ -280,9 +280,7 @@ def _link_the_rest(current: Path, new: Path, source: str | Path, layout: str) ->
         words = {"split": "train/<class>/", "flat": "<class>/"}
         raise DataError(f"data add --merge: {source} is laid out as {words[layout]} but "
                         f"{current.name}/ as {words[have]}: lay it out the same way")
-    for path in sorted(current.rglob("*")):
-        if path.is_dir() and not path.is_symlink():
-            continue
+    for path in walk_files(current):
         rel = path.relative_to(current)
         to = new / rel
         if to.exists():
