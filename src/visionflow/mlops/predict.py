@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from visionflow.core.errors import ConfigError, DataError
-from visionflow.core.files import write_text
+from visionflow.core.files import walk_files, write_text
 from visionflow.data.archive import ARCHIVE_SUFFIXES
 from visionflow.data.images import decode_eval
 from visionflow.data.scan import IGNORED_NAMES
@@ -52,7 +52,7 @@ def _hidden(rel: Path) -> bool:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
+    return sorted(p for p in walk_files(folder)
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not _hidden(p.relative_to(folder)))
 
