@@ -105,3 +105,32 @@ def test_gate_scores_only_images_neither_model_trained_on(tmp_path: Path, digits
     v3 = _recorded(client, "3")
     assert set(v3["train"]) == set(cache["train_sha256"])
     assert set(v3["val"]) == set(cache["val_sha256"])
+
+
+def test_a_class_added_since_the_champion_is_left_out_of_the_comparison(tmp_path: Path,
+                                                                        digits_dir: Path):
+    """The champion knows nine digits, the challenger ten: the gate compares them on the
+    test images of the nine (the champion is not skipped as "trained on other classes"), and
+    the report names the class left out and how many images it held."""
+    data = flat_digits(tmp_path / "src", digits_dir, 40)
+    nine = tmp_path / "nine"
+    (data / "9").rename(nine)
+    layout = Layout.at(make_project(tmp_path / "proj", data, FAST))
+    assert _pipeline(layout, []).alias == "champion"
+
+    nine.rename(layout.root / "data" / "9")
+    _pipeline(layout, [])
+    cache = torch.load(layout.packed, weights_only=True)
+    of_nine = int((cache["test_y"] == cache["classes"].index("9")).sum())
+    assert of_nine > 0
+    d = json.loads(layout.registration.read_text())["decision"]
+    assert d["champion_version"] == "1" and d["champion_top1"] is not None, d["reason"]
+    n_test = len(cache["test_y"])
+    assert (d["scored"]["other_classes"], d["scored"]["new_classes"], d["n"]) == \
+        (of_nine, ["9"], n_test - of_nine)
+    assert f"{n_test - of_nine} of {n_test} test images scored, {of_nine} excluded (0 the " \
+           f"champion trained or validated on, 0 the challenger did, {of_nine} of the 1 " \
+           "classes the champion was not trained on: 9)" in layout.gate_report.read_text()
+    with layout.predictions.open(newline="") as f:  # the challenger scored on the nine alone
+        hits = [r["actual"] == r["predicted"] for r in csv.DictReader(f) if r["actual"] != "9"]
+    assert d["challenger_top1"] == pytest.approx(sum(hits) / len(hits))

@@ -86,6 +86,15 @@ def test_no_champion_yet(store: Path, user: str):
     assert tags["1"]["champion_action"] == "gate" and tags["1"]["model"] == "crafted"
 
 
+def test_a_champion_that_cannot_be_scored_is_named_not_absent():
+    note = "champion v3 takes other inputs (32px)"
+    d = decide(correct(70), None, RegisterConfig(), note=note)
+    assert d.promote and d.reason == note
+    assert f"on 100 test images; {note}." in d.markdown("m", "4")
+    assert "no champion yet" not in d.markdown("m", "4")
+    assert "; no champion yet." in decide(correct(70), None, RegisterConfig()).markdown("m", "1")
+
+
 def test_no_champion_but_below_the_floor():
     d = decide(correct(40), None, RegisterConfig(min_top1=0.5))
     assert not d.promote

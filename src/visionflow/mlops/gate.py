@@ -24,7 +24,7 @@ out and why. With fewer than `register.min_test_images` left, `decide` refuses t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,10 +49,19 @@ class ScoredSet:
     challenger_trained: int  # test images in the challenger's train/val sets
     champion_trained: int  # ... in the champion's (and not already counted)
     champion_hashes: str  # "recorded", "no champion", or why they are unknown
+    other_classes: int = 0  # ... of classes the champion was not trained on
+    new_classes: tuple[str, ...] = ()  # those classes
 
     @property
     def n(self) -> int:
         return sum(self.keep)
+
+    def of_classes(self, known: Sequence[bool], names: Sequence[str]) -> ScoredSet:
+        """Only the images whose class (`known`, one per test image) the champion knows;
+        `names`: the classes it does not."""
+        keep = [k and ok for k, ok in zip(self.keep, known, strict=True)]
+        return replace(self, keep=keep, other_classes=self.n - sum(keep),
+                       new_classes=tuple(names))
 
     @property
     def excluded(self) -> int:
@@ -61,6 +70,11 @@ class ScoredSet:
     def text(self) -> str:
         why = (f"{self.champion_trained} the champion trained or validated on, "
                f"{self.challenger_trained} the challenger did")
+        if self.new_classes:
+            shown = ", ".join(self.new_classes[:5]) + (", ..." if len(self.new_classes) > 5
+                                                       else "")
+            why += (f", {self.other_classes} of the {len(self.new_classes)} classes the "
+                    f"champion was not trained on: {shown}")
         note = "" if self.champion_hashes in ("recorded", "no champion") else \
             f"; {self.champion_hashes}"
         return f"{self.n} of {self.total} test images scored, {self.excluded} excluded " \
@@ -70,7 +84,8 @@ class ScoredSet:
         return {"total": self.total, "scored": self.n, "excluded": self.excluded,
                 "challenger_trained": self.challenger_trained,
                 "champion_trained": self.champion_trained,
-                "champion_hashes": self.champion_hashes, "text": self.text()}
+                "champion_hashes": self.champion_hashes, "other_classes": self.other_classes,
+                "new_classes": list(self.new_classes), "text": self.text()}
 
 
 def scored_set(test_hashes: Sequence[str], challenger: Iterable[str],
@@ -118,6 +133,7 @@ class Decision:
     config: dict[str, Any] = field(default_factory=dict)
     scored: dict[str, Any] = field(default_factory=dict)  # ScoredSet.summary()
     metric: str = "top-1"  # what challenger_top1 / champion_top1 hold (segmentation: mIoU)
+    champion_note: str = ""  # why a champion was not compared (other inputs, no weights)
 
     @property
     def label(self) -> str:
@@ -147,7 +163,7 @@ class Decision:
     def markdown(self, model_name: str = "", version: str | None = None) -> str:
         head = f"## Champion gate: {self.label.upper()}"
         who = f"`{model_name}` version {version}" if version else "the challenger"
-        champ = ("no champion yet" if self.champion_version is None else
+        champ = (self.champion_note or "no champion yet" if self.champion_version is None else
                  f"champion v{self.champion_version}, {self.metric} {self.champion_top1:.4f}")
         lines = [
             head, "",
@@ -248,7 +264,7 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     if champion_correct is None:
         promote, reason = first_model(first, note)
         return Decision(promote, reason, top1, None, None, first, n, config=config,
-                        scored=summary)
+                        scored=summary, champion_note=note)
 
     cp = cp_all
     champ_top1 = sum(cp) / n if n else 0.0

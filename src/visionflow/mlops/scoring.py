@@ -41,19 +41,25 @@ def version_weights(name: str, version: str, dest: Path) -> tuple[Path | None, s
     return (weights, "") if weights else (None, f"champion v{version} has no weights artifact")
 
 
-def version_logits(name: str, version: str, cache: dict[str, Any],
-                   params: Params) -> tuple[torch.Tensor | None, str]:
-    """Test-split logits of a registered version (None and why, if it cannot be scored)."""
+def version_predictions(name: str, version: str, cache: dict[str, Any], params: Params
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """A registered version's test-split predictions as indices into the data's classes (-1:
+    a class the data no longer has), and which of the data's classes it was trained on (a
+    class added since is not one). None, None and why, if it cannot be scored."""
     with tempfile.TemporaryDirectory() as tmp:
         weights, why = version_weights(name, version, Path(tmp))
         if weights is None:
-            return None, why
+            return None, None, why
         device = pick_device(params.train.device)
         model, arch = load_classifier(weights, device)
-    if arch.classes != cache["classes"]:
-        return None, f"champion v{version} was trained on other classes"
+    ours = list(cache["classes"])
+    known = torch.tensor([c in set(arch.classes) for c in ours], dtype=torch.bool)
+    if not known.any():
+        return None, None, f"champion v{version} was trained on other classes, none of these"
     if (arch.image_size, arch.in_channels) != (cache["image_size"], cache["channels"]):
-        return None, f"champion v{version} takes other inputs ({arch.image_size}px)"
+        return None, None, f"champion v{version} takes other inputs ({arch.image_size}px)"
     cfg = params.evaluate
-    return model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
-                        arch.temperature), ""
+    logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
+                          arch.temperature)
+    to_ours = torch.tensor([ours.index(c) if c in ours else -1 for c in arch.classes])
+    return to_ours[logits.argmax(1).cpu()], known, ""

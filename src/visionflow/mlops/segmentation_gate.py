@@ -75,7 +75,8 @@ def decide_iou(challenger_miou: float, challenger_iou: Any, champion_miou: float
                          reg.beat_majority, "predicting the commonest class at every pixel scores")
     if champion_iou is None or champion_miou is None:
         promote, reason = first_model(first, note)
-        return Decision(promote, reason, challenger_miou, None, None, first, n, **common)
+        return Decision(promote, reason, challenger_miou, None, None, first, n,
+                        champion_note=note, **common)
     gain = challenger_miou - champion_miou
     delta = delta_check("mIoU", challenger_miou, champion_miou, gain, champion_version,
                         reg.min_delta)

@@ -88,11 +88,15 @@ def run(params: Params, layout: Layout) -> Registration:
                 mv = client.get_model_version(cfg.model_name, champ)
                 check_task(cfg.model_name, champ, mv.tags, params.task)
                 champ_set, champ_note = trained_hashes(mv)
-                champ_logits, note = scoring.version_logits(cfg.model_name, champ, cache, params)
-                if champ_logits is not None:
-                    champ_correct = champ_logits.argmax(1) == target
+                champ_pred, known, note = scoring.version_predictions(cfg.model_name, champ,
+                                                                      cache, params)
+                if champ_pred is not None:
+                    champ_correct = champ_pred == target
             scored = scored_set(trained["test"], trained["train"] + trained["val"],
                                 champ_set, champ_note)
+            if champ_correct is not None and not known.all():  # classes added since
+                scored = scored.of_classes(known[target].tolist(), [
+                    c for c, k in zip(cache["classes"], known.tolist(), strict=True) if not k])
             keep = torch.tensor(scored.keep, dtype=torch.bool)
             kept = target[keep]
             decision = decide((ch_logits.argmax(1) == target)[keep],
