@@ -3,6 +3,7 @@ summary fetched from MLflow by validate."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import subprocess
@@ -19,6 +20,7 @@ from visionflow.core.layout import Layout
 from visionflow.data import drift
 from visionflow.mlops import lineage
 from visionflow.orchestration.stage_runner import run_stage
+from visionflow.stages.validate import print_report
 
 CFG = parse_params({}).validate_
 
@@ -165,6 +167,16 @@ def test_drift_against_champion_warns_or_fails(champion_project):
     msg = str(err.value)
     assert "\n" not in msg
     assert f"data drift against visionflow-classifier v{version} @champion: class-mix PSI" in msg
+
+    # a class added since the champion, one it had that is gone: named in the table's row
+    other = _register_champion(layout, {**summary, "classes": {"a": 30, "b": 30, "d": 30}})
+    added = run_stage("validate", load_params(layout.params), layout).summary
+    assert added["drift"]["champion"]["version"] == other
+    table = io.StringIO()
+    print_report(added, table)
+    cells = " ".join(line.split("│")[1].strip() for line in table.getvalue().splitlines()
+                     if line.count("│") > 2)  # the expectation column, rows unwrapped
+    assert "class_mix (threshold 0.2); classes new since: c; gone: d" in cells, cells
 
     same = _register_champion(layout, summary)  # a champion trained on this very data
     ok = run_stage("validate", load_params(layout.params, ["validate.drift=fail"]), layout)

@@ -197,6 +197,16 @@ def failure_message(summary: dict[str, Any]) -> str:
     return "data gate failed: " + "; ".join(parts)
 
 
+def _class_changes(check: dict[str, Any]) -> str:
+    """"; classes new since: x, y; gone: z" for the class-mix row (up to five names each)."""
+    def names(key: str) -> str:
+        found = check.get(key) or []
+        return ", ".join(found[:5]) + (f" (+{len(found) - 5} more)" if len(found) > 5 else "")
+
+    return "".join(f"; {label}: {names(key)}" for key, label in (
+        ("added", "classes new since"), ("removed", "gone")) if check.get(key))
+
+
 def print_report(summary: dict[str, Any], file: Any = None) -> None:
     """The console table: expectation, observed value, pass/fail, example files."""
     extra = []
@@ -207,7 +217,7 @@ def print_report(summary: dict[str, Any], file: Any = None) -> None:
             value = c.get("psi", c.get("max_shift", c.get("note")))
             bad = "[red]FAIL[/]" if d["mode"] == "fail" else "[yellow]WARN[/]"
             extra.append((f"drift vs {champ.get('model')} v{champ.get('version')}: {name} "
-                          f"(threshold {c.get('threshold')})", value,
+                          f"(threshold {c.get('threshold')}){_class_changes(c)}", value,
                           bad if c["drift"] else "[green]pass[/]"))
     split = summary.get("split") or {}
     extra += split_rows(split)
