@@ -95,6 +95,23 @@ def test_a_champion_that_cannot_be_scored_is_named_not_absent():
     assert "; no champion yet." in decide(correct(70), None, RegisterConfig()).markdown("m", "1")
 
 
+def test_a_challenger_that_adds_classes_may_tie_on_the_others_but_not_lose():
+    """Scored on the classes the champion knows: a tie promotes a challenger that also knows
+    new classes (it serves more at no loss), a loss does not; without new classes a tie is
+    still no reason to move the alias."""
+    base = scored_set([f"h{i}" for i in range(N)], [], [])
+    adds = base.of_classes([True] * N, ["cat"])
+    tie = decide(correct(80), correct(80), RegisterConfig(), "1", scored=adds)
+    assert tie.promote, tie.reason
+    assert tie.reason.startswith("top-1 0.8000 on the classes the champion knows matches "
+                                 "champion v1 0.8000")
+    lose = decide(correct(79), correct(80), RegisterConfig(), "1", scored=adds)
+    assert not lose.promote and lose.reason.endswith(
+        "(top-1 0.7900 vs champion v1 0.8000 on the classes the champion knows): worse")
+    same = decide(correct(80), correct(80), RegisterConfig(), "1", scored=base)
+    assert not same.promote and same.reason.endswith("not an improvement")
+
+
 def test_no_champion_but_below_the_floor():
     d = decide(correct(40), None, RegisterConfig(min_top1=0.5))
     assert not d.promote

@@ -220,11 +220,18 @@ def first_model(first: list[Check], note: str) -> tuple[bool, str]:
 
 
 def delta_check(metric: str, value: float, champion: float, gain: float,
-                champion_version: str | None, min_delta: float) -> Check:
-    better = gain > EPS and gain + EPS >= min_delta
+                champion_version: str | None, min_delta: float, adds_classes: bool = False
+                ) -> Check:
+    """The gain over the champion. A challenger that `adds_classes` (knows classes the
+    champion does not; `value` is on the others) may tie: it serves more at no loss."""
+    least = -EPS if adds_classes else EPS
+    better = gain > least and gain + EPS >= min_delta
     versus = f"{metric} {value:.4f} vs champion v{champion_version} {champion:.4f}"
-    if gain <= EPS:
-        return Check("delta", True, False, f"gain {gain:+.4f} ({versus}): not an improvement")
+    if adds_classes:
+        versus += " on the classes the champion knows"
+    if gain <= least:
+        return Check("delta", True, False, f"gain {gain:+.4f} ({versus}): " + (
+            "worse" if adds_classes else "not an improvement"))
     cmp = ">=" if better else "<"
     return Check("delta", True, better, f"gain {gain:+.4f} ({versus}) {cmp} min_delta "
                                         f"{min_delta:.4f}")
@@ -269,7 +276,8 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     cp = cp_all
     champ_top1 = sum(cp) / n if n else 0.0
     gain = (sum(ch) - sum(cp)) / n if n else 0.0
-    delta = delta_check("top-1", top1, champ_top1, gain, champion_version, cfg.min_delta)
+    delta = delta_check("top-1", top1, champ_top1, gain, champion_version, cfg.min_delta,
+                        bool(scored and scored.new_classes))
     b = sum(1 for x, y in zip(ch, cp, strict=True) if x and not y)
     c = sum(1 for x, y in zip(ch, cp, strict=True) if y and not x)
     p = mcnemar_exact(b, c)
@@ -281,7 +289,9 @@ def decide(challenger_correct: Any, champion_correct: Any | None, cfg: RegisterC
     checks = [*first, delta, mc]
     promote = all(k.passed for k in checks if k.required)
     if promote:
-        reason = (f"top-1 {top1:.4f} beats champion v{champion_version} {champ_top1:.4f} "
+        verb = "matches" if gain <= EPS else "beats"  # a tie: it adds classes
+        on = " on the classes the champion knows" if scored and scored.new_classes else ""
+        reason = (f"top-1 {top1:.4f}{on} {verb} champion v{champion_version} {champ_top1:.4f} "
                   f"(gain {gain:+.4f} >= min_delta {cfg.min_delta}"
                   + (f", McNemar p={p:.4g} <= {cfg.alpha}" if cfg.mcnemar else "")
                   + (f", top-1 >= floor {cfg.min_top1}" if cfg.min_top1 > 0 else "") + ")")
