@@ -363,7 +363,7 @@ def test_models_list_reads_whole_at_80_columns(store: Path, user: str, monkeypat
     from visionflow.cli.main import app
 
     monkeypatch.setenv("COLUMNS", "80")
-    client = new_versions(store, "m-narrow-registry-name", 3)
+    client = new_versions(store, "m-narrow-registry-name", 4)
     name = "m-narrow-registry-name"
     gate_into_registry(store, name, decide(correct(60), None, RegisterConfig()), "1")
     gate_into_registry(store, name, decide(correct(70), correct(60), RegisterConfig(),
@@ -374,6 +374,11 @@ def test_models_list_reads_whole_at_80_columns(store: Path, user: str, monkeypat
         client.set_model_version_tag(name, v, "lineage.data_hash", "a5b079f87d32942d931f")
     client.set_model_version_tag(name, "3", "compact_variant", "int8_static_per_channel")
     client.set_registered_model_alias(name, "compact", "3")
+    gate_into_registry(store, name, decide(correct(50), correct(70), RegisterConfig(),
+                                           champion_version="2"), "4")
+    res = CliRunner().invoke(app, ["models", "promote", "4", "--reason", "canary", "--root",
+                                   str(store), "--name", name])
+    assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["models", "list", "--root", str(store), "--name", name])
     assert res.exit_code == 0, res.output
     out = res.output
@@ -382,6 +387,12 @@ def test_models_list_reads_whole_at_80_columns(store: Path, user: str, monkeypat
     for whole in ("champion", "previous", "compact", "promoted", "0.7000", "0.6900",
                   "a5b079f8", "f1_macro", "aliases"):
         assert whole in out, (whole, out)
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (
+        ["4"], ["2"])}  # v4 rejected, then made champion by hand: it says so below
+    lines = out.splitlines()
+    under_v4 = lines[lines.index(rows["4"]) + 1]
+    assert "rejected" in rows["4"] and under_v4.split() == ["by", "hand"], out
+    assert "by hand" not in lines[lines.index(rows["2"]) + 1], out
 
 
 def test_cli_error_is_one_line(store: Path):

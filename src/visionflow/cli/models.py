@@ -82,8 +82,9 @@ def versions_table(name: str, infos: list[Any]):
     from visionflow.mlops.provenance import lineage
 
     table = Table(title=f"{name}: {len(infos)} version(s)", box=box.SIMPLE_HEAD,
-                  padding=(0, 1), caption="data: lineage.data_hash; more: vflow models "
-                  "show V", caption_justify="left")
+                  padding=(0, 1), caption="data: lineage.data_hash; by hand: made champion "
+                  "by `vflow models promote`; more: vflow models show V",
+                  caption_justify="left")
     scores = (SEGMENTATION_METRICS if any(i.tags.get("task") == "segmentation" for i in infos)
               else LIST_COLUMNS[3:5])
     for col in (*LIST_COLUMNS[:3], *scores, *LIST_COLUMNS[5:]):
@@ -94,6 +95,8 @@ def versions_table(name: str, infos: list[Any]):
         gate = i.gate or "-"
         gate = f"[green]{gate}[/]" if gate == "promoted" else (
             f"[red]{gate}[/]" if gate != "-" else gate)
+        if i.tags.get("champion_action") == "promote":  # made champion by `models promote`
+            gate += "\n[yellow]by hand[/]"
         variant = i.tags.get("compact_variant")
         model = f"compact {variant}" if variant else i.tags.get("model", "-")
         table.add_row(i.version, "\n".join(i.aliases) or "-", gate,
