@@ -274,3 +274,19 @@ def test_the_model_name_comes_from_params_with_its_preset(tmp_path):
     assert registry.model_name_for(tmp_path) == "visionflow-segmenter"
     params.write_text("preset: shapes-unet\nregister: {model_name: mine}\n")
     assert registry.model_name_for(tmp_path) == "visionflow-segmenter"  # the preset wins
+
+
+def test_a_card_over_the_registry_limit_loses_its_params_then_lines():
+    from visionflow.mlops.card import fit_description
+
+    card = "# m v1\n\n## Model\nsmall\n\n## Params\n```yaml\n" + "a: 1\n" * 100 + "```\n"
+    assert fit_description(card, "W", limit=10_000) == card  # it fits: as it is
+    fitted = fit_description(card, "W", limit=200)
+    assert fitted.startswith("# m v1\n\n## Model\nsmall\n") and "## Params" not in fitted
+    assert fitted.endswith("the whole card is W.*\n") and len(fitted) <= 200
+    long = "# m v1\n" + "".join(f"row {i}\n" for i in range(100))
+    cut = fit_description(long, "W", limit=300)
+    assert len(cut) <= 300 and cut.startswith("# m v1\nrow 0\n")
+    body = cut.split("\n*The card")[0]
+    assert body.endswith("\n") and all(line.startswith(("# m", "row ")) or not line
+                                       for line in body.splitlines())  # whole lines only

@@ -158,3 +158,30 @@ def test_dvc_push_then_pull_into_a_fresh_clone(team_stack: TeamStack, flow_run,
     assert _md5s(clone / "data") == _md5s(root / "data")
     model = "outputs/train/model.pt"
     assert (clone / model).read_bytes() == (root / model).read_bytes()
+
+
+def test_a_long_model_card_fits_the_postgres_registry(team_stack: TeamStack):
+    """A card past MLflow's 5,000-character description column (a model of 200 classes:
+    about 6,000) is refused by PostgreSQL; fitted, it is stored without its params section,
+    ending with where the whole card is."""
+    from mlflow.exceptions import MlflowException
+
+    from visionflow.mlops.card import fit_description
+
+    client, name = team_stack.client(), "long-card"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, "s3://nowhere/model").version
+    classes = ", ".join(f"class_{i:03d}" for i in range(200))
+    card = (f"# {name} v{version}: fast\n\n## Model\n| classes | 200: {classes[:1500]} |\n\n"
+            "## Params\n```yaml\n" + "train:\n" + "  lr: 0.5\n" * 400 + "```\n\n"
+            "## Champion gate: PROMOTED\n\nno champion yet\n")
+    assert len(card) > 5000
+    with pytest.raises(MlflowException, match="value too long"):
+        client.update_model_version(name, version, description=card)
+    fitted = fit_description(card, "the artifact register/model_card.md of run r1")
+    client.update_model_version(name, version, description=fitted)
+    stored = client.get_model_version(name, version).description
+    assert stored == fitted and len(stored) <= 5000
+    assert "## Params" not in stored and "## Champion gate: PROMOTED" in stored
+    assert stored.rstrip().endswith("the whole card is the artifact register/model_card.md "
+                                     "of run r1.*")

@@ -34,6 +34,27 @@ def _training_summary(layout: Layout) -> dict[str, Any]:
 
 
 KV_HEADER = ("| | |", "|---|---|")  # a key/value table: no header row on the page
+# MLflow's SQL stores keep a version's description in a VARCHAR(5000): PostgreSQL refuses more
+DESCRIPTION_LIMIT = 5000
+DROPPED_FIRST = ("## Params",)  # sections a card too long for it goes without, in order
+
+
+def fit_description(card: str, whole: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """`card` as a version's description: whole when it fits `limit`; else without the
+    sections of DROPPED_FIRST, then cut at a line, with a last line saying where the whole
+    card is (`whole`, e.g. its run's artifact)."""
+    if len(card) <= limit:
+        return card
+    note = f"\n*The card is cut to the registry's {limit:,} characters: the whole card is " \
+           f"{whole}.*\n"
+    sections = card.split("\n## ")
+    for head in DROPPED_FIRST:
+        sections = [s for s in sections if not ("## " + s).startswith(head + "\n")]
+        text = "\n## ".join(sections)
+        if len(text) + len(note) <= limit:
+            return text.rstrip("\n") + "\n" + note
+    cut = text[:limit - len(note)]
+    return cut[:cut.rfind("\n") + 1] + note
 
 
 def _md_table(rows: list[tuple[str, Any]]) -> list[str]:
