@@ -52,8 +52,8 @@ def version_predictions(name: str, version: str, cache: dict[str, Any], params: 
             return None, None, why
         device = pick_device(params.train.device)
         model, arch = load_classifier(weights, device)
-    ours = list(cache["classes"])
-    known = torch.tensor([c in set(arch.classes) for c in ours], dtype=torch.bool)
+    ours, theirs = list(cache["classes"]), set(arch.classes)
+    known = torch.tensor([c in theirs for c in ours], dtype=torch.bool)
     if not known.any():
         return None, None, f"champion v{version} was trained on other classes, none of these"
     if (arch.image_size, arch.in_channels) != (cache["image_size"], cache["channels"]):
@@ -61,5 +61,6 @@ def version_predictions(name: str, version: str, cache: dict[str, Any], params: 
     cfg = params.evaluate
     logits = model_logits(model, cache["test_x"], cfg.batch_size, device, cfg.tta,
                           arch.temperature)
-    to_ours = torch.tensor([ours.index(c) if c in ours else -1 for c in arch.classes])
+    index = {c: i for i, c in enumerate(ours)}
+    to_ours = torch.tensor([index.get(c, -1) for c in arch.classes])
     return to_ours[logits.argmax(1).cpu()], known, ""
