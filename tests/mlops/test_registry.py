@@ -284,6 +284,10 @@ def test_a_card_over_the_registry_limit_loses_its_params_then_lines():
     fitted = fit_description(card, "W", limit=200)
     assert fitted.startswith("# m v1\n\n## Model\nsmall\n") and "## Params" not in fitted
     assert fitted.endswith("the whole card is W.*\n") and len(fitted) <= 200
+    seg = ("# s v1\n\n## Model\nsmall\n\n## Per-class IoU\n" + "| c | 0.5 | 0.6 |\n" * 100
+           + "\n## Champion gate: PROMOTED\nok\n")  # a segmenter's card: no params section
+    fitted = fit_description(seg, "W", limit=300)
+    assert "## Per-class IoU" not in fitted and "## Champion gate: PROMOTED\nok\n" in fitted
     long = "# m v1\n" + "".join(f"row {i}\n" for i in range(100))
     cut = fit_description(long, "W", limit=300)
     assert len(cut) <= 300 and cut.startswith("# m v1\nrow 0\n")

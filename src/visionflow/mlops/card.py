@@ -36,7 +36,9 @@ def _training_summary(layout: Layout) -> dict[str, Any]:
 KV_HEADER = ("| | |", "|---|---|")  # a key/value table: no header row on the page
 # MLflow's SQL stores keep a version's description in a VARCHAR(5000): PostgreSQL refuses more
 DESCRIPTION_LIMIT = 5000
-DROPPED_FIRST = ("## Params",)  # sections a card too long for it goes without, in order
+# sections a card too long for it goes without, in order (the params are the run's, the
+# per-class IoU its evaluate/per_class.csv)
+DROPPED_FIRST = ("## Params", "## Per-class IoU")
 
 
 def fit_description(card: str, whole: str, limit: int = DESCRIPTION_LIMIT) -> str:
