@@ -428,7 +428,7 @@ def test_compact_follows_the_champion_moved_by_hand(store: Path, user: str):
     assert "@compact -> v2, the compressed copy of v1" in res.output, res.output
     assert registry.alias_map(client, name) == {"champion": "1", "previous": "3", "compact": "2"}
     shown = runner.invoke(app, ["models", "show", "compact", *base])
-    assert "gate: none - the compressed copy of v1, whom the gate judged" in shown.output, \
+    assert "gate: none - the compressed copy of v1, which the gate judged" in shown.output, \
         shown.output
     assert client.get_model_version(name, "2").tags["compact_alias"].startswith("set: ")
 

@@ -140,7 +140,7 @@ def show_cmd(version: Annotated[str, typer.Argument(help="version, vN, or an ali
               f"run {info.run_id}")
     gate, parent = info.tags.get("gate_decision"), info.tags.get("parent_version")
     if gate is None and parent:  # a compact version: its parent went through the gate
-        con.print(f"gate: [bold]none[/] - the compressed copy of v{parent}, whom the gate judged")
+        con.print(f"gate: [bold]none[/] - the compressed copy of v{parent}, which the gate judged")
     else:
         con.print(f"gate: [bold]{gate or '-'}[/] - {info.tags.get('gate_reason', '')}")
     if info.tags.get("champion_action"):

@@ -59,6 +59,14 @@ def fit_description(card: str, whole: str, limit: int = DESCRIPTION_LIMIT) -> st
     return cut[:cut.rfind("\n") + 1] + note
 
 
+def set_card(client: Any, name: str, version: str, card: str, layout: Layout,
+             run_id: str) -> None:
+    """`card` as the version's description, fitted to the registry; the whole card is the
+    run's artifact that `publish.record_decision` logs (register/model_card.md)."""
+    client.update_model_version(name, version, description=fit_description(
+        card, f"the artifact register/{layout.model_card.name} of run {run_id}"))
+
+
 def _md_table(rows: list[tuple[str, Any]]) -> list[str]:
     out = list(KV_HEADER)
     out += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]

@@ -27,7 +27,7 @@ from visionflow.core.layout import Layout
 from visionflow.data.feed import with_images
 from visionflow.data.packed import load_packed, split_hashes
 from visionflow.mlops import gate, registry, scoring, tracking
-from visionflow.mlops.card import fit_description, model_card
+from visionflow.mlops.card import model_card, set_card
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import Decision, decide, scored_set
 from visionflow.mlops.lineage import trained_hashes
@@ -117,8 +117,7 @@ def run(params: Params, layout: Layout) -> Registration:
             sample = sample_image(cache, arch, layout, validation.get("dataset_root", ""))
             card = model_card(cfg.model_name, version, params, layout, arch, model, scores,
                               validation, tags, decision, run, sample)
-            client.update_model_version(cfg.model_name, version, description=fit_description(
-                card, f"the artifact register/{layout.model_card.name} of run {run.info.run_id}"))
+            set_card(client, cfg.model_name, version, card, layout, run.info.run_id)
             describe_registered_model(client, cfg.model_name, cfg.alias)
             lock.check()  # still ours (a restarted database drops it): else retry it all
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)

@@ -27,7 +27,7 @@ from visionflow.core.layout import Layout
 from visionflow.data.packed import split_hashes
 from visionflow.data.segmentation_feed import segmentation_pack, segmentation_pairs
 from visionflow.mlops import gate, registry, tracking
-from visionflow.mlops.card import fit_description
+from visionflow.mlops.card import set_card
 from visionflow.mlops.compact import register_compact
 from visionflow.mlops.gate import scored_set
 from visionflow.mlops.lineage import trained_hashes
@@ -99,8 +99,7 @@ def run(params: Params, layout: Layout) -> dict[str, Any]:
             card = segmentation_card(cfg.model_name, version, params, layout, arch, model,
                                      all_scores, len(scored.keep), validation, tags,
                                      decision, run)
-            client.update_model_version(cfg.model_name, version, description=fit_description(
-                card, f"the artifact register/{layout.model_card.name} of run {run.info.run_id}"))
+            set_card(client, cfg.model_name, version, card, layout, run.info.run_id)
             describe_registered_model(client, cfg.model_name, cfg.alias, "segmentation")
             lock.check()
             alias = gate.apply(client, cfg.model_name, version, decision, cfg.alias, tags)
